@@ -1,0 +1,127 @@
+"""Student actor: sample trajectories with behaviour logprobs, publish them, take new weights between batches."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import torch
+
+from broker import connect, publish_with_backpressure, stream_name
+from opd import tasks
+from opd.assets import ensure_assets, load_asset
+from opd.config import Config
+from opd.models import encode_prompt
+from opd.protocol import ProtocolError, Trajectory, encode, unpack_control
+from opd.runtime import Reporter, StopFlag, log, setup_process
+from opd.sampling import sample
+from weight_sync import WeightReceiver, make_group, make_store, resolve_backend
+
+
+class WeightFollower:
+    """Joins the learner's broadcast group as rank 1+index and applies every announced version in order."""
+
+    def __init__(self, cfg: Config, index: int, model: torch.nn.Module):
+        ws = cfg.weight_sync
+        world = 1 + cfg.actor.num_actors
+        self.backend = resolve_backend(ws.backend, cfg.actor.device)
+        self.store = make_store(ws.host, ws.port, 1 + index, world, ws.timeout_s)
+        group = make_group(self.store, f"{cfg.run.run_id}/weights", 1 + index, world, self.backend, ws.timeout_s)
+        self.receiver = WeightReceiver(group, list(model.named_parameters()), ws.bucket_mb)
+        self.receiver.check_manifest(self.store)
+        self.version = 0
+
+    def apply(self, version: int) -> float:
+        if version != self.version + 1:
+            raise RuntimeError(f"weight version {version} announced while at {self.version}: a broadcast was missed")
+        stats = self.receiver.receive(version)
+        self.version = version
+        return stats.seconds
+
+
+class Actor:
+    def __init__(self, cfg: Config, index: int, stop: StopFlag):
+        self.cfg, self.index, self.stop = cfg, index, stop
+        self.name = f"actor-{index}"
+        assets = ensure_assets(cfg, log=log.info)
+        self.model, self.tokenizer = load_asset(assets.student, cfg.actor.device)
+        self.model.eval()
+        self.broker = connect(cfg.broker)
+        self.reporter = Reporter(self.broker, cfg, self.name, cfg.actor.metrics_every_s)
+        self.rollouts = stream_name(cfg.run.run_id, "rollouts")
+        self.control = stream_name(cfg.run.run_id, "control")
+        self.follower = WeightFollower(cfg, index, self.model)
+        self.problems = tasks.training_stream(cfg.task, seed=cfg.run.seed * 1000 + index)
+        self.generator = torch.Generator(device=cfg.actor.device).manual_seed(cfg.run.seed * 1000 + index)
+        self.batches = itertools.count()
+
+    def service_control(self) -> None:
+        """Apply pending weight versions (each is a collective the learner waits on) and honour stop."""
+        for msg in self.broker.consume(self.control, self.name, self.name, 64, 0.0):
+            try:
+                record = unpack_control(msg.data)
+            except ProtocolError as exc:
+                self.reporter.dead_letter(self.control, msg.id, msg.data, str(exc))
+                continue
+            if record["kind"] == "weights":
+                seconds = self.follower.apply(int(record["version"]))
+                self.reporter.add(weight_syncs=1, weight_sync_seconds=seconds)
+            elif record["kind"] == "stop":
+                self.stop.set("stop message from the learner")
+            self.broker.ack(self.control, self.name, [msg.id])
+
+    def generate_batch(self) -> list[Trajectory]:
+        cfg, s = self.cfg, self.cfg.sampling
+        problems = [next(self.problems) for _ in range(cfg.actor.prompts_per_batch)]
+        prompt_ids = [encode_prompt(self.tokenizer, p.prompt) for p in problems]
+        batch_no = next(self.batches)
+        samples = sample(
+            self.model, [p for p in prompt_ids for _ in range(s.n)],
+            eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
+            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, generator=self.generator,
+        )
+        out = []
+        for j, smp in enumerate(samples):
+            p = problems[j // s.n]
+            out.append(
+                Trajectory(
+                    run_id=cfg.run.run_id, prompt_id=p.prompt_id, group_id=f"{self.name}-{batch_no}-{j // s.n}",
+                    sample_index=j % s.n, prompt_token_ids=np.asarray(prompt_ids[j // s.n], dtype=np.int32),
+                    response_token_ids=np.asarray(smp.response_ids, dtype=np.int32),
+                    behaviour_logprobs=np.asarray(smp.behaviour_logprobs, dtype=np.float32),
+                    policy_version=self.follower.version, finish_reason=smp.finish_reason,
+                    behaviour_temperature=s.temperature, task={"answer": p.answer or ""},
+                )
+            )
+        return out
+
+    def run(self) -> None:
+        log.info("ready: %s backend, weight version %d", self.follower.backend, self.follower.version)
+        while not self.stop():
+            self.service_control()
+            if self.stop():
+                break
+            t0 = time.perf_counter()
+            trajs = self.generate_batch()
+            gen_s = time.perf_counter() - t0
+            payloads = [encode(t) for t in trajs]
+            if publish_with_backpressure(self.broker, self.rollouts, payloads, should_stop=self.stop, while_waiting=self.service_control) is None:
+                break
+            self.reporter.add(
+                trajectories_generated=len(trajs), tokens_generated=sum(len(t.response_token_ids) for t in trajs),
+                generate_seconds=gen_s,
+            )
+            self.reporter.maybe_send(weight_version=self.follower.version)
+        self.reporter.maybe_send(force=True, weight_version=self.follower.version, final=True)
+        log.info("stopping (%s) at weight version %d", self.stop.reason or "done", self.follower.version)
+
+
+def main(cfg: Config, index: int) -> int:
+    stop = setup_process(cfg, f"actor-{index}")
+    actor = Actor(cfg, index, stop)
+    try:
+        actor.run()
+    finally:
+        actor.broker.close()
+    return 0

@@ -1,0 +1,17 @@
+"""Transport between components: a small interface (base.py) and its implementations."""
+
+from broker.base import Broker, BrokerUnavailable, Message, publish_with_backpressure, stream_name
+
+
+def connect(cfg) -> Broker:
+    """A client for the broker named in `broker:` of the config."""
+    if cfg.type == "zmq":
+        from broker.zmq_broker import ZmqBroker
+
+        return ZmqBroker(
+            f"tcp://{cfg.host}:{cfg.port}", cfg.request_timeout_s, int(cfg.max_message_mb * (1 << 20))
+        )
+    raise NotImplementedError(f"broker.type {cfg.type!r}")
+
+
+__all__ = ["Broker", "BrokerUnavailable", "Message", "connect", "publish_with_backpressure", "stream_name"]

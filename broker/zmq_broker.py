@@ -1,0 +1,235 @@
+"""The embedded broker: one process holding bounded in-memory streams, reached over ZeroMQ.
+
+No server to install, which is what a single-machine run wants. It keeps nothing on disk: if this process dies
+the run stops (the Redis broker is the durable choice). Requests are a msgpack header frame plus raw payload
+frames; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import msgpack
+import zmq
+
+from broker.base import WORK_STREAMS, BrokerUnavailable, Message
+
+
+@dataclass
+class _Group:
+    cursor: int  # next entry id to deliver
+    pending: dict[int, str] = field(default_factory=dict)  # entry id -> consumer
+
+
+@dataclass
+class _Stream:
+    bounded: bool
+    entries: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
+    next_id: int = 0
+    groups: dict[str, _Group] = field(default_factory=dict)
+
+    def trim_acked(self) -> None:
+        if not self.groups:
+            return
+        floor = min(min(g.pending) if g.pending else g.cursor for g in self.groups.values())
+        while self.entries and next(iter(self.entries)) < floor:
+            self.entries.popitem(last=False)
+
+    def trim_to(self, maxlen: int) -> None:
+        while len(self.entries) > maxlen:
+            self.entries.popitem(last=False)
+
+
+@dataclass
+class _Waiter:
+    envelope: list[bytes]
+    stream: str
+    group: str
+    consumer: str
+    count: int
+    deadline: float
+
+
+class ZmqBrokerServer:
+    """Serves publish/consume/ack/depth on a ROUTER socket; consumes long-poll until data or deadline."""
+
+    def __init__(self, bind: str, max_depth: int, log_maxlen: int, max_message_bytes: int):
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + (1 << 16))
+        self.sock.bind(bind)
+        self.max_depth, self.log_maxlen = max_depth, log_maxlen
+        self.streams: dict[str, _Stream] = {}
+        self.waiters: list[_Waiter] = []
+        self.stopping = False
+
+    def _stream(self, name: str) -> _Stream:
+        s = self.streams.get(name)
+        if s is None:
+            s = self.streams[name] = _Stream(bounded=name.rsplit(":", 1)[-1] in WORK_STREAMS)
+        return s
+
+    def _deliver(self, s: _Stream, group: str, consumer: str, count: int) -> tuple[list[int], list[bytes]]:
+        g = s.groups.get(group)
+        if g is None:
+            g = s.groups[group] = _Group(cursor=next(iter(s.entries), s.next_id))
+        ids, payloads = [], []
+        for eid, data in s.entries.items():
+            if len(ids) >= count:
+                break
+            if eid >= g.cursor:
+                ids.append(eid)
+                payloads.append(data)
+                g.pending[eid] = consumer
+        if ids:
+            g.cursor = ids[-1] + 1
+        return ids, payloads
+
+    def _reply(self, envelope: list[bytes], header: dict, payloads: list[bytes] = ()) -> None:
+        self.sock.send_multipart([*envelope, msgpack.packb(header), *payloads])
+
+    def _handle(self, envelope: list[bytes], header: dict, payloads: list[bytes]) -> None:
+        op = header.get("op")
+        if op == "ping":
+            return self._reply(envelope, {"ok": True})
+        name = header.get("stream")
+        if not isinstance(name, str):
+            return self._reply(envelope, {"ok": False, "error": "request needs a string 'stream'"})
+        s = self._stream(name)
+        if op == "publish":
+            if s.bounded and len(s.entries) >= self.max_depth:
+                return self._reply(envelope, {"ok": True, "full": True})
+            ids = []
+            for data in payloads:
+                s.entries[s.next_id] = data
+                ids.append(s.next_id)
+                s.next_id += 1
+            if not s.bounded:
+                s.trim_to(self.log_maxlen)
+            self._reply(envelope, {"ok": True, "ids": ids})
+            self._serve_waiters(name)
+        elif op == "consume":
+            ids, data = self._deliver(s, header["group"], header["consumer"], int(header["count"]))
+            if ids or header.get("timeout", 0) <= 0:
+                return self._reply(envelope, {"ok": True, "ids": ids}, data)
+            self.waiters.append(
+                _Waiter(envelope, name, header["group"], header["consumer"], int(header["count"]), time.monotonic() + header["timeout"])
+            )
+        elif op == "ack":
+            g = s.groups.get(header.get("group"))
+            if g is not None:
+                for eid in header.get("ids", []):
+                    g.pending.pop(int(eid), None)
+                s.trim_acked()
+            self._reply(envelope, {"ok": True})
+        elif op == "depth":
+            self._reply(envelope, {"ok": True, "depth": len(s.entries)})
+        else:
+            self._reply(envelope, {"ok": False, "error": f"unknown op {op!r}"})
+
+    def _serve_waiters(self, stream: str | None = None) -> None:
+        now, keep = time.monotonic(), []
+        for w in self.waiters:
+            if stream is not None and w.stream != stream:
+                keep.append(w)
+                continue
+            ids, data = self._deliver(self._stream(w.stream), w.group, w.consumer, w.count)
+            if ids or now >= w.deadline:
+                self._reply(w.envelope, {"ok": True, "ids": ids}, data)
+            else:
+                keep.append(w)
+        self.waiters = keep
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self.stopping:
+            timeout_ms = 100
+            if self.waiters:
+                soonest = min(w.deadline for w in self.waiters) - time.monotonic()
+                timeout_ms = max(0, min(timeout_ms, int(soonest * 1000) + 1))
+            if poller.poll(timeout_ms):
+                frames = self.sock.recv_multipart()
+                sep = frames.index(b"")
+                envelope, header_raw, payloads = frames[: sep + 1], frames[sep + 1], frames[sep + 2 :]
+                try:
+                    header = msgpack.unpackb(header_raw, raw=False)
+                    if not isinstance(header, dict):
+                        raise ValueError("header is not a map")
+                    self._handle(envelope, header, payloads)
+                except (ValueError, KeyError, TypeError, msgpack.ExtraData) as exc:
+                    self._reply(envelope, {"ok": False, "error": f"bad request: {exc}"})
+            self._serve_waiters()
+        self.sock.close(0)
+
+
+def serve(bind: str, max_depth: int, log_maxlen: int, max_message_bytes: int, ready=None) -> None:
+    server = ZmqBrokerServer(bind, max_depth, log_maxlen, max_message_bytes)
+
+    def _stop(*_):
+        server.stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if ready is not None:
+        ready()
+    server.serve_forever()
+
+
+class ZmqBroker:
+    """Client side of the embedded broker (one REQ socket; use one client per thread)."""
+
+    def __init__(self, address: str, request_timeout_s: float = 30.0, max_message_bytes: int = 64 << 20):
+        self.address, self.timeout_s, self.max_message_bytes = address, request_timeout_s, max_message_bytes
+        self.ctx = zmq.Context.instance()
+        self.sock = None
+        self._connect()
+
+    def _connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+        self.sock = self.ctx.socket(zmq.REQ)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.address)
+
+    def _request(self, header: dict, payloads: list[bytes] = (), wait_s: float = 0.0) -> tuple[dict, list[bytes]]:
+        self.sock.send_multipart([msgpack.packb(header), *payloads], copy=False)
+        if not self.sock.poll(int((self.timeout_s + wait_s) * 1000)):
+            self._connect()  # a REQ socket is stuck after a lost reply; start afresh
+            raise BrokerUnavailable(f"broker at {self.address} did not answer {header.get('op')} within {self.timeout_s + wait_s:.0f}s")
+        frames = self.sock.recv_multipart()
+        reply = msgpack.unpackb(frames[0], raw=False)
+        if not reply.get("ok"):
+            raise RuntimeError(f"broker refused {header.get('op')}: {reply.get('error')}")
+        return reply, frames[1:]
+
+    def ping(self) -> None:
+        self._request({"op": "ping"})
+
+    def publish(self, stream: str, payloads: list[bytes]) -> list[str] | None:
+        too_big = [len(p) for p in payloads if len(p) > self.max_message_bytes]
+        if too_big:
+            raise ValueError(f"message of {too_big[0]} bytes exceeds broker.max_message_mb ({self.max_message_bytes} bytes)")
+        reply, _ = self._request({"op": "publish", "stream": stream}, payloads)
+        return None if reply.get("full") else [str(i) for i in reply["ids"]]
+
+    def consume(self, stream: str, group: str, consumer: str, count: int, timeout_s: float) -> list[Message]:
+        header = {"op": "consume", "stream": stream, "group": group, "consumer": consumer, "count": count, "timeout": timeout_s}
+        reply, frames = self._request(header, wait_s=timeout_s)
+        return [Message(str(i), d) for i, d in zip(reply["ids"], frames, strict=True)]
+
+    def ack(self, stream: str, group: str, ids: list[str]) -> None:
+        if ids:
+            self._request({"op": "ack", "stream": stream, "group": group, "ids": [int(i) for i in ids]})
+
+    def depth(self, stream: str) -> int:
+        return int(self._request({"op": "depth", "stream": stream})[0]["depth"])
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None

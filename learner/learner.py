@@ -1,0 +1,154 @@
+"""Learner process: consume scored trajectories, train, broadcast weights, evaluate, save the final student."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from broker import connect, stream_name
+from learner.engine_torch import TorchEngine, collate
+from opd import tasks
+from opd.assets import ensure_assets, evaluate, load_asset
+from opd.config import Config
+from opd.protocol import ProtocolError, Trajectory, decode, pack_control
+from opd.runtime import Reporter, StopFlag, log, setup_process
+from weight_sync import WeightBroadcaster, make_group, make_store, resolve_backend
+
+KL_WINDOW = 5  # reverse_kl_first/last are means over this many steps, so one noisy batch does not decide
+
+
+class Learner:
+    def __init__(self, cfg: Config, stop: StopFlag):
+        self.cfg, self.stop = cfg, stop
+        self.out_dir = Path(cfg.run.output_dir)
+        torch.manual_seed(cfg.run.seed)
+        assets = ensure_assets(cfg, log=log.info)
+        self.model, self.tokenizer = load_asset(assets.student, cfg.learner.device)
+        self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
+        self.engine = TorchEngine(self.model, cfg.learner, cfg.sampling.temperature)
+        self.broker = connect(cfg.broker)
+        self.reporter = Reporter(self.broker, cfg, "learner", 0.0)
+        self.scored = stream_name(cfg.run.run_id, "scored")
+        self.control = stream_name(cfg.run.run_id, "control")
+        self.eval_problems = tasks.eval_set(cfg.task)
+        self.trained_ids: set[str] = set()
+        self.step_no, self.version = 0, 0
+        self.kl_history: list[float] = []
+        self.max_policy_version = -1
+        self._connect_actors()
+
+    def _connect_actors(self) -> None:
+        ws = self.cfg.weight_sync
+        world = 1 + self.cfg.actor.num_actors
+        self.backend = resolve_backend(ws.backend, self.cfg.learner.device)
+        self.store = make_store(ws.host, ws.port, 0, world, ws.timeout_s)
+        self.broadcaster = WeightBroadcaster(None, list(self.model.named_parameters()), ws.bucket_mb)
+        self.broadcaster.publish_manifest(self.store)
+        log.info("waiting for %d actor(s) to join the %s weight group", world - 1, self.backend)
+        self.broadcaster.group = make_group(self.store, f"{self.cfg.run.run_id}/weights", 0, world, self.backend, ws.timeout_s)
+
+    # ------------------------------------------------------------------------------------- data
+    def _collect(self) -> tuple[list[Trajectory], list[str]]:
+        """Block until a full batch of valid, not-yet-trained scored trajectories (or a stop)."""
+        want, batch, ids = self.cfg.learner.batch_size, [], []
+        last_data = time.monotonic()
+        while len(batch) < want and not self.stop():
+            msgs = self.broker.consume(self.scored, "learner", "learner", want - len(batch), 1.0)
+            if not msgs and time.monotonic() - last_data > self.cfg.learner.batch_timeout_s:
+                raise RuntimeError(f"no scored trajectories for {self.cfg.learner.batch_timeout_s:.0f}s (learner.batch_timeout_s)")
+            for m in msgs:
+                last_data = time.monotonic()
+                ids.append(m.id)
+                try:
+                    t = decode(m.data, vocab_size=self.vocab_size, require_scored=True)
+                except ProtocolError as exc:
+                    self.reporter.dead_letter(self.scored, m.id, m.data, str(exc))
+                    continue
+                if t.id in self.trained_ids:
+                    self.reporter.add(duplicates_skipped=1)
+                    continue
+                batch.append(t)
+        return batch, ids
+
+    # ------------------------------------------------------------------------------------- loop
+    def _sync_weights(self) -> dict[str, float]:
+        self.version += 1
+        self.broker.publish(self.control, [pack_control("weights", version=self.version)])
+        stats = self.broadcaster.broadcast(self.version)
+        return {"weight_sync_seconds": stats.seconds, "weight_sync_gbps": stats.gbps}
+
+    def _train_step(self, batch: list[Trajectory], wait_s: float) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics = self.engine.step(collate(batch, self.tokenizer.pad_token_id, self.cfg.learner.device))
+        step_s = time.perf_counter() - t0
+        lags = [self.version - t.policy_version for t in batch]
+        tokens = sum(len(t.response_token_ids) for t in batch)
+        self.max_policy_version = max(self.max_policy_version, *(t.policy_version for t in batch))
+        self.trained_ids.update(t.id for t in batch)
+        self.kl_history.append(metrics["reverse_kl"])
+        self.reporter.add(trajectories_trained=len(batch), tokens_trained=tokens)
+        return {
+            **metrics, "staleness_mean": sum(lags) / len(lags), "staleness_max": max(lags), "tokens": tokens,
+            "step_seconds": step_s, "wait_seconds": wait_s, "trained_tokens_per_s": tokens / max(step_s + wait_s, 1e-9),
+        }
+
+    def _log(self, record: dict) -> None:
+        record = {"step": self.step_no, "weight_version": self.version, "time": time.time(), **record}
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.reporter.maybe_send(force=True, **{k: v for k, v in record.items() if isinstance(v, int | float)})
+
+    def _evaluate(self) -> float:
+        return evaluate(self.model, self.tokenizer, self.eval_problems, self.cfg.sampling.max_new_tokens, tasks.verifier_mode(self.cfg.task))
+
+    def run(self) -> None:
+        cfg = self.cfg.learner
+        while self.step_no < cfg.max_steps and not self.stop():
+            t0 = time.perf_counter()
+            batch, ids = self._collect()
+            if not batch:
+                self.broker.ack(self.scored, "learner", ids)
+                continue
+            record = self._train_step(batch, time.perf_counter() - t0)
+            self.broker.ack(self.scored, "learner", ids)  # after the step: a crash before it leaves them pending
+            self.step_no += 1
+            if self.step_no % self.cfg.weight_sync.every == 0 and self.step_no < cfg.max_steps:
+                record.update(self._sync_weights())
+            if cfg.eval_every and self.step_no % cfg.eval_every == 0 and self.eval_problems:
+                record["eval_accuracy"] = self._evaluate()
+            self._log(record)
+        self.finish()
+
+    def finish(self) -> None:
+        """Save the final student as a Hugging Face checkpoint, tell every component to stop, write a summary."""
+        final = self.out_dir / "student"
+        tmp = self.out_dir / ".student.tmp"
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        tmp.rename(final)
+        self.broker.publish(self.control, [pack_control("stop", reason=self.stop.reason or "max_steps")])
+        self.reporter.maybe_send(force=True, final=True)
+        w = min(KL_WINDOW, max(1, len(self.kl_history) // 2))
+        summary = {
+            "learner_steps": self.step_no, "weight_version": self.version,
+            "trajectories_trained": len(self.trained_ids), "max_policy_version_trained": self.max_policy_version,
+            "reverse_kl_first": sum(self.kl_history[:w]) / w if self.kl_history else None,
+            "reverse_kl_last": sum(self.kl_history[-w:]) / w if self.kl_history else None,
+            "skipped_steps": self.engine.skipped_steps, "dead_lettered": int(self.reporter.counters.get("dead_lettered", 0)),
+            "stopped_by": self.stop.reason or "max_steps",
+        }
+        (self.out_dir / "learner_summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("saved the final student to %s after %d steps (weight version %d)", final, self.step_no, self.version)
+
+
+def main(cfg: Config) -> int:
+    stop = setup_process(cfg, "learner")
+    learner = Learner(cfg, stop)
+    try:
+        learner.run()
+    finally:
+        learner.broker.close()
+    return 0

@@ -1,0 +1,170 @@
+"""Build (once) and locate the tokenizer, teacher and initial student a run needs.
+
+No model can be downloaded here, so the demo's teacher is trained by this module on the built-in task and
+cached under `run.cache_dir`, keyed by a hash of everything that shapes it; later runs reuse it. Pretrained
+models are passed through untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from opd import tasks
+from opd.config import Config, PretrainedModel, TinyModel
+from opd.models import build_char_tokenizer, encode_prompt, load_causal_lm, load_tokenizer
+from opd.sampling import sample
+
+ASSET_FORMAT = 1  # bump when the build recipe changes, so stale caches are rebuilt
+
+
+@dataclass(frozen=True)
+class ModelAsset:
+    path: str  # what `from_pretrained` gets
+    tokenizer: str
+    dtype: str
+    eval_accuracy: float | None = None  # measured when the asset was built
+
+
+@dataclass(frozen=True)
+class Assets:
+    student: ModelAsset
+    teacher: ModelAsset
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _atomic_dir(final: Path, build) -> None:
+    """Build into a temporary sibling, then rename, so a crash never leaves a half-written cache entry."""
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    try:
+        tmp.rename(final)
+    except OSError:  # another process finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def evaluate(model, tokenizer, problems: list[tasks.Problem], max_new_tokens: int, mode: str, batch: int = 256) -> float:
+    """Greedy held-out accuracy."""
+    if not problems:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(problems), batch):
+        chunk = problems[i : i + batch]
+        outs = sample(
+            model,
+            [encode_prompt(tokenizer, p.prompt) for p in chunk],
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+        )
+        for p, o in zip(chunk, outs, strict=True):
+            text = tokenizer.decode(o.response_ids, skip_special_tokens=True)
+            correct += tasks.verify(p.answer, text, mode)
+    model.train(was_training)
+    return correct / len(problems)
+
+
+def _sft(model, tokenizer, spec: TinyModel, cfg: Config) -> None:
+    """Teacher-forced cross-entropy on the answer tokens of fresh training problems."""
+    stream = tasks.training_stream(cfg.task, seed=spec.seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / max(1, spec.sft_steps))
+    )
+    model.train()
+    for _ in range(spec.sft_steps):
+        rows = []
+        for _ in range(spec.sft_batch_size):
+            p = next(stream)
+            prompt = encode_prompt(tokenizer, p.prompt)
+            answer = tokenizer(p.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            rows.append((prompt, answer))
+        width = max(len(a) + len(b) for a, b in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        for i, (a, b) in enumerate(rows):
+            ids[i, : len(a) + len(b)] = torch.tensor(a + b)
+            labels[i, len(a) : len(a) + len(b)] = torch.tensor(b)
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+
+
+def _build_tiny(final: Path, spec: TinyModel, tok_dir: Path, cfg: Config, log) -> None:
+    def build(tmp: Path) -> None:
+        tokenizer = load_tokenizer(tok_dir)
+        torch.manual_seed(spec.seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_heads,
+            max_position_embeddings=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(config)
+        t0 = time.time()
+        _sft(model, tokenizer, spec, cfg)
+        acc = evaluate(model, tokenizer, tasks.eval_set(cfg.task), cfg.sampling.max_new_tokens, "exact")
+        log(f"  built {final.name}: {spec.sft_steps} SFT steps in {time.time() - t0:.0f}s, held-out accuracy {acc:.3f}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "opd_asset.json").write_text(json.dumps({"eval_accuracy": acc, "spec": spec.model_dump()}))
+
+    _atomic_dir(final, build)
+
+
+def _tiny_asset(role: str, spec: TinyModel, tok_dir: Path, cfg: Config, log) -> ModelAsset:
+    key = _digest([ASSET_FORMAT, role, spec.model_dump(), cfg.task.model_dump(), cfg.sampling.max_new_tokens])
+    final = Path(cfg.run.cache_dir) / f"{role}-{key}"
+    if not (final / "opd_asset.json").is_file():
+        log(f"building the {role} ({spec.num_layers} layers, hidden {spec.hidden_size}); cached for later runs")
+        _build_tiny(final, spec, tok_dir, cfg, log)
+    meta = json.loads((final / "opd_asset.json").read_text())
+    return ModelAsset(path=str(final), tokenizer=str(final), dtype="float32", eval_accuracy=meta["eval_accuracy"])
+
+
+def _pretrained_asset(spec: PretrainedModel) -> ModelAsset:
+    return ModelAsset(path=spec.name_or_path, tokenizer=spec.tokenizer or spec.name_or_path, dtype=spec.dtype)
+
+
+def ensure_assets(cfg: Config, log=print) -> Assets:
+    """Return where student and teacher live, building and caching the tiny ones on first use."""
+    if cfg.student.kind == "pretrained" and cfg.teacher.kind == "pretrained":
+        return Assets(student=_pretrained_asset(cfg.student), teacher=_pretrained_asset(cfg.teacher))
+    cache = Path(cfg.run.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    tok_dir = cache / f"tokenizer-{_digest([ASSET_FORMAT, tasks.ADDITION_ALPHABET])}"
+    if not (tok_dir / "tokenizer.json").is_file():
+        _atomic_dir(tok_dir, lambda tmp: build_char_tokenizer().save_pretrained(tmp))
+    teacher = _tiny_asset("teacher", cfg.teacher, tok_dir, cfg, log)
+    student = _tiny_asset("student", cfg.student, tok_dir, cfg, log)
+    return Assets(student=student, teacher=teacher)
+
+
+def load_asset(asset: ModelAsset, device: str = "cpu"):
+    return load_causal_lm(asset.path, asset.dtype, device), load_tokenizer(asset.tokenizer)

@@ -1,0 +1,98 @@
+"""The `opd` command: `opd run` launches a whole run; the other verbs start one component each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from opd.config import Config, ConfigError, describe_fields, load_config
+
+OVERRIDE_HELP = "dotted overrides such as learner.max_steps=20 run.output_dir=/tmp/x (values parsed as YAML)"
+
+
+def _config_epilog() -> str:
+    return "config keys (set in the YAML file or as overrides):\n" + "\n".join(describe_fields(Config))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="opd", description="opd-stream: asynchronous on-policy distillation.")
+    sub = p.add_subparsers(dest="verb", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    run = sub.add_parser(
+        "run", help="run everything on this machine (broker, learner, actors, scorers)", formatter_class=fmt,
+        description="Start a full run on this machine: one process per component, embedded ZeroMQ broker, "
+        "weights broadcast over torch.distributed. Writes runs/<run_id>/ (config, metrics.jsonl, student/, summary.json).",
+        epilog=_config_epilog(),
+    )
+    run.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    run.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+
+    prep = sub.add_parser("prepare", help="build and cache the tokenizer, teacher and student of a config", formatter_class=fmt)
+    prep.add_argument("config")
+    prep.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+
+    for verb, text in (
+        ("broker", "serve the embedded ZeroMQ broker"),
+        ("learner", "run the learner (weight-sync rank 0)"),
+        ("actor", "run one student actor"),
+        ("scorer", "run one teacher scorer"),
+    ):
+        sp = sub.add_parser(verb, help=text, description=text + " (usually started by `opd run`).")
+        sp.add_argument("--config", required=True, help="a resolved config (ports and run_id set)")
+        if verb in ("actor", "scorer"):
+            sp.add_argument("--index", type=int, default=0, help="which actor/scorer this is (0-based)")
+        sp.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    return p
+
+
+def _component_config(args) -> Config:
+    cfg = load_config(args.config, args.overrides)
+    missing = [k for k, v in (("run.run_id", cfg.run.run_id), ("broker.port", cfg.broker.port or None)) if v is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set when starting a component by hand (opd run sets them)")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.verb == "run":
+            from opd.launcher import LocalLauncher, resolve_run
+
+            return LocalLauncher(resolve_run(load_config(args.config, args.overrides))).run()
+        if args.verb == "prepare":
+            from opd.assets import ensure_assets
+
+            ensure_assets(load_config(args.config, args.overrides))
+            return 0
+        cfg = _component_config(args)
+    except ConfigError as exc:
+        print(f"opd: {exc}", file=sys.stderr)
+        return 2
+    if args.verb == "broker":
+        import os
+
+        from broker.zmq_broker import serve
+        from opd.runtime import die_with_parent
+
+        if os.environ.get("OPD_PARENT_PID"):
+            die_with_parent(int(os.environ["OPD_PARENT_PID"]))
+        b = cfg.broker
+        serve(f"tcp://{b.host}:{b.port}", b.max_depth, b.control_maxlen, int(b.max_message_mb * (1 << 20)))
+        return 0
+    if args.verb == "learner":
+        from learner.learner import main as learner_main
+
+        return learner_main(cfg)
+    if args.verb == "actor":
+        from actors.actor import main as actor_main
+
+        return actor_main(cfg, args.index)
+    from teacher_scorers.scorer import main as scorer_main
+
+    return scorer_main(cfg, args.index)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""The one typed config tree for a run, validated when it is loaded.
+
+Every component reads the same resolved file, so a mistake is caught once, at load time, with a message that
+names the field and the fix, instead of surfacing minutes later inside one of four processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- task
+class AdditionTask(_Strict):
+    """Built-in task: `a+b=` answered with the sum; a verifier checks the digits exactly."""
+
+    kind: Literal["addition"] = "addition"
+    max_digits: int = Field(3, ge=1, le=6, description="Operands have 1..max_digits digits.")
+    eval_size: int = Field(200, ge=1, description="Held-out problems used for accuracy.")
+    eval_seed: int = Field(12345, description="Seed of the held-out set (kept out of training prompts).")
+
+
+class JsonlTask(_Strict):
+    """Prompts from a JSONL file: one object per line with `prompt` and optionally `answer` and `id`."""
+
+    kind: Literal["jsonl"] = "jsonl"
+    train_path: Path = Field(description="JSONL of training prompts.")
+    eval_path: Path | None = Field(None, description="JSONL of held-out prompts with `answer`; none = no accuracy.")
+    verifier: Literal["exact", "contains"] = Field("exact", description="How a completion is checked against `answer`.")
+    eval_size: int = Field(200, ge=1, description="At most this many held-out prompts are evaluated.")
+
+
+TaskConfig = Annotated[AdditionTask | JsonlTask, Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------- models
+class TinyModel(_Strict):
+    """A small Llama-architecture model built from this config and trained by `opd prepare` on the built-in task."""
+
+    kind: Literal["tiny"] = "tiny"
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    sft_steps: int = Field(200, ge=0, description="Supervised steps on the task before the run (0 = random init).")
+    sft_lr: float = Field(3e-3, gt=0)
+    sft_batch_size: int = Field(128, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModel:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                "pick num_heads that divides hidden_size"
+            )
+        return self
+
+
+class PretrainedModel(_Strict):
+    """A Hugging Face model: a hub id (needs network) or a local directory saved with `save_pretrained`."""
+
+    kind: Literal["pretrained"] = "pretrained"
+    name_or_path: str = Field(description="HF hub id or local checkpoint directory.")
+    tokenizer: str | None = Field(None, description="Tokenizer id/path; defaults to name_or_path.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+ModelConfig = Annotated[TinyModel | PretrainedModel, Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------------------------------- components
+class SamplingConfig(_Strict):
+    """How actors sample. Behaviour logprobs are log-softmax(raw logits / temperature) of the sampled token."""
+
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner scores at the same one.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(8, ge=1)
+    n: int = Field(4, ge=1, description="Samples per prompt (group size).")
+
+
+class ActorConfig(_Strict):
+    engine: Literal["hf"] = Field("hf", description="Student engine. `vllm` comes with the vLLM issue.")
+    num_actors: int = Field(1, ge=1)
+    prompts_per_batch: int = Field(8, ge=1, description="Prompts per generation batch; batch = prompts x n.")
+    device: str = Field("cpu", description="torch device, e.g. cpu or cuda:0.")
+    metrics_every_s: float = Field(2.0, gt=0)
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _vllm_later(cls, v: Any) -> Any:
+        if v == "vllm":
+            raise ValueError("vllm is not implemented yet; use engine: hf")
+        return v
+
+
+class ScorerConfig(_Strict):
+    engine: Literal["hf"] = Field("hf", description="Teacher backend. `vllm`/remote come with later issues.")
+    num_scorers: int = Field(1, ge=1)
+    topk: int = Field(0, ge=0, description="Teacher top-k logprobs attached per token (0 = off).")
+    temperature: float = Field(1.0, gt=0, description="Temperature of the teacher's logprobs.")
+    batch_size: int = Field(64, ge=1, description="Trajectories taken from the broker per scoring round.")
+    max_tokens_per_batch: int = Field(8192, ge=16, description="Token budget of one teacher forward (length buckets).")
+    device: str = "cpu"
+    metrics_every_s: float = Field(2.0, gt=0)
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _vllm_later(cls, v: Any) -> Any:
+        if v in ("vllm", "remote"):
+            raise ValueError(f"{v} is not implemented yet; use engine: hf")
+        return v
+
+
+class LearnerConfig(_Strict):
+    engine: Literal["torch"] = Field("torch", description="Training engine. `deepspeed` comes with the learner issue.")
+    loss: Literal["reverse_kl_pg"] = Field("reverse_kl_pg", description="Distillation loss (see README).")
+    max_steps: int = Field(200, ge=1)
+    batch_size: int = Field(32, ge=1, description="Scored trajectories per optimiser step.")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    is_cap: float = Field(2.0, ge=1.0, description="C: truncated importance weight min(exp(s-b), C).")
+    eval_every: int = Field(20, ge=0, description="Learner steps between held-out evaluations (0 = only at the end).")
+    device: str = "cpu"
+    batch_timeout_s: float = Field(600.0, gt=0, description="Give up if no scored data arrives for this long.")
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _deepspeed_later(cls, v: Any) -> Any:
+        if v == "deepspeed":
+            raise ValueError("deepspeed is not implemented yet; use engine: torch")
+        return v
+
+
+class WeightSyncConfig(_Strict):
+    every: int = Field(1, ge=1, description="Broadcast weights every this many learner steps.")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl on CUDA, else gloo.")
+    host: str = Field("127.0.0.1", description="Where the learner hosts the rendezvous store.")
+    port: int = Field(0, ge=0, le=65535, description="Rendezvous port; 0 = the launcher picks a free one.")
+    bucket_mb: float = Field(32.0, gt=0, description="Parameters are broadcast in buckets of about this size.")
+    timeout_s: float = Field(300.0, gt=0, description="Timeout of the group's rendezvous and each collective.")
+
+
+class ZmqBrokerConfig(_Strict):
+    """Embedded broker: one small process holding bounded in-memory streams; no server to install."""
+
+    type: Literal["zmq"] = "zmq"
+    host: str = Field("127.0.0.1", description="Bind/connect address; 127.0.0.1 keeps it off the network.")
+    port: int = Field(0, ge=0, le=65535, description="0 = the launcher picks a free port.")
+    max_depth: int = Field(256, ge=1, description="Producers wait while a work stream holds this many entries.")
+    control_maxlen: int = Field(10000, ge=16, description="Fan-out streams keep only this many newest entries.")
+    request_timeout_s: float = Field(30.0, gt=0, description="A broker that does not answer for this long is dead.")
+    max_message_mb: float = Field(64.0, gt=0, description="Larger messages are refused (dead-lettered).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _redis_later(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("type") == "redis":
+            raise ValueError("type: redis is not implemented yet; use type: zmq")
+        return v
+
+
+class RunConfig(_Strict):
+    run_id: str | None = Field(None, description="Names the run directory and streams; default: time-stamped.")
+    output_dir: Path | None = Field(None, description="Run directory; default runs/<run_id>.")
+    cache_dir: Path = Field(Path(".cache/opd"), description="Where built tokenizers and tiny models are cached.")
+    seed: int = 0
+    torch_threads: int = Field(1, ge=1, description="Threads per component process (they share the machine).")
+    status_every: int = Field(10, ge=1, description="Learner steps between status lines.")
+    progress: bool = Field(True, description="Show a progress bar when stdout is a terminal.")
+    shutdown_grace_s: float = Field(20.0, gt=0, description="Seconds a component gets to stop before it is killed.")
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "/\\ :")):
+            raise ValueError("run_id must be non-empty without '/', '\\', ':' or spaces")
+        return v
+
+
+# The teacher must be clearly stronger than the student, so its defaults are a bigger, longer-trained model.
+_TEACHER_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 512, "sft_steps": 1500,
+}
+
+
+class Config(_Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    task: TaskConfig = Field(default_factory=AdditionTask)
+    student: ModelConfig = Field(default_factory=TinyModel)
+    teacher: ModelConfig = Field(default_factory=lambda: TinyModel(**_TEACHER_DEFAULTS))
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    actor: ActorConfig = Field(default_factory=ActorConfig)
+    scorer: ScorerConfig = Field(default_factory=ScorerConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    broker: ZmqBrokerConfig = Field(default_factory=ZmqBrokerConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tags(cls, data: Any) -> Any:
+        """Let `student.sft_steps=50` work without also writing `student.kind=tiny`."""
+        if not isinstance(data, dict):
+            return data
+        for key, tag, default in (("task", "kind", "addition"), ("student", "kind", "tiny"), ("teacher", "kind", "tiny")):
+            section = data.get(key)
+            if isinstance(section, dict) and tag not in section:
+                data[key] = {tag: default, **section}
+        teacher = data.get("teacher")
+        if isinstance(teacher, dict) and teacher.get("kind") == "tiny":
+            data["teacher"] = {**_TEACHER_DEFAULTS, **teacher}
+        return data
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Config:
+        for role in ("student", "teacher"):
+            model = getattr(self, role)
+            if model.kind == "tiny" and self.task.kind != "addition":
+                raise ValueError(
+                    f"{role}.kind: tiny models are built for the built-in task only; with task.kind: "
+                    f"{self.task.kind} set {role}: {{kind: pretrained, name_or_path: ...}}"
+                )
+        if (self.student.kind == "tiny") != (self.teacher.kind == "tiny"):
+            raise ValueError(
+                "student and teacher must share a tokenizer: use kind: tiny for both (built-in tokenizer) "
+                "or kind: pretrained for both"
+            )
+        if self.weight_sync.backend == "nccl" and "cuda" not in self.learner.device:
+            raise ValueError("weight_sync.backend: nccl needs learner.device: cuda; use backend: gloo on CPU")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value; write e.g. learner.max_steps=20")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {item!r} has an empty key part; write e.g. learner.max_steps=20")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys (`learner.max_steps=20`); values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling against `opd run --help` or configs/"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {loc or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load YAML, apply dotted overrides, validate; raise ConfigError with every problem named."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (run:, task:, ...)")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per config key with its default and description, for `opd run --help`."""
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        variants = [a for a in get_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            variants = [ann]
+        for sub in variants:
+            tag = sub.model_fields.get("kind") or sub.model_fields.get("type")
+            label = f" [{tag.default}]" if tag is not None and len(variants) > 1 else ""
+            lines.append(f"  {key}:{label}") if label else None
+            lines.extend(describe_fields(sub, key + "."))
+        if variants:
+            continue
+        default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)!r})"
+        desc = f"  {field.description}" if field.description else ""
+        lines.append(f"  {key}{default}{desc}")
+    return lines

@@ -1,0 +1,74 @@
+"""Loading student and teacher models and their tokenizer, the same way in every process.
+
+Tiny models are resolved to the directories `opd.assets` builds; pretrained ones load by hub id or local path
+through the standard Hugging Face calls, so a real checkpoint works the same as the demo's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from opd.tasks import ADDITION_ALPHABET
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_char_tokenizer(alphabet: str = ADDITION_ALPHABET) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer built locally with `tokenizers` (nothing is downloaded)."""
+    specials = list(SPECIAL_TOKENS.values())
+    vocab = {tok: i for i, tok in enumerate(specials + list(alphabet))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    fast.add_bos_token = True
+    return fast
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerFast:
+    tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tok.pad_token_id is None:
+        # Padding never reaches a loss (it is masked), so any id works; EOS is the usual choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name_or_path: str | Path, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=_DTYPES[dtype])
+    return model.to(device)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
+    """Prompt ids with BOS, the way every component tokenises (teachers never see text)."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def check_same_vocabulary(student_tok: PreTrainedTokenizerFast, teacher_tok: PreTrainedTokenizerFast) -> None:
+    """Refuse to score when ids would mean different strings to student and teacher."""
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        only_s = sorted(set(sv) - set(tv))[:5]
+        only_t = sorted(set(tv) - set(sv))[:5]
+        moved = sorted(k for k in set(sv) & set(tv) if sv[k] != tv[k])[:5]
+        raise ValueError(
+            "teacher and student tokenizers differ, so token ids would mean different text: "
+            f"{len(sv)} vs {len(tv)} entries; only in student {only_s}, only in teacher {only_t}, "
+            f"different ids for {moved}. Use a teacher from the same tokenizer family "
+            "(cross-tokenizer distillation is not supported)."
+        )
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        if getattr(student_tok, name) != getattr(teacher_tok, name):
+            raise ValueError(
+                f"teacher and student tokenizers disagree on {name}: "
+                f"{getattr(student_tok, name)} vs {getattr(teacher_tok, name)}"
+            )
+    if getattr(student_tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
+        raise ValueError("teacher and student tokenizers have different chat templates; use one model family")

@@ -1,0 +1,96 @@
+"""What every component process shares: stop signals, orphan protection, metrics and dead-letter records."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import torch
+
+from broker import Broker, stream_name
+from opd.config import Config
+from opd.protocol import pack_control
+
+log = logging.getLogger("opd")
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT (or a stop message); loops check it between units of work."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        return self._event.wait(seconds)
+
+
+def setup_process(cfg: Config, name: str) -> StopFlag:
+    """Logging, thread count, signals, and death with the parent launcher (no orphans if it is killed)."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(cfg.run.torch_threads)
+    stop = StopFlag()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: stop.set("SIGINT"))
+    parent = os.environ.get("OPD_PARENT_PID")
+    if parent:
+        die_with_parent(int(parent))
+    return stop
+
+
+def die_with_parent(parent_pid: int) -> None:
+    try:  # Linux: the kernel sends SIGTERM when the launcher dies, even by SIGKILL
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Reporter:
+    """Publishes a component's counters to the `metrics` stream at most every `every_s` seconds."""
+
+    def __init__(self, broker: Broker, cfg: Config, component: str, every_s: float):
+        self.broker, self.component, self.every_s = broker, component, every_s
+        self.stream = stream_name(cfg.run.run_id, "metrics")
+        self.dead_stream = stream_name(cfg.run.run_id, "dead_letter")
+        self.counters: dict[str, float] = {}
+        self.started = time.time()
+        self._last = 0.0
+
+    def add(self, **deltas: float) -> None:
+        for k, v in deltas.items():
+            self.counters[k] = self.counters.get(k, 0) + v
+
+    def maybe_send(self, force: bool = False, **extra: Any) -> None:
+        now = time.time()
+        if force or now - self._last >= self.every_s:
+            self._last = now
+            self.broker.publish(
+                self.stream,
+                [pack_control("metrics", component=self.component, uptime=now - self.started, **self.counters, **extra)],
+            )
+
+    def dead_letter(self, source_stream: str, message_id: str, data: bytes, reason: str) -> None:
+        """Record a rejected message with its reason; the consumer then acknowledges it and moves on."""
+        log.warning("dead-lettered %s/%s (%d bytes): %s", source_stream, message_id, len(data), reason)
+        self.add(dead_lettered=1)
+        record = pack_control(
+            "dead_letter", source=self.component, stream=source_stream, message_id=message_id,
+            reason=reason, size=len(data), head=data[:256],
+        )
+        self.broker.publish(self.dead_stream, [record])

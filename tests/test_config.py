@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from opd.config import Config, ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(CONFIGS[0], ["learner.max_steps=20", "run.output_dir=/tmp/x", "sampling.top_p=0.9"])
+    assert cfg.learner.max_steps == 20
+    assert str(cfg.run.output_dir) == "/tmp/x"
+    assert cfg.sampling.top_p == 0.9
+
+
+def test_override_of_union_keeps_section_defaults():
+    cfg = load_config(None, ["teacher.sft_steps=7"])
+    assert cfg.teacher.sft_steps == 7 and cfg.teacher.num_layers == 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "hint"),
+    [
+        (["learner.max_stepz=3"], "learner.max_stepz", "unknown key"),
+        (["learner.max_steps=abc"], "learner.max_steps", "valid integer"),
+        (["learner.max_steps=0"], "learner.max_steps", "greater than or equal to 1"),
+        (["sampling.top_p=1.5"], "sampling.top_p", "less than or equal to 1"),
+        (["sampling.temperature=0"], "sampling.temperature", "greater than 0"),
+        (["student.hidden_size=30"], "student", "num_heads that divides hidden_size"),
+        (["actor.engine=vllm"], "actor.engine", "use engine: hf"),
+        (["learner.engine=deepspeed"], "learner.engine", "use engine: torch"),
+        (["broker.type=redis"], "broker", "use type: zmq"),
+        (["weight_sync.backend=nccl"], "weight_sync.backend", "use backend: gloo"),
+        (["task.kind=jsonl", "task.train_path=x.jsonl"], "student.kind", "kind: pretrained"),
+        (["student.kind=pretrained", "student.name_or_path=x"], "student and teacher", "share a tokenizer"),
+        (["run.run_id=a/b"], "run.run_id", "without '/'"),
+    ],
+)
+def test_invalid_configs_are_rejected_with_field_and_fix(overrides, field, hint):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, overrides)
+    assert field in str(exc.value) and hint in str(exc.value)
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["learner"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)

@@ -1,0 +1,77 @@
+"""Bucketed broadcast over a real gloo group built without init_process_group, across real processes."""
+
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from tests.conftest import free_port
+from weight_sync import WeightBroadcaster, WeightReceiver, make_group, make_store, plan_buckets
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+
+
+def _receiver(port, rank, world, queue, versions, bucket_mb):
+    torch.set_num_threads(1)
+    model = _model(100 + rank)  # different init: only the broadcast can make it equal
+    store = make_store("127.0.0.1", port, rank, world, 30)
+    rx = WeightReceiver(make_group(store, "t/weights", rank, world, "gloo", 30), list(model.named_parameters()), bucket_mb)
+    rx.check_manifest(store)
+    for v in range(1, versions + 1):
+        rx.receive(v)
+        queue.put((rank, v, [p.detach().clone() for p in model.parameters()]))
+
+
+@pytest.mark.parametrize("bucket_mb", [0.0005, 32.0], ids=["many-buckets", "one-bucket"])
+def test_actors_receive_bit_identical_weights(bucket_mb):
+    ctx = mp.get_context("spawn")
+    port, world, versions = free_port(), 3, 3
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_receiver, args=(port, r, world, queue, versions, bucket_mb)) for r in (1, 2)]
+    model = _model(0)
+    store = make_store("127.0.0.1", port, 0, world, 30)
+    for p in procs:
+        p.start()
+    tx = WeightBroadcaster(None, list(model.named_parameters()), bucket_mb)
+    tx.publish_manifest(store)
+    tx.group = make_group(store, "t/weights", 0, world, "gloo", 30)
+    if bucket_mb < 0.01:
+        assert len(tx.buckets) > 1
+    sent = {}
+    for v in range(1, versions + 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        sent[v] = [p.detach().clone() for p in model.parameters()]
+        stats = tx.broadcast(v)
+        assert stats.bytes == sum(p.numel() * 4 for p in model.parameters())
+    got = [queue.get(timeout=60) for _ in range(2 * versions)]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    for rank, v, params in got:
+        for a, b in zip(params, sent[v], strict=True):
+            assert torch.equal(a, b), (rank, v)
+
+
+def _mismatched(port):
+    model = torch.nn.Linear(3, 3)
+    store = make_store("127.0.0.1", port, 1, 2, 30)
+    rx = WeightReceiver(None, list(model.named_parameters()), 1.0)
+    rx.check_manifest(store)
+
+
+def test_manifest_mismatch_is_refused_with_a_clear_error():
+    port = free_port()
+    store = make_store("127.0.0.1", port, 0, 2, 30)
+    WeightBroadcaster(None, list(_model(0).named_parameters()), 1.0).publish_manifest(store)
+    with pytest.raises(RuntimeError, match="does not match the learner"):
+        _mismatched(port)
+
+
+def test_bucket_plan_respects_size_and_dtype():
+    named = [("a", torch.zeros(10)), ("b", torch.zeros(10)), ("c", torch.zeros(10, dtype=torch.float64)), ("d", torch.zeros(100))]
+    assert plan_buckets(named, bucket_bytes=80) == [[0, 1], [2], [3]]

@@ -1,0 +1,42 @@
+"""A torch.distributed group for weight broadcast, built without `init_process_group`.
+
+A global default group would tie every process to one world for its whole life. Building the store and the
+backend object directly keeps the group a plain value: a later change can make one per sync epoch so actors join
+and leave between versions.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    if backend == "auto":
+        return "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("weight_sync.backend: nccl needs CUDA, which this machine lacks; use backend: gloo")
+    return backend
+
+
+def make_store(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.Store:
+    """Rank 0 (the learner) hosts the TCPStore; the others connect to it."""
+    store = dist.TCPStore(
+        host, port, world_size, is_master=(rank == 0), timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+    )
+    return store
+
+
+def make_group(store: dist.Store, prefix: str, rank: int, world_size: int, backend: str, timeout_s: float):
+    """The backend object itself (ProcessGroupGloo/NCCL); every rank must call this to rendezvous."""
+    scoped = dist.PrefixStore(prefix, store)
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(scoped, rank, world_size, timeout)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(scoped, rank, world_size, opts)
+    raise ValueError(f"unknown weight_sync backend {backend!r}")
