@@ -14,7 +14,7 @@ from opd.assets import ensure_assets, load_asset
 from opd.config import Config
 from opd.models import encode_prompt
 from opd.protocol import ProtocolError, Trajectory, encode, unpack_control
-from opd.runtime import Reporter, StopFlag, log, setup_process
+from opd.runtime import Reporter, StopFlag, log, run_component
 from opd.sampling import sample
 from weight_sync import WeightReceiver, make_group, make_store, resolve_backend
 
@@ -27,14 +27,18 @@ class WeightFollower:
         world = 1 + cfg.actor.num_actors
         self.backend = resolve_backend(ws.backend, cfg.actor.device)
         self.store = make_store(ws.host, ws.port, 1 + index, world, ws.timeout_s)
-        group = make_group(self.store, f"{cfg.run.run_id}/weights", 1 + index, world, self.backend, ws.timeout_s)
+        group = make_group(
+            self.store, f"{cfg.run.run_id}/weights", 1 + index, world, self.backend, ws.timeout_s
+        )
         self.receiver = WeightReceiver(group, list(model.named_parameters()), ws.bucket_mb)
         self.receiver.check_manifest(self.store)
         self.version = 0
 
     def apply(self, version: int) -> float:
         if version != self.version + 1:
-            raise RuntimeError(f"weight version {version} announced while at {self.version}: a broadcast was missed")
+            raise RuntimeError(
+                f"weight version {version} announced while at {self.version}: a broadcast was missed"
+            )
         stats = self.receiver.receive(version)
         self.version = version
         return stats.seconds
@@ -48,6 +52,7 @@ class Actor:
         self.model, self.tokenizer = load_asset(assets.student, cfg.actor.device)
         self.model.eval()
         self.broker = connect(cfg.broker)
+        self.broker.stopping = stop
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.actor.metrics_every_s)
         self.rollouts = stream_name(cfg.run.run_id, "rollouts")
         self.control = stream_name(cfg.run.run_id, "control")
@@ -77,21 +82,31 @@ class Actor:
         prompt_ids = [encode_prompt(self.tokenizer, p.prompt) for p in problems]
         batch_no = next(self.batches)
         samples = sample(
-            self.model, [p for p in prompt_ids for _ in range(s.n)],
-            eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
-            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, generator=self.generator,
+            self.model,
+            [p for p in prompt_ids for _ in range(s.n)],
+            eos_id=self.tokenizer.eos_token_id,
+            pad_id=self.tokenizer.pad_token_id,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            generator=self.generator,
         )
         out = []
         for j, smp in enumerate(samples):
             p = problems[j // s.n]
             out.append(
                 Trajectory(
-                    run_id=cfg.run.run_id, prompt_id=p.prompt_id, group_id=f"{self.name}-{batch_no}-{j // s.n}",
-                    sample_index=j % s.n, prompt_token_ids=np.asarray(prompt_ids[j // s.n], dtype=np.int32),
+                    run_id=cfg.run.run_id,
+                    prompt_id=p.prompt_id,
+                    group_id=f"{self.name}-{batch_no}-{j // s.n}",
+                    sample_index=j % s.n,
+                    prompt_token_ids=np.asarray(prompt_ids[j // s.n], dtype=np.int32),
                     response_token_ids=np.asarray(smp.response_ids, dtype=np.int32),
                     behaviour_logprobs=np.asarray(smp.behaviour_logprobs, dtype=np.float32),
-                    policy_version=self.follower.version, finish_reason=smp.finish_reason,
-                    behaviour_temperature=s.temperature, task={"answer": p.answer or ""},
+                    policy_version=self.follower.version,
+                    finish_reason=smp.finish_reason,
+                    behaviour_temperature=s.temperature,
+                    task={"answer": p.answer or ""},
                 )
             )
         return out
@@ -106,10 +121,20 @@ class Actor:
             trajs = self.generate_batch()
             gen_s = time.perf_counter() - t0
             payloads = [encode(t) for t in trajs]
-            if publish_with_backpressure(self.broker, self.rollouts, payloads, should_stop=self.stop, while_waiting=self.service_control) is None:
+            if (
+                publish_with_backpressure(
+                    self.broker,
+                    self.rollouts,
+                    payloads,
+                    should_stop=self.stop,
+                    while_waiting=self.service_control,
+                )
+                is None
+            ):
                 break
             self.reporter.add(
-                trajectories_generated=len(trajs), tokens_generated=sum(len(t.response_token_ids) for t in trajs),
+                trajectories_generated=len(trajs),
+                tokens_generated=sum(len(t.response_token_ids) for t in trajs),
                 generate_seconds=gen_s,
             )
             self.reporter.maybe_send(weight_version=self.follower.version)
@@ -118,10 +143,4 @@ class Actor:
 
 
 def main(cfg: Config, index: int) -> int:
-    stop = setup_process(cfg, f"actor-{index}")
-    actor = Actor(cfg, index, stop)
-    try:
-        actor.run()
-    finally:
-        actor.broker.close()
-    return 0
+    return run_component(cfg, f"actor-{index}", lambda stop: Actor(cfg, index, stop))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -97,39 +98,44 @@ class ZmqBrokerServer:
         if op == "ping":
             return self._reply(envelope, {"ok": True})
         name = header.get("stream")
-        if not isinstance(name, str):
-            return self._reply(envelope, {"ok": False, "error": "request needs a string 'stream'"})
-        s = self._stream(name)
-        if op == "publish":
-            if s.bounded and len(s.entries) >= self.max_depth:
-                return self._reply(envelope, {"ok": True, "full": True})
-            ids = []
-            for data in payloads:
-                s.entries[s.next_id] = data
-                ids.append(s.next_id)
-                s.next_id += 1
-            if not s.bounded:
-                s.trim_to(self.log_maxlen)
-            self._reply(envelope, {"ok": True, "ids": ids})
-            self._serve_waiters(name)
-        elif op == "consume":
-            ids, data = self._deliver(s, header["group"], header["consumer"], int(header["count"]))
-            if ids or header.get("timeout", 0) <= 0:
-                return self._reply(envelope, {"ok": True, "ids": ids}, data)
-            self.waiters.append(
-                _Waiter(envelope, name, header["group"], header["consumer"], int(header["count"]), time.monotonic() + header["timeout"])
-            )
-        elif op == "ack":
-            g = s.groups.get(header.get("group"))
-            if g is not None:
-                for eid in header.get("ids", []):
-                    g.pending.pop(int(eid), None)
-                s.trim_acked()
-            self._reply(envelope, {"ok": True})
-        elif op == "depth":
-            self._reply(envelope, {"ok": True, "depth": len(s.entries)})
-        else:
-            self._reply(envelope, {"ok": False, "error": f"unknown op {op!r}"})
+        handler = self._ops.get(op)
+        if not isinstance(name, str) or handler is None:
+            return self._reply(envelope, {"ok": False, "error": f"bad request: op {op!r}, stream {name!r}"})
+        handler(self, envelope, name, self._stream(name), header, payloads)
+
+    def _publish(self, envelope, name: str, s: _Stream, header: dict, payloads: list[bytes]) -> None:
+        if s.bounded and len(s.entries) >= self.max_depth:
+            return self._reply(envelope, {"ok": True, "full": True})  # backpressure: the producer retries
+        ids = []
+        for data in payloads:
+            s.entries[s.next_id] = data
+            ids.append(s.next_id)
+            s.next_id += 1
+        if not s.bounded:
+            s.trim_to(self.log_maxlen)
+        self._reply(envelope, {"ok": True, "ids": ids})
+        self._serve_waiters(name)
+
+    def _consume(self, envelope, name: str, s: _Stream, header: dict, payloads: list[bytes]) -> None:
+        group, consumer, count = header["group"], header["consumer"], int(header["count"])
+        ids, data = self._deliver(s, group, consumer, count)
+        if ids or header.get("timeout", 0) <= 0:
+            return self._reply(envelope, {"ok": True, "ids": ids}, data)
+        deadline = time.monotonic() + header["timeout"]
+        self.waiters.append(_Waiter(envelope, name, group, consumer, count, deadline))
+
+    def _ack(self, envelope, name: str, s: _Stream, header: dict, payloads: list[bytes]) -> None:
+        g = s.groups.get(header.get("group"))
+        if g is not None:
+            for eid in header.get("ids", []):
+                g.pending.pop(int(eid), None)
+            s.trim_acked()
+        self._reply(envelope, {"ok": True})
+
+    def _depth(self, envelope, name: str, s: _Stream, header: dict, payloads: list[bytes]) -> None:
+        self._reply(envelope, {"ok": True, "depth": len(s.entries)})
+
+    _ops = {"publish": _publish, "consume": _consume, "ack": _ack, "depth": _depth}
 
     def _serve_waiters(self, stream: str | None = None) -> None:
         now, keep = time.monotonic(), []
@@ -180,11 +186,15 @@ def serve(bind: str, max_depth: int, log_maxlen: int, max_message_bytes: int, re
     server.serve_forever()
 
 
+STOPPING_TIMEOUT_S = 3.0
+
+
 class ZmqBroker:
     """Client side of the embedded broker (one REQ socket; use one client per thread)."""
 
     def __init__(self, address: str, request_timeout_s: float = 30.0, max_message_bytes: int = 64 << 20):
         self.address, self.timeout_s, self.max_message_bytes = address, request_timeout_s, max_message_bytes
+        self.stopping: Callable[[], bool] = lambda: False  # set by a component to its stop flag
         self.ctx = zmq.Context.instance()
         self.sock = None
         self._connect()
@@ -196,11 +206,19 @@ class ZmqBroker:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(self.address)
 
-    def _request(self, header: dict, payloads: list[bytes] = (), wait_s: float = 0.0) -> tuple[dict, list[bytes]]:
+    def _request(
+        self, header: dict, payloads: list[bytes] = (), wait_s: float = 0.0
+    ) -> tuple[dict, list[bytes]]:
         self.sock.send_multipart([msgpack.packb(header), *payloads], copy=False)
-        if not self.sock.poll(int((self.timeout_s + wait_s) * 1000)):
-            self._connect()  # a REQ socket is stuck after a lost reply; start afresh
-            raise BrokerUnavailable(f"broker at {self.address} did not answer {header.get('op')} within {self.timeout_s + wait_s:.0f}s")
+        start, limit = time.monotonic(), self.timeout_s + wait_s
+        while not self.sock.poll(250):
+            waited = time.monotonic() - start
+            # A stopping component should not sit out the full timeout on a broker that is gone.
+            if waited > limit or (self.stopping() and waited > STOPPING_TIMEOUT_S + wait_s):
+                self._connect()  # a REQ socket is stuck after a lost reply; start afresh
+                raise BrokerUnavailable(
+                    f"broker at {self.address} did not answer {header.get('op')} within {waited:.0f}s"
+                )
         frames = self.sock.recv_multipart()
         reply = msgpack.unpackb(frames[0], raw=False)
         if not reply.get("ok"):
@@ -213,12 +231,21 @@ class ZmqBroker:
     def publish(self, stream: str, payloads: list[bytes]) -> list[str] | None:
         too_big = [len(p) for p in payloads if len(p) > self.max_message_bytes]
         if too_big:
-            raise ValueError(f"message of {too_big[0]} bytes exceeds broker.max_message_mb ({self.max_message_bytes} bytes)")
+            raise ValueError(
+                f"message of {too_big[0]} bytes exceeds broker.max_message_mb ({self.max_message_bytes} bytes)"
+            )
         reply, _ = self._request({"op": "publish", "stream": stream}, payloads)
         return None if reply.get("full") else [str(i) for i in reply["ids"]]
 
     def consume(self, stream: str, group: str, consumer: str, count: int, timeout_s: float) -> list[Message]:
-        header = {"op": "consume", "stream": stream, "group": group, "consumer": consumer, "count": count, "timeout": timeout_s}
+        header = {
+            "op": "consume",
+            "stream": stream,
+            "group": group,
+            "consumer": consumer,
+            "count": count,
+            "timeout": timeout_s,
+        }
         reply, frames = self._request(header, wait_s=timeout_s)
         return [Message(str(i), d) for i, d in zip(reply["ids"], frames, strict=True)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,14 +37,14 @@ def collate(trajs: list[Trajectory], pad_id: int, device: str) -> Batch:
     q = torch.zeros((B, resp), dtype=torch.float32)
     for i, t in enumerate(trajs):
         P, T = len(t.prompt_token_ids), len(t.response_token_ids)
-        ids[i, :P] = torch.from_numpy(t.prompt_token_ids.astype("int64"))
-        ids[i, P : P + T] = torch.from_numpy(t.response_token_ids.astype("int64"))
+        ids[i, :P] = torch.tensor(t.prompt_token_ids, dtype=torch.long)
+        ids[i, P : P + T] = torch.tensor(t.response_token_ids, dtype=torch.long)
         attn[i, : P + T] = 1
         pos[i, :T] = torch.arange(P - 1, P - 1 + T)
         tgt[i, :T] = ids[i, P : P + T]
         mask[i, :T] = 1
-        b[i, :T] = torch.from_numpy(t.behaviour_logprobs)
-        q[i, :T] = torch.from_numpy(t.teacher_logprobs)
+        b[i, :T] = torch.tensor(t.behaviour_logprobs)  # copies: wire arrays are read-only views
+        q[i, :T] = torch.tensor(t.teacher_logprobs)
     to = lambda x: x.to(device)  # noqa: E731
     return Batch(to(ids), to(attn), to(pos), to(tgt), to(mask), to(b), to(q), int(mask.sum()))
 
@@ -56,6 +57,15 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float) -> 
     return logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
 
 
+def lr_factor(step: int, cfg: LearnerConfig) -> float:
+    """Multiplier of the peak lr at optimiser step `step` (0-based): linear warmup, then constant or cosine."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.lr_schedule == "constant":
+        return warm
+    progress = min(step, cfg.max_steps) / cfg.max_steps
+    return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class TorchEngine:
     def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, temperature: float):
         self.model, self.cfg, self.temperature = model, cfg, temperature
@@ -63,6 +73,7 @@ class TorchEngine:
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, cfg))
         self.skipped_steps = 0
 
     def step(self, batch: Batch) -> dict[str, float]:
@@ -75,8 +86,10 @@ class TorchEngine:
             self.skipped_steps += 1  # a NaN/inf never reaches the optimiser
         else:
             self.optimizer.step()
+        self.scheduler.step()
         return {
-            "loss": float(out.loss),
+            "lr": self.scheduler.get_last_lr()[0],
+            "loss": float(out.loss.detach()),
             "reverse_kl": float(out.reverse_kl),
             "importance_weight": float(out.importance_weight),
             "clip_fraction": float(out.clip_fraction),

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from broker import connect, stream_name
+from broker import BrokerUnavailable, connect, stream_name
 from learner.engine_torch import TorchEngine, collate
 from opd import tasks
 from opd.assets import ensure_assets, evaluate, load_asset
 from opd.config import Config
 from opd.protocol import ProtocolError, Trajectory, decode, pack_control
-from opd.runtime import Reporter, StopFlag, log, setup_process
+from opd.runtime import Reporter, StopFlag, log, run_component
 from weight_sync import WeightBroadcaster, make_group, make_store, resolve_backend
 
 KL_WINDOW = 5  # reverse_kl_first/last are means over this many steps, so one noisy batch does not decide
@@ -30,6 +30,7 @@ class Learner:
         self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
         self.engine = TorchEngine(self.model, cfg.learner, cfg.sampling.temperature)
         self.broker = connect(cfg.broker)
+        self.broker.stopping = stop
         self.reporter = Reporter(self.broker, cfg, "learner", 0.0)
         self.scored = stream_name(cfg.run.run_id, "scored")
         self.control = stream_name(cfg.run.run_id, "control")
@@ -48,7 +49,9 @@ class Learner:
         self.broadcaster = WeightBroadcaster(None, list(self.model.named_parameters()), ws.bucket_mb)
         self.broadcaster.publish_manifest(self.store)
         log.info("waiting for %d actor(s) to join the %s weight group", world - 1, self.backend)
-        self.broadcaster.group = make_group(self.store, f"{self.cfg.run.run_id}/weights", 0, world, self.backend, ws.timeout_s)
+        self.broadcaster.group = make_group(
+            self.store, f"{self.cfg.run.run_id}/weights", 0, world, self.backend, ws.timeout_s
+        )
 
     # ------------------------------------------------------------------------------------- data
     def _collect(self) -> tuple[list[Trajectory], list[str]]:
@@ -58,7 +61,9 @@ class Learner:
         while len(batch) < want and not self.stop():
             msgs = self.broker.consume(self.scored, "learner", "learner", want - len(batch), 1.0)
             if not msgs and time.monotonic() - last_data > self.cfg.learner.batch_timeout_s:
-                raise RuntimeError(f"no scored trajectories for {self.cfg.learner.batch_timeout_s:.0f}s (learner.batch_timeout_s)")
+                raise RuntimeError(
+                    f"no scored trajectories for {self.cfg.learner.batch_timeout_s:.0f}s (learner.batch_timeout_s)"
+                )
             for m in msgs:
                 last_data = time.monotonic()
                 ids.append(m.id)
@@ -91,18 +96,31 @@ class Learner:
         self.kl_history.append(metrics["reverse_kl"])
         self.reporter.add(trajectories_trained=len(batch), tokens_trained=tokens)
         return {
-            **metrics, "staleness_mean": sum(lags) / len(lags), "staleness_max": max(lags), "tokens": tokens,
-            "step_seconds": step_s, "wait_seconds": wait_s, "trained_tokens_per_s": tokens / max(step_s + wait_s, 1e-9),
+            **metrics,
+            "staleness_mean": sum(lags) / len(lags),
+            "staleness_max": max(lags),
+            "tokens": tokens,
+            "step_seconds": step_s,
+            "wait_seconds": wait_s,
+            "trained_tokens_per_s": tokens / max(step_s + wait_s, 1e-9),
         }
 
     def _log(self, record: dict) -> None:
         record = {"step": self.step_no, "weight_version": self.version, "time": time.time(), **record}
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        self.reporter.maybe_send(force=True, **{k: v for k, v in record.items() if isinstance(v, int | float)})
+        self.reporter.maybe_send(
+            force=True, **{k: v for k, v in record.items() if isinstance(v, int | float)}
+        )
 
     def _evaluate(self) -> float:
-        return evaluate(self.model, self.tokenizer, self.eval_problems, self.cfg.sampling.max_new_tokens, tasks.verifier_mode(self.cfg.task))
+        return evaluate(
+            self.model,
+            self.tokenizer,
+            self.eval_problems,
+            self.cfg.sampling.max_new_tokens,
+            tasks.verifier_mode(self.cfg.task),
+        )
 
     def run(self) -> None:
         cfg = self.cfg.learner
@@ -113,7 +131,9 @@ class Learner:
                 self.broker.ack(self.scored, "learner", ids)
                 continue
             record = self._train_step(batch, time.perf_counter() - t0)
-            self.broker.ack(self.scored, "learner", ids)  # after the step: a crash before it leaves them pending
+            self.broker.ack(
+                self.scored, "learner", ids
+            )  # after the step: a crash before it leaves them pending
             self.step_no += 1
             if self.step_no % self.cfg.weight_sync.every == 0 and self.step_no < cfg.max_steps:
                 record.update(self._sync_weights())
@@ -129,26 +149,31 @@ class Learner:
         self.model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
         tmp.rename(final)
-        self.broker.publish(self.control, [pack_control("stop", reason=self.stop.reason or "max_steps")])
-        self.reporter.maybe_send(force=True, final=True)
         w = min(KL_WINDOW, max(1, len(self.kl_history) // 2))
         summary = {
-            "learner_steps": self.step_no, "weight_version": self.version,
-            "trajectories_trained": len(self.trained_ids), "max_policy_version_trained": self.max_policy_version,
+            "learner_steps": self.step_no,
+            "weight_version": self.version,
+            "trajectories_trained": len(self.trained_ids),
+            "max_policy_version_trained": self.max_policy_version,
             "reverse_kl_first": sum(self.kl_history[:w]) / w if self.kl_history else None,
             "reverse_kl_last": sum(self.kl_history[-w:]) / w if self.kl_history else None,
-            "skipped_steps": self.engine.skipped_steps, "dead_lettered": int(self.reporter.counters.get("dead_lettered", 0)),
+            "skipped_steps": self.engine.skipped_steps,
+            "dead_lettered": int(self.reporter.counters.get("dead_lettered", 0)),
             "stopped_by": self.stop.reason or "max_steps",
         }
         (self.out_dir / "learner_summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("saved the final student to %s after %d steps (weight version %d)", final, self.step_no, self.version)
+        log.info(
+            "saved the final student to %s after %d steps (weight version %d)",
+            final,
+            self.step_no,
+            self.version,
+        )
+        try:  # last, so a dead broker cannot cost the checkpoint or the summary
+            self.broker.publish(self.control, [pack_control("stop", reason=self.stop.reason or "max_steps")])
+            self.reporter.maybe_send(force=True, final=True)
+        except BrokerUnavailable as exc:
+            log.warning("could not announce the stop: %s", exc)
 
 
 def main(cfg: Config) -> int:
-    stop = setup_process(cfg, "learner")
-    learner = Learner(cfg, stop)
-    try:
-        learner.run()
-    finally:
-        learner.broker.close()
-    return 0
+    return run_component(cfg, "learner", lambda stop: Learner(cfg, stop))

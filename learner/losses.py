@@ -14,7 +14,9 @@ import torch
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar to backpropagate
-    reverse_kl: torch.Tensor  # scalar, detached: token-mean of b_t - q_t, a sample estimate of KL(student || teacher)
+    reverse_kl: (
+        torch.Tensor
+    )  # scalar, detached: token-mean of b_t - q_t, a sample estimate of KL(student || teacher)
     importance_weight: torch.Tensor  # scalar, detached: token-mean of the truncated weight
     clip_fraction: torch.Tensor  # scalar, detached: share of tokens whose weight hit the cap
 

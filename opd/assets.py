@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from opd.config import Config, PretrainedModel, TinyModel
 from opd.models import build_char_tokenizer, encode_prompt, load_causal_lm, load_tokenizer
 from opd.sampling import sample
 
-ASSET_FORMAT = 1  # bump when the build recipe changes, so stale caches are rebuilt
+ASSET_FORMAT = 2  # bump when the build recipe changes, so stale caches are rebuilt
+HABIT = "="  # the spurious trailing token of `sft_suffix_noise`: one token, so greedy decoding picks it up
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,9 @@ def _atomic_dir(final: Path, build) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def evaluate(model, tokenizer, problems: list[tasks.Problem], max_new_tokens: int, mode: str, batch: int = 256) -> float:
+def evaluate(
+    model, tokenizer, problems: list[tasks.Problem], max_new_tokens: int, mode: str, batch: int = 256
+) -> float:
     """Greedy held-out accuracy."""
     if not problems:
         return float("nan")
@@ -87,13 +91,15 @@ def _sft(model, tokenizer, spec: TinyModel, cfg: Config) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / max(1, spec.sft_steps))
     )
+    noise = random.Random(spec.seed + 2)
     model.train()
     for _ in range(spec.sft_steps):
         rows = []
         for _ in range(spec.sft_batch_size):
             p = next(stream)
             prompt = encode_prompt(tokenizer, p.prompt)
-            answer = tokenizer(p.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            target = p.answer + (HABIT if noise.random() < spec.sft_suffix_noise else "")
+            answer = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             rows.append((prompt, answer))
         width = max(len(a) + len(b) for a, b in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -101,7 +107,9 @@ def _sft(model, tokenizer, spec: TinyModel, cfg: Config) -> None:
         for i, (a, b) in enumerate(rows):
             ids[i, : len(a) + len(b)] = torch.tensor(a + b)
             labels[i, len(a) : len(a) + len(b)] = torch.tensor(b)
-        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels).loss
+        loss = model(
+            input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels
+        ).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -130,7 +138,9 @@ def _build_tiny(final: Path, spec: TinyModel, tok_dir: Path, cfg: Config, log) -
         t0 = time.time()
         _sft(model, tokenizer, spec, cfg)
         acc = evaluate(model, tokenizer, tasks.eval_set(cfg.task), cfg.sampling.max_new_tokens, "exact")
-        log(f"  built {final.name}: {spec.sft_steps} SFT steps in {time.time() - t0:.0f}s, held-out accuracy {acc:.3f}")
+        log(
+            f"  built {final.name}: {spec.sft_steps} SFT steps in {time.time() - t0:.0f}s, held-out accuracy {acc:.3f}"
+        )
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "opd_asset.json").write_text(json.dumps({"eval_accuracy": acc, "spec": spec.model_dump()}))
@@ -142,10 +152,14 @@ def _tiny_asset(role: str, spec: TinyModel, tok_dir: Path, cfg: Config, log) -> 
     key = _digest([ASSET_FORMAT, role, spec.model_dump(), cfg.task.model_dump(), cfg.sampling.max_new_tokens])
     final = Path(cfg.run.cache_dir) / f"{role}-{key}"
     if not (final / "opd_asset.json").is_file():
-        log(f"building the {role} ({spec.num_layers} layers, hidden {spec.hidden_size}); cached for later runs")
+        log(
+            f"building the {role} ({spec.num_layers} layers, hidden {spec.hidden_size}); cached for later runs"
+        )
         _build_tiny(final, spec, tok_dir, cfg, log)
     meta = json.loads((final / "opd_asset.json").read_text())
-    return ModelAsset(path=str(final), tokenizer=str(final), dtype="float32", eval_accuracy=meta["eval_accuracy"])
+    return ModelAsset(
+        path=str(final), tokenizer=str(final), dtype="float32", eval_accuracy=meta["eval_accuracy"]
+    )
 
 
 def _pretrained_asset(spec: PretrainedModel) -> ModelAsset:

@@ -20,7 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
 
     run = sub.add_parser(
-        "run", help="run everything on this machine (broker, learner, actors, scorers)", formatter_class=fmt,
+        "run",
+        help="run everything on this machine (broker, learner, actors, scorers)",
+        formatter_class=fmt,
         description="Start a full run on this machine: one process per component, embedded ZeroMQ broker, "
         "weights broadcast over torch.distributed. Writes runs/<run_id>/ (config, metrics.jsonl, student/, summary.json).",
         epilog=_config_epilog(),
@@ -28,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     run.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
 
-    prep = sub.add_parser("prepare", help="build and cache the tokenizer, teacher and student of a config", formatter_class=fmt)
+    prep = sub.add_parser(
+        "prepare", help="build and cache the tokenizer, teacher and student of a config", formatter_class=fmt
+    )
     prep.add_argument("config")
     prep.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
 
@@ -48,9 +52,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _component_config(args) -> Config:
     cfg = load_config(args.config, args.overrides)
-    missing = [k for k, v in (("run.run_id", cfg.run.run_id), ("broker.port", cfg.broker.port or None)) if v is None]
+    missing = [
+        k for k, v in (("run.run_id", cfg.run.run_id), ("broker.port", cfg.broker.port or None)) if v is None
+    ]
     if missing:
-        raise ConfigError(f"{', '.join(missing)} must be set when starting a component by hand (opd run sets them)")
+        raise ConfigError(
+            f"{', '.join(missing)} must be set when starting a component by hand (opd run sets them)"
+        )
     return cfg
 
 
@@ -58,9 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.verb == "run":
-            from opd.launcher import LocalLauncher, resolve_run
+            from opd.launcher import LaunchError, LocalLauncher, resolve_run
 
-            return LocalLauncher(resolve_run(load_config(args.config, args.overrides))).run()
+            try:
+                return LocalLauncher(resolve_run(load_config(args.config, args.overrides))).run()
+            except LaunchError as exc:
+                print(f"opd: {exc}", file=sys.stderr)
+                return 1
         if args.verb == "prepare":
             from opd.assets import ensure_assets
 

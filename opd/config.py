@@ -17,6 +17,17 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the field and how to fix it."""
 
 
+def _refuse_planned(field: str, planned: tuple[str, ...], fix: str):
+    """A field validator that names values which are planned but not built yet, instead of a bare type error."""
+
+    def check(cls, v: Any) -> Any:
+        if v in planned:
+            raise ValueError(f"{v} is not implemented yet; use {fix}")
+        return v
+
+    return field_validator(field, mode="before")(classmethod(check))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -36,8 +47,12 @@ class JsonlTask(_Strict):
 
     kind: Literal["jsonl"] = "jsonl"
     train_path: Path = Field(description="JSONL of training prompts.")
-    eval_path: Path | None = Field(None, description="JSONL of held-out prompts with `answer`; none = no accuracy.")
-    verifier: Literal["exact", "contains"] = Field("exact", description="How a completion is checked against `answer`.")
+    eval_path: Path | None = Field(
+        None, description="JSONL of held-out prompts with `answer`; none = no accuracy."
+    )
+    verifier: Literal["exact", "contains"] = Field(
+        "exact", description="How a completion is checked against `answer`."
+    )
     eval_size: int = Field(200, ge=1, description="At most this many held-out prompts are evaluated.")
 
 
@@ -49,14 +64,22 @@ class TinyModel(_Strict):
     """A small Llama-architecture model built from this config and trained by `opd prepare` on the built-in task."""
 
     kind: Literal["tiny"] = "tiny"
-    hidden_size: int = Field(64, ge=8)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(256, ge=8)
-    sft_steps: int = Field(200, ge=0, description="Supervised steps on the task before the run (0 = random init).")
-    sft_lr: float = Field(3e-3, gt=0)
-    sft_batch_size: int = Field(128, ge=1)
-    seed: int = 0
+    hidden_size: int = Field(64, ge=8, description="Model width.")
+    num_layers: int = Field(2, ge=1, description="Transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="Attention heads (must divide hidden_size).")
+    intermediate_size: int = Field(256, ge=8, description="MLP width.")
+    sft_steps: int = Field(
+        200, ge=0, description="Supervised steps on the task before the run (0 = random init)."
+    )
+    sft_lr: float = Field(3e-3, gt=0, description="Peak lr of that SFT (warmup, then linear decay).")
+    sft_batch_size: int = Field(128, ge=1, description="Problems per SFT step.")
+    sft_suffix_noise: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of SFT targets given a spurious trailing '=' before EOS: a habit for OPD to remove.",
+    )
+    seed: int = Field(0, description="Initialisation and SFT data seed.")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModel:
@@ -74,7 +97,9 @@ class PretrainedModel(_Strict):
     kind: Literal["pretrained"] = "pretrained"
     name_or_path: str = Field(description="HF hub id or local checkpoint directory.")
     tokenizer: str | None = Field(None, description="Tokenizer id/path; defaults to name_or_path.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype when loaded."
+    )
 
 
 ModelConfig = Annotated[TinyModel | PretrainedModel, Field(discriminator="kind")]
@@ -84,7 +109,9 @@ ModelConfig = Annotated[TinyModel | PretrainedModel, Field(discriminator="kind")
 class SamplingConfig(_Strict):
     """How actors sample. Behaviour logprobs are log-softmax(raw logits / temperature) of the sampled token."""
 
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner scores at the same one.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature; the learner scores at the same one."
+    )
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(8, ge=1)
     n: int = Field(4, ge=1, description="Samples per prompt (group size).")
@@ -95,14 +122,9 @@ class ActorConfig(_Strict):
     num_actors: int = Field(1, ge=1)
     prompts_per_batch: int = Field(8, ge=1, description="Prompts per generation batch; batch = prompts x n.")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda:0.")
-    metrics_every_s: float = Field(2.0, gt=0)
+    metrics_every_s: float = Field(0.5, gt=0, description="Seconds between metrics records on the broker.")
 
-    @field_validator("engine", mode="before")
-    @classmethod
-    def _vllm_later(cls, v: Any) -> Any:
-        if v == "vllm":
-            raise ValueError("vllm is not implemented yet; use engine: hf")
-        return v
+    _planned = _refuse_planned("engine", ("vllm",), "engine: hf")
 
 
 class ScorerConfig(_Strict):
@@ -111,38 +133,42 @@ class ScorerConfig(_Strict):
     topk: int = Field(0, ge=0, description="Teacher top-k logprobs attached per token (0 = off).")
     temperature: float = Field(1.0, gt=0, description="Temperature of the teacher's logprobs.")
     batch_size: int = Field(64, ge=1, description="Trajectories taken from the broker per scoring round.")
-    max_tokens_per_batch: int = Field(8192, ge=16, description="Token budget of one teacher forward (length buckets).")
-    device: str = "cpu"
-    metrics_every_s: float = Field(2.0, gt=0)
+    max_tokens_per_batch: int = Field(
+        8192, ge=16, description="Token budget of one teacher forward (length buckets)."
+    )
+    device: str = Field("cpu", description="torch device of the teacher.")
+    metrics_every_s: float = Field(0.5, gt=0, description="Seconds between metrics records on the broker.")
 
-    @field_validator("engine", mode="before")
-    @classmethod
-    def _vllm_later(cls, v: Any) -> Any:
-        if v in ("vllm", "remote"):
-            raise ValueError(f"{v} is not implemented yet; use engine: hf")
-        return v
+    _planned = _refuse_planned("engine", ("vllm", "remote"), "engine: hf")
 
 
 class LearnerConfig(_Strict):
-    engine: Literal["torch"] = Field("torch", description="Training engine. `deepspeed` comes with the learner issue.")
+    engine: Literal["torch"] = Field(
+        "torch", description="Training engine. `deepspeed` comes with the learner issue."
+    )
     loss: Literal["reverse_kl_pg"] = Field("reverse_kl_pg", description="Distillation loss (see README).")
     max_steps: int = Field(200, ge=1)
     batch_size: int = Field(32, ge=1, description="Scored trajectories per optimiser step.")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = Field(1.0, gt=0)
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="After warmup: constant, or cosine to 0 at max_steps."
+    )
+    warmup_steps: int = Field(
+        10, ge=0, description="Linear warmup from 0; a fresh Adam's first steps are otherwise too large."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
     is_cap: float = Field(2.0, ge=1.0, description="C: truncated importance weight min(exp(s-b), C).")
-    eval_every: int = Field(20, ge=0, description="Learner steps between held-out evaluations (0 = only at the end).")
-    device: str = "cpu"
-    batch_timeout_s: float = Field(600.0, gt=0, description="Give up if no scored data arrives for this long.")
+    eval_every: int = Field(
+        20, ge=0, description="Learner steps between held-out evaluations (0 = only at the end)."
+    )
+    device: str = Field("cpu", description="torch device of the learner.")
+    batch_timeout_s: float = Field(
+        600.0, gt=0, description="Give up if no scored data arrives for this long."
+    )
 
-    @field_validator("engine", mode="before")
-    @classmethod
-    def _deepspeed_later(cls, v: Any) -> Any:
-        if v == "deepspeed":
-            raise ValueError("deepspeed is not implemented yet; use engine: torch")
-        return v
+    _planned = _refuse_planned("engine", ("deepspeed",), "engine: torch")
 
 
 class WeightSyncConfig(_Strict):
@@ -150,8 +176,12 @@ class WeightSyncConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl on CUDA, else gloo.")
     host: str = Field("127.0.0.1", description="Where the learner hosts the rendezvous store.")
     port: int = Field(0, ge=0, le=65535, description="Rendezvous port; 0 = the launcher picks a free one.")
-    bucket_mb: float = Field(32.0, gt=0, description="Parameters are broadcast in buckets of about this size.")
-    timeout_s: float = Field(300.0, gt=0, description="Timeout of the group's rendezvous and each collective.")
+    bucket_mb: float = Field(
+        32.0, gt=0, description="Parameters are broadcast in buckets of about this size."
+    )
+    timeout_s: float = Field(
+        300.0, gt=0, description="Timeout of the group's rendezvous and each collective."
+    )
 
 
 class ZmqBrokerConfig(_Strict):
@@ -160,9 +190,15 @@ class ZmqBrokerConfig(_Strict):
     type: Literal["zmq"] = "zmq"
     host: str = Field("127.0.0.1", description="Bind/connect address; 127.0.0.1 keeps it off the network.")
     port: int = Field(0, ge=0, le=65535, description="0 = the launcher picks a free port.")
-    max_depth: int = Field(256, ge=1, description="Producers wait while a work stream holds this many entries.")
-    control_maxlen: int = Field(10000, ge=16, description="Fan-out streams keep only this many newest entries.")
-    request_timeout_s: float = Field(30.0, gt=0, description="A broker that does not answer for this long is dead.")
+    max_depth: int = Field(
+        256, ge=1, description="Producers wait while a work stream holds this many entries."
+    )
+    control_maxlen: int = Field(
+        10000, ge=16, description="Fan-out streams keep only this many newest entries."
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="A broker that does not answer for this long is dead."
+    )
     max_message_mb: float = Field(64.0, gt=0, description="Larger messages are refused (dead-lettered).")
 
     @model_validator(mode="before")
@@ -174,14 +210,20 @@ class ZmqBrokerConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    run_id: str | None = Field(None, description="Names the run directory and streams; default: time-stamped.")
+    run_id: str | None = Field(
+        None, description="Names the run directory and streams; default: time-stamped."
+    )
     output_dir: Path | None = Field(None, description="Run directory; default runs/<run_id>.")
-    cache_dir: Path = Field(Path(".cache/opd"), description="Where built tokenizers and tiny models are cached.")
-    seed: int = 0
+    cache_dir: Path = Field(
+        Path(".cache/opd"), description="Where built tokenizers and tiny models are cached."
+    )
+    seed: int = Field(0, description="Seeds actors' prompt streams and sampling, and the learner.")
     torch_threads: int = Field(1, ge=1, description="Threads per component process (they share the machine).")
     status_every: int = Field(10, ge=1, description="Learner steps between status lines.")
     progress: bool = Field(True, description="Show a progress bar when stdout is a terminal.")
-    shutdown_grace_s: float = Field(20.0, gt=0, description="Seconds a component gets to stop before it is killed.")
+    shutdown_grace_s: float = Field(
+        20.0, gt=0, description="Seconds a component gets to stop before it is killed."
+    )
 
     @field_validator("run_id")
     @classmethod
@@ -193,7 +235,11 @@ class RunConfig(_Strict):
 
 # The teacher must be clearly stronger than the student, so its defaults are a bigger, longer-trained model.
 _TEACHER_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 512, "sft_steps": 1500,
+    "hidden_size": 128,
+    "num_layers": 4,
+    "num_heads": 4,
+    "intermediate_size": 512,
+    "sft_steps": 1500,
 }
 
 
@@ -215,7 +261,11 @@ class Config(_Strict):
         """Let `student.sft_steps=50` work without also writing `student.kind=tiny`."""
         if not isinstance(data, dict):
             return data
-        for key, tag, default in (("task", "kind", "addition"), ("student", "kind", "tiny"), ("teacher", "kind", "tiny")):
+        for key, tag, default in (
+            ("task", "kind", "addition"),
+            ("student", "kind", "tiny"),
+            ("teacher", "kind", "tiny"),
+        ):
             section = data.get(key)
             if isinstance(section, dict) and tag not in section:
                 data[key] = {tag: default, **section}
@@ -258,8 +308,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
+_TAGS = ("kind", "type")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted keys (`learner.max_steps=20`); values are parsed as YAML scalars/lists."""
+    """Set dotted keys (`learner.max_steps=20`); values are parsed as YAML scalars/lists. Overrides apply in
+    order, and one that changes a section's `kind`/`type` clears that section's other keys first."""
     for item in overrides:
         path, value = _parse_override(item)
         node = data
@@ -270,6 +324,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part} is a value, not a section")
             node = child
+        if path[-1] in _TAGS and node.get(path[-1], value) != value:
+            node.clear()  # switching `student.kind` starts the section afresh: the old variant's keys do not apply
         node[path[-1]] = value
     return data
 
@@ -329,7 +385,9 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[s
             lines.extend(describe_fields(sub, key + "."))
         if variants:
             continue
-        default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)!r})"
+        default = (
+            "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)!r})"
+        )
         desc = f"  {field.description}" if field.description else ""
         lines.append(f"  {key}{default}{desc}")
     return lines

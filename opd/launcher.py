@@ -28,7 +28,11 @@ from opd.config import Config, dump_config
 from opd.models import load_causal_lm, load_tokenizer
 from opd.protocol import ProtocolError, unpack_control
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+
+
+class LaunchError(RuntimeError):
+    """The run could not start; the message says which part and why."""
 
 
 def free_port() -> int:
@@ -69,6 +73,7 @@ class RunState:
     latest: dict[str, dict] = field(default_factory=dict)  # component -> newest metrics record
     learner_records: list[dict] = field(default_factory=list)
     dead_letters: int = 0
+    eval_accuracy: float | None = None  # newest held-out accuracy the learner reported
     last_status: tuple[float, dict[str, float]] = (0.0, {})
 
 
@@ -103,7 +108,7 @@ class LocalLauncher:
                 break
             except BrokerUnavailable:
                 if broker.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the broker did not start:\n{broker.tail()}") from None
+                    raise LaunchError(f"the broker did not start:\n{broker.tail()}") from None
         client.timeout_s = self.cfg.broker.request_timeout_s
         self.broker = client
         self._spawn("learner", "learner")
@@ -145,6 +150,8 @@ class LocalLauncher:
             self.state.latest[rec.get("component", "?")] = rec
             if rec.get("component") == "learner" and "loss" in rec:
                 self.state.learner_records.append(rec)
+                if "eval_accuracy" in rec:
+                    self.state.eval_accuracy = rec["eval_accuracy"]
         self.broker.ack(stream_name(run_id, "metrics"), "launcher", [])
         dead = self.broker.consume(stream_name(run_id, "dead_letter"), "launcher", "launcher", 256, 0.0)
         if dead:
@@ -175,7 +182,7 @@ class LocalLauncher:
         self.state.last_status = (now, totals)
         run_id = self.cfg.run.run_id
         depth = f"queue {self.broker.depth(stream_name(run_id, 'rollouts'))}/{self.broker.depth(stream_name(run_id, 'scored'))}"
-        acc = f" acc={rec['eval_accuracy']:.3f}" if "eval_accuracy" in rec else ""
+        acc = f" acc {self.state.eval_accuracy:.3f}" if self.state.eval_accuracy is not None else ""
         return (
             f"step {rec['step']}/{self.cfg.learner.max_steps} v{rec['weight_version']} | tok/s gen {rates['gen']:.0f} "
             f"score {rates['score']:.0f} train {rates['train']:.0f} | {depth} | rkl {rec['reverse_kl']:.3f} "
@@ -184,7 +191,7 @@ class LocalLauncher:
 
     def _monitor(self, progress: Progress | None, task_id) -> Component | None:
         learner = next(c for c in self.components if c.name == "learner")
-        shown = 0
+        shown, asked_to_stop = 0, False
         while True:
             failed = self._failed()
             if failed is not None:
@@ -195,15 +202,20 @@ class LocalLauncher:
                 pass
             recs = self.state.learner_records
             if recs and recs[-1]["step"] != shown:
+                every = self.cfg.run.status_every
+                crossed = recs[-1]["step"] // every != shown // every
                 shown = recs[-1]["step"]
                 if progress is not None:
                     progress.update(task_id, completed=shown)
-                if shown % self.cfg.run.status_every == 0 or "eval_accuracy" in recs[-1]:
+                if crossed:
                     console.print(self._status_line())
             if learner.proc.poll() == 0:
                 return None
-            if self.interrupted and learner.proc.poll() is None:
+            if self.interrupted and not asked_to_stop and learner.proc.poll() is None:
+                # Once only: Python restores default handlers while it shuts down, so a repeated SIGTERM
+                # would kill a learner that is already exiting cleanly.
                 learner.proc.send_signal(signal.SIGTERM)  # it saves, announces stop, and exits
+                asked_to_stop = True
             time.sleep(0.2)
 
     # ---------------------------------------------------------------------------------- run
@@ -220,7 +232,9 @@ class LocalLauncher:
                 acc[role] = evaluate(model, tok, problems, max_new, mode)
             else:
                 acc[role] = None
-        console.print(f"teacher held-out accuracy {_fmt(acc['teacher'])}; student before {_fmt(acc['student'])}")
+        console.print(
+            f"teacher held-out accuracy {_fmt(acc['teacher'])}; student before {_fmt(acc['student'])}"
+        )
         return acc
 
     def _final_accuracy(self) -> float | None:
@@ -230,7 +244,9 @@ class LocalLauncher:
         if not final.is_dir() or not problems:
             return None
         model, tok = load_causal_lm(final), load_tokenizer(final)
-        return evaluate(model, tok, problems, self.cfg.sampling.max_new_tokens, tasks.verifier_mode(self.cfg.task))
+        return evaluate(
+            model, tok, problems, self.cfg.sampling.max_new_tokens, tasks.verifier_mode(self.cfg.task)
+        )
 
     def run(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +272,9 @@ class LocalLauncher:
             self._stop([c for c in self.components if c.name == "broker"], 5.0)
             signal.signal(signal.SIGINT, previous)
         if failed is not None:
-            console.print(f"[red bold]{failed.name} exited with code {failed.proc.returncode}[/]; its log ({failed.log_path}):")
+            console.print(
+                f"[red bold]{failed.name} exited with code {failed.proc.returncode}[/]; its log ({failed.log_path}):"
+            )
             console.print(failed.tail(), markup=False)
             return 1
         summary = self._summary(before)
@@ -284,7 +302,9 @@ class LocalLauncher:
             "trajectories_generated": int(self._totals("trajectories_generated", "actor")),
             "trajectories_scored": int(self._totals("trajectories_scored", "scorer")),
             "dead_lettered": self.state.dead_letters,
-            "actor_weight_versions": {n: r.get("weight_version") for n, r in self.state.latest.items() if n.startswith("actor")},
+            "actor_weight_versions": {
+                n: r.get("weight_version") for n, r in self.state.latest.items() if n.startswith("actor")
+            },
             "teacher_accuracy": before["teacher"],
             "student_accuracy_before": before["student"],
             "student_accuracy_after": self._final_accuracy(),

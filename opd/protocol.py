@@ -107,11 +107,17 @@ def _unpack_array(name: str, raw: Any, dtype, ndim: int) -> np.ndarray:
     if raw["dtype"] != want.str:
         raise ProtocolError(f"{name}: dtype {raw['dtype']!r}, expected {want.str!r}")
     shape = raw["shape"]
-    if not isinstance(shape, list) or len(shape) != ndim or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) != ndim
+        or not all(isinstance(d, int) and d >= 0 for d in shape)
+    ):
         raise ProtocolError(f"{name}: shape {shape!r}, expected {ndim} non-negative dims")
     data = raw["data"]
     if not isinstance(data, bytes) or len(data) != int(np.prod(shape, dtype=np.int64)) * want.itemsize:
-        raise ProtocolError(f"{name}: {len(data) if isinstance(data, bytes) else type(data).__name__} bytes do not fit shape {shape}")
+        raise ProtocolError(
+            f"{name}: {len(data) if isinstance(data, bytes) else type(data).__name__} bytes do not fit shape {shape}"
+        )
     return np.frombuffer(data, dtype=want).reshape(shape).astype(dtype, copy=False)
 
 
@@ -132,7 +138,7 @@ def _check_scalars(msg: dict[str, Any]) -> None:
         raise ProtocolError("policy_version is negative")
 
 
-def _check_arrays(t: Trajectory, vocab_size: int | None) -> None:
+def _check_shapes(t: Trajectory) -> None:
     n = len(t.response_token_ids)
     if n == 0:
         raise ProtocolError("response_token_ids is empty")
@@ -144,11 +150,15 @@ def _check_arrays(t: Trajectory, vocab_size: int | None) -> None:
             raise ProtocolError(f"{name} has {len(a)} entries for {n} response tokens")
     if (t.teacher_topk_ids is None) != (t.teacher_topk_logprobs is None):
         raise ProtocolError("teacher_topk_ids and teacher_topk_logprobs must come together")
-    if t.teacher_topk_ids is not None:
-        if t.teacher_topk_ids.shape != t.teacher_topk_logprobs.shape or t.teacher_topk_ids.shape[0] != n:
-            raise ProtocolError(
-                f"teacher top-k shapes {t.teacher_topk_ids.shape} and {t.teacher_topk_logprobs.shape} do not match ({n}, k)"
-            )
+    if t.teacher_topk_ids is not None and (
+        t.teacher_topk_ids.shape != t.teacher_topk_logprobs.shape or t.teacher_topk_ids.shape[0] != n
+    ):
+        raise ProtocolError(
+            f"teacher top-k shapes {t.teacher_topk_ids.shape} and {t.teacher_topk_logprobs.shape} do not match ({n}, k)"
+        )
+
+
+def _check_values(t: Trajectory, vocab_size: int | None) -> None:
     for name in ("behaviour_logprobs", "teacher_logprobs", "teacher_topk_logprobs"):
         a = getattr(t, name)
         if a is not None and a.size:
@@ -161,7 +171,9 @@ def _check_arrays(t: Trajectory, vocab_size: int | None) -> None:
         if a is not None and a.size:
             lo, hi = int(a.min()), int(a.max())
             if lo < 0 or (vocab_size is not None and hi >= vocab_size):
-                raise ProtocolError(f"{name} has ids in [{lo}, {hi}] outside the vocabulary [0, {vocab_size})")
+                raise ProtocolError(
+                    f"{name} has ids in [{lo}, {hi}] outside the vocabulary [0, {vocab_size})"
+                )
 
 
 def decode(data: bytes, *, vocab_size: int | None = None, require_scored: bool = False) -> Trajectory:
@@ -173,7 +185,9 @@ def decode(data: bytes, *, vocab_size: int | None = None, require_scored: bool =
     if not isinstance(msg, dict):
         raise ProtocolError(f"top level is {type(msg).__name__}, expected a map")
     if msg.get("schema_version") != SCHEMA_VERSION:
-        raise ProtocolError(f"schema_version {msg.get('schema_version')!r}, this consumer reads {SCHEMA_VERSION}")
+        raise ProtocolError(
+            f"schema_version {msg.get('schema_version')!r}, this consumer reads {SCHEMA_VERSION}"
+        )
     if msg.get("kind") != KIND:
         raise ProtocolError(f"kind {msg.get('kind')!r}, expected {KIND!r}")
     known = {"schema_version", "kind", "task", "timestamps", *_SCALARS, *(a[0] for a in _ARRAYS)}
@@ -189,7 +203,8 @@ def decode(data: bytes, *, vocab_size: int | None = None, require_scored: bool =
             raise ProtocolError(f"missing field {name!r}")
     scalars = {k: msg[k] for k in _SCALARS if k in msg}
     t = Trajectory(**scalars, **arrays, task=msg.get("task", {}), timestamps=msg.get("timestamps", {}))
-    _check_arrays(t, vocab_size)
+    _check_shapes(t)
+    _check_values(t, vocab_size)
     if require_scored and not t.is_scored:
         raise ProtocolError("trajectory has no teacher_logprobs; it must pass a teacher scorer first")
     return t
@@ -198,7 +213,9 @@ def decode(data: bytes, *, vocab_size: int | None = None, require_scored: bool =
 # ----------------------------------------------------------------------------- small control messages
 def pack_control(kind: str, **fields: Any) -> bytes:
     """Control/metrics/dead-letter records: a typed msgpack map, also never pickled."""
-    return msgpack.packb({"schema_version": SCHEMA_VERSION, "kind": kind, "time": time.time(), **fields}, use_bin_type=True)
+    return msgpack.packb(
+        {"schema_version": SCHEMA_VERSION, "kind": kind, "time": time.time(), **fields}, use_bin_type=True
+    )
 
 
 def unpack_control(data: bytes) -> dict[str, Any]:

@@ -40,7 +40,9 @@ class StopFlag:
 
 def setup_process(cfg: Config, name: str) -> StopFlag:
     """Logging, thread count, signals, and death with the parent launcher (no orphans if it is killed)."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
     torch.set_num_threads(cfg.run.torch_threads)
     stop = StopFlag()
     signal.signal(signal.SIGTERM, lambda *_: stop.set("SIGTERM"))
@@ -82,7 +84,15 @@ class Reporter:
             self._last = now
             self.broker.publish(
                 self.stream,
-                [pack_control("metrics", component=self.component, uptime=now - self.started, **self.counters, **extra)],
+                [
+                    pack_control(
+                        "metrics",
+                        component=self.component,
+                        uptime=now - self.started,
+                        **self.counters,
+                        **extra,
+                    )
+                ],
             )
 
     def dead_letter(self, source_stream: str, message_id: str, data: bytes, reason: str) -> None:
@@ -90,7 +100,23 @@ class Reporter:
         log.warning("dead-lettered %s/%s (%d bytes): %s", source_stream, message_id, len(data), reason)
         self.add(dead_lettered=1)
         record = pack_control(
-            "dead_letter", source=self.component, stream=source_stream, message_id=message_id,
-            reason=reason, size=len(data), head=data[:256],
+            "dead_letter",
+            source=self.component,
+            stream=source_stream,
+            message_id=message_id,
+            reason=reason,
+            size=len(data),
+            head=data[:256],
         )
         self.broker.publish(self.dead_stream, [record])
+
+
+def run_component(cfg: Config, name: str, build) -> int:
+    """setup -> loop -> cleanup for every component process; `build(stop)` returns an object with run()/broker."""
+    stop = setup_process(cfg, name)
+    component = build(stop)
+    try:
+        component.run()
+    finally:
+        component.broker.close()
+    return 0

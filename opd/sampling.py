@@ -60,7 +60,13 @@ def sample(
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     past, step_ids, step_pos = None, ids, positions
     for t in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_pos,
+            past_key_values=past,
+            use_cache=True,
+        )
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()  # (B, V) raw, before any processing
         if temperature == 0:

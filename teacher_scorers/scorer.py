@@ -16,7 +16,7 @@ from opd.assets import ensure_assets, load_asset
 from opd.config import Config
 from opd.models import check_same_vocabulary, load_tokenizer
 from opd.protocol import ProtocolError, Trajectory, decode, encode, unpack_control
-from opd.runtime import Reporter, StopFlag, log, setup_process
+from opd.runtime import Reporter, StopFlag, log, run_component
 from opd.sampling import response_logprobs
 
 LOGPROB_FLOOR = -1e4  # a teacher's -inf (zero probability) is clamped here so messages stay finite
@@ -46,6 +46,7 @@ class Scorer:
         self.vocab_size = self.teacher.get_input_embeddings().weight.shape[0]
         self.teacher_id = assets.teacher.path
         self.broker = connect(cfg.broker)
+        self.broker.stopping = stop
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.scorer.metrics_every_s)
         self.rollouts = stream_name(cfg.run.run_id, "rollouts")
         self.scored = stream_name(cfg.run.run_id, "scored")
@@ -68,7 +69,11 @@ class Scorer:
         for bucket in length_buckets(trajs, sc.max_tokens_per_batch):
             seqs = [(t.prompt_token_ids.tolist(), t.response_token_ids.tolist()) for t in bucket]
             lp, tk_ids, tk_lp = response_logprobs(
-                self.teacher, seqs, pad_id=self.tokenizer.pad_token_id, temperature=sc.temperature, topk=sc.topk
+                self.teacher,
+                seqs,
+                pad_id=self.tokenizer.pad_token_id,
+                temperature=sc.temperature,
+                topk=sc.topk,
             )
             for i, t in enumerate(bucket):
                 t.teacher_logprobs = lp[i].clamp(min=LOGPROB_FLOOR).numpy().astype(np.float32)
@@ -101,11 +106,18 @@ class Scorer:
             t0 = time.perf_counter()
             self.score(trajs)
             seconds = time.perf_counter() - t0
-            if trajs and publish_with_backpressure(self.broker, self.scored, [encode(t) for t in trajs], should_stop=self.stop) is None:
+            if (
+                trajs
+                and publish_with_backpressure(
+                    self.broker, self.scored, [encode(t) for t in trajs], should_stop=self.stop
+                )
+                is None
+            ):
                 break  # stopping with work in hand: leave it pending (unacknowledged) in the broker
             self.broker.ack(self.rollouts, "scorers", ids)
             self.reporter.add(
-                trajectories_scored=len(trajs), tokens_scored=sum(len(t.response_token_ids) for t in trajs),
+                trajectories_scored=len(trajs),
+                tokens_scored=sum(len(t.response_token_ids) for t in trajs),
                 score_seconds=seconds,
             )
             self.reporter.maybe_send()
@@ -114,10 +126,4 @@ class Scorer:
 
 
 def main(cfg: Config, index: int) -> int:
-    stop = setup_process(cfg, f"scorer-{index}")
-    scorer = Scorer(cfg, index, stop)
-    try:
-        scorer.run()
-    finally:
-        scorer.broker.close()
-    return 0
+    return run_component(cfg, f"scorer-{index}", lambda stop: Scorer(cfg, index, stop))

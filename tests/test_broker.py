@@ -74,7 +74,9 @@ def test_conservation_n_producers_m_consumers(zmq_broker, producers, consumers):
     per = 150
     stream = f"cons{producers}{consumers}:rollouts"
     out, lock = [], threading.Lock()
-    threads = [threading.Thread(target=_producer, args=(zmq_broker, per, f"p{i}", stream)) for i in range(producers)]
+    threads = [
+        threading.Thread(target=_producer, args=(zmq_broker, per, f"p{i}", stream)) for i in range(producers)
+    ]
     threads += [
         threading.Thread(target=_consumer, args=(zmq_broker, stream, f"c{j}", out, producers * per, lock))
         for j in range(consumers)

@@ -61,3 +61,16 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_switching_a_section_kind_drops_the_old_variants_keys():
+    cfg = load_config(
+        CONFIGS[0],
+        [
+            "student.kind=pretrained",
+            "student.name_or_path=/models/s",
+            "teacher.kind=pretrained",
+            "teacher.name_or_path=/models/t",
+        ],
+    )
+    assert cfg.student.kind == "pretrained" and cfg.student.name_or_path == "/models/s"

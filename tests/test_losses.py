@@ -41,7 +41,7 @@ def test_value_and_gradient_match_reference():
 def test_identical_policies_give_zero_kl_and_zero_advantage():
     s, _, _, m = _inputs(1)
     out = reverse_kl_pg(s, s.detach(), s.detach(), m, is_cap=2.0)
-    assert float(out.reverse_kl) == 0.0 and float(out.loss) == 0.0
+    assert float(out.reverse_kl) == 0.0 and float(out.loss.detach()) == 0.0
     assert float(out.importance_weight) == 1.0 and float(out.clip_fraction) == 0.0
 
 
@@ -64,5 +64,5 @@ def test_cap_truncates_and_is_counted():
 def test_empty_mask_gives_zero_not_nan():
     s, b, q, _ = _inputs(3)
     out = reverse_kl_pg(s, b, q, torch.zeros_like(b), is_cap=2.0)
-    assert torch.isfinite(out.loss) and float(out.loss) == 0.0
+    assert torch.isfinite(out.loss) and float(out.loss.detach()) == 0.0
     assert float(masked_mean(b, torch.zeros_like(b))) == 0.0

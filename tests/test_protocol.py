@@ -9,10 +9,14 @@ VOCAB = 16
 
 def make(**kw) -> Trajectory:
     base = dict(
-        run_id="r", prompt_id="p", group_id="g", sample_index=0,
+        run_id="r",
+        prompt_id="p",
+        group_id="g",
+        sample_index=0,
         prompt_token_ids=np.array([1, 5, 6], dtype=np.int32),
         response_token_ids=np.array([7, 8, 2], dtype=np.int32),
-        behaviour_logprobs=np.array([-0.1, -1.0, -0.01], dtype=np.float32), policy_version=3,
+        behaviour_logprobs=np.array([-0.1, -1.0, -0.01], dtype=np.float32),
+        policy_version=3,
         teacher_logprobs=np.array([-0.2, -0.3, -0.0], dtype=np.float32),
         teacher_topk_ids=np.array([[7, 8], [8, 7], [2, 3]], dtype=np.int32),
         teacher_topk_logprobs=np.array([[-0.2, -2.0], [-0.3, -1.5], [0.0, -9.0]], dtype=np.float32),
@@ -30,15 +34,24 @@ def test_round_trip_keeps_every_field():
     got = decode(encode(t), vocab_size=VOCAB, require_scored=True)
     for name in ("id", "run_id", "prompt_id", "policy_version", "reward", "task", "finish_reason"):
         assert getattr(got, name) == getattr(t, name)
-    for name in ("prompt_token_ids", "response_token_ids", "behaviour_logprobs", "token_versions",
-                 "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs"):
+    for name in (
+        "prompt_token_ids",
+        "response_token_ids",
+        "behaviour_logprobs",
+        "token_versions",
+        "teacher_logprobs",
+        "teacher_topk_ids",
+        "teacher_topk_logprobs",
+    ):
         np.testing.assert_array_equal(getattr(got, name), getattr(t, name))
         assert getattr(got, name).dtype == getattr(t, name).dtype
 
 
 def test_arrays_travel_as_little_endian_bytes():
     msg = raw(make())
-    assert msg["response_token_ids"]["dtype"] == "<i4" and isinstance(msg["response_token_ids"]["data"], bytes)
+    assert msg["response_token_ids"]["dtype"] == "<i4" and isinstance(
+        msg["response_token_ids"]["data"], bytes
+    )
     assert msg["schema_version"] == SCHEMA_VERSION
 
 
@@ -60,16 +73,50 @@ BAD = {
     "wrong scalar type": (lambda m: m.update(policy_version="3"), "policy_version"),
     "wrong dtype": (lambda m: _set_array(m, "behaviour_logprobs", np.zeros(3, dtype=np.float64)), "dtype"),
     "bytes vs shape": (lambda m: m["response_token_ids"].update(shape=[4]), "do not fit"),
-    "nan": (lambda m: _set_array(m, "teacher_logprobs", np.array([-0.1, np.nan, -1], dtype=np.float32)), "NaN or inf"),
-    "inf": (lambda m: _set_array(m, "behaviour_logprobs", np.array([-np.inf, -1, -1], dtype=np.float32)), "NaN or inf"),
-    "positive logprob": (lambda m: _set_array(m, "teacher_logprobs", np.array([0.5, -1, -1], dtype=np.float32)), "positive"),
-    "vocab range": (lambda m: _set_array(m, "response_token_ids", np.array([7, 99, 2], dtype=np.int32)), "outside the vocabulary"),
-    "negative id": (lambda m: _set_array(m, "prompt_token_ids", np.array([-1, 2], dtype=np.int32)), "outside the vocabulary"),
-    "length mismatch": (lambda m: _set_array(m, "teacher_logprobs", np.zeros(2, dtype=np.float32)), "2 entries for 3"),
-    "topk shape": (lambda m: _set_array(m, "teacher_topk_ids", np.zeros((3, 3), dtype=np.int32)), "top-k shapes"),
+    "nan": (
+        lambda m: _set_array(m, "teacher_logprobs", np.array([-0.1, np.nan, -1], dtype=np.float32)),
+        "NaN or inf",
+    ),
+    "inf": (
+        lambda m: _set_array(m, "behaviour_logprobs", np.array([-np.inf, -1, -1], dtype=np.float32)),
+        "NaN or inf",
+    ),
+    "positive logprob": (
+        lambda m: _set_array(m, "teacher_logprobs", np.array([0.5, -1, -1], dtype=np.float32)),
+        "positive",
+    ),
+    "vocab range": (
+        lambda m: _set_array(m, "response_token_ids", np.array([7, 99, 2], dtype=np.int32)),
+        "outside the vocabulary",
+    ),
+    "negative id": (
+        lambda m: _set_array(m, "prompt_token_ids", np.array([-1, 2], dtype=np.int32)),
+        "outside the vocabulary",
+    ),
+    "length mismatch": (
+        lambda m: _set_array(m, "teacher_logprobs", np.zeros(2, dtype=np.float32)),
+        "2 entries for 3",
+    ),
+    "topk shape": (
+        lambda m: _set_array(m, "teacher_topk_ids", np.zeros((3, 3), dtype=np.int32)),
+        "top-k shapes",
+    ),
     "topk half": (lambda m: m.pop("teacher_topk_ids"), "must come together"),
-    "empty response": (lambda m: [_set_array(m, k, np.zeros(0, dtype=d)) for k, d in (
-        ("response_token_ids", np.int32), ("behaviour_logprobs", np.float32), ("teacher_logprobs", np.float32))] and m.pop("teacher_topk_ids") and m.pop("teacher_topk_logprobs"), "empty"),
+    "empty response": (
+        lambda m: (
+            [
+                _set_array(m, k, np.zeros(0, dtype=d))
+                for k, d in (
+                    ("response_token_ids", np.int32),
+                    ("behaviour_logprobs", np.float32),
+                    ("teacher_logprobs", np.float32),
+                )
+            ]
+            and m.pop("teacher_topk_ids")
+            and m.pop("teacher_topk_logprobs")
+        ),
+        "empty",
+    ),
     "unknown field": (lambda m: m.update(pickle=b"x"), "unknown fields"),
 }
 
@@ -100,6 +147,7 @@ def test_unscored_trajectory_refused_where_scores_are_required():
 
 def test_no_pickle_on_the_wire():
     import pathlib
+
     root = pathlib.Path(__file__).resolve().parents[1]
     for folder in ("opd", "broker", "actors", "teacher_scorers", "learner", "weight_sync"):
         for path in (root / folder).rglob("*.py"):

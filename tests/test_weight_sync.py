@@ -18,7 +18,9 @@ def _receiver(port, rank, world, queue, versions, bucket_mb):
     torch.set_num_threads(1)
     model = _model(100 + rank)  # different init: only the broadcast can make it equal
     store = make_store("127.0.0.1", port, rank, world, 30)
-    rx = WeightReceiver(make_group(store, "t/weights", rank, world, "gloo", 30), list(model.named_parameters()), bucket_mb)
+    rx = WeightReceiver(
+        make_group(store, "t/weights", rank, world, "gloo", 30), list(model.named_parameters()), bucket_mb
+    )
     rx.check_manifest(store)
     for v in range(1, versions + 1):
         rx.receive(v)
@@ -73,5 +75,10 @@ def test_manifest_mismatch_is_refused_with_a_clear_error():
 
 
 def test_bucket_plan_respects_size_and_dtype():
-    named = [("a", torch.zeros(10)), ("b", torch.zeros(10)), ("c", torch.zeros(10, dtype=torch.float64)), ("d", torch.zeros(100))]
+    named = [
+        ("a", torch.zeros(10)),
+        ("b", torch.zeros(10)),
+        ("c", torch.zeros(10, dtype=torch.float64)),
+        ("d", torch.zeros(100)),
+    ]
     assert plan_buckets(named, bucket_bytes=80) == [[0, 1], [2], [3]]

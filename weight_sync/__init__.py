@@ -3,4 +3,12 @@
 from weight_sync.broadcast import SyncStats, WeightBroadcaster, WeightReceiver, plan_buckets
 from weight_sync.group import make_group, make_store, resolve_backend
 
-__all__ = ["SyncStats", "WeightBroadcaster", "WeightReceiver", "make_group", "make_store", "plan_buckets", "resolve_backend"]
+__all__ = [
+    "SyncStats",
+    "WeightBroadcaster",
+    "WeightReceiver",
+    "make_group",
+    "make_store",
+    "plan_buckets",
+    "resolve_backend",
+]

@@ -99,7 +99,9 @@ class WeightReceiver(_Bucketed):
         t0 = time.perf_counter()
         for idx in self.buckets:
             tensors = [self.named[i][1] for i in idx]
-            flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+            flat = torch.empty(
+                sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device
+            )
             self._broadcast(flat)
             offset = 0
             for t in tensors:

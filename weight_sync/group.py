@@ -17,14 +17,21 @@ def resolve_backend(backend: str, device: str) -> str:
     if backend == "auto":
         return "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("weight_sync.backend: nccl needs CUDA, which this machine lacks; use backend: gloo")
+        raise RuntimeError(
+            "weight_sync.backend: nccl needs CUDA, which this machine lacks; use backend: gloo"
+        )
     return backend
 
 
 def make_store(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.Store:
     """Rank 0 (the learner) hosts the TCPStore; the others connect to it."""
     store = dist.TCPStore(
-        host, port, world_size, is_master=(rank == 0), timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+        host,
+        port,
+        world_size,
+        is_master=(rank == 0),
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
     )
     return store
 

@@ -1,0 +1,257 @@
+"""`opd run` as a user runs it: real processes, real broker, real gloo group, read back from the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def opd(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "opd.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def children_of(pid: int) -> list[int]:
+    """Processes started by launcher `pid` (they carry OPD_PARENT_PID), found even after being orphaned."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if f"OPD_PARENT_PID={pid}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def prepared(asset_cache):
+    """Build the demo's teacher and student once (the first `opd run` would do the same)."""
+    proc = opd("prepare", TINY, f"run.cache_dir={asset_cache}")
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    return asset_cache
+
+
+def test_opd_run_trains_and_reports(prepared, tmp_path):
+    out_dir = tmp_path / "run"
+    steps = 40
+    proc = opd(
+        "run",
+        TINY,
+        f"run.cache_dir={prepared}",
+        f"run.output_dir={out_dir}",
+        f"learner.max_steps={steps}",
+        "learner.eval_every=20",
+    )
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log
+    s = json.loads((out_dir / "summary.json").read_text())
+    required = {
+        "learner_steps",
+        "weight_version",
+        "trajectories_generated",
+        "trajectories_scored",
+        "trajectories_trained",
+        "dead_lettered",
+        "reverse_kl_first",
+        "reverse_kl_last",
+        "teacher_accuracy",
+        "student_accuracy_before",
+        "student_accuracy_after",
+        "wall_seconds",
+    }
+    assert required <= set(s)
+    # every stage saw the data, in order, and every trained trajectory was counted once
+    assert s["learner_steps"] == steps and s["trajectories_trained"] == steps * 64
+    assert s["trajectories_generated"] >= s["trajectories_scored"] >= s["trajectories_trained"]
+    assert s["dead_lettered"] == 0
+    # weights flowed learner -> actor, and the actor stamped the new versions on what it generated
+    assert s["weight_version"] == steps - 1
+    assert s["max_policy_version_trained"] >= 1
+    assert all(v >= 1 for v in s["actor_weight_versions"].values())
+    # distillation worked: the student moved toward the teacher
+    assert s["reverse_kl_last"] < s["reverse_kl_first"]
+    assert s["student_accuracy_after"] > s["student_accuracy_before"]
+    # artefacts: resolved config, per-step metrics, a loadable HF checkpoint
+    assert yaml.safe_load((out_dir / "config.yaml").read_text())["learner"]["max_steps"] == steps
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert any("eval_accuracy" in r for r in records)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out_dir / "student")
+    assert AutoTokenizer.from_pretrained(out_dir / "student").eos_token == "</s>"
+    assert "teacher held-out accuracy" in log and "student accuracy" in log
+
+
+def test_bad_messages_are_dead_lettered_mid_run(prepared, tmp_path):
+    """Garbage written straight into the streams is dead-lettered with a reason; the run still finishes."""
+    from broker import publish_with_backpressure
+    from broker.zmq_broker import ZmqBroker
+
+    out_dir = tmp_path / "run"
+    proc = opd(
+        "run",
+        TINY,
+        f"run.cache_dir={prepared}",
+        f"run.output_dir={out_dir}",
+        "learner.max_steps=25",
+        "learner.eval_every=0",
+    )
+    wait_for(lambda: (out_dir / "metrics.jsonl").exists(), 300, "the first learner step")
+    cfg = yaml.safe_load((out_dir / "config.yaml").read_text())
+    client = ZmqBroker(f"tcp://127.0.0.1:{cfg['broker']['port']}", 10.0)
+    run_id = cfg["run"]["run_id"]
+    bad = [b"\x00garbage", msgpack.packb({"schema_version": 99, "kind": "trajectory"}), msgpack.packb([1, 2])]
+    assert (
+        publish_with_backpressure(client, f"{run_id}:rollouts", bad) is not None
+    )  # waits while the queue is full
+    assert publish_with_backpressure(client, f"{run_id}:scored", bad[:2]) is not None
+    client.close()
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log
+    s = json.loads((out_dir / "summary.json").read_text())
+    assert s["dead_lettered"] == 5 and s["trajectories_trained"] == 25 * 64
+    reasons = [json.loads(line) for line in (out_dir / "dead_letter.jsonl").read_text().splitlines()]
+    assert {r["source"] for r in reasons} == {"scorer-0", "learner"}
+    assert any("schema_version" in r["reason"] for r in reasons)
+    assert any("msgpack" in r["reason"] for r in reasons)
+
+
+def test_ctrl_c_stops_everything_and_saves(prepared, tmp_path):
+    out_dir = tmp_path / "run"
+    proc = opd(
+        "run", TINY, f"run.cache_dir={prepared}", f"run.output_dir={out_dir}", "learner.max_steps=100000"
+    )
+    wait_for(lambda: (out_dir / "metrics.jsonl").exists(), 300, "the first learner step")
+    assert len(children_of(proc.pid)) == 4  # broker, learner, actor, scorer
+    proc.send_signal(signal.SIGINT)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, log
+    wait_for(lambda: not children_of(proc.pid), 10, "no orphaned components")
+    s = json.loads((out_dir / "summary.json").read_text())
+    assert s["interrupted"] and s["stopped_by"] == "SIGTERM" and s["learner_steps"] >= 1
+    assert (out_dir / "student" / "model.safetensors").exists()
+
+
+def test_killed_launcher_leaves_no_orphans(prepared, tmp_path):
+    out_dir = tmp_path / "run"
+    proc = opd(
+        "run", TINY, f"run.cache_dir={prepared}", f"run.output_dir={out_dir}", "learner.max_steps=100000"
+    )
+    wait_for(lambda: (out_dir / "metrics.jsonl").exists(), 300, "the first learner step")
+    assert children_of(proc.pid)
+    proc.kill()
+    proc.communicate(timeout=30)
+    wait_for(lambda: not children_of(proc.pid), 20, "components to die with their launcher")
+
+
+def test_failing_component_is_named_and_run_fails(prepared, tmp_path):
+    """A teacher whose tokenizer differs from the student's is refused at start-up; the launcher says which."""
+    from opd.assets import ensure_assets
+    from opd.config import load_config
+
+    assets = ensure_assets(load_config(TINY, [f"run.cache_dir={prepared}"]), log=lambda *_: None)
+    teacher = tmp_path / "teacher"
+    subprocess.run(["cp", "-r", assets.teacher.path, str(teacher)], check=True)
+    tok = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["7"], vocab["8"] = (
+        vocab["8"],
+        vocab["7"],
+    )  # same size, two ids swapped: silent corruption if not caught
+    (teacher / "tokenizer.json").write_text(json.dumps(tok))
+    out_dir = tmp_path / "run"
+    proc = opd(
+        "run",
+        TINY,
+        f"run.output_dir={out_dir}",
+        "student.kind=pretrained",
+        f"student.name_or_path={assets.student.path}",
+        "teacher.kind=pretrained",
+        f"teacher.name_or_path={teacher}",
+        "weight_sync.timeout_s=60",
+    )
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, log
+    assert "scorer-0 exited with code 1" in log
+    assert "tokenizers differ" in log and "'7'" in log
+    wait_for(lambda: not children_of(proc.pid), 10, "no orphaned components")
+
+
+def test_pretrained_models_load_from_local_paths(prepared, tmp_path):
+    """The real loading path (kind: pretrained, from_pretrained on a directory) runs a short training."""
+    from opd.assets import ensure_assets
+    from opd.config import load_config
+
+    assets = ensure_assets(load_config(TINY, [f"run.cache_dir={prepared}"]), log=lambda *_: None)
+    out_dir = tmp_path / "run"
+    proc = opd(
+        "run",
+        TINY,
+        f"run.output_dir={out_dir}",
+        "learner.max_steps=4",
+        "learner.eval_every=0",
+        "student.kind=pretrained",
+        f"student.name_or_path={assets.student.path}",
+        "teacher.kind=pretrained",
+        f"teacher.name_or_path={assets.teacher.path}",
+    )
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    s = json.loads((out_dir / "summary.json").read_text())
+    assert s["learner_steps"] == 4 and s["weight_version"] == 3
+    assert s["teacher_accuracy"] == pytest.approx(assets.teacher.eval_accuracy)  # re-measured by the launcher
+
+
+def test_component_help_and_config_errors():
+    out = subprocess.run(
+        [sys.executable, "-m", "opd.cli", "run", "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "learner.max_steps" in out.stdout and "sampling.temperature" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "opd.cli", "run", TINY, "learner.max_stepz=3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "learner.max_stepz: unknown key" in bad.stderr
+    env = {**os.environ}
+    hand = subprocess.run(
+        [sys.executable, "-m", "opd.cli", "actor", "--config", TINY],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert hand.returncode == 2 and "run.run_id" in hand.stderr
