@@ -127,13 +127,11 @@ class Learner:
         while self.step_no < cfg.max_steps and not self.stop():
             t0 = time.perf_counter()
             batch, ids = self._collect()
-            if not batch:
-                self.broker.ack(self.scored, "learner", ids)
-                continue
+            if self.stop():
+                break  # a partial batch stays pending (unacknowledged) rather than making an odd-sized step
             record = self._train_step(batch, time.perf_counter() - t0)
-            self.broker.ack(
-                self.scored, "learner", ids
-            )  # after the step: a crash before it leaves them pending
+            # Acknowledge only after the step: a crash before it leaves these pending in the broker.
+            self.broker.ack(self.scored, "learner", ids)
             self.step_no += 1
             if self.step_no % self.cfg.weight_sync.every == 0 and self.step_no < cfg.max_steps:
                 record.update(self._sync_weights())

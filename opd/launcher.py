@@ -249,6 +249,12 @@ class LocalLauncher:
         )
 
     def run(self) -> int:
+        leftovers = [n for n in ("metrics.jsonl", "summary.json", "student") if (self.out / n).exists()]
+        if leftovers:
+            raise LaunchError(
+                f"run.output_dir {self.out} already holds a run ({', '.join(leftovers)}); "
+                "choose another run.output_dir or delete that directory"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "logs").mkdir(exist_ok=True)
         self.config_path.write_text(dump_config(self.cfg))

@@ -112,6 +112,10 @@ def test_opd_run_trains_and_reports(prepared, tmp_path):
     AutoModelForCausalLM.from_pretrained(out_dir / "student")
     assert AutoTokenizer.from_pretrained(out_dir / "student").eos_token == "</s>"
     assert "teacher held-out accuracy" in log and "student accuracy" in log
+    # the same directory again is refused rather than mixed with the finished run
+    again = opd("run", TINY, f"run.cache_dir={prepared}", f"run.output_dir={out_dir}")
+    err, _ = again.communicate(timeout=60)
+    assert again.returncode == 1 and "already holds a run" in err
 
 
 def test_bad_messages_are_dead_lettered_mid_run(prepared, tmp_path):
