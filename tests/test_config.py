@@ -74,3 +74,10 @@ def test_switching_a_section_kind_drops_the_old_variants_keys():
         ],
     )
     assert cfg.student.kind == "pretrained" and cfg.student.name_or_path == "/models/s"
+
+
+def test_reference_config_lists_every_key_at_its_default():
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "reference.yaml"
+    assert yaml.safe_load(path.read_text()) == Config().model_dump(mode="json")
