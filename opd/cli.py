@@ -52,9 +52,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _component_config(args) -> Config:
     cfg = load_config(args.config, args.overrides)
-    missing = [
-        k for k, v in (("run.run_id", cfg.run.run_id), ("broker.port", cfg.broker.port or None)) if v is None
-    ]
+    needed = [("run.run_id", cfg.run.run_id), ("broker.port", cfg.broker.port or None)]
+    if args.verb in ("learner", "actor"):  # they meet in the weight-sync group
+        needed.append(("weight_sync.port", cfg.weight_sync.port or None))
+    missing = [k for k, v in needed if v is None]
     if missing:
         raise ConfigError(
             f"{', '.join(missing)} must be set when starting a component by hand (opd run sets them)"

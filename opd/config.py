@@ -112,14 +112,16 @@ class SamplingConfig(_Strict):
     temperature: float = Field(
         1.0, gt=0, description="Sampling temperature; the learner scores at the same one."
     )
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(8, ge=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 = off).")
+    max_new_tokens: int = Field(
+        8, ge=1, description="Longest response; longer ones end with finish_reason length."
+    )
     n: int = Field(4, ge=1, description="Samples per prompt (group size).")
 
 
 class ActorConfig(_Strict):
     engine: Literal["hf"] = Field("hf", description="Student engine. `vllm` comes with the vLLM issue.")
-    num_actors: int = Field(1, ge=1)
+    num_actors: int = Field(1, ge=1, description="Actor processes (weight-sync ranks 1..N).")
     prompts_per_batch: int = Field(8, ge=1, description="Prompts per generation batch; batch = prompts x n.")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda:0.")
     metrics_every_s: float = Field(0.5, gt=0, description="Seconds between metrics records on the broker.")
@@ -129,7 +131,7 @@ class ActorConfig(_Strict):
 
 class ScorerConfig(_Strict):
     engine: Literal["hf"] = Field("hf", description="Teacher backend. `vllm`/remote come with later issues.")
-    num_scorers: int = Field(1, ge=1)
+    num_scorers: int = Field(1, ge=1, description="Teacher scorer processes sharing the rollouts stream.")
     topk: int = Field(0, ge=0, description="Teacher top-k logprobs attached per token (0 = off).")
     temperature: float = Field(1.0, gt=0, description="Temperature of the teacher's logprobs.")
     batch_size: int = Field(64, ge=1, description="Trajectories taken from the broker per scoring round.")
@@ -147,7 +149,9 @@ class LearnerConfig(_Strict):
         "torch", description="Training engine. `deepspeed` comes with the learner issue."
     )
     loss: Literal["reverse_kl_pg"] = Field("reverse_kl_pg", description="Distillation loss (see README).")
-    max_steps: int = Field(200, ge=1)
+    max_steps: int = Field(
+        200, ge=1, description="Optimiser steps; then the student is saved and the run stops."
+    )
     batch_size: int = Field(32, ge=1, description="Scored trajectories per optimiser step.")
     lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
     lr_schedule: Literal["constant", "cosine"] = Field(
@@ -381,13 +385,14 @@ def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[s
         for sub in variants:
             tag = sub.model_fields.get("kind") or sub.model_fields.get("type")
             label = f" [{tag.default}]" if tag is not None and len(variants) > 1 else ""
-            lines.append(f"  {key}:{label}") if label else None
+            if label:
+                lines.append(f"  {key}:{label}")
             lines.extend(describe_fields(sub, key + "."))
         if variants:
             continue
-        default = (
-            "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)!r})"
-        )
+        value = field.get_default(call_default_factory=True)
+        shown = str(value) if isinstance(value, Path) else repr(value)
+        default = "" if field.is_required() else f" (default: {shown})"
         desc = f"  {field.description}" if field.description else ""
         lines.append(f"  {key}{default}{desc}")
     return lines

@@ -142,7 +142,8 @@ class LocalLauncher:
     # ----------------------------------------------------------------------------- monitoring
     def _drain(self) -> None:
         run_id = self.cfg.run.run_id
-        for msg in self.broker.consume(stream_name(run_id, "metrics"), "launcher", "launcher", 256, 0.0):
+        metrics = self.broker.consume(stream_name(run_id, "metrics"), "launcher", "launcher", 256, 0.0)
+        for msg in metrics:
             try:
                 rec = unpack_control(msg.data)
             except ProtocolError:
@@ -152,7 +153,7 @@ class LocalLauncher:
                 self.state.learner_records.append(rec)
                 if "eval_accuracy" in rec:
                     self.state.eval_accuracy = rec["eval_accuracy"]
-        self.broker.ack(stream_name(run_id, "metrics"), "launcher", [])
+        self.broker.ack(stream_name(run_id, "metrics"), "launcher", [m.id for m in metrics])
         dead = self.broker.consume(stream_name(run_id, "dead_letter"), "launcher", "launcher", 256, 0.0)
         if dead:
             with open(self.out / "dead_letter.jsonl", "a") as fh:
@@ -164,6 +165,7 @@ class LocalLauncher:
                     except ProtocolError:
                         pass
             self.state.dead_letters += len(dead)
+            self.broker.ack(stream_name(run_id, "dead_letter"), "launcher", [m.id for m in dead])
 
     def _totals(self, key: str, prefix: str) -> float:
         return sum(r.get(key, 0) for n, r in self.state.latest.items() if n.startswith(prefix))

@@ -124,11 +124,11 @@ def response_logprobs(
     for i, s in enumerate(full):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, L, V)
-    logp = torch.log_softmax(logits / temperature, -1)
+    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, L, V)
     sampled, tk_ids, tk_lp = [], [], []
     for i, (p, r) in enumerate(sequences):
-        rows = logp[i, len(p) - 1 : len(p) - 1 + len(r)]  # position j predicts token j+1
+        # Position j predicts token j+1. Only response rows are normalised: prompt rows would cost B*P*V for nothing.
+        rows = torch.log_softmax(logits[i, len(p) - 1 : len(p) - 1 + len(r)].float() / temperature, -1)
         target = torch.tensor(r, dtype=torch.long, device=device)
         sampled.append(rows.gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu())
         if topk > 0:

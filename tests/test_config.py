@@ -81,3 +81,13 @@ def test_reference_config_lists_every_key_at_its_default():
 
     path = Path(__file__).resolve().parents[1] / "configs" / "reference.yaml"
     assert yaml.safe_load(path.read_text()) == Config().model_dump(mode="json")
+
+
+def test_component_by_hand_needs_every_address(capsys):
+    from opd.cli import main
+
+    tiny = str(CONFIGS[0].parent / "tiny.yaml")
+    assert main(["actor", "--config", tiny, "run.run_id=x", "broker.port=5"]) == 2
+    assert "weight_sync.port must be set" in capsys.readouterr().err
+    assert main(["scorer", "--config", tiny]) == 2
+    assert "run.run_id, broker.port must be set" in capsys.readouterr().err
