@@ -55,6 +55,7 @@ class Actor:
         self.broker.stopping = stop
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.actor.metrics_every_s)
         self.rollouts = stream_name(cfg.run.run_id, "rollouts")
+        self.scored = stream_name(cfg.run.run_id, "scored")
         self.control = stream_name(cfg.run.run_id, "control")
         self.follower = WeightFollower(cfg, index, self.model)
         self.problems = tasks.training_stream(cfg.task, seed=cfg.run.seed * 1000 + index)
@@ -92,8 +93,10 @@ class Actor:
             generator=self.generator,
         )
         out = []
+        mode = tasks.verifier_mode(cfg.task)
         for j, smp in enumerate(samples):
             p = problems[j // s.n]
+            text = self.tokenizer.decode(smp.response_ids, skip_special_tokens=True)
             out.append(
                 Trajectory(
                     run_id=cfg.run.run_id,
@@ -107,14 +110,31 @@ class Actor:
                     finish_reason=smp.finish_reason,
                     behaviour_temperature=s.temperature,
                     task={"answer": p.answer or ""},
+                    reward=float(tasks.verify(p.answer, text, mode)) if p.answer else None,
                 )
             )
         return out
+
+    def versions_ahead(self) -> float:
+        """How many weight versions old a batch generated now would be when the learner reaches it: the
+        trajectories still in flight (rollouts + scored, unacknowledged) over what one version consumes."""
+        lc = self.cfg.learner
+        in_flight = self.broker.depth(self.rollouts) + self.broker.depth(self.scored)
+        return in_flight / (lc.batch_size * self.cfg.weight_sync.every)
+
+    def wait_while_ahead(self) -> None:
+        """Pause generation (still applying weights) while new samples would exceed learner.max_staleness."""
+        t0 = time.perf_counter()
+        while not self.stop() and self.versions_ahead() >= self.cfg.learner.max_staleness + 1:
+            self.service_control()
+            time.sleep(0.05)
+        self.reporter.add(staleness_pause_seconds=time.perf_counter() - t0)
 
     def run(self) -> None:
         log.info("ready: %s backend, weight version %d", self.follower.backend, self.follower.version)
         while not self.stop():
             self.service_control()
+            self.wait_while_ahead()
             if self.stop():
                 break
             t0 = time.perf_counter()

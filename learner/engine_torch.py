@@ -1,60 +1,20 @@
-"""Plain torch training engine: collate scored trajectories, recompute s_t, one AdamW step."""
+"""The update loop shared by both engines, and the plain torch engine (AdamW on one device).
+
+One consumed batch is one learner step: it may be split into `minibatches` optimiser steps, and each of those into
+micro-batches packed by length under a token budget, whose gradients accumulate before the step. A non-finite
+loss or gradient skips that optimiser step (counted), so a NaN never reaches the weights.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 
-from learner.losses import reverse_kl_pg
-from opd.config import LearnerConfig
-from opd.protocol import Trajectory
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # (B, L) prompt + response, right-padded
-    attention_mask: torch.Tensor  # (B, L)
-    positions: torch.Tensor  # (B, T) index of the logit row that predicts each response token
-    targets: torch.Tensor  # (B, T) response token ids
-    mask: torch.Tensor  # (B, T) 1 on real response tokens
-    behaviour: torch.Tensor  # (B, T) b_t
-    teacher: torch.Tensor  # (B, T) q_t
-    num_tokens: int
-
-
-def collate(trajs: list[Trajectory], pad_id: int, device: str) -> Batch:
-    width = max(len(t.prompt_token_ids) + len(t.response_token_ids) for t in trajs)
-    resp = max(len(t.response_token_ids) for t in trajs)
-    B = len(trajs)
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, width), dtype=torch.long)
-    pos = torch.zeros((B, resp), dtype=torch.long)
-    tgt = torch.zeros((B, resp), dtype=torch.long)
-    mask = torch.zeros((B, resp), dtype=torch.float32)
-    b = torch.zeros((B, resp), dtype=torch.float32)
-    q = torch.zeros((B, resp), dtype=torch.float32)
-    for i, t in enumerate(trajs):
-        P, T = len(t.prompt_token_ids), len(t.response_token_ids)
-        ids[i, :P] = torch.tensor(t.prompt_token_ids, dtype=torch.long)
-        ids[i, P : P + T] = torch.tensor(t.response_token_ids, dtype=torch.long)
-        attn[i, : P + T] = 1
-        pos[i, :T] = torch.arange(P - 1, P - 1 + T)
-        tgt[i, :T] = ids[i, P : P + T]
-        mask[i, :T] = 1
-        b[i, :T] = torch.tensor(t.behaviour_logprobs)  # copies: wire arrays are read-only views
-        q[i, :T] = torch.tensor(t.teacher_logprobs)
-    to = lambda x: x.to(device)  # noqa: E731
-    return Batch(to(ids), to(attn), to(pos), to(tgt), to(mask), to(b), to(q), int(mask.sum()))
-
-
-def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float) -> torch.Tensor:
-    """s_t for every response token, differentiable: (B, T)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, L, V)
-    rows = logits.gather(1, batch.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (B, T, V)
-    logp = torch.log_softmax(rows.float() / temperature, dim=-1)
-    return logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
+from learner.batching import Batch, pack_by_length, split_minibatches
+from learner.objective import Objective, finish_metrics
+from opd.config import Config, LearnerConfig
 
 
 def lr_factor(step: int, cfg: LearnerConfig) -> float:
@@ -62,37 +22,133 @@ def lr_factor(step: int, cfg: LearnerConfig) -> float:
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     if cfg.lr_schedule == "constant":
         return warm
-    progress = min(step, cfg.max_steps) / cfg.max_steps
+    total = cfg.max_steps * cfg.minibatches
+    progress = min(step, total) / total
     return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class TorchEngine:
-    def __init__(self, model: torch.nn.Module, cfg: LearnerConfig, temperature: float):
-        self.model, self.cfg, self.temperature = model, cfg, temperature
-        self.model.train()
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, cfg))
+def response_rows(model, mb: Batch) -> torch.Tensor:
+    """The logit rows that predict each response token: (B, T, V), differentiable."""
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+    return logits.gather(1, mb.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+
+class Engine:
+    """Subclasses provide the forward module, backward, the optimiser step and parameter gathering."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config):
+        self.cfg, self.lc = cfg, cfg.learner
+        self.hf_model = model
+        self.objective = Objective(cfg)
         self.skipped_steps = 0
+        self.optimizer_steps = 0
+        if self.lc.gradient_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        model.train()
+
+    # --- what engines differ in
+    def forward_module(self):
+        return self.hf_model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def apply(self, finite: bool) -> float:
+        """Finish the optimiser step (or discard the gradients when not finite); return the grad norm."""
+        raise NotImplementedError
+
+    def current_lr(self) -> float:
+        raise NotImplementedError
+
+    def gathered(self):
+        """Context in which every parameter holds its full value (ZeRO-3 shards them otherwise)."""
+        return contextlib.nullcontext()
+
+    # --- shared loop
+    def micro_batches(self, rows: Batch) -> list[Batch]:
+        groups = pack_by_length(rows.lengths.tolist(), self.lc.micro_batch_size, self.lc.micro_batch_tokens)
+        return [rows.select(g) for g in groups]
+
+    @torch.no_grad()
+    def proximal_logprobs(self, batch: Batch) -> torch.Tensor:
+        """log pi_prox: the parameters at the start of the update, recomputed without gradient."""
+        out = None
+        groups = pack_by_length(batch.lengths.tolist(), self.lc.micro_batch_size, self.lc.micro_batch_tokens)
+        for g in groups:
+            mb = batch.select(g)
+            s = self.objective.token_logprobs(response_rows(self.forward_module(), mb), mb)
+            if out is None:  # in the learner's precision (fp32 or wider), not the wire's
+                out = torch.zeros(batch.behaviour.shape, dtype=s.dtype, device=s.device)
+            out[torch.tensor(g), : s.shape[1]] = s
+        return out
 
     def step(self, batch: Batch) -> dict[str, float]:
-        s = token_logprobs(self.model, batch, self.temperature)
-        out = reverse_kl_pg(s, batch.behaviour, batch.teacher, batch.mask, self.cfg.is_cap)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        if not torch.isfinite(out.loss) or not torch.isfinite(grad_norm):
-            self.skipped_steps += 1  # a NaN/inf never reaches the optimiser
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
+        batch = self.objective.prepare(batch)
+        if self.objective.needs_proximal:
+            batch.proximal = self.proximal_logprobs(batch)
+        sums, losses, norms = [], [], []
+        for rows in split_minibatches(batch.size, self.lc.minibatches):
+            step_rows = batch.select(rows)
+            norm = self.objective.normaliser(step_rows)
+            finite, total = True, 0.0
+            for mb in self.micro_batches(step_rows):
+                loss, metric_sums = self.objective.micro_loss(
+                    response_rows(self.forward_module(), mb), mb, norm
+                )
+                if not torch.isfinite(loss):
+                    finite = False  # the rest of this step is not computed; its gradients are discarded
+                    break
+                self.backward(loss)
+                total += float(loss.detach())
+                sums.append(metric_sums)
+            grad_norm = self.apply(finite)
+            self.optimizer_steps += 1
+            if not finite or not math.isfinite(grad_norm):
+                self.skipped_steps += 1
+            losses.append(total if finite else float("nan"))
+            norms.append(grad_norm)
+        metrics = finish_metrics(sums) if sums else {}
         return {
-            "lr": self.scheduler.get_last_lr()[0],
-            "loss": float(out.loss.detach()),
-            "reverse_kl": float(out.reverse_kl),
-            "importance_weight": float(out.importance_weight),
-            "clip_fraction": float(out.clip_fraction),
-            "grad_norm": float(grad_norm),
+            **metrics,
+            "loss": sum(losses) / len(losses),
+            "grad_norm": sum(norms) / len(norms),
+            "lr": self.current_lr(),
             "skipped_steps": self.skipped_steps,
+            "micro_batches": len(sums),
         }
+
+
+class TorchEngine(Engine):
+    def __init__(self, model: torch.nn.Module, cfg: Config):
+        super().__init__(model, cfg)
+        lc = self.lc
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, lc))
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def apply(self, finite: bool) -> float:
+        grad_norm = float("nan")
+        if finite:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.hf_model.parameters(), self.lc.grad_clip))
+            if math.isfinite(grad_norm):
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm
+
+    def current_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+
+def build_engine(model: torch.nn.Module, cfg: Config) -> Engine:
+    if cfg.learner.engine == "deepspeed":
+        from learner.engine_deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg)
+    return TorchEngine(model, cfg)

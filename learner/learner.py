@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from broker import BrokerUnavailable, connect, stream_name
-from learner.engine_torch import TorchEngine, collate
+from learner.batching import collate
+from learner.engine_torch import build_engine
 from opd import tasks
 from opd.assets import ensure_assets, evaluate, load_asset
 from opd.config import Config
@@ -28,7 +29,10 @@ class Learner:
         assets = ensure_assets(cfg, log=log.info)
         self.model, self.tokenizer = load_asset(assets.student, cfg.learner.device)
         self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
-        self.engine = TorchEngine(self.model, cfg.learner, cfg.sampling.temperature)
+        # The broadcaster records names, shapes and buckets before the engine may shard the parameters (ZeRO-3).
+        ws = cfg.weight_sync
+        self.broadcaster = WeightBroadcaster(None, list(self.model.named_parameters()), ws.bucket_mb)
+        self.engine = build_engine(self.model, cfg)
         self.broker = connect(cfg.broker)
         self.broker.stopping = stop
         self.reporter = Reporter(self.broker, cfg, "learner", 0.0)
@@ -39,6 +43,7 @@ class Learner:
         self.step_no, self.version = 0, 0
         self.kl_history: list[float] = []
         self.max_policy_version = -1
+        self.lag_histogram = [0] * (cfg.learner.max_staleness + 1)
         self._connect_actors()
 
     def _connect_actors(self) -> None:
@@ -46,7 +51,6 @@ class Learner:
         world = 1 + self.cfg.actor.num_actors
         self.backend = resolve_backend(ws.backend, self.cfg.learner.device)
         self.store = make_store(ws.host, ws.port, 0, world, ws.timeout_s)
-        self.broadcaster = WeightBroadcaster(None, list(self.model.named_parameters()), ws.bucket_mb)
         self.broadcaster.publish_manifest(self.store)
         log.info("waiting for %d actor(s) to join the %s weight group", world - 1, self.backend)
         self.broadcaster.group = make_group(
@@ -55,7 +59,7 @@ class Learner:
 
     # ------------------------------------------------------------------------------------- data
     def _collect(self) -> tuple[list[Trajectory], list[str]]:
-        """Block until a full batch of valid, not-yet-trained scored trajectories (or a stop)."""
+        """Block until a full batch of valid, fresh, not-yet-trained scored trajectories (or a stop)."""
         want, batch, ids = self.cfg.learner.batch_size, [], []
         last_data = time.monotonic()
         while len(batch) < want and not self.stop():
@@ -68,28 +72,56 @@ class Learner:
                 last_data = time.monotonic()
                 ids.append(m.id)
                 try:
-                    t = decode(m.data, vocab_size=self.vocab_size, require_scored=True)
+                    t = self._admit(decode(m.data, vocab_size=self.vocab_size, require_scored=True))
                 except ProtocolError as exc:
                     self.reporter.dead_letter(self.scored, m.id, m.data, str(exc))
                     continue
-                if t.id in self.trained_ids:
-                    self.reporter.add(duplicates_skipped=1)
-                    continue
-                batch.append(t)
+                if t is not None:
+                    batch.append(t)
         return batch, ids
+
+    def _admit(self, t: Trajectory) -> Trajectory | None:
+        """None for a sample that is accounted for but not trained: a duplicate or too stale."""
+        if t.id in self.trained_ids:
+            self.reporter.add(duplicates_skipped=1)
+            return None
+        if self.lag(t) > self.cfg.learner.max_staleness:
+            self.reporter.add(dropped_stale=1)
+            return None
+        if self.engine.objective.needs_rewards and t.reward is None:
+            raise ProtocolError(
+                f"reward missing: learner.loss {self.cfg.learner.loss} needs a verifier reward"
+            )
+        if self.engine.objective.logit_loss and t.teacher_topk_ids is None:
+            raise ProtocolError(
+                f"teacher top-k missing: learner.loss {self.cfg.learner.distill_loss} needs scorer.topk > 0"
+            )
+        return t
+
+    def lag(self, t: Trajectory) -> int:
+        """Versions between the learner and the oldest weights that produced any token of t."""
+        oldest = (
+            int(t.token_versions.min())
+            if t.token_versions is not None and len(t.token_versions)
+            else t.policy_version
+        )
+        return self.version - min(oldest, t.policy_version)
 
     # ------------------------------------------------------------------------------------- loop
     def _sync_weights(self) -> dict[str, float]:
         self.version += 1
         self.broker.publish(self.control, [pack_control("weights", version=self.version)])
-        stats = self.broadcaster.broadcast(self.version)
+        with self.engine.gathered():
+            stats = self.broadcaster.broadcast(self.version)
         return {"weight_sync_seconds": stats.seconds, "weight_sync_gbps": stats.gbps}
 
     def _train_step(self, batch: list[Trajectory], wait_s: float) -> dict[str, float]:
         t0 = time.perf_counter()
         metrics = self.engine.step(collate(batch, self.tokenizer.pad_token_id, self.cfg.learner.device))
         step_s = time.perf_counter() - t0
-        lags = [self.version - t.policy_version for t in batch]
+        lags = [self.lag(t) for t in batch]
+        for lag in lags:
+            self.lag_histogram[max(lag, 0)] += 1
         tokens = sum(len(t.response_token_ids) for t in batch)
         self.max_policy_version = max(self.max_policy_version, *(t.policy_version for t in batch))
         self.trained_ids.update(t.id for t in batch)
@@ -99,6 +131,10 @@ class Learner:
             **metrics,
             "staleness_mean": sum(lags) / len(lags),
             "staleness_max": max(lags),
+            "lag_histogram": [
+                sum(max(g, 0) == i for g in lags) for i in range(self.cfg.learner.max_staleness + 1)
+            ],
+            "dropped_stale": int(self.reporter.counters.get("dropped_stale", 0)),
             "tokens": tokens,
             "step_seconds": step_s,
             "wait_seconds": wait_s,
@@ -144,7 +180,8 @@ class Learner:
         """Save the final student as a Hugging Face checkpoint, tell every component to stop, write a summary."""
         final = self.out_dir / "student"
         tmp = self.out_dir / ".student.tmp"
-        self.model.save_pretrained(tmp, safe_serialization=True)
+        with self.engine.gathered():
+            self.model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
         tmp.rename(final)
         w = min(KL_WINDOW, max(1, len(self.kl_history) // 2))
@@ -156,6 +193,12 @@ class Learner:
             "reverse_kl_first": sum(self.kl_history[:w]) / w if self.kl_history else None,
             "reverse_kl_last": sum(self.kl_history[-w:]) / w if self.kl_history else None,
             "skipped_steps": self.engine.skipped_steps,
+            "optimizer_steps": self.engine.optimizer_steps,
+            "dropped_stale": int(self.reporter.counters.get("dropped_stale", 0)),
+            "lag_histogram": self.lag_histogram,
+            "loss": self.cfg.learner.loss,
+            "correction": self.cfg.learner.correction.mode,
+            "engine": self.cfg.learner.engine,
             "dead_lettered": int(self.reporter.counters.get("dead_lettered", 0)),
             "stopped_by": self.stop.reason or "max_steps",
         }

@@ -144,15 +144,104 @@ class ScorerConfig(_Strict):
     _planned = _refuse_planned("engine", ("vllm", "remote"), "engine: hf")
 
 
+LOSSES = ("reverse_kl_pg", "opd_penalty", "topk_forward_kl", "topk_reverse_kl", "gkd_jsd", "hybrid")
+_LOGIT_LOSSES = ("topk_forward_kl", "topk_reverse_kl", "gkd_jsd")  # need the teacher's top-k and full logits
+_REWARD_LOSSES = ("opd_penalty", "hybrid")  # need a verifier reward per trajectory
+
+
+class CorrectionConfig(_Strict):
+    """How the learner reweights tokens sampled by an older policy (staleness correction); see README."""
+
+    mode: Literal["none", "tis", "ppo_clip", "decoupled", "mask"] = Field(
+        "tis",
+        description="none | tis (min(exp(s-b), C)) | ppo_clip vs behaviour | decoupled (behaviour->proximal "
+        "weight x clipped proximal->current ratio) | mask (drop tokens whose ratio leaves [1/C, C]).",
+    )
+    level: Literal["token", "sequence"] = Field(
+        "token", description="Ratio per token, or per sequence (geometric mean of its token ratios)."
+    )
+    cap: float = Field(2.0, ge=1.0, description="C of tis, decoupled and mask.")
+    clip_eps: float = Field(
+        0.2, gt=0, lt=1, description="PPO clip range 1-eps (and 1+eps unless clip_eps_high)."
+    )
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="Upper clip 1+eps_high (DAPO clip-higher); null = clip_eps."
+    )
+    dual_clip: float | None = Field(
+        None,
+        gt=1,
+        description="Dual-clip c: the loss of a negative-advantage token is at most c|A|; null = off.",
+    )
+    proximal: Literal["recompute", "none"] = Field(
+        "recompute",
+        description="decoupled needs proximal logprobs: one no-grad learner forward at the start of each update.",
+    )
+
+
+class HybridConfig(_Strict):
+    """loss: hybrid = rl_weight * RL loss (task_estimator on the verifier reward) + distill_weight * distill."""
+
+    distill: Literal["reverse_kl_pg", "topk_forward_kl", "topk_reverse_kl", "gkd_jsd"] = Field(
+        "reverse_kl_pg", description="The distillation term."
+    )
+    rl_weight: float = Field(1.0, ge=0, description="lambda_rl.")
+    distill_weight: float = Field(1.0, ge=0, description="lambda_distill.")
+
+
+class DeepSpeedConfig(_Strict):
+    """Used when learner.engine: deepspeed (one learner rank; ZeRO shards optimiser state, gradients, weights)."""
+
+    zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage 0-3.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
+
+
 class LearnerConfig(_Strict):
-    engine: Literal["torch"] = Field(
-        "torch", description="Training engine. `deepspeed` comes with the learner issue."
+    engine: Literal["torch", "deepspeed"] = Field(
+        "torch", description="Training engine: plain torch, or DeepSpeed (ZeRO; pip install deepspeed)."
     )
-    loss: Literal["reverse_kl_pg"] = Field("reverse_kl_pg", description="Distillation loss (see README).")
+    loss: Literal[LOSSES] = Field(  # type: ignore[valid-type]
+        "reverse_kl_pg", description="Distillation loss: " + " | ".join(LOSSES) + " (see README)."
+    )
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_sum"] = Field(
+        "token_mean",
+        description="Per-token losses to a scalar: token-mean, mean of sequence token-means, or sum/constant.",
+    )
+    aggregation_constant: float | None = Field(
+        None, gt=0, description="Divisor of seq_sum per sequence; null = sampling.max_new_tokens."
+    )
+    gamma: float = Field(
+        0.0, ge=0, le=1, description="Discount of future tokens' -(b-q) in the PG advantage."
+    )
+    whiten: bool = Field(False, description="Whiten PG advantages over the batch (mean 0, std 1).")
+    task_estimator: Literal["grpo", "reinforce_pp"] = Field(
+        "grpo",
+        description="Task advantage of opd_penalty/hybrid: grpo (per prompt group) or reinforce_pp (batch).",
+    )
+    opd_lambda: float = Field(1.0, ge=0, description="lambda of opd_penalty: A = A_task - lambda (b - q).")
+    jsd_beta: float = Field(0.5, ge=0, le=1, description="beta of gkd_jsd (0 = forward KL, 1 = reverse KL).")
+    hybrid: HybridConfig = Field(default_factory=HybridConfig)
+    correction: CorrectionConfig = Field(default_factory=CorrectionConfig)
+    max_staleness: int = Field(
+        4,
+        ge=0,
+        description="Drop (and count) samples more than this many weight versions old; actors pause ahead.",
+    )
     max_steps: int = Field(
-        200, ge=1, description="Optimiser steps; then the student is saved and the run stops."
+        200, ge=1, description="Learner steps (consumed batches); then the student is saved and the run stops."
     )
-    batch_size: int = Field(32, ge=1, description="Scored trajectories per optimiser step.")
+    batch_size: int = Field(32, ge=1, description="Scored trajectories consumed per update.")
+    minibatches: int = Field(
+        1,
+        ge=1,
+        description="Optimiser steps per consumed batch (the batch is split; >1 makes ppo_clip/decoupled bite).",
+    )
+    micro_batch_size: int = Field(0, ge=0, description="Most sequences per forward/backward (0 = no limit).")
+    micro_batch_tokens: int = Field(
+        0, ge=0, description="Most padded tokens per forward/backward, packed by length (0 = no limit)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
     lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="After warmup: constant, or cosine to 0 at max_steps."
@@ -163,7 +252,7 @@ class LearnerConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
-    is_cap: float = Field(2.0, ge=1.0, description="C: truncated importance weight min(exp(s-b), C).")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     eval_every: int = Field(
         20, ge=0, description="Learner steps between held-out evaluations (0 = only at the end)."
     )
@@ -172,7 +261,37 @@ class LearnerConfig(_Strict):
         600.0, gt=0, description="Give up if no scored data arrives for this long."
     )
 
-    _planned = _refuse_planned("engine", ("deepspeed",), "engine: torch")
+    @property
+    def distill_loss(self) -> str:
+        """The loss that needs the teacher: the loss itself, or the distillation term of hybrid."""
+        return self.hybrid.distill if self.loss == "hybrid" else self.loss
+
+    @model_validator(mode="after")
+    def _own_combinations(self) -> LearnerConfig:
+        c = self.correction
+        if c.mode == "decoupled" and c.proximal == "none":
+            raise ValueError(
+                "correction.mode: decoupled needs the proximal policy; set learner.correction.proximal: recompute "
+                "or pick mode tis/ppo_clip"
+            )
+        if (
+            self.distill_loss in _LOGIT_LOSSES
+            and self.loss != "hybrid"
+            and c.mode in ("ppo_clip", "decoupled")
+        ):
+            raise ValueError(
+                f"correction.mode: {c.mode} clips a policy-gradient ratio, and loss {self.loss} has none; "
+                "use learner.correction.mode: tis, mask or none"
+            )
+        if self.micro_batch_size and self.micro_batch_size > self.batch_size:
+            raise ValueError("micro_batch_size is larger than batch_size; lower it or use 0 (no limit)")
+        if self.minibatches > self.batch_size:
+            raise ValueError("minibatches is larger than batch_size; each optimiser step needs a sequence")
+        if self.engine == "deepspeed" and self.deepspeed.dtype == "bf16" and "cuda" not in self.device:
+            raise ValueError(
+                "deepspeed.dtype: bf16 needs learner.device: cuda; use dtype: fp32 (or auto) on CPU"
+            )
+        return self
 
 
 class WeightSyncConfig(_Strict):
@@ -292,9 +411,23 @@ class Config(_Strict):
                 "student and teacher must share a tokenizer: use kind: tiny for both (built-in tokenizer) "
                 "or kind: pretrained for both"
             )
+        self._loss_inputs()
         if self.weight_sync.backend == "nccl" and "cuda" not in self.learner.device:
             raise ValueError("weight_sync.backend: nccl needs learner.device: cuda; use backend: gloo on CPU")
         return self
+
+    def _loss_inputs(self) -> None:
+        """Refuse a loss whose inputs this run would never produce, instead of failing at the first batch."""
+        lc = self.learner
+        if lc.distill_loss in _LOGIT_LOSSES and self.scorer.topk == 0:
+            raise ValueError(
+                f"learner.loss {lc.distill_loss} needs the teacher's top-k logprobs; set scorer.topk (e.g. 8)"
+            )
+        if lc.loss in _REWARD_LOSSES and lc.task_estimator == "grpo" and self.sampling.n < 2:
+            raise ValueError(
+                f"learner.loss {lc.loss} with task_estimator grpo normalises rewards within a prompt's group; "
+                "set sampling.n >= 2 or learner.task_estimator: reinforce_pp"
+            )
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -52,6 +52,8 @@ class _Bucketed:
         self.named = named
         self.buckets = plan_buckets(named, int(bucket_mb * (1 << 20)))
         self.total_bytes = sum(t.numel() * t.element_size() for _, t in named)
+        # Taken now: a sharding engine (ZeRO-3) later leaves empty placeholders in the live parameters.
+        self.manifest = manifest(named)
 
     def _broadcast(self, flat: torch.Tensor) -> None:
         self.group.broadcast([flat], _opts(root=0)).wait()
@@ -70,7 +72,7 @@ class WeightBroadcaster(_Bucketed):
     """Learner side. `named` are the live parameters (read, never written)."""
 
     def publish_manifest(self, store) -> None:
-        store.set(MANIFEST_KEY, json.dumps(manifest(self.named)))
+        store.set(MANIFEST_KEY, json.dumps(self.manifest))
 
     @torch.no_grad()
     def broadcast(self, version: int) -> SyncStats:
@@ -86,7 +88,7 @@ class WeightReceiver(_Bucketed):
 
     def check_manifest(self, store) -> None:
         theirs = json.loads(store.get(MANIFEST_KEY))
-        ours = manifest(self.named)
+        ours = self.manifest
         if theirs != ours:
             diff = next(((a, b) for a, b in zip(theirs, ours, strict=False) if a != b), None)
             raise RuntimeError(

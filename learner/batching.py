@@ -1,0 +1,129 @@
+"""Scored trajectories to padded tensors, and token-budget micro-batches packed by length.
+
+Micro-batches are cut to their own longest sequence, so peak memory follows the budget rather than the longest
+response that happened to land in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from opd.protocol import Trajectory
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L) prompt + response, right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    positions: torch.Tensor  # (B, T) index of the logit row that predicts each response token
+    targets: torch.Tensor  # (B, T) response token ids
+    mask: torch.Tensor  # (B, T) 1 on real response tokens
+    behaviour: torch.Tensor  # (B, T) b_t
+    teacher: torch.Tensor  # (B, T) q_t
+    lengths: torch.Tensor  # (B,) prompt + response tokens
+    groups: torch.Tensor  # (B,) integer id of the prompt group (GRPO)
+    rewards: torch.Tensor | None = None  # (B,) verifier reward
+    topk_ids: torch.Tensor | None = None  # (B, T, k)
+    topk_logprobs: torch.Tensor | None = None  # (B, T, k)
+    # Filled by the learner before the update, over the whole consumed batch (see learner/objective.py):
+    advantages: torch.Tensor | None = None  # (B, T) distillation PG advantage
+    task_advantages: torch.Tensor | None = None  # (B,) GRPO / REINFORCE++ advantage of the reward
+    proximal: torch.Tensor | None = None  # (B, T) logprobs of the parameters at the start of the update
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    def select(self, rows: list[int]) -> Batch:
+        """The given rows, trimmed to their own longest sequence and response."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        width = int(self.lengths[idx].max())
+        resp = max(1, int(self.mask[idx].sum(-1).max()))
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                out[f.name] = None
+                continue
+            v = v.index_select(0, idx)
+            if f.name in ("input_ids", "attention_mask"):
+                v = v[:, :width]
+            elif v.dim() >= 2:  # (B, T[, k]) response-aligned
+                v = v[:, :resp]
+            out[f.name] = v
+        return replace(self, **out)
+
+    def to(self, device: str | torch.device) -> Batch:
+        return replace(self, **{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
+
+
+def _to(v, device):
+    return None if v is None else v.to(device)
+
+
+def _fill(dst: torch.Tensor, row: int, values, dtype) -> None:
+    n = len(values)
+    if n:
+        dst[row, :n] = torch.as_tensor(values.copy(), dtype=dtype)  # copy: wire arrays are read-only views
+
+
+def collate(trajs: list[Trajectory], pad_id: int, device: str = "cpu") -> Batch:
+    B = len(trajs)
+    width = max(len(t.prompt_token_ids) + len(t.response_token_ids) for t in trajs)
+    resp = max(1, max(len(t.response_token_ids) for t in trajs))
+    topk = trajs[0].teacher_topk_ids.shape[1] if trajs[0].teacher_topk_ids is not None else 0
+    have_topk = topk > 0 and all(t.teacher_topk_ids is not None for t in trajs)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, width), dtype=torch.long)
+    pos, tgt = torch.zeros((B, resp), dtype=torch.long), torch.zeros((B, resp), dtype=torch.long)
+    mask, b, q = (torch.zeros((B, resp)) for _ in range(3))
+    tk_ids = torch.zeros((B, resp, topk), dtype=torch.long) if have_topk else None
+    tk_lp = torch.zeros((B, resp, topk)) if have_topk else None
+    group_index: dict[str, int] = {}
+    groups = torch.tensor([group_index.setdefault(t.group_id, len(group_index)) for t in trajs])
+    for i, t in enumerate(trajs):
+        P, T = len(t.prompt_token_ids), len(t.response_token_ids)
+        _fill(ids, i, t.prompt_token_ids, torch.long)
+        ids[i, P : P + T] = torch.as_tensor(t.response_token_ids.copy(), dtype=torch.long)
+        attn[i, : P + T] = 1
+        pos[i, :T] = torch.arange(P - 1, P - 1 + T)
+        tgt[i, :T] = ids[i, P : P + T]
+        mask[i, :T] = 1
+        _fill(b, i, t.behaviour_logprobs, torch.float32)
+        _fill(q, i, t.teacher_logprobs, torch.float32)
+        if have_topk:
+            _fill(tk_ids, i, t.teacher_topk_ids, torch.long)
+            _fill(tk_lp, i, t.teacher_topk_logprobs, torch.float32)
+    lengths = attn.sum(-1)
+    rewards = (
+        torch.tensor([float(t.reward) for t in trajs]) if all(t.reward is not None for t in trajs) else None
+    )
+    return Batch(ids, attn, pos, tgt, mask, b, q, lengths, groups, rewards, tk_ids, tk_lp).to(device)
+
+
+def pack_by_length(lengths: list[int], max_rows: int = 0, max_tokens: int = 0) -> list[list[int]]:
+    """Row indices per micro-batch: sorted by length, greedily filled while rows x longest <= max_tokens and
+    rows <= max_rows (0 = no limit). A single sequence longer than the budget gets a micro-batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out:
+            cur = out[-1]
+            rows, longest = len(cur) + 1, max(lengths[i], lengths[cur[-1]])
+            if (not max_rows or rows <= max_rows) and (not max_tokens or rows * longest <= max_tokens):
+                cur.append(i)
+                continue
+        out.append([i])
+    return out
+
+
+def split_minibatches(size: int, count: int) -> list[list[int]]:
+    """`count` contiguous, nearly equal row ranges: one optimiser step each."""
+    edges = [round(j * size / count) for j in range(count + 1)]
+    return [list(range(edges[j], edges[j + 1])) for j in range(count) if edges[j + 1] > edges[j]]

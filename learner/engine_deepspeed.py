@@ -1,0 +1,115 @@
+"""DeepSpeed engine: ZeRO 0-3 for the same update loop, on GPU (NCCL, bf16) or CPU (gloo, fp32).
+
+The learner is one DeepSpeed rank. Gradient accumulation is caller-owned (`managed_gradient_accumulation:
+false`): the number of micro-batches per step varies with the token budget, so DeepSpeed must not count them.
+The default process group is created in-process from a HashStore, so no port or launcher is needed; the weight
+broadcast group to the actors stays separate (weight_sync/).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from learner.engine_torch import Engine, lr_factor
+from opd.config import Config
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise RuntimeError(
+            f"learner.engine: deepspeed needs the deepspeed package ({exc}); pip install deepspeed, "
+            "or set learner.engine: torch"
+        ) from None
+    return deepspeed
+
+
+def _ensure_default_group(device: str) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "nccl" if "cuda" in device else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def ds_config(cfg: Config) -> dict:
+    lc = cfg.learner
+    bf16 = lc.deepspeed.dtype == "bf16" or (lc.deepspeed.dtype == "auto" and "cuda" in lc.device)
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # nominal: micro-batches are packed by tokens, see module doc
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": lc.grad_clip,
+        "zero_optimization": {"stage": lc.deepspeed.zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, model: torch.nn.Module, cfg: Config):
+        super().__init__(model, cfg)
+        deepspeed = _import_deepspeed()
+        self._zero = deepspeed.zero
+        _ensure_default_group(self.lc.device)
+        lc = self.lc
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, lc))
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg)
+        )
+        self.stage = lc.deepspeed.zero_stage
+
+    def forward_module(self):
+        return self.ds
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    def apply(self, finite: bool) -> float:
+        if not finite:
+            self._discard_gradients()
+            self.scheduler.step()  # the schedule counts optimiser steps, taken or skipped, like the torch engine
+            return float("nan")
+        if self.stage == 0:  # gradients live on the parameters: check them before DeepSpeed steps
+            grads = [p.grad for p in self.hf_model.parameters() if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            if not math.isfinite(norm):
+                self._discard_gradients()
+                self.scheduler.step()
+                return norm
+        self.ds.step()
+        if self.stage:
+            norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _discard_gradients(self) -> None:
+        """Drop what the skipped step accumulated, wherever this ZeRO stage keeps it."""
+        self.ds.zero_grad()
+        opt = self.ds.optimizer
+        if hasattr(opt, "zero_grad"):
+            opt.zero_grad(set_to_none=True)
+        if getattr(opt, "averaged_gradients", None) is not None:
+            for key in list(opt.averaged_gradients):
+                opt.averaged_gradients[key] = None
+        if hasattr(self.ds, "_unmanaged_backward_count"):
+            self.ds._unmanaged_backward_count = 0
+
+    def current_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def gathered(self):
+        params = list(self.hf_model.parameters())
+        return self._zero.GatheredParameters(params, modifier_rank=None, enabled=self.stage == 3)
