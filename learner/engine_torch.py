@@ -43,7 +43,9 @@ class Engine:
         self.skipped_steps = 0
         self.optimizer_steps = 0
         if self.lc.gradient_checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable = (
+                getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            )
             enable()
         model.train()
 

@@ -74,7 +74,10 @@ def floor_logprobs(x: torch.Tensor) -> torch.Tensor:
 
 
 def discounted_sum(x: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """A_t = sum_{t' >= t} gamma^(t'-t) x_t' over the sequence's own tokens; gamma = 0 returns x (masked)."""
+    """A_t = sum_{t' >= t} gamma^(t'-t) x_t' over the sequence's own tokens; gamma = 0 returns x (masked).
+
+    Response masks here are a contiguous prefix; a masked position inside one (e.g. tool output in a multi-turn
+    reply, not produced by this system yet) ends the sum there rather than being skipped over."""
     x = torch.where(mask > 0, x, torch.zeros_like(x))
     if gamma == 0.0:
         return x

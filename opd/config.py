@@ -227,7 +227,9 @@ class LearnerConfig(_Strict):
         description="Drop (and count) samples more than this many weight versions old; actors pause ahead.",
     )
     max_steps: int = Field(
-        200, ge=1, description="Learner steps (consumed batches); then the student is saved and the run stops."
+        200,
+        ge=1,
+        description="Learner steps (consumed batches); then the student is saved and the run stops.",
     )
     batch_size: int = Field(32, ge=1, description="Scored trajectories consumed per update.")
     minibatches: int = Field(
