@@ -68,16 +68,21 @@ class Learner:
                 raise RuntimeError(
                     f"no scored trajectories for {self.cfg.learner.batch_timeout_s:.0f}s (learner.batch_timeout_s)"
                 )
+            settled = []  # dead-lettered, duplicate or too stale: accounted for, so acknowledged now
             for m in msgs:
                 last_data = time.monotonic()
-                ids.append(m.id)
                 try:
                     t = self._admit(decode(m.data, vocab_size=self.vocab_size, require_scored=True))
                 except ProtocolError as exc:
                     self.reporter.dead_letter(self.scored, m.id, m.data, str(exc))
-                    continue
-                if t is not None:
+                    t = None
+                if t is None:
+                    settled.append(m.id)
+                else:
                     batch.append(t)
+                    ids.append(m.id)
+            if settled:  # left pending, they would count as in flight and keep paused actors waiting forever
+                self.broker.ack(self.scored, "learner", settled)
         return batch, ids
 
     def _admit(self, t: Trajectory) -> Trajectory | None:

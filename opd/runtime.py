@@ -89,8 +89,7 @@ class Reporter:
                         "metrics",
                         component=self.component,
                         uptime=now - self.started,
-                        **self.counters,
-                        **extra,
+                        **{**self.counters, **extra},  # a field may repeat a counter's total
                     )
                 ],
             )
