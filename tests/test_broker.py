@@ -1,13 +1,28 @@
+"""Broker semantics, the same for the embedded ZeroMQ broker and Redis Streams (each against a real server)."""
+
 import threading
 
 import pytest
 
 from broker import publish_with_backpressure
+from broker.redis_broker import RedisBroker
 from broker.zmq_broker import ZmqBroker
 
 
-def test_publish_consume_ack_depth(zmq_broker):
-    b = ZmqBroker(zmq_broker, 5.0)
+@pytest.fixture(params=["zmq", "redis"])
+def make(request):
+    """A factory of clients to a fresh broker with max_depth 32 and log streams capped at 64 entries."""
+    if request.param == "zmq":
+        address = request.getfixturevalue("zmq_broker")
+        return lambda timeout=5.0, **kw: ZmqBroker(address, timeout, **kw)
+    server = request.getfixturevalue("redis_server")
+    return lambda timeout=5.0, **kw: RedisBroker(
+        server.url, max_depth=32, log_maxlen=64, request_timeout_s=timeout, **kw
+    )
+
+
+def test_publish_consume_ack_depth(make):
+    b = make()
     ids = b.publish("r:rollouts", [b"a", b"b", b"c"])
     assert len(ids) == 3 and b.depth("r:rollouts") == 3
     got = b.consume("r:rollouts", "g", "c0", 2, 0.1)
@@ -19,8 +34,8 @@ def test_publish_consume_ack_depth(zmq_broker):
     assert b.consume("r:rollouts", "g", "c1", 10, 0.1) == []
 
 
-def test_work_stream_backpressure_and_log_stream_trimming(zmq_broker):
-    b = ZmqBroker(zmq_broker, 5.0)  # fixture: max_depth=32, log_maxlen=64
+def test_work_stream_backpressure_and_log_stream_trimming(make):
+    b = make()
     assert b.publish("r:scored", [b"x"] * 32) is not None
     assert b.publish("r:scored", [b"y"]) is None  # full: the producer must wait
     msgs = b.consume("r:scored", "learner", "l", 8, 0.1)
@@ -31,32 +46,32 @@ def test_work_stream_backpressure_and_log_stream_trimming(zmq_broker):
     assert b.depth("r:control") == 64
 
 
-def test_each_group_sees_every_entry(zmq_broker):
-    b = ZmqBroker(zmq_broker, 5.0)
+def test_each_group_sees_every_entry(make):
+    b = make()
     b.publish("r:control", [b"v1", b"v2"])
     for group in ("actor-0", "actor-1"):
         assert [m.data for m in b.consume("r:control", group, group, 10, 0.1)] == [b"v1", b"v2"]
 
 
-def test_long_poll_returns_when_data_arrives(zmq_broker):
-    consumer = ZmqBroker(zmq_broker, 5.0)
+def test_long_poll_returns_when_data_arrives(make):
+    consumer = make()
     result = []
     t = threading.Thread(target=lambda: result.extend(consumer.consume("r:rollouts", "g", "c", 5, 5.0)))
     t.start()
-    ZmqBroker(zmq_broker, 5.0).publish("r:rollouts", [b"late"])
+    make().publish("r:rollouts", [b"late"])
     t.join(5)
     assert [m.data for m in result] == [b"late"]
 
 
-def _producer(address, n, tag, stream):
-    b = ZmqBroker(address, 10.0)
+def _producer(make, n, tag, stream):
+    b = make(10.0)
     for i in range(n):
         publish_with_backpressure(b, stream, [f"{tag}-{i}".encode()])
     b.close()
 
 
-def _consumer(address, stream, name, out, total, lock):
-    b = ZmqBroker(address, 10.0)
+def _consumer(make, stream, name, out, total, lock):
+    b = make(10.0)
     while True:
         with lock:
             if len(out) >= total:
@@ -69,16 +84,16 @@ def _consumer(address, stream, name, out, total, lock):
 
 
 @pytest.mark.parametrize(("producers", "consumers"), [(1, 1), (3, 2), (4, 4)])
-def test_conservation_n_producers_m_consumers(zmq_broker, producers, consumers):
+def test_conservation_n_producers_m_consumers(make, producers, consumers):
     """Every message consumed exactly once, none lost, through a bounded (depth 32) stream."""
     per = 150
     stream = f"cons{producers}{consumers}:rollouts"
     out, lock = [], threading.Lock()
     threads = [
-        threading.Thread(target=_producer, args=(zmq_broker, per, f"p{i}", stream)) for i in range(producers)
+        threading.Thread(target=_producer, args=(make, per, f"p{i}", stream)) for i in range(producers)
     ]
     threads += [
-        threading.Thread(target=_consumer, args=(zmq_broker, stream, f"c{j}", out, producers * per, lock))
+        threading.Thread(target=_consumer, args=(make, stream, f"c{j}", out, producers * per, lock))
         for j in range(consumers)
     ]
     for t in threads:
@@ -87,10 +102,10 @@ def test_conservation_n_producers_m_consumers(zmq_broker, producers, consumers):
         t.join(60)
     expected = {f"p{i}-{k}".encode() for i in range(producers) for k in range(per)}
     assert len(out) == len(expected) and set(out) == expected
-    assert ZmqBroker(zmq_broker, 5.0).depth(stream) == 0
+    assert make().depth(stream) == 0
 
 
-def test_oversized_message_refused_by_client(zmq_broker):
-    b = ZmqBroker(zmq_broker, 5.0, max_message_bytes=1000)
+def test_oversized_message_refused_by_client(make):
+    b = make(max_message_bytes=1000)
     with pytest.raises(ValueError, match="max_message_mb"):
         b.publish("r:rollouts", [b"x" * 2000])

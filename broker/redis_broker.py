@@ -1,0 +1,214 @@
+"""Durable broker on Redis Streams: what survives a dead worker, and how the work it held comes back.
+
+Delivery is at-least-once: a consumer acknowledges an entry only after its output is published downstream, so a
+worker killed mid-batch leaves its entries pending in the group. Any live consumer of the same group reclaims
+entries idle for `claim_idle_s` (XAUTOCLAIM) before reading new ones; an entry delivered more than
+`max_deliveries` times is moved to the run's dead_letter stream with its reason instead of poisoning the group
+forever. The learner deduplicates by trajectory id, which turns at-least-once into trained exactly once.
+
+Work streams (rollouts, scored) have one consumer group each, so an acknowledged entry is deleted at once
+(XACK + XDEL in one transaction): what remains is exactly what is not done yet, which is also what the
+producers' backpressure counts. Log streams (control, metrics, dead_letter) fan out to a group per reader and
+are capped at `log_maxlen` entries instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import redis
+from redis import exceptions as rx
+
+from broker.base import WORK_STREAMS, BrokerUnavailable, Message
+from opd.protocol import pack_control
+
+STOPPING_TIMEOUT_S = 3.0
+
+
+class BrokerAuthError(PermissionError):
+    """Redis refused the user/password of broker.url."""
+
+
+def _is_work(stream: str) -> bool:
+    return stream.rsplit(":", 1)[-1] in WORK_STREAMS
+
+
+def _dead_letter_stream(stream: str) -> str:
+    return stream.rsplit(":", 1)[0] + ":dead_letter"
+
+
+def _sid(raw) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+class RedisBroker:
+    """Broker interface (broker/base.py) over redis-py; `url` may be redis://, rediss:// (TLS), with user:password."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_depth: int = 256,
+        log_maxlen: int = 10000,
+        claim_idle_s: float = 30.0,
+        max_deliveries: int = 3,
+        request_timeout_s: float = 30.0,
+        max_message_bytes: int = 64 << 20,
+    ):
+        self.url, self.max_depth, self.log_maxlen = url, max_depth, log_maxlen
+        self.claim_idle_ms = int(claim_idle_s * 1000)
+        self.max_deliveries, self.max_message_bytes = max_deliveries, max_message_bytes
+        self.timeout_s = request_timeout_s
+        self.stopping: Callable[[], bool] = lambda: False
+        self.redis = redis.Redis.from_url(
+            url, socket_timeout=request_timeout_s, socket_connect_timeout=request_timeout_s
+        )
+        self._groups: set[tuple[str, str]] = set()
+        self.redelivered = 0  # entries this client took over from a dead or stuck consumer
+
+    # ------------------------------------------------------------------------------ plumbing
+    def _call(self, fn, *args, **kwargs):
+        """Run one Redis call, retrying a lost connection (Redis restarting) until request_timeout_s, or for a
+        few seconds once the component is stopping; then BrokerUnavailable."""
+        start = time.monotonic()
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except (
+                rx.AuthenticationError,
+                rx.AuthorizationError,
+                rx.NoPermissionError,
+            ) as exc:  # retrying will not help
+                raise BrokerAuthError(
+                    f"redis at {self._where()} refused the credentials in broker.url ({exc}); "
+                    "fix the user:password part of broker.url"
+                ) from None
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                limit = STOPPING_TIMEOUT_S if self.stopping() else self.timeout_s
+                if time.monotonic() - start > limit:
+                    raise BrokerUnavailable(f"redis at {self._where()} is unavailable: {exc}") from None
+                time.sleep(0.2)
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(
+                    exc
+                ):  # the stream is gone (Redis restarted without its data): re-make groups
+                    self._groups.clear()
+                raise
+
+    def _where(self) -> str:
+        kw = self.redis.connection_pool.connection_kwargs
+        return f"{kw.get('host', '?')}:{kw.get('port', '?')}"
+
+    def ping(self) -> None:
+        self._call(self.redis.ping)
+
+    def _ensure_group(self, stream: str, group: str) -> None:
+        if (stream, group) in self._groups:
+            return
+        try:
+            # id 0: a group created after the first entries still sees them (a scorer may start late)
+            self._call(self.redis.xgroup_create, stream, group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add((stream, group))
+
+    # ------------------------------------------------------------------------------ interface
+    def publish(self, stream: str, payloads: list[bytes]) -> list[str] | None:
+        too_big = [len(p) for p in payloads if len(p) > self.max_message_bytes]
+        if too_big:
+            raise ValueError(
+                f"message of {too_big[0]} bytes exceeds broker.max_message_mb ({self.max_message_bytes} bytes)"
+            )
+        work = _is_work(stream)
+        if work and self._call(self.redis.xlen, stream) >= self.max_depth:
+            return None  # backpressure: the producer waits and retries
+        pipe = self.redis.pipeline(transaction=False)
+        for data in payloads:
+            if work:
+                pipe.xadd(stream, {"d": data})
+            else:
+                pipe.xadd(stream, {"d": data}, maxlen=self.log_maxlen, approximate=False)
+        return [_sid(i) for i in self._call(pipe.execute)]
+
+    def consume(self, stream: str, group: str, consumer: str, count: int, timeout_s: float) -> list[Message]:
+        try:
+            return self._consume(stream, group, consumer, count, timeout_s)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return self._consume(stream, group, consumer, count, timeout_s)  # group re-made by _ensure_group
+
+    def _consume(self, stream: str, group: str, consumer: str, count: int, timeout_s: float) -> list[Message]:
+        self._ensure_group(stream, group)
+        if _is_work(stream):
+            claimed = self._reclaim(stream, group, consumer, count)
+            if claimed:
+                return claimed
+        block = int(timeout_s * 1000) if timeout_s > 0 else None
+        reply = self._call(self.redis.xreadgroup, group, consumer, {stream: ">"}, count=count, block=block)
+        out = []
+        for _name, entries in reply or []:
+            for eid, fields in entries:
+                out.append(Message(_sid(eid), fields[b"d"]))
+        return out
+
+    def _reclaim(self, stream: str, group: str, consumer: str, count: int) -> list[Message]:
+        """Take over entries another consumer left pending for claim_idle_s; dead-letter the ones that keep failing."""
+        reply = self._call(
+            self.redis.xautoclaim, stream, group, consumer, self.claim_idle_ms, start_id="0-0", count=count
+        )
+        entries = [(eid, f) for eid, f in reply[1] if f]
+        if not entries:
+            return []
+        pending = self._call(
+            self.redis.xpending_range,
+            stream,
+            group,
+            min=_sid(entries[0][0]),
+            max=_sid(entries[-1][0]),
+            count=len(entries) * 4,
+            consumername=consumer,
+        )
+        deliveries = {_sid(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        out, poisoned = [], []
+        for eid, fields in entries:
+            sid = _sid(eid)
+            if deliveries.get(sid, 1) > self.max_deliveries:
+                poisoned.append((sid, fields[b"d"], deliveries[sid]))
+            else:
+                out.append(Message(sid, fields[b"d"]))
+        for sid, data, n in poisoned:
+            self._dead_letter(stream, group, sid, data, n)
+        self.redelivered += len(out)
+        return out
+
+    def _dead_letter(self, stream: str, group: str, sid: str, data: bytes, deliveries: int) -> None:
+        record = pack_control(
+            "dead_letter",
+            source=f"broker/{group}",
+            stream=stream,
+            message_id=sid,
+            reason=f"failed processing {deliveries - 1} times (broker.max_deliveries={self.max_deliveries})",
+            size=len(data),
+            head=data[:256],
+            data=data,
+        )
+        self.publish(_dead_letter_stream(stream), [record])
+        self.ack(stream, group, [sid])
+
+    def ack(self, stream: str, group: str, ids: list[str]) -> None:
+        if not ids:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xack(stream, group, *ids)
+        if _is_work(stream):
+            pipe.xdel(stream, *ids)  # one group per work stream: done means gone
+        self._call(pipe.execute)
+
+    def depth(self, stream: str) -> int:
+        return int(self._call(self.redis.xlen, stream))
+
+    def close(self) -> None:
+        self.redis.close()

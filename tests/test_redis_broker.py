@@ -1,0 +1,91 @@
+"""What only the durable broker promises: reclaiming a dead consumer's work, dead-lettering poison, auth, AOF."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from broker import BrokerUnavailable
+from broker.redis_broker import BrokerAuthError, RedisBroker
+from opd.protocol import unpack_control
+from tests.conftest import RedisServer
+
+
+def test_a_dead_consumers_pending_entries_are_reclaimed(redis_server):
+    dead = RedisBroker(redis_server.url, claim_idle_s=0.3)
+    live = RedisBroker(redis_server.url, claim_idle_s=0.3)
+    dead.publish("r:rollouts", [b"a", b"b", b"c", b"d"])
+    taken = dead.consume("r:rollouts", "scorers", "scorer-0", 3, 0.1)  # then scorer-0 dies without acking
+    assert [m.data for m in taken] == [b"a", b"b", b"c"]
+    fresh = live.consume("r:rollouts", "scorers", "scorer-1", 10, 0.1)
+    assert [m.data for m in fresh] == [b"d"]
+    live.ack("r:rollouts", "scorers", [m.id for m in fresh])
+    assert live.consume("r:rollouts", "scorers", "scorer-1", 10, 0.1) == []  # not idle long enough yet
+    time.sleep(0.4)
+    again = live.consume("r:rollouts", "scorers", "scorer-1", 10, 0.1)
+    assert sorted(m.data for m in again) == [b"a", b"b", b"c"] and live.redelivered == 3
+    live.ack("r:rollouts", "scorers", [m.id for m in again])
+    assert live.depth("r:rollouts") == 0  # acknowledged entries are deleted
+
+
+def test_an_entry_that_keeps_failing_is_dead_lettered_with_its_reason(redis_server):
+    b = RedisBroker(redis_server.url, claim_idle_s=0.05, max_deliveries=2)
+    b.publish("r:rollouts", [b"poison", b"fine"])
+    seen = []
+    for _ in range(40):
+        for m in b.consume("r:rollouts", "scorers", "s", 10, 0.05):
+            seen.append(m.data)
+            if m.data == b"fine":
+                b.ack("r:rollouts", "scorers", [m.id])
+        time.sleep(0.06)
+        if b.depth("r:rollouts") == 0:
+            break
+    assert (
+        seen.count(b"poison") == 2 and seen.count(b"fine") == 1
+    )  # delivered max_deliveries times, then moved
+    assert b.depth("r:rollouts") == 0
+    [record] = b.consume("r:dead_letter", "inspect", "i", 10, 0.1)
+    rec = unpack_control(record.data)
+    assert rec["kind"] == "dead_letter" and "failed processing 2 times" in rec["reason"]
+    assert rec["stream"] == "r:rollouts" and rec["data"] == b"poison"
+
+
+def test_password_in_the_url_and_a_clear_error_without_it(tmp_path):
+    server = RedisServer(tmp_path, password="s3cret")
+    try:
+        ok = RedisBroker(server.url)
+        assert ok.publish("r:control", [b"x"]) is not None
+        wrong = RedisBroker(f"redis://:nope@127.0.0.1:{server.port}/0")
+        with pytest.raises(BrokerAuthError, match="user:password part of broker.url"):
+            wrong.publish("r:control", [b"x"])
+    finally:
+        server.stop()
+
+
+def test_unreachable_redis_is_reported_with_its_address(redis_server):
+    port = redis_server.port
+    redis_server.stop()
+    b = RedisBroker(f"redis://127.0.0.1:{port}/0", request_timeout_s=0.5)
+    with pytest.raises(BrokerUnavailable, match=f"127.0.0.1:{port}"):
+        b.publish("r:rollouts", [b"x"])
+
+
+def test_aof_everysec_keeps_acknowledged_state_across_a_restart(tmp_path):
+    """Kill -9 Redis more than a second after the writes: entries, groups and pending state all come back."""
+    server = RedisServer(tmp_path, appendonly=True)
+    try:
+        b = RedisBroker(server.url, claim_idle_s=0.0)
+        b.publish("r:rollouts", [b"a", b"b", b"c"])
+        got = b.consume("r:rollouts", "scorers", "s0", 2, 0.1)
+        b.ack("r:rollouts", "scorers", [got[0].id])
+        time.sleep(1.5)  # appendfsync everysec: what was written more than ~1 s ago is on disk
+        server.kill()
+        server.start()
+        b2 = RedisBroker(server.url, claim_idle_s=1.0)
+        assert b2.depth("r:rollouts") == 2  # "a" was acknowledged and deleted; "b" pending, "c" new
+        back = b2.consume("r:rollouts", "scorers", "s1", 10, 0.1)  # "b" reclaimed from s0
+        assert [m.data for m in back] == [b"b"]
+        assert [m.data for m in b2.consume("r:rollouts", "scorers", "s1", 10, 0.1)] == [b"c"]
+    finally:
+        server.stop()
