@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,8 +35,9 @@ class WeightFollower:
         self.receiver.check_manifest(self.store)
         self.version = 0
 
-    def apply(self, version: int) -> float:
-        if version != self.version + 1:
+    def apply(self, version: int, initial: bool = False) -> float:
+        """`initial`: the learner re-sends its current weights (after a resume); take them whatever we hold."""
+        if not initial and version != self.version + 1:
             raise RuntimeError(
                 f"weight version {version} announced while at {self.version}: a broadcast was missed"
             )
@@ -57,10 +59,13 @@ class Actor:
         self.rollouts = stream_name(cfg.run.run_id, "rollouts")
         self.scored = stream_name(cfg.run.run_id, "scored")
         self.control = stream_name(cfg.run.run_id, "control")
+        self.broker.skip_to_end(self.control, self.name)  # before joining: the learner speaks once all joined
         self.follower = WeightFollower(cfg, index, self.model)
         self.problems = tasks.training_stream(cfg.task, seed=cfg.run.seed * 1000 + index)
         self.generator = torch.Generator(device=cfg.actor.device).manual_seed(cfg.run.seed * 1000 + index)
         self.batches = itertools.count()
+        self.ledger = Path(cfg.run.output_dir or ".") / "ledger" / f"{self.name}.generated"
+        self.ledger.parent.mkdir(parents=True, exist_ok=True)
 
     def service_control(self) -> None:
         """Apply pending weight versions (each is a collective the learner waits on) and honour stop."""
@@ -71,7 +76,10 @@ class Actor:
                 self.reporter.dead_letter(self.control, msg.id, msg.data, str(exc))
                 continue
             if record["kind"] == "weights":
-                seconds = self.follower.apply(int(record["version"]))
+                initial = bool(record.get("initial", False))
+                seconds = self.follower.apply(int(record["version"]), initial)
+                if initial:
+                    log.info("took the resumed learner's weights, version %d", self.follower.version)
                 self.reporter.add(weight_syncs=1, weight_sync_seconds=seconds)
             elif record["kind"] == "stop":
                 self.stop.set("stop message from the learner")
@@ -115,6 +123,12 @@ class Actor:
             )
         return out
 
+    def _record(self, trajs: list[Trajectory]) -> None:
+        """`id<TAB>unix time` of what this actor published: the `generated` side of the run's accounting."""
+        now = time.time()
+        with open(self.ledger, "a") as fh:
+            fh.write("".join(f"{t.id}\t{now:.3f}\n" for t in trajs))
+
     def versions_ahead(self) -> float:
         """How many weight versions old a batch generated now would be when the learner reaches it: the
         trajectories still in flight (rollouts + scored, unacknowledged) over what one version consumes."""
@@ -152,6 +166,7 @@ class Actor:
                 is None
             ):
                 break
+            self._record(trajs)
             self.reporter.add(
                 trajectories_generated=len(trajs),
                 tokens_generated=sum(len(t.response_token_ids) for t in trajs),

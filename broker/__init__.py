@@ -11,6 +11,18 @@ def connect(cfg) -> Broker:
         return ZmqBroker(
             f"tcp://{cfg.host}:{cfg.port}", cfg.request_timeout_s, int(cfg.max_message_mb * (1 << 20))
         )
+    if cfg.type == "redis":
+        from broker.redis_broker import RedisBroker
+
+        return RedisBroker(
+            cfg.url,
+            max_depth=cfg.max_depth,
+            log_maxlen=cfg.control_maxlen,
+            claim_idle_s=cfg.claim_idle_s,
+            max_deliveries=cfg.max_deliveries,
+            request_timeout_s=cfg.request_timeout_s,
+            max_message_bytes=int(cfg.max_message_mb * (1 << 20)),
+        )
     raise NotImplementedError(f"broker.type {cfg.type!r}")
 
 

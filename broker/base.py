@@ -40,6 +40,10 @@ class Broker(Protocol):
     def depth(self, stream: str) -> int:
         """Entries held (not yet acknowledged by every group)."""
 
+    def skip_to_end(self, stream: str, group: str) -> None:
+        """Start `group` after the newest entry: a restarted reader of `control` must not act on what an
+        earlier incarnation of the run announced (old weight versions, an old stop)."""
+
     def close(self) -> None: ...
 
 

@@ -65,7 +65,9 @@ class RedisBroker:
             url, socket_timeout=request_timeout_s, socket_connect_timeout=request_timeout_s
         )
         self._groups: set[tuple[str, str]] = set()
+        self._own_pending_cursor: dict[tuple[str, str, str], str] = {}
         self.redelivered = 0  # entries this client took over from a dead or stuck consumer
+        self.redelivers = True  # unacknowledged work comes back (consumers may leave a failure pending)
 
     # ------------------------------------------------------------------------------ plumbing
     def _call(self, fn, *args, **kwargs):
@@ -143,15 +145,29 @@ class RedisBroker:
     def _consume(self, stream: str, group: str, consumer: str, count: int, timeout_s: float) -> list[Message]:
         self._ensure_group(stream, group)
         if _is_work(stream):
+            key = (stream, group, consumer)
+            cursor = self._own_pending_cursor.setdefault(key, "0")
+            if cursor != "done":
+                # A restarted process under the same consumer name first takes back what it held when it died.
+                mine = self._read(stream, group, consumer, count, cursor, None)
+                self._own_pending_cursor[key] = mine[-1].id if len(mine) == count else "done"
+                if mine:
+                    self.redelivered += len(mine)
+                    return mine
             claimed = self._reclaim(stream, group, consumer, count)
             if claimed:
                 return claimed
-        block = int(timeout_s * 1000) if timeout_s > 0 else None
-        reply = self._call(self.redis.xreadgroup, group, consumer, {stream: ">"}, count=count, block=block)
+        return self._read(
+            stream, group, consumer, count, ">", int(timeout_s * 1000) if timeout_s > 0 else None
+        )
+
+    def _read(self, stream, group, consumer, count, start: str, block: int | None) -> list[Message]:
+        reply = self._call(self.redis.xreadgroup, group, consumer, {stream: start}, count=count, block=block)
         out = []
         for _name, entries in reply or []:
             for eid, fields in entries:
-                out.append(Message(_sid(eid), fields[b"d"]))
+                if fields:  # an entry deleted while pending reads back empty
+                    out.append(Message(_sid(eid), fields[b"d"]))
         return out
 
     def _reclaim(self, stream: str, group: str, consumer: str, count: int) -> list[Message]:
@@ -206,6 +222,18 @@ class RedisBroker:
         if _is_work(stream):
             pipe.xdel(stream, *ids)  # one group per work stream: done means gone
         self._call(pipe.execute)
+
+    def skip_to_end(self, stream: str, group: str) -> None:
+        self._ensure_group(stream, group)
+        self._call(self.redis.xgroup_setid, stream, group, id="$")
+
+    def entries(self, stream: str, count: int = 10000) -> list[tuple[str, bytes]]:
+        """Read without consuming (no group involved): for inspection tools."""
+        return [(_sid(i), f[b"d"]) for i, f in self._call(self.redis.xrange, stream, count=count) if f]
+
+    def delete(self, stream: str, ids: list[str]) -> None:
+        if ids:
+            self._call(self.redis.xdel, stream, *ids)
 
     def depth(self, stream: str) -> int:
         return int(self._call(self.redis.xlen, stream))

@@ -135,7 +135,17 @@ class ZmqBrokerServer:
     def _depth(self, envelope, name: str, s: _Stream, header: dict, payloads: list[bytes]) -> None:
         self._reply(envelope, {"ok": True, "depth": len(s.entries)})
 
-    _ops = {"publish": _publish, "consume": _consume, "ack": _ack, "depth": _depth}
+    def _skip_to_end(self, envelope, name: str, s: _Stream, header: dict, payloads: list[bytes]) -> None:
+        s.groups[header["group"]] = _Group(cursor=s.next_id)
+        self._reply(envelope, {"ok": True})
+
+    _ops = {
+        "publish": _publish,
+        "consume": _consume,
+        "ack": _ack,
+        "depth": _depth,
+        "skip_to_end": _skip_to_end,
+    }
 
     def _serve_waiters(self, stream: str | None = None) -> None:
         now, keep = time.monotonic(), []
@@ -255,6 +265,9 @@ class ZmqBroker:
 
     def depth(self, stream: str) -> int:
         return int(self._request({"op": "depth", "stream": stream})[0]["depth"])
+
+    def skip_to_end(self, stream: str, group: str) -> None:
+        self._request({"op": "skip_to_end", "stream": stream, "group": group})
 
     def close(self) -> None:
         if self.sock is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -109,6 +110,15 @@ class DeepSpeedEngine(Engine):
 
     def current_lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def save_state(self, path: Path) -> None:
+        self.ds.save_checkpoint(str(path), tag="ds", client_state={"counters": self._counters()})
+
+    def load_state(self, path: Path) -> None:
+        loaded, client = self.ds.load_checkpoint(str(path), tag="ds")
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {path}; resume needs the engine/ directory")
+        self._set_counters(client["counters"])
 
     def gathered(self):
         params = list(self.hf_model.parameters())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
 
 import torch
 
@@ -66,6 +67,19 @@ class Engine:
     def gathered(self):
         """Context in which every parameter holds its full value (ZeRO-3 shards them otherwise)."""
         return contextlib.nullcontext()
+
+    def save_state(self, path: Path) -> None:
+        """Optimiser, lr schedule and counters (the weights are saved in HF format by the learner)."""
+        raise NotImplementedError
+
+    def load_state(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def _counters(self) -> dict[str, int]:
+        return {"skipped_steps": self.skipped_steps, "optimizer_steps": self.optimizer_steps}
+
+    def _set_counters(self, c: dict) -> None:
+        self.skipped_steps, self.optimizer_steps = int(c["skipped_steps"]), int(c["optimizer_steps"])
 
     # --- shared loop
     def micro_batches(self, rows: Batch) -> list[Batch]:
@@ -146,6 +160,17 @@ class TorchEngine(Engine):
 
     def current_lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def save_state(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        torch.save({**state, "counters": self._counters()}, path / "engine.pt")
+
+    def load_state(self, path: Path) -> None:
+        state = torch.load(path / "engine.pt", weights_only=True, map_location=self.lc.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._set_counters(state["counters"])
 
 
 def build_engine(model: torch.nn.Module, cfg: Config) -> Engine:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from broker import BrokerUnavailable, connect, stream_name
 from learner.batching import collate
+from learner.checkpoint import CheckpointStore, read_state, write_state
 from learner.engine_torch import build_engine
 from opd import tasks
 from opd.assets import ensure_assets, evaluate, load_asset
@@ -19,16 +21,29 @@ from opd.runtime import Reporter, StopFlag, log, run_component
 from weight_sync import WeightBroadcaster, make_group, make_store, resolve_backend
 
 KL_WINDOW = 5  # reverse_kl_first/last are means over this many steps, so one noisy batch does not decide
+COUNTERS_KEPT = (
+    "dropped_stale",
+    "duplicates_skipped",
+    "dead_lettered",
+    "trajectories_trained",
+    "tokens_trained",
+)
 
 
 class Learner:
-    def __init__(self, cfg: Config, stop: StopFlag):
+    def __init__(self, cfg: Config, stop: StopFlag, resume: bool = False):
         self.cfg, self.stop = cfg, stop
         self.out_dir = Path(cfg.run.output_dir)
         torch.manual_seed(cfg.run.seed)
+        self.checkpoints = CheckpointStore(self.out_dir, cfg.learner.keep_checkpoints)
+        (self.out_dir / "ledger").mkdir(parents=True, exist_ok=True)
+        latest = self.checkpoints.latest() if resume else None
         assets = ensure_assets(cfg, log=log.info)
         self.model, self.tokenizer = load_asset(assets.student, cfg.learner.device)
+        if latest is not None:  # weights first: the engine (ZeRO) takes over the parameters as they are
+            self._load_weights(latest / "model")
         self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
+        self.max_bytes = int(cfg.broker.max_message_mb * (1 << 20))
         # The broadcaster records names, shapes and buckets before the engine may shard the parameters (ZeRO-3).
         ws = cfg.weight_sync
         self.broadcaster = WeightBroadcaster(None, list(self.model.named_parameters()), ws.bucket_mb)
@@ -40,11 +55,80 @@ class Learner:
         self.control = stream_name(cfg.run.run_id, "control")
         self.eval_problems = tasks.eval_set(cfg.task)
         self.trained_ids: set[str] = set()
+        self.trained_log: list[str] = []  # in training order: the exactly-once record (trained_ids.txt)
         self.step_no, self.version = 0, 0
         self.kl_history: list[float] = []
         self.max_policy_version = -1
         self.lag_histogram = [0] * (cfg.learner.max_staleness + 1)
+        self.resumed_from = None
+        if latest is not None:
+            self._restore(latest)
         self._connect_actors()
+        if resume:
+            self._replay()
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _load_weights(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(path.glob("*.safetensors")):
+            state.update(load_file(f, device=str(self.cfg.learner.device)))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:  # a tied lm_head is saved once
+            raise RuntimeError(
+                f"checkpoint {path} does not fit the student: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+
+    def _restore(self, path: Path) -> None:
+        self.engine.load_state(path / "engine")
+        st = read_state(path)
+        self.step_no, self.version = st["step"], st["version"]
+        self.trained_log = st["trained_log"]
+        self.trained_ids = set(self.trained_log)
+        self.kl_history, self.lag_histogram = st["kl_history"], st["lag_histogram"]
+        self.max_policy_version = st["max_policy_version"]
+        for k, v in st["counters"].items():
+            self.reporter.counters[k] = v
+        self.resumed_from = path.name
+        log.info("resumed from %s: step %d, weight version %d", path, self.step_no, self.version)
+
+    def save_checkpoint(self) -> Path:
+        state = {
+            "step": self.step_no,
+            "version": self.version,
+            "trained_log": self.trained_log,
+            "kl_history": self.kl_history,
+            "lag_histogram": self.lag_histogram,
+            "max_policy_version": self.max_policy_version,
+            "counters": {k: v for k, v in self.reporter.counters.items() if k in COUNTERS_KEPT},
+        }
+
+        def write(tmp: Path) -> None:
+            with self.engine.gathered():
+                self.model.save_pretrained(tmp / "model", safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "model")
+            self.engine.save_state(tmp / "engine")
+            write_state(tmp, state)
+
+        return self.checkpoints.save(self.step_no, write)
+
+    def _replay(self) -> None:
+        """Re-train the steps after the checkpoint from the replay log, in order, then give the actors the
+        resulting weights (they start from the initial student)."""
+        for step, payloads in self.checkpoints.replay_after(self.step_no):
+            batch = [decode(p, vocab_size=self.vocab_size, require_scored=True) for p in payloads]
+            batch = [t for t in batch if t.id not in self.trained_ids]
+            if batch:
+                record = self._train_step(batch, 0.0)
+            self.step_no = step
+            if self.step_no % self.cfg.weight_sync.every == 0:
+                self.version += 1  # the same numbering as the first run, so pending samples' lag stays true
+            self._log({**record, "replayed": True} if batch else {"replayed": True})
+        log.info(
+            "resumed at step %d, weight version %d; sending it to the actors", self.step_no, self.version
+        )
+        self._sync_weights(initial=True)
 
     def _connect_actors(self) -> None:
         ws = self.cfg.weight_sync
@@ -58,9 +142,9 @@ class Learner:
         )
 
     # ------------------------------------------------------------------------------------- data
-    def _collect(self) -> tuple[list[Trajectory], list[str]]:
+    def _collect(self) -> tuple[list[Trajectory], list[str], list[bytes]]:
         """Block until a full batch of valid, fresh, not-yet-trained scored trajectories (or a stop)."""
-        want, batch, ids = self.cfg.learner.batch_size, [], []
+        want, batch, ids, payloads = self.cfg.learner.batch_size, [], [], []
         last_data = time.monotonic()
         while len(batch) < want and not self.stop():
             msgs = self.broker.consume(self.scored, "learner", "learner", want - len(batch), 1.0)
@@ -72,7 +156,11 @@ class Learner:
             for m in msgs:
                 last_data = time.monotonic()
                 try:
-                    t = self._admit(decode(m.data, vocab_size=self.vocab_size, require_scored=True))
+                    t = self._admit(
+                        decode(
+                            m.data, vocab_size=self.vocab_size, require_scored=True, max_bytes=self.max_bytes
+                        )
+                    )
                 except ProtocolError as exc:
                     self.reporter.dead_letter(self.scored, m.id, m.data, str(exc))
                     t = None
@@ -81,9 +169,10 @@ class Learner:
                 else:
                     batch.append(t)
                     ids.append(m.id)
+                    payloads.append(m.data)
             if settled:  # left pending, they would count as in flight and keep paused actors waiting forever
                 self.broker.ack(self.scored, "learner", settled)
-        return batch, ids
+        return batch, ids, payloads
 
     def _admit(self, t: Trajectory) -> Trajectory | None:
         """None for a sample that is accounted for but not trained: a duplicate or too stale."""
@@ -92,6 +181,8 @@ class Learner:
             return None
         if self.lag(t) > self.cfg.learner.max_staleness:
             self.reporter.add(dropped_stale=1)
+            with open(self.out_dir / "ledger" / "learner.dropped_stale", "a") as fh:
+                fh.write(f"{t.id}\n")
             return None
         if self.engine.objective.needs_rewards and t.reward is None:
             raise ProtocolError(
@@ -113,9 +204,12 @@ class Learner:
         return self.version - min(oldest, t.policy_version)
 
     # ------------------------------------------------------------------------------------- loop
-    def _sync_weights(self) -> dict[str, float]:
-        self.version += 1
-        self.broker.publish(self.control, [pack_control("weights", version=self.version)])
+    def _sync_weights(self, initial: bool = False) -> dict[str, float]:
+        """Announce and broadcast the next version; `initial` re-sends the current one to actors that start
+        from the initial student (after a resume), and they take it whatever version they hold."""
+        if not initial:
+            self.version += 1
+        self.broker.publish(self.control, [pack_control("weights", version=self.version, initial=initial)])
         with self.engine.gathered():
             stats = self.broadcaster.broadcast(self.version)
         return {"weight_sync_seconds": stats.seconds, "weight_sync_gbps": stats.gbps}
@@ -130,6 +224,7 @@ class Learner:
         tokens = sum(len(t.response_token_ids) for t in batch)
         self.max_policy_version = max(self.max_policy_version, *(t.policy_version for t in batch))
         self.trained_ids.update(t.id for t in batch)
+        self.trained_log.extend(t.id for t in batch)
         self.kl_history.append(metrics["reverse_kl"])
         self.reporter.add(trajectories_trained=len(batch), tokens_trained=tokens)
         return {
@@ -167,33 +262,42 @@ class Learner:
         cfg = self.cfg.learner
         while self.step_no < cfg.max_steps and not self.stop():
             t0 = time.perf_counter()
-            batch, ids = self._collect()
+            batch, ids, payloads = self._collect()
             if self.stop():
                 break  # a partial batch stays pending (unacknowledged) rather than making an odd-sized step
             record = self._train_step(batch, time.perf_counter() - t0)
-            # Acknowledge only after the step: a crash before it leaves these pending in the broker.
-            self.broker.ack(self.scored, "learner", ids)
             self.step_no += 1
+            # Logged before the acknowledgement: a crash after it is re-trained from the log on resume, a crash
+            # before it leaves these pending in the broker (then skipped as duplicates if both happen).
+            if cfg.replay_log:
+                self.checkpoints.log_step(self.step_no, payloads)
+            self.broker.ack(self.scored, "learner", ids)
             if self.step_no % self.cfg.weight_sync.every == 0 and self.step_no < cfg.max_steps:
                 record.update(self._sync_weights())
             if cfg.eval_every and self.step_no % cfg.eval_every == 0 and self.eval_problems:
                 record["eval_accuracy"] = self._evaluate()
+            if cfg.checkpoint_every and self.step_no % cfg.checkpoint_every == 0:
+                record["checkpoint"] = self.save_checkpoint().name
             self._log(record)
         self.finish()
 
     def finish(self) -> None:
-        """Save the final student as a Hugging Face checkpoint, tell every component to stop, write a summary."""
+        """Save a resumable checkpoint and the final student (HF format), write a summary, tell everyone to stop."""
+        self.save_checkpoint()
+        (self.out_dir / "trained_ids.txt").write_text("".join(i + "\n" for i in self.trained_log))
         final = self.out_dir / "student"
         tmp = self.out_dir / ".student.tmp"
         with self.engine.gathered():
             self.model.save_pretrained(tmp, safe_serialization=True)
         self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)  # a resumed run replaces the earlier final student
         tmp.rename(final)
         w = min(KL_WINDOW, max(1, len(self.kl_history) // 2))
         summary = {
             "learner_steps": self.step_no,
             "weight_version": self.version,
-            "trajectories_trained": len(self.trained_ids),
+            "trajectories_trained": len(self.trained_log),
+            "resumed_from": self.resumed_from,
             "max_policy_version_trained": self.max_policy_version,
             "reverse_kl_first": sum(self.kl_history[:w]) / w if self.kl_history else None,
             "reverse_kl_last": sum(self.kl_history[-w:]) / w if self.kl_history else None,
@@ -221,5 +325,5 @@ class Learner:
             log.warning("could not announce the stop: %s", exc)
 
 
-def main(cfg: Config) -> int:
-    return run_component(cfg, "learner", lambda stop: Learner(cfg, stop))
+def main(cfg: Config, resume: bool = False) -> int:
+    return run_component(cfg, "learner", lambda stop: Learner(cfg, stop, resume))

@@ -21,13 +21,19 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "run",
-        help="run everything on this machine (broker, learner, actors, scorers)",
+        help="run everything on this machine (learner, actors, scorers; the zmq broker or a Redis URL)",
         formatter_class=fmt,
-        description="Start a full run on this machine: one process per component, embedded ZeroMQ broker, "
+        description="Start a full run on this machine: one process per component, the embedded ZeroMQ broker "
+        "(or Redis with broker.type: redis; --resume continues a run from its last checkpoint), "
         "weights broadcast over torch.distributed. Writes runs/<run_id>/ (config, metrics.jsonl, student/, summary.json).",
         epilog=_config_epilog(),
     )
     run.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in run.output_dir from its last checkpoint and replay log",
+    )
     run.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
 
     prep = sub.add_parser(
@@ -35,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("config")
     prep.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+
+    dl = sub.add_parser(
+        "dead-letter",
+        help="list or replay the messages a run rejected (Redis broker)",
+        description="Inspect a run's dead_letter stream, or re-inject its messages once the cause is fixed.",
+    )
+    dl.add_argument("action", choices=["ls", "replay"])
+    dl.add_argument("--config", required=True, help="the run's resolved config (runs/<id>/config.yaml)")
+    dl.add_argument("--entry", action="append", help="replay only this dead-letter entry id (repeatable)")
+    dl.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
 
     for verb, text in (
         ("broker", "serve the embedded ZeroMQ broker"),
@@ -46,13 +62,21 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", required=True, help="a resolved config (ports and run_id set)")
         if verb in ("actor", "scorer"):
             sp.add_argument("--index", type=int, default=0, help="which actor/scorer this is (0-based)")
+        if verb == "learner":
+            sp.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
         sp.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
     return p
 
 
 def _component_config(args) -> Config:
     cfg = load_config(args.config, args.overrides)
-    needed = [("run.run_id", cfg.run.run_id), ("broker.port", cfg.broker.port or None)]
+    if cfg.broker.type == "redis" and args.verb == "broker":
+        raise ConfigError(
+            "broker.type: redis has no broker process to start; run redis-server and set broker.url"
+        )
+    needed = [("run.run_id", cfg.run.run_id)]
+    if cfg.broker.type == "zmq":
+        needed.append(("broker.port", cfg.broker.port or None))
     if args.verb in ("learner", "actor"):  # they meet in the weight-sync group
         needed.append(("weight_sync.port", cfg.weight_sync.port or None))
     missing = [k for k, v in needed if v is None]
@@ -63,14 +87,40 @@ def _component_config(args) -> Config:
     return cfg
 
 
+def _dead_letter(args) -> int:
+    from opd.deadletter import DeadLetterError, list_dead_letters, replay_dead_letters
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.run.run_id is None:
+        raise ConfigError("run.run_id must be set: pass the run's own runs/<id>/config.yaml")
+    try:
+        if args.action == "ls":
+            list_dead_letters(cfg)
+        else:
+            replay_dead_letters(cfg, args.entry)
+    except DeadLetterError as exc:
+        print(f"opd: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--resume` may come anywhere, also after the dotted overrides (argparse stops at the first positional)
+    resume = bool(argv) and argv[0] in ("run", "learner") and "--resume" in argv[1:]
+    if resume:
+        argv.remove("--resume")
     args = _parser().parse_args(argv)
+    if resume:
+        args.resume = True
     try:
         if args.verb == "run":
-            from opd.launcher import LaunchError, LocalLauncher, resolve_run
+            from opd.launcher import LaunchError, LocalLauncher, resolve_resume, resolve_run
 
             try:
-                return LocalLauncher(resolve_run(load_config(args.config, args.overrides))).run()
+                cfg = load_config(args.config, args.overrides)
+                cfg = resolve_resume(cfg) if args.resume else resolve_run(cfg)
+                return LocalLauncher(cfg, resume=args.resume).run()
             except LaunchError as exc:
                 print(f"opd: {exc}", file=sys.stderr)
                 return 1
@@ -79,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
             ensure_assets(load_config(args.config, args.overrides))
             return 0
+        if args.verb == "dead-letter":
+            return _dead_letter(args)
         cfg = _component_config(args)
     except ConfigError as exc:
         print(f"opd: {exc}", file=sys.stderr)
@@ -97,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "learner":
         from learner.learner import main as learner_main
 
-        return learner_main(cfg)
+        return learner_main(cfg, resume=args.resume)
     if args.verb == "actor":
         from actors.actor import main as actor_main
 

@@ -255,6 +255,17 @@ class LearnerConfig(_Strict):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint_every: int = Field(
+        50,
+        ge=0,
+        description="Save a resumable checkpoint every this many learner steps (0 = only when stopping).",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Keep this many newest checkpoints.")
+    replay_log: bool = Field(
+        True,
+        description="Write each step's scored messages to replay/ until the next checkpoint, so a resume re-trains "
+        "them (exactly once); off saves that disk but loses the steps after the last checkpoint on a crash.",
+    )
     eval_every: int = Field(
         20, ge=0, description="Learner steps between held-out evaluations (0 = only at the end)."
     )
@@ -309,14 +320,9 @@ class WeightSyncConfig(_Strict):
     )
 
 
-class ZmqBrokerConfig(_Strict):
-    """Embedded broker: one small process holding bounded in-memory streams; no server to install."""
-
-    type: Literal["zmq"] = "zmq"
-    host: str = Field("127.0.0.1", description="Bind/connect address; 127.0.0.1 keeps it off the network.")
-    port: int = Field(0, ge=0, le=65535, description="0 = the launcher picks a free port.")
+class _BrokerCommon(_Strict):
     max_depth: int = Field(
-        256, ge=1, description="Producers wait while a work stream holds this many entries."
+        256, ge=1, description="Producers wait while a work stream holds this many unfinished entries."
     )
     control_maxlen: int = Field(
         10000, ge=16, description="Fan-out streams keep only this many newest entries."
@@ -326,12 +332,43 @@ class ZmqBrokerConfig(_Strict):
     )
     max_message_mb: float = Field(64.0, gt=0, description="Larger messages are refused (dead-lettered).")
 
-    @model_validator(mode="before")
+
+class ZmqBrokerConfig(_BrokerCommon):
+    """Embedded broker: one small process holding bounded in-memory streams; no server to install."""
+
+    type: Literal["zmq"] = "zmq"
+    host: str = Field("127.0.0.1", description="Bind/connect address; 127.0.0.1 keeps it off the network.")
+    port: int = Field(0, ge=0, le=65535, description="0 = the launcher picks a free port.")
+
+
+class RedisBrokerConfig(_BrokerCommon):
+    """Redis Streams: durable, redelivers a dead worker's entries, lets components on many hosts join one run."""
+
+    type: Literal["redis"] = "redis"
+    url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="redis:// or rediss:// (TLS) URL, with user:password@ for auth; the run id prefixes every stream.",
+    )
+    claim_idle_s: float = Field(
+        30.0,
+        gt=0,
+        description="An entry pending this long with a silent consumer is redelivered to a live one.",
+    )
+    max_deliveries: int = Field(
+        3, ge=1, description="An entry delivered this many times without being acknowledged is dead-lettered."
+    )
+
+    @field_validator("url")
     @classmethod
-    def _redis_later(cls, v: Any) -> Any:
-        if isinstance(v, dict) and v.get("type") == "redis":
-            raise ValueError("type: redis is not implemented yet; use type: zmq")
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "url must start with redis://, rediss:// (TLS) or unix://; e.g. redis://127.0.0.1:6379/0"
+            )
         return v
+
+
+BrokerConfig = Annotated[ZmqBrokerConfig | RedisBrokerConfig, Field(discriminator="type")]
 
 
 class RunConfig(_Strict):
@@ -378,7 +415,7 @@ class Config(_Strict):
     scorer: ScorerConfig = Field(default_factory=ScorerConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
-    broker: ZmqBrokerConfig = Field(default_factory=ZmqBrokerConfig)
+    broker: BrokerConfig = Field(default_factory=ZmqBrokerConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -390,6 +427,7 @@ class Config(_Strict):
             ("task", "kind", "addition"),
             ("student", "kind", "tiny"),
             ("teacher", "kind", "tiny"),
+            ("broker", "type", "zmq"),
         ):
             section = data.get(key)
             if isinstance(section, dict) and tag not in section:

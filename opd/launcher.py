@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -27,6 +28,7 @@ from opd.assets import ensure_assets, evaluate, load_asset
 from opd.config import Config, dump_config
 from opd.models import load_causal_lm, load_tokenizer
 from opd.protocol import ProtocolError, unpack_control
+from opd.runtime import trajectory_id
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -48,7 +50,7 @@ def resolve_run(cfg: Config) -> Config:
         cfg.run.run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{random.randrange(16**4):04x}"
     if cfg.run.output_dir is None:
         cfg.run.output_dir = Path("runs") / cfg.run.run_id
-    if cfg.broker.port == 0:
+    if cfg.broker.type == "zmq" and cfg.broker.port == 0:
         cfg.broker.port = free_port()
     if cfg.weight_sync.port == 0:
         cfg.weight_sync.port = free_port()
@@ -77,9 +79,27 @@ class RunState:
     last_status: tuple[float, dict[str, float]] = (0.0, {})
 
 
+def resolve_resume(cfg: Config) -> Config:
+    """`opd run CONFIG --resume`: continue the run in run.output_dir (or runs/<run.run_id>) under its own run id,
+    so its streams, checkpoints and replay log are the ones picked up."""
+    if cfg.run.output_dir is None and cfg.run.run_id is None:
+        raise LaunchError(
+            "--resume needs the run to continue: set run.output_dir=runs/<id> (or run.run_id=<id>)"
+        )
+    out = Path(cfg.run.output_dir or Path("runs") / cfg.run.run_id)
+    previous = out / "config.yaml"
+    if not previous.exists():
+        raise LaunchError(f"nothing to resume in {out}: no config.yaml there; start it without --resume")
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.run_id = yaml.safe_load(previous.read_text())["run"]["run_id"]
+    cfg.run.output_dir = out
+    return resolve_run(cfg)
+
+
 class LocalLauncher:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg, self.resume = cfg, resume
+        self.lost: set[str] = set()  # components that died without ending the run
         self.out = Path(cfg.run.output_dir)
         self.components: list[Component] = []
         self.state = RunState()
@@ -98,6 +118,25 @@ class LocalLauncher:
         return comp
 
     def _start_all(self) -> None:
+        if self.cfg.broker.type == "redis":
+            self.broker = self._connect_redis()
+        else:
+            self.broker = self._start_zmq_broker()
+        self._spawn("learner", "learner", *(["--resume"] if self.resume else []))
+        for i in range(self.cfg.actor.num_actors):
+            self._spawn(f"actor-{i}", "actor", "--index", str(i))
+        for i in range(self.cfg.scorer.num_scorers):
+            self._spawn(f"scorer-{i}", "scorer", "--index", str(i))
+
+    def _connect_redis(self):
+        client = connect(self.cfg.broker)
+        try:
+            client.ping()
+        except BrokerUnavailable as exc:
+            raise LaunchError(f"{exc}; start redis-server or fix broker.url") from None
+        return client
+
+    def _start_zmq_broker(self):
         broker = self._spawn("broker", "broker")
         client = connect(self.cfg.broker)
         deadline = time.monotonic() + 30
@@ -110,12 +149,7 @@ class LocalLauncher:
                 if broker.proc.poll() is not None or time.monotonic() > deadline:
                     raise LaunchError(f"the broker did not start:\n{broker.tail()}") from None
         client.timeout_s = self.cfg.broker.request_timeout_s
-        self.broker = client
-        self._spawn("learner", "learner")
-        for i in range(self.cfg.actor.num_actors):
-            self._spawn(f"actor-{i}", "actor", "--index", str(i))
-        for i in range(self.cfg.scorer.num_scorers):
-            self._spawn(f"scorer-{i}", "scorer", "--index", str(i))
+        return client
 
     def _failed(self) -> Component | None:
         """A component that died; a clean exit counts only once the learner has finished (it sends stop)."""
@@ -123,8 +157,28 @@ class LocalLauncher:
         for c in self.components:
             code = c.proc.poll()
             if code is not None and (code != 0 or not (learner_done or c.name == "learner")):
+                if self._survivable(c):
+                    continue
                 return c
         return None
+
+    def _survivable(self, dead: Component) -> bool:
+        """A scorer may die on a durable broker while another still runs: Redis redelivers what it held."""
+        if self.cfg.broker.type != "redis" or not dead.name.startswith("scorer-"):
+            return False
+        alive = [
+            c
+            for c in self.components
+            if c.name.startswith("scorer-") and c is not dead and c.proc.poll() in (None, 0)
+        ]
+        if dead.name not in self.lost:
+            self.lost.add(dead.name)
+            console.print(
+                f"[yellow]{dead.name} exited with code {dead.proc.returncode}[/]; continuing on "
+                f"{', '.join(c.name for c in alive) or 'no scorer'}; its pending rollouts are redelivered after "
+                f"broker.claim_idle_s={self.cfg.broker.claim_idle_s:g}s"
+            )
+        return bool(alive)
 
     def _stop(self, comps: list[Component], grace: float) -> None:
         for c in comps:
@@ -161,6 +215,10 @@ class LocalLauncher:
                     try:
                         rec = unpack_control(msg.data)
                         rec.pop("head", None)
+                        data = rec.pop("data", None)
+                        rec["replayable"] = data is not None
+                        if rec.get("trajectory_id") is None and data is not None:
+                            rec["trajectory_id"] = trajectory_id(data)
                         fh.write(json.dumps(rec) + "\n")
                     except ProtocolError:
                         pass
@@ -252,10 +310,13 @@ class LocalLauncher:
 
     def run(self) -> int:
         leftovers = [n for n in ("metrics.jsonl", "summary.json", "student") if (self.out / n).exists()]
-        if leftovers:
+        if self.resume:
+            for stale in ("learner_summary.json", "summary.json"):  # the earlier incarnation's end, not ours
+                (self.out / stale).unlink(missing_ok=True)
+        elif leftovers:
             raise LaunchError(
                 f"run.output_dir {self.out} already holds a run ({', '.join(leftovers)}); "
-                "choose another run.output_dir or delete that directory"
+                "add --resume to continue it, or choose another run.output_dir"
             )
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "logs").mkdir(exist_ok=True)

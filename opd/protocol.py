@@ -176,8 +176,12 @@ def _check_values(t: Trajectory, vocab_size: int | None) -> None:
                 )
 
 
-def decode(data: bytes, *, vocab_size: int | None = None, require_scored: bool = False) -> Trajectory:
+def decode(
+    data: bytes, *, vocab_size: int | None = None, require_scored: bool = False, max_bytes: int = 64 << 20
+) -> Trajectory:
     """Parse and validate one message; raise ProtocolError with the reason for anything off."""
+    if len(data) > max_bytes:  # checked before parsing: a huge message must not cost a huge decode
+        raise ProtocolError(f"message of {len(data)} bytes exceeds broker.max_message_mb ({max_bytes} bytes)")
     try:
         msg = msgpack.unpackb(data, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
     except Exception as exc:  # msgpack raises several unrelated types for corrupt input

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+import msgpack
 import torch
 
 from broker import Broker, stream_name
@@ -106,8 +107,25 @@ class Reporter:
             reason=reason,
             size=len(data),
             head=data[:256],
+            trajectory_id=trajectory_id(data),
+            data=data if len(data) <= REPLAYABLE_BYTES else None,  # `opd dead-letter replay` re-injects it
         )
         self.broker.publish(self.dead_stream, [record])
+
+
+REPLAYABLE_BYTES = 16 << 20  # dead letters up to this size keep their bytes for replay
+
+
+def trajectory_id(data: bytes) -> str | None:
+    """The `id` of a trajectory message if it parses that far (for accounting), else None."""
+    try:
+        msg = msgpack.unpackb(
+            data, raw=False, max_str_len=1 << 20, max_array_len=1 << 16, max_map_len=1 << 12
+        )
+    except Exception:
+        return None
+    value = msg.get("id") if isinstance(msg, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def run_component(cfg: Config, name: str, build) -> int:

@@ -6,6 +6,7 @@ still pending in the broker rather than lost.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -20,6 +21,8 @@ from opd.runtime import Reporter, StopFlag, log, run_component
 from opd.sampling import response_logprobs
 
 LOGPROB_FLOOR = -1e4  # a teacher's -inf (zero probability) is clamped here so messages stay finite
+# Chaos hook for the test suite and drills: the teacher raises on trajectories with this prompt_id.
+CHAOS_RAISE_ENV = "OPD_CHAOS_TEACHER_RAISE"
 
 
 def length_buckets(trajs: list[Trajectory], max_tokens: int) -> list[list[Trajectory]]:
@@ -51,12 +54,15 @@ class Scorer:
         self.rollouts = stream_name(cfg.run.run_id, "rollouts")
         self.scored = stream_name(cfg.run.run_id, "scored")
         self.control = stream_name(cfg.run.run_id, "control")
+        self.max_bytes = int(cfg.broker.max_message_mb * (1 << 20))
+        self.chaos_prompt = os.environ.get(CHAOS_RAISE_ENV)
+        self.broker.skip_to_end(self.control, self.name)  # an earlier incarnation's stop is not for us
 
     def _validate(self, msgs: list[Message]) -> tuple[list[Trajectory], list[str], list[str]]:
         good, good_ids, bad_ids = [], [], []
         for m in msgs:
             try:
-                good.append(decode(m.data, vocab_size=self.vocab_size))
+                good.append(decode(m.data, vocab_size=self.vocab_size, max_bytes=self.max_bytes))
                 good_ids.append(m.id)
             except ProtocolError as exc:
                 self.reporter.dead_letter(self.rollouts, m.id, m.data, str(exc))
@@ -66,6 +72,8 @@ class Scorer:
     @torch.no_grad()
     def score(self, trajs: list[Trajectory]) -> None:
         sc = self.cfg.scorer
+        if self.chaos_prompt and any(t.prompt_id == self.chaos_prompt for t in trajs):
+            raise RuntimeError(f"chaos: teacher fails on prompt {self.chaos_prompt} ({CHAOS_RAISE_ENV})")
         for bucket in length_buckets(trajs, sc.max_tokens_per_batch):
             seqs = [(t.prompt_token_ids.tolist(), t.response_token_ids.tolist()) for t in bucket]
             lp, tk_ids, tk_lp = response_logprobs(
@@ -83,6 +91,30 @@ class Scorer:
                 t.teacher_id = self.teacher_id
                 t.teacher_temperature = sc.temperature
                 t.timestamps["scored"] = time.time()
+
+    def score_isolating(self, trajs: list[Trajectory], ids: list[str]) -> tuple[list[Trajectory], list[str]]:
+        """Score a batch; if the teacher raises, score one by one so that one bad input cannot hold up the rest.
+
+        A trajectory that still fails is left unacknowledged when the broker redelivers (Redis: retried after
+        broker.claim_idle_s, dead-lettered after broker.max_deliveries), and dead-lettered at once otherwise."""
+        try:
+            self.score(trajs)
+            return trajs, ids
+        except Exception as exc:  # the teacher's failure on some input, not a reason to stop scoring
+            log.warning("teacher failed on a batch of %d (%s); scoring them one by one", len(trajs), exc)
+        ok, ok_ids = [], []
+        for t, mid in zip(trajs, ids, strict=True):
+            try:
+                self.score([t])
+            except Exception as exc:
+                self.reporter.add(score_failures=1)
+                if not getattr(self.broker, "redelivers", False):
+                    self.reporter.dead_letter(self.rollouts, mid, encode(t), f"teacher raised: {exc}")
+                    self.broker.ack(self.rollouts, "scorers", [mid])
+                continue
+            ok.append(t)
+            ok_ids.append(mid)
+        return ok, ok_ids
 
     def _check_stop(self) -> None:
         for msg in self.broker.consume(self.control, self.name, self.name, 64, 0.0):
@@ -104,7 +136,7 @@ class Scorer:
             trajs, ids, bad = self._validate(msgs)
             self.broker.ack(self.rollouts, "scorers", bad)
             t0 = time.perf_counter()
-            self.score(trajs)
+            trajs, ids = self.score_isolating(trajs, ids)
             seconds = time.perf_counter() - t0
             if (
                 trajs

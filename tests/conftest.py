@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
 
 
 def free_port() -> int:
@@ -138,3 +139,46 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path)
     yield server
     server.stop()
+
+
+# ------------------------------------------------------------------ end-to-end helpers (real processes)
+def opd(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "opd.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def children_of(pid: int) -> list[int]:
+    """Processes started by launcher `pid` (they carry OPD_PARENT_PID), found even after being orphaned."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if f"OPD_PARENT_PID={pid}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def prepared(asset_cache):
+    """Build the demo's teacher and student once (the first `opd run` would do the same)."""
+    proc = opd("prepare", TINY, f"run.cache_dir={asset_cache}")
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    return asset_cache

@@ -89,3 +89,15 @@ def test_aof_everysec_keeps_acknowledged_state_across_a_restart(tmp_path):
         assert [m.data for m in b2.consume("r:rollouts", "scorers", "s1", 10, 0.1)] == [b"c"]
     finally:
         server.stop()
+
+
+def test_a_restarted_consumer_takes_back_its_own_pending_entries_first(redis_server):
+    first = RedisBroker(redis_server.url, claim_idle_s=60)
+    first.publish("r:scored", [b"1", b"2", b"3", b"4", b"5"])
+    held = first.consume("r:scored", "learner", "learner", 3, 0.1)  # then the learner is killed
+    assert [m.data for m in held] == [b"1", b"2", b"3"]
+    again = RedisBroker(redis_server.url, claim_idle_s=60)  # same consumer name, long before claim_idle_s
+    got = [m.data for m in again.consume("r:scored", "learner", "learner", 2, 0.1)]
+    got += [m.data for m in again.consume("r:scored", "learner", "learner", 2, 0.1)]
+    got += [m.data for m in again.consume("r:scored", "learner", "learner", 10, 0.1)]
+    assert got == [b"1", b"2", b"3", b"4", b"5"]  # each once, its own first
