@@ -15,6 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 
 
+CHAOS_BOOKS: list[str] = []  # accounting lines of the chaos tests, printed at the end of the session
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the chaos tests' books even when they pass (their output is otherwise captured)."""
+    if CHAOS_BOOKS:
+        terminalreporter.section("chaos accounting (by trajectory id)")
+        for line in CHAOS_BOOKS:
+            terminalreporter.write_line(line)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ import redis
 import yaml
 
 from opd.protocol import decode, encode
-from tests.conftest import TINY, RedisServer, children_of, opd, wait_for
+from tests.conftest import CHAOS_BOOKS, TINY, RedisServer, children_of, opd, wait_for
 from tests.test_protocol import BAD, _mutate, make
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -77,11 +77,11 @@ def accounting(out_dir: Path, url: str) -> dict:
         "trained_not_generated": sorted(set(trained) - set(generated)),
         "generated_at": generated,
     }
-    print(
-        "accounting: generated {generated} / trained {trained} ({trained_unique} unique) / dead-lettered "
-        "{dead_lettered} / dropped as stale {dropped_stale} / still queued {still_queued} / unaccounted "
-        "{n}".format(n=len(books["unaccounted"]), **books)
-    )
+    line = (
+        "generated {generated} / trained {trained} ({trained_unique} unique) / dead-lettered {dead_lettered} / "
+        "dropped as stale {dropped_stale} / still queued {still_queued} / unaccounted {n}"
+    ).format(n=len(books["unaccounted"]), **books)
+    CHAOS_BOOKS.append(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}: {line}")
     return books
 
 
