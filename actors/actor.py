@@ -17,33 +17,24 @@ from opd.models import encode_prompt
 from opd.protocol import ProtocolError, Trajectory, encode, unpack_control
 from opd.runtime import Reporter, StopFlag, log, run_component
 from opd.sampling import sample
-from weight_sync import WeightReceiver, make_group, make_store, resolve_backend
+from weight_sync import ElasticReceiver, WeightReceiver, resolve_backend
 
 
-class WeightFollower:
-    """Joins the learner's broadcast group as rank 1+index and applies every announced version in order."""
-
-    def __init__(self, cfg: Config, index: int, model: torch.nn.Module):
-        ws = cfg.weight_sync
-        world = 1 + cfg.actor.num_actors
-        self.backend = resolve_backend(ws.backend, cfg.actor.device)
-        self.store = make_store(ws.host, ws.port, 1 + index, world, ws.timeout_s)
-        group = make_group(
-            self.store, f"{cfg.run.run_id}/weights", 1 + index, world, self.backend, ws.timeout_s
-        )
-        self.receiver = WeightReceiver(group, list(model.named_parameters()), ws.bucket_mb)
-        self.receiver.check_manifest(self.store)
-        self.version = 0
-
-    def apply(self, version: int, initial: bool = False) -> float:
-        """`initial`: the learner re-sends its current weights (after a resume); take them whatever we hold."""
-        if not initial and version != self.version + 1:
-            raise RuntimeError(
-                f"weight version {version} announced while at {self.version}: a broadcast was missed"
-            )
-        stats = self.receiver.receive(version)
-        self.version = version
-        return stats.seconds
+def weight_follower(cfg: Config, name: str, model: torch.nn.Module) -> ElasticReceiver:
+    """Register with the learner's store and heartbeat; weights arrive in the sync epochs that name us."""
+    ws = cfg.weight_sync
+    backend = resolve_backend(ws.backend, cfg.actor.device)
+    return ElasticReceiver(
+        ws.host,
+        ws.port,
+        name,
+        f"{cfg.run.run_id}/weights",
+        backend,
+        WeightReceiver(None, list(model.named_parameters()), ws.bucket_mb),
+        timeout_s=ws.timeout_s,
+        join_timeout_s=ws.join_timeout_s,
+        heartbeat_s=ws.liveness_s / 5,
+    )
 
 
 class Actor:
@@ -60,7 +51,7 @@ class Actor:
         self.scored = stream_name(cfg.run.run_id, "scored")
         self.control = stream_name(cfg.run.run_id, "control")
         self.broker.skip_to_end(self.control, self.name)  # before joining: the learner speaks once all joined
-        self.follower = WeightFollower(cfg, index, self.model)
+        self.follower = weight_follower(cfg, self.name, self.model)
         self.problems = tasks.training_stream(cfg.task, seed=cfg.run.seed * 1000 + index)
         self.generator = torch.Generator(device=cfg.actor.device).manual_seed(cfg.run.seed * 1000 + index)
         self.batches = itertools.count()
@@ -76,11 +67,14 @@ class Actor:
                 self.reporter.dead_letter(self.control, msg.id, msg.data, str(exc))
                 continue
             if record["kind"] == "weights":
-                initial = bool(record.get("initial", False))
-                seconds = self.follower.apply(int(record["version"]), initial)
-                if initial:
-                    log.info("took the resumed learner's weights, version %d", self.follower.version)
-                self.reporter.add(weight_syncs=1, weight_sync_seconds=seconds)
+                before = self.follower.version
+                stats = self.follower.apply(
+                    int(record["version"]), int(record.get("epoch", 0)), list(record.get("members", []))
+                )
+                if stats is not None:
+                    self.reporter.add(weight_syncs=1, weight_sync_seconds=stats.seconds)
+                    if self.follower.version != before + 1:
+                        log.info("took weights version %d (had %d)", self.follower.version, before)
             elif record["kind"] == "stop":
                 self.stop.set("stop message from the learner")
             self.broker.ack(self.control, self.name, [msg.id])
@@ -146,6 +140,12 @@ class Actor:
 
     def run(self) -> None:
         log.info("ready: %s backend, weight version %d", self.follower.backend, self.follower.version)
+        try:
+            self._loop()
+        finally:
+            self.follower.close()
+
+    def _loop(self) -> None:
         while not self.stop():
             self.service_control()
             self.wait_while_ahead()

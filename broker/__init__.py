@@ -22,6 +22,15 @@ def connect(cfg) -> Broker:
             max_deliveries=cfg.max_deliveries,
             request_timeout_s=cfg.request_timeout_s,
             max_message_bytes=int(cfg.max_message_mb * (1 << 20)),
+            tls={
+                k: str(v)
+                for k, v in (
+                    ("ssl_ca_certs", cfg.tls_ca_file),
+                    ("ssl_certfile", cfg.tls_cert_file),
+                    ("ssl_keyfile", cfg.tls_key_file),
+                )
+                if v is not None
+            },
         )
     raise NotImplementedError(f"broker.type {cfg.type!r}")
 

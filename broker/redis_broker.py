@@ -55,6 +55,7 @@ class RedisBroker:
         max_deliveries: int = 3,
         request_timeout_s: float = 30.0,
         max_message_bytes: int = 64 << 20,
+        tls: dict[str, str] | None = None,
     ):
         self.url, self.max_depth, self.log_maxlen = url, max_depth, log_maxlen
         self.claim_idle_ms = int(claim_idle_s * 1000)
@@ -62,7 +63,7 @@ class RedisBroker:
         self.timeout_s = request_timeout_s
         self.stopping: Callable[[], bool] = lambda: False
         self.redis = redis.Redis.from_url(
-            url, socket_timeout=request_timeout_s, socket_connect_timeout=request_timeout_s
+            url, socket_timeout=request_timeout_s, socket_connect_timeout=request_timeout_s, **(tls or {})
         )
         self._groups: set[tuple[str, str]] = set()
         self._own_pending_cursor: dict[tuple[str, str, str], str] = {}
@@ -87,6 +88,11 @@ class RedisBroker:
                     "fix the user:password part of broker.url"
                 ) from None
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "SSL" in type(exc.__cause__).__name__:
+                    raise BrokerAuthError(
+                        f"TLS with redis at {self._where()} failed ({exc}); set broker.tls_ca_file to the CA that "
+                        "signed the server's certificate"
+                    ) from None
                 limit = STOPPING_TIMEOUT_S if self.stopping() else self.timeout_s
                 if time.monotonic() - start > limit:
                     raise BrokerUnavailable(f"redis at {self._where()} is unavailable: {exc}") from None

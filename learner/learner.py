@@ -18,7 +18,7 @@ from opd.assets import ensure_assets, evaluate, load_asset
 from opd.config import Config
 from opd.protocol import ProtocolError, Trajectory, decode, pack_control
 from opd.runtime import Reporter, StopFlag, log, run_component
-from weight_sync import WeightBroadcaster, make_group, make_store, resolve_backend
+from weight_sync import ElasticBroadcaster, WeightBroadcaster, make_store, resolve_backend
 
 KL_WINDOW = 5  # reverse_kl_first/last are means over this many steps, so one noisy batch does not decide
 COUNTERS_KEPT = (
@@ -61,6 +61,7 @@ class Learner:
         self.max_policy_version = -1
         self.lag_histogram = [0] * (cfg.learner.max_staleness + 1)
         self.resumed_from = None
+        self._last_catch_up = 0.0
         if latest is not None:
             self._restore(latest)
         self._connect_actors()
@@ -128,17 +129,28 @@ class Learner:
         log.info(
             "resumed at step %d, weight version %d; sending it to the actors", self.step_no, self.version
         )
-        self._sync_weights(initial=True)
+        self._sync_weights(bump=False)
 
     def _connect_actors(self) -> None:
+        """Host the rendezvous store; actors register and heartbeat there and are synced as they come and go."""
         ws = self.cfg.weight_sync
-        world = 1 + self.cfg.actor.num_actors
         self.backend = resolve_backend(ws.backend, self.cfg.learner.device)
-        self.store = make_store(ws.host, ws.port, 0, world, ws.timeout_s)
+        self.store = make_store(ws.host, ws.port, 0, None, ws.timeout_s)
         self.broadcaster.publish_manifest(self.store)
-        log.info("waiting for %d actor(s) to join the %s weight group", world - 1, self.backend)
-        self.broadcaster.group = make_group(
-            self.store, f"{self.cfg.run.run_id}/weights", 0, world, self.backend, ws.timeout_s
+        self.weight_sync = ElasticBroadcaster(
+            self.store,
+            f"{self.cfg.run.run_id}/weights",
+            self.backend,
+            self.broadcaster,
+            announce=self._announce,
+            liveness_s=ws.liveness_s,
+            join_timeout_s=ws.join_timeout_s,
+            log=log.warning,
+        )
+
+    def _announce(self, version: int, epoch: int, members: list[str]) -> None:
+        self.broker.publish(
+            self.control, [pack_control("weights", version=version, epoch=epoch, members=members)]
         )
 
     # ------------------------------------------------------------------------------------- data
@@ -147,6 +159,7 @@ class Learner:
         want, batch, ids, payloads = self.cfg.learner.batch_size, [], [], []
         last_data = time.monotonic()
         while len(batch) < want and not self.stop():
+            self._catch_up_new_actors()
             msgs = self.broker.consume(self.scored, "learner", "learner", want - len(batch), 1.0)
             if not msgs and time.monotonic() - last_data > self.cfg.learner.batch_timeout_s:
                 raise RuntimeError(
@@ -173,6 +186,17 @@ class Learner:
             if settled:  # left pending, they would count as in flight and keep paused actors waiting forever
                 self.broker.ack(self.scored, "learner", settled)
         return batch, ids, payloads
+
+    def _catch_up_new_actors(self) -> None:
+        """An actor that joined since the last sync (a restart, a resume) gets the current weights now: waiting for
+        the next step could be forever if everything it generates is too stale to make one."""
+        now = time.monotonic()
+        if self.version == 0 or now - self._last_catch_up < 1.0:
+            return
+        self._last_catch_up = now
+        if set(self.weight_sync.membership.alive()) - set(self.weight_sync.members):
+            log.info("new actor(s): sending them weight version %d", self.version)
+            self._sync_weights(bump=False)
 
     def _admit(self, t: Trajectory) -> Trajectory | None:
         """None for a sample that is accounted for but not trained: a duplicate or too stale."""
@@ -204,15 +228,20 @@ class Learner:
         return self.version - min(oldest, t.policy_version)
 
     # ------------------------------------------------------------------------------------- loop
-    def _sync_weights(self, initial: bool = False) -> dict[str, float]:
-        """Announce and broadcast the next version; `initial` re-sends the current one to actors that start
-        from the initial student (after a resume), and they take it whatever version they hold."""
-        if not initial:
+    def _sync_weights(self, bump: bool = True) -> dict[str, float]:
+        """Send the next version (or, `bump` False, the current one again) to the actors alive now."""
+        if bump:
             self.version += 1
-        self.broker.publish(self.control, [pack_control("weights", version=self.version, initial=initial)])
         with self.engine.gathered():
-            stats = self.broadcaster.broadcast(self.version)
-        return {"weight_sync_seconds": stats.seconds, "weight_sync_gbps": stats.gbps}
+            stats = self.weight_sync.sync(self.version)
+        if stats is None:
+            return {"weight_sync_members": 0}
+        return {
+            "weight_sync_seconds": stats.seconds,
+            "weight_sync_gbps": stats.gbps,
+            "weight_sync_members": len(self.weight_sync.members),
+            "weight_sync_epoch": self.weight_sync.epoch,
+        }
 
     def _train_step(self, batch: list[Trajectory], wait_s: float) -> dict[str, float]:
         t0 = time.perf_counter()

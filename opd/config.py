@@ -316,7 +316,17 @@ class WeightSyncConfig(_Strict):
         32.0, gt=0, description="Parameters are broadcast in buckets of about this size."
     )
     timeout_s: float = Field(
-        300.0, gt=0, description="Timeout of the group's rendezvous and each collective."
+        300.0, gt=0, description="How long an actor waits to reach the learner's rendezvous store."
+    )
+    join_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Timeout of forming a sync group (actors join between generation batches) and of each broadcast.",
+    )
+    liveness_s: float = Field(
+        5.0,
+        gt=0,
+        description="An actor whose heartbeat has not moved for this long is left out of the next sync.",
     )
 
 
@@ -357,6 +367,23 @@ class RedisBrokerConfig(_BrokerCommon):
     max_deliveries: int = Field(
         3, ge=1, description="An entry delivered this many times without being acknowledged is dead-lettered."
     )
+    tls_ca_file: Path | None = Field(
+        None,
+        description="rediss:// only: CA bundle that signed the server's certificate (default: system CAs).",
+    )
+    tls_cert_file: Path | None = Field(None, description="rediss:// only: client certificate (mutual TLS).")
+    tls_key_file: Path | None = Field(None, description="rediss:// only: the client certificate's key.")
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> RedisBrokerConfig:
+        tls = [n for n in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, n) is not None]
+        if tls and not self.url.startswith("rediss://"):
+            raise ValueError(f"{tls[0]} is set but url is not rediss://; use rediss://host:port/db for TLS")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "tls_cert_file and tls_key_file go together; set both for mutual TLS, or neither"
+            )
+        return self
 
     @field_validator("url")
     @classmethod

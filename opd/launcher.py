@@ -163,20 +163,26 @@ class LocalLauncher:
         return None
 
     def _survivable(self, dead: Component) -> bool:
-        """A scorer may die on a durable broker while another still runs: Redis redelivers what it held."""
-        if self.cfg.broker.type != "redis" or not dead.name.startswith("scorer-"):
+        """A worker may die while another of its kind still runs. An actor holds no broker entries and weight
+        sync is elastic; a scorer's pending rollouts come back only on Redis (redelivery)."""
+        role = dead.name.split("-")[0]
+        if role not in ("actor", "scorer") or (role == "scorer" and self.cfg.broker.type != "redis"):
             return False
         alive = [
             c
             for c in self.components
-            if c.name.startswith("scorer-") and c is not dead and c.proc.poll() in (None, 0)
+            if c.name.startswith(role + "-") and c is not dead and c.proc.poll() in (None, 0)
         ]
-        if dead.name not in self.lost:
+        if dead.name not in self.lost and alive:
             self.lost.add(dead.name)
+            what = (
+                f"its pending rollouts are redelivered after broker.claim_idle_s={self.cfg.broker.claim_idle_s:g}s"
+                if role == "scorer"
+                else "it leaves the weight-sync group at the next version; `opd actor` with the run's config rejoins"
+            )
             console.print(
                 f"[yellow]{dead.name} exited with code {dead.proc.returncode}[/]; continuing on "
-                f"{', '.join(c.name for c in alive) or 'no scorer'}; its pending rollouts are redelivered after "
-                f"broker.claim_idle_s={self.cfg.broker.claim_idle_s:g}s"
+                f"{', '.join(c.name for c in alive)}; {what}"
             )
         return bool(alive)
 

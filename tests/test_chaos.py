@@ -137,24 +137,33 @@ def test_kill_the_learner_then_resume(prepared, redis_server, tmp_path):
     AutoModelForCausalLM.from_pretrained(out_dir / "student")
 
 
-def test_kill_an_actor_then_resume_with_the_latest_weights(prepared, redis_server, tmp_path):
-    """Without elastic weight sync (issue 5) a dead actor stops the run; `--resume` continues it, and the new
-    actor starts from the learner's latest weights rather than the initial student."""
+def test_kill_an_actor_the_run_continues_and_a_restarted_one_rejoins(prepared, redis_server, tmp_path):
+    """Elastic weight sync: the learner drops the dead actor at the next version; one started by hand with the
+    run's config registers, joins the next sync epoch and starts from the latest weights."""
     out_dir = tmp_path / "run"
-    args = _run_args(prepared, out_dir, redis_server.url, "learner.max_steps=20")
-    proc = opd(*args)
-    wait_for(lambda: _metrics_lines(out_dir) >= 7, 300, "steps past the first checkpoint")
+    steps = 250  # long enough for a hand-started actor to load and join while the run goes on
+    proc = opd(
+        *_run_args(prepared, out_dir, redis_server.url, "actor.num_actors=2", f"learner.max_steps={steps}")
+    )
+    wait_for(lambda: _metrics_lines(out_dir) >= 6, 300, "a few learner steps")
     os.kill(_component_pid(proc.pid, "actor", 0), signal.SIGKILL)
-    log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 1 and "actor-0 exited with code -9" in log
-    resumed = opd(*args, "--resume")
-    log, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, log
-    actor_log = (out_dir / "logs" / "actor-0.log").read_text()
-    taken = [int(x.split("version ")[1]) for x in actor_log.splitlines() if "resumed learner's weights" in x]
-    assert taken and taken[0] >= 5  # the checkpointed (and replayed) learner's version, not 0
+    wait_for(lambda: _metrics_lines(out_dir) >= 16, 300, "steps on the surviving actor")
+    restarted_at = _metrics_lines(out_dir)
+    rejoined = opd("actor", "--config", str(out_dir / "config.yaml"), "--index", "0")
+    log, _ = proc.communicate(timeout=600)
+    actor_log, _ = rejoined.communicate(timeout=120)
+    assert proc.returncode == 0, log
+    assert "actor-0 exited with code -9" in log and "continuing on actor-1" in log
+    taken = [
+        int(x.split("took weights version ")[1].split()[0])
+        for x in actor_log.splitlines()
+        if "took weights" in x
+    ]
+    assert rejoined.returncode == 0 and taken and taken[0] >= restarted_at - 1, actor_log  # latest, not 0
+    records = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert min(r.get("weight_sync_members", 2) for r in records[8:-1]) == 1  # synced without the dead actor
     books = accounting(out_dir, redis_server.url)
-    assert books["trained"] == books["trained_unique"] == 20 * 32
+    assert books["trained"] == books["trained_unique"] == steps * 32
     assert books["unaccounted"] == [] and books["trained_not_generated"] == []
 
 

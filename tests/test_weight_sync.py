@@ -1,6 +1,7 @@
 """Bucketed broadcast over a real gloo group built without init_process_group, across real processes."""
 
 import multiprocessing as mp
+import time
 
 import pytest
 import torch
@@ -82,3 +83,26 @@ def test_bucket_plan_respects_size_and_dtype():
         ("d", torch.zeros(100)),
     ]
     assert plan_buckets(named, bucket_bytes=80) == [[0, 1], [2], [3]]
+
+
+def test_membership_follows_heartbeats():
+    """Registered actors count as alive while their heartbeat counter moves, on the learner's clock only."""
+    from weight_sync.elastic import Heartbeat, Membership, register
+
+    port = free_port()
+    store = make_store("127.0.0.1", port, 0, None, 30)
+    members = Membership(store, liveness_s=0.6)
+    assert members.alive() == []
+    client = make_store("127.0.0.1", port, 1, None, 30)
+    beats = []
+    for name in ("actor-1", "actor-0"):
+        register(client, name)
+        beats.append(Heartbeat("127.0.0.1", port, name, 0.1, 30))
+    time.sleep(0.3)
+    assert members.alive() == ["actor-0", "actor-1"]
+    beats[0].stop()  # actor-1 dies
+    time.sleep(0.3)
+    members.alive()  # observed once more while its counter still looks recent
+    time.sleep(1.0)
+    assert members.alive() == ["actor-0"]
+    beats[1].stop()

@@ -1,7 +1,7 @@
 """A torch.distributed group for weight broadcast, built without `init_process_group`.
 
 A global default group would tie every process to one world for its whole life. Building the store and the
-backend object directly keeps the group a plain value: a later change can make one per sync epoch so actors join
+backend object directly keeps the group a plain value, so elastic.py makes one per sync epoch and actors join
 and leave between versions.
 """
 
@@ -23,8 +23,8 @@ def resolve_backend(backend: str, device: str) -> str:
     return backend
 
 
-def make_store(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> dist.Store:
-    """Rank 0 (the learner) hosts the TCPStore; the others connect to it."""
+def make_store(host: str, port: int, rank: int, world_size: int | None, timeout_s: float) -> dist.Store:
+    """Rank 0 (the learner) hosts the TCPStore; the others connect to it. world_size None: any number may come."""
     store = dist.TCPStore(
         host,
         port,
@@ -40,6 +40,7 @@ def make_group(store: dist.Store, prefix: str, rank: int, world_size: int, backe
     """The backend object itself (ProcessGroupGloo/NCCL); every rank must call this to rendezvous."""
     scoped = dist.PrefixStore(prefix, store)
     timeout = timedelta(seconds=timeout_s)
+    scoped.set_timeout(timeout)  # a rank that never comes (it died) fails the rendezvous after timeout_s
     if backend == "gloo":
         return dist.ProcessGroupGloo(scoped, rank, world_size, timeout)
     if backend == "nccl":
