@@ -145,9 +145,17 @@ class Actor:
         finally:
             self.follower.close()
 
+    def wait_for_current_weights(self) -> None:
+        """Sample nothing with weights older than the learner's: a restarted actor's first batches at the
+        initial student would all be dropped as stale (the learner sends it the current version within ~1 s)."""
+        while not self.stop() and self.follower.version < self.follower.learner_version():
+            self.service_control()
+            time.sleep(0.05)
+
     def _loop(self) -> None:
         while not self.stop():
             self.service_control()
+            self.wait_for_current_weights()
             self.wait_while_ahead()
             if self.stop():
                 break

@@ -24,6 +24,7 @@ from weight_sync.broadcast import SyncStats, WeightBroadcaster, WeightReceiver
 from weight_sync.group import make_group
 
 REGISTRY_COUNT = "actors/count"
+VERSION_KEY = "weights/version"  # the learner's current version: a joining actor waits for it before sampling
 
 
 def _client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
@@ -107,6 +108,7 @@ class ElasticBroadcaster:
 
     def sync(self, version: int) -> SyncStats | None:
         """None when no actor is alive (nothing to send; a joining actor gets the next version)."""
+        self.store.set(VERSION_KEY, str(version))
         for attempt in range(self.attempts):
             members = self.membership.alive()
             if not members:
@@ -183,6 +185,9 @@ class ElasticReceiver:
             return None
         self.version = version
         return stats
+
+    def learner_version(self) -> int:
+        return int(self.store.get(VERSION_KEY)) if self.store.check([VERSION_KEY]) else 0
 
     def close(self) -> None:
         self.heartbeat.stop()
