@@ -9,31 +9,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from actors.engines import build_engine
 from broker import connect, publish_with_backpressure, stream_name
 from opd import tasks
-from opd.assets import ensure_assets, load_asset
+from opd.assets import ensure_assets
 from opd.config import Config
 from opd.models import encode_prompt
 from opd.protocol import ProtocolError, Trajectory, encode, unpack_control
 from opd.runtime import Reporter, StopFlag, log, run_component
-from opd.sampling import sample
 from weight_sync import ElasticReceiver, WeightReceiver, resolve_backend
+from weight_sync.snapshot import SnapshotStore
+from weight_sync.verify import DigestLog
 
 
 def weight_follower(cfg: Config, name: str, model: torch.nn.Module) -> ElasticReceiver:
     """Register with the learner's store and heartbeat; weights arrive in the sync epochs that name us."""
     ws = cfg.weight_sync
     backend = resolve_backend(ws.backend, cfg.actor.device)
+    run_dir = Path(cfg.run.output_dir or ".")
+    named = list(model.named_parameters())
+    digests = DigestLog(run_dir / "weight_digests", name) if ws.verify_digests else None
     return ElasticReceiver(
         ws.host,
         ws.port,
         name,
         f"{cfg.run.run_id}/weights",
         backend,
-        WeightReceiver(None, list(model.named_parameters()), ws.bucket_mb),
+        WeightReceiver(None, named, ws.bucket_mb),
         timeout_s=ws.timeout_s,
         join_timeout_s=ws.join_timeout_s,
         heartbeat_s=ws.liveness_s / 5,
+        snapshots=SnapshotStore(ws.snapshot_dir or run_dir / "weights"),
+        on_weights=(lambda v, source: digests.record(v, named, source)) if digests else None,
     )
 
 
@@ -42,8 +49,9 @@ class Actor:
         self.cfg, self.index, self.stop = cfg, index, stop
         self.name = f"actor-{index}"
         assets = ensure_assets(cfg, log=log.info)
-        self.model, self.tokenizer = load_asset(assets.student, cfg.actor.device)
-        self.model.eval()
+        # actor.engine picks the sampler; engine.model is the HF module the weight broadcast writes into
+        self.engine = build_engine(cfg, assets)
+        self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
         self.broker = connect(cfg.broker)
         self.broker.stopping = stop
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.actor.metrics_every_s)
@@ -84,16 +92,8 @@ class Actor:
         problems = [next(self.problems) for _ in range(cfg.actor.prompts_per_batch)]
         prompt_ids = [encode_prompt(self.tokenizer, p.prompt) for p in problems]
         batch_no = next(self.batches)
-        samples = sample(
-            self.model,
-            [p for p in prompt_ids for _ in range(s.n)],
-            eos_id=self.tokenizer.eos_token_id,
-            pad_id=self.tokenizer.pad_token_id,
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            generator=self.generator,
-        )
+        self.engine.sync_weights(self.follower.version)  # the version stamped below is what samples
+        samples = self.engine.sample([p for p in prompt_ids for _ in range(s.n)], self.generator)
         out = []
         mode = tasks.verifier_mode(cfg.task)
         for j, smp in enumerate(samples):
@@ -144,13 +144,24 @@ class Actor:
             self._loop()
         finally:
             self.follower.close()
+            self.engine.close()
 
     def wait_for_current_weights(self) -> None:
         """Sample nothing with weights older than the learner's: a restarted actor's first batches at the
-        initial student would all be dropped as stale (the learner sends it the current version within ~1 s)."""
+        initial student would all be dropped as stale (the learner sends it the current version within ~1 s).
+        Weights bootstrapped from a snapshot may be used before that broadcast while their samples would still
+        be within learner.max_staleness when trained."""
         while not self.stop() and self.follower.version < self.follower.learner_version():
+            if self._snapshot_weights_fresh():
+                return
             self.service_control()
             time.sleep(0.05)
+
+    def _snapshot_weights_fresh(self) -> bool:
+        if self.follower.source != "snapshot":
+            return False
+        lag = self.follower.learner_version() - self.follower.version
+        return lag + self.versions_ahead() < self.cfg.learner.max_staleness
 
     def _loop(self) -> None:
         while not self.stop():

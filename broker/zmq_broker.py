@@ -129,7 +129,8 @@ class ZmqBrokerServer:
         if g is not None:
             for eid in header.get("ids", []):
                 g.pending.pop(int(eid), None)
-            s.trim_acked()
+            if s.bounded:  # log streams keep their newest log_maxlen entries, as on Redis: a reader that joins
+                s.trim_acked()  # later (`opd top`) still sees the recent records the launcher already took
         self._reply(envelope, {"ok": True})
 
     def _depth(self, envelope, name: str, s: _Stream, header: dict, payloads: list[bytes]) -> None:

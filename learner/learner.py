@@ -18,7 +18,10 @@ from opd.assets import ensure_assets, evaluate, load_asset
 from opd.config import Config
 from opd.protocol import ProtocolError, Trajectory, decode, pack_control
 from opd.runtime import Reporter, StopFlag, log, run_component
+from opd.tracking import StepTracker
 from weight_sync import ElasticBroadcaster, WeightBroadcaster, make_store, resolve_backend
+from weight_sync.snapshot import SnapshotStore
+from weight_sync.verify import DigestLog
 
 KL_WINDOW = 5  # reverse_kl_first/last are means over this many steps, so one noisy batch does not decide
 COUNTERS_KEPT = (
@@ -51,6 +54,7 @@ class Learner:
         self.broker = connect(cfg.broker)
         self.broker.stopping = stop
         self.reporter = Reporter(self.broker, cfg, "learner", 0.0)
+        self.tracker = StepTracker(cfg)  # wandb / TensorBoard, when metrics.* enables them
         self.scored = stream_name(cfg.run.run_id, "scored")
         self.control = stream_name(cfg.run.run_id, "control")
         self.eval_problems = tasks.eval_set(cfg.task)
@@ -137,6 +141,10 @@ class Learner:
         self.backend = resolve_backend(ws.backend, self.cfg.learner.device)
         self.store = make_store(ws.host, ws.port, 0, None, ws.timeout_s)
         self.broadcaster.publish_manifest(self.store)
+        self.snapshots = SnapshotStore(ws.snapshot_dir or self.out_dir / "weights")
+        for gone in self.snapshots.drop_newer_than(self.version):  # from steps a resume does not restore
+            log.info("removed weight snapshot %s: newer than the resumed version %d", gone.name, self.version)
+        self.digests = DigestLog(self.out_dir / "weight_digests", "learner") if ws.verify_digests else None
         self.weight_sync = ElasticBroadcaster(
             self.store,
             f"{self.cfg.run.run_id}/weights",
@@ -146,6 +154,7 @@ class Learner:
             liveness_s=ws.liveness_s,
             join_timeout_s=ws.join_timeout_s,
             log=log.warning,
+            version=self.version,
         )
 
     def _announce(self, version: int, epoch: int, members: list[str]) -> None:
@@ -232,16 +241,38 @@ class Learner:
         """Send the next version (or, `bump` False, the current one again) to the actors alive now."""
         if bump:
             self.version += 1
+        failed_before = self.weight_sync.failed_versions
         with self.engine.gathered():
             stats = self.weight_sync.sync(self.version)
+            record = self._snapshot_and_digest()
+        if self.weight_sync.failed_versions > failed_before:
+            return {**record, "weight_sync_members": 0, "weight_sync_failed": 1}
         if stats is None:
-            return {"weight_sync_members": 0}
+            return {**record, "weight_sync_members": 0}
         return {
+            **record,
             "weight_sync_seconds": stats.seconds,
             "weight_sync_gbps": stats.gbps,
+            "weight_sync_bytes": stats.bytes,
             "weight_sync_members": len(self.weight_sync.members),
             "weight_sync_epoch": self.weight_sync.epoch,
         }
+
+    def _snapshot_and_digest(self) -> dict[str, float]:
+        """Inside `gathered()`: the full parameters of the version just published."""
+        every, named, record = self.cfg.weight_sync.snapshot_every, self.broadcaster.named, {}
+        if self.digests is not None:
+            self.digests.record(self.version, named, "learner")
+        if every and self.version % every == 0 and self.snapshots.last_version != self.version:
+            copy_s = self.snapshots.write_async(self.version, named)
+            if copy_s is None:
+                record["weight_snapshot_skipped"] = 1
+            else:
+                record["weight_snapshot_copy_seconds"] = copy_s
+        if self.snapshots.last_error is not None:
+            log.warning("weight snapshot failed: %s", self.snapshots.last_error)
+            self.snapshots.last_error = None
+        return record
 
     def _train_step(self, batch: list[Trajectory], wait_s: float) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -274,6 +305,8 @@ class Learner:
         record = {"step": self.step_no, "weight_version": self.version, "time": time.time(), **record}
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self.reporter.export_step(record)
+        self.tracker.log(record)
         self.reporter.maybe_send(
             force=True, **{k: v for k, v in record.items() if isinstance(v, int | float)}
         )
@@ -312,6 +345,7 @@ class Learner:
 
     def finish(self) -> None:
         """Save a resumable checkpoint and the final student (HF format), write a summary, tell everyone to stop."""
+        self.snapshots.wait()
         self.save_checkpoint()
         (self.out_dir / "trained_ids.txt").write_text("".join(i + "\n" for i in self.trained_log))
         final = self.out_dir / "student"
@@ -341,6 +375,7 @@ class Learner:
             "stopped_by": self.stop.reason or "max_steps",
         }
         (self.out_dir / "learner_summary.json").write_text(json.dumps(summary, indent=2))
+        self.tracker.close()
         log.info(
             "saved the final student to %s after %d steps (weight version %d)",
             final,

@@ -6,6 +6,7 @@ names the field and the fix, instead of surfacing minutes later inside one of fo
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -119,18 +120,96 @@ class SamplingConfig(_Strict):
     n: int = Field(4, ge=1, description="Samples per prompt (group size).")
 
 
+class VLLMEngineConfig(_Strict):
+    """Settings of an in-process vLLM engine (`actor.engine: vllm` or `scorer.engine: vllm`); see README."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights/activations dtype inside vLLM; auto = the dtype the HF engine would load "
+        "(student/teacher dtype), not vLLM's auto, which halves float32 checkpoints.",
+    )
+    enforce_eager: bool = Field(
+        True, description="Skip CUDA-graph/torch.compile capture: starts in seconds instead of minutes."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Longest prompt + response vLLM plans for; null = the model's own limit."
+    )
+    max_num_seqs: int = Field(256, ge=1, description="Sequences vLLM schedules in one step.")
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="Share of GPU memory vLLM may take (weights + KV cache); CUDA only."
+    )
+    cpu_kv_cache_gb: int = Field(
+        1, ge=1, description="KV cache GiB on CPU (sets VLLM_CPU_KVCACHE_SPACE, whole GiB); CPU builds only."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for vllm.LLM (e.g. tensor_parallel_size); they win over the above.",
+    )
+
+
 class ActorConfig(_Strict):
-    engine: Literal["hf"] = Field("hf", description="Student engine. `vllm` comes with the vLLM issue.")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="Student engine: hf (transformers sampling loop) or vllm (see actor.vllm)."
+    )
     num_actors: int = Field(1, ge=1, description="Actor processes (weight-sync ranks 1..N).")
     prompts_per_batch: int = Field(8, ge=1, description="Prompts per generation batch; batch = prompts x n.")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda:0.")
     metrics_every_s: float = Field(0.5, gt=0, description="Seconds between metrics records on the broker.")
+    vllm: VLLMEngineConfig = Field(
+        default_factory=VLLMEngineConfig, description="The vLLM engine used when engine: vllm (ignored otherwise)."
+    )
+    keep_kv_cache: bool = Field(
+        False,
+        description="vllm: keep the prefix/KV cache across weight updates (reuses KV computed by old weights); "
+        "false resets it after every update.",
+    )
 
-    _planned = _refuse_planned("engine", ("vllm",), "engine: hf")
+
+class RemoteTeacherConfig(_Strict):
+    """A teacher behind an HTTP server. It must serve a model with the student's tokenizer: ids are sent as-is."""
+
+    api: Literal["sglang", "openai"] = Field(
+        "sglang",
+        description="Wire format: sglang (native /generate) or openai (vLLM's /v1/completions with prompt_logprobs).",
+    )
+    url: str | None = Field(None, description="Server base URL, e.g. http://127.0.0.1:30000 (no /v1 suffix).")
+    model: str | None = Field(
+        None, description="Served model name sent with openai requests; none = the server's only model."
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Seconds one HTTP request may take before it is retried.")
+    retries: int = Field(
+        3, ge=0, description="Retries of a request after a connection error, timeout, 408/429 or 5xx."
+    )
+    backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles after every failed attempt.")
+    max_concurrency: int = Field(8, ge=1, description="Requests in flight at once from one scorer process.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (sent as a Bearer token)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"scorer.remote.url {v!r} must start with http:// or https://")
+        return v.rstrip("/") if v else v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(
+                "scorer.remote.api_key_env names an environment variable (e.g. TEACHER_API_KEY) that holds the "
+                "key; never put the key itself in a config file"
+            )
+        return v
 
 
 class ScorerConfig(_Strict):
-    engine: Literal["hf"] = Field("hf", description="Teacher backend. `vllm`/remote come with later issues.")
+    engine: Literal["hf", "vllm", "remote"] = Field(
+        "hf",
+        description="Teacher backend: hf (in process), vllm (in-process vLLM, see vllm) or remote (an "
+        "SGLang/vLLM server, see remote).",
+    )
     num_scorers: int = Field(1, ge=1, description="Teacher scorer processes sharing the rollouts stream.")
     topk: int = Field(0, ge=0, description="Teacher top-k logprobs attached per token (0 = off).")
     temperature: float = Field(1.0, gt=0, description="Temperature of the teacher's logprobs.")
@@ -141,7 +220,27 @@ class ScorerConfig(_Strict):
     device: str = Field("cpu", description="torch device of the teacher.")
     metrics_every_s: float = Field(0.5, gt=0, description="Seconds between metrics records on the broker.")
 
-    _planned = _refuse_planned("engine", ("vllm", "remote"), "engine: hf")
+    remote: RemoteTeacherConfig = Field(
+        default_factory=RemoteTeacherConfig,
+        description="The teacher server used when engine: remote (ignored otherwise).",
+    )
+    vllm: VLLMEngineConfig = Field(
+        default_factory=VLLMEngineConfig, description="The vLLM engine used when engine: vllm (ignored otherwise)."
+    )
+
+    @model_validator(mode="after")
+    def _remote_needs(self) -> ScorerConfig:
+        if self.engine != "remote":
+            return self
+        if not self.remote.url:
+            raise ValueError("scorer.engine: remote needs scorer.remote.url, e.g. http://127.0.0.1:30000")
+        if self.temperature != 1.0:
+            raise ValueError(
+                f"scorer.temperature {self.temperature}: SGLang and vLLM servers return prompt logprobs of the raw "
+                "logits (temperature 1) and a sampled-token or top-k logprob cannot be re-tempered without the "
+                "full distribution; set scorer.temperature: 1 or use scorer.engine: hf"
+            )
+        return self
 
 
 LOSSES = ("reverse_kl_pg", "opd_penalty", "topk_forward_kl", "topk_reverse_kl", "gkd_jsd", "hybrid")
@@ -328,6 +427,25 @@ class WeightSyncConfig(_Strict):
         gt=0,
         description="An actor whose heartbeat has not moved for this long is left out of the next sync.",
     )
+    # Default 4 = the default learner.max_staleness: a joiner's snapshot is then at most 3 versions old, inside
+    # the staleness budget, so it can sample at once; disk traffic is a quarter of the broadcast's, written by a
+    # background thread (the learner pays one copy of the weights to CPU memory).
+    snapshot_every: int = Field(
+        4,
+        ge=0,
+        description="Write a safetensors snapshot of the weights every this many versions, for late-joining "
+        "actors and as the fallback when broadcasts fail; 0 = off.",
+    )
+    snapshot_dir: Path | None = Field(
+        None,
+        description="Shared directory of the weight snapshots (every actor host must read it); "
+        "default <run.output_dir>/weights.",
+    )
+    verify_digests: bool = Field(
+        False,
+        description="Debug: learner and actors append a sha256 of their weights per version to "
+        "<run.output_dir>/weight_digests/<component>.jsonl (one extra pass over the weights per version).",
+    )
 
 
 class _BrokerCommon(_Strict):
@@ -422,6 +540,133 @@ class RunConfig(_Strict):
         return v
 
 
+class ScalingConfig(_Strict):
+    """Teacher scorers added or removed while a run trains (`opd scale`, or this autoscaler); see README."""
+
+    autoscale: bool = Field(
+        False, description="Let the launcher add/remove scorers to keep the rollouts queue within bounds."
+    )
+    min_scorers: int = Field(1, ge=1, description="The autoscaler never goes below this many scorers.")
+    max_scorers: int = Field(
+        4, ge=1, description="The autoscaler never goes above this; without autoscale, `opd scale` may."
+    )
+    queue_low: int = Field(
+        8, ge=0, description="Remove a scorer when the mean rollouts depth over cooldown_s is below this."
+    )
+    queue_high: int = Field(
+        128, ge=1, description="Add a scorer when the mean rollouts depth over cooldown_s is above this."
+    )
+    cooldown_s: float = Field(
+        30.0, gt=0, description="Seconds between autoscaler changes (and the window its depth is averaged over)."
+    )
+    interval_s: float = Field(
+        5.0, gt=0, description="Seconds between scorer throughput records in runs/<id>/scaling.jsonl."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ScalingConfig:
+        if self.min_scorers > self.max_scorers:
+            raise ValueError(
+                f"scaling.min_scorers ({self.min_scorers}) > scaling.max_scorers ({self.max_scorers}); "
+                "raise max_scorers or lower min_scorers"
+            )
+        if self.queue_low >= self.queue_high:
+            raise ValueError(
+                f"scaling.queue_low ({self.queue_low}) must be below scaling.queue_high ({self.queue_high}); "
+                "widen the band"
+            )
+        return self
+
+
+class RayResources(_Strict):
+    """Ray resources one component's actor reserves (fractions allowed, as in Ray)."""
+
+    num_cpus: float = Field(0.5, ge=0, description="Logical CPUs the component's Ray actor reserves.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs the component's Ray actor reserves.")
+
+
+# Per-role defaults, as classes so that `opd run --help` shows each role's own default.
+class RayBrokerResources(RayResources):
+    num_cpus: float = Field(0.0, ge=0, description="Logical CPUs the broker's Ray actor reserves.")
+
+
+class RayLearnerResources(RayResources):
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs the learner's Ray actor reserves.")
+
+
+class RayScorerResources(RayResources):
+    num_cpus: float = Field(0.25, ge=0, description="Logical CPUs each scorer's Ray actor reserves.")
+
+
+class RayConfig(_Strict):
+    """`opd run --launcher ray`: each component is a process owned by a Ray actor placed with these resources."""
+
+    address: str | None = Field(
+        None, description="Ray cluster to join (e.g. auto or ray://host:10001); null = start a local Ray."
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of the local Ray started when address is null (null = all)."
+    )
+    placement_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds to wait for Ray to place a component before giving up on it."
+    )
+    broker: RayBrokerResources = Field(
+        default_factory=RayBrokerResources, description="Resources of the zmq broker."
+    )
+    learner: RayLearnerResources = Field(
+        default_factory=RayLearnerResources, description="Resources of the learner."
+    )
+    actor: RayResources = Field(default_factory=RayResources, description="Resources of each actor.")
+    scorer: RayScorerResources = Field(
+        default_factory=RayScorerResources, description="Resources of each scorer."
+    )
+
+
+class WandbConfig(_Strict):
+    """Weights & Biases logging of the learner's per-step record (`pip install -e .[logging]`)."""
+
+    enabled: bool = Field(False, description="Log every learner step to wandb.")
+    project: str = Field("opd-stream", description="wandb project name.")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline writes a local run (`wandb sync` uploads it later); online needs a login."
+    )
+    dir: Path | None = Field(None, description="Where wandb writes its run folder; null = run.output_dir.")
+
+
+class TensorBoardConfig(_Strict):
+    """TensorBoard event files of the learner's per-step scalars (`pip install -e .[logging]`)."""
+
+    enabled: bool = Field(False, description="Write the learner's per-step scalars as TensorBoard events.")
+    dir: Path | None = Field(None, description="Event file folder; null = <run.output_dir>/tensorboard.")
+
+
+class MetricsConfig(_Strict):
+    """Prometheus endpoints of every component, and the learner's wandb/TensorBoard logging."""
+
+    port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Base Prometheus port (0 = off). Learner +0, actor i +1+i, scorer j +1+actor.num_actors+j "
+        "(README: Watching a run).",
+    )
+    host: str = Field("127.0.0.1", description="Address the endpoints bind; 0.0.0.0 to be scraped from other hosts.")
+    port_layout: Literal["offset", "fixed"] = Field(
+        "offset",
+        description="offset: many components on one host (opd run), each on metrics.port plus its offset; "
+        "fixed: each binds metrics.port itself (one component per container: docker-compose, --index auto).",
+    )
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = Field(default_factory=TensorBoardConfig)
+
+    @field_validator("port")
+    @classmethod
+    def _not_privileged(cls, v: int) -> int:
+        if 0 < v < 1024:
+            raise ValueError(f"metrics.port {v} is a privileged port; use 0 (off) or e.g. 9400")
+        return v
+
+
 # The teacher must be clearly stronger than the student, so its defaults are a bigger, longer-trained model.
 _TEACHER_DEFAULTS: dict[str, Any] = {
     "hidden_size": 128,
@@ -443,6 +688,9 @@ class Config(_Strict):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     broker: BrokerConfig = Field(default_factory=ZmqBrokerConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -479,9 +727,35 @@ class Config(_Strict):
                 "or kind: pretrained for both"
             )
         self._loss_inputs()
+        self._ray_fits()
         if self.weight_sync.backend == "nccl" and "cuda" not in self.learner.device:
             raise ValueError("weight_sync.backend: nccl needs learner.device: cuda; use backend: gloo on CPU")
+        if self.actor.engine == "vllm" and self.sampling.top_p < 1.0:
+            # vLLM's processed logprobs are taken after top-p truncation; raw ones before the temperature.
+            raise ValueError(
+                f"actor.engine: vllm with sampling.top_p {self.sampling.top_p}: vLLM's logprobs would describe "
+                "the top-p-truncated distribution, not log_softmax(logits / T) the learner recomputes; set "
+                "sampling.top_p: 1 or actor.engine: hf"
+            )
         return self
+
+    def _ray_fits(self) -> None:
+        """A local Ray smaller than what the components reserve would leave one waiting to be placed."""
+        r = self.ray
+        if r.address is not None or r.num_cpus is None:
+            return
+        parts = {
+            "broker": r.broker.num_cpus if self.broker.type == "zmq" else 0.0,
+            "learner": r.learner.num_cpus,
+            "actors": self.actor.num_actors * r.actor.num_cpus,
+            "scorers": self.scorer.num_scorers * r.scorer.num_cpus,
+        }
+        if sum(parts.values()) > r.num_cpus + 1e-9:
+            detail = " + ".join(f"{k} {v:g}" for k, v in parts.items())
+            raise ValueError(
+                f"ray.num_cpus={r.num_cpus} is less than the components reserve at start ({detail}); "
+                "raise ray.num_cpus or lower ray.<role>.num_cpus"
+            )
 
     def _loss_inputs(self) -> None:
         """Refuse a loss whose inputs this run would never produce, instead of failing at the first batch."""

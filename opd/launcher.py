@@ -27,6 +27,7 @@ from opd import tasks
 from opd.assets import ensure_assets, evaluate, load_asset
 from opd.config import Config, dump_config
 from opd.models import load_causal_lm, load_tokenizer
+from opd.prometheus import write_port_map
 from opd.protocol import ProtocolError, unpack_control
 from opd.runtime import trajectory_id
 
@@ -97,9 +98,12 @@ def resolve_resume(cfg: Config) -> Config:
 
 
 class LocalLauncher:
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: Config, resume: bool = False, spawner=None):
         self.cfg, self.resume = cfg, resume
         self.lost: set[str] = set()  # components that died without ending the run
+        self.spawner = spawner  # places a process elsewhere (opd/ray_launcher.py); None = a child process here
+        self.retired: set[str] = set()  # scorers stopped on purpose by scaling: their exit is no failure
+        self.scaler = None  # opd/scaling.py, once the components run
         self.out = Path(cfg.run.output_dir)
         self.components: list[Component] = []
         self.state = RunState()
@@ -111,8 +115,11 @@ class LocalLauncher:
         log_path = self.out / "logs" / f"{name}.log"
         cmd = [sys.executable, "-m", "opd.cli", role, "--config", str(self.config_path), *extra]
         env = {**os.environ, "OPD_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "ab") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        if self.spawner is not None:
+            proc = self.spawner(name, cmd, env, log_path)  # a Popen-like handle
+        else:
+            with open(log_path, "ab") as fh:
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         comp = Component(name, proc, log_path)
         self.components.append(comp)
         return comp
@@ -127,6 +134,15 @@ class LocalLauncher:
             self._spawn(f"actor-{i}", "actor", "--index", str(i))
         for i in range(self.cfg.scorer.num_scorers):
             self._spawn(f"scorer-{i}", "scorer", "--index", str(i))
+        self._start_scaling()
+
+    def _start_scaling(self) -> None:
+        """`opd scale` and the autoscaler act through this launcher's own spawn and stop (opd/scaling.py)."""
+        from opd.scaling import LauncherPool, ScorerScaler
+
+        self.scaler = ScorerScaler(
+            self.cfg, self.broker, LauncherPool(self), self.out, lambda: self.state.latest, console.print
+        )
 
     def _connect_redis(self):
         client = connect(self.cfg.broker)
@@ -155,6 +171,8 @@ class LocalLauncher:
         """A component that died; a clean exit counts only once the learner has finished (it sends stop)."""
         learner_done = (self.out / "learner_summary.json").exists()
         for c in self.components:
+            if c.name in self.retired:
+                continue
             code = c.proc.poll()
             if code is not None and (code != 0 or not (learner_done or c.name == "learner")):
                 if self._survivable(c):
@@ -266,6 +284,8 @@ class LocalLauncher:
                 self._drain()
             except BrokerUnavailable:
                 pass
+            if self.scaler is not None and not self.interrupted:
+                self.scaler.tick()  # `opd scale` requests, the autoscaler, per-scorer throughput records
             recs = self.state.learner_records
             if recs and recs[-1]["step"] != shown:
                 every = self.cfg.run.status_every
@@ -293,6 +313,8 @@ class LocalLauncher:
         for role, asset in (("teacher", assets.teacher), ("student", assets.student)):
             if asset.eval_accuracy is not None:
                 acc[role] = asset.eval_accuracy
+            elif role == "teacher" and self.cfg.scorer.engine == "remote":
+                acc[role] = None  # the teacher lives on its server; `teacher:` may name nothing loadable here
             elif problems:
                 model, tok = load_asset(asset)
                 acc[role] = evaluate(model, tok, problems, max_new, mode)
@@ -328,6 +350,13 @@ class LocalLauncher:
         (self.out / "logs").mkdir(exist_ok=True)
         self.config_path.write_text(dump_config(self.cfg))
         console.print(f"[bold]opd run[/] {self.cfg.run.run_id} -> {self.out}")
+        try:
+            ports = write_port_map(self.cfg, self.out)
+        except ValueError as exc:
+            raise LaunchError(str(exc)) from None
+        if ports:  # once, so a person can point a browser or a scraper at them
+            where = ", ".join(f"{n} {self.cfg.metrics.host}:{p}" for n, p in ports.items())
+            console.print(f"Prometheus metrics: {where} (also in {self.out / 'metrics_ports.json'})")
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         before = self._report_models()
         self.started = time.time()

@@ -14,7 +14,9 @@ import msgpack
 import torch
 
 from broker import Broker, stream_name
+from broker.base import WORK_STREAMS
 from opd.config import Config
+from opd.prometheus import exporter_for
 from opd.protocol import pack_control
 
 log = logging.getLogger("opd")
@@ -74,12 +76,24 @@ class Reporter:
         self.counters: dict[str, float] = {}
         self.started = time.time()
         self._last = 0.0
+        self.run_id = cfg.run.run_id
+        self.exporter = exporter_for(cfg, component)  # Prometheus sees what the stream sees (None: metrics.port 0)
 
     def add(self, **deltas: float) -> None:
         for k, v in deltas.items():
             self.counters[k] = self.counters.get(k, 0) + v
+        if self.exporter is not None:
+            self.exporter.add(deltas)
+
+    def export_step(self, record: dict[str, Any]) -> None:
+        """The learner's per-step record, with the work queues' depths read now, for Prometheus."""
+        if self.exporter is not None:
+            depths = {s: self.broker.depth(stream_name(self.run_id, s)) for s in WORK_STREAMS}
+            self.exporter.step(record, depths)
 
     def maybe_send(self, force: bool = False, **extra: Any) -> None:
+        if self.exporter is not None:
+            self.exporter.observe(extra)
         now = time.time()
         if force or now - self._last >= self.every_s:
             self._last = now

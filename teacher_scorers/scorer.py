@@ -9,33 +9,16 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
-import torch
-
 from broker import Message, connect, publish_with_backpressure, stream_name
-from opd.assets import ensure_assets, load_asset
+from opd.assets import ensure_assets
 from opd.config import Config
-from opd.models import check_same_vocabulary, load_tokenizer
 from opd.protocol import ProtocolError, Trajectory, decode, encode, unpack_control
 from opd.runtime import Reporter, StopFlag, log, run_component
-from opd.sampling import response_logprobs
+from teacher_scorers.backends import LOGPROB_FLOOR, build_teacher, length_buckets
 
-LOGPROB_FLOOR = -1e4  # a teacher's -inf (zero probability) is clamped here so messages stay finite
+__all__ = ["LOGPROB_FLOOR", "Scorer", "length_buckets", "main"]  # length_buckets now lives in backends
 # Chaos hook for the test suite and drills: the teacher raises on trajectories with this prompt_id.
 CHAOS_RAISE_ENV = "OPD_CHAOS_TEACHER_RAISE"
-
-
-def length_buckets(trajs: list[Trajectory], max_tokens: int) -> list[list[Trajectory]]:
-    """Sort by total length and cut into forwards whose padded size stays within max_tokens."""
-    order = sorted(trajs, key=lambda t: len(t.prompt_token_ids) + len(t.response_token_ids))
-    buckets: list[list[Trajectory]] = []
-    for t in order:
-        length = len(t.prompt_token_ids) + len(t.response_token_ids)
-        if buckets and (len(buckets[-1]) + 1) * length <= max_tokens:
-            buckets[-1].append(t)
-        else:
-            buckets.append([t])
-    return buckets
 
 
 class Scorer:
@@ -43,11 +26,9 @@ class Scorer:
         self.cfg, self.stop = cfg, stop
         self.name = f"scorer-{index}"
         assets = ensure_assets(cfg, log=log.info)
-        self.teacher, self.tokenizer = load_asset(assets.teacher, cfg.scorer.device)
-        self.teacher.eval()
-        check_same_vocabulary(load_tokenizer(assets.student.tokenizer), self.tokenizer)
-        self.vocab_size = self.teacher.get_input_embeddings().weight.shape[0]
-        self.teacher_id = assets.teacher.path
+        self.teacher = build_teacher(cfg, assets)  # scorer.engine picks the backend; it checks the tokenizer
+        self.vocab_size = self.teacher.vocab_size
+        self.teacher_id = self.teacher.teacher_id
         self.broker = connect(cfg.broker)
         self.broker.stopping = stop
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.scorer.metrics_every_s)
@@ -56,6 +37,8 @@ class Scorer:
         self.control = stream_name(cfg.run.run_id, "control")
         self.max_bytes = int(cfg.broker.max_message_mb * (1 << 20))
         self.chaos_prompt = os.environ.get(CHAOS_RAISE_ENV)
+        self.run_over = False  # the learner announced stop: nobody will train what is still in hand
+        self.drain_deadline: float | None = None
         self.broker.skip_to_end(self.control, self.name)  # an earlier incarnation's stop is not for us
 
     def _validate(self, msgs: list[Message]) -> tuple[list[Trajectory], list[str], list[str]]:
@@ -69,28 +52,13 @@ class Scorer:
                 bad_ids.append(m.id)
         return good, good_ids, bad_ids
 
-    @torch.no_grad()
     def score(self, trajs: list[Trajectory]) -> None:
-        sc = self.cfg.scorer
         if self.chaos_prompt and any(t.prompt_id == self.chaos_prompt for t in trajs):
             raise RuntimeError(f"chaos: teacher fails on prompt {self.chaos_prompt} ({CHAOS_RAISE_ENV})")
-        for bucket in length_buckets(trajs, sc.max_tokens_per_batch):
-            seqs = [(t.prompt_token_ids.tolist(), t.response_token_ids.tolist()) for t in bucket]
-            lp, tk_ids, tk_lp = response_logprobs(
-                self.teacher,
-                seqs,
-                pad_id=self.tokenizer.pad_token_id,
-                temperature=sc.temperature,
-                topk=sc.topk,
-            )
-            for i, t in enumerate(bucket):
-                t.teacher_logprobs = lp[i].clamp(min=LOGPROB_FLOOR).numpy().astype(np.float32)
-                if tk_ids is not None:
-                    t.teacher_topk_ids = tk_ids[i].numpy().astype(np.int32)
-                    t.teacher_topk_logprobs = tk_lp[i].clamp(min=LOGPROB_FLOOR).numpy().astype(np.float32)
-                t.teacher_id = self.teacher_id
-                t.teacher_temperature = sc.temperature
-                t.timestamps["scored"] = time.time()
+        self.teacher.score(trajs)
+        now = time.time()
+        for t in trajs:
+            t.timestamps["scored"] = now
 
     def score_isolating(self, trajs: list[Trajectory], ids: list[str]) -> tuple[list[Trajectory], list[str]]:
         """Score a batch; if the teacher raises, score one by one so that one bad input cannot hold up the rest.
@@ -120,10 +88,23 @@ class Scorer:
         for msg in self.broker.consume(self.control, self.name, self.name, 64, 0.0):
             try:
                 if unpack_control(msg.data)["kind"] == "stop":
+                    self.run_over = True
                     self.stop.set("stop message from the learner")
             except ProtocolError:
                 pass
             self.broker.ack(self.control, self.name, [msg.id])
+
+    def _abandon_batch(self) -> bool:
+        """Asked while the scored stream is full: give up the scored batch in hand only if it comes back anyway
+        (a redelivering broker), nobody will train it (the learner said stop), or shutdown is overdue. A scorer
+        retired by `opd scale` on the zmq broker, which never redelivers, keeps waiting to hand its batch on."""
+        if not self.stop():
+            return False
+        if self.run_over or getattr(self.broker, "redelivers", False):
+            return True
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + 0.75 * self.cfg.run.shutdown_grace_s
+        return time.monotonic() > self.drain_deadline
 
     def run(self) -> None:
         log.info("ready: teacher %s, top-k %d", self.teacher_id, self.cfg.scorer.topk)
@@ -141,7 +122,11 @@ class Scorer:
             if (
                 trajs
                 and publish_with_backpressure(
-                    self.broker, self.scored, [encode(t) for t in trajs], should_stop=self.stop
+                    self.broker,
+                    self.scored,
+                    [encode(t) for t in trajs],
+                    should_stop=self._abandon_batch,
+                    while_waiting=self._check_stop,
                 )
                 is None
             ):

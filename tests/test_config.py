@@ -37,7 +37,7 @@ def test_override_of_union_keeps_section_defaults():
         (["sampling.top_p=1.5"], "sampling.top_p", "less than or equal to 1"),
         (["sampling.temperature=0"], "sampling.temperature", "greater than 0"),
         (["student.hidden_size=30"], "student", "num_heads that divides hidden_size"),
-        (["actor.engine=vllm"], "actor.engine", "use engine: hf"),
+        (["actor.engine=vllm", "sampling.top_p=0.9"], "sampling.top_p", "set sampling.top_p: 1 or actor.engine: hf"),
         (["learner.loss=gkd_jsd", "scorer.topk=0"], "learner.loss gkd_jsd", "set scorer.topk"),
         (["learner.loss=hybrid", "learner.hybrid.distill=topk_reverse_kl"], "topk_reverse_kl", "scorer.topk"),
         (["learner.loss=opd_penalty", "sampling.n=1"], "sampling.n >= 2", "task_estimator: reinforce_pp"),

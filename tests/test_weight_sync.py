@@ -25,7 +25,8 @@ def _receiver(port, rank, world, queue, versions, bucket_mb):
     rx.check_manifest(store)
     for v in range(1, versions + 1):
         rx.receive(v)
-        queue.put((rank, v, [p.detach().clone() for p in model.parameters()]))
+        # numpy arrays travel by value; torch tensors would share an fd that dies with this process
+        queue.put((rank, v, [p.detach().numpy().copy() for p in model.parameters()]))
 
 
 @pytest.mark.parametrize("bucket_mb", [0.0005, 32.0], ids=["many-buckets", "one-bucket"])
@@ -57,7 +58,7 @@ def test_actors_receive_bit_identical_weights(bucket_mb):
         assert p.exitcode == 0
     for rank, v, params in got:
         for a, b in zip(params, sent[v], strict=True):
-            assert torch.equal(a, b), (rank, v)
+            assert torch.equal(torch.from_numpy(a), b), (rank, v)
 
 
 def _mismatched(port):

@@ -54,9 +54,38 @@ class _Bucketed:
         self.total_bytes = sum(t.numel() * t.element_size() for _, t in named)
         # Taken now: a sharding engine (ZeRO-3) later leaves empty placeholders in the live parameters.
         self.manifest = manifest(named)
+        self.bucket_bytes = [
+            sum(named[i][1].numel() * named[i][1].element_size() for i in b) for b in self.buckets
+        ]
+        self._stage: list[
+            torch.Tensor
+        ] = []  # two byte buffers, reused: fresh ones cost a page fault per 4 KB
+
+    def _staging(self, k: int, idx: list[int]) -> torch.Tensor:
+        """Bucket k's packing buffer: buffer k % 2 (the pipeline keeps at most two buckets in flight)."""
+        first = self.named[idx[0]][1]
+        numel = self.bucket_bytes[k] // first.element_size()
+        if not self._stage:
+            packed = [n for n, b in zip(self.bucket_bytes, self.buckets, strict=True) if len(b) > 1]
+            size = max(packed, default=0)
+            self._stage = [torch.empty(size, dtype=torch.uint8, device=first.device) for _ in range(2)]
+        buf = self._stage[k % 2]
+        if self.bucket_bytes[k] > buf.numel() or buf.device != first.device:
+            return torch.empty(numel, dtype=first.dtype, device=first.device)
+        return buf[: self.bucket_bytes[k]].view(first.dtype)
 
     def _broadcast(self, flat: torch.Tensor) -> None:
         self.group.broadcast([flat], _opts(root=0)).wait()
+
+    def _start(self, flat: torch.Tensor):
+        """Asynchronous: gloo moves this bucket on its own threads while the caller packs or unpacks another
+        (collectives on one group run in the order they are issued, on every rank)."""
+        return self.group.broadcast([flat], _opts(root=0))
+
+    def _single(self, idx: list[int]) -> torch.Tensor | None:
+        """A bucket of one contiguous tensor travels as that tensor itself: no packing copy on either side."""
+        t = self.named[idx[0]][1]
+        return t.detach().view(-1) if len(idx) == 1 and t.is_contiguous() else None
 
 
 def _opts(root: int):
@@ -76,10 +105,21 @@ class WeightBroadcaster(_Bucketed):
 
     @torch.no_grad()
     def broadcast(self, version: int) -> SyncStats:
+        """Packs bucket i+1 while bucket i is on the wire (two buckets of memory at most)."""
         t0 = time.perf_counter()
-        for idx in self.buckets:
-            flat = torch.cat([self.named[i][1].detach().reshape(-1) for i in idx])
-            self._broadcast(flat)
+        in_flight = None  # (work, flat): the flat must live until its work is done
+        for k, idx in enumerate(self.buckets):
+            flat = self._single(idx)
+            if flat is None:
+                flat = torch.cat(
+                    [self.named[i][1].detach().reshape(-1) for i in idx], out=self._staging(k, idx)
+                )
+            work = self._start(flat)
+            if in_flight is not None:
+                in_flight[0].wait()
+            in_flight = (work, flat)
+        if in_flight is not None:
+            in_flight[0].wait()
         return SyncStats(version, self.total_bytes, time.perf_counter() - t0)
 
 
@@ -96,17 +136,37 @@ class WeightReceiver(_Bucketed):
                 f"learner {diff[0] if diff else '-'} vs actor {diff[1] if diff else '-'}): start both from the same student"
             )
 
+    dirty = False  # a receive failed after overwriting some buckets: the weights mix two versions
+
     @torch.no_grad()
     def receive(self, version: int) -> SyncStats:
+        """Posts the receive of bucket i+1 before unpacking bucket i, mirroring the sender's pipeline."""
         t0 = time.perf_counter()
-        for idx in self.buckets:
-            tensors = [self.named[i][1] for i in idx]
-            flat = torch.empty(
-                sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device
-            )
-            self._broadcast(flat)
-            offset = 0
-            for t in tensors:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+        self.dirty = False
+        in_flight = None  # (work, flat, bucket indices, flat is the parameter itself)
+        for k, idx in enumerate(self.buckets):
+            flat = self._single(idx)
+            direct = flat is not None
+            if direct:
+                self.dirty = True  # received straight into the parameter: a failure leaves it half written
+            else:
+                flat = self._staging(k, idx)
+            work = self._start(flat)
+            if in_flight is not None:
+                self._finish(*in_flight)
+            in_flight = (work, flat, idx, direct)
+        if in_flight is not None:
+            self._finish(*in_flight)
+        self.dirty = False
         return SyncStats(version, self.total_bytes, time.perf_counter() - t0)
+
+    def _finish(self, work, flat: torch.Tensor, idx: list[int], direct: bool) -> None:
+        work.wait()
+        if direct:
+            return
+        self.dirty = True
+        offset = 0
+        for i in idx:
+            t = self.named[i][1]
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()

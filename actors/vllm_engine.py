@@ -1,0 +1,106 @@
+"""The vLLM student engine (`actor.engine: vllm`): vLLM samples, our weight broadcast feeds it.
+
+Behaviour logprobs: the engine runs with `logprobs_mode="processed_logprobs"`, which in vLLM's sampler is the
+log-softmax of the logits after the temperature division (and after top-k/top-p, which the config keeps off for
+this engine: `sampling.top_p < 1` is refused). That is exactly our convention, log_softmax(raw logits / T) of the
+sampled token. `raw_logprobs` would be taken before the temperature (right only at T = 1).
+
+Weights: the broadcast lands in `self.model`, a CPU (or `actor.device`) Hugging Face copy of the student whose
+parameter names, shapes and dtypes match the learner's manifest. Before each generation batch, if the version
+moved, those tensors are handed to vLLM's worker through `collective_rpc` (in process, no copy on the way) and
+loaded with the model's `load_weights`; the prefix cache is then reset unless `actor.keep_kv_cache`. Weights
+therefore change only between generation batches, so `policy_version` describes every token and
+`token_versions` stays unset.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from opd.assets import Assets, load_asset
+from opd.config import Config
+from opd.runtime import log
+from opd.sampling import Sample
+from opd.vllm_support import WORKER_EXTENSION, make_llm
+
+
+def _sample_logprobs(token_ids: list[int], logprobs) -> list[float]:
+    """The logprob of each sampled token from vLLM's per-position {token_id: Logprob} maps."""
+    if logprobs is None or len(logprobs) != len(token_ids):
+        raise RuntimeError(
+            f"vLLM returned {0 if logprobs is None else len(logprobs)} logprob entries for {len(token_ids)} tokens"
+        )
+    return [float(pos[tok].logprob) for tok, pos in zip(token_ids, logprobs, strict=True)]
+
+
+class VLLMEngine:
+    def __init__(self, cfg: Config, assets: Assets):
+        self.cfg = cfg
+        # The receive buffer for the weight broadcast, and the tokenizer every component uses.
+        self.model, self.tokenizer = load_asset(assets.student, cfg.actor.device)
+        self.model.eval()
+        t0 = time.perf_counter()
+        self.llm = make_llm(
+            cfg.actor.vllm,
+            assets.student.path,
+            dtype=assets.student.dtype,
+            device=cfg.actor.device,
+            seed=cfg.run.seed,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls=WORKER_EXTENSION,
+            enable_prefix_caching=True,
+        )
+        log.info("vLLM student engine up in %.1fs", time.perf_counter() - t0)
+        self.version = 0  # the asset's weights are version 0, as for the HF engine
+        self.pushes = 0
+
+    def push_weights(self) -> None:
+        """Load the tensors in `self.model` into vLLM; then drop KV computed by the old weights unless asked not to."""
+        named = [(name, p.detach()) for name, p in self.model.named_parameters()]
+        self.llm.collective_rpc("opd_load_weights", args=(named,))
+        if not self.cfg.actor.keep_kv_cache:
+            self.llm.reset_prefix_cache()
+        self.pushes += 1
+
+    def sync_weights(self, version: int) -> None:
+        if version != self.version:
+            self.push_weights()
+            self.version = version
+
+    def sample(self, prompts: list[list[int]], generator: torch.Generator) -> list[Sample]:
+        from vllm import SamplingParams  # noqa: PLC0415 (optional dependency)
+
+        s = self.cfg.sampling
+        # per-request seeds drawn from the actor's generator: reproducible runs, distinct samples per prompt
+        base = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                max_tokens=s.max_new_tokens,
+                logprobs=0,  # only the sampled token's logprob
+                seed=base + i,  # repeated prompts (sampling.n) must not share a seed
+                stop_token_ids=[self.tokenizer.eos_token_id],
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        samples = []
+        for out in outputs:
+            comp = out.outputs[0]
+            ids = list(comp.token_ids)
+            samples.append(
+                Sample(
+                    response_ids=ids,
+                    behaviour_logprobs=_sample_logprobs(ids, comp.logprobs),
+                    finish_reason="stop" if comp.finish_reason == "stop" else "length",
+                )
+            )
+        return samples
+
+    def close(self) -> None:
+        self.llm = None  # vLLM's in-process engine shuts down with the object

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Submit a whole run to Slurm, one job per component: prepare (builds the models once), Redis, the learner,
+# actor.num_actors actors and scorer.num_scorers scorers (job arrays). Run it from the repository root:
+#   deploy/slurm/launch.sh configs/redis.yaml learner.max_steps=100
+# It prints the run's config.yaml; add scorers later with  sbatch deploy/slurm/scorer.sbatch <that config>.
+# Env: OPD_REDIS_URL (use that Redis instead of starting a job), OPD (how to run opd, default `opd`),
+#      OPD_PYTHON (default python3), OPD_SBATCH_ARGS (extra sbatch arguments for every job, e.g.
+#      "--partition=cpu --time=2:00:00"), OPD_SBATCH_ARGS_<ROLE> for one role (LEARNER, ACTOR, SCORER, REDIS,
+#      PREPARE), e.g. OPD_SBATCH_ARGS_LEARNER="--gres=gpu:1".
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+CONFIG=${1:?usage: deploy/slurm/launch.sh CONFIG [overrides...]}
+shift
+PY=${OPD_PYTHON:-python3}
+OVERRIDES=(broker.type=redis "$@")
+if [ -n "${OPD_REDIS_URL:-}" ]; then
+    OVERRIDES+=("broker.url=$OPD_REDIS_URL")
+fi
+RUN_CONFIG=$("$PY" -m opd.cluster resolve "$CONFIG" "${OVERRIDES[@]}")
+RUN_DIR=$(dirname "$RUN_CONFIG")
+mkdir -p "$RUN_DIR/slurm" "$RUN_DIR/logs"
+read -r NUM_ACTORS NUM_SCORERS < <("$PY" -c 'import sys; from opd.config import load_config
+c = load_config(sys.argv[1]); print(c.actor.num_actors, c.scorer.num_scorers)' "$RUN_CONFIG")
+export OPD_SLURM_DIR=$HERE
+
+submit() {  # ROLE SBATCH-ARGS... SCRIPT: prints the job id
+    local role=$1
+    shift
+    local extra_var="OPD_SBATCH_ARGS_${role^^}"
+    # shellcheck disable=SC2086  # the extra arguments are meant to split
+    sbatch --parsable --job-name="opd-$role" --output="$RUN_DIR/logs/slurm-$role-%j.out" \
+        ${OPD_SBATCH_ARGS:-} ${!extra_var:-} "$@" "$RUN_CONFIG"
+}
+
+prepare=$(submit prepare "$HERE/prepare.sbatch")
+echo "prepare  job $prepare"
+if [ -z "${OPD_REDIS_URL:-}" ]; then
+    redis=$(submit redis "$HERE/redis.sbatch")
+    echo "$redis" > "$RUN_DIR/slurm/redis.job"
+    echo "redis    job $redis"
+fi
+after=--dependency=afterok:$prepare
+echo "learner  job $(submit learner "$after" "$HERE/learner.sbatch")"
+echo "actors   job $(submit actor "$after" --array=0-$((NUM_ACTORS - 1)) "$HERE/actor.sbatch")"
+echo "scorers  job $(submit scorer "$after" --array=0-$((NUM_SCORERS - 1)) "$HERE/scorer.sbatch")"
+echo "run config: $RUN_CONFIG"
+echo "add a scorer: sbatch -o $RUN_DIR/logs/slurm-scorer-%j.out deploy/slurm/scorer.sbatch $RUN_CONFIG"

@@ -1,0 +1,274 @@
+"""Prometheus endpoints: every component serves its counters and gauges over HTTP for scraping.
+
+The exporter is fed from the same places that feed the broker's `metrics` stream (runtime.Reporter's counters and
+the learner's per-step record), so Prometheus, `opd top` and metrics.jsonl cannot disagree about what happened.
+Counters stay cumulative per process (dashboards take rate()); a restarted process starts its counters at 0,
+which rate() treats as a counter reset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from opd.config import Config
+
+log = logging.getLogger("opd")
+
+PREFIX = "opd_"
+
+# Reporter counter -> (metric attribute, extra labels). Counters not listed here still reach the broker stream.
+COUNTER_MAP: dict[str, tuple[str, dict[str, str]]] = {
+    "trajectories_generated": ("trajectories", {"stage": "generated"}),
+    "trajectories_scored": ("trajectories", {"stage": "scored"}),
+    "trajectories_trained": ("trajectories", {"stage": "trained"}),
+    "tokens_generated": ("tokens", {"stage": "generated"}),
+    "tokens_scored": ("tokens", {"stage": "scored"}),
+    "tokens_trained": ("tokens", {"stage": "trained"}),
+    "dead_lettered": ("dead_letters", {}),
+    "score_failures": ("errors", {"kind": "teacher_failure"}),
+    "dropped_stale": ("dropped_stale", {}),
+    "duplicates_skipped": ("duplicates", {}),
+    "weight_syncs": ("weight_syncs_received", {}),
+    "generate_seconds": ("busy_seconds", {"stage": "generate"}),
+    "score_seconds": ("busy_seconds", {"stage": "score"}),
+    "staleness_pause_seconds": ("staleness_pause_seconds", {}),
+}
+# Learner step-record key -> gauge attribute.
+STEP_GAUGES = {
+    "reverse_kl": "reverse_kl",
+    "loss": "loss",
+    "eval_accuracy": "eval_accuracy",
+    "importance_weight": "importance_weight",
+    "staleness_mean": "staleness_mean",
+    "step": "learner_step",
+    "weight_sync_gbps": "weight_sync_gbps",
+    "weight_sync_members": "weight_sync_members",
+}
+STEP_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SYNC_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+OWN_STAGE = {"actor": "generated", "scorer": "scored", "learner": "trained"}
+
+
+def metrics_port(cfg: Config, component: str) -> int | None:
+    """The port of `component` ("learner", "actor-3", "scorer-1"), or None when metrics are off.
+
+    One base port for every process on a host: learner +0, actor i +1+i, scorer j +1+A+j (A = actor.num_actors), so
+    scorers added later (`opd scale`, `--index`) stay clear of the actors. An actor started by hand beyond A would
+    land on a scorer's port, so extra actors count downwards instead: actor i >= A gets base-1-(i-A).
+    metrics.port_layout: fixed gives every component the base port (one component per container)."""
+    base = cfg.metrics.port
+    if not base:
+        return None
+    role, _, index = component.partition("-")
+    i = int(index or 0)
+    actors = cfg.actor.num_actors
+    if cfg.metrics.port_layout == "fixed":  # one component per container/host: all serve the same port
+        port = base
+    elif role == "learner":
+        port = base
+    elif role == "actor":
+        port = base + 1 + i if i < actors else base - 1 - (i - actors)
+    elif role == "scorer":
+        port = base + 1 + actors + i
+    else:
+        return None
+    if not 1024 <= port <= 65535:
+        raise ValueError(
+            f"metrics.port {base} puts {component} on port {port}, outside 1024-65535; choose another metrics.port"
+        )
+    return port
+
+
+def port_map(cfg: Config) -> dict[str, int]:
+    """name -> port of the components `opd run` starts, in launch order."""
+    names = ["learner"]
+    names += [f"actor-{i}" for i in range(cfg.actor.num_actors)]
+    names += [f"scorer-{j}" for j in range(cfg.scorer.num_scorers)]
+    if cfg.metrics.port and cfg.metrics.port_layout == "fixed" and len(names) > 1:
+        raise ValueError(
+            "metrics.port_layout: fixed gives every component the same port, so they cannot share this host; "
+            "use metrics.port_layout=offset with `opd run`"
+        )
+    return {n: metrics_port(cfg, n) for n in names} if cfg.metrics.port else {}
+
+
+def write_port_map(cfg: Config, out_dir: Path) -> dict[str, int]:
+    """runs/<id>/metrics_ports.json, so a scrape config or a person can find each endpoint."""
+    ports = port_map(cfg)
+    if ports:
+        tmp = out_dir / "metrics_ports.json.tmp"
+        tmp.write_text(json.dumps({"host": cfg.metrics.host, "ports": ports}, indent=2))
+        tmp.rename(out_dir / "metrics_ports.json")
+    return ports
+
+
+class Exporter:
+    """One component's metric families in a private registry (so tests can build several in one process)."""
+
+    def __init__(self, component: str, max_staleness: int = 4):
+        self.component = component
+        self.registry = r = CollectorRegistry()
+        c, g = ["component"], ["component"]
+        self.trajectories = Counter(
+            "opd_trajectories", "Trajectories per pipeline stage.", [*c, "stage"], registry=r
+        )
+        self.tokens = Counter("opd_tokens", "Response tokens per pipeline stage.", [*c, "stage"], registry=r)
+        self.busy_seconds = Counter(
+            "opd_busy_seconds", "Seconds spent generating or scoring.", [*c, "stage"], registry=r
+        )
+        self.dead_letters = Counter(
+            "opd_dead_letters", "Messages this component dead-lettered.", c, registry=r
+        )
+        self.errors = Counter(
+            "opd_errors", "Failures by kind (teacher_failure, skipped_step).", [*c, "kind"], registry=r
+        )
+        self.dropped_stale = Counter("opd_dropped_stale", "Samples dropped as too stale.", c, registry=r)
+        self.duplicates = Counter("opd_duplicates", "Redelivered samples skipped as trained.", c, registry=r)
+        self.weight_syncs_received = Counter(
+            "opd_weight_syncs_received", "Weight versions an actor applied.", c, registry=r
+        )
+        self.staleness_pause_seconds = Counter(
+            "opd_staleness_pause_seconds", "Seconds an actor paused to bound staleness.", c, registry=r
+        )
+        # Learner-only families carry the component label too: a labelled family shows no sample until it is
+        # set, so an actor exports no fake zeros and accuracy is absent (not 0) before the first evaluation.
+        self.wait_seconds = Counter(
+            "opd_learner_wait_seconds", "Seconds the learner waited for scored data.", c, registry=r
+        )
+        self.wall_seconds = Counter(
+            "opd_learner_wall_seconds", "Wall seconds covered by learner steps.", c, registry=r
+        )
+        self.step_seconds = Histogram(
+            "opd_learner_step_seconds",
+            "Seconds of one learner update.",
+            c,
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.wait_fraction = Gauge(
+            "opd_learner_wait_fraction", "Last step's wait for data over its wall time.", g, registry=r
+        )
+        self.weight_sync_seconds = Histogram(
+            "opd_weight_sync_seconds",
+            "Seconds of one weight broadcast.",
+            c,
+            buckets=SYNC_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.lag = Histogram(
+            "opd_lag_versions",
+            "Staleness of trained samples in weight versions.",
+            c,
+            buckets=tuple(float(i) for i in range(max_staleness + 1)),
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "opd_queue_depth", "Entries held in a broker stream.", [*g, "stream"], registry=r
+        )
+        self.weight_version = Gauge("opd_weight_version", "Weight version a component holds.", g, registry=r)
+        for key in STEP_GAUGES.values():
+            setattr(self, key, Gauge(PREFIX + key, f"Newest learner {key}.", g, registry=r))
+        self.up = Gauge("opd_component_up", "1 while the component runs.", g, registry=r)
+        self.up.labels(component).set(1)
+        self._last_step_end: float | None = None
+        self._skipped_seen = 0.0
+
+    # ----------------------------------------------------------------------------- feeds
+    def add(self, deltas: dict[str, float]) -> None:
+        """Reporter.add's increments."""
+        for key, value in deltas.items():
+            target = COUNTER_MAP.get(key)
+            if target is None or value <= 0:
+                continue
+            attr, labels = target
+            getattr(self, attr).labels(component=self.component, **labels).inc(value)
+
+    def observe(self, fields: dict[str, Any]) -> None:
+        """Reporter.maybe_send's extra fields (weight version and the like)."""
+        if isinstance(fields.get("weight_version"), int | float):
+            self.weight_version.labels(self.component).set(fields["weight_version"])
+
+    def step(self, record: dict[str, Any], depths: dict[str, int]) -> None:
+        """The learner's per-step record (the one written to metrics.jsonl) and the queue depths at that moment."""
+        now = time.monotonic()
+        for key, attr in STEP_GAUGES.items():
+            value = record.get(key)
+            if isinstance(value, int | float):
+                getattr(self, attr).labels(self.component).set(value)
+        self.observe(record)
+        step_s, wait_s = record.get("step_seconds"), record.get("wait_seconds")
+        if isinstance(step_s, int | float) and isinstance(wait_s, int | float):
+            wall = now - self._last_step_end if self._last_step_end is not None else step_s + wait_s
+            wall = max(wall, step_s + wait_s, 1e-9)
+            me = self.component
+            self.step_seconds.labels(me).observe(step_s)
+            self.wait_seconds.labels(me).inc(wait_s)
+            self.wall_seconds.labels(me).inc(wall)
+            self.wait_fraction.labels(me).set(wait_s / wall)
+        self._last_step_end = now
+        if isinstance(record.get("weight_sync_seconds"), int | float):
+            self.weight_sync_seconds.labels(self.component).observe(record["weight_sync_seconds"])
+        lag = self.lag.labels(self.component)
+        for value, count in enumerate(record.get("lag_histogram") or []):
+            for _ in range(int(count)):
+                lag.observe(value)
+        skipped = record.get("skipped_steps")
+        if isinstance(skipped, int | float) and skipped > self._skipped_seen:  # a running total in the record
+            self.errors.labels(component=self.component, kind="skipped_step").inc(
+                skipped - self._skipped_seen
+            )
+            self._skipped_seen = skipped
+        if record.get("weight_sync_failed"):
+            self.errors.labels(component=self.component, kind="weight_sync_failed").inc()
+        for stream, depth in depths.items():
+            self.queue_depth.labels(self.component, stream).set(depth)
+
+    # ------------------------------------------------------------------------------ serve
+    def serve(self, host: str, port: int) -> bool:
+        """Serve /metrics from a daemon thread; a port in use is logged, not fatal (the run matters more)."""
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            log.error("metrics endpoint %s:%d not started (%s); choose another metrics.port", host, port, exc)
+            return False
+        log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
+        return True
+
+
+def exporter_for(cfg: Config, component: str) -> Exporter | None:
+    """The serving exporter of this component, or None when metrics.port is 0."""
+    try:
+        port = metrics_port(cfg, component)
+    except ValueError as exc:  # e.g. a Slurm job id as --index: the component runs on, without an endpoint
+        log.error("no Prometheus endpoint for %s: %s (or set metrics.port_layout=fixed)", component, exc)
+        return None
+    if port is None:
+        return None
+    exporter = Exporter(component, cfg.learner.max_staleness)
+    stage = OWN_STAGE.get(component.partition("-")[0])
+    if stage is not None:  # its own stage's counters exist from the start, so rate() has a first point at 0
+        exporter.trajectories.labels(component=component, stage=stage)
+        exporter.tokens.labels(component=component, stage=stage)
+    exporter.serve(cfg.metrics.host, port)
+    return exporter
+
+
+def exported_series() -> set[str]:
+    """Every series name our exporter can produce (counters with _total, histograms with _bucket/_sum/_count):
+    the dashboard test checks its queries against this, not against a copy of the list."""
+    exporter = Exporter("probe")
+    names: set[str] = set()
+    for family in exporter.registry.collect():
+        if family.type == "counter":
+            names |= {family.name + "_total", family.name + "_created"}
+        elif family.type == "histogram":
+            names |= {family.name + s for s in ("_bucket", "_sum", "_count", "_created")}
+        else:
+            names.add(family.name)
+    return names

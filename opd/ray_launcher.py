@@ -1,0 +1,182 @@
+"""`opd run --launcher ray`: the same run as `opd run`, with each component placed on a Ray cluster.
+
+Each component stays exactly the `opd <verb>` process it is everywhere else: a small Ray actor, reserving the
+component's resources from the `ray:` config section, starts that process on its node and owns it. So the
+components need no Ray code, and cleanup has one chain: the process dies with its Ray actor
+(PR_SET_PDEATHSIG), the actors die with this driver, and the local Ray this command started is shut down at the
+end. The watch loop, scaling and report are the local launcher's (opd/launcher.py), reached through a
+Popen-like handle, so both launchers write the same run directory and summary.
+
+Ray moves only strings and exit codes between the driver and its actors; the components talk over the broker
+as always. Every component reads and writes the run directory, so on several nodes it must be on storage they
+share at the same path, with `broker.type: redis` and a `weight_sync.host` the actors can reach.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from opd.config import Config
+from opd.launcher import LaunchError, LocalLauncher, console
+
+LOCAL_OBJECT_STORE_BYTES = 128 << 20  # components never put data in Ray's object store
+POLL_TIMEOUT_S = 30.0
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise LaunchError('--launcher ray needs Ray: pip install -e ".[ray]"') from None
+    return ray
+
+
+class ComponentHost:
+    """A Ray actor owning one component process on its node (made remote in `_host_class`)."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, cmd: list[str], env_extra: dict[str, str], log_path: str, cwd: str) -> int:
+        # Our own interpreter and environment (Ray's CUDA_VISIBLE_DEVICES included), plus what the launcher set;
+        # the process dies with this actor, not with the driver it never saw.
+        env = {**os.environ, **env_extra, "OPD_PARENT_PID": str(os.getpid())}
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, *cmd[1:]],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.wait()
+
+
+class RayProcess:
+    """The subset of subprocess.Popen the launcher uses, for a process owned by a ComponentHost."""
+
+    def __init__(self, ray, host, name: str, pid: int):
+        self.ray, self.host, self.name, self.pid = ray, host, name, pid
+        self.returncode: int | None = None
+
+    def _get(self, ref, timeout: float):
+        try:
+            return self.ray.get(ref, timeout=timeout)
+        except self.ray.exceptions.RayActorError:
+            # The actor (or its node) died, and the process with it (PR_SET_PDEATHSIG).
+            self.returncode = -int(signal.SIGKILL)
+            return self.returncode
+        except self.ray.exceptions.GetTimeoutError:
+            return None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._get(self.host.poll.remote(), POLL_TIMEOUT_S)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            self._get(self.host.send_signal.remote(int(sig)), POLL_TIMEOUT_S)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            limit = POLL_TIMEOUT_S if timeout is None else timeout
+            code = self._get(self.host.wait.remote(limit), limit + POLL_TIMEOUT_S)
+            if code is None:
+                raise subprocess.TimeoutExpired(self.name, limit)
+            self.returncode = code
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            self.returncode = self._get(self.host.kill.remote(), POLL_TIMEOUT_S)
+
+
+class RaySpawner:
+    """The launcher's `spawner`: one ComponentHost per component, with that role's `ray.<role>` resources."""
+
+    def __init__(self, cfg: Config, ray):
+        self.cfg, self.ray = cfg, ray
+        self.host_class = ray.remote(max_restarts=0)(ComponentHost)
+        self.hosts: list = []
+
+    def __call__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path) -> RayProcess:
+        role = name.split("-")[0]
+        res = getattr(self.cfg.ray, role)
+        host = self.host_class.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote()
+        self.hosts.append(host)
+        env_extra = {k: v for k, v in env.items() if k.startswith("OPD_") or os.environ.get(k) != v}
+        timeout = self.cfg.ray.placement_timeout_s
+        try:
+            pid = self.ray.get(
+                host.start.remote(cmd, env_extra, str(Path(log_path).resolve()), os.getcwd()), timeout=timeout
+            )
+        except self.ray.exceptions.GetTimeoutError:
+            self.ray.kill(host)
+            self.hosts.remove(host)
+            raise LaunchError(
+                f"Ray did not place {name} within ray.placement_timeout_s={timeout:g}s: it asks for "
+                f"ray.{role}.num_cpus={res.num_cpus:g}, num_gpus={res.num_gpus:g}, and the cluster has "
+                f"{self.ray.available_resources()} free; lower the request or add resources"
+            ) from None
+        console.print(f"ray: {name} placed (pid {pid}, {res.num_cpus:g} CPU, {res.num_gpus:g} GPU)")
+        return RayProcess(self.ray, host, name, pid)
+
+    def close(self) -> None:
+        """Kill every host actor; their processes die with them if the launcher has not stopped them yet."""
+        for host in self.hosts:
+            try:
+                self.ray.kill(host)
+            except Exception:  # already gone with its node
+                pass
+        self.hosts.clear()
+
+
+def run_on_ray(cfg: Config, resume: bool = False) -> int:
+    """setup (join or start Ray) -> the local launcher's run with Ray placement -> cleanup (always)."""
+    ray = _ray()
+    rc = cfg.ray
+    if rc.address is None:
+        ray.init(
+            num_cpus=rc.num_cpus,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+        console.print(f"ray: started a local Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
+    else:
+        ray.init(address=rc.address, log_to_driver=False)
+        console.print(f"ray: joined {rc.address} ({ray.cluster_resources()})")
+    spawner = RaySpawner(cfg, ray)
+    try:
+        return LocalLauncher(cfg, resume=resume, spawner=spawner).run()
+    finally:
+        spawner.close()
+        ray.shutdown()  # stops the local Ray it started (raylet, GCS, workers); leaves a joined cluster running

@@ -1,0 +1,262 @@
+"""`opd top`: a live terminal view of a run, read from its broker's `metrics` stream (no Prometheus needed).
+
+It reads under a consumer group of its own (`top-<host>-<pid>`): log streams fan out to every group on both brokers,
+so the launcher's group still gets every record. Entries are acknowledged at once so nothing stays pending for us
+(on Redis an acknowledgement never deletes a log entry; the zmq broker trims only what every existing group has
+passed, and the launcher's group exists from the start of a run).
+Rates come from the records themselves (counter deltas over the component's own uptime), so they are true for a
+finished run too. A finished zmq run has no broker left; then the view is rebuilt from runs/<id>/metrics.jsonl and
+summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from broker import BrokerUnavailable, connect, stream_name
+from broker.base import WORK_STREAMS
+from opd.config import Config
+from opd.protocol import ProtocolError, unpack_control
+
+RATE_WINDOW_S = 10.0  # rates are averaged over this much of a component's own uptime
+STAGE = {"actor": "generated", "scorer": "scored", "learner": "trained"}
+READ_BATCH = 1000
+CONNECT_TIMEOUT_S = 3.0
+
+
+@dataclass
+class TopState:
+    """Newest record and a short history per component, enough for rates and the learner's figures."""
+
+    history: dict[str, deque] = field(default_factory=dict)
+    eval_accuracy: float | None = None
+    depths: dict[str, int] = field(default_factory=dict)
+    last_step: dict[str, Any] = field(default_factory=dict)  # the learner's newest per-step record
+    last_sync_s: float | None = None  # no sync follows the last step, so the newest step may have none
+    finished: bool = False
+    source: str = ""
+
+    def ingest(self, rec: dict[str, Any]) -> None:
+        name = str(rec.get("component", "?"))
+        hist = self.history.setdefault(name, deque())
+        hist.append(rec)
+        while (
+            len(hist) > 2 and float(rec.get("uptime", 0)) - float(hist[1].get("uptime", 0)) >= RATE_WINDOW_S
+        ):
+            hist.popleft()
+        if name == "learner" and "step" in rec:
+            self.last_step = rec
+        if name == "learner" and isinstance(rec.get("weight_sync_seconds"), int | float):
+            self.last_sync_s = float(rec["weight_sync_seconds"])
+        if isinstance(rec.get("eval_accuracy"), int | float):
+            self.eval_accuracy = float(rec["eval_accuracy"])
+        if name == "learner" and rec.get("final"):
+            self.finished = True
+
+    def latest(self, name: str) -> dict[str, Any]:
+        return self.history[name][-1]
+
+    def rate(self, name: str, key: str) -> float | None:
+        """Per second over the window: counter delta over uptime delta (or the average since start)."""
+        hist = self.history[name]
+        new, old = hist[-1], hist[0]
+        dt = float(new.get("uptime", 0)) - float(old.get("uptime", 0))
+        if key not in new:
+            return None
+        if len(hist) < 2 or dt <= 0:
+            up = float(new.get("uptime", 0))
+            return float(new[key]) / up if up > 0 else None
+        return (float(new[key]) - float(old.get(key, 0))) / dt
+
+    def wait_fraction(self) -> float | None:
+        """The learner's time waiting for data over wall time, across the window's step records."""
+        steps = [r for r in self.history.get("learner", ()) if "wait_seconds" in r and "time" in r]
+        if not steps:
+            return None
+        if len(steps) == 1:
+            r = steps[0]
+            return r["wait_seconds"] / max(r["wait_seconds"] + r.get("step_seconds", 0), 1e-9)
+        wall = steps[-1]["time"] - steps[0]["time"]
+        return min(1.0, sum(r["wait_seconds"] for r in steps[1:]) / wall) if wall > 0 else None
+
+
+def _role(name: str) -> str:
+    return name.split("-")[0]
+
+
+def _num(value: Any, fmt: str) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return format(int(value) if fmt == "d" else value, fmt)
+
+
+def component_table(state: TopState) -> Table:
+    table = Table(title="components", title_justify="left")
+    for col in (
+        "component",
+        "weights v",
+        "traj/s",
+        "tok/s",
+        "trajectories",
+        "tokens",
+        "dead letters",
+        "up s",
+    ):
+        table.add_column(col, justify="left" if col == "component" else "right")
+    order = {"learner": 0, "actor": 1, "scorer": 2}
+    for name in sorted(state.history, key=lambda n: (order.get(_role(n), 3), n)):
+        rec, stage = state.latest(name), STAGE.get(_role(name), "")
+        traj, tok = f"trajectories_{stage}", f"tokens_{stage}"
+        table.add_row(
+            name,
+            _num(rec.get("weight_version"), "d"),
+            _num(state.rate(name, traj), ".1f"),
+            _num(state.rate(name, tok), ".0f"),
+            _num(rec.get(traj), ".0f"),
+            _num(rec.get(tok), ".0f"),
+            _num(rec.get("dead_lettered", 0), ".0f"),
+            _num(rec.get("uptime"), ".0f"),
+        )
+    return table
+
+
+def learner_table(state: TopState, max_steps: int) -> Table:
+    table = Table(title="learner and queues", title_justify="left")
+    cols = ("step", "loss", "reverse KL", "lag mean", "lag max", "accuracy", "wait fraction", "sync s")
+    for col in (*cols, *(f"queue {s}" for s in WORK_STREAMS)):
+        table.add_column(col, justify="right")
+    rec = state.last_step
+    step = f"{rec['step']}/{max_steps}" if isinstance(rec.get("step"), int) else "-"
+    table.add_row(
+        step,
+        _num(rec.get("loss"), ".4f"),
+        _num(rec.get("reverse_kl"), ".3f"),
+        _num(rec.get("staleness_mean"), ".2f"),
+        _num(rec.get("staleness_max"), "d"),
+        _num(state.eval_accuracy, ".3f"),
+        _num(state.wait_fraction(), ".2f"),
+        _num(state.last_sync_s, ".3f"),
+        *(_num(state.depths.get(s), "d") for s in WORK_STREAMS),
+    )
+    return table
+
+
+def render(state: TopState, cfg: Config) -> Group:
+    status = "finished" if state.finished else "running"
+    head = f"opd top | run {cfg.run.run_id} | {status} | {state.source}"
+    return Group(head, component_table(state), learner_table(state, cfg.learner.max_steps))
+
+
+class StreamReader:
+    """Reads new `metrics` records under this viewer's own consumer group, and the work queues' depths."""
+
+    def __init__(self, cfg: Config):
+        quick = cfg.broker.model_copy(update={"request_timeout_s": CONNECT_TIMEOUT_S})
+        self.broker = connect(quick)
+        self.run_id = cfg.run.run_id
+        self.stream = stream_name(self.run_id, "metrics")
+        self.group = f"top-{socket.gethostname()}-{os.getpid()}"
+
+    def poll(self, state: TopState) -> None:
+        while True:
+            msgs = self.broker.consume(self.stream, self.group, self.group, READ_BATCH, 0.0)
+            for m in msgs:
+                try:
+                    state.ingest(unpack_control(m.data))
+                except ProtocolError:
+                    continue
+            if msgs:
+                self.broker.ack(self.stream, self.group, [m.id for m in msgs])
+            if len(msgs) < READ_BATCH:
+                break
+        state.depths = {s: self.broker.depth(stream_name(self.run_id, s)) for s in WORK_STREAMS}
+
+    def close(self) -> None:
+        redis = getattr(self.broker, "redis", None)  # Redis keeps a group until told: leave no trace per viewer
+        if redis is not None:
+            try:
+                redis.xgroup_destroy(self.stream, self.group)
+            except Exception:  # gone with the server, or never created: nothing to tidy
+                pass
+        self.broker.close()
+
+
+def state_from_files(cfg: Config) -> TopState | None:
+    """A finished run whose broker is gone: the learner from metrics.jsonl, the workers' totals from summary.json."""
+    out = Path(cfg.run.output_dir or Path("runs") / str(cfg.run.run_id))
+    metrics = out / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    state = TopState(source=f"broker gone; from {out}/metrics.jsonl and summary.json")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    start = (
+        records[0]["time"] - records[0].get("step_seconds", 0) - records[0].get("wait_seconds", 0)
+        if records
+        else 0
+    )
+    tokens = trajs = 0
+    for r in records:
+        tokens += r.get("tokens", 0)
+        trajs += sum(r.get("lag_histogram") or [])
+        state.ingest(
+            {**r, "component": "learner", "uptime": r["time"] - start, "tokens_trained": tokens,
+             "trajectories_trained": trajs}
+        )  # fmt: skip
+    summary = out / "summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        state.finished = True
+        for role, stage in (("actor", "generated"), ("scorer", "scored")):
+            state.ingest(
+                {"component": f"{role}-all", "uptime": s.get("wall_seconds", 0),
+                 f"trajectories_{stage}": s.get(f"trajectories_{stage}")}
+            )  # fmt: skip
+    return state
+
+
+def run_top(cfg: Config, once: bool, interval_s: float = 1.0, console: Console | None = None) -> int:
+    console = console or Console()
+    state = TopState(source=f"{cfg.broker.type} broker metrics stream")
+    reader = StreamReader(cfg)
+    try:
+        reader.poll(state)
+    except BrokerUnavailable:
+        reader.close()
+        fallback = state_from_files(cfg)
+        if fallback is None:
+            console.print(
+                f"opd top: the run's broker does not answer and {cfg.run.output_dir} has no metrics.jsonl"
+            )
+            return 1
+        console.print(render(fallback, cfg))
+        return 0
+    if once:
+        console.print(render(state, cfg))
+        reader.close()
+        return 0
+    try:
+        with Live(render(state, cfg), console=console, refresh_per_second=4) as live:
+            while not state.finished:
+                time.sleep(interval_s)
+                try:
+                    reader.poll(state)
+                except BrokerUnavailable:
+                    state.source = "broker gone (run over?)"
+                    state.finished = True
+                live.update(render(state, cfg))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        reader.close()
+    return 0

@@ -1,0 +1,82 @@
+"""Building an in-process vLLM engine the same way for the vLLM actor and the vLLM teacher.
+
+vllm is an optional dependency (`pip install -e .[vllm]` on GPU, `scripts/setup_vllm_env.sh` for the CPU
+build), so it is imported only inside these functions. The engine runs in this process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one worker): our components are already one process each, a second engine
+process would only add start-up time and a serialisation hop for the weight updates that `collective_rpc`
+passes by reference here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from opd.config import VLLMEngineConfig
+
+WORKER_EXTENSION = "opd.vllm_support.WeightUpdateExtension"
+
+
+class WeightUpdateExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); `collective_rpc` calls these on the worker.
+
+    `self` is the worker. Weights go through the worker's `reload_weights`, which runs the model's own
+    `load_weights` (Hugging Face parameter names in, fused into vLLM's packed layers: q/k/v into qkv_proj,
+    gate/up into gate_up_proj, cast to vLLM's dtype) between vLLM's layerwise reload hooks. A bare
+    `model.load_weights` fails once the CPU backend has post-processed its linear layers at start-up.
+    """
+
+    def opd_load_weights(self, named: list[tuple[str, Any]]) -> int:
+        self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+        return len(named)
+
+    def opd_set_logit_scale(self, scale: float) -> float:
+        """Multiply the model's final logits by `scale` (1/temperature) inside vLLM's LogitsProcessor, so prompt
+        logprobs, which vLLM takes from the raw logits, come out at the teacher's temperature. Returns the old."""
+        model = self.model_runner.get_model()
+        proc = model.logits_processor
+        old = float(proc.scale)
+        proc.scale = float(scale)
+        return old
+
+
+def make_llm(
+    vcfg: VLLMEngineConfig,
+    model_path: str,
+    *,
+    dtype: str,
+    device: str,
+    seed: int,
+    max_model_len: int | None = None,
+    **kwargs: Any,
+):
+    """An in-process `vllm.LLM` for `model_path`. `dtype` is used when `vcfg.dtype` is auto: vLLM's own auto
+    turns float32 checkpoints into half precision, which would break logprob parity with the HF learner."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if device == "cpu":
+        # The CPU build reserves its KV cache up front from this variable (GiB); several engines share the host.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(vcfg.cpu_kv_cache_gb)
+    try:
+        import vllm  # noqa: PLC0415 (optional dependency)
+    except ImportError as exc:
+        raise ImportError(
+            f"engine: vllm needs the vllm package ({exc}); on GPU `pip install -e .[vllm]`, on CPU run "
+            "scripts/setup_vllm_env.sh and start opd from .venv-vllm/bin"
+        ) from exc
+
+    args: dict[str, Any] = {
+        "model": model_path,
+        "dtype": dtype if vcfg.dtype == "auto" else vcfg.dtype,
+        "enforce_eager": vcfg.enforce_eager,
+        "max_num_seqs": vcfg.max_num_seqs,
+        "seed": seed,
+        "generation_config": "vllm",  # vLLM's neutral defaults, not the checkpoint's sampling preferences
+        "disable_log_stats": True,
+    }
+    if vcfg.max_model_len or max_model_len:
+        args["max_model_len"] = vcfg.max_model_len or max_model_len
+    if device != "cpu":
+        args["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
+    args.update(kwargs)
+    args.update(vcfg.engine_kwargs)
+    return vllm.LLM(**args)

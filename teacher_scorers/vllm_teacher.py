@@ -1,0 +1,91 @@
+"""The vLLM teacher (`scorer.engine: vllm`): prompt logprobs of prompt + response ids, top-k included.
+
+Each trajectory is sent as one prompt of token ids (never text, detokenisation off) with `prompt_logprobs=k`;
+vLLM returns, for every prompt position, the logprob of the token actually there plus the k most likely ones.
+The response rows are our teacher logprobs. vLLM computes prompt logprobs from the model's final logits with no
+sampling processors (and so no temperature); for `scorer.temperature != 1` the engine's LogitsProcessor scale
+is set to 1/T through `collective_rpc`, which divides those same logits by T before the log-softmax.
+Trajectories go in length buckets under `scorer.max_tokens_per_batch`, like the HF teacher, so a batch of short
+answers is not held up behind a long one and vLLM's step budget follows ours.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from opd.assets import Assets
+from opd.config import Config
+from opd.models import load_tokenizer
+from opd.protocol import Trajectory
+from opd.runtime import log
+from opd.vllm_support import WORKER_EXTENSION, make_llm
+from teacher_scorers.backends import attach, check_teacher_tokenizer, length_buckets
+
+
+def response_rows(
+    prompt_logprobs: list, prompt_len: int, response: list[int], topk: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Sampled-token logprobs (T,) and top-k ids/logprobs (T, k) of the response positions of one request.
+
+    `prompt_logprobs[j]` is vLLM's {token_id: Logprob} map for position j (None at j = 0); it always holds the
+    actual token, plus the top-k by rank (the actual token may be one of them or an extra entry)."""
+    rows = prompt_logprobs[prompt_len : prompt_len + len(response)]
+    if len(rows) != len(response) or any(r is None for r in rows):
+        raise RuntimeError(
+            f"vLLM returned {len(rows)} prompt-logprob rows for {len(response)} response tokens"
+        )
+    lp = np.array([row[tok].logprob for row, tok in zip(rows, response, strict=True)], dtype=np.float32)
+    if topk == 0:
+        return lp, None, None
+    ids = np.zeros((len(response), topk), dtype=np.int32)
+    vals = np.zeros((len(response), topk), dtype=np.float32)
+    for i, row in enumerate(rows):
+        ranked = sorted(((v.rank, tid, v.logprob) for tid, v in row.items() if v.rank <= topk))[:topk]
+        if len(ranked) != topk:
+            raise RuntimeError(f"vLLM returned {len(ranked)} top-k entries where {topk} were asked for")
+        ids[i] = [tid for _, tid, _ in ranked]
+        vals[i] = [logprob for _, _, logprob in ranked]
+    return lp, ids, vals
+
+
+class VLLMTeacher:
+    def __init__(self, cfg: Config, assets: Assets):
+        self.cfg = cfg
+        sc = cfg.scorer
+        self.tokenizer = load_tokenizer(assets.teacher.tokenizer)
+        check_teacher_tokenizer(assets, self.tokenizer)
+        t0 = time.perf_counter()
+        self.llm = make_llm(
+            sc.vllm,
+            assets.teacher.path,
+            dtype=assets.teacher.dtype,
+            device=sc.device,
+            seed=cfg.run.seed,
+            max_logprobs=max(20, sc.topk),
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+        if sc.temperature != 1.0:
+            self.llm.collective_rpc("opd_set_logit_scale", args=(1.0 / sc.temperature,))
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.teacher_id = assets.teacher.path
+        log.info("vLLM teacher up in %.1fs (vocab %d)", time.perf_counter() - t0, self.vocab_size)
+
+    def score(self, trajs: list[Trajectory]) -> None:
+        from vllm import SamplingParams  # noqa: PLC0415 (optional dependency)
+
+        sc = self.cfg.scorer
+        # max_tokens=1: vLLM decodes at least one token; it is thrown away. k=0 still returns the actual token.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=sc.topk, detokenize=False)
+        for bucket in length_buckets(trajs, sc.max_tokens_per_batch):
+            prompts = [
+                {"prompt_token_ids": [*t.prompt_token_ids.tolist(), *t.response_token_ids.tolist()]}
+                for t in bucket
+            ]
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            for t, out in zip(bucket, outputs, strict=True):
+                lp, ids, vals = response_rows(
+                    out.prompt_logprobs, len(t.prompt_token_ids), t.response_token_ids.tolist(), sc.topk
+                )
+                attach(t, lp, ids, vals, self.teacher_id, sc.temperature)

@@ -1,0 +1,135 @@
+"""`opd run --launcher ray` on a local Ray (2 CPUs): the components run as processes owned by Ray actors, the run
+writes the same directory and summary as `opd run`, `opd scale` works, and nothing is left running afterwards."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TINY, opd, wait_for
+
+pytestmark = pytest.mark.slow
+
+RAY_PROCESS_MARKS = (
+    b"raylet",
+    b"gcs_server",
+    b"ray::",
+    b"default_worker.py",
+    b"ray/dashboard",
+    b"log_monitor",
+)
+
+
+def _processes(*needles: bytes) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().split(") ")[1][0]
+        except OSError:
+            continue
+        if state != "Z" and any(n in cmd for n in needles):
+            found.add(int(entry.name))
+    return found
+
+
+def _args(prepared, out_dir: Path, *extra: str) -> list[str]:
+    return [
+        "run",
+        TINY,
+        "--launcher",
+        "ray",
+        f"run.cache_dir={prepared}",
+        f"run.output_dir={out_dir}",
+        "run.progress=false",
+        "ray.num_cpus=2",
+        "learner.batch_size=32",
+        "actor.prompts_per_batch=8",
+        "learner.eval_every=0",
+        *extra,
+    ]
+
+
+def _nothing_left(out_dir: Path, ray_before: set[int]) -> None:
+    ours = str(out_dir).encode()
+    wait_for(lambda: not _processes(ours), 60, f"the components of {out_dir} to exit")
+    wait_for(lambda: not (_processes(*RAY_PROCESS_MARKS) - ray_before), 60, "Ray's processes to exit")
+
+
+def test_ray_run_trains_and_cleans_up(prepared, tmp_path):
+    out_dir = tmp_path / "run"
+    ray_before = _processes(*RAY_PROCESS_MARKS)
+    proc = opd(*_args(prepared, out_dir, "learner.max_steps=4"))
+    try:
+        log, _ = proc.communicate(timeout=800)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, log
+    for name in ("broker", "learner", "actor-0", "scorer-0"):
+        assert f"ray: {name} placed" in log, log
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["learner_steps"] == 4 and summary["trajectories_trained"] == 4 * 32
+    assert summary["trajectories_generated"] >= 4 * 32 and summary["trajectories_scored"] >= 4 * 32
+    assert (out_dir / "student" / "config.json").exists() and (out_dir / "logs" / "scorer-0.log").exists()
+    _nothing_left(out_dir, ray_before)
+
+
+def _scale(config: Path, n: int) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "opd.cli", "scale", "--config", str(config), f"scorers={n}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def _events(out_dir: Path) -> list[dict]:
+    path = out_dir / "scaling.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_ray_scale_up_and_down(prepared, tmp_path):
+    out_dir = tmp_path / "run"
+    ray_before = _processes(*RAY_PROCESS_MARKS)
+    proc = opd(*_args(prepared, out_dir, "learner.max_steps=100000", "scaling.interval_s=2"))
+    try:
+        wait_for(lambda: (out_dir / "metrics.jsonl").exists(), 600, "the first learner steps")
+        _scale(out_dir / "config.yaml", 2)
+        wait_for(
+            lambda: any(r.get("scored", {}).get("scorer-1", 0) > 0 for r in _events(out_dir)),
+            300,
+            "scorer-1 (placed by Ray) to score",
+        )
+        _scale(out_dir / "config.yaml", 1)
+        wait_for(lambda: any(r["event"] == "stopped" for r in _events(out_dir)), 120, "scorer-1 to stop")
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, log
+    assert "ray: scorer-1 placed" in log and "exited with code" not in log
+    events = [
+        (r["event"], r.get("name"), r.get("code")) for r in _events(out_dir) if r["event"] != "interval"
+    ]
+    assert [e for e in events if e[0] != "decision"] == [
+        ("started", "scorer-1", None),
+        ("retired", "scorer-1", None),
+        ("stopped", "scorer-1", 0),
+    ]
+    assert json.loads((out_dir / "summary.json").read_text())["learner_steps"] > 0
+    _nothing_left(out_dir, ray_before)
