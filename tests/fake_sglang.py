@@ -126,6 +126,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: Any) -> None:
         data = json.dumps(body).encode()  # NaN is written as NaN, as Python-based servers do
+        self._leave()  # before the reply goes out: the client may send its next request the moment it lands
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -165,10 +166,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.server_state.max_in_flight = max(
                 self.server_state.max_in_flight, self.server_state.in_flight
             )
+            self._counted = True
         try:
             self._answer(req, fault)
         finally:
-            with self.server_state.lock:
+            self._leave()
+
+    def _leave(self) -> None:
+        """This request no longer counts as in flight (once, whichever path ends it)."""
+        with self.server_state.lock:
+            if getattr(self, "_counted", False):
+                self._counted = False
                 self.server_state.in_flight -= 1
 
     def _answer(self, req: dict[str, Any], fault: str) -> None:

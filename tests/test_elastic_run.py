@@ -25,6 +25,17 @@ def _broadcasts(path: Path) -> int:
     return sum(r["source"] == "broadcast" for r in read_digests(path)) if path.exists() else 0
 
 
+def _sync_members(out_dir: Path) -> list[int]:
+    """weight_sync_members per learner step so far (a line still being written is skipped)."""
+    path, out = out_dir / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line).get("weight_sync_members", 0))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def test_three_actors_one_killed_one_added_weights_bit_identical(prepared, tmp_path):
     out_dir = tmp_path / "run"
     proc = opd(
@@ -45,9 +56,11 @@ def test_three_actors_one_killed_one_added_weights_bit_identical(prepared, tmp_p
     )
     joined = None
     try:
-        wait_for(lambda: _metrics_lines(out_dir) >= 5, 300, "a few learner steps on three actors")
+        # actors load at their own pace on a busy machine: kill one only once all three took a broadcast
+        wait_for(lambda: 3 in _sync_members(out_dir), 300, "a weight sync with all three actors")
+        killed_at = len(_sync_members(out_dir))
         os.kill(_component_pid(proc.pid, "actor", 1), signal.SIGKILL)
-        wait_for(lambda: _metrics_lines(out_dir) >= 20, 300, "steps on the surviving actors")
+        wait_for(lambda: _metrics_lines(out_dir) >= killed_at + 15, 300, "steps on the surviving actors")
         joined = opd("actor", "--config", str(out_dir / "config.yaml"), "--index", "3")
         joiner_digests = out_dir / "weight_digests" / "actor-3.jsonl"
         wait_for(lambda: _broadcasts(joiner_digests) >= 10, 400, "the joined actor taking broadcasts")
@@ -64,7 +77,7 @@ def test_three_actors_one_killed_one_added_weights_bit_identical(prepared, tmp_p
 
     records = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     members = [r["weight_sync_members"] for r in records if "weight_sync_members" in r]
-    assert 3 in members[:4] and members[-1] == 3  # three at the start and again at the end
+    assert 3 in members[:killed_at] and members[-1] == 3  # three before the kill and again at the end
     assert 2 in members  # synced without the dead actor before the new one came
     synced = [r for r in records if r.get("weight_sync_members", 0) > 0]
     assert synced and all(r["weight_sync_seconds"] > 0 and r["weight_sync_gbps"] > 0 for r in synced)
@@ -79,7 +92,8 @@ def test_three_actors_one_killed_one_added_weights_bit_identical(prepared, tmp_p
             assert r["sha256"] == truth[r["version"]], (n, r)  # bit-identical to the learner at that version
     for n in (0, 2):  # the survivors kept receiving, up to the learner's last version
         versions = [r["version"] for r in taken[n] if r["source"] == "broadcast"]
-        assert versions[-1] == final and len(set(versions)) >= final - 2, (n, versions)
+        # from its first broadcast on (a slow starter may begin from a snapshot), at most 2 versions missed
+        assert versions[-1] == final and len(set(versions)) >= final - versions[0] + 1 - 2, (n, versions)
     first, last = taken[3][0], taken[3][-1]
     # started from recent weights, not from the initial student
     assert first["source"] == "snapshot" and first["version"] >= 10, taken[3][:3]
