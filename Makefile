@@ -1,4 +1,4 @@
-.PHONY: setup test test-vllm lint demo bench
+.PHONY: setup test test-vllm lint demo bench bench-quality bench-staleness bench-broker bench-pipeline bench-scorers
 setup:  ## install opd-stream and its test tools (torch pinned to 2.13.0)
 	python3 -m pip install -e ".[dev]"
 test:   ## the README's test command (CI runs this)
@@ -11,3 +11,13 @@ demo:
 	opd run configs/tiny.yaml
 bench:  ## benchmarks/weight_sync.py: our bucketed broadcast vs raw gloo vs memcpy (BENCHMARKS.md)
 	python3 benchmarks/weight_sync.py
+bench-quality:  ## benchmarks/quality.py: steps/tokens to 90%/95% of the teacher, OPD vs GRPO vs KD vs GKD vs hybrid
+	python3 benchmarks/quality.py
+bench-staleness:  ## benchmarks/staleness.py: exact lag s x correction mode, reverse_kl_pg
+	python3 benchmarks/staleness.py
+bench-broker:  ## benchmarks/broker.py: zmq vs redis (AOF off/on) traj/s and MB/s at 1k/8k/32k tokens (BENCHMARKS.md)
+	python3 benchmarks/broker.py
+bench-pipeline:  ## benchmarks/pipeline.py: async vs sync trained tokens/s and learner wait, plain and calibrated (BENCHMARKS.md)
+	python3 benchmarks/pipeline.py
+bench-scorers:  ## benchmarks/scorers.py: scored tokens/s with 1, 2, 4 scorers against linear scaling (BENCHMARKS.md)
+	python3 benchmarks/scorers.py

@@ -17,6 +17,7 @@ from opd.config import Config
 from opd.models import encode_prompt
 from opd.protocol import ProtocolError, Trajectory, encode, unpack_control
 from opd.runtime import Reporter, StopFlag, log, run_component
+from opd.service_time import pad_to_service_time
 from weight_sync import ElasticReceiver, WeightReceiver, resolve_backend
 from weight_sync.snapshot import SnapshotStore
 from weight_sync.verify import DigestLog
@@ -25,7 +26,7 @@ from weight_sync.verify import DigestLog
 def weight_follower(cfg: Config, name: str, model: torch.nn.Module) -> ElasticReceiver:
     """Register with the learner's store and heartbeat; weights arrive in the sync epochs that name us."""
     ws = cfg.weight_sync
-    backend = resolve_backend(ws.backend, cfg.actor.device)
+    backend = resolve_backend(ws.backend, cfg.learner.device, cfg.actor.device)
     run_dir = Path(cfg.run.output_dir or ".")
     named = list(model.named_parameters())
     digests = DigestLog(run_dir / "weight_digests", name) if ws.verify_digests else None
@@ -157,6 +158,26 @@ class Actor:
             self.service_control()
             time.sleep(0.05)
 
+    def wait_for_trained_weights(self, sampled_with: int) -> None:
+        """pipeline.mode sync: generate nothing until the learner has trained on the batch just published and
+        sent the resulting weights, so exactly one batch is in flight and every sample is trained at lag 0.
+        Control is still served meanwhile: the sync itself arrives there, and so does stop. A version the learner
+        gave up sending (every attempt failed) never comes: then the actor goes on with the weights it has, so its
+        next batch is one version stale rather than the run waiting out learner.batch_timeout_s."""
+        t0 = time.perf_counter()
+        next_check = t0 + 0.5
+        while not self.stop() and self.follower.version <= sampled_with:
+            self.service_control()
+            if time.perf_counter() > next_check:
+                if self.follower.given_up_version() > sampled_with:
+                    log.warning(
+                        "weight version %d was given up; sampling on with %d", sampled_with + 1, sampled_with
+                    )
+                    break
+                next_check = time.perf_counter() + 0.5
+            time.sleep(0.005)
+        self.reporter.add(sync_wait_seconds=time.perf_counter() - t0)
+
     def _snapshot_weights_fresh(self) -> bool:
         if self.follower.source != "snapshot":
             return False
@@ -170,8 +191,13 @@ class Actor:
             self.wait_while_ahead()
             if self.stop():
                 break
+            sampled_with = self.follower.version
             t0 = time.perf_counter()
             trajs = self.generate_batch()
+            tokens = sum(len(t.response_token_ids) for t in trajs)
+            pad_s = pad_to_service_time(
+                t0, tokens, self.cfg.pipeline.service_time.actor_ms_per_token, self.stop.wait
+            )
             gen_s = time.perf_counter() - t0
             payloads = [encode(t) for t in trajs]
             if (
@@ -188,10 +214,13 @@ class Actor:
             self._record(trajs)
             self.reporter.add(
                 trajectories_generated=len(trajs),
-                tokens_generated=sum(len(t.response_token_ids) for t in trajs),
+                tokens_generated=tokens,
                 generate_seconds=gen_s,
+                service_pad_seconds=pad_s,
             )
             self.reporter.maybe_send(weight_version=self.follower.version)
+            if self.cfg.pipeline.mode == "sync":
+                self.wait_for_trained_weights(sampled_with)
         self.reporter.maybe_send(force=True, weight_version=self.follower.version, final=True)
         log.info("stopping (%s) at weight version %d", self.stop.reason or "done", self.follower.version)
 

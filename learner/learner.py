@@ -18,6 +18,7 @@ from opd.assets import ensure_assets, evaluate, load_asset
 from opd.config import Config
 from opd.protocol import ProtocolError, Trajectory, decode, pack_control
 from opd.runtime import Reporter, StopFlag, log, run_component
+from opd.service_time import pad_to_service_time
 from opd.tracking import StepTracker
 from weight_sync import ElasticBroadcaster, WeightBroadcaster, make_store, resolve_backend
 from weight_sync.snapshot import SnapshotStore
@@ -138,7 +139,7 @@ class Learner:
     def _connect_actors(self) -> None:
         """Host the rendezvous store; actors register and heartbeat there and are synced as they come and go."""
         ws = self.cfg.weight_sync
-        self.backend = resolve_backend(ws.backend, self.cfg.learner.device)
+        self.backend = resolve_backend(ws.backend, self.cfg.learner.device, self.cfg.actor.device)
         self.store = make_store(ws.host, ws.port, 0, None, ws.timeout_s)
         self.broadcaster.publish_manifest(self.store)
         self.snapshots = SnapshotStore(ws.snapshot_dir or self.out_dir / "weights")
@@ -260,7 +261,7 @@ class Learner:
 
     def _snapshot_and_digest(self) -> dict[str, float]:
         """Inside `gathered()`: the full parameters of the version just published."""
-        every, named, record = self.cfg.weight_sync.snapshot_every, self.broadcaster.named, {}
+        every, named, record = self.cfg.weight_sync.snapshot_every, self.broadcaster.as_sent(), {}
         if self.digests is not None:
             self.digests.record(self.version, named, "learner")
         if every and self.version % every == 0 and self.snapshots.last_version != self.version:
@@ -277,11 +278,13 @@ class Learner:
     def _train_step(self, batch: list[Trajectory], wait_s: float) -> dict[str, float]:
         t0 = time.perf_counter()
         metrics = self.engine.step(collate(batch, self.tokenizer.pad_token_id, self.cfg.learner.device))
-        step_s = time.perf_counter() - t0
+        tokens = sum(len(t.response_token_ids) for t in batch)
+        service_ms = self.cfg.pipeline.service_time.learner_ms_per_token
+        pad_s = pad_to_service_time(t0, tokens, service_ms, self.stop.wait)
+        step_s = time.perf_counter() - t0  # the update's whole duration, emulated service time included
         lags = [self.lag(t) for t in batch]
         for lag in lags:
             self.lag_histogram[max(lag, 0)] += 1
-        tokens = sum(len(t.response_token_ids) for t in batch)
         self.max_policy_version = max(self.max_policy_version, *(t.policy_version for t in batch))
         self.trained_ids.update(t.id for t in batch)
         self.trained_log.extend(t.id for t in batch)
@@ -297,6 +300,7 @@ class Learner:
             "dropped_stale": int(self.reporter.counters.get("dropped_stale", 0)),
             "tokens": tokens,
             "step_seconds": step_s,
+            "service_pad_seconds": pad_s,
             "wait_seconds": wait_s,
             "trained_tokens_per_s": tokens / max(step_s + wait_s, 1e-9),
         }

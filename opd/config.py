@@ -408,7 +408,11 @@ class LearnerConfig(_Strict):
 
 class WeightSyncConfig(_Strict):
     every: int = Field(1, ge=1, description="Broadcast weights every this many learner steps.")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto = nccl on CUDA, else gloo.")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto",
+        description="auto = nccl when learner and actors are on different CUDA devices, else gloo (NCCL refuses "
+        "two ranks on one GPU); set nccl for multi-node GPU runs.",
+    )
     host: str = Field("127.0.0.1", description="Where the learner hosts the rendezvous store.")
     port: int = Field(0, ge=0, le=65535, description="Rendezvous port; 0 = the launcher picks a free one.")
     bucket_mb: float = Field(
@@ -667,6 +671,35 @@ class MetricsConfig(_Strict):
         return v
 
 
+class ServiceTimeConfig(_Strict):
+    """Emulated per-token compute of each stage, for benchmarks: after its real work on a batch of N tokens a stage
+    sleeps until the batch took at least N x ms. Sleeping frees the CPU, so each stage behaves as if it ran on its
+    own accelerator, and the overlap the asynchronous design buys shows even on a 2-core CPU (BENCHMARKS.md)."""
+
+    actor_ms_per_token: float = Field(
+        0.0, ge=0, description="Each actor batch takes at least this x generated response tokens (0 = off)."
+    )
+    scorer_ms_per_token: float = Field(
+        0.0, ge=0, description="Each scoring round takes at least this x scored response tokens (0 = off)."
+    )
+    learner_ms_per_token: float = Field(
+        0.0, ge=0, description="Each learner update takes at least this x trained response tokens (0 = off)."
+    )
+
+
+class PipelineConfig(_Strict):
+    """How the stages overlap: async (the design) or sync (lockstep generate -> score -> train, for comparison)."""
+
+    mode: Literal["async", "sync"] = Field(
+        "async",
+        description="async: actors keep generating while older batches are scored and trained; sync: each actor "
+        "generates one batch, then waits for the weights trained on it (one batch in flight, staleness 0).",
+    )
+    service_time: ServiceTimeConfig = Field(
+        default_factory=ServiceTimeConfig, description="Emulated per-token stage compute (benchmarks)."
+    )
+
+
 # The teacher must be clearly stronger than the student, so its defaults are a bigger, longer-trained model.
 _TEACHER_DEFAULTS: dict[str, Any] = {
     "hidden_size": 128,
@@ -691,6 +724,7 @@ class Config(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -728,8 +762,14 @@ class Config(_Strict):
             )
         self._loss_inputs()
         self._ray_fits()
+        self._sync_pipeline()
         if self.weight_sync.backend == "nccl" and "cuda" not in self.learner.device:
             raise ValueError("weight_sync.backend: nccl needs learner.device: cuda; use backend: gloo on CPU")
+        if self.weight_sync.backend == "nccl" and "cuda" not in self.actor.device:
+            raise ValueError(
+                f"weight_sync.backend: nccl needs actor.device: cuda (got {self.actor.device}); "
+                "use backend: gloo or auto"
+            )
         if self.actor.engine == "vllm" and self.sampling.top_p < 1.0:
             # vLLM's processed logprobs are taken after top-p truncation; raw ones before the temperature.
             raise ValueError(
@@ -755,6 +795,25 @@ class Config(_Strict):
             raise ValueError(
                 f"ray.num_cpus={r.num_cpus} is less than the components reserve at start ({detail}); "
                 "raise ray.num_cpus or lower ray.<role>.num_cpus"
+            )
+
+    def _sync_pipeline(self) -> None:
+        """Lockstep needs one generation round to be exactly one learner batch, and new weights after every
+        batch; otherwise the learner waits for data no actor will make (or actors for weights never sent)."""
+        if self.pipeline.mode != "sync":
+            return
+        made = self.actor.num_actors * self.actor.prompts_per_batch * self.sampling.n
+        if made != self.learner.batch_size:
+            raise ValueError(
+                f"pipeline.mode: sync needs actor.num_actors x actor.prompts_per_batch x sampling.n "
+                f"({self.actor.num_actors} x {self.actor.prompts_per_batch} x {self.sampling.n} = {made}) to "
+                f"equal learner.batch_size ({self.learner.batch_size}); set learner.batch_size={made} or change "
+                "the actor side"
+            )
+        if self.weight_sync.every != 1:
+            raise ValueError(
+                f"pipeline.mode: sync needs weight_sync.every: 1 (got {self.weight_sync.every}): each actor waits "
+                "for the weights trained on its batch; set weight_sync.every=1"
             )
 
     def _loss_inputs(self) -> None:

@@ -409,6 +409,9 @@ class LocalLauncher:
             "actor_weight_versions": {
                 n: r.get("weight_version") for n, r in self.state.latest.items() if n.startswith("actor")
             },
+            # each component's last counters (tokens, *_seconds, service_pad_seconds): per-stage costs, e.g. for
+            # calibrating pipeline.service_time (benchmarks/pipeline.py)
+            "components": {n: r for n, r in sorted(self.state.latest.items()) if n != "learner"},
             "teacher_accuracy": before["teacher"],
             "student_accuracy_before": before["student"],
             "student_accuracy_after": self._final_accuracy(),

@@ -14,6 +14,7 @@ from opd.assets import ensure_assets
 from opd.config import Config
 from opd.protocol import ProtocolError, Trajectory, decode, encode, unpack_control
 from opd.runtime import Reporter, StopFlag, log, run_component
+from opd.service_time import pad_to_service_time
 from teacher_scorers.backends import LOGPROB_FLOOR, build_teacher, length_buckets
 
 __all__ = ["LOGPROB_FLOOR", "Scorer", "length_buckets", "main"]  # length_buckets now lives in backends
@@ -118,6 +119,10 @@ class Scorer:
             self.broker.ack(self.rollouts, "scorers", bad)
             t0 = time.perf_counter()
             trajs, ids = self.score_isolating(trajs, ids)
+            tokens = sum(len(t.response_token_ids) for t in trajs)
+            pad_s = pad_to_service_time(
+                t0, tokens, self.cfg.pipeline.service_time.scorer_ms_per_token, self.stop.wait
+            )
             seconds = time.perf_counter() - t0
             if (
                 trajs
@@ -134,8 +139,9 @@ class Scorer:
             self.broker.ack(self.rollouts, "scorers", ids)
             self.reporter.add(
                 trajectories_scored=len(trajs),
-                tokens_scored=sum(len(t.response_token_ids) for t in trajs),
+                tokens_scored=tokens,
                 score_seconds=seconds,
+                service_pad_seconds=pad_s,
             )
             self.reporter.maybe_send()
         self.reporter.maybe_send(force=True, final=True)

@@ -164,6 +164,11 @@ def opd(*args: str, **kw) -> subprocess.Popen:
     )
 
 
+def opd_run(cache: Path, out_dir: Path, *overrides: str, **kw) -> subprocess.Popen:
+    """`opd run configs/tiny.yaml` on the session's built models, writing its run directory to `out_dir`."""
+    return opd("run", TINY, f"run.cache_dir={cache}", f"run.output_dir={out_dir}", *overrides, **kw)
+
+
 def children_of(pid: int) -> list[int]:
     """Processes started by launcher `pid` (they carry OPD_PARENT_PID), found even after being orphaned."""
     found = []

@@ -10,7 +10,7 @@ import urllib.error
 
 import pytest
 
-from tests.conftest import TINY, opd, wait_for
+from tests.conftest import opd, opd_run, wait_for
 from tests.test_dashboards import free_port_block, scrape, value, wandb_history
 
 pytestmark = pytest.mark.slow
@@ -62,11 +62,9 @@ def test_watch_a_run_prometheus_top_wandb_tensorboard(prepared, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     base, out_dir = free_port_block(3), tmp_path / "run"
-    proc = opd(
-        "run",
-        TINY,
-        f"run.cache_dir={prepared}",
-        f"run.output_dir={out_dir}",
+    proc = opd_run(
+        prepared,
+        out_dir,
         f"learner.max_steps={STEPS}",
         "learner.eval_every=50",
         f"metrics.port={base}",

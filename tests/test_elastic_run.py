@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, opd, wait_for
+from tests.conftest import opd, opd_run, wait_for
 from tests.test_chaos import _component_pid, _metrics_lines
 from weight_sync.verify import read_digests
 
@@ -38,11 +38,9 @@ def _sync_members(out_dir: Path) -> list[int]:
 
 def test_three_actors_one_killed_one_added_weights_bit_identical(prepared, tmp_path):
     out_dir = tmp_path / "run"
-    proc = opd(
-        "run",
-        TINY,
-        f"run.cache_dir={prepared}",
-        f"run.output_dir={out_dir}",
+    proc = opd_run(
+        prepared,
+        out_dir,
         "run.progress=false",
         "learner.max_steps=100000",  # stopped by Ctrl-C once the joiner has taken several broadcasts
         "learner.batch_size=32",

@@ -170,3 +170,43 @@ def test_a_member_that_never_joins_is_left_out_after_one_timeout(tmp_path):
         assert learner.sync.failed_versions == 0
     finally:
         beat.stop()
+
+
+def test_a_version_given_up_is_visible_to_actors(tmp_path):
+    """An actor alive by heartbeat that never joins the collective (hung) makes every attempt fail; the learner
+    gives the version up, counts it, and says so in the store, where a lockstep (pipeline.mode: sync) actor
+    waiting for that version reads that it will never come."""
+    port = free_port()
+    store = make_store("127.0.0.1", port, 0, None, 30)
+    model = _model(0)
+    tx = WeightBroadcaster(None, list(model.named_parameters()), 0.05)
+    tx.publish_manifest(store)
+    sync = ElasticBroadcaster(
+        store,
+        "t/weights",
+        "gloo",
+        tx,
+        announce=lambda v, e, m: None,
+        liveness_s=2.0,
+        join_timeout_s=1.0,
+        attempts=1,
+    )
+    hung = ElasticReceiver(
+        "127.0.0.1",
+        port,
+        "actor-0",
+        "t/weights",
+        "gloo",
+        WeightReceiver(None, list(_model(1).named_parameters()), 0.05),
+        timeout_s=30,
+        join_timeout_s=1.0,
+        heartbeat_s=0.1,
+    )
+    try:
+        wait_for(lambda: sync.membership.alive() == ["actor-0"], 30, "the actor's heartbeat")
+        assert hung.given_up_version() == -1
+        assert sync.sync(1) is None
+        assert sync.failed_versions == 1
+        assert hung.given_up_version() == 1 and hung.version < 1
+    finally:
+        hung.close()

@@ -12,7 +12,7 @@ import msgpack
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY, children_of, opd, wait_for
+from tests.conftest import REPO, TINY, children_of, opd, opd_run, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -20,11 +20,9 @@ pytestmark = pytest.mark.slow
 def test_opd_run_trains_and_reports(prepared, tmp_path):
     out_dir = tmp_path / "run"
     steps = 40
-    proc = opd(
-        "run",
-        TINY,
-        f"run.cache_dir={prepared}",
-        f"run.output_dir={out_dir}",
+    proc = opd_run(
+        prepared,
+        out_dir,
         f"learner.max_steps={steps}",
         "learner.eval_every=20",
     )
@@ -79,11 +77,9 @@ def test_bad_messages_are_dead_lettered_mid_run(prepared, tmp_path):
     from broker.zmq_broker import ZmqBroker
 
     out_dir = tmp_path / "run"
-    proc = opd(
-        "run",
-        TINY,
-        f"run.cache_dir={prepared}",
-        f"run.output_dir={out_dir}",
+    proc = opd_run(
+        prepared,
+        out_dir,
         "learner.max_steps=25",
         "learner.eval_every=0",
     )
@@ -109,9 +105,7 @@ def test_bad_messages_are_dead_lettered_mid_run(prepared, tmp_path):
 
 def test_ctrl_c_stops_everything_and_saves(prepared, tmp_path):
     out_dir = tmp_path / "run"
-    proc = opd(
-        "run", TINY, f"run.cache_dir={prepared}", f"run.output_dir={out_dir}", "learner.max_steps=100000"
-    )
+    proc = opd_run(prepared, out_dir, "learner.max_steps=100000")
     wait_for(lambda: (out_dir / "metrics.jsonl").exists(), 300, "the first learner step")
     assert len(children_of(proc.pid)) == 4  # broker, learner, actor, scorer
     proc.send_signal(signal.SIGINT)
@@ -125,9 +119,7 @@ def test_ctrl_c_stops_everything_and_saves(prepared, tmp_path):
 
 def test_killed_launcher_leaves_no_orphans(prepared, tmp_path):
     out_dir = tmp_path / "run"
-    proc = opd(
-        "run", TINY, f"run.cache_dir={prepared}", f"run.output_dir={out_dir}", "learner.max_steps=100000"
-    )
+    proc = opd_run(prepared, out_dir, "learner.max_steps=100000")
     wait_for(lambda: (out_dir / "metrics.jsonl").exists(), 300, "the first learner step")
     assert children_of(proc.pid)
     proc.kill()
@@ -238,11 +230,9 @@ RUN_MATRIX = [
 def test_each_loss_and_correction_runs(prepared, tmp_path, overrides):
     out_dir = tmp_path / "run"
     steps = 3
-    proc = opd(
-        "run",
-        TINY,
-        f"run.cache_dir={prepared}",
-        f"run.output_dir={out_dir}",
+    proc = opd_run(
+        prepared,
+        out_dir,
         f"learner.max_steps={steps}",
         "learner.batch_size=32",
         "actor.prompts_per_batch=8",
@@ -274,11 +264,9 @@ def test_each_loss_and_correction_runs(prepared, tmp_path, overrides):
 def test_staleness_bound_drops_and_counts(prepared, tmp_path):
     """max_staleness 0 with two actors: nothing older than the learner's weights is trained, drops are counted."""
     out_dir = tmp_path / "run"
-    proc = opd(
-        "run",
-        TINY,
-        f"run.cache_dir={prepared}",
-        f"run.output_dir={out_dir}",
+    proc = opd_run(
+        prepared,
+        out_dir,
         "learner.max_steps=6",
         "learner.batch_size=32",
         "actor.prompts_per_batch=8",

@@ -19,7 +19,7 @@ from opd.models import encode_prompt, load_tokenizer
 from opd.protocol import Trajectory, encode, unpack_control
 from opd.sampling import response_logprobs, sample
 from teacher_scorers.remote import RemoteTeacher, RemoteTeacherError
-from tests.conftest import TINY, free_port, opd
+from tests.conftest import TINY, free_port, opd_run
 from tests.fake_sglang import FakeSGLang
 
 TOPK = 4
@@ -246,11 +246,9 @@ def test_opd_run_with_a_remote_sglang_teacher(prepared, server, tmp_path):
     """The demo run with the teacher behind the SGLang-format server: every trained trajectory was scored there."""
     out_dir = tmp_path / "run"
     steps = 6
-    proc = opd(
-        "run",
-        TINY,
-        f"run.cache_dir={prepared}",
-        f"run.output_dir={out_dir}",
+    proc = opd_run(
+        prepared,
+        out_dir,
         f"learner.max_steps={steps}",
         "learner.eval_every=0",
         "scorer.engine=remote",

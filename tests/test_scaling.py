@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY, children_of, opd, wait_for
+from tests.conftest import REPO, children_of, opd_run, wait_for
 from tests.test_chaos import accounting
 
 pytestmark = pytest.mark.slow
@@ -57,11 +57,9 @@ def _contributed(out_dir: Path, name: str) -> bool:
 
 def test_add_two_scorers_then_remove_one(prepared, redis_server, tmp_path):
     out_dir = tmp_path / "run"
-    proc = opd(
-        "run",
-        TINY,
-        f"run.cache_dir={prepared}",
-        f"run.output_dir={out_dir}",
+    proc = opd_run(
+        prepared,
+        out_dir,
         "run.progress=false",
         "broker.type=redis",
         f"broker.url={redis_server.url}",

@@ -22,7 +22,7 @@ from opd.config import load_config
 from opd.models import encode_prompt
 from opd.protocol import Trajectory
 from opd.sampling import response_logprobs
-from tests.conftest import TINY, opd
+from tests.conftest import TINY, opd_run
 
 pytest.importorskip("vllm", reason="vllm not installed: run scripts/setup_vllm_env.sh and use .venv-vllm")
 pytestmark = pytest.mark.vllm
@@ -242,11 +242,9 @@ def test_keep_kv_cache_decides_whether_stale_prefix_kv_is_reused(cfg, assets):
 def test_opd_run_with_vllm_actor_and_teacher(prepared, tmp_path):
     out_dir = tmp_path / "run"
     steps = 8
-    proc = opd(
-        "run",
-        TINY,
-        f"run.cache_dir={prepared}",
-        f"run.output_dir={out_dir}",
+    proc = opd_run(
+        prepared,
+        out_dir,
         f"learner.max_steps={steps}",
         "learner.max_staleness=2",  # the actor cannot run far ahead, so versions >= 1 get trained
         "actor.engine=vllm",

@@ -107,3 +107,46 @@ def test_membership_follows_heartbeats():
     time.sleep(1.0)
     assert members.alive() == ["actor-0"]
     beats[1].stop()
+
+
+@pytest.mark.parametrize("bucket_mb", [0.0005, 32.0], ids=["many-buckets", "one-bucket"])
+def test_a_learner_recast_to_bf16_still_sends_the_manifest_dtype(bucket_mb):
+    """DeepSpeed's bf16 mode recasts the learner's parameters after the manifest was taken: the broadcast sends
+    them in the manifest's fp32, so actors receive bf16-rounded fp32 weights, not misread bytes."""
+    ctx = mp.get_context("spawn")
+    port, world = free_port(), 2
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_receiver, args=(port, 1, world, queue, 1, bucket_mb))
+    model = _model(0)
+    store = make_store("127.0.0.1", port, 0, world, 30)
+    proc.start()
+    tx = WeightBroadcaster(None, list(model.named_parameters()), bucket_mb)
+    tx.publish_manifest(store)
+    tx.group = make_group(store, "t/weights", 0, world, "gloo", 30)
+    model.to(torch.bfloat16)  # what the engine does after the broadcaster recorded the parameters
+    want = [p.detach().float().clone() for p in model.parameters()]
+    assert all(t.dtype == torch.float32 for _, t in tx.as_sent())
+    assert tx.broadcast(1).bytes == sum(p.numel() * 4 for p in model.parameters())
+    _, _, params = queue.get(timeout=60)
+    proc.join(30)
+    assert proc.exitcode == 0
+    for a, b in zip(params, want, strict=True):
+        assert torch.equal(torch.from_numpy(a), b)
+
+
+def test_auto_backend_is_one_answer_from_the_config():
+    """Learner and actors resolve the backend independently, so it may depend on the config only; NCCL is picked
+    only for separate GPUs (it refuses two ranks on one device) and never with a CPU side."""
+    from weight_sync import resolve_backend
+
+    assert resolve_backend("auto", "cpu", "cpu") == "gloo"
+    assert resolve_backend("auto", "cuda", "cpu") == "gloo"
+    assert resolve_backend("auto", "cpu", "cuda:0") == "gloo"
+    assert resolve_backend("auto", "cuda", "cuda:0") == "gloo"
+    assert resolve_backend("gloo", "cuda:0", "cuda:1") == "gloo"
+    if torch.cuda.is_available():
+        assert resolve_backend("auto", "cuda:0", "cuda:1") == "nccl"
+    else:
+        assert resolve_backend("auto", "cuda:0", "cuda:1") == "gloo"
+        with pytest.raises(RuntimeError, match="nccl needs CUDA"):
+            resolve_backend("nccl", "cuda:0", "cuda:1")

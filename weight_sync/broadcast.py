@@ -52,8 +52,10 @@ class _Bucketed:
         self.named = named
         self.buckets = plan_buckets(named, int(bucket_mb * (1 << 20)))
         self.total_bytes = sum(t.numel() * t.element_size() for _, t in named)
-        # Taken now: a sharding engine (ZeRO-3) later leaves empty placeholders in the live parameters.
+        # Taken now: a sharding engine (ZeRO-3) later leaves empty placeholders in the live parameters, and a
+        # mixed-precision one (DeepSpeed bf16) recasts them; what travels keeps the dtypes recorded here.
         self.manifest = manifest(named)
+        self.dtypes = [t.dtype for _, t in named]
         self.bucket_bytes = [
             sum(named[i][1].numel() * named[i][1].element_size() for i in b) for b in self.buckets
         ]
@@ -63,16 +65,16 @@ class _Bucketed:
 
     def _staging(self, k: int, idx: list[int]) -> torch.Tensor:
         """Bucket k's packing buffer: buffer k % 2 (the pipeline keeps at most two buckets in flight)."""
-        first = self.named[idx[0]][1]
-        numel = self.bucket_bytes[k] // first.element_size()
+        first, dtype = self.named[idx[0]][1], self.dtypes[idx[0]]
+        numel = self.bucket_bytes[k] // dtype.itemsize
         if not self._stage:
             packed = [n for n, b in zip(self.bucket_bytes, self.buckets, strict=True) if len(b) > 1]
             size = max(packed, default=0)
             self._stage = [torch.empty(size, dtype=torch.uint8, device=first.device) for _ in range(2)]
         buf = self._stage[k % 2]
         if self.bucket_bytes[k] > buf.numel() or buf.device != first.device:
-            return torch.empty(numel, dtype=first.dtype, device=first.device)
-        return buf[: self.bucket_bytes[k]].view(first.dtype)
+            return torch.empty(numel, dtype=dtype, device=first.device)
+        return buf[: self.bucket_bytes[k]].view(dtype)
 
     def _broadcast(self, flat: torch.Tensor) -> None:
         self.group.broadcast([flat], _opts(root=0)).wait()
@@ -85,7 +87,12 @@ class _Bucketed:
     def _single(self, idx: list[int]) -> torch.Tensor | None:
         """A bucket of one contiguous tensor travels as that tensor itself: no packing copy on either side."""
         t = self.named[idx[0]][1]
-        return t.detach().view(-1) if len(idx) == 1 and t.is_contiguous() else None
+        same = t.dtype == self.dtypes[idx[0]]
+        return t.detach().view(-1) if len(idx) == 1 and t.is_contiguous() and same else None
+
+    def as_sent(self) -> list[tuple[str, torch.Tensor]]:
+        """The parameters in the dtypes of the manifest: what a receiver ends up holding (digests, snapshots)."""
+        return [(n, t.detach().to(d)) for (n, t), d in zip(self.named, self.dtypes, strict=True)]
 
 
 def _opts(root: int):
@@ -112,7 +119,8 @@ class WeightBroadcaster(_Bucketed):
             flat = self._single(idx)
             if flat is None:
                 flat = torch.cat(
-                    [self.named[i][1].detach().reshape(-1) for i in idx], out=self._staging(k, idx)
+                    [self.named[i][1].detach().reshape(-1).to(self.dtypes[i]) for i in idx],
+                    out=self._staging(k, idx),
                 )
             work = self._start(flat)
             if in_flight is not None:

@@ -35,6 +35,8 @@ from weight_sync.snapshot import SnapshotStore, load_snapshot
 REGISTRY_COUNT = "actors/count"
 SEEN_PREFIX = "seen/"  # seen/<actor>: the newest epoch announcement the actor has read
 VERSION_KEY = "weights/version"  # the learner's current version: a joining actor waits for it before sampling
+# the newest version the learner gave up sending (a lockstep actor stops waiting for it)
+GIVEN_UP_KEY = "weights/given_up"
 
 
 def _client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
@@ -181,6 +183,7 @@ class ElasticBroadcaster:
                 if attempt + 1 < self.attempts:
                     time.sleep(self.membership.liveness_s)
         self.failed_versions += 1
+        self.store.set(GIVEN_UP_KEY, str(version))
         if self.log:
             self.log(f"weight sync of version {version} failed {self.attempts} times; giving it up")
         return None
@@ -279,6 +282,10 @@ class ElasticReceiver:
 
     def learner_version(self) -> int:
         return int(self.store.get(VERSION_KEY)) if self.store.check([VERSION_KEY]) else 0
+
+    def given_up_version(self) -> int:
+        """The newest version the learner stopped trying to send: one that will never arrive here."""
+        return int(self.store.get(GIVEN_UP_KEY)) if self.store.check([GIVEN_UP_KEY]) else -1
 
     def close(self) -> None:
         self.heartbeat.stop()

@@ -13,9 +13,21 @@ import torch
 import torch.distributed as dist
 
 
-def resolve_backend(backend: str, device: str) -> str:
+def _device_key(device: str) -> str:
+    return "cuda:0" if device == "cuda" else device
+
+
+def resolve_backend(backend: str, learner_device: str, actor_device: str) -> str:
+    """The broadcast backend, decided from the config alone so that the learner and every actor agree.
+
+    `auto` takes NCCL only when the learner and the actors are on different CUDA devices: NCCL refuses two ranks
+    on one GPU (a single-GPU machine running everything), and a CPU rank cannot join an NCCL group. Anything else
+    gets gloo, which also carries CUDA tensors (staged through host memory). Multi-node runs whose learner and
+    actors each use their own node's `cuda:0` should set `backend: nccl` explicitly."""
+    both_cuda = learner_device.startswith("cuda") and actor_device.startswith("cuda")
     if backend == "auto":
-        return "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+        apart = _device_key(learner_device) != _device_key(actor_device)
+        return "nccl" if both_cuda and apart and torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError(
             "weight_sync.backend: nccl needs CUDA, which this machine lacks; use backend: gloo"
