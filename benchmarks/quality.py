@@ -15,8 +15,15 @@ and lr schedule (constant after 10 warmup steps), run in the in-process harness 
 
 Tokens: student tokens = response tokens the student generated; teacher tokens = tokens the teacher scored (or
 generated, for KD). Seeds change the prompt order, the sampling and the learner seed; the initial student is the
-same. `python3 benchmarks/quality.py` writes benchmarks/results/quality.{json,png}; `--sweep` runs the lr sweep
-that chose LR below; `--smoke` is a seconds-long run on throwaway tiny models (used by the tests).
+same. Two settings (BENCHMARKS.md, "Quality"), one config each:
+
+  configs/bench_quality.yaml        A, primary: a capable student (teacher's architecture and SFT length) with a
+                                    spurious trailing '=' habit, so the exact-match reward is sparse
+  configs/bench_quality_skill.yaml  B: an under-trained student (a skill gap; a null result)
+
+`python3 benchmarks/quality.py [--config C]` writes benchmarks/results/<name>.{json,png}, where <name> is the
+config's file name without `bench_` (quality, quality_skill); `--sweep` runs the lr sweep that chose LR below
+(<name>_sweep_<methods>.json); `--smoke` is a seconds-long run on throwaway tiny models (used by the tests).
 """
 
 from __future__ import annotations
@@ -38,7 +45,10 @@ from opd.assets import ensure_assets, evaluate, load_asset  # noqa: E402
 from opd.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "bench_quality.yaml"
+DEFAULT_CONFIG = REPO / "configs" / "bench_quality.yaml"  # setting A (primary)
+SKILL_CONFIG = REPO / "configs" / "bench_quality_skill.yaml"  # setting B
+# benchmarks/staleness.py imports CONFIG; its documented numbers were measured on the skill-gap models.
+CONFIG = SKILL_CONFIG
 RESULTS = REPO / "benchmarks" / "results"
 
 METHODS: dict[str, dict] = {
@@ -77,9 +87,14 @@ METHODS: dict[str, dict] = {
     },
 }
 
-# One peak lr per family, from `--sweep` (numbers in BENCHMARKS.md): every family was best at 3e-5 and lost
-# accuracy at 1e-4 and 3e-4 on this student, so all use 3e-5.
-LR = {"distill": 3e-5, "rl": 3e-5, "kd": 3e-5}
+# One peak lr per family and config, from `--sweep` (numbers in BENCHMARKS.md).
+LR_BY_CONFIG = {
+    # setting A: not swept (time); 1e-4 is the demo's lr (configs/tiny.yaml distils the same habit away at 1e-4,
+    # 64 trajectories/step), the same for every method. `--sweep` would check it.
+    "bench_quality": {"distill": 1e-4, "rl": 1e-4, "kd": 1e-4},
+    # setting B: every family was best at 3e-5 and lost accuracy at 1e-4 and 3e-4, so all use 3e-5.
+    "bench_quality_skill": {"distill": 3e-5, "rl": 3e-5, "kd": 3e-5},
+}
 SWEEP_LRS = (3e-5, 1e-4, 3e-4)
 
 # Throwaway models for --smoke: built in seconds, cached like any other.
@@ -100,15 +115,21 @@ SMOKE_OVERRIDES = [
 ]
 
 
-def method_config(base: list[str], method: str, lr: float | None = None):
+def output_name(config: Path) -> str:
+    """benchmarks/results/<name>.json for a config: its file name without `bench_`."""
+    return config.stem.removeprefix("bench_")
+
+
+def method_config(config: Path, base: list[str], method: str, lr: float | None = None):
     spec = METHODS[method]
-    lr = LR[spec["family"]] if lr is None else lr
-    return load_config(CONFIG, [*base, *spec["overrides"], f"learner.lr={lr}"])
+    if lr is None:
+        lr = LR_BY_CONFIG.get(config.stem, LR_BY_CONFIG["bench_quality"])[spec["family"]]
+    return load_config(config, [*base, *spec["overrides"], f"learner.lr={lr}"])
 
 
 def _one_run(job: tuple) -> dict:
-    base, name, seed, steps, eval_every = job
-    cfg = method_config(base, name)
+    config, base, name, seed, steps, eval_every = job
+    cfg = method_config(config, base, name)
     assets = ensure_assets(cfg, log=lambda m: None)
     return run(cfg, assets, steps=steps, eval_every=eval_every, kind=METHODS[name]["kind"], seed=seed)
 
@@ -228,7 +249,7 @@ def sweep(args, base, methods, assets, teacher_acc, out_dir) -> int:
     fam_rep = {"distill": "opd_rkl", "rl": "grpo", "kd": "offpolicy_kd"}
     for name in [n for n in fam_rep.values() if n in methods]:
         for lr in SWEEP_LRS:
-            cfg = method_config(base, name, lr)
+            cfg = method_config(args.config, base, name, lr)
             r = run(cfg, assets, steps=args.steps, eval_every=args.eval_every, kind=METHODS[name]["kind"])
             accs = [e["accuracy"] for e in r["evals"]]
             c90 = crossing(r["evals"], 0.9 * teacher_acc)
@@ -239,7 +260,7 @@ def sweep(args, base, methods, assets, teacher_acc, out_dir) -> int:
                 flush=True,
             )
     tag = "_".join(n for n in fam_rep.values() if n in methods)
-    (out_dir / f"quality_sweep_{tag}.json").write_text(
+    (out_dir / f"{output_name(args.config)}_sweep_{tag}.json").write_text(
         json.dumps({"teacher_accuracy": teacher_acc, **found}, indent=1)
     )
     return 0
@@ -247,7 +268,8 @@ def sweep(args, base, methods, assets, teacher_acc, out_dir) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="setting (default: A, the primary)")
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -266,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = args.methods.split(",")
 
-    cfg0 = load_config(CONFIG, base)
+    args.config = args.config.resolve()
+    name = output_name(args.config)
+    cfg0 = load_config(args.config, base)
     assets = ensure_assets(cfg0, log=lambda m: print(m, flush=True))
     teacher_model, tok = load_asset(assets.teacher)
     teacher_acc = evaluate(
@@ -281,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         return sweep(args, base, methods, assets, teacher_acc, out_dir)
 
     result = {
-        "config": str(CONFIG.relative_to(REPO)),
+        "config": str(args.config.relative_to(REPO))
+        if args.config.is_relative_to(REPO)
+        else str(args.config),
         "smoke": args.smoke,
         "steps": args.steps,
         "eval_every": args.eval_every,
@@ -292,20 +318,24 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"to_90": 0.9 * teacher_acc, "to_95": 0.95 * teacher_acc},
         "methods": {},
     }
-    jobs = [(base, name, seed, args.steps, args.eval_every) for name in methods for seed in range(args.seeds)]
+    jobs = [
+        (args.config, base, m, seed, args.steps, args.eval_every)
+        for m in methods
+        for seed in range(args.seeds)
+    ]
     done = parallel_map(_one_run, jobs, args.jobs)
-    for name in methods:
-        spec = METHODS[name]
-        cfg = method_config(base, name)
-        runs = [r for (_, n, _, _, _), r in zip(jobs, done, strict=True) if n == name]
+    for method in methods:
+        spec = METHODS[method]
+        cfg = method_config(args.config, base, method)
+        runs = [r for job, r in zip(jobs, done, strict=True) if job[2] == method]
         for seed, r in enumerate(runs):
             c90 = crossing(r["evals"], 0.9 * teacher_acc)
             print(
-                f"{name} seed {seed}: final acc {r['evals'][-1]['accuracy']:.3f}, steps to 90% "
+                f"{method} seed {seed}: final acc {r['evals'][-1]['accuracy']:.3f}, steps to 90% "
                 f"{c90['step'] if c90 else 'n/r'} ({r['wall_seconds']:.0f}s)",
                 flush=True,
             )
-        result["methods"][name] = {
+        result["methods"][method] = {
             "kind": spec["kind"],
             "overrides": spec["overrides"],
             "lr": cfg.learner.lr,
@@ -321,10 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_seconds"] = time.time() - t_start
     result["cpu_threads"] = 1
     result["loadavg_end"] = os.getloadavg()
-    (out_dir / "quality.json").write_text(json.dumps(result, indent=1))
-    plot(result, out_dir / "quality.png")
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    plot(result, out_dir / f"{name}.png")
     print(table(result))
-    print(f"wrote {out_dir / 'quality.json'} and quality.png in {result['wall_seconds']:.0f}s")
+    print(f"wrote {out_dir / name}.json and {name}.png in {result['wall_seconds']:.0f}s")
     return 0
 
 
