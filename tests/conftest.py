@@ -195,6 +195,11 @@ def wait_for(pred, timeout: float, what: str):
 def prepared(asset_cache):
     """Build the demo's teacher and student once (the first `opd run` would do the same)."""
     proc = opd("prepare", TINY, f"run.cache_dir={asset_cache}")
-    out, _ = proc.communicate(timeout=900)
+    try:  # inside pytest-timeout's 900 s, so the build is killed here rather than left running as an orphan
+        out, _ = proc.communicate(timeout=840)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"opd prepare took over 840 s (a loaded machine?):\n{out[-3000:]}")
     assert proc.returncode == 0, out
     return asset_cache
