@@ -10,14 +10,14 @@ import numpy as np
 import torch
 
 from actors.engines import build_engine
-from broker import connect, publish_with_backpressure, stream_name
+from broker import connect, publish_with_backpressure
 from opd import tasks
-from opd.assets import ensure_assets
 from opd.config import Config
-from opd.models import encode_prompt
-from opd.protocol import ProtocolError, Trajectory, encode, unpack_control
-from opd.runtime import Reporter, StopFlag, log, run_component
-from opd.service_time import pad_to_service_time
+from opd.models.builds import ensure_assets
+from opd.models.loading import encode_prompt
+from opd.protocol import ProtocolError, Streams, Trajectory, encode, unpack_control
+from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
+from opd.runtime.service_time import pad_to_service_time
 from weight_sync import ElasticReceiver, WeightReceiver, resolve_backend
 from weight_sync.snapshot import SnapshotStore
 from weight_sync.verify import DigestLog
@@ -56,9 +56,8 @@ class Actor:
         self.broker = connect(cfg.broker)
         self.broker.stopping = stop
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.actor.metrics_every_s)
-        self.rollouts = stream_name(cfg.run.run_id, "rollouts")
-        self.scored = stream_name(cfg.run.run_id, "scored")
-        self.control = stream_name(cfg.run.run_id, "control")
+        streams = Streams(cfg.run.run_id)
+        self.rollouts, self.scored, self.control = streams.rollouts, streams.scored, streams.control
         self.broker.skip_to_end(self.control, self.name)  # before joining: the learner speaks once all joined
         self.follower = weight_follower(cfg, self.name, self.model)
         self.problems = tasks.training_stream(cfg.task, seed=cfg.run.seed * 1000 + index)

@@ -12,7 +12,7 @@ a noticeable share of what the trajectory cost to generate. Each cell measures t
 - consumer process: `consume` by consumer group (`--consume-count`, the learner's batch size), `decode` with
   `vocab_size` and `require_scored` (full validation), then `ack`.
 
-Brokers: the embedded ZeroMQ broker started as the launcher starts it (`python -m opd.cli broker --config`),
+Brokers: the embedded ZeroMQ broker started as the launcher starts it (`python -m opd broker --config`),
 and a real `redis-server` on a free port in a temp dir, with AOF off (`--appendonly no --save ""`) or on
 (`--appendonly yes --appendfsync everysec`, the AOF file in that dir). Messages are "scored" messages: prompt
 (`--prompt-len` int32), response ids (int32), behaviour and teacher logprobs (float32) and, with top-k,
@@ -26,7 +26,7 @@ Definitions (1 MB = 10^6 bytes; 1k = 1024 tokens):
   validation, ack) costs when it keeps up with a stream, with producer and consumer overlapping.
 - latency ms: one message at a time, from before `encode` in the producer to after `ack` returns in the
   consumer (the system-wide monotonic clock of both processes); median of `--latency-count`.
-- generation s/traj: our student sampler (`opd.sampling.sample`, what actors.engines.HFEngine calls), batch of
+- generation s/traj: our student sampler (`opd.models.sampler.sample`, what actors.engines.hf.HFEngine calls), batch of
   1, the project's tiny student shape (configs/tiny.yaml, random init), one torch thread as components run,
   prompt of `--prompt-len` tokens, EOS disabled so every response has exactly T tokens. Lengths up to
   `--gen-full-max` are generated in full; longer ones are estimated (and marked so) as the full run at the
@@ -134,7 +134,7 @@ class BrokerServer:
         self.config_path.write_text(dump_config(self.cfg))
         if kind == "zmq":  # the launcher's _spawn + _start_zmq_broker
             env = {**os.environ, "OPD_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
-            cmd = [sys.executable, "-m", "opd.cli", "broker", "--config", str(self.config_path)]
+            cmd = [sys.executable, "-m", "opd", "broker", "--config", str(self.config_path)]
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self._wait_ready()
 
@@ -281,7 +281,7 @@ def _student(max_positions: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from opd.models import build_char_tokenizer
+    from opd.models.loading import build_char_tokenizer
 
     tok = build_char_tokenizer()
     s = load_config(REPO / "configs" / "tiny.yaml").student
@@ -306,7 +306,7 @@ def measure_generation(lengths: list[int], prompt_len: int, full_max: int, probe
     """Seconds per trajectory of our sampler at each length: measured in full up to full_max, else estimated."""
     import torch
 
-    from opd.sampling import sample
+    from opd.models.sampler import sample
 
     torch.set_num_threads(1)  # run.torch_threads: each component process has one thread
     model, tok, shape = _student(prompt_len + max(lengths) + probe_tokens + 16)

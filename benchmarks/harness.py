@@ -9,12 +9,12 @@ timing-dependent lag is what `benchmarks/staleness.py` replaces by an exact lag 
 elsewhere (BENCHMARKS.md).
 
 What is the product's code here (nothing is re-implemented):
-- sampling: `actors.engines.HFEngine.sample` (the HF actor's sampler, behaviour logprobs at the sampling T),
+- sampling: `actors.engines.hf.HFEngine.sample` (the HF actor's sampler, behaviour logprobs at the sampling T),
 - scoring: `teacher_scorers.backends.HFTeacher.score` (teacher logprob of each sampled token, and top-k),
 - batching: `learner.batching.collate`,
-- update: `learner.engine_torch.build_engine(model, cfg)` then `engine.step(batch)` (the learner's objective,
+- update: `learner.engines.torch.build_engine(model, cfg)` then `engine.step(batch)` (the learner's objective,
   correction, AdamW, lr schedule, grad clip),
-- reward: `opd.tasks.verify` (the actor's verifier), held-out accuracy: `opd.assets.evaluate` (greedy).
+- reward: `opd.tasks.verify` (the actor's verifier), held-out accuracy: `opd.models.builds.evaluate` (greedy).
 
 Exact staleness s: the learner's weights after k updates are version k. A ring keeps state_dict copies of the
 last s+1 versions; the batch trained at step k (version k -> k+1) is sampled by version max(0, k - s), i.e.
@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from actors.engines import HFEngine
+from actors.engines.hf import HFEngine
 from learner.batching import collate
-from learner.engine_torch import build_engine
+from learner.engines import build_engine
 from opd import tasks
-from opd.assets import Assets, evaluate, load_asset
 from opd.config import Config
-from opd.models import encode_prompt
+from opd.models.builds import Assets, evaluate, load_asset
+from opd.models.loading import encode_prompt
+from opd.models.sampler import sample
 from opd.protocol import Trajectory
-from opd.sampling import sample
 from teacher_scorers.backends import HFTeacher
 
 # What a method needs from the teacher, and who generates the trained responses.

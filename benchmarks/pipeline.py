@@ -41,7 +41,7 @@ STAGES = ("actor", "scorer", "learner")
 
 def run_opd(overrides: list[str], out_dir: Path, timeout_s: float) -> dict:
     """One `opd run` as a user starts it; returns its learner records, summary and the load average meanwhile."""
-    cmd = [sys.executable, "-m", "opd.cli", "run", str(CONFIG), f"run.output_dir={out_dir}", *overrides]
+    cmd = [sys.executable, "-m", "opd", "run", str(CONFIG), f"run.output_dir={out_dir}", *overrides]
     log_path = out_dir.parent / f"{out_dir.name}.log"
     loads, started = [], time.time()
     with open(log_path, "w") as log:

@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import OFF_POLICY_KD, ON_POLICY, RL_ONLY, run  # noqa: E402
 from opd import tasks  # noqa: E402
-from opd.assets import ensure_assets, evaluate, load_asset  # noqa: E402
 from opd.config import load_config  # noqa: E402
+from opd.models.builds import ensure_assets, evaluate, load_asset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "bench_quality.yaml"  # setting A (primary)

@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from broker import connect, stream_name  # noqa: E402
 from broker.base import BrokerUnavailable  # noqa: E402
 from opd import tasks  # noqa: E402
-from opd.assets import ensure_assets  # noqa: E402
 from opd.config import Config, dump_config, load_config  # noqa: E402
-from opd.models import encode_prompt, load_tokenizer  # noqa: E402
+from opd.models.builds import ensure_assets  # noqa: E402
+from opd.models.loading import encode_prompt, load_tokenizer  # noqa: E402
 from opd.protocol import Trajectory, encode  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ class Broker:
         path.write_text(dump_config(cfg))
         log = open(work / "broker.log", "w")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "opd.cli", "broker", "--config", str(path)],
+            [sys.executable, "-m", "opd", "broker", "--config", str(path)],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -129,7 +129,7 @@ def start_scorers(n: int, path: Path, run_id: str, work: Path) -> list[subproces
         with open(logs[-1], "w") as fh:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "opd.cli", "scorer", "--config", str(path), "--index", str(i)],
+                    [sys.executable, "-m", "opd", "scorer", "--config", str(path), "--index", str(i)],
                     cwd=REPO,
                     stdout=fh,
                     stderr=subprocess.STDOUT,

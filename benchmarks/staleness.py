@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.harness import ON_POLICY, run  # noqa: E402
 from benchmarks.quality import CONFIG, REPO, RESULTS, SMOKE_OVERRIDES, parallel_map  # noqa: E402
-from opd.assets import ensure_assets  # noqa: E402
 from opd.config import load_config  # noqa: E402
+from opd.models.builds import ensure_assets  # noqa: E402
 
 STALENESS = (0, 1, 2, 4, 8)
 MODES = ("none", "tis", "ppo_clip", "decoupled", "mask")

@@ -6,13 +6,13 @@ from broker.base import Broker, BrokerUnavailable, Message, publish_with_backpre
 def connect(cfg) -> Broker:
     """A client for the broker named in `broker:` of the config."""
     if cfg.type == "zmq":
-        from broker.zmq_broker import ZmqBroker
+        from broker.zmq import ZmqBroker
 
         return ZmqBroker(
             f"tcp://{cfg.host}:{cfg.port}", cfg.request_timeout_s, int(cfg.max_message_mb * (1 << 20))
         )
     if cfg.type == "redis":
-        from broker.redis_broker import RedisBroker
+        from broker.redis import RedisBroker
 
         return RedisBroker(
             cfg.url,

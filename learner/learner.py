@@ -9,17 +9,17 @@ from pathlib import Path
 
 import torch
 
-from broker import BrokerUnavailable, connect, stream_name
+from broker import BrokerUnavailable, connect
 from learner.batching import collate
 from learner.checkpoint import CheckpointStore, read_state, write_state
-from learner.engine_torch import build_engine
+from learner.engines import build_engine
 from opd import tasks
-from opd.assets import ensure_assets, evaluate, load_asset
 from opd.config import Config
-from opd.protocol import ProtocolError, Trajectory, decode, pack_control
-from opd.runtime import Reporter, StopFlag, log, run_component
-from opd.service_time import pad_to_service_time
-from opd.tracking import StepTracker
+from opd.models.builds import ensure_assets, evaluate, load_asset
+from opd.protocol import ProtocolError, Streams, Trajectory, decode, stop_record, weights_record
+from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
+from opd.runtime.service_time import pad_to_service_time
+from opd.runtime.tracking import StepTracker
 from weight_sync import ElasticBroadcaster, WeightBroadcaster, make_store, resolve_backend
 from weight_sync.snapshot import SnapshotStore
 from weight_sync.verify import DigestLog
@@ -56,8 +56,8 @@ class Learner:
         self.broker.stopping = stop
         self.reporter = Reporter(self.broker, cfg, "learner", 0.0)
         self.tracker = StepTracker(cfg)  # wandb / TensorBoard, when metrics.* enables them
-        self.scored = stream_name(cfg.run.run_id, "scored")
-        self.control = stream_name(cfg.run.run_id, "control")
+        streams = Streams(cfg.run.run_id)
+        self.scored, self.control = streams.scored, streams.control
         self.eval_problems = tasks.eval_set(cfg.task)
         self.trained_ids: set[str] = set()
         self.trained_log: list[str] = []  # in training order: the exactly-once record (trained_ids.txt)
@@ -159,9 +159,7 @@ class Learner:
         )
 
     def _announce(self, version: int, epoch: int, members: list[str]) -> None:
-        self.broker.publish(
-            self.control, [pack_control("weights", version=version, epoch=epoch, members=members)]
-        )
+        self.broker.publish(self.control, [weights_record(version, epoch=epoch, members=members)])
 
     # ------------------------------------------------------------------------------------- data
     def _collect(self) -> tuple[list[Trajectory], list[str], list[bytes]]:
@@ -170,7 +168,9 @@ class Learner:
         last_data = time.monotonic()
         while len(batch) < want and not self.stop():
             self._catch_up_new_actors()
-            msgs = self.broker.consume(self.scored, "learner", "learner", want - len(batch), 1.0)
+            msgs = self.broker.consume(
+                self.scored, Streams.LEARNER_GROUP, Streams.LEARNER_GROUP, want - len(batch), 1.0
+            )
             if not msgs and time.monotonic() - last_data > self.cfg.learner.batch_timeout_s:
                 raise RuntimeError(
                     f"no scored trajectories for {self.cfg.learner.batch_timeout_s:.0f}s (learner.batch_timeout_s)"
@@ -194,7 +194,7 @@ class Learner:
                     ids.append(m.id)
                     payloads.append(m.data)
             if settled:  # left pending, they would count as in flight and keep paused actors waiting forever
-                self.broker.ack(self.scored, "learner", settled)
+                self.broker.ack(self.scored, Streams.LEARNER_GROUP, settled)
         return batch, ids, payloads
 
     def _catch_up_new_actors(self) -> None:
@@ -337,7 +337,7 @@ class Learner:
             # before it leaves these pending in the broker (then skipped as duplicates if both happen).
             if cfg.replay_log:
                 self.checkpoints.log_step(self.step_no, payloads)
-            self.broker.ack(self.scored, "learner", ids)
+            self.broker.ack(self.scored, Streams.LEARNER_GROUP, ids)
             if self.step_no % self.cfg.weight_sync.every == 0 and self.step_no < cfg.max_steps:
                 record.update(self._sync_weights())
             if cfg.eval_every and self.step_no % cfg.eval_every == 0 and self.eval_problems:
@@ -387,7 +387,7 @@ class Learner:
             self.version,
         )
         try:  # last, so a dead broker cannot cost the checkpoint or the summary
-            self.broker.publish(self.control, [pack_control("stop", reason=self.stop.reason or "max_steps")])
+            self.broker.publish(self.control, [stop_record(self.stop.reason or "max_steps")])
             self.reporter.maybe_send(force=True, final=True)
         except BrokerUnavailable as exc:
             log.warning("could not announce the stop: %s", exc)

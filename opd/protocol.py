@@ -18,6 +18,7 @@ import numpy as np
 SCHEMA_VERSION = 1
 KIND = "trajectory"
 _MAX_LOGPROB = 1e-3  # log-probabilities are <= 0; allow float rounding above zero
+LOGPROB_FLOOR = -1e4  # a teacher's -inf (zero probability) is clamped here so messages stay finite
 _UNPACK_LIMITS = {"max_str_len": 1 << 20, "max_array_len": 1 << 16, "max_map_len": 1 << 12, "max_ext_len": 0}
 
 
@@ -43,6 +44,9 @@ class Trajectory:
     teacher_logprobs: np.ndarray | None = None  # float32 (T,)
     teacher_topk_ids: np.ndarray | None = None  # int32 (T, k)
     teacher_topk_logprobs: np.ndarray | None = None  # float32 (T, k)
+    # float32 (T,): log of the teacher's mass outside its top-k, computed by the scorer from its full logits. A
+    # confident teacher's tail (< 1e-7) cannot be recovered as 1 - sum(exp(top-k)) from float32 values.
+    teacher_tail_logprobs: np.ndarray | None = None
     teacher_id: str | None = None
     teacher_temperature: float | None = None
     reward: float | None = None
@@ -64,6 +68,7 @@ _ARRAYS = (
     ("teacher_logprobs", np.float32, 1, False),
     ("teacher_topk_ids", np.int32, 2, False),
     ("teacher_topk_logprobs", np.float32, 2, False),
+    ("teacher_tail_logprobs", np.float32, 1, False),
 )
 _SCALARS: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "id": (str, True),
@@ -144,7 +149,7 @@ def _check_shapes(t: Trajectory) -> None:
         raise ProtocolError("response_token_ids is empty")
     if len(t.prompt_token_ids) == 0:
         raise ProtocolError("prompt_token_ids is empty")
-    for name in ("behaviour_logprobs", "token_versions", "teacher_logprobs"):
+    for name in ("behaviour_logprobs", "token_versions", "teacher_logprobs", "teacher_tail_logprobs"):
         a = getattr(t, name)
         if a is not None and len(a) != n:
             raise ProtocolError(f"{name} has {len(a)} entries for {n} response tokens")
@@ -156,10 +161,12 @@ def _check_shapes(t: Trajectory) -> None:
         raise ProtocolError(
             f"teacher top-k shapes {t.teacher_topk_ids.shape} and {t.teacher_topk_logprobs.shape} do not match ({n}, k)"
         )
+    if t.teacher_tail_logprobs is not None and t.teacher_topk_ids is None:
+        raise ProtocolError("teacher_tail_logprobs needs teacher_topk_ids and teacher_topk_logprobs")
 
 
 def _check_values(t: Trajectory, vocab_size: int | None) -> None:
-    for name in ("behaviour_logprobs", "teacher_logprobs", "teacher_topk_logprobs"):
+    for name in ("behaviour_logprobs", "teacher_logprobs", "teacher_topk_logprobs", "teacher_tail_logprobs"):
         a = getattr(t, name)
         if a is not None and a.size:
             if not np.isfinite(a).all():
@@ -214,6 +221,42 @@ def decode(
     return t
 
 
+# ----------------------------------------------------------------------------- stream names
+@dataclass(frozen=True)
+class Streams:
+    """The run's stream names, prefixed by the run id so several runs can share one broker.
+
+    Consumer groups are named here too, so a reader and the writer that trims for it cannot drift apart."""
+
+    run_id: str
+    SCORERS_GROUP = "scorers"  # every scorer shares one group on `rollouts`: each rollout is scored once
+    LEARNER_GROUP = "learner"
+    LAUNCHER_GROUP = "launcher"
+
+    def name(self, stream: str) -> str:
+        return f"{self.run_id}:{stream}"
+
+    @property
+    def rollouts(self) -> str:
+        return self.name("rollouts")
+
+    @property
+    def scored(self) -> str:
+        return self.name("scored")
+
+    @property
+    def control(self) -> str:
+        return self.name("control")
+
+    @property
+    def metrics(self) -> str:
+        return self.name("metrics")
+
+    @property
+    def dead_letter(self) -> str:
+        return self.name("dead_letter")
+
+
 # ----------------------------------------------------------------------------- small control messages
 def pack_control(kind: str, **fields: Any) -> bytes:
     """Control/metrics/dead-letter records: a typed msgpack map, also never pickled."""
@@ -232,3 +275,34 @@ def unpack_control(data: bytes) -> dict[str, Any]:
     if msg.get("schema_version") != SCHEMA_VERSION:
         raise ProtocolError(f"schema_version {msg.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     return msg
+
+
+# One constructor per control record kind, so a writer cannot misspell a field its readers look for.
+def weights_record(version: int, epoch: int | None = None, members: list[str] | None = None) -> bytes:
+    """On `control`: weight `version` is being broadcast to `members` in sync epoch `epoch`."""
+    fields: dict[str, Any] = {"version": version}
+    if epoch is not None:
+        fields["epoch"] = epoch
+    if members is not None:
+        fields["members"] = members
+    return pack_control("weights", **fields)
+
+
+def stop_record(reason: str) -> bytes:
+    """On `control`: the run is over (`max_steps`, `interrupted`, ...); every component exits."""
+    return pack_control("stop", reason=reason)
+
+
+def scale_record(role: str, target: int, source: str) -> bytes:
+    """On `control`: the launcher should run `target` processes of `role` (`opd scale` or the autoscaler)."""
+    return pack_control("scale", role=role, target=target, source=source)
+
+
+def metrics_record(**fields: Any) -> bytes:
+    """On `metrics`: one component's counters and rates (`component`, `role`, ...)."""
+    return pack_control("metrics", **fields)
+
+
+def dead_letter_record(source: str, reason: str, **fields: Any) -> bytes:
+    """On `dead_letter`: a message refused by `source`, with the reason and (when it parses) its trajectory id."""
+    return pack_control("dead_letter", source=source, reason=reason, **fields)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import time
 
-from broker import Message, connect, publish_with_backpressure, stream_name
-from opd.assets import ensure_assets
+from broker import Message, connect, publish_with_backpressure
 from opd.config import Config
-from opd.protocol import ProtocolError, Trajectory, decode, encode, unpack_control
-from opd.runtime import Reporter, StopFlag, log, run_component
-from opd.service_time import pad_to_service_time
+from opd.models.builds import ensure_assets
+from opd.protocol import ProtocolError, Streams, Trajectory, decode, encode, unpack_control
+from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
+from opd.runtime.service_time import pad_to_service_time
 from teacher_scorers.backends import LOGPROB_FLOOR, build_teacher, length_buckets
 
 __all__ = ["LOGPROB_FLOOR", "Scorer", "length_buckets", "main"]  # length_buckets now lives in backends
@@ -33,9 +33,8 @@ class Scorer:
         self.broker = connect(cfg.broker)
         self.broker.stopping = stop
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.scorer.metrics_every_s)
-        self.rollouts = stream_name(cfg.run.run_id, "rollouts")
-        self.scored = stream_name(cfg.run.run_id, "scored")
-        self.control = stream_name(cfg.run.run_id, "control")
+        streams = Streams(cfg.run.run_id)
+        self.rollouts, self.scored, self.control = streams.rollouts, streams.scored, streams.control
         self.max_bytes = int(cfg.broker.max_message_mb * (1 << 20))
         self.chaos_prompt = os.environ.get(CHAOS_RAISE_ENV)
         self.run_over = False  # the learner announced stop: nobody will train what is still in hand
@@ -79,7 +78,7 @@ class Scorer:
                 self.reporter.add(score_failures=1)
                 if not getattr(self.broker, "redelivers", False):
                     self.reporter.dead_letter(self.rollouts, mid, encode(t), f"teacher raised: {exc}")
-                    self.broker.ack(self.rollouts, "scorers", [mid])
+                    self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, [mid])
                 continue
             ok.append(t)
             ok_ids.append(mid)
@@ -110,13 +109,15 @@ class Scorer:
     def run(self) -> None:
         log.info("ready: teacher %s, top-k %d", self.teacher_id, self.cfg.scorer.topk)
         while not self.stop():
-            msgs = self.broker.consume(self.rollouts, "scorers", self.name, self.cfg.scorer.batch_size, 0.5)
+            msgs = self.broker.consume(
+                self.rollouts, Streams.SCORERS_GROUP, self.name, self.cfg.scorer.batch_size, 0.5
+            )
             self._check_stop()
             if not msgs:
                 self.reporter.maybe_send()
                 continue
             trajs, ids, bad = self._validate(msgs)
-            self.broker.ack(self.rollouts, "scorers", bad)
+            self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, bad)
             t0 = time.perf_counter()
             trajs, ids = self.score_isolating(trajs, ids)
             tokens = sum(len(t.response_token_ids) for t in trajs)
@@ -136,7 +137,7 @@ class Scorer:
                 is None
             ):
                 break  # stopping with work in hand: leave it pending (unacknowledged) in the broker
-            self.broker.ack(self.rollouts, "scorers", ids)
+            self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, ids)
             self.reporter.add(
                 trajectories_scored=len(trajs),
                 tokens_scored=tokens,

@@ -43,11 +43,11 @@ def asset_cache() -> Path:
 @pytest.fixture
 def zmq_broker():
     """A real broker process on a free port; yields its address and stops it afterwards (by PID)."""
-    from broker.zmq_broker import ZmqBroker
+    from broker.zmq import ZmqBroker
 
     port = free_port()
     code = (
-        "from broker.zmq_broker import serve; "
+        "from broker.zmq import serve; "
         f"serve('tcp://127.0.0.1:{port}', max_depth=32, log_maxlen=64, max_message_bytes=1<<20)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
@@ -155,7 +155,7 @@ def redis_server(tmp_path):
 # ------------------------------------------------------------------ end-to-end helpers (real processes)
 def opd(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "opd.cli", *args],
+        [sys.executable, "-m", "opd", *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -16,8 +16,8 @@ from tests.conftest import REPO
 @pytest.fixture(scope="module")
 def smoke_assets(asset_cache):
     from benchmarks.quality import CONFIG, SMOKE_OVERRIDES
-    from opd.assets import ensure_assets
     from opd.config import load_config
+    from opd.models.builds import ensure_assets
 
     overrides = [*SMOKE_OVERRIDES, f"run.cache_dir={asset_cache}", "learner.lr=1e-2"]
     cfg = load_config(CONFIG, overrides)

@@ -5,8 +5,8 @@ import threading
 import pytest
 
 from broker import publish_with_backpressure
-from broker.redis_broker import RedisBroker
-from broker.zmq_broker import ZmqBroker
+from broker.redis import RedisBroker
+from broker.zmq import ZmqBroker
 
 
 @pytest.fixture(params=["zmq", "redis"])

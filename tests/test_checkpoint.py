@@ -9,7 +9,7 @@ import torch
 
 from learner.batching import collate
 from learner.checkpoint import CheckpointStore
-from learner.engine_torch import build_engine
+from learner.engines import build_engine
 from opd.config import load_config
 from tests.scored import scored_trajectories, tiny_model
 

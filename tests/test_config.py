@@ -111,7 +111,7 @@ def test_reference_config_lists_every_key_at_its_default():
 
 
 def test_component_by_hand_needs_every_address(capsys):
-    from opd.cli import main
+    from opd.launch.cli import main
 
     tiny = str(CONFIGS[0].parent / "tiny.yaml")
     assert main(["actor", "--config", tiny, "run.run_id=x", "broker.port=5"]) == 2

@@ -22,7 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from opd.config import Config, load_config
-from opd.prometheus import exported_series, metrics_port, port_map
+from opd.runtime.prometheus import exported_series, metrics_port, port_map
 from tests.conftest import REPO, free_port, opd
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "opd-stream.json"
@@ -120,7 +120,7 @@ def _cfg(tmp_path: Path, broker_address: str, base: int) -> Config:
 
 def test_reporter_feeds_prometheus_counters_gauges_histograms(zmq_broker, tmp_path):
     from broker import connect
-    from opd.runtime import Reporter
+    from opd.runtime.lifecycle import Reporter
 
     base = free_port_block(2)
     cfg = _cfg(tmp_path, zmq_broker, base)
@@ -172,7 +172,7 @@ def test_reporter_feeds_prometheus_counters_gauges_histograms(zmq_broker, tmp_pa
 
 def test_metrics_off_serves_nothing(zmq_broker, tmp_path):
     from broker import connect
-    from opd.runtime import Reporter
+    from opd.runtime.lifecycle import Reporter
 
     cfg = _cfg(tmp_path, zmq_broker, 0)
     reporter = Reporter(connect(cfg.broker), cfg, "learner", 0.0)
@@ -338,7 +338,7 @@ def _step_records(n: int) -> list[dict]:
 def test_tensorboard_event_files_hold_our_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from opd.tracking import StepTracker
+    from opd.runtime.tracking import StepTracker
 
     cfg = load_config(
         None, [f"run.output_dir={tmp_path}", "run.run_id=tb", "metrics.tensorboard.enabled=true"]
@@ -386,7 +386,7 @@ def wandb_history(run_dir: Path) -> list[dict[str, str]]:
 
 
 def test_wandb_offline_writes_a_run_with_our_keys(tmp_path):
-    from opd.tracking import StepTracker
+    from opd.runtime.tracking import StepTracker
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.run_id=wb1", "metrics.wandb.enabled=true"])
     tracker = StepTracker(cfg)
@@ -403,7 +403,7 @@ def test_wandb_offline_writes_a_run_with_our_keys(tmp_path):
 def test_missing_tracker_package_names_the_extra(tmp_path, monkeypatch):
     import sys
 
-    from opd.tracking import StepTracker
+    from opd.runtime.tracking import StepTracker
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "metrics.wandb.enabled=true"])
@@ -438,7 +438,7 @@ def _feed(exporter, step: int) -> None:
 def test_every_dashboard_query_runs_on_a_real_prometheus_scraping_our_exporter(tmp_path):
     """Prometheus (Debian's `prometheus` package) scrapes a live exporter; each panel's PromQL must parse and
     return series. Skipped, saying so, where the package is missing (.ci/run installs it)."""
-    from opd.prometheus import Exporter
+    from opd.runtime.prometheus import Exporter
 
     binary = shutil.which("prometheus")
     if binary is None:

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opd.cli import _component_config, _parser
-from opd.cluster import auto_index
 from opd.config import load_config
-from opd.prometheus import metrics_port
+from opd.launch.cli import _component_config, _parser
+from opd.launch.cluster import auto_index
+from opd.runtime.prometheus import metrics_port
 from tests.conftest import REPO, TINY
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -124,7 +124,7 @@ def test_dockerfile_builds_cpu_and_cuda_with_the_project_torch():
 
 
 def test_cluster_resolve_writes_one_run_config_and_refuses_a_second(tmp_path, capsys):
-    from opd.cluster import main as cluster
+    from opd.launch.cluster import main as cluster
 
     run_dir = tmp_path / "run"
     assert cluster(["resolve", TINY, "broker.type=redis", f"run.output_dir={run_dir}"]) == 0

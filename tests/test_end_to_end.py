@@ -74,7 +74,7 @@ def test_opd_run_trains_and_reports(prepared, tmp_path):
 def test_bad_messages_are_dead_lettered_mid_run(prepared, tmp_path):
     """Garbage written straight into the streams is dead-lettered with a reason; the run still finishes."""
     from broker import publish_with_backpressure
-    from broker.zmq_broker import ZmqBroker
+    from broker.zmq import ZmqBroker
 
     out_dir = tmp_path / "run"
     proc = opd_run(
@@ -129,8 +129,8 @@ def test_killed_launcher_leaves_no_orphans(prepared, tmp_path):
 
 def test_failing_component_is_named_and_run_fails(prepared, tmp_path):
     """A teacher whose tokenizer differs from the student's is refused at start-up; the launcher says which."""
-    from opd.assets import ensure_assets
     from opd.config import load_config
+    from opd.models.builds import ensure_assets
 
     assets = ensure_assets(load_config(TINY, [f"run.cache_dir={prepared}"]), log=lambda *_: None)
     teacher = tmp_path / "teacher"
@@ -162,8 +162,8 @@ def test_failing_component_is_named_and_run_fails(prepared, tmp_path):
 
 def test_pretrained_models_load_from_local_paths(prepared, tmp_path):
     """The real loading path (kind: pretrained, from_pretrained on a directory) runs a short training."""
-    from opd.assets import ensure_assets
     from opd.config import load_config
+    from opd.models.builds import ensure_assets
 
     assets = ensure_assets(load_config(TINY, [f"run.cache_dir={prepared}"]), log=lambda *_: None)
     out_dir = tmp_path / "run"
@@ -187,11 +187,11 @@ def test_pretrained_models_load_from_local_paths(prepared, tmp_path):
 
 def test_component_help_and_config_errors():
     out = subprocess.run(
-        [sys.executable, "-m", "opd.cli", "run", "--help"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "opd", "run", "--help"], cwd=REPO, capture_output=True, text=True
     )
     assert out.returncode == 0 and "learner.max_steps" in out.stdout and "sampling.temperature" in out.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "opd.cli", "run", TINY, "learner.max_stepz=3"],
+        [sys.executable, "-m", "opd", "run", TINY, "learner.max_stepz=3"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -199,7 +199,7 @@ def test_component_help_and_config_errors():
     assert bad.returncode == 2 and "learner.max_stepz: unknown key" in bad.stderr
     env = {**os.environ}
     hand = subprocess.run(
-        [sys.executable, "-m", "opd.cli", "actor", "--config", TINY],
+        [sys.executable, "-m", "opd", "actor", "--config", TINY],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from learner.batching import collate, pack_by_length, split_minibatches
-from learner.engine_torch import TorchEngine
+from learner.engines.torch import TorchEngine
 from opd.config import load_config
 from tests.scored import scored_trajectories, tiny_model
 
@@ -148,7 +148,7 @@ def test_deepspeed_matches_the_torch_engine(stage, one_torch_thread):
     One intra-op thread, as the learner process runs by default (run.torch_threads: 1): with two, ZeRO-3's flat
     partitions and the torch engine's per-parameter tensors are summed in different orders, and Adam turns the
     last-bit differences of near-zero gradients into ~1e-5 weight differences (seen on 2 of 5712 weights)."""
-    from learner.engine_deepspeed import DeepSpeedEngine
+    from learner.engines.deepspeed import DeepSpeedEngine
 
     over = ["learner.micro_batch_size=3", "learner.loss=hybrid"]
     cfg = load_config(

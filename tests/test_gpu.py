@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from learner.batching import collate
-from learner.engine_torch import TorchEngine
+from learner.engines.torch import TorchEngine
 from opd.config import load_config
 from tests.conftest import REPO, free_port, opd_run
 from tests.scored import scored_trajectories, tiny_model
@@ -76,8 +76,8 @@ def test_deepspeed_bf16_on_cuda_tracks_the_fp32_torch_engine(stage):
         f"""
         import json, torch
         from learner.batching import collate
-        from learner.engine_torch import TorchEngine
-        from learner.engine_deepspeed import DeepSpeedEngine
+        from learner.engines.torch import TorchEngine
+        from learner.engines.deepspeed import DeepSpeedEngine
         from opd.config import load_config
         from tests.scored import scored_trajectories, tiny_model
         base = {BASE!r} + ["learner.loss=hybrid", "learner.device=cuda"]

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from opd.config import ConfigError, load_config
-from opd.service_time import pad_to_service_time
+from opd.runtime.service_time import pad_to_service_time
 from tests.conftest import REPO, TINY, opd_run
 
 
@@ -43,7 +43,7 @@ def test_pipeline_keys_are_checked_and_documented():
     with pytest.raises(ConfigError, match="pipeline.service_time.actor_ms_per_token"):
         load_config(TINY, ["pipeline.service_time.actor_ms_per_token=-1"])
     out = subprocess.run(
-        [sys.executable, "-m", "opd.cli", "run", "--help"],
+        [sys.executable, "-m", "opd", "run", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -83,7 +83,7 @@ def test_no_padding_when_compute_already_exceeds_or_emulation_is_off():
 
 
 def test_padding_uses_the_given_sleep_so_a_stop_cuts_it_short():
-    from opd.runtime import StopFlag
+    from opd.runtime.lifecycle import StopFlag
 
     stop = StopFlag()
     stop.set("test")

@@ -86,7 +86,7 @@ def test_ray_run_trains_and_cleans_up(prepared, tmp_path):
 
 def _scale(config: Path, n: int) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "opd.cli", "scale", "--config", str(config), f"scorers={n}"],
+        [sys.executable, "-m", "opd", "scale", "--config", str(config), f"scorers={n}"],
         cwd=REPO,
         capture_output=True,
         text=True,

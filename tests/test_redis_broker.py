@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from broker import BrokerUnavailable
-from broker.redis_broker import BrokerAuthError, RedisBroker
+from broker.redis import BrokerAuthError, RedisBroker
 from opd.protocol import unpack_control
 from tests.conftest import RedisServer
 

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from opd.assets import ensure_assets
 from opd.config import ConfigError, load_config
-from opd.models import encode_prompt, load_tokenizer
+from opd.models.builds import ensure_assets
+from opd.models.loading import encode_prompt, load_tokenizer
+from opd.models.sampler import response_logprobs, sample
 from opd.protocol import Trajectory, encode, unpack_control
-from opd.sampling import response_logprobs, sample
-from teacher_scorers.remote import RemoteTeacher, RemoteTeacherError
+from teacher_scorers.backends.remote import RemoteTeacher, RemoteTeacherError
 from tests.conftest import TINY, free_port, opd_run
 from tests.fake_sglang import FakeSGLang
 
@@ -207,7 +207,7 @@ def test_concurrency_limit_is_respected(teacher, server, trajs):
 
 def test_a_malformed_reply_goes_down_the_scorers_failure_path(prepared, server, trajs, zmq_broker):
     """One trajectory whose reply is always broken is dead-lettered with the reason; the others are scored."""
-    from opd.runtime import StopFlag
+    from opd.runtime.lifecycle import StopFlag
     from teacher_scorers.scorer import Scorer
 
     port = int(zmq_broker.rsplit(":", 1)[1])

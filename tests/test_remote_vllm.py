@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from opd.assets import ensure_assets
 from opd.config import load_config
-from opd.models import encode_prompt, load_tokenizer
+from opd.models.builds import ensure_assets
+from opd.models.loading import encode_prompt, load_tokenizer
+from opd.models.sampler import response_logprobs, sample
 from opd.protocol import Trajectory
-from opd.sampling import response_logprobs, sample
-from teacher_scorers.remote import RemoteTeacher, RemoteTeacherError
+from teacher_scorers.backends.remote import RemoteTeacher, RemoteTeacherError
 from tests.conftest import REPO, TINY, free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from opd.models.sampler import _top_p_filter, response_logprobs, sample
 from opd.protocol import Trajectory
-from opd.sampling import _top_p_filter, response_logprobs, sample
 from teacher_scorers.scorer import length_buckets
 
 PAD, EOS, VOCAB = 0, 2, 20

@@ -41,7 +41,7 @@ def _scorer_pids(launcher_pid: int) -> dict[int, int]:
 
 def _scale(config: Path, n: int) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "opd.cli", "scale", "--config", str(config), f"scorers={n}"],
+        [sys.executable, "-m", "opd", "scale", "--config", str(config), f"scorers={n}"],
         cwd=REPO,
         capture_output=True,
         text=True,

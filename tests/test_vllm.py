@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from opd import tasks
-from opd.assets import ensure_assets, load_asset
 from opd.config import load_config
-from opd.models import encode_prompt
+from opd.models.builds import ensure_assets, load_asset
+from opd.models.loading import encode_prompt
+from opd.models.sampler import response_logprobs
 from opd.protocol import Trajectory
-from opd.sampling import response_logprobs
 from tests.conftest import TINY, opd_run
 
 pytest.importorskip("vllm", reason="vllm not installed: run scripts/setup_vllm_env.sh and use .venv-vllm")
@@ -55,7 +55,7 @@ def assets(cfg):
 
 @pytest.fixture(scope="module")
 def student_engine(cfg, assets):
-    from actors.vllm_engine import VLLMEngine
+    from actors.engines.vllm import VLLMEngine
 
     engine = VLLMEngine(copy.deepcopy(cfg), assets)
     yield engine
@@ -64,7 +64,7 @@ def student_engine(cfg, assets):
 
 @pytest.fixture(scope="module")
 def teacher_engine(cfg, assets):
-    from teacher_scorers.vllm_teacher import VLLMTeacher
+    from teacher_scorers.backends.vllm import VLLMTeacher
 
     engine = VLLMTeacher(cfg, assets)
     yield engine
@@ -201,7 +201,7 @@ def test_weight_update_reaches_vllm(student_engine, cfg, assets):
 def test_keep_kv_cache_decides_whether_stale_prefix_kv_is_reused(cfg, assets):
     """vLLM caches full KV blocks of a prompt. With actor.keep_kv_cache the blocks computed by the old weights are
     reused after an update (logprobs then match neither model); without it the cache is reset and they match."""
-    from actors.vllm_engine import VLLMEngine
+    from actors.engines.vllm import VLLMEngine
 
     c = cfg.model_copy(deep=True)
     c.actor.vllm.engine_kwargs = {

@@ -48,7 +48,7 @@ def test_reference_yaml_lists_the_vllm_keys_at_their_defaults():
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
 def test_missing_vllm_is_reported_with_the_install_command():
     from opd.config import VLLMEngineConfig
-    from opd.vllm_support import make_llm
+    from opd.models.vllm_support import make_llm
 
     with pytest.raises(ImportError, match="setup_vllm_env.sh"):
         make_llm(VLLMEngineConfig(), "unused", dtype="float32", device="cpu", seed=0)

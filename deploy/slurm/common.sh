@@ -6,7 +6,7 @@
 #   learner.done written when the learner finished (exit 0); the Redis job then shuts down
 set -euo pipefail
 
-read -ra OPD_CMD <<< "${OPD:-opd}"  # how to run opd here, e.g. OPD="python3 -m opd.cli" or a container wrapper
+read -ra OPD_CMD <<< "${OPD:-opd}"  # how to run opd here, e.g. OPD="python3 -m opd" or a container wrapper
 RUN_CONFIG=${1:?usage: sbatch $0 RUN_CONFIG [overrides...]  (RUN_CONFIG: runs/<id>/config.yaml, from launch.sh)}
 shift
 RUN_DIR=$(cd "$(dirname "$RUN_CONFIG")" && pwd)

@@ -16,7 +16,7 @@ OVERRIDES=(broker.type=redis "$@")
 if [ -n "${OPD_REDIS_URL:-}" ]; then
     OVERRIDES+=("broker.url=$OPD_REDIS_URL")
 fi
-RUN_CONFIG=$("$PY" -m opd.cluster resolve "$CONFIG" "${OVERRIDES[@]}")
+RUN_CONFIG=$("$PY" -m opd.launch.cluster resolve "$CONFIG" "${OVERRIDES[@]}")
 RUN_DIR=$(dirname "$RUN_CONFIG")
 mkdir -p "$RUN_DIR/slurm" "$RUN_DIR/logs"
 read -r NUM_ACTORS NUM_SCORERS < <("$PY" -c 'import sys; from opd.config import load_config

@@ -15,12 +15,12 @@ import time
 
 import numpy as np
 
-from opd.assets import Assets
 from opd.config import Config
-from opd.models import load_tokenizer
+from opd.models.builds import Assets
+from opd.models.loading import load_tokenizer
+from opd.models.vllm_support import WORKER_EXTENSION, make_llm
 from opd.protocol import Trajectory
-from opd.runtime import log
-from opd.vllm_support import WORKER_EXTENSION, make_llm
+from opd.runtime.lifecycle import log
 from teacher_scorers.backends import attach, check_teacher_tokenizer, length_buckets
 
 

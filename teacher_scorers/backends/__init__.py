@@ -17,13 +17,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from opd.assets import Assets, load_asset
 from opd.config import Config
-from opd.models import check_same_vocabulary, load_tokenizer
-from opd.protocol import Trajectory
-from opd.sampling import response_logprobs
-
-LOGPROB_FLOOR = -1e4  # a teacher's -inf (zero probability) is clamped here so messages stay finite
+from opd.models.builds import Assets, load_asset
+from opd.models.loading import check_same_vocabulary, load_tokenizer
+from opd.models.sampler import response_logprobs
+from opd.protocol import LOGPROB_FLOOR, Trajectory
 
 
 class TeacherBackend(Protocol):
@@ -108,8 +106,8 @@ def _lazy(module: str, cls: str) -> Callable[[Config, Assets], TeacherBackend]:
 # scorer.engine -> builder(cfg, assets). Backends with optional dependencies are imported only when chosen.
 _BUILDERS: dict[str, Callable[[Config, Assets], TeacherBackend]] = {
     "hf": HFTeacher,
-    "vllm": _lazy("teacher_scorers.vllm_teacher", "VLLMTeacher"),
-    "remote": _lazy("teacher_scorers.remote", "RemoteTeacher"),
+    "vllm": _lazy("teacher_scorers.backends.vllm", "VLLMTeacher"),
+    "remote": _lazy("teacher_scorers.backends.remote", "RemoteTeacher"),
 }
 
 

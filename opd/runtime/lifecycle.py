@@ -13,11 +13,11 @@ from typing import Any
 import msgpack
 import torch
 
-from broker import Broker, stream_name
+from broker import Broker
 from broker.base import WORK_STREAMS
 from opd.config import Config
-from opd.prometheus import exporter_for
-from opd.protocol import pack_control
+from opd.protocol import Streams, dead_letter_record, metrics_record
+from opd.runtime.prometheus import exporter_for
 
 log = logging.getLogger("opd")
 
@@ -71,13 +71,15 @@ class Reporter:
 
     def __init__(self, broker: Broker, cfg: Config, component: str, every_s: float):
         self.broker, self.component, self.every_s = broker, component, every_s
-        self.stream = stream_name(cfg.run.run_id, "metrics")
-        self.dead_stream = stream_name(cfg.run.run_id, "dead_letter")
+        self.streams = Streams(cfg.run.run_id)
+        self.stream, self.dead_stream = self.streams.metrics, self.streams.dead_letter
         self.counters: dict[str, float] = {}
         self.started = time.time()
         self._last = 0.0
         self.run_id = cfg.run.run_id
-        self.exporter = exporter_for(cfg, component)  # Prometheus sees what the stream sees (None: metrics.port 0)
+        self.exporter = exporter_for(
+            cfg, component
+        )  # Prometheus sees what the stream sees (None: metrics.port 0)
 
     def add(self, **deltas: float) -> None:
         for k, v in deltas.items():
@@ -88,7 +90,7 @@ class Reporter:
     def export_step(self, record: dict[str, Any]) -> None:
         """The learner's per-step record, with the work queues' depths read now, for Prometheus."""
         if self.exporter is not None:
-            depths = {s: self.broker.depth(stream_name(self.run_id, s)) for s in WORK_STREAMS}
+            depths = {s: self.broker.depth(self.streams.name(s)) for s in WORK_STREAMS}
             self.exporter.step(record, depths)
 
     def maybe_send(self, force: bool = False, **extra: Any) -> None:
@@ -100,8 +102,7 @@ class Reporter:
             self.broker.publish(
                 self.stream,
                 [
-                    pack_control(
-                        "metrics",
+                    metrics_record(
                         component=self.component,
                         uptime=now - self.started,
                         **{**self.counters, **extra},  # a field may repeat a counter's total
@@ -113,12 +114,11 @@ class Reporter:
         """Record a rejected message with its reason; the consumer then acknowledges it and moves on."""
         log.warning("dead-lettered %s/%s (%d bytes): %s", source_stream, message_id, len(data), reason)
         self.add(dead_lettered=1)
-        record = pack_control(
-            "dead_letter",
-            source=self.component,
+        record = dead_letter_record(
+            self.component,
+            reason,
             stream=source_stream,
             message_id=message_id,
-            reason=reason,
             size=len(data),
             head=data[:256],
             trajectory_id=trajectory_id(data),

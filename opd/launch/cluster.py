@@ -2,7 +2,7 @@
 
 `opd run` decides a run's id, directory and ports once and hands every process the same resolved config. Under
 a scheduler nobody runs `opd run`, so two of its decisions move here: the run config is resolved once on the
-submitting host (`python3 -m opd.cluster resolve`), and replicas that the scheduler cannot number (compose's
+submitting host (`python3 -m opd.launch.cluster resolve`), and replicas that the scheduler cannot number (compose's
 `--scale`) derive a component index from their host name (`--index auto`).
 """
 
@@ -47,7 +47,7 @@ def resolve_for_cluster(cfg: Config) -> Path:
 
     Paths become absolute because jobs may start in another directory; an existing config.yaml is refused so
     that a second submission cannot silently mix two runs' streams and ledgers."""
-    from opd.launcher import resolve_run
+    from opd.launch.launcher import resolve_run
 
     if cfg.broker.type != "redis":
         raise ConfigError(
@@ -72,7 +72,7 @@ def resolve_for_cluster(cfg: Config) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python3 -m opd.cluster",
+        prog="python3 -m opd.launch.cluster",
         description="Resolve a run config once for components started by a scheduler (deploy/slurm/).",
     )
     sub = p.add_subparsers(dest="action", required=True)

@@ -129,7 +129,9 @@ class ZmqBrokerServer:
         if g is not None:
             for eid in header.get("ids", []):
                 g.pending.pop(int(eid), None)
-            if s.bounded:  # log streams keep their newest log_maxlen entries, as on Redis: a reader that joins
+            if (
+                s.bounded
+            ):  # log streams keep their newest log_maxlen entries, as on Redis: a reader that joins
                 s.trim_acked()  # later (`opd top`) still sees the recent records the launcher already took
         self._reply(envelope, {"ok": True})
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from broker import Broker, BrokerUnavailable, connect, stream_name
+from broker import Broker, BrokerUnavailable, connect
 from opd.config import Config, ScalingConfig
-from opd.protocol import ProtocolError, pack_control, unpack_control
+from opd.protocol import ProtocolError, Streams, scale_record, unpack_control
 
 SCALE_KIND = "scale"
 CONTROL_GROUP = "launcher-scaling"  # its own group: the launcher must not take entries meant for components
@@ -59,8 +59,8 @@ def publish_scale(cfg: Config, scorers: int, source: str = "opd scale") -> str:
     broker = connect(cfg.broker)
     try:
         ids = broker.publish(
-            stream_name(cfg.run.run_id, "control"),
-            [pack_control(SCALE_KIND, role="scorer", target=scorers, source=source)],
+            Streams(cfg.run.run_id).control,
+            [scale_record("scorer", scorers, source)],
         )
     finally:
         broker.close()
@@ -126,8 +126,8 @@ class ScorerScaler:
     ):
         self.cfg, self.broker, self.pool, self.latest, self.log = cfg, broker, pool, latest, log
         self.path = Path(out_dir) / "scaling.jsonl"
-        self.control = stream_name(cfg.run.run_id, "control")
-        self.rollouts = stream_name(cfg.run.run_id, "rollouts")
+        streams = Streams(cfg.run.run_id)
+        self.control, self.rollouts = streams.control, streams.rollouts
         self.next_index = cfg.scorer.num_scorers
         now = time.monotonic()
         self.last_change = now

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import sys
 
-from broker import connect, stream_name
+from broker import connect
 from opd.config import Config
-from opd.protocol import ProtocolError, unpack_control
-from opd.runtime import trajectory_id
+from opd.protocol import ProtocolError, Streams, unpack_control
+from opd.runtime.lifecycle import trajectory_id
 
 
 class DeadLetterError(RuntimeError):
@@ -28,7 +28,7 @@ def _records(cfg: Config):
             "or run with broker.type: redis to inspect and replay them"
         )
     broker = connect(cfg.broker)
-    stream = stream_name(cfg.run.run_id, "dead_letter")
+    stream = Streams(cfg.run.run_id).dead_letter
     out = []
     for entry_id, data in broker.entries(stream):
         try:

@@ -156,7 +156,8 @@ class ActorConfig(_Strict):
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda:0.")
     metrics_every_s: float = Field(0.5, gt=0, description="Seconds between metrics records on the broker.")
     vllm: VLLMEngineConfig = Field(
-        default_factory=VLLMEngineConfig, description="The vLLM engine used when engine: vllm (ignored otherwise)."
+        default_factory=VLLMEngineConfig,
+        description="The vLLM engine used when engine: vllm (ignored otherwise).",
     )
     keep_kv_cache: bool = Field(
         False,
@@ -176,7 +177,9 @@ class RemoteTeacherConfig(_Strict):
     model: str | None = Field(
         None, description="Served model name sent with openai requests; none = the server's only model."
     )
-    timeout_s: float = Field(60.0, gt=0, description="Seconds one HTTP request may take before it is retried.")
+    timeout_s: float = Field(
+        60.0, gt=0, description="Seconds one HTTP request may take before it is retried."
+    )
     retries: int = Field(
         3, ge=0, description="Retries of a request after a connection error, timeout, 408/429 or 5xx."
     )
@@ -225,7 +228,8 @@ class ScorerConfig(_Strict):
         description="The teacher server used when engine: remote (ignored otherwise).",
     )
     vllm: VLLMEngineConfig = Field(
-        default_factory=VLLMEngineConfig, description="The vLLM engine used when engine: vllm (ignored otherwise)."
+        default_factory=VLLMEngineConfig,
+        description="The vLLM engine used when engine: vllm (ignored otherwise).",
     )
 
     @model_validator(mode="after")
@@ -561,7 +565,9 @@ class ScalingConfig(_Strict):
         128, ge=1, description="Add a scorer when the mean rollouts depth over cooldown_s is above this."
     )
     cooldown_s: float = Field(
-        30.0, gt=0, description="Seconds between autoscaler changes (and the window its depth is averaged over)."
+        30.0,
+        gt=0,
+        description="Seconds between autoscaler changes (and the window its depth is averaged over).",
     )
     interval_s: float = Field(
         5.0, gt=0, description="Seconds between scorer throughput records in runs/<id>/scaling.jsonl."
@@ -632,7 +638,8 @@ class WandbConfig(_Strict):
     enabled: bool = Field(False, description="Log every learner step to wandb.")
     project: str = Field("opd-stream", description="wandb project name.")
     mode: Literal["offline", "online"] = Field(
-        "offline", description="offline writes a local run (`wandb sync` uploads it later); online needs a login."
+        "offline",
+        description="offline writes a local run (`wandb sync` uploads it later); online needs a login.",
     )
     dir: Path | None = Field(None, description="Where wandb writes its run folder; null = run.output_dir.")
 
@@ -654,7 +661,9 @@ class MetricsConfig(_Strict):
         description="Base Prometheus port (0 = off). Learner +0, actor i +1+i, scorer j +1+actor.num_actors+j "
         "(README: Watching a run).",
     )
-    host: str = Field("127.0.0.1", description="Address the endpoints bind; 0.0.0.0 to be scraped from other hosts.")
+    host: str = Field(
+        "127.0.0.1", description="Address the endpoints bind; 0.0.0.0 to be scraped from other hosts."
+    )
     port_layout: Literal["offset", "fixed"] = Field(
         "offset",
         description="offset: many components on one host (opd run), each on metrics.port plus its offset; "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from opd.cluster import component_index
 from opd.config import Config, ConfigError, describe_fields, load_config
+from opd.launch.cluster import component_index
 
 OVERRIDE_HELP = "dotted overrides such as learner.max_steps=20 run.output_dir=/tmp/x (values parsed as YAML)"
 
@@ -121,7 +121,7 @@ def _component_config(args) -> Config:
 
 
 def _dead_letter(args) -> int:
-    from opd.deadletter import DeadLetterError, list_dead_letters, replay_dead_letters
+    from opd.launch.deadletter import DeadLetterError, list_dead_letters, replay_dead_letters
 
     cfg = load_config(args.config, args.overrides)
     if cfg.run.run_id is None:
@@ -138,7 +138,7 @@ def _dead_letter(args) -> int:
 
 
 def _scale(args) -> int:
-    from opd.scaling import ScaleError, parse_targets, publish_scale
+    from opd.launch.scaling import ScaleError, parse_targets, publish_scale
 
     try:
         target, overrides = parse_targets(args.targets)
@@ -147,18 +147,20 @@ def _scale(args) -> int:
     except ScaleError as exc:
         print(f"opd: {exc}", file=sys.stderr)
         return 2
-    print(f"asked run {cfg.run.run_id} for {target} scorers (control entry {entry}); see scaling.jsonl in its run directory")
+    print(
+        f"asked run {cfg.run.run_id} for {target} scorers (control entry {entry}); see scaling.jsonl in its run directory"
+    )
     return 0
 
 
 def _run(args) -> int:
-    from opd.launcher import LaunchError, LocalLauncher, resolve_resume, resolve_run
+    from opd.launch.launcher import LaunchError, LocalLauncher, resolve_resume, resolve_run
 
     try:
         cfg = load_config(args.config, args.overrides)
         cfg = resolve_resume(cfg) if args.resume else resolve_run(cfg)
         if args.launcher == "ray":
-            from opd.ray_launcher import run_on_ray
+            from opd.launch.ray_launcher import run_on_ray
 
             return run_on_ray(cfg, resume=args.resume)
         return LocalLauncher(cfg, resume=args.resume).run()
@@ -168,7 +170,7 @@ def _run(args) -> int:
 
 
 def _top(args) -> int:
-    from opd.top import run_top
+    from opd.launch.top import run_top
 
     cfg = load_config(args.config, args.overrides)
     if cfg.run.run_id is None:
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "run":
             return _run(args)
         if args.verb == "prepare":
-            from opd.assets import ensure_assets
+            from opd.models.builds import ensure_assets
 
             ensure_assets(load_config(args.config, args.overrides))
             return 0
@@ -232,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "broker":
         import os
 
-        from broker.zmq_broker import serve
-        from opd.runtime import die_with_parent
+        from broker.zmq import serve
+        from opd.runtime.lifecycle import die_with_parent
 
         if os.environ.get("OPD_PARENT_PID"):
             die_with_parent(int(os.environ["OPD_PARENT_PID"]))

@@ -14,7 +14,7 @@ from typing import Any
 
 from opd.config import VLLMEngineConfig
 
-WORKER_EXTENSION = "opd.vllm_support.WeightUpdateExtension"
+WORKER_EXTENSION = "opd.models.vllm_support.WeightUpdateExtension"
 
 
 class WeightUpdateExtension:

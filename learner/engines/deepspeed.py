@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from learner.engine_torch import Engine, lr_factor
+from learner.engines.base import Engine, lr_factor
 from opd.config import Config
 
 

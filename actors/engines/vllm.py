@@ -19,11 +19,11 @@ import time
 
 import torch
 
-from opd.assets import Assets, load_asset
 from opd.config import Config
-from opd.runtime import log
-from opd.sampling import Sample
-from opd.vllm_support import WORKER_EXTENSION, make_llm
+from opd.models.builds import Assets, load_asset
+from opd.models.sampler import Sample
+from opd.models.vllm_support import WORKER_EXTENSION, make_llm
+from opd.runtime.lifecycle import log
 
 
 def _sample_logprobs(token_ids: list[int], logprobs) -> list[float]:

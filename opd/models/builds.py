@@ -21,8 +21,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd import tasks
 from opd.config import Config, PretrainedModel, TinyModel
-from opd.models import build_char_tokenizer, encode_prompt, load_causal_lm, load_tokenizer
-from opd.sampling import sample
+from opd.models.loading import build_char_tokenizer, encode_prompt, load_causal_lm, load_tokenizer
+from opd.models.sampler import sample
 
 ASSET_FORMAT = 2  # bump when the build recipe changes, so stale caches are rebuilt
 HABIT = "="  # the spurious trailing token of `sft_suffix_noise`: one token, so greedy decoding picks it up

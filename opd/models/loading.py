@@ -1,6 +1,6 @@
 """Loading student and teacher models and their tokenizer, the same way in every process.
 
-Tiny models are resolved to the directories `opd.assets` builds; pretrained ones load by hub id or local path
+Tiny models are resolved to the directories `opd.models.builds` builds; pretrained ones load by hub id or local path
 through the standard Hugging Face calls, so a real checkpoint works the same as the demo's.
 """
 

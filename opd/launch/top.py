@@ -24,10 +24,10 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from broker import BrokerUnavailable, connect, stream_name
+from broker import BrokerUnavailable, connect
 from broker.base import WORK_STREAMS
 from opd.config import Config
-from opd.protocol import ProtocolError, unpack_control
+from opd.protocol import ProtocolError, Streams, unpack_control
 
 RATE_WINDOW_S = 10.0  # rates are averaged over this much of a component's own uptime
 STAGE = {"actor": "generated", "scorer": "scored", "learner": "trained"}
@@ -165,7 +165,7 @@ class StreamReader:
         quick = cfg.broker.model_copy(update={"request_timeout_s": CONNECT_TIMEOUT_S})
         self.broker = connect(quick)
         self.run_id = cfg.run.run_id
-        self.stream = stream_name(self.run_id, "metrics")
+        self.stream = Streams(self.run_id).metrics
         self.group = f"top-{socket.gethostname()}-{os.getpid()}"
 
     def poll(self, state: TopState) -> None:
@@ -180,10 +180,12 @@ class StreamReader:
                 self.broker.ack(self.stream, self.group, [m.id for m in msgs])
             if len(msgs) < READ_BATCH:
                 break
-        state.depths = {s: self.broker.depth(stream_name(self.run_id, s)) for s in WORK_STREAMS}
+        state.depths = {s: self.broker.depth(Streams(self.run_id).name(s)) for s in WORK_STREAMS}
 
     def close(self) -> None:
-        redis = getattr(self.broker, "redis", None)  # Redis keeps a group until told: leave no trace per viewer
+        redis = getattr(
+            self.broker, "redis", None
+        )  # Redis keeps a group until told: leave no trace per viewer
         if redis is not None:
             try:
                 redis.xgroup_destroy(self.stream, self.group)

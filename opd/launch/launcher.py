@@ -22,14 +22,14 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from broker import BrokerUnavailable, connect, stream_name
+from broker import BrokerUnavailable, connect
 from opd import tasks
-from opd.assets import ensure_assets, evaluate, load_asset
 from opd.config import Config, dump_config
-from opd.models import load_causal_lm, load_tokenizer
-from opd.prometheus import write_port_map
-from opd.protocol import ProtocolError, unpack_control
-from opd.runtime import trajectory_id
+from opd.models.builds import ensure_assets, evaluate, load_asset
+from opd.models.loading import load_causal_lm, load_tokenizer
+from opd.protocol import ProtocolError, Streams, unpack_control
+from opd.runtime.lifecycle import trajectory_id
+from opd.runtime.prometheus import write_port_map
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -101,7 +101,9 @@ class LocalLauncher:
     def __init__(self, cfg: Config, resume: bool = False, spawner=None):
         self.cfg, self.resume = cfg, resume
         self.lost: set[str] = set()  # components that died without ending the run
-        self.spawner = spawner  # places a process elsewhere (opd/ray_launcher.py); None = a child process here
+        self.spawner = (
+            spawner  # places a process elsewhere (opd/ray_launcher.py); None = a child process here
+        )
         self.retired: set[str] = set()  # scorers stopped on purpose by scaling: their exit is no failure
         self.scaler = None  # opd/scaling.py, once the components run
         self.out = Path(cfg.run.output_dir)
@@ -113,13 +115,15 @@ class LocalLauncher:
     # ------------------------------------------------------------------------------ processes
     def _spawn(self, name: str, role: str, *extra: str) -> Component:
         log_path = self.out / "logs" / f"{name}.log"
-        cmd = [sys.executable, "-m", "opd.cli", role, "--config", str(self.config_path), *extra]
+        cmd = [sys.executable, "-m", "opd", role, "--config", str(self.config_path), *extra]
         env = {**os.environ, "OPD_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
         if self.spawner is not None:
             proc = self.spawner(name, cmd, env, log_path)  # a Popen-like handle
         else:
             with open(log_path, "ab") as fh:
-                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                proc = subprocess.Popen(
+                    cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
         comp = Component(name, proc, log_path)
         self.components.append(comp)
         return comp
@@ -138,7 +142,7 @@ class LocalLauncher:
 
     def _start_scaling(self) -> None:
         """`opd scale` and the autoscaler act through this launcher's own spawn and stop (opd/scaling.py)."""
-        from opd.scaling import LauncherPool, ScorerScaler
+        from opd.launch.scaling import LauncherPool, ScorerScaler
 
         self.scaler = ScorerScaler(
             self.cfg, self.broker, LauncherPool(self), self.out, lambda: self.state.latest, console.print
@@ -220,7 +224,9 @@ class LocalLauncher:
     # ----------------------------------------------------------------------------- monitoring
     def _drain(self) -> None:
         run_id = self.cfg.run.run_id
-        metrics = self.broker.consume(stream_name(run_id, "metrics"), "launcher", "launcher", 256, 0.0)
+        metrics = self.broker.consume(
+            Streams(run_id).metrics, Streams.LAUNCHER_GROUP, Streams.LAUNCHER_GROUP, 256, 0.0
+        )
         for msg in metrics:
             try:
                 rec = unpack_control(msg.data)
@@ -231,8 +237,10 @@ class LocalLauncher:
                 self.state.learner_records.append(rec)
                 if "eval_accuracy" in rec:
                     self.state.eval_accuracy = rec["eval_accuracy"]
-        self.broker.ack(stream_name(run_id, "metrics"), "launcher", [m.id for m in metrics])
-        dead = self.broker.consume(stream_name(run_id, "dead_letter"), "launcher", "launcher", 256, 0.0)
+        self.broker.ack(Streams(run_id).metrics, Streams.LAUNCHER_GROUP, [m.id for m in metrics])
+        dead = self.broker.consume(
+            Streams(run_id).dead_letter, Streams.LAUNCHER_GROUP, Streams.LAUNCHER_GROUP, 256, 0.0
+        )
         if dead:
             with open(self.out / "dead_letter.jsonl", "a") as fh:
                 for msg in dead:
@@ -247,7 +255,7 @@ class LocalLauncher:
                     except ProtocolError:
                         pass
             self.state.dead_letters += len(dead)
-            self.broker.ack(stream_name(run_id, "dead_letter"), "launcher", [m.id for m in dead])
+            self.broker.ack(Streams(run_id).dead_letter, Streams.LAUNCHER_GROUP, [m.id for m in dead])
 
     def _totals(self, key: str, prefix: str) -> float:
         return sum(r.get(key, 0) for n, r in self.state.latest.items() if n.startswith(prefix))
@@ -265,7 +273,9 @@ class LocalLauncher:
         rates = {k: (v - before.get(k, 0)) / dt for k, v in totals.items()}
         self.state.last_status = (now, totals)
         run_id = self.cfg.run.run_id
-        depth = f"queue {self.broker.depth(stream_name(run_id, 'rollouts'))}/{self.broker.depth(stream_name(run_id, 'scored'))}"
+        depth = (
+            f"queue {self.broker.depth(Streams(run_id).rollouts)}/{self.broker.depth(Streams(run_id).scored)}"
+        )
         acc = f" acc {self.state.eval_accuracy:.3f}" if self.state.eval_accuracy is not None else ""
         return (
             f"step {rec['step']}/{self.cfg.learner.max_steps} v{rec['weight_version']} | tok/s gen {rates['gen']:.0f} "

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from opd.config import Config
-from opd.launcher import LaunchError, LocalLauncher, console
+from opd.launch.launcher import LaunchError, LocalLauncher, console
 
 LOCAL_OBJECT_STORE_BYTES = 128 << 20  # components never put data in Ray's object store
 POLL_TIMEOUT_S = 30.0

@@ -27,10 +27,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from opd.assets import Assets
 from opd.config import Config, RemoteTeacherConfig
+from opd.models.builds import Assets
 from opd.protocol import Trajectory
-from opd.runtime import log
+from opd.runtime.lifecycle import log
 from teacher_scorers.backends import attach
 
 _MAX_LOGPROB = 1e-3  # a log-probability is <= 0; this allows float rounding and nothing more

@@ -1,0 +1,48 @@
+"""Student sampling engines, keyed on `actor.engine`.
+
+The actor loop (weights, backpressure, publishing) does not care how tokens are sampled, so an engine is a
+small object: `model` (a Hugging Face module whose parameters receive the weight broadcast), `tokenizer`,
+`sample(prompts, generator)` returning `opd.models.sampler.Sample`s whose behaviour logprobs follow the learner's
+convention (log-softmax(raw logits / temperature) of the sampled token, before top-p), and
+`sync_weights(version)`, called before each generation batch, which makes the sampler use the weights now in
+`model` if the version moved. Each engine is one file here and one line in `ENGINES`; engines are imported only when chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import torch
+
+from opd.config import Config
+from opd.models.builds import Assets
+from opd.models.sampler import Sample
+
+
+class StudentEngine(Protocol):
+    model: torch.nn.Module
+    tokenizer: object
+
+    def sample(self, prompts: list[list[int]], generator: torch.Generator) -> list[Sample]: ...
+
+    def sync_weights(self, version: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+ENGINES: dict[str, str] = {
+    "hf": "actors.engines.hf:HFEngine",
+    "vllm": "actors.engines.vllm:VLLMEngine",
+}
+
+
+def build_engine(cfg: Config, assets: Assets) -> StudentEngine:
+    """The student engine `actor.engine` names."""
+    try:
+        module, attr = ENGINES[cfg.actor.engine].split(":")
+    except KeyError:
+        raise NotImplementedError(
+            f"actor.engine: {cfg.actor.engine} has no student engine; choose one of {sorted(ENGINES)}"
+        ) from None
+    return getattr(importlib.import_module(module), attr)(cfg, assets)

@@ -1,0 +1,37 @@
+"""The Hugging Face student engine: our batched KV-cache sampler on the module the weight broadcast writes into."""
+
+from __future__ import annotations
+
+import torch
+
+from opd.config import Config
+from opd.models.builds import Assets, load_asset
+from opd.models.sampler import Sample, sample
+
+
+class HFEngine:
+    """Sampling with our own batched KV-cache loop on the same module the broadcast writes into."""
+
+    def __init__(self, cfg: Config, assets: Assets):
+        self.cfg = cfg
+        self.model, self.tokenizer = load_asset(assets.student, cfg.actor.device)
+        self.model.eval()
+
+    def sample(self, prompts: list[list[int]], generator: torch.Generator) -> list[Sample]:
+        s = self.cfg.sampling
+        return sample(
+            self.model,
+            prompts,
+            eos_id=self.tokenizer.eos_token_id,
+            pad_id=self.tokenizer.pad_token_id,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            generator=generator,
+        )
+
+    def sync_weights(self, version: int) -> None:
+        """Nothing to do: the broadcast writes straight into the parameters this engine samples with."""
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,30 @@
+"""Learner engines, keyed on `learner.engine`: one file per engine, one line each in `ENGINES`.
+
+An engine owns the optimiser and the update; `learner.engines.base.Engine` is the contract and the shared step.
+Engines are imported only when chosen (DeepSpeed is an optional dependency).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from learner.engines.base import Engine
+from opd.config import Config
+
+ENGINES: dict[str, str] = {
+    "torch": "learner.engines.torch:TorchEngine",
+    "deepspeed": "learner.engines.deepspeed:DeepSpeedEngine",
+}
+
+
+def build_engine(model: torch.nn.Module, cfg: Config) -> Engine:
+    """The engine `learner.engine` names, around `model`."""
+    try:
+        module, attr = ENGINES[cfg.learner.engine].split(":")
+    except KeyError:
+        raise NotImplementedError(
+            f"learner.engine: {cfg.learner.engine} has no engine; choose one of {sorted(ENGINES)}"
+        ) from None
+    return getattr(importlib.import_module(module), attr)(model, cfg)

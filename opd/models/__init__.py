@@ -1,0 +1,1 @@
+"""Model code shared by the components: loading, the sampler, the demo-model builds, vLLM support."""
