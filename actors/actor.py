@@ -10,12 +10,13 @@ import numpy as np
 import torch
 
 from actors.engines import build_engine
-from broker import connect, publish_with_backpressure
+from broker import publish_with_backpressure
 from opd import tasks
 from opd.config import Config
 from opd.models.builds import ensure_assets
 from opd.models.loading import encode_prompt
 from opd.protocol import ProtocolError, Streams, Trajectory, encode, unpack_control
+from opd.runtime.broker import open_broker
 from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
 from opd.runtime.service_time import pad_to_service_time
 from weight_sync import ElasticReceiver, WeightReceiver, resolve_backend
@@ -53,8 +54,7 @@ class Actor:
         # actor.engine picks the sampler; engine.model is the HF module the weight broadcast writes into
         self.engine = build_engine(cfg, assets)
         self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
-        self.broker = connect(cfg.broker)
-        self.broker.stopping = stop
+        self.broker = open_broker(cfg.broker, stopping=stop)
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.actor.metrics_every_s)
         streams = Streams(cfg.run.run_id)
         self.rollouts, self.scored, self.control = streams.rollouts, streams.scored, streams.control

@@ -4,6 +4,9 @@ Semantics follow Redis Streams so that the Redis implementation fits without tou
 an append-only log; each consumer *group* sees every entry once, shared among its consumers; an entry stays
 pending until acknowledged. Work streams (rollouts, scored) are bounded and refuse producers while full
 (backpressure); log streams (control, metrics, dead_letter) keep only their newest entries and never refuse.
+
+What differs between brokers (durability, redelivery, where the broker runs) is declared once per broker class
+in `Capabilities`, so callers ask the broker what it can do instead of asking which broker it is.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 WORK_STREAMS = ("rollouts", "scored")
 LOG_STREAMS = ("control", "metrics", "dead_letter")
@@ -21,13 +24,43 @@ class BrokerUnavailable(ConnectionError):
     """The broker did not answer in time; the caller decides whether that is fatal."""
 
 
+class NoEmbeddedBroker(RuntimeError):
+    """`opd broker` was asked to serve a broker that opd does not run itself (the message names the fix)."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a broker type promises; callers branch on these, never on `broker.type`."""
+
+    needs_server: bool  # an external server (redis-server) must already run: opd starts none
+    embedded_process: bool  # opd runs the broker itself as a process (`opd broker`; `opd run` spawns it)
+    redelivers: bool  # unacknowledged entries come back to the group: a consumer may leave a failure pending
+    keeps_dead_letters: (
+        bool  # dead letters outlive the run and can be listed/replayed/deleted (entries, delete)
+    )
+    multi_host: bool  # components on several hosts can join one run (the cluster launchers require it)
+
+
 @dataclass(frozen=True)
 class Message:
     id: str
     data: bytes
 
 
+# poison_record(source, reason, **fields) -> the bytes of a dead-letter record; the broker cannot build one
+# itself because the record format belongs to the protocol (opd.protocol.dead_letter_record), which it must not import
+PoisonRecord = Callable[..., bytes]
+
+
 class Broker(Protocol):
+    """A client of one broker; one per thread."""
+
+    capabilities: ClassVar[Capabilities]
+    timeout_s: float  # a request unanswered for this long raises BrokerUnavailable (callers may shorten it)
+    stopping: Callable[
+        [], bool
+    ]  # the component's stop flag: once true, a lost broker is given up on in seconds
+
     def publish(self, stream: str, payloads: list[bytes]) -> list[str] | None:
         """Append entries; None (nothing appended) while a work stream is full."""
 
@@ -44,11 +77,53 @@ class Broker(Protocol):
         """Start `group` after the newest entry: a restarted reader of `control` must not act on what an
         earlier incarnation of the run announced (old weight versions, an old stop)."""
 
+    def drop_group(self, stream: str, group: str) -> None:
+        """Forget `group` for good (a reader that leaves, such as `opd top`): a broker keeps a group's cursor
+        and pending entries until told, so a departed reader would otherwise leave them behind."""
+
+    def ping(self) -> None:
+        """Return once the broker answers; BrokerUnavailable after `timeout_s`."""
+
     def close(self) -> None: ...
+
+    # Only when `capabilities.keeps_dead_letters` (others raise NotImplementedError naming the alternative):
+    def entries(self, stream: str, count: int = 10000) -> list[tuple[str, bytes]]:
+        """(id, bytes) of up to `count` oldest entries, read without consuming: for `opd dead-letter ls`."""
+
+    def delete(self, stream: str, ids: list[str]) -> None:
+        """Remove entries outright (a replayed dead letter), whatever any group thinks of them."""
+
+
+class BrokerType(Protocol):
+    """The class side of a broker: what the registry (broker/__init__.py) and the launchers use."""
+
+    capabilities: ClassVar[Capabilities]
+    unreachable_hint: ClassVar[str]  # what to do when the broker does not answer at start
+
+    @classmethod
+    def from_config(cls, section: Any, **hooks: Any) -> Broker:
+        """A client for the `broker:` config section; hooks: poison_record (PoisonRecord)."""
+
+    @classmethod
+    def serve(cls, section: Any, ready: Callable[[], None] | None = None) -> None:
+        """Run the broker in the foreground until SIGTERM/SIGINT; NoEmbeddedBroker when opd runs none."""
+
+    @classmethod
+    def address(cls, section: Any) -> str:
+        """Where the broker is, for messages (no secrets)."""
+
+    @classmethod
+    def resolve(cls, section: Any, free_port: Callable[[], int]) -> None:
+        """Fill in place what a run decides once for all its processes (a free port for port 0)."""
+
+    @classmethod
+    def missing(cls, section: Any) -> list[str]:
+        """Settings still undecided, which a component started by hand cannot decide alone."""
 
 
 def stream_name(run_id: str, name: str) -> str:
-    """Streams are prefixed by the run id, so several runs can share one broker."""
+    """Streams are prefixed by the run id, so several runs can share one broker (opd.protocol.Streams names
+    them for the components; this stays for tests and benchmarks that talk to a broker directly)."""
     return f"{run_id}:{name}"
 
 
@@ -71,3 +146,8 @@ def publish_with_backpressure(
             return None
         while_waiting()
         time.sleep(poll_s)
+
+
+def max_message_bytes(section: Any) -> int:
+    """broker.max_message_mb in bytes (every broker refuses larger messages before sending them)."""
+    return int(section.max_message_mb * (1 << 20))

@@ -16,18 +16,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import redis
 from redis import exceptions as rx
 
-from broker.base import WORK_STREAMS, BrokerUnavailable, Message
-from opd.protocol import pack_control
+from broker.base import (
+    WORK_STREAMS,
+    BrokerUnavailable,
+    Capabilities,
+    Message,
+    NoEmbeddedBroker,
+    PoisonRecord,
+    max_message_bytes,
+)
 
 STOPPING_TIMEOUT_S = 3.0
 
 
 class BrokerAuthError(PermissionError):
     """Redis refused the user/password of broker.url."""
+
+
+class NoPoisonRecord(RuntimeError):
+    """An entry exceeded max_deliveries but this client was built without `poison_record` to dead-letter it."""
 
 
 def _is_work(stream: str) -> bool:
@@ -43,7 +56,18 @@ def _sid(raw) -> str:
 
 
 class RedisBroker:
-    """Broker interface (broker/base.py) over redis-py; `url` may be redis://, rediss:// (TLS), with user:password."""
+    """Broker interface (broker/base.py) over redis-py; `url` may be redis://, rediss:// (TLS), with user:password.
+
+    `poison_record(source, reason, **fields) -> bytes` builds the dead-letter record of an entry delivered more
+    than `max_deliveries` times; without it such an entry raises NoPoisonRecord (it stays pending, nothing lost).
+    """
+
+    # The server outlives every component and holds pending entries until acknowledged: a dead consumer's work
+    # comes back, dead letters stay until replayed, and any host that reaches the URL can join.
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        needs_server=True, embedded_process=False, redelivers=True, keeps_dead_letters=True, multi_host=True
+    )
+    unreachable_hint: ClassVar[str] = "start redis-server or fix broker.url"
 
     def __init__(
         self,
@@ -56,19 +80,62 @@ class RedisBroker:
         request_timeout_s: float = 30.0,
         max_message_bytes: int = 64 << 20,
         tls: dict[str, str] | None = None,
+        poison_record: PoisonRecord | None = None,
     ):
         self.url, self.max_depth, self.log_maxlen = url, max_depth, log_maxlen
         self.claim_idle_ms = int(claim_idle_s * 1000)
         self.max_deliveries, self.max_message_bytes = max_deliveries, max_message_bytes
         self.timeout_s = request_timeout_s
         self.stopping: Callable[[], bool] = lambda: False
+        self.poison_record = poison_record
         self.redis = redis.Redis.from_url(
             url, socket_timeout=request_timeout_s, socket_connect_timeout=request_timeout_s, **(tls or {})
         )
         self._groups: set[tuple[str, str]] = set()
         self._own_pending_cursor: dict[tuple[str, str, str], str] = {}
         self.redelivered = 0  # entries this client took over from a dead or stuck consumer
-        self.redelivers = True  # unacknowledged work comes back (consumers may leave a failure pending)
+
+    # ------------------------------------------------------------------------------ from the config
+    @classmethod
+    def from_config(cls, section: Any, **hooks: Any) -> RedisBroker:
+        """A client for `broker:` with type redis; hooks: poison_record."""
+        tls = (
+            ("ssl_ca_certs", section.tls_ca_file),
+            ("ssl_certfile", section.tls_cert_file),
+            ("ssl_keyfile", section.tls_key_file),
+        )
+        return cls(
+            section.url,
+            max_depth=section.max_depth,
+            log_maxlen=section.control_maxlen,
+            claim_idle_s=section.claim_idle_s,
+            max_deliveries=section.max_deliveries,
+            request_timeout_s=section.request_timeout_s,
+            max_message_bytes=max_message_bytes(section),
+            tls={k: str(v) for k, v in tls if v is not None},
+            poison_record=hooks.get("poison_record"),
+        )
+
+    @classmethod
+    def serve(cls, section: Any, ready: Callable[[], None] | None = None) -> None:
+        raise NoEmbeddedBroker(
+            "broker.type: redis has no broker process to start; run redis-server and set broker.url"
+        )
+
+    @classmethod
+    def address(cls, section: Any) -> str:
+        """The URL without its user:password."""
+        parts = urlsplit(section.url)
+        netloc = parts.netloc.rsplit("@", 1)[-1]
+        return parts._replace(netloc=netloc).geturl()
+
+    @classmethod
+    def resolve(cls, section: Any, free_port: Callable[[], int]) -> None:
+        """Nothing to decide: the server and its URL exist before the run."""
+
+    @classmethod
+    def missing(cls, section: Any) -> list[str]:
+        return []
 
     # ------------------------------------------------------------------------------ plumbing
     def _call(self, fn, *args, **kwargs):
@@ -207,12 +274,17 @@ class RedisBroker:
         return out
 
     def _dead_letter(self, stream: str, group: str, sid: str, data: bytes, deliveries: int) -> None:
-        record = pack_control(
-            "dead_letter",
-            source=f"broker/{group}",
+        if self.poison_record is None:
+            raise NoPoisonRecord(
+                f"{stream} entry {sid} was delivered {deliveries} times (broker.max_deliveries="
+                f"{self.max_deliveries}) and this client cannot dead-letter it: open the broker with "
+                "poison_record (components use opd.runtime.broker.open_broker)"
+            )
+        record = self.poison_record(
+            f"broker/{group}",
+            f"failed processing {deliveries - 1} times (broker.max_deliveries={self.max_deliveries})",
             stream=stream,
             message_id=sid,
-            reason=f"failed processing {deliveries - 1} times (broker.max_deliveries={self.max_deliveries})",
             size=len(data),
             head=data[:256],
             data=data,
@@ -240,6 +312,13 @@ class RedisBroker:
     def delete(self, stream: str, ids: list[str]) -> None:
         if ids:
             self._call(self.redis.xdel, stream, *ids)
+
+    def drop_group(self, stream: str, group: str) -> None:
+        self._groups.discard((stream, group))
+        if self._call(
+            self.redis.exists, stream
+        ):  # XGROUP DESTROY refuses a missing stream, which has no group
+            self._call(self.redis.xgroup_destroy, stream, group)  # False when there was no such group: fine
 
     def depth(self, stream: str) -> int:
         return int(self._call(self.redis.xlen, stream))

@@ -12,11 +12,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import msgpack
 import zmq
 
-from broker.base import WORK_STREAMS, BrokerUnavailable, Message
+from broker.base import WORK_STREAMS, BrokerUnavailable, Capabilities, Message, max_message_bytes
 
 
 @dataclass
@@ -142,12 +143,18 @@ class ZmqBrokerServer:
         s.groups[header["group"]] = _Group(cursor=s.next_id)
         self._reply(envelope, {"ok": True})
 
+    def _drop_group(self, envelope, name: str, s: _Stream, header: dict, payloads: list[bytes]) -> None:
+        if s.groups.pop(header.get("group"), None) is not None and s.bounded:
+            s.trim_acked()  # what only the departed group still held is done
+        self._reply(envelope, {"ok": True})
+
     _ops = {
         "publish": _publish,
         "consume": _consume,
         "ack": _ack,
         "depth": _depth,
         "skip_to_end": _skip_to_end,
+        "drop_group": _drop_group,
     }
 
     def _serve_waiters(self, stream: str | None = None) -> None:
@@ -200,10 +207,56 @@ def serve(bind: str, max_depth: int, log_maxlen: int, max_message_bytes: int, re
 
 
 STOPPING_TIMEOUT_S = 3.0
+_NO_DEAD_LETTERS = (
+    "the embedded zmq broker keeps no dead letters after its run: read runs/<id>/dead_letter.jsonl, "
+    "or run with broker.type: redis to inspect and replay them"
+)
 
 
 class ZmqBroker:
     """Client side of the embedded broker (one REQ socket; use one client per thread)."""
+
+    # In memory and gone with its process, and the launcher that spawns it is one host's; nothing pending
+    # is ever handed to another consumer, so a failure must be dead-lettered by the component itself.
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        needs_server=False,
+        embedded_process=True,
+        redelivers=False,
+        keeps_dead_letters=False,
+        multi_host=False,
+    )
+    unreachable_hint: ClassVar[str] = "the embedded broker process (opd broker) did not answer"
+
+    @classmethod
+    def from_config(cls, section: Any, **hooks: Any) -> ZmqBroker:
+        """A client for `broker:` with type zmq. Hooks are accepted and unused: an entry is never redelivered
+        here, so none can become poison (poison_record is never called)."""
+        return cls(
+            f"tcp://{section.host}:{section.port}", section.request_timeout_s, max_message_bytes(section)
+        )
+
+    @classmethod
+    def serve(cls, section: Any, ready: Callable[[], None] | None = None) -> None:
+        serve(
+            f"tcp://{section.host}:{section.port}",
+            section.max_depth,
+            section.control_maxlen,
+            max_message_bytes(section),
+            ready,
+        )
+
+    @classmethod
+    def address(cls, section: Any) -> str:
+        return f"tcp://{section.host}:{section.port}"
+
+    @classmethod
+    def resolve(cls, section: Any, free_port: Callable[[], int]) -> None:
+        if section.port == 0:
+            section.port = free_port()
+
+    @classmethod
+    def missing(cls, section: Any) -> list[str]:
+        return ["broker.port"] if section.port == 0 else []
 
     def __init__(self, address: str, request_timeout_s: float = 30.0, max_message_bytes: int = 64 << 20):
         self.address, self.timeout_s, self.max_message_bytes = address, request_timeout_s, max_message_bytes
@@ -271,6 +324,15 @@ class ZmqBroker:
 
     def skip_to_end(self, stream: str, group: str) -> None:
         self._request({"op": "skip_to_end", "stream": stream, "group": group})
+
+    def drop_group(self, stream: str, group: str) -> None:
+        self._request({"op": "drop_group", "stream": stream, "group": group})
+
+    def entries(self, stream: str, count: int = 10000) -> list[tuple[str, bytes]]:
+        raise NotImplementedError(_NO_DEAD_LETTERS)
+
+    def delete(self, stream: str, ids: list[str]) -> None:
+        raise NotImplementedError(_NO_DEAD_LETTERS)
 
     def close(self) -> None:
         if self.sock is not None:

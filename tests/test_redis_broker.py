@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from broker import BrokerUnavailable
-from broker.redis import BrokerAuthError, RedisBroker
-from opd.protocol import unpack_control
+from broker.redis import BrokerAuthError, NoPoisonRecord, RedisBroker
+from opd.config import load_config
+from opd.protocol import dead_letter_record, unpack_control
+from opd.runtime.broker import open_broker
 from tests.conftest import RedisServer
 
 
@@ -30,18 +32,33 @@ def test_a_dead_consumers_pending_entries_are_reclaimed(redis_server):
     assert live.depth("r:rollouts") == 0  # acknowledged entries are deleted
 
 
-def test_an_entry_that_keeps_failing_is_dead_lettered_with_its_reason(redis_server):
-    b = RedisBroker(redis_server.url, claim_idle_s=0.05, max_deliveries=2)
-    b.publish("r:rollouts", [b"poison", b"fine"])
-    seen = []
+def _fail_poison(b, seen: list[bytes]) -> None:
+    """A consumer that acknowledges everything but b"poison", until the work stream is empty."""
     for _ in range(40):
         for m in b.consume("r:rollouts", "scorers", "s", 10, 0.05):
             seen.append(m.data)
-            if m.data == b"fine":
+            if m.data != b"poison":
                 b.ack("r:rollouts", "scorers", [m.id])
         time.sleep(0.06)
         if b.depth("r:rollouts") == 0:
             break
+
+
+def test_an_entry_that_keeps_failing_is_dead_lettered_with_its_reason(redis_server):
+    """As components open the broker (opd.runtime.broker): the protocol's record comes in as a callback."""
+    section = load_config(
+        None,
+        [
+            "broker.type=redis",
+            f"broker.url={redis_server.url}",
+            "broker.claim_idle_s=0.05",
+            "broker.max_deliveries=2",
+        ],
+    ).broker
+    b = open_broker(section)
+    b.publish("r:rollouts", [b"poison", b"fine"])
+    seen = []
+    _fail_poison(b, seen)
     assert (
         seen.count(b"poison") == 2 and seen.count(b"fine") == 1
     )  # delivered max_deliveries times, then moved
@@ -49,7 +66,41 @@ def test_an_entry_that_keeps_failing_is_dead_lettered_with_its_reason(redis_serv
     [record] = b.consume("r:dead_letter", "inspect", "i", 10, 0.1)
     rec = unpack_control(record.data)
     assert rec["kind"] == "dead_letter" and "failed processing 2 times" in rec["reason"]
-    assert rec["stream"] == "r:rollouts" and rec["data"] == b"poison"
+    assert rec["source"] == "broker/scorers" and rec["message_id"] and rec["size"] == len(b"poison")
+    assert rec["stream"] == "r:rollouts" and rec["data"] == b"poison" and rec["head"] == b"poison"
+
+
+def test_the_poison_callback_gets_source_reason_and_the_entry(redis_server):
+    """broker/ builds no record itself: whatever the callback returns is what lands on dead_letter."""
+    calls = []
+
+    def record(source, reason, **fields):
+        calls.append((source, reason, fields))
+        return b"record:" + fields["data"]
+
+    b = RedisBroker(redis_server.url, claim_idle_s=0.05, max_deliveries=1, poison_record=record)
+    b.publish("r:rollouts", [b"poison"])
+    _fail_poison(b, [])
+    [(source, reason, fields)] = calls
+    assert source == "broker/scorers" and "broker.max_deliveries=1" in reason
+    assert fields["stream"] == "r:rollouts" and fields["data"] == b"poison" and fields["size"] == 6
+    assert [data for _, data in b.entries("r:dead_letter")] == [b"record:poison"]
+
+
+def test_without_a_poison_callback_the_entry_stays_pending_and_the_error_says_how(redis_server):
+    bare = RedisBroker(redis_server.url, claim_idle_s=0.05, max_deliveries=1)
+    bare.publish("r:rollouts", [b"poison"])
+    assert [m.data for m in bare.consume("r:rollouts", "scorers", "s", 10, 0.05)] == [b"poison"]
+    time.sleep(0.1)  # the next delivery would be its second, beyond max_deliveries
+    with pytest.raises(NoPoisonRecord, match="open_broker"):
+        bare.consume("r:rollouts", "scorers", "s", 10, 0.05)
+    assert bare.depth("r:rollouts") == 1 and bare.depth("r:dead_letter") == 0  # nothing lost
+    time.sleep(0.1)
+    fixed = RedisBroker(
+        redis_server.url, claim_idle_s=0.05, max_deliveries=1, poison_record=dead_letter_record
+    )
+    assert fixed.consume("r:rollouts", "scorers", "s2", 10, 0.05) == []  # another consumer reclaims it
+    assert fixed.depth("r:rollouts") == 0 and fixed.depth("r:dead_letter") == 1
 
 
 def test_password_in_the_url_and_a_clear_error_without_it(tmp_path):
@@ -178,7 +229,6 @@ def test_rediss_url_with_a_private_ca(tmp_path):
     import subprocess
 
     from broker import connect
-    from opd.config import load_config
     from tests.conftest import free_port
 
     binary = _tls_redis_binary()

@@ -1,0 +1,22 @@
+"""How a component opens its broker: with the protocol's dead-letter record for entries that keep failing.
+
+broker/ imports nothing of the project, so the record format (opd.protocol) reaches it as a callback here; every
+component opens its broker through `open_broker` so that none forgets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from broker import Broker, connect
+from opd.protocol import dead_letter_record
+
+
+def open_broker(section: Any, *, stopping: Callable[[], bool] | None = None) -> Broker:
+    """A client for the `broker:` config section. `stopping` is the component's stop flag: once it is set, a
+    broker that does not answer is given up on in seconds rather than after broker.request_timeout_s."""
+    client = connect(section, poison_record=dead_letter_record)
+    if stopping is not None:
+        client.stopping = stopping
+    return client
