@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opd.config import AdditionTask, JsonlTask
+from opd.config.task import AdditionTask, JsonlTask
 
 
 @dataclass(frozen=True)

@@ -42,18 +42,10 @@ def test_override_of_union_keeps_section_defaults():
             "sampling.top_p",
             "set sampling.top_p: 1 or actor.engine: hf",
         ),
-        (["learner.loss=gkd_jsd", "scorer.topk=0"], "learner.loss gkd_jsd", "set scorer.topk"),
-        (["learner.loss=hybrid", "learner.hybrid.distill=topk_reverse_kl"], "topk_reverse_kl", "scorer.topk"),
-        (["learner.loss=opd_penalty", "sampling.n=1"], "sampling.n >= 2", "task_estimator: reinforce_pp"),
         (
             ["learner.correction.mode=decoupled", "learner.correction.proximal=none"],
             "learner",
             "correction.proximal: recompute",
-        ),
-        (
-            ["learner.loss=topk_forward_kl", "scorer.topk=4", "learner.correction.mode=ppo_clip"],
-            "learner",
-            "mode: tis, mask or none",
         ),
         (["learner.engine=deepspeed", "learner.deepspeed.dtype=bf16"], "learner", "use dtype: fp32"),
         (["learner.deepspeed.zero_stage=4"], "learner.deepspeed.zero_stage", "less than or equal to 3"),

@@ -1,0 +1,94 @@
+"""The broker section: a tagged union with one class per broker, selected by `broker.type`.
+
+This is the only module of opd/config that names broker types. What the rest of the config needs to know about a
+broker is a class attribute of its section (e.g. `embedded_process`), so no other check compares type strings.
+A new broker adds its section class here and to `BROKER_SECTIONS`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal, get_args
+
+from pydantic import Field, field_validator, model_validator
+
+from opd.config.base import Strict
+
+
+class _BrokerCommon(Strict):
+    # True when the launcher starts the broker as a process of the run (so it reserves CPUs and a port there);
+    # False when the broker is a server the run only connects to.
+    embedded_process: ClassVar[bool]
+
+    max_depth: int = Field(
+        256, ge=1, description="Producers wait while a work stream holds this many unfinished entries."
+    )
+    control_maxlen: int = Field(
+        10000, ge=16, description="Fan-out streams keep only this many newest entries."
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="A broker that does not answer for this long is dead."
+    )
+    max_message_mb: float = Field(64.0, gt=0, description="Larger messages are refused (dead-lettered).")
+
+
+class ZmqBrokerConfig(_BrokerCommon):
+    """Embedded broker: one small process holding bounded in-memory streams; no server to install."""
+
+    embedded_process: ClassVar[bool] = True
+    type: Literal["zmq"] = "zmq"
+    host: str = Field("127.0.0.1", description="Bind/connect address; 127.0.0.1 keeps it off the network.")
+    port: int = Field(0, ge=0, le=65535, description="0 = the launcher picks a free port.")
+
+
+class RedisBrokerConfig(_BrokerCommon):
+    """Redis Streams: durable, redelivers a dead worker's entries, lets components on many hosts join one run."""
+
+    embedded_process: ClassVar[bool] = False
+    type: Literal["redis"] = "redis"
+    url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="redis:// or rediss:// (TLS) URL, with user:password@ for auth; the run id prefixes every stream.",
+    )
+    claim_idle_s: float = Field(
+        30.0,
+        gt=0,
+        description="An entry pending this long with a silent consumer is redelivered to a live one.",
+    )
+    max_deliveries: int = Field(
+        3, ge=1, description="An entry delivered this many times without being acknowledged is dead-lettered."
+    )
+    tls_ca_file: Path | None = Field(
+        None,
+        description="rediss:// only: CA bundle that signed the server's certificate (default: system CAs).",
+    )
+    tls_cert_file: Path | None = Field(None, description="rediss:// only: client certificate (mutual TLS).")
+    tls_key_file: Path | None = Field(None, description="rediss:// only: the client certificate's key.")
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> RedisBrokerConfig:
+        tls = [n for n in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, n) is not None]
+        if tls and not self.url.startswith("rediss://"):
+            raise ValueError(f"{tls[0]} is set but url is not rediss://; use rediss://host:port/db for TLS")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "tls_cert_file and tls_key_file go together; set both for mutual TLS, or neither"
+            )
+        return self
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "url must start with redis://, rediss:// (TLS) or unix://; e.g. redis://127.0.0.1:6379/0"
+            )
+        return v
+
+
+BrokerConfig = Annotated[ZmqBrokerConfig | RedisBrokerConfig, Field(discriminator="type")]
+BROKER_SECTIONS: tuple[type[_BrokerCommon], ...] = get_args(get_args(BrokerConfig)[0])
+# The broker a config gets when it names none (and the `type` a `broker:` section without one is given).
+DEFAULT_BROKER = ZmqBrokerConfig
+# Broker types whose process the launcher starts, for descriptions such as ray.broker's.
+EMBEDDED_BROKERS = tuple(c.model_fields["type"].default for c in BROKER_SECTIONS if c.embedded_process)

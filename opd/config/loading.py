@@ -1,0 +1,142 @@
+"""Reading a config: YAML file, dotted overrides, validation, and error messages that name the field and the fix.
+
+Also the inverse views of the tree: `dump_config` (the resolved YAML every component reads) and `describe_fields`
+(the key list of `opd run --help`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, get_args
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from opd.config.base import TAG_FIELDS, variant_tag
+from opd.config.root import Config
+
+# A check beyond the models' own validation, for rules whose knowledge lives outside the core (the loss registry's):
+# it gets the validated tree and returns (dotted field path, message) for each problem, or nothing.
+Check = Callable[[Config], Iterable[tuple[str, str]]]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and how to fix it."""
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value; write e.g. learner.max_steps=20")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {item!r} has an empty key part; write e.g. learner.max_steps=20")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys (`learner.max_steps=20`); values are parsed as YAML scalars/lists. Overrides apply in
+    order, and one that changes a section's `kind`/`type` clears that section's other keys first."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+            node = child
+        if path[-1] in TAG_FIELDS and node.get(path[-1], value) != value:
+            node.clear()  # switching `student.kind` starts the section afresh: the old variant's keys do not apply
+        node[path[-1]] = value
+    return data
+
+
+def _format_problems(source: str, problems: Iterable[tuple[str, str]]) -> str:
+    """The one layout of every load-time error: a header naming the file, then `  field.path: message` lines."""
+    lines = [f"invalid config ({source}):"]
+    lines.extend(f"  {loc or '<root>'}: {msg}" for loc, msg in problems)
+    return "\n".join(lines)
+
+
+def _validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling against `opd run --help` or configs/"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        problems.append((loc, msg))
+    return problems
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections (run:, task:, ...)")
+    return loaded or {}
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, checks: Iterable[Check] = ()
+) -> Config:
+    """Load YAML, apply dotted overrides, validate; raise ConfigError with every problem named.
+
+    `checks` run on the validated tree, after the models' own validation passed; the problems of all of them are
+    raised together, laid out like validation errors. They carry rules the core cannot know, e.g. the loss
+    registry's `learner.losses.config_errors` (which loss names exist and what inputs each needs)."""
+    source = str(path) if path else "<defaults>"
+    data = _read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_problems(source, _validation_problems(exc))) from None
+    problems = [problem for check in checks for problem in check(cfg)]
+    if problems:
+        raise ConfigError(_format_problems(source, problems))
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved tree as YAML: what the launcher writes to runs/<id>/config.yaml for every component."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per config key with its default and description, for `opd run --help`."""
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        variants = [a for a in get_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            variants = [ann]
+        for sub in variants:
+            tag = variant_tag(sub)
+            label = f" [{tag[1]}]" if tag is not None and len(variants) > 1 else ""
+            if label:
+                lines.append(f"  {key}:{label}")
+            lines.extend(describe_fields(sub, key + "."))
+        if variants:
+            continue
+        value = field.get_default(call_default_factory=True)
+        shown = str(value) if isinstance(value, Path) else repr(value)
+        default = "" if field.is_required() else f" (default: {shown})"
+        desc = f"  {field.description}" if field.description else ""
+        lines.append(f"  {key}{default}{desc}")
+    return lines

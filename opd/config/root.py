@@ -1,0 +1,148 @@
+"""The root of the config tree, and every check that spans sections.
+
+Each section checks its own fields beside its model (e.g. learner.py refuses `micro_batch_size > batch_size`);
+this module holds only what needs two or more sections at once, in one place, so a reader finds every combination
+rule here. Checks that need code outside the core (the loss registry's) run in `load_config(checks=...)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from opd.config.actor import ActorConfig
+from opd.config.base import Strict, variant_tag
+from opd.config.broker import DEFAULT_BROKER, BrokerConfig
+from opd.config.learner import LearnerConfig
+from opd.config.metrics import MetricsConfig
+from opd.config.models import TEACHER_DEFAULTS, ModelConfig, TinyModel
+from opd.config.pipeline import PipelineConfig
+from opd.config.ray import RayConfig
+from opd.config.run import RunConfig
+from opd.config.sampling import SamplingConfig
+from opd.config.scaling import ScalingConfig
+from opd.config.scorer import ScorerConfig
+from opd.config.task import AdditionTask, TaskConfig
+from opd.config.weight_sync import WeightSyncConfig
+
+# The variant a tagged section gets when it names none: `student.sft_steps=50` needs no `student.kind=tiny`.
+_DEFAULT_VARIANTS = {
+    "task": AdditionTask,
+    "student": TinyModel,
+    "teacher": TinyModel,
+    "broker": DEFAULT_BROKER,
+}
+
+
+class Config(Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    task: TaskConfig = Field(default_factory=AdditionTask)
+    student: ModelConfig = Field(default_factory=TinyModel)
+    teacher: ModelConfig = Field(default_factory=lambda: TinyModel(**TEACHER_DEFAULTS))
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    actor: ActorConfig = Field(default_factory=ActorConfig)
+    scorer: ScorerConfig = Field(default_factory=ScorerConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    broker: BrokerConfig = Field(default_factory=DEFAULT_BROKER)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_tags(cls, data: Any) -> Any:
+        """Let `student.sft_steps=50` work without also writing `student.kind=tiny`."""
+        if not isinstance(data, dict):
+            return data
+        for key, variant in _DEFAULT_VARIANTS.items():
+            tag, default = variant_tag(variant)
+            section = data.get(key)
+            if isinstance(section, dict) and tag not in section:
+                data[key] = {tag: default, **section}
+        teacher = data.get("teacher")
+        if isinstance(teacher, dict) and teacher.get("kind") == "tiny":
+            data["teacher"] = {**TEACHER_DEFAULTS, **teacher}
+        return data
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Config:
+        self._models_fit_task()
+        self._ray_fits()
+        self._sync_pipeline()
+        self._devices_fit_weight_sync()
+        if self.actor.engine == "vllm" and self.sampling.top_p < 1.0:
+            # vLLM's processed logprobs are taken after top-p truncation; raw ones before the temperature.
+            raise ValueError(
+                f"actor.engine: vllm with sampling.top_p {self.sampling.top_p}: vLLM's logprobs would describe "
+                "the top-p-truncated distribution, not log_softmax(logits / T) the learner recomputes; set "
+                "sampling.top_p: 1 or actor.engine: hf"
+            )
+        return self
+
+    def _models_fit_task(self) -> None:
+        """Tiny models know only the built-in task's characters, and the two models must share one tokenizer."""
+        for role in ("student", "teacher"):
+            model = getattr(self, role)
+            if model.kind == "tiny" and self.task.kind != "addition":
+                raise ValueError(
+                    f"{role}.kind: tiny models are built for the built-in task only; with task.kind: "
+                    f"{self.task.kind} set {role}: {{kind: pretrained, name_or_path: ...}}"
+                )
+        if (self.student.kind == "tiny") != (self.teacher.kind == "tiny"):
+            raise ValueError(
+                "student and teacher must share a tokenizer: use kind: tiny for both (built-in tokenizer) "
+                "or kind: pretrained for both"
+            )
+
+    def _devices_fit_weight_sync(self) -> None:
+        """NCCL runs only between CUDA devices; refuse it at load time rather than at the first broadcast."""
+        if self.weight_sync.backend != "nccl":
+            return
+        if "cuda" not in self.learner.device:
+            raise ValueError("weight_sync.backend: nccl needs learner.device: cuda; use backend: gloo on CPU")
+        if "cuda" not in self.actor.device:
+            raise ValueError(
+                f"weight_sync.backend: nccl needs actor.device: cuda (got {self.actor.device}); "
+                "use backend: gloo or auto"
+            )
+
+    def _ray_fits(self) -> None:
+        """A local Ray smaller than what the components reserve would leave one waiting to be placed."""
+        r = self.ray
+        if r.address is not None or r.num_cpus is None:
+            return
+        parts = {
+            # A broker that is a server outside the run (not a process of it) reserves nothing in Ray.
+            "broker": r.broker.num_cpus if self.broker.embedded_process else 0.0,
+            "learner": r.learner.num_cpus,
+            "actors": self.actor.num_actors * r.actor.num_cpus,
+            "scorers": self.scorer.num_scorers * r.scorer.num_cpus,
+        }
+        if sum(parts.values()) > r.num_cpus + 1e-9:
+            detail = " + ".join(f"{k} {v:g}" for k, v in parts.items())
+            raise ValueError(
+                f"ray.num_cpus={r.num_cpus} is less than the components reserve at start ({detail}); "
+                "raise ray.num_cpus or lower ray.<role>.num_cpus"
+            )
+
+    def _sync_pipeline(self) -> None:
+        """Lockstep needs one generation round to be exactly one learner batch, and new weights after every
+        batch; otherwise the learner waits for data no actor will make (or actors for weights never sent)."""
+        if self.pipeline.mode != "sync":
+            return
+        made = self.actor.num_actors * self.actor.prompts_per_batch * self.sampling.n
+        if made != self.learner.batch_size:
+            raise ValueError(
+                f"pipeline.mode: sync needs actor.num_actors x actor.prompts_per_batch x sampling.n "
+                f"({self.actor.num_actors} x {self.actor.prompts_per_batch} x {self.sampling.n} = {made}) to "
+                f"equal learner.batch_size ({self.learner.batch_size}); set learner.batch_size={made} or change "
+                "the actor side"
+            )
+        if self.weight_sync.every != 1:
+            raise ValueError(
+                f"pipeline.mode: sync needs weight_sync.every: 1 (got {self.weight_sync.every}): each actor waits "
+                "for the weights trained on its batch; set weight_sync.every=1"
+            )

@@ -1,0 +1,92 @@
+"""The scorer section: the teacher backend (in process, in-process vLLM, or a remote server) and its pool."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from opd.config.base import Strict
+from opd.config.vllm_engine import VLLMEngineConfig
+
+
+class RemoteTeacherConfig(Strict):
+    """A teacher behind an HTTP server. It must serve a model with the student's tokenizer: ids are sent as-is."""
+
+    api: Literal["sglang", "openai"] = Field(
+        "sglang",
+        description="Wire format: sglang (native /generate) or openai (vLLM's /v1/completions with prompt_logprobs).",
+    )
+    url: str | None = Field(None, description="Server base URL, e.g. http://127.0.0.1:30000 (no /v1 suffix).")
+    model: str | None = Field(
+        None, description="Served model name sent with openai requests; none = the server's only model."
+    )
+    timeout_s: float = Field(
+        60.0, gt=0, description="Seconds one HTTP request may take before it is retried."
+    )
+    retries: int = Field(
+        3, ge=0, description="Retries of a request after a connection error, timeout, 408/429 or 5xx."
+    )
+    backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles after every failed attempt.")
+    max_concurrency: int = Field(8, ge=1, description="Requests in flight at once from one scorer process.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (sent as a Bearer token)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"scorer.remote.url {v!r} must start with http:// or https://")
+        return v.rstrip("/") if v else v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(
+                "scorer.remote.api_key_env names an environment variable (e.g. TEACHER_API_KEY) that holds the "
+                "key; never put the key itself in a config file"
+            )
+        return v
+
+
+class ScorerConfig(Strict):
+    engine: Literal["hf", "vllm", "remote"] = Field(
+        "hf",
+        description="Teacher backend: hf (in process), vllm (in-process vLLM, see vllm) or remote (an "
+        "SGLang/vLLM server, see remote).",
+    )
+    num_scorers: int = Field(1, ge=1, description="Teacher scorer processes sharing the rollouts stream.")
+    topk: int = Field(0, ge=0, description="Teacher top-k logprobs attached per token (0 = off).")
+    temperature: float = Field(1.0, gt=0, description="Temperature of the teacher's logprobs.")
+    batch_size: int = Field(64, ge=1, description="Trajectories taken from the broker per scoring round.")
+    max_tokens_per_batch: int = Field(
+        8192, ge=16, description="Token budget of one teacher forward (length buckets)."
+    )
+    device: str = Field("cpu", description="torch device of the teacher.")
+    metrics_every_s: float = Field(0.5, gt=0, description="Seconds between metrics records on the broker.")
+
+    remote: RemoteTeacherConfig = Field(
+        default_factory=RemoteTeacherConfig,
+        description="The teacher server used when engine: remote (ignored otherwise).",
+    )
+    vllm: VLLMEngineConfig = Field(
+        default_factory=VLLMEngineConfig,
+        description="The vLLM engine used when engine: vllm (ignored otherwise).",
+    )
+
+    @model_validator(mode="after")
+    def _remote_needs(self) -> ScorerConfig:
+        if self.engine != "remote":
+            return self
+        if not self.remote.url:
+            raise ValueError("scorer.engine: remote needs scorer.remote.url, e.g. http://127.0.0.1:30000")
+        if self.temperature != 1.0:
+            raise ValueError(
+                f"scorer.temperature {self.temperature}: SGLang and vLLM servers return prompt logprobs of the raw "
+                "logits (temperature 1) and a sampled-token or top-k logprob cannot be re-tempered without the "
+                "full distribution; set scorer.temperature: 1 or use scorer.engine: hf"
+            )
+        return self
