@@ -39,7 +39,7 @@ from opd.models.builds import Assets, evaluate, load_asset
 from opd.models.loading import encode_prompt
 from opd.models.sampler import sample
 from opd.protocol import Trajectory
-from teacher_scorers.backends import HFTeacher
+from teacher_scorers.backends.hf import HFTeacher
 
 # What a method needs from the teacher, and who generates the trained responses.
 ON_POLICY = "on_policy"  # student samples, teacher scores every sampled token (OPD, GKD, hybrid)
