@@ -10,7 +10,7 @@ elsewhere (BENCHMARKS.md).
 
 What is the product's code here (nothing is re-implemented):
 - sampling: `actors.engines.hf.HFEngine.sample` (the HF actor's sampler, behaviour logprobs at the sampling T),
-- scoring: `teacher_scorers.backends.HFTeacher.score` (teacher logprob of each sampled token, and top-k),
+- scoring: `teacher_scorers.backends.hf.HFTeacher.score` (teacher logprob of each sampled token, and top-k),
 - batching: `learner.batching.collate`,
 - update: `learner.engines.torch.build_engine(model, cfg)` then `engine.step(batch)` (the learner's objective,
   correction, AdamW, lr schedule, grad clip),
@@ -39,7 +39,7 @@ from opd.models.builds import Assets, evaluate, load_asset
 from opd.models.loading import encode_prompt
 from opd.models.sampler import sample
 from opd.protocol import Trajectory
-from teacher_scorers.backends import HFTeacher
+from teacher_scorers.backends.hf import HFTeacher
 
 # What a method needs from the teacher, and who generates the trained responses.
 ON_POLICY = "on_policy"  # student samples, teacher scores every sampled token (OPD, GKD, hybrid)

@@ -1,25 +1,128 @@
 """Teacher scorer: attach teacher logprobs (sampled token and optional top-k) to trajectories, by token id.
 
 A rollout is acknowledged only after its scored copy is published, so one that was taken but not finished is
-still pending in the broker rather than lost.
+still pending in the broker rather than lost. The retry policy lives here, not in the backends: a backend says
+whether a failure may heal (`TeacherError.retryable`), and the scorer decides how often to ask again, how long
+to wait, and whether a trajectory it gives up on is left for the broker to redeliver or dead-lettered.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 from broker import Message, connect, publish_with_backpressure
-from opd.config import Config
+from opd.config import Config, RemoteTeacherConfig
 from opd.models.builds import ensure_assets
 from opd.protocol import ProtocolError, Streams, Trajectory, decode, encode, unpack_control
 from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
 from opd.runtime.service_time import pad_to_service_time
-from teacher_scorers.backends import LOGPROB_FLOOR, build_teacher, length_buckets
+from teacher_scorers.backends import PartlyScored, TeacherError, build_teacher
+from teacher_scorers.backends.common import length_buckets
 
-__all__ = ["LOGPROB_FLOOR", "Scorer", "length_buckets", "main"]  # length_buckets now lives in backends
+# length_buckets is re-exported for tests/test_sampling.py
+__all__ = ["RetryPolicy", "Scorer", "length_buckets", "main", "score_with_retries"]
 # Chaos hook for the test suite and drills: the teacher raises on trajectories with this prompt_id.
 CHAOS_RAISE_ENV = "OPD_CHAOS_TEACHER_RAISE"
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a retryable teacher failure is asked again: `retries` more attempts, the
+    first after `backoff_s`, doubling up to `max_backoff_s`, each delay jittered by +-20% so that scorers that
+    failed together do not come back together. Only server teachers report retryable failures, so the numbers
+    are `scorer.remote`'s."""
+
+    retries: int
+    backoff_s: float
+    max_backoff_s: float = 30.0
+
+    @classmethod
+    def from_config(cls, rc: RemoteTeacherConfig) -> RetryPolicy:
+        return cls(retries=rc.retries, backoff_s=rc.backoff_s)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt` (1-based)."""
+        return min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s) * random.uniform(0.8, 1.2)
+
+    def call(self, fn: Callable[[], _T], sleep: Callable[[float], None] = time.sleep) -> _T:
+        """fn(), asked again while it raises a retryable TeacherError (a teacher server still starting)."""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                sleep(self.delay(attempt))
+            try:
+                return fn()
+            except TeacherError as exc:
+                if not exc.retryable:
+                    raise
+                last = exc
+        raise TeacherError(last.where, _gave_up(last, self.retries + 1), retryable=True) from last
+
+
+def _gave_up(exc: TeacherError, attempts: int) -> str:
+    return f"failed after {attempts} attempt(s); last: {exc.reason}"
+
+
+def _retryable(exc: Exception) -> bool:
+    return isinstance(exc, TeacherError) and exc.retryable
+
+
+def _attempt(score: Callable[[list[Trajectory]], None], trajs: list[Trajectory]) -> dict[int, Exception]:
+    """Score once; the failures by position. A batch that failed as a whole is scored one by one, so that one bad
+    input cannot hold up the rest."""
+    try:
+        score(trajs)
+        return {}
+    except PartlyScored as exc:
+        return dict(exc.failures)
+    except Exception as exc:  # the teacher's failure on some input, not a reason to stop scoring
+        if len(trajs) == 1:
+            return {0: exc}
+        log.warning("teacher failed on a batch of %d (%s); scoring them one by one", len(trajs), exc)
+    failures = {}
+    for i, t in enumerate(trajs):
+        if one := _attempt(score, [t]):
+            failures[i] = one[0]
+    return failures
+
+
+def score_with_retries(
+    score: Callable[[list[Trajectory]], None],
+    trajs: list[Trajectory],
+    policy: RetryPolicy,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[int, str]:
+    """Score trajs in place with `score` (a backend's, or the scorer's own), asking again after a backoff for
+    those whose failure is retryable. Returns why each trajectory that is still unscored failed, by position;
+    the others are scored. A backend that names its failures (`PartlyScored`) is asked again only for those."""
+    failures = _attempt(score, trajs)
+    tries = dict.fromkeys(failures, 1)
+    for attempt in range(1, policy.retries + 1):
+        again = [i for i, exc in failures.items() if _retryable(exc)]
+        if not again:
+            break
+        delay = policy.delay(attempt)
+        log.warning(
+            "teacher: %d trajectories failed but may succeed later (first: %s); retry %d of %d in %.2fs",
+            len(again), failures[again[0]], attempt, policy.retries, delay,
+        )  # fmt: skip
+        sleep(delay)
+        for i in again:
+            del failures[i]
+            tries[i] += 1
+        for j, exc in _attempt(score, [trajs[i] for i in again]).items():
+            failures[again[j]] = exc
+    return {
+        i: f"{exc.where}: {_gave_up(exc, tries[i])}"
+        if tries[i] > 1 and isinstance(exc, TeacherError)
+        else str(exc)
+        for i, exc in failures.items()
+    }
 
 
 class Scorer:
@@ -27,7 +130,9 @@ class Scorer:
         self.cfg, self.stop = cfg, stop
         self.name = f"scorer-{index}"
         assets = ensure_assets(cfg, log=log.info)
-        self.teacher = build_teacher(cfg, assets)  # scorer.engine picks the backend; it checks the tokenizer
+        self.retry = RetryPolicy.from_config(cfg.scorer.remote)
+        # the config picks the backend, which checks the tokenizer; a server still starting is waited for
+        self.teacher = self.retry.call(lambda: build_teacher(cfg, assets))
         self.vocab_size = self.teacher.vocab_size
         self.teacher_id = self.teacher.teacher_id
         self.broker = connect(cfg.broker)
@@ -56,30 +161,23 @@ class Scorer:
         if self.chaos_prompt and any(t.prompt_id == self.chaos_prompt for t in trajs):
             raise RuntimeError(f"chaos: teacher fails on prompt {self.chaos_prompt} ({CHAOS_RAISE_ENV})")
         self.teacher.score(trajs)
-        now = time.time()
-        for t in trajs:
-            t.timestamps["scored"] = now
 
     def score_isolating(self, trajs: list[Trajectory], ids: list[str]) -> tuple[list[Trajectory], list[str]]:
-        """Score a batch; if the teacher raises, score one by one so that one bad input cannot hold up the rest.
+        """Score a batch, retrying what may heal (`score_with_retries`); return the scored ones and their ids.
 
         A trajectory that still fails is left unacknowledged when the broker redelivers (Redis: retried after
         broker.claim_idle_s, dead-lettered after broker.max_deliveries), and dead-lettered at once otherwise."""
-        try:
-            self.score(trajs)
-            return trajs, ids
-        except Exception as exc:  # the teacher's failure on some input, not a reason to stop scoring
-            log.warning("teacher failed on a batch of %d (%s); scoring them one by one", len(trajs), exc)
+        failures = score_with_retries(self.score, trajs, self.retry)
+        now = time.time()
         ok, ok_ids = [], []
-        for t, mid in zip(trajs, ids, strict=True):
-            try:
-                self.score([t])
-            except Exception as exc:
+        for i, (t, mid) in enumerate(zip(trajs, ids, strict=True)):
+            if i in failures:
                 self.reporter.add(score_failures=1)
-                if not getattr(self.broker, "redelivers", False):
-                    self.reporter.dead_letter(self.rollouts, mid, encode(t), f"teacher raised: {exc}")
+                if not self.broker.capabilities.redelivers:
+                    self.reporter.dead_letter(self.rollouts, mid, encode(t), f"teacher raised: {failures[i]}")
                     self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, [mid])
                 continue
+            t.timestamps["scored"] = now
             ok.append(t)
             ok_ids.append(mid)
         return ok, ok_ids
@@ -100,7 +198,7 @@ class Scorer:
         retired by `opd scale` on the zmq broker, which never redelivers, keeps waiting to hand its batch on."""
         if not self.stop():
             return False
-        if self.run_over or getattr(self.broker, "redelivers", False):
+        if self.run_over or self.broker.capabilities.redelivers:
             return True
         if self.drain_deadline is None:
             self.drain_deadline = time.monotonic() + 0.75 * self.cfg.run.shutdown_grace_s

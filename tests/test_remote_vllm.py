@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import time
 
@@ -22,7 +23,9 @@ from opd.models.builds import ensure_assets
 from opd.models.loading import encode_prompt, load_tokenizer
 from opd.models.sampler import response_logprobs, sample
 from opd.protocol import Trajectory
-from teacher_scorers.backends.remote import RemoteTeacher, RemoteTeacherError
+from teacher_scorers.backends import TeacherError, build_teacher
+from teacher_scorers.backends.openai import OpenAITeacher
+from teacher_scorers.scorer import RetryPolicy, score_with_retries
 from tests.conftest import REPO, TINY, free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -125,7 +128,8 @@ def test_vllm_server_logprobs_match_the_hf_scorer(vllm_server):
     from transformers import AutoModelForCausalLM
 
     url, cache, assets = vllm_server
-    teacher = RemoteTeacher(_cfg(url, cache, f"scorer.remote.model={SERVED}"), assets)
+    teacher = build_teacher(_cfg(url, cache, f"scorer.remote.model={SERVED}"), assets)
+    assert isinstance(teacher, OpenAITeacher)
     assert teacher.max_len == 64 and teacher.teacher_id == f"openai:{url}:{SERVED}"
     batch = _trajs(assets)
     teacher.score(batch)
@@ -139,14 +143,18 @@ def test_vllm_server_logprobs_match_the_hf_scorer(vllm_server):
         np.testing.assert_allclose(t.teacher_logprobs, lp[i].numpy(), atol=ATOL, rtol=0)
         np.testing.assert_array_equal(t.teacher_topk_ids, tk_ids[i].numpy())
         np.testing.assert_allclose(t.teacher_topk_logprobs, tk_lp[i].numpy(), atol=ATOL, rtol=0)
+        assert t.teacher_tail_logprobs is None  # a server returns only the top-k: the learner falls back
     print(f"vllm serve vs HF scorer: max abs logprob difference {worst:.2e}")
 
 
 def test_vllm_server_refusals_are_clear(vllm_server):
     url, cache, assets = vllm_server
-    with pytest.raises(RemoteTeacherError, match=rf"serves \['{SERVED}'\], not scorer.remote.model 'nope'"):
-        RemoteTeacher(_cfg(url, cache, "scorer.remote.model=nope"), assets)
+    with pytest.raises(TeacherError, match=rf"serves \['{SERVED}'\], not scorer.remote.model 'nope'"):
+        OpenAITeacher(_cfg(url, cache, "scorer.remote.model=nope"), assets)
     # more top-k than the server allows (--max-logprobs 8): vLLM's 400, not retried, with its message
-    teacher = RemoteTeacher(_cfg(url, cache, "scorer.topk=9"), assets)
-    with pytest.raises(RemoteTeacherError, match=r"HTTP 400 \(not retried\)"):
-        teacher.score(_trajs(assets)[:1])
+    cfg = _cfg(url, cache, "scorer.topk=9")
+    teacher = OpenAITeacher(cfg, assets)
+    failures = score_with_retries(
+        teacher.score, _trajs(assets)[:1], RetryPolicy.from_config(cfg.scorer.remote)
+    )
+    assert list(failures) == [0] and re.search(r"HTTP 400 \(not retried\)", failures[0])

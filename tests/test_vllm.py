@@ -110,7 +110,7 @@ def _hf_full(model, traj: Trajectory, temperature: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("temperature", [TEACHER_T, 1.0])
 def test_teacher_logprobs_match_hf(cfg, assets, teacher_engine, temperature):
-    from teacher_scorers.backends import HFTeacher
+    from teacher_scorers.backends.hf import HFTeacher
 
     # The engine was built at TEACHER_T; the T = 1 case resets the logit scale the constructor set.
     teacher_engine.llm.collective_rpc("opd_set_logit_scale", args=(1.0 / temperature,))

@@ -7,6 +7,9 @@ sampling processors (and so no temperature); for `scorer.temperature != 1` the e
 is set to 1/T through `collective_rpc`, which divides those same logits by T before the log-softmax.
 Trajectories go in length buckets under `scorer.max_tokens_per_batch`, like the HF teacher, so a batch of short
 answers is not held up behind a long one and vLLM's step budget follows ours.
+
+vLLM returns only the top-k, not the full distribution, so `teacher_tail_logprobs` stays None: the learner then
+falls back to 1 - sum(exp(top-k)) for the tail, which is exact enough unless the teacher is very confident.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from opd.models.loading import load_tokenizer
 from opd.models.vllm_support import WORKER_EXTENSION, make_llm
 from opd.protocol import Trajectory
 from opd.runtime.lifecycle import log
-from teacher_scorers.backends import attach, check_teacher_tokenizer, length_buckets
+from teacher_scorers.backends.common import attach, check_teacher_tokenizer, length_buckets
 
 
 def response_rows(
