@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from broker import Message, connect, publish_with_backpressure
+from broker import Message, publish_with_backpressure
 from opd.config import Config, RemoteTeacherConfig
 from opd.models.builds import ensure_assets
 from opd.protocol import ProtocolError, Streams, Trajectory, decode, encode, unpack_control
+from opd.runtime.broker import open_broker
 from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
 from opd.runtime.service_time import pad_to_service_time
 from teacher_scorers.backends import PartlyScored, TeacherError, build_teacher
@@ -135,8 +136,7 @@ class Scorer:
         self.teacher = self.retry.call(lambda: build_teacher(cfg, assets))
         self.vocab_size = self.teacher.vocab_size
         self.teacher_id = self.teacher.teacher_id
-        self.broker = connect(cfg.broker)
-        self.broker.stopping = stop
+        self.broker = open_broker(cfg.broker, stopping=stop)
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.scorer.metrics_every_s)
         streams = Streams(cfg.run.run_id)
         self.rollouts, self.scored, self.control = streams.rollouts, streams.scored, streams.control
