@@ -53,12 +53,13 @@ def _check_temperature(name: str, stamped: float | None, setting: str, configure
 class Contract:
     """What a scored trajectory must carry for this learner, each part named after the setting it comes from.
 
-    Temperatures are checked, not taken from the message: the learner recomputes the student's logprobs s_t at one
-    temperature (`sampling.temperature`) and re-tempers the teacher's top-k at `scorer.temperature`, for the whole
-    batch. A trajectory stamped with another temperature was produced by an actor or scorer running with another
-    config; training on it, whether at the configured temperature or at its own, would silently bias the ratio
-    exp(s - b) and the divergence for part of the batch. So it is dead-lettered with both values and the setting to
-    fix, and counted (`temperature_mismatch`), which makes the misconfigured component visible at once.
+    Temperatures are checked, not taken from the message. The learner recomputes the student's logprobs s_t at one
+    temperature (`sampling.temperature`) for the whole batch and re-tempers its top-k at `scorer.temperature`. A
+    stamp that differs means an actor or scorer runs with another config: trained at the configured temperature,
+    s and b (or the student and the teacher) would be taken at different temperatures, silently biasing the ratio
+    exp(s - b) and the divergence for part of the batch; trained at the stamped one (per-row temperatures in the
+    objective), it would pull toward another target than the run's and hide the misconfiguration. So it is
+    dead-lettered with both values and the setting to fix, and counted (`temperature_mismatch`).
     """
 
     vocab_size: int
