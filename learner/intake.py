@@ -1,0 +1,201 @@
+"""Intake: what turns the `scored` stream into a batch the learner may train on.
+
+A message is decoded and validated (`opd.protocol.decode`, then this learner's contract: temperatures, rewards,
+top-k), deduplicated by trajectory id (against the batch being assembled and against everything trained), and
+judged by its lag; a bad one is dead-lettered with its reason, a duplicate skipped, a too-stale one dropped (and
+written to `ledger/learner.dropped_stale`). Each of those is accounted for, so it is acknowledged at once: left
+pending it would count as in flight and keep paused actors waiting forever. A trajectory taken into the batch is
+acknowledged only after the optimiser step (`IntakeBatch.message_ids`), so a crash before the step leaves it in
+the broker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker import Broker
+from opd.config import Config, LearnerConfig
+from opd.protocol import ProtocolError, Streams, Trajectory, decode
+from opd.runtime.lifecycle import Reporter
+
+TEMPERATURE_TOLERANCE = 1e-6
+
+
+class TemperatureMismatch(ProtocolError):
+    """A trajectory's stamped temperature is not the one this learner is configured with (counted apart)."""
+
+
+def lag(t: Trajectory, version: int) -> int:
+    """Versions between the learner's `version` and the oldest weights that produced any token of t."""
+    oldest = (
+        int(t.token_versions.min())
+        if t.token_versions is not None and len(t.token_versions)
+        else t.policy_version
+    )
+    return version - min(oldest, t.policy_version)
+
+
+def _check_temperature(name: str, stamped: float | None, setting: str, configured: float, who: str) -> None:
+    if stamped is None:
+        raise TemperatureMismatch(
+            f"{name} missing but {setting} {configured}: {who} must state its temperature"
+        )
+    if abs(stamped - configured) > TEMPERATURE_TOLERANCE:
+        raise TemperatureMismatch(
+            f"{name} {stamped} but {setting} {configured}: {who} ran with another config"
+        )
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a scored trajectory must carry for this learner, each part named after the setting it comes from.
+
+    Temperatures are checked, not taken from the message. The learner recomputes the student's logprobs s_t at one
+    temperature (`sampling.temperature`) for the whole batch and re-tempers its top-k at `scorer.temperature`. A
+    stamp that differs means an actor or scorer runs with another config: trained at the configured temperature,
+    s and b (or the student and the teacher) would be taken at different temperatures, silently biasing the ratio
+    exp(s - b) and the divergence for part of the batch; trained at the stamped one (per-row temperatures in the
+    objective), it would pull toward another target than the run's and hide the misconfiguration. So it is
+    dead-lettered with both values and the setting to fix, and counted (`temperature_mismatch`).
+    """
+
+    vocab_size: int
+    max_bytes: int
+    sampling_temperature: float
+    scorer_temperature: float
+    reward_needed_by: str | None = None  # the loss that needs a verifier reward, if any
+    topk_needed_by: str | None = None  # the loss that needs the teacher's top-k, if any
+
+    @classmethod
+    def of(cls, cfg: Config, vocab_size: int, needs_rewards: bool, needs_topk: bool) -> Contract:
+        return cls(
+            vocab_size=vocab_size,
+            max_bytes=int(cfg.broker.max_message_mb * (1 << 20)),
+            sampling_temperature=cfg.sampling.temperature,
+            scorer_temperature=cfg.scorer.temperature,
+            reward_needed_by=cfg.learner.loss if needs_rewards else None,
+            topk_needed_by=cfg.learner.distill_loss if needs_topk else None,
+        )
+
+    def check(self, data: bytes) -> Trajectory:
+        """The trajectory in `data`, or ProtocolError (TemperatureMismatch for a temperature) with the reason."""
+        t = decode(data, vocab_size=self.vocab_size, require_scored=True, max_bytes=self.max_bytes)
+        _check_temperature(
+            "behaviour_temperature",
+            t.behaviour_temperature,
+            "sampling.temperature",
+            self.sampling_temperature,
+            "an actor",
+        )
+        _check_temperature(
+            "teacher_temperature",
+            t.teacher_temperature,
+            "scorer.temperature",
+            self.scorer_temperature,
+            "a scorer",
+        )
+        if self.reward_needed_by and t.reward is None:
+            raise ProtocolError(
+                f"reward missing: learner.loss {self.reward_needed_by} needs a verifier reward"
+            )
+        if self.topk_needed_by and t.teacher_topk_ids is None:
+            raise ProtocolError(
+                f"teacher top-k missing: learner.loss {self.topk_needed_by} needs scorer.topk > 0"
+            )
+        return t
+
+
+@dataclass
+class IntakeBatch:
+    """Trajectories taken for one step, their broker ids (acknowledged after the step) and raw payloads (the
+    replay log keeps these, so a resume re-trains exactly what was trained)."""
+
+    trajectories: list[Trajectory] = field(default_factory=list)
+    message_ids: list[str] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)
+    _ids: set[str] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def add(self, t: Trajectory, message_id: str, payload: bytes) -> None:
+        self.trajectories.append(t)
+        self.message_ids.append(message_id)
+        self.payloads.append(payload)
+        self._ids.add(t.id)
+
+    def holds(self, trajectory_id: str) -> bool:
+        return trajectory_id in self._ids
+
+
+class Intake:
+    """Consumes `scored` for the learner; see the module docstring for what happens to each message."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        reporter: Reporter,
+        streams: Streams,
+        contract: Contract,
+        cfg: LearnerConfig,
+        trained: Container[str],
+        stale_ledger: Path,
+        stop: Callable[[], bool],
+    ):
+        self.broker, self.reporter, self.contract, self.cfg = broker, reporter, contract, cfg
+        self.stream = streams.scored
+        self.trained, self.stale_ledger, self.stop = trained, stale_ledger, stop
+        stale_ledger.parent.mkdir(parents=True, exist_ok=True)
+
+    def next_batch(self, version: int, while_waiting: Callable[[], None] = lambda: None) -> IntakeBatch:
+        """Block until learner.batch_size trajectories fit to train at weight `version` (or a stop: then the batch
+        may be partial). `while_waiting` runs before each poll (the weight publisher's catch-up)."""
+        want, batch = self.cfg.batch_size, IntakeBatch()
+        last_data = time.monotonic()
+        while len(batch) < want and not self.stop():
+            while_waiting()
+            msgs = self.broker.consume(
+                self.stream, Streams.LEARNER_GROUP, Streams.LEARNER_GROUP, want - len(batch), 1.0
+            )
+            if msgs:
+                last_data = time.monotonic()
+            elif time.monotonic() - last_data > self.cfg.batch_timeout_s:
+                raise RuntimeError(
+                    f"no scored trajectories for {self.cfg.batch_timeout_s:.0f}s (learner.batch_timeout_s)"
+                )
+            settled = []  # dead-lettered, duplicate or too stale: accounted for, so acknowledged now
+            for m in msgs:
+                if m.id in batch.message_ids:  # redelivered while held here: acknowledged after the step
+                    self.reporter.add(duplicates_skipped=1)
+                elif not self._take(m.id, m.data, version, batch):
+                    settled.append(m.id)
+            if settled:
+                self.broker.ack(self.stream, Streams.LEARNER_GROUP, settled)
+        return batch
+
+    def ack(self, batch: IntakeBatch) -> None:
+        """After the optimiser step (and the replay log): the broker may forget these now."""
+        self.broker.ack(self.stream, Streams.LEARNER_GROUP, batch.message_ids)
+
+    def _take(self, message_id: str, data: bytes, version: int, batch: IntakeBatch) -> bool:
+        """Add the message to `batch` (True) or account for it at once (False)."""
+        try:
+            t = self.contract.check(data)
+        except ProtocolError as exc:
+            if isinstance(exc, TemperatureMismatch):
+                self.reporter.add(temperature_mismatch=1)
+            self.reporter.dead_letter(self.stream, message_id, data, str(exc))
+            return False
+        if t.id in self.trained or batch.holds(t.id):
+            self.reporter.add(duplicates_skipped=1)
+            return False
+        if lag(t, version) > self.cfg.max_staleness:
+            self.reporter.add(dropped_stale=1)
+            with open(self.stale_ledger, "a") as fh:
+                fh.write(f"{t.id}\n")
+            return False
+        batch.add(t, message_id, data)
+        return True

@@ -1,0 +1,213 @@
+"""The learner's state and the files that hold it: checkpoints, the replay log, the trained-ids ledger, the final
+student and the learner's summary.
+
+`Progress` is everything a resume must restore besides the model and the optimiser (step, weight version, the
+trained ids in order, histories, counters); `RunFiles` writes and reads it under the run directory. The formats
+are the ones `learner/checkpoint.py` documents, plus `trained_ids.txt` (one id a line, in training order: the
+run's exactly-once record that the chaos tests count) and `learner_summary.json` (the launcher merges it into
+summary.json).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.checkpoint import CheckpointStore, read_state, write_state
+from opd.config import LearnerConfig
+
+KL_WINDOW = 5  # reverse_kl_first/last are means over this many steps, so one noisy batch does not decide
+# Reporter counters a checkpoint keeps, so a resumed run's totals continue rather than restart at zero.
+COUNTERS_KEPT = (
+    "dropped_stale",
+    "duplicates_skipped",
+    "dead_lettered",
+    "temperature_mismatch",
+    "trajectories_trained",
+    "tokens_trained",
+)
+
+
+@dataclass
+class Student:
+    """The model being trained, its tokenizer and the engine that owns its parameters and optimiser.
+    `vocab_size` is read before the engine may shard the embedding (ZeRO-3)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    engine: Any  # learner.engines.base.Engine
+    vocab_size: int
+
+
+class TrainedLedger:
+    """Every trajectory id trained, in training order (the exactly-once record) and as a set (for dedupe)."""
+
+    def __init__(self, ordered: Iterable[str] = ()):
+        self.ordered: list[str] = list(ordered)
+        self._ids = set(self.ordered)
+
+    def __contains__(self, trajectory_id: object) -> bool:
+        return trajectory_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self.ordered)
+
+    def extend(self, ids: Iterable[str]) -> None:
+        for i in ids:
+            self.ordered.append(i)
+            self._ids.add(i)
+
+
+@dataclass
+class Progress:
+    """What the loop advances and a checkpoint keeps. `version` is the weight version the actors were (or are
+    being) sent; lag is measured against it."""
+
+    max_staleness: int
+    step: int = 0
+    version: int = 0
+    trained: TrainedLedger = field(default_factory=TrainedLedger)
+    kl_history: list[float] = field(default_factory=list)
+    lag_histogram: list[int] = field(default_factory=list)
+    max_policy_version: int = -1
+    counters: dict[str, float] = field(
+        default_factory=dict
+    )  # restored ones only; the Reporter owns live ones
+    resumed_from: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lag_histogram:
+            self.lag_histogram = [0] * (self.max_staleness + 1)
+
+    def record(self, ids: list[str], lags: list[int], policy_versions: list[int], reverse_kl: float) -> None:
+        """Account for one trained batch."""
+        for lag in lags:
+            self.lag_histogram[max(lag, 0)] += 1
+        self.max_policy_version = max(self.max_policy_version, *policy_versions)
+        self.trained.extend(ids)
+        self.kl_history.append(reverse_kl)
+
+    def to_json(self, counters: dict[str, float]) -> dict:
+        return {
+            "step": self.step,
+            "version": self.version,
+            "trained_log": self.trained.ordered,
+            "kl_history": self.kl_history,
+            "lag_histogram": self.lag_histogram,
+            "max_policy_version": self.max_policy_version,
+            "counters": {k: v for k, v in counters.items() if k in COUNTERS_KEPT},
+        }
+
+    @classmethod
+    def from_json(cls, st: dict, max_staleness: int, resumed_from: str) -> Progress:
+        return cls(
+            max_staleness=max_staleness,
+            step=st["step"],
+            version=st["version"],
+            trained=TrainedLedger(st["trained_log"]),
+            kl_history=st["kl_history"],
+            lag_histogram=st["lag_histogram"],
+            max_policy_version=st["max_policy_version"],
+            counters=dict(st["counters"]),
+            resumed_from=resumed_from,
+        )
+
+
+class RunFiles:
+    """The learner's files under the run directory: checkpoints, replay log, ledger, final student, summary."""
+
+    def __init__(self, out_dir: Path, cfg: LearnerConfig):
+        self.out_dir, self.device = out_dir, cfg.device
+        self.checkpoints = CheckpointStore(out_dir, cfg.keep_checkpoints)
+        self.ledger = out_dir / "ledger"
+        self.ledger.mkdir(parents=True, exist_ok=True)
+
+    # --------------------------------------------------------------------------- checkpoints
+    def latest(self) -> Path | None:
+        return self.checkpoints.latest()
+
+    def load_weights(self, model: torch.nn.Module, checkpoint: Path) -> None:
+        """The checkpoint's student weights into `model`, before an engine takes over its parameters."""
+        from safetensors.torch import load_file
+
+        path, state = checkpoint / "model", {}
+        for f in sorted(path.glob("*.safetensors")):
+            state.update(load_file(f, device=str(self.device)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:  # a tied lm_head is saved once
+            raise RuntimeError(
+                f"checkpoint {path} does not fit the student: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+
+    def restore(self, checkpoint: Path, engine, max_staleness: int) -> Progress:
+        """The optimiser into `engine`, the torch RNG into this process, and the progress to continue from."""
+        engine.load_state(checkpoint / "engine")
+        return Progress.from_json(read_state(checkpoint), max_staleness, checkpoint.name)
+
+    def save_checkpoint(self, progress: Progress, counters: dict[str, float], student: Student) -> Path:
+        state = progress.to_json(counters)
+
+        def write(tmp: Path) -> None:
+            with student.engine.gathered():
+                student.model.save_pretrained(tmp / "model", safe_serialization=True)
+            student.tokenizer.save_pretrained(tmp / "model")
+            student.engine.save_state(tmp / "engine")
+            write_state(tmp, state)
+
+        return self.checkpoints.save(progress.step, write)
+
+    # ---------------------------------------------------------------------------- replay log
+    def log_step(self, step: int, payloads: list[bytes]) -> None:
+        self.checkpoints.log_step(step, payloads)
+
+    def replay_after(self, step: int) -> list[tuple[int, list[bytes]]]:
+        return self.checkpoints.replay_after(step)
+
+    # ---------------------------------------------------------------------------- the end
+    def save_final(self, progress: Progress, student: Student) -> Path:
+        """trained_ids.txt and the final student (HF format), which replaces an earlier incarnation's."""
+        (self.out_dir / "trained_ids.txt").write_text("".join(i + "\n" for i in progress.trained.ordered))
+        final = self.out_dir / "student"
+        tmp = self.out_dir / ".student.tmp"
+        with student.engine.gathered():
+            student.model.save_pretrained(tmp, safe_serialization=True)
+        student.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)  # a resumed run replaces the earlier final student
+        tmp.rename(final)
+        return final
+
+    def write_summary(self, summary: dict) -> None:
+        (self.out_dir / "learner_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def summary(
+    progress: Progress, engine, cfg: LearnerConfig, counters: dict[str, float], stopped_by: str
+) -> dict:
+    """learner_summary.json: the launcher spreads these fields into the run's summary.json."""
+    kl = progress.kl_history
+    w = min(KL_WINDOW, max(1, len(kl) // 2))
+    return {
+        "learner_steps": progress.step,
+        "weight_version": progress.version,
+        "trajectories_trained": len(progress.trained),
+        "resumed_from": progress.resumed_from,
+        "max_policy_version_trained": progress.max_policy_version,
+        "reverse_kl_first": sum(kl[:w]) / w if kl else None,
+        "reverse_kl_last": sum(kl[-w:]) / w if kl else None,
+        "skipped_steps": engine.skipped_steps,
+        "optimizer_steps": engine.optimizer_steps,
+        "dropped_stale": int(counters.get("dropped_stale", 0)),
+        "lag_histogram": progress.lag_histogram,
+        "loss": cfg.loss,
+        "correction": cfg.correction.mode,
+        "engine": cfg.engine,
+        "dead_lettered": int(counters.get("dead_lettered", 0)),
+        "temperature_mismatch": int(counters.get("temperature_mismatch", 0)),
+        "stopped_by": stopped_by,
+    }
