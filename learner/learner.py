@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from broker import BrokerUnavailable, connect
+from broker import BrokerUnavailable
 from learner.batching import collate
 from learner.engines import build_engine
 from learner.intake import Contract, Intake, lag
@@ -26,6 +26,7 @@ from opd import tasks
 from opd.config import Config
 from opd.models.builds import ensure_assets, evaluate, load_asset
 from opd.protocol import Streams, Trajectory, decode, stop_record
+from opd.runtime.broker import open_broker
 from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
 from opd.runtime.service_time import pad_to_service_time
 from opd.runtime.tracking import StepTracker
@@ -52,8 +53,7 @@ class Learner:
         self.files = RunFiles(Path(cfg.run.output_dir), cfg.learner)
         checkpoint = self.files.latest() if resume else None
         self.student, layout = load_student(cfg, self.files, checkpoint)
-        self.broker = connect(cfg.broker)
-        self.broker.stopping = stop
+        self.broker = open_broker(cfg.broker, stopping=stop)
         self.reporter = Reporter(self.broker, cfg, "learner", 0.0)
         self.tracker = StepTracker(cfg)  # wandb / TensorBoard, when metrics.* enables them
         self.progress = self._restore(checkpoint)
