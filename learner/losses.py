@@ -432,11 +432,12 @@ class LossSpec:
     composes_distill: bool = False  # its distillation term is the one `learner.hybrid.distill` names
 
 
-def _policy_gradient(x: TokenInputs, cfg: LossSettings) -> list[Part]:
+def pg_per_token(x: TokenInputs, cfg: LossSettings) -> list[Part]:
+    """Policy gradient on the whole-batch advantage `x.advantages` under the configured correction."""
     return [Part("", 1.0, policy_loss(x.s, x.b, x.advantages, x.mask, cfg.correction, x.proximal))]
 
 
-def _divergence(fn: Callable[[TokenInputs, LossSettings], torch.Tensor]) -> PerToken:
+def divergence_per_token(fn: Callable[[TokenInputs, LossSettings], torch.Tensor]) -> PerToken:
     """A top-k divergence as a per-token loss, weighted by tis or masked by mask. Under ppo_clip/decoupled (hybrid
     only: the config refuses them for a divergence alone) the clip belongs to the RL term and this one is plain."""
 
@@ -475,7 +476,7 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec(
             "reverse_kl_pg",
             "policy gradient on A_t = -(b_t - q_t), optionally discounted (gamma) and whitened",
-            _policy_gradient,
+            pg_per_token,
             advantage=lambda b, q, mask, task, cfg: distill_advantage(b, q, mask, cfg.gamma, cfg.whiten),
             takes_ratio=True,
             distill_term=True,
@@ -483,7 +484,7 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec(
             "opd_penalty",
             "policy gradient on A_t = A^task - lambda (b_t - q_t): distillation as a penalty on RL",
-            _policy_gradient,
+            pg_per_token,
             advantage=lambda b, q, mask, task, cfg: opd_penalty_advantage(task, b, q, mask, cfg.opd_lambda),
             needs_rewards=True,
             takes_ratio=True,
@@ -491,21 +492,21 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec(
             "topk_forward_kl",
             "KL(teacher || student) over the teacher's top-k plus a tail bucket (mode-covering)",
-            _divergence(lambda x, cfg: topk_forward_kl(*_topk_args(x, cfg), x.teacher_tail)),
+            divergence_per_token(lambda x, cfg: topk_forward_kl(*_topk_args(x, cfg), x.teacher_tail)),
             needs_topk=True,
             distill_term=True,
         ),
         LossSpec(
             "topk_reverse_kl",
             "KL(student || teacher) over the teacher's top-k plus a tail bucket (mode-seeking)",
-            _divergence(lambda x, cfg: topk_reverse_kl(*_topk_args(x, cfg), x.teacher_tail)),
+            divergence_per_token(lambda x, cfg: topk_reverse_kl(*_topk_args(x, cfg), x.teacher_tail)),
             needs_topk=True,
             distill_term=True,
         ),
         LossSpec(
             "gkd_jsd",
             "generalised Jensen-Shannon divergence (jsd_beta) over the teacher's top-k plus a tail bucket",
-            _divergence(
+            divergence_per_token(
                 lambda x, cfg: gkd_jsd(
                     x.logits,
                     x.topk_ids,
