@@ -27,6 +27,9 @@ class Batch:
     rewards: torch.Tensor | None = None  # (B,) verifier reward
     topk_ids: torch.Tensor | None = None  # (B, T, k)
     topk_logprobs: torch.Tensor | None = None  # (B, T, k)
+    # (B, T) log of the teacher's mass outside its top-k, from the scorer's full logits; None when any trajectory
+    # lacks it (remote teachers), and the top-k losses then estimate it from the top-k (learner/losses.py).
+    teacher_tail: torch.Tensor | None = None
     # Filled by the learner before the update, over the whole consumed batch (see learner/objective.py):
     advantages: torch.Tensor | None = None  # (B, T) distillation PG advantage
     task_advantages: torch.Tensor | None = None  # (B,) GRPO / REINFORCE++ advantage of the reward
@@ -74,6 +77,8 @@ def _fill(dst: torch.Tensor, row: int, values, dtype) -> None:
 
 
 def collate(trajs: list[Trajectory], pad_id: int, device: str = "cpu") -> Batch:
+    """Right-padded tensors of the trajectories; optional fields (rewards, top-k, teacher tail) only when every
+    trajectory has them, so one batch never mixes two kinds of input to the loss."""
     B = len(trajs)
     width = max(len(t.prompt_token_ids) + len(t.response_token_ids) for t in trajs)
     resp = max(1, max(len(t.response_token_ids) for t in trajs))
@@ -85,6 +90,8 @@ def collate(trajs: list[Trajectory], pad_id: int, device: str = "cpu") -> Batch:
     mask, b, q = (torch.zeros((B, resp)) for _ in range(3))
     tk_ids = torch.zeros((B, resp, topk), dtype=torch.long) if have_topk else None
     tk_lp = torch.zeros((B, resp, topk)) if have_topk else None
+    have_tail = have_topk and all(t.teacher_tail_logprobs is not None for t in trajs)
+    tail = torch.zeros((B, resp)) if have_tail else None
     group_index: dict[str, int] = {}
     groups = torch.tensor([group_index.setdefault(t.group_id, len(group_index)) for t in trajs])
     for i, t in enumerate(trajs):
@@ -100,11 +107,14 @@ def collate(trajs: list[Trajectory], pad_id: int, device: str = "cpu") -> Batch:
         if have_topk:
             _fill(tk_ids, i, t.teacher_topk_ids, torch.long)
             _fill(tk_lp, i, t.teacher_topk_logprobs, torch.float32)
+        if have_tail:
+            _fill(tail, i, t.teacher_tail_logprobs, torch.float32)
     lengths = attn.sum(-1)
     rewards = (
         torch.tensor([float(t.reward) for t in trajs]) if all(t.reward is not None for t in trajs) else None
     )
-    return Batch(ids, attn, pos, tgt, mask, b, q, lengths, groups, rewards, tk_ids, tk_lp).to(device)
+    batch = Batch(ids, attn, pos, tgt, mask, b, q, lengths, groups, rewards, tk_ids, tk_lp, tail)
+    return batch.to(device)
 
 
 def pack_by_length(lengths: list[int], max_rows: int = 0, max_tokens: int = 0) -> list[list[int]]:

@@ -8,16 +8,28 @@ The functions are layered so that the learner can split a batch into micro-batch
 of the whole batch: advantages and normalisers are computed once over the full batch (they do not depend on the
 parameters), and each micro-batch's aggregated loss is divided by the full batch's counts, so the micro-batch
 losses add up to the full-batch loss exactly.
+
+`LOSSES` at the bottom is the one registry of loss names: each `LossSpec` says what the loss needs from the
+messages (rewards, top-k), whether the ratio-clipping corrections apply to it, and its per-token function.
+`learner.objective` dispatches through it and `config_errors` checks a config against it; adding a loss is one
+function here and one entry there.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-LOGPROB_FLOOR = -1e4  # stands in for log 0 (a -inf teacher logprob), so 0 * log 0 never becomes NaN
+from opd.protocol import LOGPROB_FLOOR  # stands in for log 0 (a -inf teacher logprob): 0 * log 0 never NaN
+
+# The teacher's tail mass when the scorer did not send it (remote teachers): 1 - sum(exp(top-k)) from float32
+# logprobs carries an error of order k x 6e-8, so a smaller tail cannot be told from 0. Flooring the *mass* here
+# bounds a confident teacher's reverse-KL tail term at s_tail (log s_tail + 13.8) per token, where a log-floor
+# of LOGPROB_FLOOR made it s_tail x 1e4 (issue 13, defect 1).
+TAIL_MASS_FLOOR = 1e-6
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_sum")
 CORRECTIONS = ("none", "tis", "ppo_clip", "decoupled", "mask")
 
@@ -241,14 +253,25 @@ def divergence_weights(
 
 
 # ----------------------------------------------------------------------------------- top-k distributions
-def teacher_buckets(topk_logprobs: torch.Tensor, with_tail: bool) -> torch.Tensor:
-    """Teacher log-probs over its top-k plus a tail bucket log(1 - sum exp topk): (B, T, k[+1])."""
+def teacher_tail(topk_logprobs: torch.Tensor, tail_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+    """log of the teacher's mass outside its top-k, (B, T).
+
+    The scorer's own value (from its full logits) when sent; otherwise log max(1 - sum exp topk, TAIL_MASS_FLOOR),
+    summed in float64 so the learner's compute dtype adds no error to the float32 wire values."""
+    if tail_logprobs is not None:
+        return floor_logprobs(tail_logprobs.to(topk_logprobs.dtype))
+    mass = 1.0 - floor_logprobs(topk_logprobs).double().exp().sum(-1)
+    return torch.log(mass.clamp(min=TAIL_MASS_FLOOR)).to(topk_logprobs.dtype)
+
+
+def teacher_buckets(
+    topk_logprobs: torch.Tensor, with_tail: bool, tail_logprobs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Teacher log-probs over its top-k plus a tail bucket (see teacher_tail): (B, T, k[+1])."""
     lt = floor_logprobs(topk_logprobs)
     if not with_tail:
         return lt
-    tail = (1.0 - lt.exp().sum(-1)).clamp(min=0.0)
-    log_tail = torch.log(tail).clamp(min=LOGPROB_FLOOR)
-    return torch.cat([lt, log_tail.unsqueeze(-1)], dim=-1)
+    return torch.cat([lt, teacher_tail(topk_logprobs, tail_logprobs).unsqueeze(-1)], dim=-1)
 
 
 def student_buckets(
@@ -270,29 +293,41 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def bucket_pair(
-    logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    temperature: float,
+    tail_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(student, teacher) log-probs over the same k+1 buckets; no tail bucket when k covers the vocabulary."""
     with_tail = topk_ids.shape[-1] < logits.shape[-1]
     return (
         student_buckets(logits, topk_ids, temperature, with_tail),
-        teacher_buckets(topk_logprobs, with_tail),
+        teacher_buckets(topk_logprobs, with_tail, tail_logprobs),
     )
 
 
 def topk_forward_kl(
-    logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float = 1.0
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    temperature: float = 1.0,
+    tail_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token KL(teacher || student) over the teacher's top-k plus tail: mode-covering, (B, T)."""
-    ls, lt = bucket_pair(logits, topk_ids, topk_logprobs, temperature)
+    ls, lt = bucket_pair(logits, topk_ids, topk_logprobs, temperature, tail_logprobs)
     return _kl(lt, ls)
 
 
 def topk_reverse_kl(
-    logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float = 1.0
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    temperature: float = 1.0,
+    tail_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token KL(student || teacher) over the teacher's top-k plus tail: mode-seeking, (B, T)."""
-    ls, lt = bucket_pair(logits, topk_ids, topk_logprobs, temperature)
+    ls, lt = bucket_pair(logits, topk_ids, topk_logprobs, temperature, tail_logprobs)
     return _kl(ls, lt)
 
 
@@ -313,70 +348,234 @@ def gkd_jsd(
     topk_logprobs: torch.Tensor,
     beta: float = 0.5,
     temperature: float = 1.0,
+    tail_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token generalised Jensen-Shannon divergence over the teacher's top-k plus tail, (B, T)."""
-    ls, lt = bucket_pair(logits, topk_ids, topk_logprobs, temperature)
+    ls, lt = bucket_pair(logits, topk_ids, topk_logprobs, temperature, tail_logprobs)
     return jsd_from_logprobs(ls, lt, beta)
 
 
-# ------------------------------------------------------------------------------------ whole-batch forms
+# ------------------------------------------------------------------------------------------- task reward
+TASK_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "grpo": grpo_advantage,  # (rewards (B,), groups (B,)) -> (B,)
+    "reinforce_pp": lambda rewards, groups: reinforce_pp_advantage(rewards),
+}
+
+
+# -------------------------------------------------------------------------------------------- registry
+RATIO_MODES = ("ppo_clip", "decoupled")  # corrections that clip a policy-gradient ratio
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What the registered functions read from the config: the learner section plus the two temperatures."""
+
+    correction: Correction = Correction()
+    gamma: float = 0.0
+    whiten: bool = False
+    opd_lambda: float = 1.0
+    jsd_beta: float = 0.5
+    teacher_temperature: float = 1.0
+    hybrid_distill: str = "reverse_kl_pg"
+    rl_weight: float = 1.0
+    distill_weight: float = 1.0
+
+
 @dataclass
-class LossOutput:
-    loss: torch.Tensor  # scalar to backpropagate
-    reverse_kl: torch.Tensor  # detached token-mean of b_t - q_t: a sample estimate of KL(student || teacher)
-    importance_weight: torch.Tensor  # detached token-mean of the weight applied
-    clip_fraction: torch.Tensor  # detached share of tokens where a cap or clip was active
-    masked_fraction: torch.Tensor  # detached share of tokens dropped by `mask`
+class TokenInputs:
+    """One micro-batch as the per-token functions see it, all in the learner's compute dtype."""
+
+    s: torch.Tensor  # (B, T) log pi_theta of the sampled tokens at the sampling temperature, differentiable
+    b: torch.Tensor  # (B, T) behaviour logprobs
+    q: torch.Tensor  # (B, T) teacher logprobs of the sampled tokens
+    mask: torch.Tensor  # (B, T)
+    logits: torch.Tensor  # (B, T, V) the student's logit rows, differentiable
+    advantages: torch.Tensor | None = None  # (B, T) from LossSpec.advantage over the whole batch
+    task_advantages: torch.Tensor | None = None  # (B,) from TASK_ESTIMATORS over the whole batch
+    proximal: torch.Tensor | None = None  # (B, T) for correction decoupled
+    topk_ids: torch.Tensor | None = None  # (B, T, k)
+    topk_logprobs: torch.Tensor | None = None  # (B, T, k)
+    teacher_tail: torch.Tensor | None = None  # (B, T) log tail mass from the scorer, when it sent one
 
 
-def _output(loss, terms: PolicyTerms, b, q, mask) -> LossOutput:
-    return LossOutput(
-        loss=loss,
-        reverse_kl=masked_mean(b - floor_logprobs(q), mask).detach(),
-        importance_weight=masked_mean(terms.weight, mask).detach(),
-        clip_fraction=masked_mean(terms.clipped, mask).detach(),
-        masked_fraction=masked_mean(1 - terms.kept, mask).detach(),
+@dataclass
+class Part:
+    """One term of a loss: `scale` x aggregate(terms.per_token). `name` prefixes its metrics ("" for a loss of
+    one term; "rl" and "distill" in hybrid)."""
+
+    name: str
+    scale: float
+    terms: PolicyTerms
+
+
+PerToken = Callable[[TokenInputs, LossSettings], list[Part]]
+# Whole-batch advantage (detached): (b, q, mask, task_advantages or None, settings) -> (B, T) or None.
+Advantage = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, LossSettings], torch.Tensor
+]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss. `takes_ratio`: its per-token loss is a policy gradient, so the ratio-clipping corrections
+    (ppo_clip, decoupled) apply; the divergence losses accept none, tis and mask only. `distill_term`: it may be
+    hybrid's distillation term (`learner.hybrid.distill`)."""
+
+    name: str
+    summary: str
+    per_token: PerToken
+    advantage: Advantage | None = None
+    needs_topk: bool = False
+    needs_rewards: bool = False
+    takes_ratio: bool = False
+    distill_term: bool = False
+    composes_distill: bool = False  # its distillation term is the one `learner.hybrid.distill` names
+
+
+def pg_per_token(x: TokenInputs, cfg: LossSettings) -> list[Part]:
+    """Policy gradient on the whole-batch advantage `x.advantages` under the configured correction."""
+    return [Part("", 1.0, policy_loss(x.s, x.b, x.advantages, x.mask, cfg.correction, x.proximal))]
+
+
+def divergence_per_token(fn: Callable[[TokenInputs, LossSettings], torch.Tensor]) -> PerToken:
+    """A top-k divergence as a per-token loss, weighted by tis or masked by mask. Under ppo_clip/decoupled (hybrid
+    only: the config refuses them for a divergence alone) the clip belongs to the RL term and this one is plain."""
+
+    def per_token(x: TokenInputs, cfg: LossSettings) -> list[Part]:
+        div = fn(x, cfg)
+        c = cfg.correction
+        if c.mode in RATIO_MODES:
+            weight = kept = torch.ones_like(x.s)
+        else:
+            weight, kept = divergence_weights(x.s, x.b, x.mask, c)
+        clipped = (weight >= c.cap).to(x.s.dtype) if c.mode == "tis" else 1 - kept
+        return [Part("", 1.0, PolicyTerms(div * weight * kept, weight, clipped, kept))]
+
+    return per_token
+
+
+def _topk_args(x: TokenInputs, cfg: LossSettings) -> tuple:
+    return x.logits, x.topk_ids, x.topk_logprobs, cfg.teacher_temperature
+
+
+def _hybrid(x: TokenInputs, cfg: LossSettings) -> list[Part]:
+    task = x.task_advantages[:, None].expand_as(x.s)
+    rl = policy_loss(x.s, x.b, task, x.mask, cfg.correction, x.proximal)
+    (distill,) = LOSSES[cfg.hybrid_distill].per_token(x, cfg)
+    return [Part("rl", cfg.rl_weight, rl), Part("distill", cfg.distill_weight, distill.terms)]
+
+
+def _hybrid_advantage(b, q, mask, task, cfg: LossSettings):
+    advantage = LOSSES[cfg.hybrid_distill].advantage
+    return advantage(b, q, mask, task, cfg) if advantage is not None else None
+
+
+LOSSES: dict[str, LossSpec] = {
+    spec.name: spec
+    for spec in (
+        LossSpec(
+            "reverse_kl_pg",
+            "policy gradient on A_t = -(b_t - q_t), optionally discounted (gamma) and whitened",
+            pg_per_token,
+            advantage=lambda b, q, mask, task, cfg: distill_advantage(b, q, mask, cfg.gamma, cfg.whiten),
+            takes_ratio=True,
+            distill_term=True,
+        ),
+        LossSpec(
+            "opd_penalty",
+            "policy gradient on A_t = A^task - lambda (b_t - q_t): distillation as a penalty on RL",
+            pg_per_token,
+            advantage=lambda b, q, mask, task, cfg: opd_penalty_advantage(task, b, q, mask, cfg.opd_lambda),
+            needs_rewards=True,
+            takes_ratio=True,
+        ),
+        LossSpec(
+            "topk_forward_kl",
+            "KL(teacher || student) over the teacher's top-k plus a tail bucket (mode-covering)",
+            divergence_per_token(lambda x, cfg: topk_forward_kl(*_topk_args(x, cfg), x.teacher_tail)),
+            needs_topk=True,
+            distill_term=True,
+        ),
+        LossSpec(
+            "topk_reverse_kl",
+            "KL(student || teacher) over the teacher's top-k plus a tail bucket (mode-seeking)",
+            divergence_per_token(lambda x, cfg: topk_reverse_kl(*_topk_args(x, cfg), x.teacher_tail)),
+            needs_topk=True,
+            distill_term=True,
+        ),
+        LossSpec(
+            "gkd_jsd",
+            "generalised Jensen-Shannon divergence (jsd_beta) over the teacher's top-k plus a tail bucket",
+            divergence_per_token(
+                lambda x, cfg: gkd_jsd(
+                    x.logits,
+                    x.topk_ids,
+                    x.topk_logprobs,
+                    cfg.jsd_beta,
+                    cfg.teacher_temperature,
+                    x.teacher_tail,
+                )
+            ),
+            needs_topk=True,
+            distill_term=True,
+        ),
+        LossSpec(
+            "hybrid",
+            "rl_weight x policy gradient on A^task + distill_weight x the term hybrid.distill",
+            _hybrid,
+            advantage=_hybrid_advantage,
+            needs_rewards=True,
+            takes_ratio=True,
+            composes_distill=True,
+        ),
     )
+}
 
 
-def reverse_kl_pg(
-    s: torch.Tensor,
-    b: torch.Tensor,
-    q: torch.Tensor,
-    mask: torch.Tensor,
-    correction: Correction = Correction(),
-    aggregation: str = "token_mean",
-    gamma: float = 0.0,
-    whitened: bool = False,
-    proximal: torch.Tensor | None = None,
-    norm: Normaliser | None = None,
-) -> LossOutput:
-    """Sampled-token reverse KL as a per-token advantage A_t = -(b_t - q_t), optimised by policy gradient."""
-    mask = mask.to(s.dtype)
-    adv = distill_advantage(b, q, mask, gamma, whitened)
-    terms = policy_loss(s, b, adv, mask, correction, proximal)
-    return _output(aggregate(terms.per_token, mask, aggregation, norm), terms, b, q, mask)
+def _unknown(field: str, name: str, choices: list[str], what: str) -> str:
+    return f"{field} {name!r} is not {what}; choose one of {', '.join(choices)}"
 
 
-def opd_penalty(
-    s: torch.Tensor,
-    b: torch.Tensor,
-    q: torch.Tensor,
-    mask: torch.Tensor,
-    task_advantage: torch.Tensor,
-    lam: float = 1.0,
-    correction: Correction = Correction(),
-    aggregation: str = "token_mean",
-    proximal: torch.Tensor | None = None,
-    norm: Normaliser | None = None,
-) -> LossOutput:
-    """Distillation as an additive penalty on a task-reward advantage: A_t = A^task - lambda (b_t - q_t)."""
-    mask = mask.to(s.dtype)
-    adv = opd_penalty_advantage(task_advantage, b, q, mask, lam)
-    terms = policy_loss(s, b, adv, mask, correction, proximal)
-    return _output(aggregate(terms.per_token, mask, aggregation, norm), terms, b, q, mask)
+def loss_spec(name: str) -> LossSpec:
+    """The registered loss `name`; an unknown name raises, naming the choices."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(_unknown("learner.loss", name, list(LOSSES), "a registered loss")) from None
 
 
-def hybrid(rl_loss: torch.Tensor, distill_loss: torch.Tensor, rl_weight: float, distill_weight: float):
-    """lambda_rl * RL loss + lambda_distill * distillation loss (both already aggregated scalars)."""
-    return rl_weight * rl_loss + distill_weight * distill_loss
+def teacher_term(loss: str, hybrid_distill: str) -> LossSpec:
+    """The loss that reads the teacher: the loss itself, or hybrid's distillation term."""
+    spec = loss_spec(loss)
+    return loss_spec(hybrid_distill) if spec.composes_distill else spec
+
+
+def config_errors(cfg) -> list[tuple[str, str]]:
+    """(dotted field, message naming the fix) for every loss setting this config cannot run; [] when it can.
+
+    `cfg` is the root config, because a loss's inputs come from other sections (scorer.topk, sampling.n). The
+    messages are the ones the config gave before the registry moved here."""
+    lc = cfg.learner
+    if lc.loss not in LOSSES:
+        return [("learner.loss", _unknown("learner.loss", lc.loss, list(LOSSES), "a registered loss"))]
+    terms = [n for n, s in LOSSES.items() if s.distill_term]
+    if lc.hybrid.distill not in terms:
+        msg = _unknown("learner.hybrid.distill", lc.hybrid.distill, terms, "a distillation term")
+        return [("learner.hybrid.distill", msg)]
+    spec, term, errors = LOSSES[lc.loss], teacher_term(lc.loss, lc.hybrid.distill), []
+    if term.needs_topk and cfg.scorer.topk == 0:
+        msg = f"learner.loss {term.name} needs the teacher's top-k logprobs; set scorer.topk (e.g. 8)"
+        errors.append(("scorer.topk", msg))
+    if spec.needs_rewards and lc.task_estimator == "grpo" and cfg.sampling.n < 2:
+        msg = (
+            f"learner.loss {lc.loss} with task_estimator grpo normalises rewards within a prompt's group; "
+            "set sampling.n >= 2 or learner.task_estimator: reinforce_pp"
+        )
+        errors.append(("sampling.n", msg))
+    if not spec.takes_ratio and lc.correction.mode in RATIO_MODES:
+        msg = (
+            f"correction.mode: {lc.correction.mode} clips a policy-gradient ratio, and loss {lc.loss} has none; "
+            "use learner.correction.mode: tis, mask or none"
+        )
+        errors.append(("learner.correction.mode", msg))
+    return errors

@@ -3,6 +3,7 @@
 Split in two on purpose. `prepare` runs once over the whole consumed batch and computes everything that does
 not depend on the parameters (advantages, whitening, group-normalised rewards); `micro_loss` runs per
 micro-batch and divides by the optimiser step's full counts, so micro-batching never changes the update.
+The loss itself is looked up in the registry `learner.losses.LOSSES`; nothing here branches on its name.
 """
 
 from __future__ import annotations
@@ -13,44 +14,49 @@ import torch
 
 from learner import losses as L
 from learner.batching import Batch
-from opd.config import _LOGIT_LOSSES, _REWARD_LOSSES, Config
+from opd.config import Config
 
-SUM_KEYS = ("importance_weight", "clip_fraction", "masked_fraction", "reverse_kl")
-TOPK_KEYS = ("teacher_topk_mass", "student_topk_mass", "topk_overlap")
+EXTREMES = {"reverse_kl_seq_min": min, "reverse_kl_seq_max": max}  # every other sum is token-weighted
 
 
 class Objective:
     def __init__(self, cfg: Config):
         lc = cfg.learner
-        self.loss_name, self.distill = lc.loss, lc.distill_loss
+        self.loss_name = lc.loss
+        self.spec = L.loss_spec(lc.loss)
+        self.term = L.teacher_term(lc.loss, lc.hybrid.distill)
         c = lc.correction
         self.correction = L.Correction(c.mode, c.level, c.cap, c.clip_eps, c.clip_eps_high, c.dual_clip)
+        self.settings = L.LossSettings(
+            correction=self.correction,
+            gamma=lc.gamma,
+            whiten=lc.whiten,
+            opd_lambda=lc.opd_lambda,
+            jsd_beta=lc.jsd_beta,
+            teacher_temperature=cfg.scorer.temperature,
+            hybrid_distill=lc.hybrid.distill,
+            rl_weight=lc.hybrid.rl_weight,
+            distill_weight=lc.hybrid.distill_weight,
+        )
         self.aggregation = lc.aggregation
         self.constant = float(lc.aggregation_constant or cfg.sampling.max_new_tokens)
-        self.gamma, self.whiten, self.lam, self.beta = lc.gamma, lc.whiten, lc.opd_lambda, lc.jsd_beta
-        self.estimator, self.hybrid = lc.task_estimator, lc.hybrid
+        self.task_advantage = L.TASK_ESTIMATORS[lc.task_estimator]
         self.sample_temperature = cfg.sampling.temperature
         self.teacher_temperature = cfg.scorer.temperature
-        self.topk = cfg.scorer.topk
-        self.needs_rewards = lc.loss in _REWARD_LOSSES
+        self.needs_rewards = self.spec.needs_rewards
         self.needs_proximal = c.mode == "decoupled"
-        self.logit_loss = self.distill in _LOGIT_LOSSES
+        self.logit_loss = self.term.needs_topk  # the learner refuses trajectories without top-k then
 
     # ------------------------------------------------------------------------------- whole batch
     def prepare(self, batch: Batch) -> Batch:
         """Advantages over the whole consumed batch (detached): whitening and reward normalisation see it all."""
-        adv = task = None
-        if self.distill == "reverse_kl_pg":
-            adv = L.distill_advantage(batch.behaviour, batch.teacher, batch.mask, self.gamma, self.whiten)
+        task = adv = None
         if self.needs_rewards:
             if batch.rewards is None:
                 raise ValueError(f"loss {self.loss_name} needs a verifier reward on every trajectory")
-            if self.estimator == "grpo":
-                task = L.grpo_advantage(batch.rewards, batch.groups)
-            else:
-                task = L.reinforce_pp_advantage(batch.rewards)
-        if self.loss_name == "opd_penalty":
-            adv = L.opd_penalty_advantage(task, batch.behaviour, batch.teacher, batch.mask, self.lam)
+            task = self.task_advantage(batch.rewards, batch.groups)
+        if self.spec.advantage is not None:
+            adv = self.spec.advantage(batch.behaviour, batch.teacher, batch.mask, task, self.settings)
         return replace(batch, advantages=adv, task_advantages=task)
 
     def normaliser(self, step_rows: Batch) -> L.Normaliser:
@@ -63,60 +69,47 @@ class Objective:
         logp = torch.log_softmax(rows / self.sample_temperature, dim=-1)
         return logp.gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1)
 
+    def inputs(self, rows: torch.Tensor, mb: Batch) -> L.TokenInputs:
+        """The micro-batch in the compute dtype (at least fp32, like s)."""
+        s = self.token_logprobs(rows, mb)
+
+        def cast(x):
+            return None if x is None else x.to(s.dtype)
+
+        return L.TokenInputs(
+            s=s,
+            b=mb.behaviour.to(s.dtype),
+            q=mb.teacher.to(s.dtype),
+            mask=mb.mask.to(s.dtype),
+            logits=rows.to(s.dtype),
+            advantages=cast(mb.advantages),
+            task_advantages=cast(mb.task_advantages),
+            proximal=cast(mb.proximal),
+            topk_ids=mb.topk_ids,
+            topk_logprobs=cast(mb.topk_logprobs),
+            teacher_tail=cast(mb.teacher_tail),
+        )
+
     def micro_loss(
         self, rows: torch.Tensor, mb: Batch, norm: L.Normaliser
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch (already divided by the step's counts) and its metric sums."""
-        mask = mb.mask.to(rows.dtype)
-        s = self.token_logprobs(rows, mb)
-        b, q = mb.behaviour.to(s.dtype), mb.teacher.to(s.dtype)
-        prox = mb.proximal.to(s.dtype) if mb.proximal is not None else None
-        if self.logit_loss:
-            per, terms = self._divergence(rows, s, b, mb, mask)
-        else:
-            terms = L.policy_loss(s, b, mb.advantages.to(s.dtype), mask, self.correction, prox)
-            per = terms.per_token
-        loss = L.aggregate(per, mask, self.aggregation, norm)
-        if self.loss_name == "hybrid":
-            task_adv = mb.task_advantages.to(s.dtype)[:, None].expand_as(s)
-            rl = L.policy_loss(s, b, task_adv, mask, self.correction, prox)
-            rl_loss = L.aggregate(rl.per_token, mask, self.aggregation, norm)
-            loss = L.hybrid(rl_loss, loss, self.hybrid.rl_weight, self.hybrid.distill_weight)
-        return loss, self._sums(rows, terms, b, q, mb, mask)
-
-    def _divergence(self, rows, s, b, mb: Batch, mask) -> tuple[torch.Tensor, L.PolicyTerms]:
-        logits = rows.to(s.dtype)  # at least fp32, like s
-        ids, lp = mb.topk_ids, mb.topk_logprobs.to(s.dtype)
-        t = self.teacher_temperature
-        if self.distill == "topk_forward_kl":
-            div = L.topk_forward_kl(logits, ids, lp, t)
-        elif self.distill == "topk_reverse_kl":
-            div = L.topk_reverse_kl(logits, ids, lp, t)
-        else:
-            div = L.gkd_jsd(logits, ids, lp, self.beta, t)
-        if self.correction.mode in (
-            "ppo_clip",
-            "decoupled",
-        ):  # only in hybrid: the clip belongs to the RL term
-            weight = kept = torch.ones_like(s)
-        else:
-            weight, kept = L.divergence_weights(s, b, mask, self.correction)
-        clipped = (weight >= self.correction.cap).to(s.dtype) if self.correction.mode == "tis" else 1 - kept
-        return div * weight * kept, L.PolicyTerms(div, weight, clipped, kept)
+        x = self.inputs(rows, mb)
+        parts = self.spec.per_token(x, self.settings)
+        loss = sum(p.scale * L.aggregate(p.terms.per_token, x.mask, self.aggregation, norm) for p in parts)
+        return loss, self._sums(rows, parts, x, mb)
 
     @torch.no_grad()
-    def _sums(self, rows, terms: L.PolicyTerms, b, q, mb: Batch, mask) -> dict[str, float]:
-        m = mask > 0
-        kl_tok = b - L.floor_logprobs(q)
-        seq_kl = (torch.where(m, kl_tok, 0).sum(-1) / mask.sum(-1).clamp(min=1))[mask.sum(-1) > 0]
+    def _sums(self, rows, parts: list[L.Part], x: L.TokenInputs, mb: Batch) -> dict[str, float]:
+        m = x.mask > 0
+        kl_tok = x.b - L.floor_logprobs(x.q)
+        seq_kl = (torch.where(m, kl_tok, 0).sum(-1) / x.mask.sum(-1).clamp(min=1))[x.mask.sum(-1) > 0]
         out = {
-            "tokens": float(mask.sum()),
-            "importance_weight": float(terms.weight[m].sum()),
-            "clip_fraction": float(terms.clipped[m].sum()),
-            "masked_fraction": float((1 - terms.kept)[m].sum()),
+            "tokens": float(x.mask.sum()),
             "reverse_kl": float(kl_tok[m].sum()),
             "reverse_kl_seq_min": float(seq_kl.min()) if len(seq_kl) else float("inf"),
             "reverse_kl_seq_max": float(seq_kl.max()) if len(seq_kl) else float("-inf"),
+            **_correction_sums(parts, m),
         }
         if mb.topk_ids is not None:
             out.update(self._topk_sums(rows, mb, m))
@@ -137,12 +130,38 @@ class Objective:
         }
 
 
+def _correction_sums(parts: list[L.Part], m: torch.Tensor) -> dict[str, float]:
+    """Sums of what the correction did, per term.
+
+    A loss of one term reports importance_weight, clip_fraction and masked_fraction. A loss of several (hybrid)
+    also reports each term under its own prefix (rl_clip_fraction, distill_clip_fraction, ...), and the
+    unprefixed names then read: the first (RL) term's weight, and the tokens that any term clipped or dropped, so
+    a clipping RL term never hides behind an unclipped distillation term."""
+    first = parts[0].terms
+    clipped = torch.stack([p.terms.clipped for p in parts]).amax(0)
+    dropped = torch.stack([1 - p.terms.kept for p in parts]).amax(0)
+    out = {
+        "importance_weight": float(first.weight[m].sum()),
+        "clip_fraction": float(clipped[m].sum()),
+        "masked_fraction": float(dropped[m].sum()),
+    }
+    for p in parts:
+        if p.name:
+            out[f"{p.name}_importance_weight"] = float(p.terms.weight[m].sum())
+            out[f"{p.name}_clip_fraction"] = float(p.terms.clipped[m].sum())
+            out[f"{p.name}_masked_fraction"] = float((1 - p.terms.kept)[m].sum())
+    return out
+
+
 def finish_metrics(sums: list[dict[str, float]]) -> dict[str, float]:
-    """Token-weighted means of the micro-batch sums."""
+    """Token-weighted means of the micro-batch sums (min/max for the per-sequence extremes)."""
     tokens = max(sum(d["tokens"] for d in sums), 1.0)
-    out = {k: sum(d[k] for d in sums) / tokens for k in SUM_KEYS}
-    out["reverse_kl_seq_min"] = min(d["reverse_kl_seq_min"] for d in sums)
-    out["reverse_kl_seq_max"] = max(d["reverse_kl_seq_max"] for d in sums)
-    if all(k in sums[0] for k in TOPK_KEYS):
-        out.update({k: sum(d[k] for d in sums) / tokens for k in TOPK_KEYS})
+    out = {}
+    for key in sums[0]:
+        if key == "tokens":
+            continue
+        if key in EXTREMES:
+            out[key] = EXTREMES[key](d[key] for d in sums)
+        else:
+            out[key] = sum(d[key] for d in sums) / tokens
     return out

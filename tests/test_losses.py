@@ -13,6 +13,7 @@ from learner.losses import Correction, Normaliser
 
 D = torch.float64
 FLOOR = -1e4
+TAIL_FLOOR = 1e-6  # the least teacher tail mass the learner assumes when the scorer sent none
 CASES = [(0, 3, 4, 6, False), (1, 4, 7, 8, False), (2, 5, 5, 11, True)]  # seed, B, T, V, last row empty
 MODES = ("token_mean", "seq_mean_token_mean", "seq_sum")
 LEVELS = ("token", "sequence")
@@ -26,7 +27,6 @@ CORRECTIONS = [
     Correction("decoupled", cap=1.5),
     Correction("decoupled", cap=1.3, clip_eps_high=0.28, dual_clip=1.5),
 ]
-FORMS = ("reverse_kl_pg", "opd_penalty")
 
 
 def close(actual, expected):
@@ -188,29 +188,6 @@ def test_aggregate_chunks_sum_to_full_batch(mode):
     close(grad(parts, x), grad(full, x))
 
 
-def run_form(form, s, b, q, p, m, task, c, mode, norm=None, gamma=0.0, whitened=False):
-    if form == "reverse_kl_pg":
-        return losses.reverse_kl_pg(
-            s, b, q, m, correction=c, aggregation=mode, gamma=gamma, whitened=whitened, proximal=p, norm=norm
-        )
-    return losses.opd_penalty(s, b, q, m, task, 0.7, correction=c, aggregation=mode, proximal=p, norm=norm)
-
-
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("c", CORRECTIONS[1:], ids=cid)
-def test_whole_batch_forms_chunk_exactly(c, mode, form):
-    """gamma = 0, not whitened: advantages are per token, so chunks with the full Normaliser add up exactly."""
-    s, b, q, p, _, m = make_batch(3, 5, 6, 9, empty_row=True)
-    c = dataclasses.replace(c, level="sequence" if c.mode != "tis" else "token")
-    task = torch.randn(5, dtype=D, generator=torch.Generator().manual_seed(3))
-    norm = Normaliser.of(m, 6.0)
-    full = run_form(form, s, b, q, p, m, task, c, mode, norm).loss
-    parts = sum(run_form(form, s[k], b[k], q[k], p[k], m[k], task[k], c, mode, norm).loss for k in CHUNKS)
-    close(parts, full)
-    close(grad(parts, s), grad(full, s))
-
-
 # ------------------------------------------------------------------------------------------- advantages
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("case", CASES)
@@ -310,53 +287,29 @@ def test_divergence_weights(mode, level):
     close(kept[m > 0], ref_kept[m > 0])
 
 
-# ------------------------------------------------------------------------------------------- whole-batch
-@pytest.mark.parametrize("mode", MODES)
+# ---------------------------------------------------------------------------------------------- guards
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("c", CORRECTIONS, ids=cid)
-@pytest.mark.parametrize("form", FORMS)
-def test_whole_batch_forms_match_reference(form, c, level, mode):
-    """loss against the reference pipeline, reverse_kl = token-mean of b - q, weight and dropped share."""
-    c = dataclasses.replace(c, level=level)
-    for (seed, B, T, V, empty), gamma, whitened in zip(
-        CASES, (0.0, 0.9, 0.5), (False, False, True), strict=True
-    ):
-        s, b, q, p, _, m = make_batch(seed, B, T, V, empty)
-        task = torch.randn(B, dtype=D, generator=torch.Generator().manual_seed(seed))
-        out = run_form(form, s, b, q, p, m, task, c, mode, Normaliser.of(m, 6.0), gamma, whitened)
-        if form == "reverse_kl_pg":
-            adv = ref_discounted(q - b, m, gamma)
-            adv = ref_whiten(adv, m) if whitened else adv
-        else:
-            adv = task[:, None] - 0.7 * (b - q)
-        ref, weight, kept = ref_policy(s, b, p, adv, m, c)
-        expected = ref_aggregate(ref, m, mode, 6.0)
-        close(out.loss, expected)
-        close(grad(out.loss, s), grad(expected, s))
-        close(out.reverse_kl, ref_aggregate(b - q, m, "token_mean"))
-        close(out.masked_fraction, ref_aggregate(1 - kept, m, "token_mean"))
-        if c.mode != "ppo_clip":
-            close(out.importance_weight, ref_aggregate(weight, m, "token_mean"))
-
-
-@pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("c", CORRECTIONS, ids=cid)
-@pytest.mark.parametrize("form", FORMS)
-def test_guards_neg_inf_teacher_and_empty_mask(form, c, level):
-    """A -inf teacher logprob gives finite loss and gradient; an all-zero mask gives 0 and zero gradient."""
+@pytest.mark.parametrize("penalty", [False, True], ids=["reverse_kl_pg", "opd_penalty"])
+def test_guards_neg_inf_teacher_and_empty_mask(penalty, c, level):
+    """A -inf teacher logprob gives a finite advantage, loss and gradient; an all-zero mask gives 0 and zero
+    gradient (the advantage functions, policy_loss and aggregate the registered losses are made of)."""
     c = dataclasses.replace(c, level=level)
     s, b, q, p, _, m = make_batch(8, 4, 6, 7, empty_row=True)
     q[0, 1] = q[1, 0] = q[2, -1] = -math.inf
     task = torch.randn(4, dtype=D, generator=torch.Generator().manual_seed(8))
-    for mode in MODES:
-        out = run_form(form, s, b, q, p, m, task, c, mode, gamma=0.9, whitened=True)
-        assert torch.isfinite(out.loss) and torch.isfinite(out.reverse_kl)
-        assert torch.isfinite(grad(out.loss, s)).all()
-        out = run_form(form, s, b, q, p, torch.zeros_like(m), task, c, mode, gamma=0.9, whitened=True)
-        assert out.loss.item() == 0.0
-        assert torch.equal(grad(out.loss, s), torch.zeros_like(s))
-        for metric in (out.reverse_kl, out.importance_weight, out.clip_fraction, out.masked_fraction):
-            assert torch.isfinite(metric)
+    for mask in (m, torch.zeros_like(m)):
+        if penalty:
+            adv = losses.opd_penalty_advantage(task, b, q, mask, 0.7)
+        else:
+            adv = losses.distill_advantage(b, q, mask, gamma=0.9, whitened=True)
+        assert torch.isfinite(adv).all()
+        for mode in MODES:
+            out = losses.aggregate(losses.policy_loss(s, b, adv, mask, c, proximal=p).per_token, mask, mode)
+            g = grad(out, s)
+            assert torch.isfinite(out) and torch.isfinite(g).all()
+            if not mask.any():
+                assert out.item() == 0.0 and torch.equal(g, torch.zeros_like(s))
 
 
 # ------------------------------------------------------------------------------------------ top-k losses
@@ -374,22 +327,25 @@ def make_topk(seed, B, T, V, k, tau, same=False):
     return logits.requires_grad_(), ids, lps, teacher_logp
 
 
-def call(kind, beta, logits, ids, lps, tau):
+def call(kind, beta, logits, ids, lps, tau, tail=None):
     if kind == "jsd":
-        return losses.gkd_jsd(logits, ids, lps, beta=beta, temperature=tau)
+        return losses.gkd_jsd(logits, ids, lps, beta=beta, temperature=tau, tail_logprobs=tail)
     fn = losses.topk_forward_kl if kind == "fkl" else losses.topk_reverse_kl
-    return fn(logits, ids, lps, temperature=tau)
+    return fn(logits, ids, lps, temperature=tau, tail_logprobs=tail)
 
 
-def ref_buckets(logits, ids, lps, tau):
-    """Student (differentiable) and teacher log-probs over the k ids plus a tail bucket (none when k == V)."""
+def ref_buckets(logits, ids, lps, tau, tail=None):
+    """Student (differentiable) and teacher log-probs over the k ids plus a tail bucket (none when k == V). The
+    teacher's tail is the given log-mass, else 1 - sum of its top-k probabilities, at least TAIL_FLOOR."""
     logp = torch.log_softmax(logits / tau, -1)
     ls = [logp[j] for j in ids.tolist()]
     lt = [max(float(x), FLOOR) for x in lps]
     if len(ls) < logits.shape[-1]:
         ls.append(torch.log(1 - sum(torch.exp(x) for x in ls)))
-        tail = max(1 - sum(math.exp(x) for x in lt), 0.0)
-        lt.append(max(math.log(tail), FLOOR) if tail > 0 else FLOOR)
+        if tail is not None:
+            lt.append(max(float(tail), FLOOR))
+        else:
+            lt.append(math.log(max(1 - sum(math.exp(x) for x in lt), TAIL_FLOOR)))
     return ls, lt
 
 
@@ -406,10 +362,16 @@ def ref_divergence(kind, beta, ls, lt):
     return total
 
 
-def ref_topk(kind, beta, logits, ids, lps, tau):
+def ref_topk(kind, beta, logits, ids, lps, tau, tail=None):
     """(B, T) divergences, one token at a time."""
     B, T = logits.shape[:2]
-    at = [[ref_buckets(logits[i, t], ids[i, t], lps[i, t], tau) for t in range(T)] for i in range(B)]
+    at = [
+        [
+            ref_buckets(logits[i, t], ids[i, t], lps[i, t], tau, None if tail is None else tail[i, t])
+            for t in range(T)
+        ]
+        for i in range(B)
+    ]
     return torch.stack([torch.stack([ref_divergence(kind, beta, *x) for x in row]) for row in at])
 
 
@@ -463,7 +425,8 @@ def test_topk_with_full_vocabulary_is_the_full_divergence(kind, beta, tau):
 @pytest.mark.parametrize("k", [3, 9])
 @pytest.mark.parametrize("kind, beta", KINDS)
 def test_topk_neg_inf_teacher_and_empty_tail_are_floored(kind, beta, k):
-    """-inf teacher logprobs and a zero teacher tail act as LOGPROB_FLOOR: finite, and still the reference."""
+    """-inf teacher logprobs act as LOGPROB_FLOOR and a zero teacher tail as TAIL_FLOOR mass: finite, and still
+    the reference."""
     logits, ids, lps, _ = make_topk(11, 3, 4, 9, k, 1.0)
     lps[:, ::2, -1] = -math.inf
     lps[0, 1, 0] = -math.inf
@@ -473,3 +436,19 @@ def test_topk_neg_inf_teacher_and_empty_tail_are_floored(kind, beta, k):
     assert torch.isfinite(out).all() and torch.isfinite(g).all()
     close(out, ref)
     close(g, grad(ref.sum(), logits))
+
+
+@pytest.mark.parametrize("kind, beta", KINDS)
+def test_topk_losses_use_the_scorers_tail_when_sent(kind, beta):
+    """With the tail log-mass sent (and -inf floored like any teacher logprob) the reference uses it, not 1 - sum."""
+    logits, ids, lps, teacher_logp = make_topk(12, 3, 4, 9, 3, 1.0)
+    outside = teacher_logp.scatter(-1, ids, -math.inf)
+    tail = torch.logsumexp(outside, -1) - 0.5  # not what 1 - sum(topk) gives, so the source is visible
+    tail[0, 0] = -math.inf
+    out, ref = (
+        call(kind, beta, logits, ids, lps, 1.0, tail),
+        ref_topk(kind, beta, logits, ids, lps, 1.0, tail),
+    )
+    close(out, ref)
+    close(grad(out.sum(), logits), grad(ref.sum(), logits))
+    assert not torch.allclose(out, call(kind, beta, logits, ids, lps, 1.0))
