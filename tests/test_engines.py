@@ -143,7 +143,7 @@ def one_torch_thread():
 @pytest.mark.skipif(not _ds_available(), reason="deepspeed is not installed (pip install -e .[deepspeed])")
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_matches_the_torch_engine(stage, one_torch_thread):
-    """Same first steps as the torch engine in float32 on CPU: losses within 1e-5, weights within 1e-5.
+    """Same first steps as the torch engine in float32 on CPU: losses within 1e-5, weights within 1e-4.
 
     One intra-op thread, as the learner process runs by default (run.torch_threads: 1): with two, ZeRO-3's flat
     partitions and the torch engine's per-parameter tensors are summed in different orders, and Adam turns the
@@ -168,5 +168,8 @@ def test_deepspeed_matches_the_torch_engine(stage, one_torch_thread):
     for got, want in zip(records, ref, strict=True):
         if want["skipped_steps"] == 0 or got is records[0]:
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    # Weights within 1e-4 = 1% of one step's size (lr 1e-2): a wrong update is off by about lr, while ZeRO-3's
+    # flat-partition summation order still leaves last-bit gradient differences that Adam's normalisation
+    # grows to ~1e-5 on a rare near-zero-gradient weight (seen: 1 of 5712, 1.1e-5, with one thread too).
     with engine.gathered():
-        torch.testing.assert_close(_params(model), _params(ref_model), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_params(model), _params(ref_model), rtol=1e-5, atol=1e-4)
