@@ -32,6 +32,7 @@ COUNTER_MAP: dict[str, tuple[str, dict[str, str]]] = {
     "tokens_trained": ("tokens", {"stage": "trained"}),
     "dead_lettered": ("dead_letters", {}),
     "score_failures": ("errors", {"kind": "teacher_failure"}),
+    "temperature_mismatch": ("errors", {"kind": "temperature_mismatch"}),
     "dropped_stale": ("dropped_stale", {}),
     "duplicates_skipped": ("duplicates", {}),
     "weight_syncs": ("weight_syncs_received", {}),
