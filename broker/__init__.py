@@ -1,6 +1,46 @@
 """Transport between components: a small interface (base.py) and its implementations."""
 
-from broker.base import Broker, BrokerUnavailable, Message, publish_with_backpressure, stream_name
+from broker.base import (
+    Broker,
+    BrokerUnavailable,
+    Capabilities,
+    Message,
+    publish_with_backpressure,
+    stream_name,
+)
+
+# TEMP stub (dropped at merge): the broker helper's registry replaces this.
+_CAPABILITIES = {
+    "zmq": Capabilities(
+        needs_server=False,
+        embedded_process=True,
+        redelivers=False,
+        keeps_dead_letters=False,
+        multi_host=False,
+    ),
+    "redis": Capabilities(
+        needs_server=True, embedded_process=False, redelivers=True, keeps_dead_letters=True, multi_host=True
+    ),
+}
+
+
+def capabilities(section) -> Capabilities:
+    """TEMP stub: the capabilities of the broker type named in `broker:`."""
+    return _CAPABILITIES[section.type]
+
+
+def serve(section) -> None:
+    """TEMP stub: run the embedded broker of `broker:` in the foreground."""
+    if not capabilities(section).embedded_process:
+        raise ValueError(f"broker.type: {section.type} has no embedded broker process to start")
+    from broker.zmq import serve as serve_zmq
+
+    serve_zmq(
+        f"tcp://{section.host}:{section.port}",
+        section.max_depth,
+        section.control_maxlen,
+        int(section.max_message_mb * (1 << 20)),
+    )
 
 
 def connect(cfg) -> Broker:
@@ -35,4 +75,14 @@ def connect(cfg) -> Broker:
     raise NotImplementedError(f"broker.type {cfg.type!r}")
 
 
-__all__ = ["Broker", "BrokerUnavailable", "Message", "connect", "publish_with_backpressure", "stream_name"]
+__all__ = [
+    "Broker",
+    "BrokerUnavailable",
+    "Capabilities",
+    "Message",
+    "capabilities",
+    "connect",
+    "serve",
+    "publish_with_backpressure",
+    "stream_name",
+]

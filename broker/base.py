@@ -17,6 +17,17 @@ WORK_STREAMS = ("rollouts", "scored")
 LOG_STREAMS = ("control", "metrics", "dead_letter")
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """TEMP stub (dropped at merge): what a broker type offers, so callers branch on abilities, not on names."""
+
+    needs_server: bool
+    embedded_process: bool
+    redelivers: bool
+    keeps_dead_letters: bool
+    multi_host: bool
+
+
 class BrokerUnavailable(ConnectionError):
     """The broker did not answer in time; the caller decides whether that is fatal."""
 
