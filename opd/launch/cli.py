@@ -94,9 +94,9 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from opd.models.builds import ensure_assets
+    from opd.launch.report import build_models
 
-    ensure_assets(load_run_config(args.config, args.overrides))
+    build_models(load_run_config(args.config, args.overrides))
     return 0
 
 

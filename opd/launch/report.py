@@ -21,6 +21,11 @@ from opd.models.builds import ensure_assets, evaluate, load_asset
 from opd.models.loading import load_causal_lm, load_tokenizer
 
 
+def build_models(cfg: Config) -> None:
+    """`opd prepare`: build (or find cached) the tokenizer, teacher and student a run of `cfg` would use."""
+    ensure_assets(cfg)
+
+
 def accuracy_before(cfg: Config, log: Callable[..., None]) -> dict[str, float | None]:
     """Teacher and student accuracy on the task's held-out set, from the build's record or measured here."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
