@@ -41,34 +41,18 @@ class Launcher:
         self.broker = self.monitor = self.scaler = self.supervisor = None
 
     def run(self) -> int:
+        """setup -> start and watch -> cleanup -> report; the exit code of `opd run`."""
         spawner = open_spawner(self.launcher, self.cfg, console.print)  # first: a missing Ray fails at once
         try:
-            config_path = self._setup()
-            before = report.accuracy_before(self.cfg, console.print)
-            self.started = time.time()
-            self.supervisor = Supervisor(
-                config_path,
-                self.out,
-                spawner,
-                self.cfg.run.shutdown_grace_s,
-                self._survivable(),
-                console.print,
-            )
-            previous = signal.signal(signal.SIGINT, lambda *_: setattr(self, "interrupted", True))
-            failed = None
-            try:
-                self._start()
-                with self.monitor.progress():
-                    failed = self._watch()
-            finally:
-                self._cleanup()
-                signal.signal(signal.SIGINT, previous)
+            before = self._setup(spawner)
+            failed = self._start_and_watch()
         finally:
             spawner.close()
         return self._report(failed, before)
 
     # ------------------------------------------------------------------------------------------- setup
-    def _setup(self) -> Path:
+    def _setup(self, spawner) -> dict[str, float | None]:
+        """Run directory and config, metrics ports, accuracy before training, the supervisor."""
         config_path = prepare_run_dir(self.cfg, self.resume)
         console.print(f"[bold]opd run[/] {self.cfg.run.run_id} -> {self.out}")
         try:
@@ -78,7 +62,11 @@ class Launcher:
         if ports:  # once, so a person can point a browser or a scraper at them
             where = ", ".join(f"{n} {self.cfg.metrics.host}:{p}" for n, p in ports.items())
             console.print(f"Prometheus metrics: {where} (also in {self.out / 'metrics_ports.json'})")
-        return config_path
+        before = report.accuracy_before(self.cfg, console.print)
+        self.started = time.time()
+        grace = self.cfg.run.shutdown_grace_s
+        self.supervisor = Supervisor(config_path, self.out, spawner, grace, self._survivable(), console.print)
+        return before
 
     def _survivable(self) -> dict[str, str]:
         """Roles whose processes the run can lose while another of the role runs, and why. An actor holds no
@@ -92,6 +80,16 @@ class Launcher:
         return roles
 
     # ------------------------------------------------------------------------------------------- start
+    def _start_and_watch(self) -> Component | None:
+        previous = signal.signal(signal.SIGINT, lambda *_: setattr(self, "interrupted", True))
+        try:
+            self._start()
+            with self.monitor.progress():
+                return self._watch()
+        finally:
+            self._cleanup()
+            signal.signal(signal.SIGINT, previous)
+
     def _start(self) -> None:
         self.broker = self._start_broker() if self.caps.embedded_process else self._connect_broker()
         self.monitor = Monitor(self.cfg, self.broker, self.out, console)
