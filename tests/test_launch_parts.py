@@ -314,3 +314,30 @@ def test_a_component_by_hand_needs_what_the_broker_cannot_decide():
     assert _component_config(_parse(["actor", "--config", TINY, *redis])).run.run_id == "x"
     with pytest.raises(ConfigError, match="broker.port must be set"):
         _component_config(_parse(["scorer", "--config", TINY, "run.run_id=x"]))
+
+
+# ------------------------------------------------------------------------------------------ dead letters
+def test_dead_letter_commands_need_a_broker_that_keeps_them(capsys):
+    from opd.launch.cli import main
+
+    assert main(["dead-letter", "ls", "--config", TINY, "run.run_id=x", "broker.port=5"]) == 2
+    assert "keeps no dead letters" in capsys.readouterr().err
+
+
+def test_dead_letter_ls_and_replay_on_redis(redis_server, capsys):
+    from broker import connect
+    from opd.config import load_config
+    from opd.launch.cli import main
+    from opd.protocol import dead_letter_record
+
+    overrides = ["run.run_id=dl", "broker.type=redis", f"broker.url={redis_server.url}"]
+    client = connect(load_config(None, overrides).broker)
+    data = msgpack.packb({"id": "traj-9"})
+    client.publish("dl:dead_letter", [dead_letter_record("scorer-0", "bad", data=data, stream="dl:rollouts")])
+    assert main(["dead-letter", "ls", "--config", TINY, *overrides]) == 0
+    [listed] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (listed["from"], listed["trajectory_id"], listed["replayable"]) == ("scorer-0", "traj-9", True)
+    assert main(["dead-letter", "replay", "--config", TINY, *overrides]) == 0
+    assert "replayed 1 message(s)" in capsys.readouterr().out
+    assert [d for _, d in client.entries("dl:rollouts")] == [data] and client.entries("dl:dead_letter") == []
+    client.close()

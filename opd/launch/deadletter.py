@@ -53,7 +53,8 @@ def _records(cfg: Config):
     return broker, stream, out
 
 
-def list_dead_letters(cfg: Config, out=sys.stdout) -> int:
+def list_dead_letters(cfg: Config, out=None) -> int:
+    out = out or sys.stdout  # looked up per call: a default bound at import would outlive a redirected stdout
     _, _, records = _records(cfg)
     for entry_id, rec in records:
         shown = {
@@ -70,8 +71,9 @@ def list_dead_letters(cfg: Config, out=sys.stdout) -> int:
     return len(records)
 
 
-def replay_dead_letters(cfg: Config, entries: list[str] | None, out=sys.stdout) -> int:
+def replay_dead_letters(cfg: Config, entries: list[str] | None, out=None) -> int:
     """Re-publish the chosen records (all when `entries` is None) to their source streams."""
+    out = out or sys.stdout
     broker, stream, records = _records(cfg)
     done = 0
     for entry_id, rec in records:
