@@ -14,7 +14,10 @@ import sys
 import zlib
 from pathlib import Path
 
-from opd.config import Config, ConfigError, dump_config, load_config
+from broker import capabilities
+from opd.config import Config, ConfigError, dump_config
+from opd.launch.checks import load_run_config
+from opd.launch.rundir import resolve_run
 
 AUTO = "auto"
 
@@ -47,11 +50,9 @@ def resolve_for_cluster(cfg: Config) -> Path:
 
     Paths become absolute because jobs may start in another directory; an existing config.yaml is refused so
     that a second submission cannot silently mix two runs' streams and ledgers."""
-    from opd.launch.launcher import resolve_run
-
-    if cfg.broker.type != "redis":
+    if not capabilities(cfg.broker).multi_host:
         raise ConfigError(
-            "broker.type: components on separate jobs meet through Redis; set broker.type=redis "
+            f"broker.type: {cfg.broker.type} cannot join components on separate jobs; set broker.type=redis "
             "(the scripts do) or use `opd run` on one machine"
         )
     cfg = resolve_run(cfg)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     res.add_argument("overrides", nargs="*", help="dotted overrides, as for `opd run`")
     args = p.parse_args(argv)
     try:
-        path = resolve_for_cluster(load_config(args.config, args.overrides))
+        path = resolve_for_cluster(load_run_config(args.config, args.overrides))
     except ConfigError as exc:
         print(f"opd: {exc}", file=sys.stderr)
         return 2

@@ -11,23 +11,38 @@ from __future__ import annotations
 import json
 import sys
 
-from broker import connect
+import msgpack
+
+from broker import capabilities
 from opd.config import Config
 from opd.protocol import ProtocolError, Streams, unpack_control
-from opd.runtime.lifecycle import trajectory_id
+from opd.runtime.broker import open_broker
 
 
 class DeadLetterError(RuntimeError):
     """The run's broker cannot serve dead letters (the embedded broker keeps nothing after its run)."""
 
 
-def _records(cfg: Config):
-    if cfg.broker.type != "redis":
-        raise DeadLetterError(
-            "the embedded zmq broker keeps no dead letters after its run: read runs/<id>/dead_letter.jsonl, "
-            "or run with broker.type: redis to inspect and replay them"
+def trajectory_id(data: bytes) -> str | None:
+    """The `id` of a trajectory message if it parses that far (for the ledger), else None. Bounded like every
+    read of untrusted bytes; kept here rather than imported from the component runtime, which loads torch."""
+    try:
+        msg = msgpack.unpackb(
+            data, raw=False, max_str_len=1 << 20, max_array_len=1 << 16, max_map_len=1 << 12
         )
-    broker = connect(cfg.broker)
+    except Exception:
+        return None
+    value = msg.get("id") if isinstance(msg, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _records(cfg: Config):
+    if not capabilities(cfg.broker).keeps_dead_letters:
+        raise DeadLetterError(
+            f"the {cfg.broker.type} broker keeps no dead letters after its run: read runs/<id>/dead_letter.jsonl, "
+            "or run with a broker that keeps them (broker.type: redis) to inspect and replay them"
+        )
+    broker = open_broker(cfg.broker)
     stream = Streams(cfg.run.run_id).dead_letter
     out = []
     for entry_id, data in broker.entries(stream):
@@ -38,7 +53,8 @@ def _records(cfg: Config):
     return broker, stream, out
 
 
-def list_dead_letters(cfg: Config, out=sys.stdout) -> int:
+def list_dead_letters(cfg: Config, out=None) -> int:
+    out = out or sys.stdout  # looked up per call: a default bound at import would outlive a redirected stdout
     _, _, records = _records(cfg)
     for entry_id, rec in records:
         shown = {
@@ -55,8 +71,9 @@ def list_dead_letters(cfg: Config, out=sys.stdout) -> int:
     return len(records)
 
 
-def replay_dead_letters(cfg: Config, entries: list[str] | None, out=sys.stdout) -> int:
+def replay_dead_letters(cfg: Config, entries: list[str] | None, out=None) -> int:
     """Re-publish the chosen records (all when `entries` is None) to their source streams."""
+    out = out or sys.stdout
     broker, stream, records = _records(cfg)
     done = 0
     for entry_id, rec in records:

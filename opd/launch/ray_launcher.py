@@ -4,8 +4,9 @@ Each component stays exactly the `opd <verb>` process it is everywhere else: a s
 component's resources from the `ray:` config section, starts that process on its node and owns it. So the
 components need no Ray code, and cleanup has one chain: the process dies with its Ray actor
 (PR_SET_PDEATHSIG), the actors die with this driver, and the local Ray this command started is shut down at the
-end. The watch loop, scaling and report are the local launcher's (opd/launcher.py), reached through a
-Popen-like handle, so both launchers write the same run directory and summary.
+end. This file is only a `Spawner` (opd/launch/supervisor.py): the watch loop, scaling and report are the
+launcher's (opd/launch/launcher.py), reached through a ProcessHandle, so both launchers write the same run
+directory and summary.
 
 Ray moves only strings and exit codes between the driver and its actors; the components talk over the broker
 as always. Every component reads and writes the run directory, so on several nodes it must be on storage they
@@ -18,10 +19,12 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from opd.config import Config
-from opd.launch.launcher import LaunchError, LocalLauncher, console
+from opd.launch.rundir import LaunchError
+from opd.launch.supervisor import Slot
 
 LOCAL_OBJECT_STORE_BYTES = 128 << 20  # components never put data in Ray's object store
 POLL_TIMEOUT_S = 30.0
@@ -120,63 +123,58 @@ class RayProcess:
 
 
 class RaySpawner:
-    """The launcher's `spawner`: one ComponentHost per component, with that role's `ray.<role>` resources."""
+    """The Spawner of `--launcher ray`: joins (or starts) Ray, then one ComponentHost per component, with that
+    role's `ray.<role>` resources; `close` kills the hosts and leaves Ray."""
 
-    def __init__(self, cfg: Config, ray):
-        self.cfg, self.ray = cfg, ray
-        self.host_class = ray.remote(max_restarts=0)(ComponentHost)
+    def __init__(self, cfg: Config, log: Callable[..., None]):
+        self.cfg, self.log, self.ray = cfg, log, _ray()
+        self._init_ray()
+        self.host_class = self.ray.remote(max_restarts=0)(ComponentHost)
         self.hosts: list = []
 
-    def __call__(self, name: str, cmd: list[str], env: dict[str, str], log_path: Path) -> RayProcess:
-        role = name.split("-")[0]
-        res = getattr(self.cfg.ray, role)
+    def _init_ray(self) -> None:
+        ray, rc = self.ray, self.cfg.ray
+        if rc.address is None:
+            ray.init(
+                num_cpus=rc.num_cpus,
+                object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+            self.log(f"ray: started a local Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
+        else:
+            ray.init(address=rc.address, log_to_driver=False)
+            self.log(f"ray: joined {rc.address} ({ray.cluster_resources()})")
+
+    def start(self, slot: Slot, argv: list[str], env: dict[str, str], log_path: Path) -> RayProcess:
+        res = getattr(self.cfg.ray, slot.role)
         host = self.host_class.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote()
         self.hosts.append(host)
         env_extra = {k: v for k, v in env.items() if k.startswith("OPD_") or os.environ.get(k) != v}
         timeout = self.cfg.ray.placement_timeout_s
         try:
             pid = self.ray.get(
-                host.start.remote(cmd, env_extra, str(Path(log_path).resolve()), os.getcwd()), timeout=timeout
+                host.start.remote(argv, env_extra, str(Path(log_path).resolve()), os.getcwd()),
+                timeout=timeout,
             )
         except self.ray.exceptions.GetTimeoutError:
             self.ray.kill(host)
             self.hosts.remove(host)
             raise LaunchError(
-                f"Ray did not place {name} within ray.placement_timeout_s={timeout:g}s: it asks for "
-                f"ray.{role}.num_cpus={res.num_cpus:g}, num_gpus={res.num_gpus:g}, and the cluster has "
+                f"Ray did not place {slot.name} within ray.placement_timeout_s={timeout:g}s: it asks for "
+                f"ray.{slot.role}.num_cpus={res.num_cpus:g}, num_gpus={res.num_gpus:g}, and the cluster has "
                 f"{self.ray.available_resources()} free; lower the request or add resources"
             ) from None
-        console.print(f"ray: {name} placed (pid {pid}, {res.num_cpus:g} CPU, {res.num_gpus:g} GPU)")
-        return RayProcess(self.ray, host, name, pid)
+        self.log(f"ray: {slot.name} placed (pid {pid}, {res.num_cpus:g} CPU, {res.num_gpus:g} GPU)")
+        return RayProcess(self.ray, host, slot.name, pid)
 
     def close(self) -> None:
-        """Kill every host actor; their processes die with them if the launcher has not stopped them yet."""
+        """Kill every host actor (their processes die with them if the launcher has not stopped them yet), then
+        leave Ray: a local Ray this spawner started is shut down (raylet, GCS, workers), a joined cluster runs on."""
         for host in self.hosts:
             try:
                 self.ray.kill(host)
             except Exception:  # already gone with its node
                 pass
         self.hosts.clear()
-
-
-def run_on_ray(cfg: Config, resume: bool = False) -> int:
-    """setup (join or start Ray) -> the local launcher's run with Ray placement -> cleanup (always)."""
-    ray = _ray()
-    rc = cfg.ray
-    if rc.address is None:
-        ray.init(
-            num_cpus=rc.num_cpus,
-            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
-        console.print(f"ray: started a local Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
-    else:
-        ray.init(address=rc.address, log_to_driver=False)
-        console.print(f"ray: joined {rc.address} ({ray.cluster_resources()})")
-    spawner = RaySpawner(cfg, ray)
-    try:
-        return LocalLauncher(cfg, resume=resume, spawner=spawner).run()
-    finally:
-        spawner.close()
-        ray.shutdown()  # stops the local Ray it started (raylet, GCS, workers); leaves a joined cluster running
+        self.ray.shutdown()

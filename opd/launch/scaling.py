@@ -13,16 +13,17 @@ scored counts of each scorer, so the effect of a change can be read off afterwar
 from __future__ import annotations
 
 import json
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from broker import Broker, BrokerUnavailable, connect
+from broker import Broker, BrokerUnavailable
 from opd.config import Config, ScalingConfig
+from opd.launch.supervisor import Supervisor
 from opd.protocol import ProtocolError, Streams, scale_record, unpack_control
+from opd.runtime.broker import open_broker
 
 SCALE_KIND = "scale"
 CONTROL_GROUP = "launcher-scaling"  # its own group: the launcher must not take entries meant for components
@@ -56,7 +57,7 @@ def publish_scale(cfg: Config, scorers: int, source: str = "opd scale") -> str:
     """Ask the run's launcher for `scorers` teacher scorers; returns the control entry id."""
     if cfg.run.run_id is None:
         raise ScaleError("run.run_id is not set: pass the run's own runs/<id>/config.yaml to --config")
-    broker = connect(cfg.broker)
+    broker = open_broker(cfg.broker)
     try:
         ids = broker.publish(
             Streams(cfg.run.run_id).control,
@@ -106,7 +107,7 @@ class ScorerPool(Protocol):
     def retire_scorer(self, name: str) -> None:
         """SIGTERM it; it finishes the batch in hand. Its exit is not a component failure."""
 
-    def reap(self, log: Callable[[str], None]) -> list[tuple[str, int]]:
+    def reap(self) -> list[tuple[str, int]]:
         """Retired scorers that have exited since the last call, with their exit codes; kill one that outlived
         run.shutdown_grace_s."""
 
@@ -145,7 +146,7 @@ class ScorerScaler:
             self._record_interval()
         except BrokerUnavailable:
             pass  # the launcher's own loop notices a broker that is gone
-        for name, code in self.pool.reap(self.log):
+        for name, code in self.pool.reap():
             self.log(f"{name} stopped (exit code {code}) after scaling down")
             self._write(event="stopped", name=name, code=code)
 
@@ -243,42 +244,21 @@ class ScorerScaler:
             fh.write(json.dumps({"time": time.time(), **record}) + "\n")
 
 
-class LauncherPool:
-    """The ScorerPool of `opd run` (and of the Ray launcher, whose processes come through the same spawn)."""
+class SupervisorPool:
+    """The ScorerPool of `opd run` (local or Ray): the supervisor's scorers, through its public spawn and retire."""
 
-    def __init__(self, launcher):
-        self.launcher = launcher
-        self.deadlines: dict[str, float] = {}  # retiring scorer -> when it is killed if still running
+    def __init__(self, supervisor: Supervisor):
+        self.supervisor = supervisor
 
     def active_scorers(self) -> list[str]:
-        return [
-            c.name
-            for c in self.launcher.components
-            if c.name.startswith("scorer-") and c.name not in self.launcher.retired and c.proc.poll() is None
-        ]
+        return [c.name for c in self.supervisor.active("scorer")]
 
     def start_scorer(self, index: int) -> None:
-        self.launcher._spawn(f"scorer-{index}", "scorer", "--index", str(index))
+        self.supervisor.spawn("scorer", index)
 
     def retire_scorer(self, name: str) -> None:
-        comp = next(c for c in self.launcher.components if c.name == name)
-        self.launcher.retired.add(name)
-        self.deadlines[name] = time.monotonic() + self.launcher.cfg.run.shutdown_grace_s
-        comp.proc.send_signal(signal.SIGTERM)
+        comp = next(c for c in self.supervisor.active("scorer") if c.name == name)
+        self.supervisor.retire(comp.slot.role, comp.slot.index)
 
-    def reap(self, log: Callable[[str], None]) -> list[tuple[str, int]]:
-        now, ended = time.monotonic(), []
-        for c in self.launcher.components:
-            deadline = self.deadlines.get(c.name)
-            if deadline is None:
-                continue
-            code = c.proc.poll()
-            if code is not None:
-                del self.deadlines[c.name]
-                ended.append((c.name, code))
-            elif now > deadline:
-                log(
-                    f"[yellow]{c.name} did not stop within run.shutdown_grace_s after scaling down; killing it[/]"
-                )
-                c.proc.kill()
-        return ended
+    def reap(self) -> list[tuple[str, int]]:
+        return [(c.name, code) for c, code in self.supervisor.reap()]

@@ -24,10 +24,11 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from broker import BrokerUnavailable, connect
+from broker import BrokerUnavailable
 from broker.base import WORK_STREAMS
 from opd.config import Config
 from opd.protocol import ProtocolError, Streams, unpack_control
+from opd.runtime.broker import open_broker
 
 RATE_WINDOW_S = 10.0  # rates are averaged over this much of a component's own uptime
 STAGE = {"actor": "generated", "scorer": "scored", "learner": "trained"}
@@ -163,7 +164,7 @@ class StreamReader:
 
     def __init__(self, cfg: Config):
         quick = cfg.broker.model_copy(update={"request_timeout_s": CONNECT_TIMEOUT_S})
-        self.broker = connect(quick)
+        self.broker = open_broker(quick)
         self.run_id = cfg.run.run_id
         self.stream = Streams(self.run_id).metrics
         self.group = f"top-{socket.gethostname()}-{os.getpid()}"
