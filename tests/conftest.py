@@ -191,6 +191,22 @@ def wait_for(pred, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+QUICK_MODELS = ("student.sft_steps=0", "teacher.sft_steps=0")
+
+
+@pytest.fixture(scope="session")
+def quick_models(asset_cache) -> list[str]:
+    """Overrides for the demo's teacher and student untrained (random init, same shapes and tokenizer), built
+    into the shared cache in seconds: for tests that need real models and real logprobs but not trained ones
+    (the fast tier never waits minutes for `prepared`)."""
+    from opd.config import load_config
+    from opd.models.builds import ensure_assets
+
+    overrides = [f"run.cache_dir={asset_cache}", *QUICK_MODELS]
+    ensure_assets(load_config(TINY, overrides), log=lambda *_: None)
+    return overrides
+
+
 @pytest.fixture(scope="session")
 def prepared(asset_cache):
     """Build the demo's teacher and student once (the first `opd run` would do the same)."""

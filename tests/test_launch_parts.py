@@ -18,7 +18,8 @@ import pytest
 
 from opd.config import ConfigError
 from opd.launch.cli import VERBS, _component_config, _parse
-from opd.launch.supervisor import SPAWNERS, LocalSpawner, Slot, Spawner, Supervisor
+from opd.launch.spawners import SPAWNERS
+from opd.launch.supervisor import LocalSpawner, Slot, Spawner, Supervisor
 from tests.conftest import REPO, TINY, wait_for
 
 LAUNCH = REPO / "opd" / "launch"

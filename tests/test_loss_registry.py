@@ -8,6 +8,7 @@ from learner import losses
 from learner.losses import LOSSES, config_errors
 from learner.objective import Objective
 from opd.config import ConfigError, load_config
+from opd.launch.checks import load_run_config
 
 NAMES = ["reverse_kl_pg", "opd_penalty", "topk_forward_kl", "topk_reverse_kl", "gkd_jsd", "hybrid"]
 
@@ -127,8 +128,7 @@ def test_config_errors_reports_every_problem_at_once(cfg):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_todays_config_validation_and_config_errors_agree(name):
-    """Loading a config refuses exactly what config_errors reports (today opd.config's own checks; once the roof
-    calls config_errors at load, the same), so moving the checks lost none."""
+    """Loading a config as every `opd` verb does (opd.launch.checks) refuses exactly what config_errors reports."""
     base = load_config(None, [])
     combos = (["scorer.topk=0"], ["sampling.n=1"], ["sampling.n=1", "scorer.topk=4"], ["scorer.topk=4"])
     for over in combos + tuple(
@@ -136,7 +136,7 @@ def test_todays_config_validation_and_config_errors_agree(name):
     ):
         overrides = [f"learner.loss={name}", "learner.hybrid.distill=topk_forward_kl", *over]
         try:
-            loaded = load_config(None, overrides)
+            loaded = load_run_config(None, overrides)
         except ConfigError:
             loaded = None
         fields = {}

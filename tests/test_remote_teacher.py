@@ -30,11 +30,11 @@ from tests.fake_sglang import FakeSGLang
 TOPK = 4
 
 
-def _cfg(cache, url: str, *extra: str):
+def _cfg(models: list[str], url: str, *extra: str):
     return load_config(
         TINY,
         [
-            f"run.cache_dir={cache}",
+            *models,
             "scorer.engine=remote",
             f"scorer.remote.url={url}",
             f"scorer.topk={TOPK}",
@@ -45,8 +45,8 @@ def _cfg(cache, url: str, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def assets(prepared):
-    return ensure_assets(load_config(TINY, [f"run.cache_dir={prepared}"]))
+def assets(quick_models):
+    return ensure_assets(load_config(TINY, quick_models))
 
 
 @pytest.fixture
@@ -95,11 +95,13 @@ def _policy(teacher: SGLangTeacher) -> RetryPolicy:
     return RetryPolicy.from_config(teacher.cfg.scorer.remote)
 
 
-def test_sglang_logprobs_equal_the_hf_scorer(prepared, assets, server, trajs):
+def test_sglang_logprobs_equal_the_hf_scorer(quick_models, assets, server, trajs):
     from transformers import AutoModelForCausalLM
 
     batch = _fresh(trajs)
-    teacher = build_teacher(_cfg(prepared, server.url), assets)  # engine: remote, api: sglang (the default)
+    teacher = build_teacher(
+        _cfg(quick_models, server.url), assets
+    )  # engine: remote, api: sglang (the default)
     assert isinstance(teacher, SGLangTeacher)
     teacher.score(batch)
     model = AutoModelForCausalLM.from_pretrained(assets.teacher.path).eval()
@@ -125,8 +127,8 @@ def test_sglang_logprobs_equal_the_hf_scorer(prepared, assets, server, trajs):
     assert len(server.requests) == len(batch)
 
 
-def test_api_key_is_read_from_the_named_variable(prepared, assets, server, trajs, monkeypatch):
-    cfg = _cfg(prepared, server.url, "scorer.remote.api_key_env=OPD_TEST_TEACHER_KEY")
+def test_api_key_is_read_from_the_named_variable(quick_models, assets, server, trajs, monkeypatch):
+    cfg = _cfg(quick_models, server.url, "scorer.remote.api_key_env=OPD_TEST_TEACHER_KEY")
     monkeypatch.delenv("OPD_TEST_TEACHER_KEY", raising=False)
     with pytest.raises(TeacherError, match="OPD_TEST_TEACHER_KEY.*not set") as e:
         SGLangTeacher(cfg, assets)
@@ -137,9 +139,9 @@ def test_api_key_is_read_from_the_named_variable(prepared, assets, server, trajs
 
 
 @pytest.fixture
-def teacher(prepared, assets, server):
+def teacher(quick_models, assets, server):
     """Build an SGLang teacher for the fake server with extra config overrides."""
-    return lambda *extra: SGLangTeacher(_cfg(prepared, server.url, *extra), assets)
+    return lambda *extra: SGLangTeacher(_cfg(quick_models, server.url, *extra), assets)
 
 
 def test_the_backend_itself_never_retries(teacher, server, trajs):
@@ -179,14 +181,14 @@ def test_backoff_jitters_and_is_capped():
         assert len({round(d, 6) for d in delays}) > 100  # jittered, not one fixed delay
 
 
-def test_429_is_retried_and_a_dead_server_is_reported(prepared, assets, server, trajs, teacher):
+def test_429_is_retried_and_a_dead_server_is_reported(quick_models, assets, server, trajs, teacher):
     server.faults.append("429")
     batch = _fresh(trajs[:1])
     t = teacher("scorer.remote.retries=1")
     assert score_with_retries(t.score, batch, _policy(t), sleep=lambda s: None) == {}
     assert len(server.requests) == 2 and batch[0].teacher_logprobs is not None
     nobody = f"http://127.0.0.1:{free_port()}"
-    cfg = _cfg(prepared, nobody, "scorer.remote.retries=1")
+    cfg = _cfg(quick_models, nobody, "scorer.remote.retries=1")
     slept = []
     with pytest.raises(
         TeacherError,
@@ -252,13 +254,13 @@ def test_concurrency_limit_is_respected(teacher, server, trajs):
     assert all(t.teacher_logprobs is not None for t in many)
 
 
-def test_a_malformed_reply_goes_down_the_scorers_failure_path(prepared, server, trajs, zmq_broker):
+def test_a_malformed_reply_goes_down_the_scorers_failure_path(quick_models, server, trajs, zmq_broker):
     """One trajectory whose reply is always broken is dead-lettered with the reason; the others are scored."""
     from opd.runtime.lifecycle import StopFlag
     from teacher_scorers.scorer import Scorer
 
     port = int(zmq_broker.rsplit(":", 1)[1])
-    cfg = _cfg(prepared, server.url, f"broker.port={port}", "run.run_id=remote-t")
+    cfg = _cfg(quick_models, server.url, f"broker.port={port}", "run.run_id=remote-t")
     bad = trajs[2]
     server.poison[tuple(bad.prompt_token_ids.tolist() + bad.response_token_ids.tolist())] = "nan"
     scorer = Scorer(cfg, 0, StopFlag())
@@ -278,7 +280,7 @@ def test_a_malformed_reply_goes_down_the_scorers_failure_path(prepared, server, 
     assert "not a log-probability" in records[0]["reason"] and server.url in records[0]["reason"]
 
 
-def test_a_flaky_server_loses_nothing_through_the_scorer(prepared, server, trajs, zmq_broker):
+def test_a_flaky_server_loses_nothing_through_the_scorer(quick_models, server, trajs, zmq_broker):
     """5xx and 429 on some requests: the scorer asks again for those only, and every trajectory comes out
     scored, with nothing dead-lettered, on a broker that never redelivers."""
     from opd.runtime.lifecycle import StopFlag
@@ -286,7 +288,7 @@ def test_a_flaky_server_loses_nothing_through_the_scorer(prepared, server, trajs
 
     port = int(zmq_broker.rsplit(":", 1)[1])
     cfg = _cfg(
-        prepared, server.url, f"broker.port={port}", "run.run_id=remote-flaky", "scorer.remote.retries=2"
+        quick_models, server.url, f"broker.port={port}", "run.run_id=remote-flaky", "scorer.remote.retries=2"
     )
     scorer = Scorer(cfg, 0, StopFlag())
     scorer.broker.publish(scorer.rollouts, [encode(t) for t in _fresh(trajs)])

@@ -18,7 +18,7 @@ from broker import capabilities
 from opd.config import Config, ConfigError, describe_fields
 from opd.launch.checks import load_run_config
 from opd.launch.cluster import component_index
-from opd.launch.supervisor import SPAWNERS
+from opd.launch.spawners import SPAWNERS
 
 OVERRIDE_HELP = "dotted overrides such as learner.max_steps=20 run.output_dir=/tmp/x (values parsed as YAML)"
 RUN_CONFIG_HELP = "the run's resolved config (runs/<id>/config.yaml)"

@@ -22,7 +22,8 @@ from opd.launch import report
 from opd.launch.monitor import Monitor
 from opd.launch.rundir import LaunchError, prepare_run_dir
 from opd.launch.scaling import ScorerScaler, SupervisorPool
-from opd.launch.supervisor import Component, Slot, Supervisor, open_spawner
+from opd.launch.spawners import open_spawner
+from opd.launch.supervisor import Component, Slot, Supervisor
 from opd.runtime.broker import open_broker
 from opd.runtime.prometheus import write_port_map
 

@@ -3,7 +3,7 @@
 Two contracts are written here. A `ProcessHandle` is the part of `subprocess.Popen` the supervisor uses, so a
 process placed anywhere (a child here, a process owned by a Ray actor on another node) is watched and stopped the
 same way. A `Spawner` places one component process and returns its handle; it is the whole of what a launcher
-must implement (`LocalSpawner` below, `RaySpawner` in ray_launcher.py). `SPAWNERS` names them for `--launcher`.
+must implement (`LocalSpawner` below, `RaySpawner` in ray_launcher.py). `opd.launch.spawners.SPAWNERS` names them for `--launcher`.
 
 The supervisor knows each process by its role and index (a `Slot`), never by parsing a name. Scaling acts only
 through `spawn` and `retire`; a retired process's exit is expected and never counts as a failure.
@@ -11,7 +11,6 @@ through `spawn` and `retire`; a retired process's exit is expected and never cou
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import subprocess
@@ -25,10 +24,6 @@ from typing import Protocol
 from opd.config import Config
 
 # --launcher NAME -> "module:factory"; a factory takes (the resolved Config, a log function) and returns a Spawner.
-SPAWNERS = {
-    "local": "opd.launch.supervisor:LocalSpawner",
-    "ray": "opd.launch.ray_launcher:RaySpawner",
-}
 
 
 @dataclass(frozen=True)
@@ -75,12 +70,6 @@ class Spawner(Protocol):
     def start(self, slot: Slot, argv: list[str], env: dict[str, str], log_path: Path) -> ProcessHandle: ...
 
     def close(self) -> None: ...
-
-
-def open_spawner(launcher: str, cfg: Config, log: Callable[..., None]) -> Spawner:
-    """The spawner registered under `launcher` (see SPAWNERS), imported only when chosen."""
-    module, _, factory = SPAWNERS[launcher].partition(":")
-    return getattr(importlib.import_module(module), factory)(cfg, log)
 
 
 class LocalSpawner:

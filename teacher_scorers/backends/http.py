@@ -27,7 +27,7 @@ import numpy as np
 from opd.config import Config, RemoteTeacherConfig
 from opd.models.builds import Assets
 from opd.protocol import Trajectory
-from teacher_scorers.backends import PartlyScored, TeacherError
+from teacher_scorers.backends.base import PartlyScored, TeacherError
 from teacher_scorers.backends.common import attach
 
 _MAX_LOGPROB = 1e-3  # a log-probability is <= 0; this allows float rounding and nothing more

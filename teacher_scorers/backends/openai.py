@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from opd.runtime.lifecycle import log
-from teacher_scorers.backends import TeacherError
+from teacher_scorers.backends.base import TeacherError
 from teacher_scorers.backends.http import HttpTeacher, Reply, Scores
 
 
