@@ -22,6 +22,7 @@ COMPONENTS = ("actors", "teacher_scorers", "learner")
 ROOF = ("opd.launch",)
 ENTRY_POINTS = ("opd.__main__",)  # `python -m opd`; the console script names opd.launch.cli itself
 BROKER_TYPES = {"zmq", "redis"}
+BACKEND_NAMES = {"hf", "vllm", "remote", "sglang", "openai", "torch", "deepspeed"}
 REGISTRY_ENTRY = re.compile("^(" + "|".join(TOP) + r")(\.[a-z_0-9]+)*:[A-Za-z_][A-Za-z_0-9]*$")
 # Where a backend kind's own names may be compared against config values: its folder and its config section.
 BACKEND_FOLDERS = ("broker", "actors.engines", "teacher_scorers.backends", "learner.engines", "opd.config")
@@ -180,6 +181,11 @@ def _branch_sites(names: set[str]) -> list[str]:
 
 def test_nothing_outside_broker_branches_on_the_broker_type():
     assert _branch_sites(BROKER_TYPES) == []
+
+
+def test_nothing_outside_a_backend_folder_branches_on_the_configured_backend():
+    """Actor engines, teacher backends and learner engines are chosen by their registries, not by if/else."""
+    assert _branch_sites(BACKEND_NAMES) == []
 
 
 def test_nothing_outside_broker_names_a_broker_class():

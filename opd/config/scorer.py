@@ -77,6 +77,11 @@ class ScorerConfig(Strict):
         description="The vLLM engine used when engine: vllm (ignored otherwise).",
     )
 
+    @property
+    def teacher_is_local(self) -> bool:
+        """Whether the run's own processes load the teacher's weights (not for a teacher behind a server)."""
+        return self.engine != "remote"
+
     @model_validator(mode="after")
     def _remote_needs(self) -> ScorerConfig:
         if self.engine != "remote":

@@ -36,7 +36,7 @@ def accuracy_before(cfg: Config, log: Callable[..., None]) -> dict[str, float | 
     for role, asset in (("teacher", assets.teacher), ("student", assets.student)):
         if asset.eval_accuracy is not None:
             acc[role] = asset.eval_accuracy
-        elif role == "teacher" and cfg.scorer.engine == "remote":
+        elif role == "teacher" and not cfg.scorer.teacher_is_local:
             acc[role] = None  # the teacher lives on its server; `teacher:` may name nothing loadable here
         elif problems:
             model, tok = load_asset(asset)
