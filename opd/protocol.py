@@ -221,6 +221,17 @@ def decode(
     return t
 
 
+def trajectory_id(data: bytes) -> str | None:
+    """The `id` of a trajectory message if it parses that far, else None: for the books of messages that failed
+    validation (dead letters, ledgers). Bounded like every read of untrusted bytes."""
+    try:
+        msg = msgpack.unpackb(data, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
+    except Exception:  # msgpack raises several unrelated types for corrupt input
+        return None
+    value = msg.get("id") if isinstance(msg, dict) else None
+    return value if isinstance(value, str) else None
+
+
 # ----------------------------------------------------------------------------- stream names
 @dataclass(frozen=True)
 class Streams:

@@ -11,29 +11,14 @@ from __future__ import annotations
 import json
 import sys
 
-import msgpack
-
 from broker import capabilities
 from opd.config import Config
-from opd.protocol import ProtocolError, Streams, unpack_control
+from opd.protocol import ProtocolError, Streams, trajectory_id, unpack_control
 from opd.runtime.broker import open_broker
 
 
 class DeadLetterError(RuntimeError):
     """The run's broker cannot serve dead letters (the embedded broker keeps nothing after its run)."""
-
-
-def trajectory_id(data: bytes) -> str | None:
-    """The `id` of a trajectory message if it parses that far (for the ledger), else None. Bounded like every
-    read of untrusted bytes; kept here rather than imported from the component runtime, which loads torch."""
-    try:
-        msg = msgpack.unpackb(
-            data, raw=False, max_str_len=1 << 20, max_array_len=1 << 16, max_map_len=1 << 12
-        )
-    except Exception:
-        return None
-    value = msg.get("id") if isinstance(msg, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def _records(cfg: Config):

@@ -20,8 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from broker import Broker, BrokerUnavailable
 from opd.config import Config
-from opd.launch.deadletter import trajectory_id
-from opd.protocol import ProtocolError, Streams, unpack_control
+from opd.protocol import ProtocolError, Streams, trajectory_id, unpack_control
 
 READ_BATCH = 256
 

@@ -184,14 +184,10 @@ class StreamReader:
         state.depths = {s: self.broker.depth(Streams(self.run_id).name(s)) for s in WORK_STREAMS}
 
     def close(self) -> None:
-        redis = getattr(
-            self.broker, "redis", None
-        )  # Redis keeps a group until told: leave no trace per viewer
-        if redis is not None:
-            try:
-                redis.xgroup_destroy(self.stream, self.group)
-            except Exception:  # gone with the server, or never created: nothing to tidy
-                pass
+        try:  # a broker keeps a group until told (Redis): leave no trace per viewer
+            self.broker.drop_group(self.stream, self.group)
+        except Exception:  # gone with the server, or never created: nothing to tidy
+            pass
         self.broker.close()
 
 

@@ -10,13 +10,12 @@ import threading
 import time
 from typing import Any
 
-import msgpack
 import torch
 
 from broker import Broker
 from broker.base import WORK_STREAMS
 from opd.config import Config
-from opd.protocol import Streams, dead_letter_record, metrics_record
+from opd.protocol import Streams, dead_letter_record, metrics_record, trajectory_id
 from opd.runtime.prometheus import exporter_for
 
 log = logging.getLogger("opd")
@@ -128,18 +127,6 @@ class Reporter:
 
 
 REPLAYABLE_BYTES = 16 << 20  # dead letters up to this size keep their bytes for replay
-
-
-def trajectory_id(data: bytes) -> str | None:
-    """The `id` of a trajectory message if it parses that far (for accounting), else None."""
-    try:
-        msg = msgpack.unpackb(
-            data, raw=False, max_str_len=1 << 20, max_array_len=1 << 16, max_map_len=1 << 12
-        )
-    except Exception:
-        return None
-    value = msg.get("id") if isinstance(msg, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def run_component(cfg: Config, name: str, build) -> int:
