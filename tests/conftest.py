@@ -15,6 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 
 
+def pytest_configure(config):
+    """One intra-op thread for the test process and every process it starts, unless the caller chose: on 2 cores
+    shared with the components a test starts, torch's default (all cores) runs a step many times slower."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 CHAOS_BOOKS: list[str] = []  # accounting lines of the chaos tests, printed at the end of the session
 
 

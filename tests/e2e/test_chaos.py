@@ -16,7 +16,7 @@ import yaml
 
 from opd.protocol import decode, encode
 from tests.conftest import CHAOS_BOOKS, TINY, RedisServer, children_of, opd, wait_for
-from tests.test_protocol import BAD, _mutate, make
+from tests.unit.test_protocol import BAD, _mutate, make
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

@@ -4,7 +4,7 @@ import pytest
 
 from opd.config import Config, ConfigError, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 def test_there_are_configs():
@@ -98,7 +98,7 @@ def test_switching_a_section_kind_drops_the_old_variants_keys():
 def test_reference_config_lists_every_key_at_its_default():
     import yaml
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "reference.yaml"
+    path = Path(__file__).resolve().parents[2] / "configs" / "reference.yaml"
     assert yaml.safe_load(path.read_text()) == Config().model_dump(mode="json")
 
 

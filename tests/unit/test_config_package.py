@@ -11,7 +11,7 @@ import pytest
 
 from opd.config import BROKER_SECTIONS, Config, ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "opd" / "config"
 PROJECT_PACKAGES = {
     "opd",

@@ -8,7 +8,6 @@ retry tests run the backend under the scorer's policy, with the delays recorded 
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -24,7 +23,7 @@ from opd.protocol import Trajectory, encode, unpack_control
 from teacher_scorers.backends import PartlyScored, TeacherError, build_teacher
 from teacher_scorers.backends.sglang import SGLangTeacher
 from teacher_scorers.scorer import RetryPolicy, score_with_retries
-from tests.conftest import TINY, free_port, opd_run
+from tests.conftest import TINY, free_port
 from tests.fake_sglang import FakeSGLang
 
 TOPK = 4
@@ -311,25 +310,3 @@ def test_config_refuses_remote_without_url_or_with_temperature():
         load_config(TINY, ["scorer.remote.api_key_env=sk-abc123"])
     with pytest.raises(ConfigError, match="must start with http"):
         load_config(TINY, ["scorer.remote.url=127.0.0.1:30000"])
-
-
-@pytest.mark.slow
-def test_opd_run_with_a_remote_sglang_teacher(prepared, server, tmp_path):
-    """The demo run with the teacher behind the SGLang-format server: every trained trajectory was scored there."""
-    out_dir = tmp_path / "run"
-    steps = 6
-    proc = opd_run(
-        prepared,
-        out_dir,
-        f"learner.max_steps={steps}",
-        "learner.eval_every=0",
-        "scorer.engine=remote",
-        f"scorer.remote.url={server.url}",
-    )
-    log, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, log
-    s = json.loads((out_dir / "summary.json").read_text())
-    assert s["learner_steps"] == steps and s["trajectories_trained"] == steps * 64
-    assert s["dead_lettered"] == 0
-    assert len(server.requests) >= s["trajectories_scored"] >= s["trajectories_trained"]
-    assert "remote teacher: SGLang at" in (out_dir / "logs" / "scorer-0.log").read_text()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOP = ("opd", "actors", "learner", "teacher_scorers", "broker", "weight_sync")
 CORE_MODULES = ("opd.config", "opd.protocol", "opd.tasks")
 TRANSPORT = ("broker", "weight_sync")

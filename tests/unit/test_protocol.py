@@ -148,7 +148,7 @@ def test_unscored_trajectory_refused_where_scores_are_required():
 def test_no_pickle_on_the_wire():
     import pathlib
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     for folder in ("opd", "broker", "actors", "teacher_scorers", "learner", "weight_sync"):
         for path in (root / folder).rglob("*.py"):
             text = path.read_text()

@@ -11,7 +11,7 @@ import urllib.error
 import pytest
 
 from tests.conftest import opd, opd_run, wait_for
-from tests.test_dashboards import free_port_block, scrape, value, wandb_history
+from tests.integration.test_dashboards import free_port_block, scrape, value, wandb_history
 
 pytestmark = pytest.mark.slow
 STEPS, BATCH = 150, 64

@@ -208,20 +208,19 @@ def test_component_help_and_config_errors():
     assert hand.returncode == 2 and "run.run_id" in hand.stderr
 
 
-# Every loss and every correction mode, a few steps each through the whole system (issue 3).
+# Each loss x correction x aggregation is checked against float64 references on the production path (collate,
+# the registered objective, the engine's step: tests/unit/test_loss_reference.py). These runs prove only what those
+# cannot: the fields each kind of loss needs really travel through actor, scorer and broker (rewards from the
+# actor's verifier and GRPO groups whole in one batch; the teacher's top-k and tail; a clipped ratio with
+# minibatches) and the DeepSpeed engine trains inside the learner process.
 RUN_MATRIX = [
-    ["learner.loss=reverse_kl_pg", "learner.gamma=0.9", "learner.whiten=true"],
     ["learner.loss=opd_penalty", "learner.task_estimator=grpo"],
-    ["learner.loss=opd_penalty", "learner.task_estimator=reinforce_pp"],
-    ["learner.loss=topk_forward_kl"],
-    ["learner.loss=topk_reverse_kl"],
-    ["learner.loss=gkd_jsd", "learner.jsd_beta=0.3"],
-    ["learner.loss=hybrid", "learner.hybrid.distill=topk_forward_kl", "learner.correction.mode=ppo_clip"],
-    ["learner.correction.mode=none"],
-    ["learner.correction.mode=tis", "learner.correction.level=sequence"],
-    ["learner.correction.mode=ppo_clip", "learner.correction.dual_clip=3", "learner.minibatches=2"],
-    ["learner.correction.mode=decoupled", "learner.minibatches=2"],
-    ["learner.correction.mode=mask", "learner.aggregation=seq_sum"],
+    [
+        "learner.loss=hybrid",
+        "learner.hybrid.distill=topk_forward_kl",
+        "learner.correction.mode=ppo_clip",
+        "learner.minibatches=2",
+    ],
     ["learner.engine=deepspeed", "learner.deepspeed.zero_stage=3", "learner.micro_batch_tokens=128"],
 ]
 
@@ -256,6 +255,8 @@ def test_each_loss_and_correction_runs(prepared, tmp_path, overrides):
         assert 0.0 <= r["clip_fraction"] <= 1.0 and 0.0 <= r["masked_fraction"] <= 1.0
         assert 0.0 <= r["topk_overlap"] <= 1.0 and r["teacher_topk_mass"] <= 1.0 + 1e-4
         assert r["staleness_max"] <= cfg["max_staleness"] and sum(r["lag_histogram"]) == 32
+        if cfg["loss"] == "hybrid":  # each term's correction metrics under its own name (issue 13, defect 4)
+            assert 0.0 <= r["rl_clip_fraction"] <= 1.0 and r["distill_clip_fraction"] == 0.0
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out_dir / "student")

@@ -16,7 +16,7 @@ from broker import stream_name
 from broker.zmq import ZmqBroker
 from opd.protocol import decode, encode
 from tests.conftest import REPO, TINY, wait_for
-from tests.test_protocol import make
+from tests.unit.test_protocol import make
 
 pytestmark = pytest.mark.slow
 

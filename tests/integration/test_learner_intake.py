@@ -12,7 +12,7 @@ from learner.state import TrainedLedger
 from opd.config import load_config
 from opd.protocol import Streams, encode, unpack_control
 from opd.runtime.lifecycle import Reporter, StopFlag
-from tests.test_protocol import make
+from tests.unit.test_protocol import make
 
 RUN_ID = "intake-test"
 VOCAB = 16

@@ -16,10 +16,8 @@ from tests.conftest import TINY
 from tests.scored import scored_trajectories
 
 
-def _cfg(prepared, out_dir):
-    return load_config(
-        TINY, [f"run.cache_dir={prepared}", f"run.output_dir={out_dir}", "learner.max_staleness=2"]
-    )
+def _cfg(models: list[str], out_dir):
+    return load_config(TINY, [*models, f"run.output_dir={out_dir}", "learner.max_staleness=2"])
 
 
 def _trained_progress(student) -> tuple[Progress, dict[str, float]]:
@@ -31,8 +29,8 @@ def _trained_progress(student) -> tuple[Progress, dict[str, float]]:
     return progress, counters
 
 
-def test_a_checkpoint_restores_progress_weights_optimiser_and_rng(prepared, tmp_path):
-    cfg = _cfg(prepared, tmp_path)
+def test_a_checkpoint_restores_progress_weights_optimiser_and_rng(quick_models, tmp_path):
+    cfg = _cfg(quick_models, tmp_path)
     files = RunFiles(tmp_path, cfg.learner)
     student, _ = load_student(cfg, files, None)
     progress, counters = _trained_progress(student)
@@ -70,10 +68,10 @@ def test_a_checkpoint_restores_progress_weights_optimiser_and_rng(prepared, tmp_
     torch.testing.assert_close(torch.rand(4), next_draws)
 
 
-def test_final_save_writes_the_ledger_a_loadable_student_and_the_summary(prepared, tmp_path):
+def test_final_save_writes_the_ledger_a_loadable_student_and_the_summary(quick_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = _cfg(prepared, tmp_path)
+    cfg = _cfg(quick_models, tmp_path)
     files = RunFiles(tmp_path, cfg.learner)
     student, _ = load_student(cfg, files, None)
     progress, counters = _trained_progress(student)

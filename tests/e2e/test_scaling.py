@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, children_of, opd_run, wait_for
-from tests.test_chaos import accounting
+from tests.e2e.test_chaos import accounting
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,1 @@
+"""unit tier (README "Tests")."""
