@@ -33,9 +33,14 @@ def cfg():
     return load_config(None, ["scorer.topk=4", "sampling.n=2"])
 
 
-def test_the_registry_holds_todays_names_with_what_each_needs():
-    assert list(LOSSES) == NAMES
-    needs = {n: (s.needs_topk, s.needs_rewards, s.takes_ratio, s.distill_term) for n, s in LOSSES.items()}
+def test_the_registry_holds_the_built_in_losses_with_what_each_needs():
+    """The built-in losses keep their flags; a loss added by README's recipe needs no edit here."""
+    assert set(NAMES) <= set(LOSSES)
+    needs = {
+        n: (s.needs_topk, s.needs_rewards, s.takes_ratio, s.distill_term)
+        for n, s in LOSSES.items()
+        if n in NAMES
+    }
     assert needs == {
         "reverse_kl_pg": (False, False, True, True),
         "opd_penalty": (False, True, True, False),
@@ -49,7 +54,7 @@ def test_the_registry_holds_todays_names_with_what_each_needs():
 
 
 def test_an_unknown_loss_is_refused_naming_the_choices(cfg):
-    with pytest.raises(ValueError, match="choose one of reverse_kl_pg, opd_penalty, .*hybrid"):
+    with pytest.raises(ValueError, match="choose one of " + ", ".join(LOSSES)):
         Objective(with_(cfg, learner__loss="forward_kl"))
     with pytest.raises(ValueError, match="learner.loss 'nope' is not a registered loss"):
         losses.teacher_term("nope", "reverse_kl_pg")
@@ -79,7 +84,7 @@ def test_config_errors_accepts_every_valid_combination(cfg):
         (
             {"learner__loss": "forward_kl"},
             "learner.loss",
-            "choose one of reverse_kl_pg, opd_penalty, topk_forward_kl",
+            "choose one of " + ", ".join(LOSSES),
         ),
         (
             {"learner__loss": "hybrid", "learner__hybrid__distill": "hybrid"},
