@@ -15,7 +15,7 @@ from opd import tasks
 from opd.config import Config
 from opd.models.builds import ensure_assets
 from opd.models.loading import encode_prompt
-from opd.protocol import ProtocolError, Streams, Trajectory, encode, unpack_control
+from opd.protocol import MAX_POLICY_VERSION, ProtocolError, Streams, Trajectory, encode, unpack_control
 from opd.runtime.broker import open_broker
 from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
 from opd.runtime.service_time import pad_to_service_time
@@ -46,6 +46,17 @@ def weight_follower(cfg: Config, name: str, model: torch.nn.Module) -> ElasticRe
     )
 
 
+def _weights_fields(record: dict) -> tuple[int, int, list[str]]:
+    """(version, epoch, members) of a `weights` record, or ProtocolError naming the field that is off."""
+    version, epoch, members = record.get("version"), record.get("epoch", 0), record.get("members", [])
+    for name, value in (("version", version), ("epoch", epoch)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_POLICY_VERSION:
+            raise ProtocolError(f"weights record: {name} {value!r} is not an integer in [0, 2**62)")
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise ProtocolError("weights record: members must be a list of component names")
+    return version, epoch, members
+
+
 class Actor:
     def __init__(self, cfg: Config, index: int, stop: StopFlag):
         self.cfg, self.index, self.stop = cfg, index, stop
@@ -67,18 +78,22 @@ class Actor:
         self.ledger.parent.mkdir(parents=True, exist_ok=True)
 
     def service_control(self) -> None:
-        """Apply pending weight versions (each is a collective the learner waits on) and honour stop."""
+        """Apply pending weight versions (each is a collective the learner waits on) and honour stop. A record
+        this actor cannot read (a field of the wrong type or range) is dead-lettered and skipped, never fatal."""
         for msg in self.broker.consume(self.control, self.name, self.name, 64, 0.0):
             try:
                 record = unpack_control(msg.data)
-            except ProtocolError as exc:
-                self.reporter.dead_letter(self.control, msg.id, msg.data, str(exc))
+                weights = _weights_fields(record) if record["kind"] == "weights" else None
+            except (
+                Exception
+            ) as exc:  # unpack_control raises only ProtocolError; the rest is this record's too
+                reason = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
+                self.reporter.dead_letter(self.control, msg.id, msg.data, reason)
+                self.broker.ack(self.control, self.name, [msg.id])
                 continue
-            if record["kind"] == "weights":
+            if weights is not None:
                 before = self.follower.version
-                stats = self.follower.apply(
-                    int(record["version"]), int(record.get("epoch", 0)), list(record.get("members", []))
-                )
+                stats = self.follower.apply(*weights)
                 if stats is not None:
                     self.reporter.add(weight_syncs=1, weight_sync_seconds=stats.seconds)
                     if self.follower.version != before + 1:

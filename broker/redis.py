@@ -224,6 +224,9 @@ class RedisBroker:
                 # A restarted process under the same consumer name first takes back what it held when it died.
                 mine = self._read(stream, group, consumer, count, cursor, None)
                 self._own_pending_cursor[key] = mine[-1].id if len(mine) == count else "done"
+                # the same rule as for reclaimed entries: one that crashed this consumer max_deliveries times
+                # (a poison message re-read after every restart) is dead-lettered, not handed over again
+                mine = self._drop_poisoned(stream, group, consumer, [(m.id, m.data) for m in mine])
                 if mine:
                     self.redelivered += len(mine)
                     return mine
@@ -248,29 +251,36 @@ class RedisBroker:
         reply = self._call(
             self.redis.xautoclaim, stream, group, consumer, self.claim_idle_ms, start_id="0-0", count=count
         )
-        entries = [(eid, f) for eid, f in reply[1] if f]
+        entries = [(_sid(eid), f[b"d"]) for eid, f in reply[1] if f]
+        out = self._drop_poisoned(stream, group, consumer, entries)
+        self.redelivered += len(out)
+        return out
+
+    def _drop_poisoned(
+        self, stream: str, group: str, consumer: str, entries: list[tuple[str, bytes]]
+    ) -> list[Message]:
+        """The entries (just delivered to `consumer`) delivered at most max_deliveries times; the others are
+        dead-lettered and acknowledged. Every path that hands out an entry again goes through here."""
         if not entries:
             return []
         pending = self._call(
             self.redis.xpending_range,
             stream,
             group,
-            min=_sid(entries[0][0]),
-            max=_sid(entries[-1][0]),
+            min=entries[0][0],
+            max=entries[-1][0],
             count=len(entries) * 4,
             consumername=consumer,
         )
         deliveries = {_sid(p["message_id"]): int(p["times_delivered"]) for p in pending}
         out, poisoned = [], []
-        for eid, fields in entries:
-            sid = _sid(eid)
+        for sid, data in entries:
             if deliveries.get(sid, 1) > self.max_deliveries:
-                poisoned.append((sid, fields[b"d"], deliveries[sid]))
+                poisoned.append((sid, data, deliveries[sid]))
             else:
-                out.append(Message(sid, fields[b"d"]))
+                out.append(Message(sid, data))
         for sid, data, n in poisoned:
             self._dead_letter(stream, group, sid, data, n)
-        self.redelivered += len(out)
         return out
 
     def _dead_letter(self, stream: str, group: str, sid: str, data: bytes, deliveries: int) -> None:

@@ -15,13 +15,15 @@ import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from broker import Broker
 from opd.config import Config, LearnerConfig
 from opd.protocol import ProtocolError, Streams, Trajectory, decode
-from opd.runtime.lifecycle import Reporter
+from opd.runtime.lifecycle import Reporter, log
 
 TEMPERATURE_TOLERANCE = 1e-6
+_B = TypeVar("_B")  # what the learner's collate makes of a batch (learner.batching.Batch)
 
 
 class TemperatureMismatch(ProtocolError):
@@ -68,6 +70,7 @@ class Contract:
     scorer_temperature: float
     reward_needed_by: str | None = None  # the loss that needs a verifier reward, if any
     topk_needed_by: str | None = None  # the loss that needs the teacher's top-k, if any
+    topk: int = 0  # scorer.topk: the width every top-k must have when the loss needs it
 
     @classmethod
     def of(cls, cfg: Config, vocab_size: int, needs_rewards: bool, needs_topk: bool) -> Contract:
@@ -78,6 +81,7 @@ class Contract:
             scorer_temperature=cfg.scorer.temperature,
             reward_needed_by=cfg.learner.loss if needs_rewards else None,
             topk_needed_by=cfg.learner.distill_loss if needs_topk else None,
+            topk=cfg.scorer.topk,
         )
 
     def check(self, data: bytes) -> Trajectory:
@@ -105,7 +109,18 @@ class Contract:
             raise ProtocolError(
                 f"teacher top-k missing: learner.loss {self.topk_needed_by} needs scorer.topk > 0"
             )
+        if self.topk_needed_by and t.teacher_topk_ids.shape[1] != self.topk_width:
+            # one batch's top-k are stacked into one (B, T, k) tensor: another width cannot be collated
+            raise ProtocolError(
+                f"teacher top-k width {t.teacher_topk_ids.shape[1]} but scorer.topk {self.topk} "
+                f"(width {self.topk_width} with this vocabulary): a scorer ran with another config"
+            )
         return t
+
+    @property
+    def topk_width(self) -> int:
+        """The width a scorer attaches: scorer.topk, capped by the vocabulary (the backends take min(k, V))."""
+        return min(self.topk, self.vocab_size)
 
 
 @dataclass
@@ -129,6 +144,17 @@ class IntakeBatch:
 
     def holds(self, trajectory_id: str) -> bool:
         return trajectory_id in self._ids
+
+    def drop(self, positions: Container[int]) -> list[tuple[Trajectory, str, bytes]]:
+        """Remove the entries at `positions`; return them (trajectory, message id, payload)."""
+        rows = list(zip(self.trajectories, self.message_ids, self.payloads, strict=True))
+        gone = [r for i, r in enumerate(rows) if i in positions]
+        kept = [r for i, r in enumerate(rows) if i not in positions]
+        self.trajectories = [r[0] for r in kept]
+        self.message_ids = [r[1] for r in kept]
+        self.payloads = [r[2] for r in kept]
+        self._ids = {t.id for t in self.trajectories}
+        return gone
 
 
 class Intake:
@@ -176,6 +202,32 @@ class Intake:
                 self.broker.ack(self.stream, Streams.LEARNER_GROUP, settled)
         return batch
 
+    def collate(self, batch: IntakeBatch, collate: Callable[[list[Trajectory]], _B]) -> _B | None:
+        """`collate(batch.trajectories)`; if that raises, the message(s) it fails on are dead-lettered with the
+        exception and acknowledged, and the rest collated (None when nothing is left).
+
+        Validation should leave nothing that cannot be collated, but a check we lack must cost the messages it
+        misses, not the run: a learner that crashes here crashes again on the same pending entries after every
+        resume. The culprits are found greedily (each trajectory is kept if the ones kept so far still collate
+        with it), which costs quadratic time only on a batch that already failed."""
+        try:
+            return collate(batch.trajectories)
+        except Exception as exc:
+            log.warning("collate failed on a batch of %d (%s); isolating the culprit", len(batch), exc)
+        kept: list[Trajectory] = []
+        culprits: dict[int, str] = {}
+        for i, t in enumerate(batch.trajectories):
+            try:
+                collate([*kept, t])
+                kept.append(t)
+            except Exception as exc:
+                culprits[i] = f"learner could not collate it: {type(exc).__name__}: {exc}"
+        gone = batch.drop(culprits)
+        for (_t, message_id, payload), reason in zip(gone, culprits.values(), strict=True):
+            self.reporter.dead_letter(self.stream, message_id, payload, reason)
+        self.broker.ack(self.stream, Streams.LEARNER_GROUP, [g[1] for g in gone])
+        return collate(batch.trajectories) if len(batch) else None
+
     def ack(self, batch: IntakeBatch) -> None:
         """After the optimiser step (and the replay log): the broker may forget these now."""
         self.broker.ack(self.stream, Streams.LEARNER_GROUP, batch.message_ids)
@@ -184,10 +236,11 @@ class Intake:
         """Add the message to `batch` (True) or account for it at once (False)."""
         try:
             t = self.contract.check(data)
-        except ProtocolError as exc:
+        except Exception as exc:  # any failure on one message is that message's fault, never the learner's
             if isinstance(exc, TemperatureMismatch):
                 self.reporter.add(temperature_mismatch=1)
-            self.reporter.dead_letter(self.stream, message_id, data, str(exc))
+            reason = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
+            self.reporter.dead_letter(self.stream, message_id, data, reason)
             return False
         if t.id in self.trained or batch.holds(t.id):
             self.reporter.add(duplicates_skipped=1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from broker import BrokerUnavailable
-from learner.batching import collate
+from learner.batching import Batch, collate
 from learner.engines import build_engine
 from learner.intake import Contract, Intake, lag
 from learner.publishing import WeightPublisher, record_layout
@@ -119,7 +119,10 @@ class Learner:
             )
             if self.stop():
                 break  # a partial batch stays pending (unacknowledged) rather than making an odd-sized step
-            record = self._train_step(taken.trajectories, time.perf_counter() - t0)
+            collated = self.intake.collate(taken, self._collate)
+            if collated is None:
+                continue  # every message of the batch was dead-lettered: no step
+            record = self._train_step(taken.trajectories, time.perf_counter() - t0, collated)
             p.step += 1
             # Logged before the acknowledgement: a crash after it is re-trained from the log on resume, a crash
             # before it leaves these pending in the broker (then skipped as duplicates if both happen).
@@ -136,11 +139,16 @@ class Learner:
             self._log(record)
         self.finish()
 
-    def _train_step(self, batch: list[Trajectory], wait_s: float) -> dict[str, float]:
-        """One update on `batch`; the step record's training fields."""
+    def _collate(self, batch: list[Trajectory]) -> Batch:
+        return collate(batch, self.student.tokenizer.pad_token_id, self.cfg.learner.device)
+
+    def _train_step(
+        self, batch: list[Trajectory], wait_s: float, collated: Batch | None = None
+    ) -> dict[str, float]:
+        """One update on `batch` (`collated`: its tensors, when already made); the step record's training fields."""
         t0 = time.perf_counter()
         lc = self.cfg.learner
-        metrics = self.student.engine.step(collate(batch, self.student.tokenizer.pad_token_id, lc.device))
+        metrics = self.student.engine.step(collated if collated is not None else self._collate(batch))
         tokens = sum(len(t.response_token_ids) for t in batch)
         service_ms = self.cfg.pipeline.service_time.learner_ms_per_token
         pad_s = pad_to_service_time(t0, tokens, service_ms, self.stop.wait)

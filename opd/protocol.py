@@ -7,6 +7,7 @@ never a crashed consumer or a poisoned gradient.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +21,18 @@ KIND = "trajectory"
 _MAX_LOGPROB = 1e-3  # log-probabilities are <= 0; allow float rounding above zero
 LOGPROB_FLOOR = -1e4  # a teacher's -inf (zero probability) is clamped here so messages stay finite
 _UNPACK_LIMITS = {"max_str_len": 1 << 20, "max_array_len": 1 << 16, "max_map_len": 1 << 12, "max_ext_len": 0}
+# Bounds on every scalar a consumer relies on. policy_version stays far below int64 so lag arithmetic and torch
+# tensors of versions cannot overflow; a version of 2**63 would otherwise never count as stale.
+MAX_POLICY_VERSION = 1 << 62
+MAX_SAMPLE_INDEX = 1 << 31
+MAX_ID_LEN = 256  # id, run_id, prompt_id, group_id
+MAX_TEACHER_ID_LEN = 4096  # a model path or server description: spaces allowed, control characters not
+MAX_FINISH_REASON_LEN = 64
+MAX_TEMPERATURE = 1e4
+MAX_DIM = 1 << 31  # any one array dimension; the element count is bounded by the message size as well
+MAX_MAP_ENTRIES = 64  # task and timestamps
+MAX_MAP_STR_LEN = 1 << 16  # a task value (a reference answer) or key
+_IDS = ("id", "run_id", "prompt_id", "group_id")
 
 
 class ProtocolError(ValueError):
@@ -112,18 +125,71 @@ def _unpack_array(name: str, raw: Any, dtype, ndim: int) -> np.ndarray:
     if raw["dtype"] != want.str:
         raise ProtocolError(f"{name}: dtype {raw['dtype']!r}, expected {want.str!r}")
     shape = raw["shape"]
+    # Checked in Python integers before numpy sees the shape: numpy raises ValueError on a dimension of 2**63
+    # and np.prod wraps around in int64, so a crafted shape could otherwise crash or fool the size check.
     if (
         not isinstance(shape, list)
         or len(shape) != ndim
-        or not all(isinstance(d, int) and d >= 0 for d in shape)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in shape)
     ):
-        raise ProtocolError(f"{name}: shape {shape!r}, expected {ndim} non-negative dims")
+        raise ProtocolError(f"{name}: shape {str(shape)[:80]}, expected {ndim} dims in [0, {MAX_DIM})")
     data = raw["data"]
-    if not isinstance(data, bytes) or len(data) != int(np.prod(shape, dtype=np.int64)) * want.itemsize:
+    if not isinstance(data, bytes) or len(data) != math.prod(shape) * want.itemsize:
         raise ProtocolError(
             f"{name}: {len(data) if isinstance(data, bytes) else type(data).__name__} bytes do not fit shape {shape}"
         )
     return np.frombuffer(data, dtype=want).reshape(shape).astype(dtype, copy=False)
+
+
+def _check_id(name: str, value: str, max_len: int) -> None:
+    """Ids end up in line-based files (trained_ids.txt, ledgers) and log lines: non-empty, bounded, and nothing
+    that could split or forge a line (whitespace, control characters)."""
+    if not value or len(value) > max_len:
+        raise ProtocolError(f"{name}: length {len(value)}, expected 1 to {max_len} characters")
+    if not value.isprintable() or any(c.isspace() for c in value):
+        raise ProtocolError(f"{name}: {value[:40]!r} holds whitespace or control characters")
+
+
+def _check_ranges(msg: dict[str, Any]) -> None:
+    for name in _IDS:
+        if name in msg:
+            _check_id(name, msg[name], MAX_ID_LEN)
+    teacher = msg.get("teacher_id")
+    if teacher is not None and (len(teacher) > MAX_TEACHER_ID_LEN or not teacher.isprintable()):
+        raise ProtocolError(f"teacher_id: at most {MAX_TEACHER_ID_LEN} printable characters")
+    reason = msg["finish_reason"]
+    if len(reason) > MAX_FINISH_REASON_LEN or not reason.isprintable():
+        raise ProtocolError(
+            f"finish_reason {reason[:40]!r}: at most {MAX_FINISH_REASON_LEN} printable characters"
+        )
+    if not 0 <= msg["policy_version"] < MAX_POLICY_VERSION:
+        raise ProtocolError(f"policy_version {msg['policy_version']} outside [0, 2**62)")
+    if not 0 <= msg["sample_index"] < MAX_SAMPLE_INDEX:
+        raise ProtocolError(f"sample_index {msg['sample_index']} outside [0, 2**31)")
+    for name in ("behaviour_temperature", "teacher_temperature"):
+        value = msg.get(name)
+        if value is not None and not (math.isfinite(value) and 0 < value <= MAX_TEMPERATURE):
+            raise ProtocolError(
+                f"{name} {value!r}: expected a finite temperature in (0, {MAX_TEMPERATURE:g}]"
+            )
+    if "reward" in msg and not math.isfinite(msg["reward"]):
+        raise ProtocolError(f"reward {msg['reward']!r} is not finite")
+
+
+def _check_map(name: str, value: Any, kinds: tuple[type, ...]) -> None:
+    if not isinstance(value, dict) or len(value) > MAX_MAP_ENTRIES:
+        raise ProtocolError(f"{name}: expected a map of at most {MAX_MAP_ENTRIES} entries")
+    for k, v in value.items():
+        if not isinstance(k, str) or len(k) > MAX_MAP_STR_LEN:
+            raise ProtocolError(f"{name}: keys must be strings of at most {MAX_MAP_STR_LEN} characters")
+        if v is not None and not isinstance(v, kinds):
+            raise ProtocolError(
+                f"{name}[{k[:40]!r}]: {type(v).__name__}, expected {[t.__name__ for t in kinds]}"
+            )
+        if isinstance(v, str) and len(v) > MAX_MAP_STR_LEN:
+            raise ProtocolError(f"{name}[{k[:40]!r}]: string longer than {MAX_MAP_STR_LEN}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ProtocolError(f"{name}[{k[:40]!r}]: {v!r} is not finite")
 
 
 def _check_scalars(msg: dict[str, Any]) -> None:
@@ -135,12 +201,13 @@ def _check_scalars(msg: dict[str, Any]) -> None:
         value = msg[name]
         if isinstance(value, bool) or not isinstance(value, types):
             raise ProtocolError(f"{name}: {type(value).__name__} where {types} expected")
-    for name in ("task", "timestamps"):
-        value = msg.get(name, {})
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ProtocolError(f"{name}: expected a map with string keys")
-    if msg["policy_version"] < 0:
-        raise ProtocolError("policy_version is negative")
+    _check_ranges(msg)
+    # task values are what a verifier reads (strings, numbers); timestamps are numbers (seconds since the epoch)
+    _check_map("task", msg.get("task", {}), (str, int, float, bool))
+    _check_map("timestamps", msg.get("timestamps", {}), (int, float))
+    for k, v in msg.get("timestamps", {}).items():
+        if isinstance(v, bool) or (isinstance(v, int) and abs(v) >= MAX_POLICY_VERSION):
+            raise ProtocolError(f"timestamps[{k[:40]!r}]: {v!r} is not a time")
 
 
 def _check_shapes(t: Trajectory) -> None:
@@ -186,7 +253,21 @@ def _check_values(t: Trajectory, vocab_size: int | None) -> None:
 def decode(
     data: bytes, *, vocab_size: int | None = None, require_scored: bool = False, max_bytes: int = 64 << 20
 ) -> Trajectory:
-    """Parse and validate one message; raise ProtocolError with the reason for anything off."""
+    """Parse and validate one message; raise ProtocolError with the reason for anything off, and nothing else.
+
+    Consumers catch ProtocolError to dead-letter a message; any other exception would stop them. So whatever
+    slips past the checks (a numpy or msgpack error on input nobody foresaw) is turned into a ProtocolError too."""
+    try:
+        return _decode(data, vocab_size, require_scored, max_bytes)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # a check we lack must cost one message, never the consumer
+        raise ProtocolError(f"invalid message ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def _decode(data: bytes, vocab_size: int | None, require_scored: bool, max_bytes: int) -> Trajectory:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError(f"payload is {type(data).__name__}, expected bytes")
     if len(data) > max_bytes:  # checked before parsing: a huge message must not cost a huge decode
         raise ProtocolError(f"message of {len(data)} bytes exceeds broker.max_message_mb ({max_bytes} bytes)")
     try:
@@ -277,6 +358,7 @@ def pack_control(kind: str, **fields: Any) -> bytes:
 
 
 def unpack_control(data: bytes) -> dict[str, Any]:
+    """The record in `data`, or ProtocolError (never another exception) for anything but a typed map."""
     try:
         msg = msgpack.unpackb(data, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
     except Exception as exc:

@@ -126,6 +126,18 @@ def score_with_retries(
     }
 
 
+def _topk_mismatch(t: Trajectory, width: int) -> TeacherError | None:
+    """Why a scored trajectory's top-k does not have the run's width (None when it has): the learner stacks a
+    batch's top-k into one tensor, so a foreign width must stop here, not in the learner. A rollout that came
+    with top-k already attached (the teacher attaches none when scorer.topk is 0) fails the same way."""
+    got = 0 if t.teacher_topk_ids is None else t.teacher_topk_ids.shape[1]
+    if got == width:
+        return None
+    return TeacherError(
+        f"trajectory {t.id}", f"top-k width {got} but scorer.topk gives {width}", retryable=False
+    )
+
+
 class Scorer:
     def __init__(self, cfg: Config, index: int, stop: StopFlag):
         self.cfg, self.stop = cfg, stop
@@ -135,6 +147,8 @@ class Scorer:
         # the config picks the backend, which checks the tokenizer; a server still starting is waited for
         self.teacher = self.retry.call(lambda: build_teacher(cfg, assets))
         self.vocab_size = self.teacher.vocab_size
+        # what a learner of this run accepts (learner/intake.py Contract.topk_width): checked before publishing
+        self.topk_width = min(cfg.scorer.topk, self.vocab_size)
         self.teacher_id = self.teacher.teacher_id
         self.broker = open_broker(cfg.broker, stopping=stop)
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.scorer.metrics_every_s)
@@ -152,8 +166,11 @@ class Scorer:
             try:
                 good.append(decode(m.data, vocab_size=self.vocab_size, max_bytes=self.max_bytes))
                 good_ids.append(m.id)
-            except ProtocolError as exc:
-                self.reporter.dead_letter(self.rollouts, m.id, m.data, str(exc))
+            except (
+                Exception
+            ) as exc:  # decode raises only ProtocolError; anything else is still this message's
+                reason = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
+                self.reporter.dead_letter(self.rollouts, m.id, m.data, reason)
                 bad_ids.append(m.id)
         return good, good_ids, bad_ids
 
@@ -161,6 +178,10 @@ class Scorer:
         if self.chaos_prompt and any(t.prompt_id == self.chaos_prompt for t in trajs):
             raise RuntimeError(f"chaos: teacher fails on prompt {self.chaos_prompt} ({CHAOS_RAISE_ENV})")
         self.teacher.score(trajs)
+        wrong = {i: _topk_mismatch(t, self.topk_width) for i, t in enumerate(trajs)}
+        wrong = {i: exc for i, exc in wrong.items() if exc is not None}
+        if wrong:
+            raise PartlyScored(wrong, len(trajs))
 
     def score_isolating(self, trajs: list[Trajectory], ids: list[str]) -> tuple[list[Trajectory], list[str]]:
         """Score a batch, retrying what may heal (`score_with_retries`); return the scored ones and their ids.
@@ -188,8 +209,8 @@ class Scorer:
                 if unpack_control(msg.data)["kind"] == "stop":
                     self.run_over = True
                     self.stop.set("stop message from the learner")
-            except ProtocolError:
-                pass
+            except Exception as exc:  # a record this scorer cannot read is not a reason to stop scoring
+                log.warning("ignored an unreadable control record %s: %s", msg.id, exc)
             self.broker.ack(self.control, self.name, [msg.id])
 
     def _abandon_batch(self) -> bool:

@@ -130,7 +130,9 @@ def test_too_stale_trajectories_are_dropped_counted_and_ledgered(client, tmp_pat
 
 
 def test_malformed_or_incomplete_messages_are_dead_lettered_with_the_reason(client, tmp_path):
-    intake, reporter = _intake(client, tmp_path, "learner.batch_size=1", needs_rewards=True, needs_topk=True)
+    intake, reporter = _intake(
+        client, tmp_path, "learner.batch_size=1", "scorer.topk=2", needs_rewards=True, needs_topk=True
+    )
     no_reward = scored()
     no_topk = scored(reward=1.0, teacher_topk_ids=None, teacher_topk_logprobs=None)
     unscored = scored(reward=1.0, teacher_logprobs=None, teacher_topk_ids=None, teacher_topk_logprobs=None)
