@@ -225,6 +225,55 @@ class Scorer:
             self.drain_deadline = time.monotonic() + 0.75 * self.cfg.run.shutdown_grace_s
         return time.monotonic() > self.drain_deadline
 
+    def handle(self, msgs: list[Message]) -> bool:
+        """Validate, score, publish and acknowledge one batch of rollouts; False when asked to stop with the
+        scored batch still in hand (left pending). A message that fails any stage is dead-lettered (or, on a
+        redelivering broker, a teacher failure is left for redelivery), never a reason to stop the scorer."""
+        trajs, ids, bad = self._validate(msgs)
+        self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, bad)
+        t0 = time.perf_counter()
+        trajs, ids = self.score_isolating(trajs, ids)
+        payloads, ids = self._encode(trajs, ids, {m.id: m.data for m in msgs})
+        tokens = sum(len(t.response_token_ids) for t in trajs)
+        pad_s = pad_to_service_time(
+            t0, tokens, self.cfg.pipeline.service_time.scorer_ms_per_token, self.stop.wait
+        )
+        seconds = time.perf_counter() - t0
+        if payloads:
+            sent = publish_with_backpressure(
+                self.broker,
+                self.scored,
+                payloads,
+                should_stop=self._abandon_batch,
+                while_waiting=self._check_stop,
+            )
+            if sent is None:
+                return False
+        self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, ids)
+        self.reporter.add(
+            trajectories_scored=len(payloads),
+            tokens_scored=tokens,
+            score_seconds=seconds,
+            service_pad_seconds=pad_s,
+        )
+        return True
+
+    def _encode(
+        self, trajs: list[Trajectory], ids: list[str], rollouts: dict[str, bytes]
+    ) -> tuple[list[bytes], list[str]]:
+        """The scored copies' bytes and their rollouts' ids; one that cannot be encoded is dead-lettered."""
+        payloads, kept = [], []
+        for t, mid in zip(trajs, ids, strict=True):
+            try:
+                payloads.append(encode(t))
+                kept.append(mid)
+            except Exception as exc:  # a teacher's output we cannot send is that trajectory's failure
+                self.reporter.dead_letter(
+                    self.rollouts, mid, rollouts[mid], f"scored copy not encodable: {exc}"
+                )
+                self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, [mid])
+        return payloads, kept
+
     def run(self) -> None:
         log.info("ready: teacher %s, top-k %d", self.teacher_id, self.cfg.scorer.topk)
         while not self.stop():
@@ -235,34 +284,8 @@ class Scorer:
             if not msgs:
                 self.reporter.maybe_send()
                 continue
-            trajs, ids, bad = self._validate(msgs)
-            self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, bad)
-            t0 = time.perf_counter()
-            trajs, ids = self.score_isolating(trajs, ids)
-            tokens = sum(len(t.response_token_ids) for t in trajs)
-            pad_s = pad_to_service_time(
-                t0, tokens, self.cfg.pipeline.service_time.scorer_ms_per_token, self.stop.wait
-            )
-            seconds = time.perf_counter() - t0
-            if (
-                trajs
-                and publish_with_backpressure(
-                    self.broker,
-                    self.scored,
-                    [encode(t) for t in trajs],
-                    should_stop=self._abandon_batch,
-                    while_waiting=self._check_stop,
-                )
-                is None
-            ):
+            if not self.handle(msgs):
                 break  # stopping with work in hand: leave it pending (unacknowledged) in the broker
-            self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, ids)
-            self.reporter.add(
-                trajectories_scored=len(trajs),
-                tokens_scored=tokens,
-                score_seconds=seconds,
-                service_pad_seconds=pad_s,
-            )
             self.reporter.maybe_send()
         self.reporter.maybe_send(force=True, final=True)
         log.info("stopping (%s)", self.stop.reason or "done")
