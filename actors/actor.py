@@ -84,9 +84,8 @@ class Actor:
             try:
                 record = unpack_control(msg.data)
                 weights = _weights_fields(record) if record["kind"] == "weights" else None
-            except (
-                Exception
-            ) as exc:  # unpack_control raises only ProtocolError; the rest is this record's too
+            # unpack_control raises only ProtocolError; anything else raised here is this record's fault too
+            except Exception as exc:
                 reason = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
                 self.reporter.dead_letter(self.control, msg.id, msg.data, reason)
                 self.broker.ack(self.control, self.name, [msg.id])

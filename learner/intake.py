@@ -157,6 +157,29 @@ class IntakeBatch:
         return gone
 
 
+def _collate_error(collate: Callable[[list[Trajectory]], object], trajs: list[Trajectory]) -> str | None:
+    try:
+        collate(trajs)
+        return None
+    except Exception as exc:  # whatever collate raises is the reason these trajectories cannot be trained
+        return f"learner could not collate it: {type(exc).__name__}: {exc}"
+
+
+def _greedy(
+    collate: Callable[[list[Trajectory]], object], trajs: list[Trajectory], order: list[int]
+) -> tuple[list[int], dict[int, str]]:
+    """Positions kept (each added while the kept ones still collate with it) and the others with the reason."""
+    kept: list[int] = []
+    dropped: dict[int, str] = {}
+    for i in order:
+        reason = _collate_error(collate, [*(trajs[j] for j in kept), trajs[i]])
+        if reason is None:
+            kept.append(i)
+        else:
+            dropped[i] = reason
+    return kept, dropped
+
+
 class Intake:
     """Consumes `scored` for the learner; see the module docstring for what happens to each message."""
 
@@ -208,20 +231,22 @@ class Intake:
 
         Validation should leave nothing that cannot be collated, but a check we lack must cost the messages it
         misses, not the run: a learner that crashes here crashes again on the same pending entries after every
-        resume. The culprits are found greedily (each trajectory is kept if the ones kept so far still collate
-        with it), which costs quadratic time only on a batch that already failed."""
+        resume. A trajectory that cannot be collated alone is a culprit; of the rest, the larger of two greedy
+        picks (in order and in reverse: each kept if the ones kept so far still collate with it) is kept, so
+        one odd message first in the batch does not cost the others. Quadratic, but only on a failed batch."""
         try:
             return collate(batch.trajectories)
         except Exception as exc:
             log.warning("collate failed on a batch of %d (%s); isolating the culprit", len(batch), exc)
-        kept: list[Trajectory] = []
         culprits: dict[int, str] = {}
         for i, t in enumerate(batch.trajectories):
-            try:
-                collate([*kept, t])
-                kept.append(t)
-            except Exception as exc:
-                culprits[i] = f"learner could not collate it: {type(exc).__name__}: {exc}"
+            if (reason := _collate_error(collate, [t])) is not None:
+                culprits[i] = reason
+        rest = [i for i in range(len(batch)) if i not in culprits]
+        picks = [_greedy(collate, batch.trajectories, order) for order in (rest, rest[::-1])]
+        _kept, dropped = max(picks, key=lambda p: len(p[0]))
+        culprits.update(dropped)
+        culprits = dict(sorted(culprits.items()))
         gone = batch.drop(culprits)
         for (_t, message_id, payload), reason in zip(gone, culprits.values(), strict=True):
             self.reporter.dead_letter(self.stream, message_id, payload, reason)

@@ -55,6 +55,16 @@ def test_a_batch_that_cannot_be_collated_loses_only_its_culprit(client, tmp_path
     assert reporter.counters["dead_lettered"] == 1
 
 
+def test_an_odd_message_first_in_the_batch_does_not_cost_the_others(client, tmp_path):
+    intake, _ = _intake(client, tmp_path, "learner.batch_size=3")
+    odd, second, third = _width(3), _width(2), _width(2)
+    _publish(client, [odd, second, third])
+    batch = intake.next_batch(version=0)
+    made = intake.collate(batch, lambda ts: collate(ts, pad_id=0))
+    assert made.size == 2 and [t.id for t in batch.trajectories] == [second.id, third.id]
+    assert [r["trajectory_id"] for r in _dead_letters(client)] == [odd.id]
+
+
 def test_a_batch_of_culprits_only_gives_no_batch(client, tmp_path):
     intake, _ = _intake(client, tmp_path, "learner.batch_size=1")
     _publish(client, [_width(2)])
