@@ -25,14 +25,16 @@ _UNPACK_LIMITS = {"max_str_len": 1 << 20, "max_array_len": 1 << 16, "max_map_len
 # tensors of versions cannot overflow; a version of 2**63 would otherwise never count as stale.
 MAX_POLICY_VERSION = 1 << 62
 MAX_SAMPLE_INDEX = 1 << 31
-MAX_ID_LEN = 256  # id, run_id, prompt_id, group_id
+MAX_ID_LEN = 256  # id, run_id: the trajectory and run names we mint
+MAX_PROMPT_ID_LEN = 4096  # prompt_id, group_id: a JSONL prompt brings its own id (spaces allowed)
 MAX_TEACHER_ID_LEN = 4096  # a model path or server description: spaces allowed, control characters not
 MAX_FINISH_REASON_LEN = 64
 MAX_TEMPERATURE = 1e4
 MAX_DIM = 1 << 31  # any one array dimension; the element count is bounded by the message size as well
 MAX_MAP_ENTRIES = 64  # task and timestamps
 MAX_MAP_STR_LEN = 1 << 16  # a task value (a reference answer) or key
-_IDS = ("id", "run_id", "prompt_id", "group_id")
+_IDS = ("id", "run_id")  # ours: no whitespace at all
+_PROMPT_IDS = ("prompt_id", "group_id")  # may come from a user's JSONL: printable, spaces allowed
 
 
 class ProtocolError(ValueError):
@@ -154,6 +156,12 @@ def _check_ranges(msg: dict[str, Any]) -> None:
     for name in _IDS:
         if name in msg:
             _check_id(name, msg[name], MAX_ID_LEN)
+    for name in _PROMPT_IDS:  # printable excludes newline, tab and every other control character
+        value = msg[name]
+        if not value or len(value) > MAX_PROMPT_ID_LEN or not value.isprintable():
+            raise ProtocolError(
+                f"{name}: {value[:40]!r} must be 1 to {MAX_PROMPT_ID_LEN} printable characters"
+            )
     teacher = msg.get("teacher_id")
     if teacher is not None and (len(teacher) > MAX_TEACHER_ID_LEN or not teacher.isprintable()):
         raise ProtocolError(f"teacher_id: at most {MAX_TEACHER_ID_LEN} printable characters")

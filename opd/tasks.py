@@ -81,9 +81,15 @@ def read_jsonl_problems(path: Path) -> list[Problem]:
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise ValueError(f"{path}:{lineno}: each line needs a string field 'prompt'")
             answer = row.get("answer")
+            prompt_id = str(row.get("id", f"{path.name}:{lineno}"))
+            if not prompt_id or len(prompt_id) > 4096 or not prompt_id.isprintable():
+                raise ValueError(
+                    f"{path}:{lineno}: 'id' must be 1 to 4096 printable characters (no newline or tab); "
+                    "fix it or drop the field to use file:line"
+                )
             problems.append(
                 Problem(
-                    prompt_id=str(row.get("id", f"{path.name}:{lineno}")),
+                    prompt_id=prompt_id,
                     prompt=row["prompt"],
                     answer=None if answer is None else str(answer),
                 )

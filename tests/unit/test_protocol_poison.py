@@ -41,7 +41,8 @@ POISON = {
     "NaN reward": (lambda m: m.update(reward=math.nan), "reward"),
     "id with a newline": (lambda m: m.update(id="abc\ndef"), "id"),
     "empty id": (lambda m: m.update(id=""), "id"),
-    "overlong prompt_id": (lambda m: m.update(prompt_id="p" * 257), "prompt_id"),
+    "overlong prompt_id": (lambda m: m.update(prompt_id="p" * 4097), "prompt_id"),
+    "prompt_id with a newline": (lambda m: m.update(prompt_id="q\n1"), "prompt_id"),
     "group_id with a tab": (lambda m: m.update(group_id="g\t1"), "group_id"),
     "run_id with a control character": (lambda m: m.update(run_id="r\x00"), "run_id"),
     "overlong finish_reason": (lambda m: m.update(finish_reason="x" * 65), "finish_reason"),
@@ -69,7 +70,7 @@ def test_the_bounds_admit_what_our_producers_send():
         reward=-1.0,
         teacher_id="/cache/teacher model/v1",
         task={"answer": "12", "level": 3},
-        prompt_id="gsm8k:train.jsonl:12",
+        prompt_id="question 12 (gsm8k: my train.jsonl)",
     )
     from opd.protocol import encode
 

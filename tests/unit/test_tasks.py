@@ -50,3 +50,15 @@ def test_char_tokenizer_round_trips_and_adds_bos(tmp_path):
     assert ids[0] == loaded.bos_token_id and len(ids) == 7
     assert loaded.decode(ids, skip_special_tokens=True) == "12+34="
     assert loaded.get_vocab() == tok.get_vocab()
+
+
+def test_a_jsonl_id_that_would_be_refused_on_the_wire_is_refused_at_load(tmp_path):
+    """A prompt's id travels as prompt_id, which the protocol requires printable: refuse it here, naming the line,
+    rather than have every trajectory of that prompt dead-lettered mid-run. Spaces are fine."""
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"id": "question 7", "prompt": "2+2="}\n')
+    assert tasks.read_jsonl_problems(ok)[0].prompt_id == "question 7"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1="}\n{"id": "a\\nb", "prompt": "2+2="}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: 'id' must be 1 to 4096 printable"):
+        tasks.read_jsonl_problems(bad)
