@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from broker import Broker
+from learner.losses import teacher_term
 from opd.config import Config, LearnerConfig
 from opd.protocol import ProtocolError, Streams, Trajectory, decode
 from opd.runtime.lifecycle import Reporter, log
@@ -80,7 +81,9 @@ class Contract:
             sampling_temperature=cfg.sampling.temperature,
             scorer_temperature=cfg.scorer.temperature,
             reward_needed_by=cfg.learner.loss if needs_rewards else None,
-            topk_needed_by=cfg.learner.distill_loss if needs_topk else None,
+            topk_needed_by=teacher_term(cfg.learner.loss, cfg.learner.hybrid.distill).name
+            if needs_topk
+            else None,
             topk=cfg.scorer.topk,
         )
 

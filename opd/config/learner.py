@@ -139,11 +139,6 @@ class LearnerConfig(Strict):
         600.0, gt=0, description="Give up if no scored data arrives for this long."
     )
 
-    @property
-    def distill_loss(self) -> str:
-        """The loss that needs the teacher: the loss itself, or the distillation term of hybrid."""
-        return self.hybrid.distill if self.loss == "hybrid" else self.loss
-
     @model_validator(mode="after")
     def _own_combinations(self) -> LearnerConfig:
         """Settings of this section that contradict each other. Which loss needs which inputs is the loss registry's
