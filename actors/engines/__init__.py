@@ -10,11 +10,11 @@ convention (log-softmax(raw logits / temperature) of the sampled token, before t
 
 from __future__ import annotations
 
-import importlib
 from typing import Protocol
 
 import torch
 
+from opd import registry
 from opd.config import Config
 from opd.models.builds import Assets
 from opd.models.sampler import Sample
@@ -39,10 +39,5 @@ ENGINES: dict[str, str] = {
 
 def build_engine(cfg: Config, assets: Assets) -> StudentEngine:
     """The student engine `actor.engine` names."""
-    try:
-        module, attr = ENGINES[cfg.actor.engine].split(":")
-    except KeyError:
-        raise NotImplementedError(
-            f"actor.engine: {cfg.actor.engine} has no student engine; choose one of {sorted(ENGINES)}"
-        ) from None
-    return getattr(importlib.import_module(module), attr)(cfg, assets)
+    unknown = f"actor.engine: {cfg.actor.engine} has no student engine; choose one of {sorted(ENGINES)}"
+    return registry.load(ENGINES, cfg.actor.engine, unknown)(cfg, assets)

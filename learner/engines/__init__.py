@@ -6,11 +6,10 @@ Engines are imported only when chosen (DeepSpeed is an optional dependency).
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from learner.engines.base import Engine
+from opd import registry
 from opd.config import Config
 
 ENGINES: dict[str, str] = {
@@ -21,10 +20,5 @@ ENGINES: dict[str, str] = {
 
 def build_engine(model: torch.nn.Module, cfg: Config) -> Engine:
     """The engine `learner.engine` names, around `model`."""
-    try:
-        module, attr = ENGINES[cfg.learner.engine].split(":")
-    except KeyError:
-        raise NotImplementedError(
-            f"learner.engine: {cfg.learner.engine} has no engine; choose one of {sorted(ENGINES)}"
-        ) from None
-    return getattr(importlib.import_module(module), attr)(model, cfg)
+    unknown = f"learner.engine: {cfg.learner.engine} has no engine; choose one of {sorted(ENGINES)}"
+    return registry.load(ENGINES, cfg.learner.engine, unknown)(model, cfg)

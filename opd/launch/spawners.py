@@ -6,9 +6,9 @@ the `Spawner` contract of `opd/launch/supervisor.py`.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
+from opd import registry
 from opd.config import Config
 from opd.launch.supervisor import Spawner
 
@@ -20,5 +20,5 @@ SPAWNERS = {
 
 def open_spawner(launcher: str, cfg: Config, log: Callable[..., None]) -> Spawner:
     """The spawner registered under `launcher` (see SPAWNERS), imported only when chosen."""
-    module, _, factory = SPAWNERS[launcher].partition(":")
-    return getattr(importlib.import_module(module), factory)(cfg, log)
+    unknown = f"--launcher {launcher}: choose one of {sorted(SPAWNERS)}"
+    return registry.load(SPAWNERS, launcher, unknown)(cfg, log)

@@ -10,9 +10,9 @@ will come back from the broker, how long it may wait, and where a hopeless one g
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from opd import registry
 from teacher_scorers.backends.base import PartlyScored, TeacherBackend, TeacherError
 
 if TYPE_CHECKING:
@@ -40,10 +40,5 @@ def build_teacher(cfg: Config, assets: Assets) -> TeacherBackend:
     """The teacher backend the config names. It checks, where it can, that the teacher shares the student's
     tokenizer: token ids are only meaningful if it does."""
     name = backend_name(cfg.scorer)
-    try:
-        module, attr = BACKENDS[name].split(":")
-    except KeyError:
-        raise NotImplementedError(
-            f"scorer.engine: {cfg.scorer.engine} has no teacher backend {name!r}; known: {sorted(BACKENDS)}"
-        ) from None
-    return getattr(importlib.import_module(module), attr)(cfg, assets)
+    unknown = f"scorer.engine: {cfg.scorer.engine} has no teacher backend {name!r}; known: {sorted(BACKENDS)}"
+    return registry.load(BACKENDS, name, unknown)(cfg, assets)
