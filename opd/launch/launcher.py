@@ -24,7 +24,7 @@ from opd.launch.rundir import LaunchError, prepare_run_dir
 from opd.launch.scaling import ScorerScaler, SupervisorPool
 from opd.launch.spawners import open_spawner
 from opd.launch.supervisor import Component, Slot, Supervisor
-from opd.runtime.broker import open_broker
+from opd.runtime.broker import open_broker, open_broker_when_ready
 from opd.runtime.prometheus import write_port_map
 
 console = Console(highlight=False, soft_wrap=True)
@@ -115,18 +115,11 @@ class Launcher:
 
     def _start_broker(self):
         proc = self.supervisor.spawn("broker")
-        client = open_broker(self.cfg.broker)
-        client.timeout_s = 1.0  # poll quickly while it starts
-        deadline = time.monotonic() + BROKER_START_S
-        while True:
-            try:
-                client.ping()
-                break
-            except BrokerUnavailable:
-                if proc.proc.poll() is not None or time.monotonic() > deadline:
-                    raise LaunchError(f"the broker did not start:\n{proc.tail()}") from None
-        client.timeout_s = self.cfg.broker.request_timeout_s
-        return client
+        alive = lambda: proc.proc.poll() is None  # noqa: E731
+        try:
+            return open_broker_when_ready(self.cfg.broker, within_s=BROKER_START_S, alive=alive)
+        except BrokerUnavailable:
+            raise LaunchError(f"the broker did not start:\n{proc.tail()}") from None
 
     # ------------------------------------------------------------------------------------------- watch
     def _watch(self) -> Component | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from broker import Broker, connect
+from broker import Broker, connect, wait_ready
 from opd.protocol import dead_letter_record
 
 
@@ -20,3 +20,9 @@ def open_broker(section: Any, *, stopping: Callable[[], bool] | None = None) -> 
     if stopping is not None:
         client.stopping = stopping
     return client
+
+
+def open_broker_when_ready(section: Any, *, within_s: float, alive: Callable[[], bool]) -> Broker:
+    """A client once the broker answers (a launcher that has just started the embedded broker); BrokerUnavailable
+    with the broker's hint after `within_s`, or as soon as `alive()` turns false."""
+    return wait_ready(section, within_s=within_s, alive=alive, poison_record=dead_letter_record)
