@@ -14,8 +14,9 @@ import pytest
 import redis
 import yaml
 
-from opd.protocol import decode, encode
-from tests.conftest import CHAOS_BOOKS, TINY, RedisServer, children_of, opd, wait_for
+from opd.protocol import encode
+from tests.books import accounting, component_pid
+from tests.conftest import TINY, RedisServer, opd, wait_for
 from tests.unit.test_protocol import BAD, _mutate, make
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -41,62 +42,7 @@ def _run_args(prepared, out_dir: Path, url: str, *extra: str) -> list[str]:
     ]
 
 
-def _lines(path: Path) -> list[str]:
-    return path.read_text().split() if path.exists() else []
-
-
-def accounting(out_dir: Path, url: str) -> dict:
-    """The books of a run, by trajectory id, from the components' records and what is left in Redis."""
-    run_id = json.loads((out_dir / "summary.json").read_text())["run_id"]
-    generated: dict[str, float] = {}
-    for f in (out_dir / "ledger").glob("actor-*.generated"):
-        for line in f.read_text().splitlines():
-            tid, when = line.split("\t")
-            generated[tid] = float(when)
-    trained = _lines(out_dir / "trained_ids.txt")
-    stale = set(_lines(out_dir / "ledger" / "learner.dropped_stale"))
-    dead_records = (
-        [json.loads(x) for x in (out_dir / "dead_letter.jsonl").read_text().splitlines()]
-        if (out_dir / "dead_letter.jsonl").exists()
-        else []
-    )
-    dead = {r["trajectory_id"] for r in dead_records if r.get("trajectory_id")}
-    client = redis.Redis.from_url(url)
-    queued = set()
-    for stream in ("rollouts", "scored"):
-        for _, fields in client.xrange(f"{run_id}:{stream}"):
-            queued.add(decode(fields[b"d"]).id)
-    books = {
-        "generated": len(generated),
-        "trained": len(trained),
-        "trained_unique": len(set(trained)),
-        "dead_lettered": len(dead_records),
-        "dropped_stale": len(stale),
-        "still_queued": len(queued),
-        "unaccounted": sorted(set(generated) - set(trained) - stale - dead - queued),
-        "trained_not_generated": sorted(set(trained) - set(generated)),
-        "generated_at": generated,
-    }
-    line = (
-        "generated {generated} / trained {trained} ({trained_unique} unique) / dead-lettered {dead_lettered} / "
-        "dropped as stale {dropped_stale} / still queued {still_queued} / unaccounted {n}"
-    ).format(n=len(books["unaccounted"]), **books)
-    CHAOS_BOOKS.append(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]}: {line}")
-    return books
-
-
-def _component_pid(launcher_pid: int, role: str, index: int | None = None) -> int:
-    for pid in children_of(launcher_pid):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if role.encode() in cmd and (index is None or str(index).encode() in cmd[cmd.index(role.encode()) :]):
-            return pid
-    raise AssertionError(f"no {role} process under launcher {launcher_pid}")
-
-
-def _metrics_lines(out_dir: Path) -> int:
+def _metricslines(out_dir: Path) -> int:
     path = out_dir / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -106,8 +52,8 @@ def test_kill_one_of_two_scorers_mid_run(prepared, redis_server, tmp_path):
     proc = opd(
         *_run_args(prepared, out_dir, redis_server.url, "scorer.num_scorers=2", "learner.max_steps=30")
     )
-    wait_for(lambda: _metrics_lines(out_dir) >= 4, 300, "a few learner steps")
-    os.kill(_component_pid(proc.pid, "scorer", 0), signal.SIGKILL)
+    wait_for(lambda: _metricslines(out_dir) >= 4, 300, "a few learner steps")
+    os.kill(component_pid(proc.pid, "scorer", 0), signal.SIGKILL)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
     assert "scorer-0 exited with code -9" in log and "continuing on scorer-1" in log
@@ -120,8 +66,8 @@ def test_kill_the_learner_then_resume(prepared, redis_server, tmp_path):
     out_dir = tmp_path / "run"
     args = _run_args(prepared, out_dir, redis_server.url, "learner.max_steps=24")
     proc = opd(*args)
-    wait_for(lambda: _metrics_lines(out_dir) >= 8, 300, "steps past the first checkpoint")
-    os.kill(_component_pid(proc.pid, "learner"), signal.SIGKILL)
+    wait_for(lambda: _metricslines(out_dir) >= 8, 300, "steps past the first checkpoint")
+    os.kill(component_pid(proc.pid, "learner"), signal.SIGKILL)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "learner exited with code -9" in log
     resumed = opd(*args, "--resume")
@@ -145,10 +91,10 @@ def test_kill_an_actor_the_run_continues_and_a_restarted_one_rejoins(prepared, r
     proc = opd(
         *_run_args(prepared, out_dir, redis_server.url, "actor.num_actors=2", f"learner.max_steps={steps}")
     )
-    wait_for(lambda: _metrics_lines(out_dir) >= 6, 300, "a few learner steps")
-    os.kill(_component_pid(proc.pid, "actor", 0), signal.SIGKILL)
-    wait_for(lambda: _metrics_lines(out_dir) >= 16, 300, "steps on the surviving actor")
-    restarted_at = _metrics_lines(out_dir)
+    wait_for(lambda: _metricslines(out_dir) >= 6, 300, "a few learner steps")
+    os.kill(component_pid(proc.pid, "actor", 0), signal.SIGKILL)
+    wait_for(lambda: _metricslines(out_dir) >= 16, 300, "steps on the surviving actor")
+    restarted_at = _metricslines(out_dir)
     rejoined = opd("actor", "--config", str(out_dir / "config.yaml"), "--index", "0")
     log, _ = proc.communicate(timeout=600)
     actor_log, _ = rejoined.communicate(timeout=120)
@@ -178,7 +124,7 @@ def test_redis_restart_with_aof_loses_at_most_the_last_second(prepared, tmp_path
     try:
         out_dir = tmp_path / "run"
         proc = opd(*_run_args(prepared, out_dir, server.url, "learner.max_steps=30"))
-        wait_for(lambda: _metrics_lines(out_dir) >= 6, 300, "a few learner steps")
+        wait_for(lambda: _metricslines(out_dir) >= 6, 300, "a few learner steps")
         killed_at = time.time()
         server.kill()
         time.sleep(1.0)
@@ -207,7 +153,7 @@ def test_malformed_input_and_a_failing_teacher_are_dead_lettered(prepared, redis
     out_dir = tmp_path / "run"
     env = {**os.environ, "OPD_CHAOS_TEACHER_RAISE": "poison"}
     proc = opd(*_run_args(prepared, out_dir, redis_server.url, "learner.max_steps=50"), env=env)
-    wait_for(lambda: _metrics_lines(out_dir) >= 2, 300, "the first learner steps")
+    wait_for(lambda: _metricslines(out_dir) >= 2, 300, "the first learner steps")
     run_id = yaml.safe_load((out_dir / "config.yaml").read_text())["run"]["run_id"]
     client = redis.Redis.from_url(redis_server.url)
     bad = _malformed()
