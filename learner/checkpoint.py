@@ -13,12 +13,18 @@ Layout under the run directory:
     checkpoints/step-000050/state.json    step, weight version, trained ids in order, histories
     checkpoints/step-000050/rng.pt        torch RNG state
     replay/step-000051.msgpack            the raw scored messages of step 51 (deleted once checkpointed)
+
+Every torch file of a checkpoint is read with `safe_load` (torch's weights-only unpickler): whoever can write the
+run directory must not be able to run code in the learner by swapping a file for a crafted pickle.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import msgpack
@@ -79,6 +85,29 @@ class CheckpointStore:
         return out
 
 
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint file holds more than tensors and plain data: it was not written by us, so it is not loaded."""
+
+
+def safe_load(path: str | Path, *, allowed: Iterable[type] = (), map_location=None):
+    """`torch.load` with weights_only=True, which only rebuilds tensors, containers and the `allowed` classes
+    (e.g. DeepSpeed's loss-scaler record) and never calls anything else a pickle names. A file that needs more is
+    refused with UnsafeCheckpoint before anything in it runs."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        named = re.search(
+            r"GLOBAL [\w.]+", str(exc)
+        )  # torch's message goes on to advise allowlisting it: we do not
+        raise UnsafeCheckpoint(
+            f"checkpoint file {path} holds objects other than tensors and plain data "
+            f"({named.group(0) if named else 'not a weights-only pickle'}); refusing to load it, since unpickling it "
+            "could run code. It was not written by this learner: restore the file from a trusted copy, or resume "
+            "from another checkpoint (move this checkpoint directory away)."
+        ) from None
+
+
 def write_state(path: Path, state: dict) -> None:
     (path / "state.json").write_text(json.dumps(state))
     torch.save({"torch": torch.get_rng_state()}, path / "rng.pt")
@@ -86,6 +115,6 @@ def write_state(path: Path, state: dict) -> None:
 
 def read_state(path: Path) -> dict:
     state = json.loads((path / "state.json").read_text())
-    rng = torch.load(path / "rng.pt", weights_only=True)  # our own file; weights_only refuses code anyway
+    rng = safe_load(path / "rng.pt")
     torch.set_rng_state(rng["torch"])
     return state

@@ -4,6 +4,10 @@ The learner is one DeepSpeed rank. Gradient accumulation is caller-owned (`manag
 false`): the number of micro-batches per step varies with the token budget, so DeepSpeed must not count them.
 The default process group is created in-process from a HashStore, so no port or launcher is needed; the weight
 broadcast group to the actors stays separate (weight_sync/).
+
+DeepSpeed reads its checkpoint files with `torch.load(weights_only=False)`, which runs whatever a pickle names: a
+resume swaps in a checkpoint engine whose loads go through `safe_load` (weights only, plus the few DeepSpeed record
+classes its optimizer state holds), so a tampered file is refused instead of executed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from learner.checkpoint import safe_load
 from learner.engines.base import Engine, lr_factor
 from opd.config import Config
 
@@ -39,6 +44,29 @@ def _ensure_default_group(device: str) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     backend = "nccl" if "cuda" in device else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def checkpoint_classes() -> list[type]:
+    """The DeepSpeed classes its checkpoints hold besides tensors and plain data (ZeRO stage, loss scaler, bf16/ZeRO
+    fragment addresses): plain records whose unpickling sets attributes and calls nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+class _WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine with `load` replaced by `safe_load`; everything else is the wrapped engine's."""
+
+    def __init__(self, inner):
+        self._inner, self._allowed = inner, checkpoint_classes()
+
+    def load(self, path, map_location=None):
+        return safe_load(path, allowed=self._allowed, map_location=map_location)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 def ds_config(cfg: Config) -> dict:
@@ -115,7 +143,12 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(path), tag="ds", client_state={"counters": self._counters()})
 
     def load_state(self, path: Path) -> None:
-        loaded, client = self.ds.load_checkpoint(str(path), tag="ds")
+        inner = self.ds.checkpoint_engine
+        self.ds.checkpoint_engine = _WeightsOnlyLoads(inner)  # every file DeepSpeed reads goes through it
+        try:
+            loaded, client = self.ds.load_checkpoint(str(path), tag="ds")
+        finally:
+            self.ds.checkpoint_engine = inner
         if loaded is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {path}; resume needs the engine/ directory")
         self._set_counters(client["counters"])

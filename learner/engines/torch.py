@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from learner.checkpoint import safe_load
 from learner.engines.base import Engine, lr_factor
 from opd.config import Config
 
@@ -43,7 +44,7 @@ class TorchEngine(Engine):
         torch.save({**state, "counters": self._counters()}, path / "engine.pt")
 
     def load_state(self, path: Path) -> None:
-        state = torch.load(path / "engine.pt", weights_only=True, map_location=self.lc.device)
+        state = safe_load(path / "engine.pt", map_location=self.lc.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._set_counters(state["counters"])

@@ -1,0 +1,87 @@
+"""A checkpoint file swapped for a crafted pickle is refused before any of it runs (issue 14, Medium-low).
+
+Whoever can write the run directory could otherwise run code in the learner on its next resume: DeepSpeed itself
+reads its files with `torch.load(weights_only=False)`. Each test plants a pickle whose unpickling would create a
+marker file, resumes, and checks that the load fails with UnsafeCheckpoint and the marker never appears.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from learner.batching import collate
+from learner.checkpoint import UnsafeCheckpoint, read_state, write_state
+from learner.engines import build_engine
+from tests.scored import scored_trajectories, tiny_model
+from tests.unit.test_checkpoint import _config, _engine_kinds
+
+
+class _Planted:
+    """Unpickling this opens (creates) the marker file: the smallest stand-in for arbitrary code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# The file of each engine's checkpoint that holds the optimiser state (the one worth tampering with).
+TARGETS = {
+    "torch": "engine.pt",
+    "deepspeed-0": "ds/mp_rank_00_model_states.pt",
+    "deepspeed-2": "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+}
+
+
+def _saved_engine(kind: str, path):
+    engine = build_engine(tiny_model(0), _config(kind))
+    for seed in range(2):
+        engine.step(collate(scored_trajectories(8, seed=seed), 0))
+    engine.save_state(path)
+    return engine
+
+
+@pytest.mark.parametrize("kind", _engine_kinds())
+def test_a_planted_pickle_in_the_engine_state_is_refused_and_never_runs(kind, tmp_path):
+    _saved_engine(kind, tmp_path / "engine")
+    target = tmp_path / "engine" / TARGETS[kind]
+    assert target.exists(), sorted(p.name for p in (tmp_path / "engine").rglob("*"))
+    marker = tmp_path / "pwned"
+    # the real state plus one planted object: a loader that unpickles freely would accept it and open the marker
+    state = torch.load(target, weights_only=False)
+    torch.save({**state, "planted": _Planted(str(marker))}, target)
+
+    resumed = build_engine(tiny_model(1), _config(kind))
+    with pytest.raises(UnsafeCheckpoint, match="refusing to load"):
+        resumed.load_state(tmp_path / "engine")
+    assert not marker.exists()
+
+
+def test_a_planted_rng_file_is_refused(tmp_path):
+    write_state(tmp_path, {"step": 3})
+    marker = tmp_path / "pwned"
+    torch.save({"torch": torch.get_rng_state(), "x": _Planted(str(marker))}, tmp_path / "rng.pt")
+    with pytest.raises(UnsafeCheckpoint, match="rng.pt"):
+        read_state(tmp_path)
+    assert not marker.exists()
+    assert json.loads((tmp_path / "state.json").read_text()) == {"step": 3}
+
+
+@pytest.mark.parametrize("kind", [k for k in _engine_kinds() if k != "torch"])
+def test_deepspeed_resume_reads_its_own_files_weights_only(kind, tmp_path):
+    """The weights-only loader accepts everything DeepSpeed itself writes (the round trip is exact)."""
+    engine = _saved_engine(kind, tmp_path / "engine")
+    batch = collate(scored_trajectories(8, seed=5), 0)
+    resumed = build_engine(tiny_model(0), _config(kind))
+    resumed.hf_model.load_state_dict(engine.hf_model.state_dict())
+    resumed.load_state(tmp_path / "engine")
+    assert resumed.optimizer_steps == engine.optimizer_steps == 2
+    engine.step(copy.deepcopy(batch))
+    resumed.step(copy.deepcopy(batch))
+    for a, b in zip(engine.hf_model.parameters(), resumed.hf_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
