@@ -98,14 +98,32 @@ class RedisBroker:
     # ------------------------------------------------------------------------------ from the config
     @classmethod
     def from_config(cls, section: Any, **hooks: Any) -> RedisBroker:
-        """A client for `broker:` with type redis; hooks: poison_record."""
+        """A client for `broker:` with type redis; hooks: poison_record. The password comes from the URL or from
+        `password_file`."""
         tls = (
             ("ssl_ca_certs", section.tls_ca_file),
             ("ssl_certfile", section.tls_cert_file),
             ("ssl_keyfile", section.tls_key_file),
         )
+        url = section.url
+        password_file = getattr(section, "password_file", None)
+        if password_file is not None:  # the password lives in a 0600 file, never in config.yaml or on argv
+            from urllib.parse import quote
+
+            try:
+                secret = password_file.read_text().strip("\r\n")
+            except OSError as exc:
+                raise BrokerAuthError(
+                    f"broker.password_file {password_file} cannot be read ({exc.strerror}); it holds the Redis "
+                    "password (redis.sbatch writes <run dir>/slurm/redis.password)"
+                ) from None
+            parts = urlsplit(url)
+            user = quote(parts.username or "", safe="")
+            url = parts._replace(
+                netloc=f"{user}:{quote(secret, safe='')}@{parts.netloc.rsplit('@', 1)[-1]}"
+            ).geturl()
         return cls(
-            section.url,
+            url,
             max_depth=section.max_depth,
             log_maxlen=section.control_maxlen,
             claim_idle_s=section.claim_idle_s,

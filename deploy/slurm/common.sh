@@ -1,7 +1,8 @@
 # Sourced by deploy/slurm/*.sbatch: find the run directory, its Redis and its learner.
 # Jobs meet through files in <run dir>/slurm/ (the run directory must be on storage every node sees):
 #   redis.job   the id of the Redis job launch.sh submitted (absent when the run uses an outside Redis)
-#   redis.url   written by redis.sbatch once Redis answers
+#   redis.url   written by redis.sbatch once Redis answers (no password in it)
+#   redis.password  the Redis password (0600), written by redis.sbatch; components read it (broker.password_file)
 #   learner.host written by learner.sbatch when it starts; actors connect to its weight-sync store there
 #   learner.done written when the learner finished (exit 0); the Redis job then shuts down
 set -euo pipefail
@@ -14,6 +15,7 @@ RUN_CONFIG=$RUN_DIR/$(basename "$RUN_CONFIG")
 STATE=$RUN_DIR/slurm
 mkdir -p "$STATE" "$RUN_DIR/logs"
 WAIT_S=${OPD_SLURM_WAIT_S:-900}
+PASSWORD_FILE=$STATE/redis.password
 INDEX=${OPD_INDEX:-${SLURM_JOB_ID:-0}}  # unique per job and array task; kept when Slurm requeues the job
 
 wait_for_file() {  # PATH WHAT: wait until PATH is non-empty
@@ -33,10 +35,15 @@ write_atomic() {  # PATH TEXT: a reader never sees half a file
     mv "$1.tmp.$$" "$1"
 }
 
+write_secret() {  # PATH TEXT: like write_atomic, readable by this user only from the start (printf is a builtin:
+    (umask 077; write_atomic "$1" "$2")  # the text never appears on a command line)
+}
+
 BROKER_OVERRIDES=()
 find_broker() {  # the Redis that redis.sbatch started, else broker.url from the config (learner, actor, scorer)
     if [ -e "$STATE/redis.job" ]; then
         wait_for_file "$STATE/redis.url" "the run's Redis (job $(cat "$STATE/redis.job"))"
-        BROKER_OVERRIDES=("broker.url=$(cat "$STATE/redis.url")")
+        # the password goes by file: a command line is readable by every user of the node (ps)
+        BROKER_OVERRIDES=("broker.url=$(cat "$STATE/redis.url")" "broker.password_file=$PASSWORD_FILE")
     fi
 }

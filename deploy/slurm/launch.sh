@@ -3,7 +3,8 @@
 # actor.num_actors actors and scorer.num_scorers scorers (job arrays). Run it from the repository root:
 #   deploy/slurm/launch.sh configs/redis.yaml learner.max_steps=100
 # It prints the run's config.yaml; add scorers later with  sbatch deploy/slurm/scorer.sbatch <that config>.
-# Env: OPD_REDIS_URL (use that Redis instead of starting a job), OPD (how to run opd, default `opd`),
+# Env: OPD_REDIS_URL (use that Redis instead of starting a job; no password in it: OPD_REDIS_PASSWORD_FILE names a
+#      file holding it), OPD (how to run opd, default `opd`),
 #      OPD_PYTHON (default python3), OPD_SBATCH_ARGS (extra sbatch arguments for every job, e.g.
 #      "--partition=cpu --time=2:00:00"), OPD_SBATCH_ARGS_<ROLE> for one role (LEARNER, ACTOR, SCORER, REDIS,
 #      PREPARE), e.g. OPD_SBATCH_ARGS_LEARNER="--gres=gpu:1".
@@ -14,7 +15,19 @@ shift
 PY=${OPD_PYTHON:-python3}
 OVERRIDES=(broker.type=redis "$@")
 if [ -n "${OPD_REDIS_URL:-}" ]; then
+    if [[ "$OPD_REDIS_URL" =~ ^[a-z]+://[^/@]*:[^/@]*@ ]]; then
+        echo "opd: OPD_REDIS_URL holds a password, which would show on command lines; put the password in a" \
+            "file (chmod 600) and set OPD_REDIS_PASSWORD_FILE to it" >&2
+        exit 2
+    fi
     OVERRIDES+=("broker.url=$OPD_REDIS_URL")
+    if [ -n "${OPD_REDIS_PASSWORD_FILE:-}" ]; then
+        PW_DIR=$(cd "$(dirname "$OPD_REDIS_PASSWORD_FILE")" && pwd)  # absolute: jobs start elsewhere
+        OVERRIDES+=("broker.password_file=$PW_DIR/$(basename "$OPD_REDIS_PASSWORD_FILE")")
+    fi
+elif [ -n "${OPD_REDIS_TLS_CERT:-}" ]; then
+    # the Redis job will speak TLS: a rediss:// URL lets broker.tls_* overrides validate (find_broker sets the real one)
+    OVERRIDES+=("broker.url=rediss://redis-job.invalid:6379/0")
 fi
 RUN_CONFIG=$("$PY" -m opd.launch.cluster resolve "$CONFIG" "${OVERRIDES[@]}")
 RUN_DIR=$(dirname "$RUN_CONFIG")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
@@ -64,6 +65,20 @@ class RedisBrokerConfig(_BrokerCommon):
     )
     tls_cert_file: Path | None = Field(None, description="rediss:// only: client certificate (mutual TLS).")
     tls_key_file: Path | None = Field(None, description="rediss:// only: the client certificate's key.")
+    password_file: Path | None = Field(
+        None,
+        description="File holding the Redis password (mode 0600), read when connecting: the password stays out of "
+        "config.yaml and command lines. Instead of a password in url (a user name there is kept).",
+    )
+
+    @model_validator(mode="after")
+    def _one_password(self) -> RedisBrokerConfig:
+        if self.password_file is not None and urlsplit(self.url).password is not None:
+            raise ValueError(
+                "url holds a password and password_file is set; keep the password in password_file only "
+                "(url: redis://host:port/db)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tls_needs_rediss(self) -> RedisBrokerConfig:

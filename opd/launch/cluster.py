@@ -15,9 +15,9 @@ import zlib
 from pathlib import Path
 
 from broker import capabilities
-from opd.config import Config, ConfigError, dump_config
+from opd.config import Config, ConfigError
 from opd.launch.checks import load_run_config
-from opd.launch.rundir import resolve_run
+from opd.launch.rundir import resolve_run, write_run_config
 
 AUTO = "auto"
 
@@ -65,10 +65,7 @@ def resolve_for_cluster(cfg: Config) -> Path:
             "to that run with its config.yaml"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(dump_config(cfg))
-    tmp.rename(path)
-    return path
+    return write_run_config(cfg, path)  # a password in broker.url goes to a 0600 file, not into config.yaml
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import torch
 from broker import Broker
 from broker.base import WORK_STREAMS
 from opd.config import Config
+from opd.config.redact import redact_text
 from opd.protocol import Streams, dead_letter_record, metrics_record, trajectory_id
 from opd.runtime.prometheus import exporter_for
 
@@ -45,6 +46,9 @@ def setup_process(cfg: Config, name: str) -> StopFlag:
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
+    # component logs land in the run directory: no secret in them
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_redact_record)
     torch.set_num_threads(cfg.run.torch_threads)
     stop = StopFlag()
     signal.signal(signal.SIGTERM, lambda *_: stop.set("SIGTERM"))
@@ -53,6 +57,12 @@ def setup_process(cfg: Config, name: str) -> StopFlag:
     if parent:
         die_with_parent(int(parent))
     return stop
+
+
+def _redact_record(record: logging.LogRecord) -> bool:
+    """Logging filter: the message with URL passwords and `password=...` values replaced (opd.config.redact)."""
+    record.msg, record.args = redact_text(record.getMessage()), None
+    return True
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from opd.config import Config
+from opd.config.redact import redact
 
 EXTRA_HINT = "pip install -e '.[logging]' (or pip install {pkg})"
 SKIPPED_KEYS = ("step", "time")  # the x axis and the wall clock, not series
@@ -47,7 +48,7 @@ class _Wandb:
             name=cfg.run.run_id,
             id=cfg.run.run_id,  # a resumed run continues the same wandb run
             resume="allow",
-            config=cfg.model_dump(mode="json"),
+            config=redact(cfg.model_dump(mode="json")),  # the tracker keeps it on disk (and may upload it)
             settings=wandb.Settings(silent=True, console="off"),
         )
 
