@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -159,9 +160,28 @@ def _job_env(cluster: SlurmCluster) -> dict[str, str]:
     return env
 
 
-def _wait_until_idle(cluster: SlurmCluster, run_dir: Path, timeout: float) -> None:
+def _command_lines_holding(secret: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if secret in argv:
+            found.append(f"{proc.name}: {argv}")
+    return found
+
+
+def _wait_until_idle(
+    cluster: SlurmCluster, run_dir: Path, timeout: float, secret_file: Path | None = None
+) -> None:
+    """Until no job is queued; meanwhile, once `secret_file` exists, no process may show its text on its command
+    line (the Redis password: components and redis-server get it from files)."""
     deadline = time.monotonic() + timeout
     while cluster.queued():
+        if secret_file is not None and secret_file.exists() and secret_file.read_text().strip():
+            shown = _command_lines_holding(secret_file.read_text().strip())
+            assert shown == [], f"the Redis password is on a command line: {shown}"
         if time.monotonic() > deadline:
             logs = "\n".join(
                 f"== {f.name}\n{f.read_text(errors='replace')[-1200:]}"
@@ -207,7 +227,8 @@ def test_a_run_submitted_to_slurm_trains_to_completion(slurm_cluster, prepared, 
     assert extra.returncode == 0, extra.stderr
     jobs["extra scorer"] = extra.stdout.strip()
 
-    _wait_until_idle(slurm_cluster, run_dir, timeout=210)
+    password_file = run_dir / "slurm" / "redis.password"
+    _wait_until_idle(slurm_cluster, run_dir, timeout=210, secret_file=password_file)
 
     finished = slurm_cluster.finished_jobs()
     for role, job in jobs.items():  # array jobs of one task: the task's job id is the array's id
@@ -223,3 +244,11 @@ def test_a_run_submitted_to_slurm_trains_to_completion(slurm_cluster, prepared, 
         log = (run_dir / "logs" / f"slurm-scorer-{job}.out").read_text()
         assert f"scorer-{job} INFO ready" in log and "stop message from the learner" in log, log[-2000:]
     assert (run_dir / "ledger" / f"actor-{jobs['actors']}.generated").exists()
+    # the Redis job made a password (none was given), and it is only in its two 0600 files
+    password = password_file.read_text().strip()
+    assert len(password) >= 32 and stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    conf = run_dir / "slurm" / "redis" / "redis.conf"
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600 and "protected-mode yes" in conf.read_text()
+    holding = [f for f in run_dir.rglob("*") if f.is_file() and password.encode() in f.read_bytes()]
+    assert sorted(holding) == sorted([password_file, conf]), holding
+    assert "@" not in (run_dir / "slurm" / "redis.url").read_text()
