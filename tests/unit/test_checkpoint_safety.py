@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ import torch
 from learner.batching import collate
 from learner.checkpoint import UnsafeCheckpoint, read_state, write_state
 from learner.engines import build_engine
+from tests.conftest import REPO
 from tests.scored import scored_trajectories, tiny_model
 from tests.unit.test_checkpoint import _config, _engine_kinds
 
@@ -85,3 +89,38 @@ def test_deepspeed_resume_reads_its_own_files_weights_only(kind, tmp_path):
     resumed.step(copy.deepcopy(batch))
     for a, b in zip(engine.hf_model.parameters(), resumed.hf_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 DeepSpeed state is GPU-only)")
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_bf16_state_on_gpu_resumes_weights_only(stage, tmp_path):
+    """bf16 on CUDA saves another optimizer's state (fragment mappings, fp32 master partitions): it must load too.
+    In a fresh interpreter: DeepSpeed's default process group there is NCCL, not this process's gloo one."""
+    pytest.importorskip("deepspeed")
+    code = f"""
+import torch
+from learner.batching import collate
+from learner.engines import build_engine
+from opd.config import load_config
+from tests.conftest import REPO
+from tests.scored import scored_trajectories, tiny_model
+from tests.unit.test_checkpoint import BASE
+cfg = load_config(None, [*BASE, "learner.device=cuda", "learner.engine=deepspeed",
+                         "learner.deepspeed.zero_stage={stage}", "learner.deepspeed.dtype=bf16"])
+engine = build_engine(tiny_model(0, torch.float32).cuda(), cfg)
+for seed in range(2):
+    engine.step(collate(scored_trajectories(8, seed=seed), 0, "cuda"))
+engine.save_state({str(tmp_path / "engine")!r})
+resumed = build_engine(tiny_model(0, torch.float32).cuda(), cfg)
+resumed.load_state({str(tmp_path / "engine")!r})
+assert resumed.optimizer_steps == 2, resumed.optimizer_steps
+print("resumed weights-only")
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "resumed weights-only" in proc.stdout, (
+        proc.stdout[-2000:] + proc.stderr[-4000:]
+    )
