@@ -225,3 +225,37 @@ def test_compose_publishes_ports_on_loopback_only():
         for port in service.get("ports", []):
             host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
             assert host_ip == "127.0.0.1", f"{name}: {port}"
+
+
+def test_the_redis_job_with_tls_listens_on_the_tls_port_only(tmp_path):
+    """The config file the job writes for TLS (no redis-server with TLS here: `true` stands in, so the job ends
+    with "exited at start" once the file is written)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("{}\n")
+    env = {
+        **os.environ,
+        "OPD_SLURM_DIR": str(SLURM),
+        "OPD_REDIS_SERVER": "true",
+        "OPD_REDIS_PORT": "6390",
+        "OPD_REDIS_TLS_CERT": "/etc/opd/redis.crt",
+        "OPD_REDIS_TLS_KEY": "/etc/opd/redis key.pem",
+        "OPD_REDIS_TLS_CA": "/etc/opd/ca.crt",
+        "OPD_REDIS_PASSWORD": 'with "quotes" and \\ too',
+    }
+    out = subprocess.run(
+        ["bash", str(SLURM / "redis.sbatch"), str(run_dir / "config.yaml")],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1 and "exited at start" in out.stderr, out.stderr
+    conf = (run_dir / "slurm" / "redis" / "redis.conf").read_text().splitlines()
+    assert conf[:6] == [
+        "port 0",
+        "tls-port 6390",
+        'tls-cert-file "/etc/opd/redis.crt"',
+        'tls-key-file "/etc/opd/redis key.pem"',
+        'tls-ca-cert-file "/etc/opd/ca.crt"',
+        "tls-auth-clients yes",
+    ]
+    assert "protected-mode yes" in conf and 'requirepass "with \\"quotes\\" and \\\\ too"' in conf
+    assert (run_dir / "slurm" / "redis.password").read_text() == 'with "quotes" and \\ too\n'
