@@ -21,11 +21,11 @@ run directory must not be able to run code in the learner by swapping a file for
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from pickle import UnpicklingError  # torch's weights-only refusal; nothing here calls pickle itself
 
 import msgpack
 import torch
@@ -96,7 +96,7 @@ def safe_load(path: str | Path, *, allowed: Iterable[type] = (), map_location=No
     try:
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except UnpicklingError as exc:
         named = re.search(
             r"GLOBAL [\w.]+", str(exc)
         )  # torch's message goes on to advise allowlisting it: we do not
