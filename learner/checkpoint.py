@@ -97,9 +97,8 @@ def safe_load(path: str | Path, *, allowed: Iterable[type] = (), map_location=No
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except UnpicklingError as exc:
-        named = re.search(
-            r"GLOBAL [\w.]+", str(exc)
-        )  # torch's message goes on to advise allowlisting it: we do not
+        # name what it wanted; torch's message goes on to advise allowlisting it, which is not the fix here
+        named = re.search(r"GLOBAL [\w.]+", str(exc))
         raise UnsafeCheckpoint(
             f"checkpoint file {path} holds objects other than tensors and plain data "
             f"({named.group(0) if named else 'not a weights-only pickle'}); refusing to load it, since unpickling it "
