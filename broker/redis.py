@@ -389,7 +389,7 @@ class RedisBroker:
         """Refresh held entries idle for claim_idle_s / KEEPALIVE_FRACTION, until close(). A failure (Redis
         restarting) is tried again next round: the entries are only at risk once claim_idle_s has passed."""
         refresh_s = self.claim_idle_ms / 1000 / KEEPALIVE_FRACTION
-        while not self._closed.wait(refresh_s / 2):
+        while not self._closed.wait(max(refresh_s / 2, 0.01)):
             try:
                 self._refresh(time.monotonic() - refresh_s)
             except Exception as exc:  # a keepalive that dies would hand a live consumer's work away
@@ -494,5 +494,5 @@ class RedisBroker:
     def close(self) -> None:
         self._closed.set()  # what this client holds is no longer kept fresh: a live consumer may take it
         if self._keepalive is not None and self._keepalive is not threading.current_thread():
-            self._keepalive.join(5)
+            self._keepalive.join(1.0)  # one in a call to a dead server gives up on its own (a daemon)
         self.redis.close()

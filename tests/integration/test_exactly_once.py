@@ -217,3 +217,13 @@ def test_producers_and_a_consumer_keep_the_bound_and_lose_nothing(make):
         t.join(30)
     assert sorted(seen) == sorted(f"p{i}-{k}".encode() for i in range(4) for k in range(per))
     assert sampled and max(sampled) <= 32
+
+
+def test_a_producer_stopped_with_part_of_its_batch_sent_learns_which_part(make):
+    """A batch bigger than the room left goes out a prefix at a time; asked to stop meanwhile, the producer gets
+    the ids of what went out (an actor records just those as generated), None when nothing did."""
+    b = make()
+    assert len(b.publish("part:rollouts", [b"x"] * 30)) == 30
+    sent = publish_with_backpressure(b, "part:rollouts", [b"a", b"b", b"c", b"d"], should_stop=lambda: True)
+    assert len(sent) == 2 and b.depth("part:rollouts") == 32
+    assert publish_with_backpressure(b, "part:rollouts", [b"e"], should_stop=lambda: True) is None
