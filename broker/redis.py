@@ -401,7 +401,12 @@ class RedisBroker:
         for (stream, group, consumer), ids in due.items():
             if not ids:
                 continue
-            kept = {_sid(i) for i in self._keep_held(keys=[stream], args=[group, consumer, *ids])}
+            try:
+                kept = {_sid(i) for i in self._keep_held(keys=[stream], args=[group, consumer, *ids])}
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                kept = set()  # Redis restarted without its data: nothing is held any more
             now = time.monotonic()
             with self._held_lock:
                 held = self._held.get((stream, group, consumer), {})
