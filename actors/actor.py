@@ -213,18 +213,16 @@ class Actor:
             )
             gen_s = time.perf_counter() - t0
             payloads = [encode(t) for t in trajs]
-            if (
-                publish_with_backpressure(
-                    self.broker,
-                    self.rollouts,
-                    payloads,
-                    should_stop=self.stop,
-                    while_waiting=self.service_control,
-                )
-                is None
-            ):
+            sent = publish_with_backpressure(
+                self.broker,
+                self.rollouts,
+                payloads,
+                should_stop=self.stop,
+                while_waiting=self.service_control,
+            )
+            self._record(trajs[: len(sent or ())])  # a stop may come when only part of the batch went out
+            if sent is None or len(sent) < len(trajs):
                 break
-            self._record(trajs)
             self.reporter.add(
                 trajectories_generated=len(trajs),
                 tokens_generated=tokens,

@@ -62,13 +62,24 @@ class Broker(Protocol):
     ]  # the component's stop flag: once true, a lost broker is given up on in seconds
 
     def publish(self, stream: str, payloads: list[bytes]) -> list[str] | None:
-        """Append entries; None (nothing appended) while a work stream is full."""
+        """Append entries, in order; their ids. A work stream takes only as many as it has room for under
+        `max_depth` (checked and appended in one atomic step, so concurrent producers cannot overshoot): the
+        ids are then of a prefix of `payloads`, and None means it is full (nothing appended). A stream never
+        holds more than `max_depth` entries, and a producer whose batch only partly fits is not starved by
+        consumers that hold entries pending (`publish_with_backpressure` sends the rest as room appears)."""
 
     def consume(self, stream: str, group: str, consumer: str, count: int, timeout_s: float) -> list[Message]:
         """Up to `count` entries not yet delivered to `group`, waiting at most `timeout_s` for the first."""
 
     def ack(self, stream: str, group: str, ids: list[str]) -> None:
         """Mark entries done for `group`; only then may they be trimmed."""
+
+    def release(self, stream: str, group: str, ids: list[str]) -> None:
+        """Give entries back unacknowledged, to be delivered again (a redelivering broker hands them to any
+        consumer of `group`, this one included, after its idle time, and counts the delivery). An entry
+        neither acknowledged nor released is still being worked on: a redelivering broker keeps it with this
+        consumer for as long as the client lives. A broker that never redelivers keeps it pending (callers
+        dead-letter instead)."""
 
     def depth(self, stream: str) -> int:
         """Entries held (not yet acknowledged by every group)."""
@@ -136,16 +147,22 @@ def publish_with_backpressure(
     while_waiting: Callable[[], None] = lambda: None,
     poll_s: float = 0.05,
 ) -> list[str] | None:
-    """Publish, waiting while the stream is full; `while_waiting` keeps the caller's duties (weight syncs)
-    going so a full queue cannot deadlock the pipeline. Returns None only if asked to stop first."""
-    while True:
-        ids = broker.publish(stream, payloads)
-        if ids is not None:
-            return ids
+    """Publish all of `payloads`, in order, waiting while the stream is full (a work stream may take a prefix
+    at a time: its depth never exceeds max_depth); `while_waiting` keeps the caller's duties (weight syncs)
+    going so a full queue cannot deadlock the pipeline. Returns the ids of all of them, or, if asked to stop
+    first, the ids of those already appended (shorter than `payloads`: the caller accounts for just those),
+    None when none were."""
+    ids: list[str] = []
+    while len(ids) < len(payloads):
+        got = broker.publish(stream, payloads[len(ids) :])
+        if got:
+            ids += got
+            continue  # room for part of it: try the rest at once, it may have freed up meanwhile
         if should_stop():
-            return None
+            return ids or None
         while_waiting()
         time.sleep(poll_s)
+    return ids
 
 
 def max_message_bytes(section: Any) -> int:

@@ -1,19 +1,35 @@
 """Durable broker on Redis Streams: what survives a dead worker, and how the work it held comes back.
 
 Delivery is at-least-once: a consumer acknowledges an entry only after its output is published downstream, so a
-worker killed mid-batch leaves its entries pending in the group. Any live consumer of the same group reclaims
-entries idle for `claim_idle_s` (XAUTOCLAIM) before reading new ones; an entry delivered more than
-`max_deliveries` times is moved to the run's dead_letter stream with its reason instead of poisoning the group
-forever. The learner deduplicates by trajectory id, which turns at-least-once into trained exactly once.
+worker killed mid-batch leaves its entries pending in the group. Before reading new entries, a consumer takes
+over entries another consumer left idle for `claim_idle_s` (XPENDING with IDLE, then XCLAIM with the same
+minimum idle time, so two claimants cannot both win), and a restarted process under the same name first takes
+back what it held. An entry delivered more than `max_deliveries` times is moved to the run's dead_letter stream
+with its reason instead of poisoning the group forever, on every path that hands one out again.
+
+Exactly-once needs more than that, because "idle" is not "dead":
+- A consumer never takes back an entry this client still holds (delivered, neither acknowledged nor released):
+  the learner holds its batch across many reads while it fills, and taking its own entries back gave it the same
+  trajectory twice in one step (XAUTOCLAIM did, once a batch took longer than `claim_idle_s` to fill).
+- A live consumer keeps what it holds: a keepalive thread refreshes the idle time of held entries (XCLAIM to
+  itself with JUSTID, which leaves the delivery count alone) well before `claim_idle_s`, so a slow consumer (a
+  large teacher scoring for minutes) is not robbed while alive; once the process dies or is stopped (SIGSTOP),
+  the refreshes stop and its entries go to a live consumer. An entry given up on purpose (`release`, a teacher
+  failure to retry) is no longer held and comes back after `claim_idle_s` like a dead consumer's.
+The learner still deduplicates by trajectory id, for the copies no broker rule can prevent (a scorer killed after
+publishing, before acknowledging).
 
 Work streams (rollouts, scored) have one consumer group each, so an acknowledged entry is deleted at once
 (XACK + XDEL in one transaction): what remains is exactly what is not done yet, which is also what the
-producers' backpressure counts. Log streams (control, metrics, dead_letter) fan out to a group per reader and
-are capped at `log_maxlen` entries instead.
+producers' backpressure counts. The length check and the append are one Lua script, so concurrent producers
+never take a stream past `max_depth`. Log streams (control, metrics, dead_letter) fan out to a group per reader
+and are capped at `log_maxlen` entries instead.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -33,6 +49,36 @@ from broker.base import (
 )
 
 STOPPING_TIMEOUT_S = 3.0
+KEEPALIVE_FRACTION = 3  # a held entry is refreshed once it is idle for claim_idle_s / 3
+RECLAIM_PAGE = 64  # XPENDING page size while looking for entries another consumer left idle
+
+log = logging.getLogger("opd.broker")
+
+# KEYS[1] stream; ARGV[1] max_depth, ARGV[2..] payloads. Appends as many as fit under max_depth, in order, and
+# returns their ids ({} when full): one script, so no other producer runs between the length check and the adds.
+_PUBLISH_BOUNDED = """
+local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
+local ids = {}
+for i = 2, math.min(#ARGV, room + 1) do
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
+end
+return ids
+"""
+
+# KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3..] entry ids. Resets the idle time of the entries this
+# consumer still owns (XCLAIM to itself, JUSTID: the delivery count stays) and returns their ids; one another
+# consumer took meanwhile is left alone (an XCLAIM alone would take it back), and so is one acknowledged.
+_KEEP_HELD = """
+local kept = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept[#kept + 1] = ARGV[i]
+  end
+end
+return kept
+"""
 
 
 class BrokerAuthError(PermissionError):
@@ -53,6 +99,10 @@ def _dead_letter_stream(stream: str) -> str:
 
 def _sid(raw) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _block_ms(timeout_s: float) -> int | None:
+    return int(timeout_s * 1000) if timeout_s > 0 else None
 
 
 class RedisBroker:
@@ -94,6 +144,14 @@ class RedisBroker:
         self._groups: set[tuple[str, str]] = set()
         self._own_pending_cursor: dict[tuple[str, str, str], str] = {}
         self.redelivered = 0  # entries this client took over from a dead or stuck consumer
+        self._publish_bounded = self.redis.register_script(_PUBLISH_BOUNDED)
+        self._keep_held = self.redis.register_script(_KEEP_HELD)
+        # (stream, group, consumer) -> {entry id: when last delivered or refreshed (monotonic)}: what this client
+        # holds on work streams (delivered, neither acknowledged nor released)
+        self._held: dict[tuple[str, str, str], dict[str, float]] = {}
+        self._held_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._keepalive: threading.Thread | None = None
 
     # ------------------------------------------------------------------------------ from the config
     @classmethod
@@ -214,15 +272,14 @@ class RedisBroker:
             raise ValueError(
                 f"message of {too_big[0]} bytes exceeds broker.max_message_mb ({self.max_message_bytes} bytes)"
             )
-        work = _is_work(stream)
-        if work and self._call(self.redis.xlen, stream) >= self.max_depth:
-            return None  # backpressure: the producer waits and retries
+        if _is_work(stream):
+            if not payloads:
+                return []
+            ids = self._call(self._publish_bounded, keys=[stream], args=[self.max_depth, *payloads])
+            return [_sid(i) for i in ids] or None  # None: full, the producer waits and retries
         pipe = self.redis.pipeline(transaction=False)
         for data in payloads:
-            if work:
-                pipe.xadd(stream, {"d": data})
-            else:
-                pipe.xadd(stream, {"d": data}, maxlen=self.log_maxlen, approximate=False)
+            pipe.xadd(stream, {"d": data}, maxlen=self.log_maxlen, approximate=False)
         return [_sid(i) for i in self._call(pipe.execute)]
 
     def consume(self, stream: str, group: str, consumer: str, count: int, timeout_s: float) -> list[Message]:
@@ -247,13 +304,13 @@ class RedisBroker:
                 mine = self._drop_poisoned(stream, group, consumer, [(m.id, m.data) for m in mine])
                 if mine:
                     self.redelivered += len(mine)
-                    return mine
+                    return self._hold(stream, group, consumer, mine)
             claimed = self._reclaim(stream, group, consumer, count)
             if claimed:
-                return claimed
-        return self._read(
-            stream, group, consumer, count, ">", int(timeout_s * 1000) if timeout_s > 0 else None
-        )
+                return self._hold(stream, group, consumer, claimed)
+            fresh = self._read(stream, group, consumer, count, ">", _block_ms(timeout_s))
+            return self._hold(stream, group, consumer, fresh)
+        return self._read(stream, group, consumer, count, ">", _block_ms(timeout_s))
 
     def _read(self, stream, group, consumer, count, start: str, block: int | None) -> list[Message]:
         reply = self._call(self.redis.xreadgroup, group, consumer, {stream: start}, count=count, block=block)
@@ -265,14 +322,119 @@ class RedisBroker:
         return out
 
     def _reclaim(self, stream: str, group: str, consumer: str, count: int) -> list[Message]:
-        """Take over entries another consumer left pending for claim_idle_s; dead-letter the ones that keep failing."""
-        reply = self._call(
-            self.redis.xautoclaim, stream, group, consumer, self.claim_idle_ms, start_id="0-0", count=count
-        )
-        entries = [(_sid(eid), f[b"d"]) for eid, f in reply[1] if f]
+        """Take over up to `count` entries left idle for claim_idle_s, except the ones this client holds (a
+        batch being filled); dead-letter the ones that keep failing."""
+        held = self._held_ids(stream, group, consumer)
+        idle: list[str] = []
+        start = "-"
+        while len(idle) < count:
+            page = self._call(
+                self.redis.xpending_range,
+                stream,
+                group,
+                min=start,
+                max="+",
+                count=RECLAIM_PAGE,
+                idle=self.claim_idle_ms,
+            )
+            idle += [sid for p in page if (sid := _sid(p["message_id"])) not in held]
+            if len(page) < RECLAIM_PAGE:
+                break
+            start = "(" + _sid(page[-1]["message_id"])  # exclusive: the next page after the last one seen
+        if not idle:
+            return []
+        # the same minimum idle time: an entry its owner refreshed, or another consumer claimed, since the scan
+        # is not idle any more and stays where it is
+        reply = self._call(self.redis.xclaim, stream, group, consumer, self.claim_idle_ms, idle[:count])
+        entries = [(_sid(eid), f[b"d"]) for eid, f in reply if eid is not None and f]
+        if len(entries) < len(reply):  # some were deleted while pending: nothing to deliver, forget them
+            self._forget_deleted(stream, group, consumer, idle[:count], {sid for sid, _ in entries})
         out = self._drop_poisoned(stream, group, consumer, entries)
         self.redelivered += len(out)
         return out
+
+    def _forget_deleted(
+        self, stream: str, group: str, consumer: str, asked: list[str], delivered: set[str]
+    ) -> None:
+        """Acknowledge the entries just claimed that had no data (deleted while pending): Redis 6.2 keeps
+        them in the group's pending list, where every later scan would find them again."""
+        mine = self._call(
+            self.redis.xpending_range,
+            stream,
+            group,
+            min=asked[0],
+            max=asked[-1],
+            count=len(asked) * 4,
+            consumername=consumer,
+        )
+        asked_set = set(asked)
+        gone = [sid for p in mine if (sid := _sid(p["message_id"])) in asked_set and sid not in delivered]
+        if gone:
+            self._call(self.redis.xack, stream, group, *gone)
+
+    # ------------------------------------------------------------------------------ what this client holds
+    def _held_ids(self, stream: str, group: str, consumer: str) -> set[str]:
+        with self._held_lock:
+            return set(self._held.get((stream, group, consumer), ()))
+
+    def _hold(self, stream: str, group: str, consumer: str, msgs: list[Message]) -> list[Message]:
+        """Remember `msgs` as held by this client (kept fresh until acknowledged or released)."""
+        if msgs:
+            now = time.monotonic()
+            with self._held_lock:
+                self._held.setdefault((stream, group, consumer), {}).update((m.id, now) for m in msgs)
+            self._start_keepalive()
+        return msgs
+
+    def _unhold(self, stream: str, group: str, ids: list[str]) -> None:
+        with self._held_lock:
+            for (s, g, _c), held in self._held.items():
+                if s == stream and g == group:
+                    for i in ids:
+                        held.pop(i, None)
+
+    def release(self, stream: str, group: str, ids: list[str]) -> None:
+        """No longer held: the entries stay pending and come back after claim_idle_s (to any consumer, this
+        one included), counted as another delivery."""
+        self._unhold(stream, group, ids)
+
+    def _start_keepalive(self) -> None:
+        if self._keepalive is None and self.claim_idle_ms > 0 and not self._closed.is_set():
+            self._keepalive = threading.Thread(target=self._keep_alive, name="redis-keepalive", daemon=True)
+            self._keepalive.start()
+
+    def _keep_alive(self) -> None:
+        """Refresh held entries idle for claim_idle_s / KEEPALIVE_FRACTION, until close(). A failure (Redis
+        restarting) is tried again next round: the entries are only at risk once claim_idle_s has passed."""
+        refresh_s = self.claim_idle_ms / 1000 / KEEPALIVE_FRACTION
+        while not self._closed.wait(max(refresh_s / 2, 0.01)):
+            try:
+                self._refresh(time.monotonic() - refresh_s)
+            except Exception as exc:  # a keepalive that dies would hand a live consumer's work away
+                log.debug("keepalive of held entries failed (tried again): %s", exc)
+
+    def _refresh(self, older_than: float) -> None:
+        with self._held_lock:
+            due = {k: [i for i, t in held.items() if t <= older_than] for k, held in self._held.items()}
+        for (stream, group, consumer), ids in due.items():
+            if not ids:
+                continue
+            try:
+                kept = {_sid(i) for i in self._keep_held(keys=[stream], args=[group, consumer, *ids])}
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                kept = set()  # Redis restarted without its data: nothing is held any more
+            now = time.monotonic()
+            with self._held_lock:
+                held = self._held.get((stream, group, consumer), {})
+                for i in ids:
+                    if i not in held:
+                        continue  # acknowledged or released meanwhile
+                    if i in kept:
+                        held[i] = now
+                    else:  # acknowledged by someone, or taken over (this client was stopped too long)
+                        del held[i]
 
     def _drop_poisoned(
         self, stream: str, group: str, consumer: str, entries: list[tuple[str, bytes]]
@@ -323,6 +485,7 @@ class RedisBroker:
     def ack(self, stream: str, group: str, ids: list[str]) -> None:
         if not ids:
             return
+        self._unhold(stream, group, ids)
         pipe = self.redis.pipeline(transaction=True)
         pipe.xack(stream, group, *ids)
         if _is_work(stream):
@@ -352,4 +515,7 @@ class RedisBroker:
         return int(self._call(self.redis.xlen, stream))
 
     def close(self) -> None:
+        self._closed.set()  # what this client holds is no longer kept fresh: a live consumer may take it
+        if self._keepalive is not None and self._keepalive is not threading.current_thread():
+            self._keepalive.join(1.0)  # one in a call to a dead server gives up on its own (a daemon)
         self.redis.close()

@@ -105,8 +105,12 @@ class ZmqBrokerServer:
         handler(self, envelope, name, self._stream(name), header, payloads)
 
     def _publish(self, envelope, name: str, s: _Stream, header: dict, payloads: list[bytes]) -> None:
-        if s.bounded and len(s.entries) >= self.max_depth:
-            return self._reply(envelope, {"ok": True, "full": True})  # backpressure: the producer retries
+        """Append; a work stream takes as many as fit under max_depth (a prefix), as on Redis, so it never holds
+        more. Requests are handled one at a time, so the check and the append are one step."""
+        if s.bounded:
+            payloads = payloads[: max(self.max_depth - len(s.entries), 0)]
+            if not payloads:
+                return self._reply(envelope, {"ok": True, "full": True})  # backpressure: the producer retries
         ids = []
         for data in payloads:
             s.entries[s.next_id] = data
@@ -129,7 +133,10 @@ class ZmqBrokerServer:
         g = s.groups.get(header.get("group"))
         if g is not None:
             for eid in header.get("ids", []):
-                g.pending.pop(int(eid), None)
+                if g.pending.pop(int(eid), None) is not None and s.bounded:
+                    # one group per work stream, as on Redis: done means gone, so the depth that backpressure
+                    # counts is exactly the unfinished work (not entries acknowledged behind an older pending one)
+                    s.entries.pop(int(eid), None)
             if (
                 s.bounded
             ):  # log streams keep their newest log_maxlen entries, as on Redis: a reader that joins
@@ -318,6 +325,10 @@ class ZmqBroker:
     def ack(self, stream: str, group: str, ids: list[str]) -> None:
         if ids:
             self._request({"op": "ack", "stream": stream, "group": group, "ids": [int(i) for i in ids]})
+
+    def release(self, stream: str, group: str, ids: list[str]) -> None:
+        """Nothing to do: this broker never redelivers, so a released entry stays pending (the component
+        dead-letters what it cannot finish, capabilities.redelivers being False)."""
 
     def depth(self, stream: str) -> int:
         return int(self._request({"op": "depth", "stream": stream})[0]["depth"])

@@ -1,12 +1,19 @@
 """Intake: what turns the `scored` stream into a batch the learner may train on.
 
 A message is decoded and validated (`opd.protocol.decode`, then this learner's contract: temperatures, rewards,
-top-k), deduplicated by trajectory id (against the batch being assembled and against everything trained), and
-judged by its lag; a bad one is dead-lettered with its reason, a duplicate skipped, a too-stale one dropped (and
-written to `ledger/learner.dropped_stale`). Each of those is accounted for, so it is acknowledged at once: left
-pending it would count as in flight and keep paused actors waiting forever. A trajectory taken into the batch is
-acknowledged only after the optimiser step (`IntakeBatch.message_ids`), so a crash before the step leaves it in
-the broker.
+top-k), deduplicated by trajectory id, and judged by its lag; a bad one is dead-lettered with its reason, a
+duplicate skipped, a too-stale one dropped (and written to `ledger/learner.dropped_stale`). Each of those is
+accounted for, so it is acknowledged at once: left pending it would count as in flight and keep paused actors
+waiting forever. A trajectory taken into the batch is acknowledged only after the optimiser step
+(`IntakeBatch.message_ids`), so a crash before the step leaves it in the broker.
+
+Trained exactly once, whatever the broker delivers: a trajectory id is settled once it is in the batch being
+assembled, trained (the ledger, across resumes) or dropped as stale (its ledger, across resumes); any other copy
+of it (a scorer that re-scored after a restart, or published late after a pause) is a duplicate. The same entry
+delivered again (same message id) is not a copy: one held in the batch is acknowledged after the step, one
+already settled is acknowledged again, and neither is counted. So the counters count distinct things:
+`dropped_stale` trajectory ids, `duplicates_skipped` duplicate copies (messages), `dead_lettered` messages, and
+every scored message consumed is exactly one of trained, dead-lettered, a duplicate or dropped as stale.
 """
 
 from __future__ import annotations
@@ -134,7 +141,8 @@ class IntakeBatch:
     trajectories: list[Trajectory] = field(default_factory=list)
     message_ids: list[str] = field(default_factory=list)
     payloads: list[bytes] = field(default_factory=list)
-    _ids: set[str] = field(default_factory=set)
+    _ids: set[str] = field(default_factory=set)  # trajectory ids
+    _message_ids: set[str] = field(default_factory=set)
 
     def __len__(self) -> int:
         return len(self.trajectories)
@@ -144,9 +152,13 @@ class IntakeBatch:
         self.message_ids.append(message_id)
         self.payloads.append(payload)
         self._ids.add(t.id)
+        self._message_ids.add(message_id)
 
     def holds(self, trajectory_id: str) -> bool:
         return trajectory_id in self._ids
+
+    def holds_message(self, message_id: str) -> bool:
+        return message_id in self._message_ids
 
     def drop(self, positions: Container[int]) -> list[tuple[Trajectory, str, bytes]]:
         """Remove the entries at `positions`; return them (trajectory, message id, payload)."""
@@ -157,6 +169,7 @@ class IntakeBatch:
         self.message_ids = [r[1] for r in kept]
         self.payloads = [r[2] for r in kept]
         self._ids = {t.id for t in self.trajectories}
+        self._message_ids = set(self.message_ids)
         return gone
 
 
@@ -201,6 +214,13 @@ class Intake:
         self.stream = streams.scored
         self.trained, self.stale_ledger, self.stop = trained, stale_ledger, stop
         stale_ledger.parent.mkdir(parents=True, exist_ok=True)
+        # ids dropped as stale: the ledger (a resumed run's included) is the record, so the count is its size
+        self.dropped_stale: set[str] = (
+            set(stale_ledger.read_text().split()) if stale_ledger.exists() else set()
+        )
+        if self.dropped_stale:
+            reporter.counters["dropped_stale"] = len(self.dropped_stale)
+        self._settled_copies: set[str] = set()  # message ids acknowledged as a duplicate or as stale
 
     def next_batch(self, version: int, while_waiting: Callable[[], None] = lambda: None) -> IntakeBatch:
         """Block until learner.batch_size trajectories fit to train at weight `version` (or a stop: then the batch
@@ -220,10 +240,10 @@ class Intake:
                 )
             settled = []  # dead-lettered, duplicate or too stale: accounted for, so acknowledged now
             for m in msgs:
-                if m.id in batch.message_ids:  # redelivered while held here: acknowledged after the step
-                    self.reporter.add(duplicates_skipped=1)
-                elif not self._take(m.id, m.data, version, batch):
-                    settled.append(m.id)
+                if batch.holds_message(m.id):
+                    continue  # the same entry again while held here: acknowledged after the step, not a copy
+                if m.id in self._settled_copies or not self._take(m.id, m.data, version, batch):
+                    settled.append(m.id)  # (an entry settled before, delivered again: acknowledged again)
             if settled:
                 self.broker.ack(self.stream, Streams.LEARNER_GROUP, settled)
         return batch
@@ -270,13 +290,16 @@ class Intake:
             reason = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
             self.reporter.dead_letter(self.stream, message_id, data, reason)
             return False
-        if t.id in self.trained or batch.holds(t.id):
-            self.reporter.add(duplicates_skipped=1)
+        if t.id in self.trained or batch.holds(t.id) or t.id in self.dropped_stale:
+            self.reporter.add(duplicates_skipped=1)  # another copy of a settled trajectory: never trained
+            self._settled_copies.add(message_id)
             return False
         if lag(t, version) > self.cfg.max_staleness:
+            self.dropped_stale.add(t.id)
             self.reporter.add(dropped_stale=1)
             with open(self.stale_ledger, "a") as fh:
                 fh.write(f"{t.id}\n")
+            self._settled_copies.add(message_id)
             return False
         batch.add(t, message_id, data)
         return True

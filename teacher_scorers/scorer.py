@@ -194,7 +194,9 @@ class Scorer:
         for i, (t, mid) in enumerate(zip(trajs, ids, strict=True)):
             if i in failures:
                 self.reporter.add(score_failures=1)
-                if not self.broker.capabilities.redelivers:
+                if self.broker.capabilities.redelivers:  # given back: retried after claim_idle_s
+                    self.broker.release(self.rollouts, Streams.SCORERS_GROUP, [mid])
+                else:
                     self.reporter.dead_letter(self.rollouts, mid, encode(t), f"teacher raised: {failures[i]}")
                     self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, [mid])
                 continue
@@ -247,8 +249,8 @@ class Scorer:
                 should_stop=self._abandon_batch,
                 while_waiting=self._check_stop,
             )
-            if sent is None:
-                return False
+            if sent is None or len(sent) < len(payloads):
+                return False  # stopped with part of it unsent: the rollouts stay pending (copies sent are deduped)
         self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, ids)
         self.reporter.add(
             trajectories_scored=len(payloads),

@@ -19,8 +19,9 @@ def test_a_dead_consumers_pending_entries_are_reclaimed(redis_server):
     dead = RedisBroker(redis_server.url, claim_idle_s=0.3)
     live = RedisBroker(redis_server.url, claim_idle_s=0.3)
     dead.publish("r:rollouts", [b"a", b"b", b"c", b"d"])
-    taken = dead.consume("r:rollouts", "scorers", "scorer-0", 3, 0.1)  # then scorer-0 dies without acking
+    taken = dead.consume("r:rollouts", "scorers", "scorer-0", 3, 0.1)
     assert [m.data for m in taken] == [b"a", b"b", b"c"]
+    dead.close()  # scorer-0 dies without acking: nothing keeps its entries fresh any more
     fresh = live.consume("r:rollouts", "scorers", "scorer-1", 10, 0.1)
     assert [m.data for m in fresh] == [b"d"]
     live.ack("r:rollouts", "scorers", [m.id for m in fresh])
@@ -33,12 +34,15 @@ def test_a_dead_consumers_pending_entries_are_reclaimed(redis_server):
 
 
 def _fail_poison(b, seen: list[bytes]) -> None:
-    """A consumer that acknowledges everything but b"poison", until the work stream is empty."""
+    """A consumer that acknowledges everything but b"poison", which it gives back (as a scorer does with a
+    trajectory its teacher failed on), until the work stream is empty."""
     for _ in range(40):
         for m in b.consume("r:rollouts", "scorers", "s", 10, 0.05):
             seen.append(m.data)
             if m.data != b"poison":
                 b.ack("r:rollouts", "scorers", [m.id])
+            else:
+                b.release("r:rollouts", "scorers", [m.id])
         time.sleep(0.06)
         if b.depth("r:rollouts") == 0:
             break
@@ -90,7 +94,9 @@ def test_the_poison_callback_gets_source_reason_and_the_entry(redis_server):
 def test_without_a_poison_callback_the_entry_stays_pending_and_the_error_says_how(redis_server):
     bare = RedisBroker(redis_server.url, claim_idle_s=0.05, max_deliveries=1)
     bare.publish("r:rollouts", [b"poison"])
-    assert [m.data for m in bare.consume("r:rollouts", "scorers", "s", 10, 0.05)] == [b"poison"]
+    [held] = bare.consume("r:rollouts", "scorers", "s", 10, 0.05)
+    assert held.data == b"poison"
+    bare.release("r:rollouts", "scorers", [held.id])  # failed: given back for another try
     time.sleep(0.1)  # the next delivery would be its second, beyond max_deliveries
     with pytest.raises(NoPoisonRecord, match="open_broker"):
         bare.consume("r:rollouts", "scorers", "s", 10, 0.05)
