@@ -42,7 +42,7 @@ def _run_args(prepared, out_dir: Path, url: str, *extra: str) -> list[str]:
     ]
 
 
-def _metricslines(out_dir: Path) -> int:
+def _metrics_lines(out_dir: Path) -> int:
     path = out_dir / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -52,7 +52,7 @@ def test_kill_one_of_two_scorers_mid_run(prepared, redis_server, tmp_path):
     proc = opd(
         *_run_args(prepared, out_dir, redis_server.url, "scorer.num_scorers=2", "learner.max_steps=30")
     )
-    wait_for(lambda: _metricslines(out_dir) >= 4, 300, "a few learner steps")
+    wait_for(lambda: _metrics_lines(out_dir) >= 4, 300, "a few learner steps")
     os.kill(component_pid(proc.pid, "scorer", 0), signal.SIGKILL)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
@@ -66,7 +66,7 @@ def test_kill_the_learner_then_resume(prepared, redis_server, tmp_path):
     out_dir = tmp_path / "run"
     args = _run_args(prepared, out_dir, redis_server.url, "learner.max_steps=24")
     proc = opd(*args)
-    wait_for(lambda: _metricslines(out_dir) >= 8, 300, "steps past the first checkpoint")
+    wait_for(lambda: _metrics_lines(out_dir) >= 8, 300, "steps past the first checkpoint")
     os.kill(component_pid(proc.pid, "learner"), signal.SIGKILL)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "learner exited with code -9" in log
@@ -91,10 +91,10 @@ def test_kill_an_actor_the_run_continues_and_a_restarted_one_rejoins(prepared, r
     proc = opd(
         *_run_args(prepared, out_dir, redis_server.url, "actor.num_actors=2", f"learner.max_steps={steps}")
     )
-    wait_for(lambda: _metricslines(out_dir) >= 6, 300, "a few learner steps")
+    wait_for(lambda: _metrics_lines(out_dir) >= 6, 300, "a few learner steps")
     os.kill(component_pid(proc.pid, "actor", 0), signal.SIGKILL)
-    wait_for(lambda: _metricslines(out_dir) >= 16, 300, "steps on the surviving actor")
-    restarted_at = _metricslines(out_dir)
+    wait_for(lambda: _metrics_lines(out_dir) >= 16, 300, "steps on the surviving actor")
+    restarted_at = _metrics_lines(out_dir)
     rejoined = opd("actor", "--config", str(out_dir / "config.yaml"), "--index", "0")
     log, _ = proc.communicate(timeout=600)
     actor_log, _ = rejoined.communicate(timeout=120)
@@ -124,7 +124,7 @@ def test_redis_restart_with_aof_loses_at_most_the_last_second(prepared, tmp_path
     try:
         out_dir = tmp_path / "run"
         proc = opd(*_run_args(prepared, out_dir, server.url, "learner.max_steps=30"))
-        wait_for(lambda: _metricslines(out_dir) >= 6, 300, "a few learner steps")
+        wait_for(lambda: _metrics_lines(out_dir) >= 6, 300, "a few learner steps")
         killed_at = time.time()
         server.kill()
         time.sleep(1.0)
@@ -153,7 +153,7 @@ def test_malformed_input_and_a_failing_teacher_are_dead_lettered(prepared, redis
     out_dir = tmp_path / "run"
     env = {**os.environ, "OPD_CHAOS_TEACHER_RAISE": "poison"}
     proc = opd(*_run_args(prepared, out_dir, redis_server.url, "learner.max_steps=50"), env=env)
-    wait_for(lambda: _metricslines(out_dir) >= 2, 300, "the first learner steps")
+    wait_for(lambda: _metrics_lines(out_dir) >= 2, 300, "the first learner steps")
     run_id = yaml.safe_load((out_dir / "config.yaml").read_text())["run"]["run_id"]
     client = redis.Redis.from_url(redis_server.url)
     bad = _malformed()

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.books import component_pid as _component_pid
 from tests.conftest import opd, opd_run, wait_for
-from tests.e2e.test_chaos import _component_pid, _metrics_lines
+from tests.e2e.test_chaos import _metrics_lines
 from weight_sync.verify import read_digests
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
