@@ -15,11 +15,11 @@ from tests.conftest import wait_for
 from tests.integration.test_launch_parts import SLEEP, ScriptSpawner
 
 FAIL = "raise SystemExit(1)"
-# fails the first time it runs in a directory, then runs until killed
+# fails the first time it runs (marker file {marker}), then runs until killed
 FAIL_ONCE = (
     "import os, sys, time\n"
-    "if not os.path.exists('failed.once'):\n"
-    "    open('failed.once', 'w').close(); sys.exit(3)\n"
+    "if not os.path.exists({marker!r}):\n"
+    "    open({marker!r}, 'w').close(); sys.exit(3)\n"
     "time.sleep(60)\n"
 )
 
@@ -80,7 +80,11 @@ def test_on_failure_restarts_up_to_the_limit_with_backoff_then_the_role_is_gone(
 
 def test_a_restarted_worker_carries_the_role_and_the_run_goes_on(tmp_path):
     sup = _supervisor(
-        tmp_path, {"actor-0": FAIL_ONCE}, restart="on-failure", restart_backoff_s=0, role_grace_s=0
+        tmp_path,
+        {"actor-0": FAIL_ONCE.format(marker=str(tmp_path / "failed.once"))},
+        restart="on-failure",
+        restart_backoff_s=0,
+        role_grace_s=0,
     )
     first = sup.spawn("actor", 0)
     try:
