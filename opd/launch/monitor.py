@@ -1,9 +1,12 @@
 """What the launcher learns of a run while it trains: the components' metrics, the dead letters, the learner's stop.
 
 Everything arrives over the broker under the launcher's own consumer group (`Streams.LAUNCHER_GROUP`), so the
-components need not know a launcher exists. The monitor keeps the newest record per component (for the status
-line and the summary), appends each dead letter to runs/<id>/dead_letter.jsonl, and notes when the learner says
-stop, which is what makes the workers' clean exits expected rather than failures.
+components need not know a launcher exists. The monitor keeps the newest record per incarnation of each
+component (a process: a restarted component starts its counters at 0 under a new one), so the summary sums
+counters over incarnations and the status line takes rates within each; when it last heard each incarnation is
+what tells the supervisor which components are alive, started here or by hand. It appends each dead letter to
+runs/<id>/dead_letter.jsonl, and notes when the learner says stop, which is what makes the workers' clean exits
+expected rather than failures.
 """
 
 from __future__ import annotations

@@ -172,6 +172,8 @@ class Reporter:
         warned = False
         try:
             while not done.wait(every_s) and not self._final:
+                if time.time() - self._last < every_s:
+                    continue  # the component's own loop has just sent its counters
                 try:
                     client.publish(self.stream, [self._record(time.time(), {}, heartbeat=True)])
                     warned = False
