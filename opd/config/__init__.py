@@ -3,9 +3,9 @@
 Every component reads the same resolved file, so a mistake is caught once, at load time, with a message that
 names the field and the fix, instead of surfacing minutes later inside one of four processes.
 
-One module per section (run, task, models, sampling, actor, scorer, learner, weight_sync, broker, scaling, ray,
-metrics, pipeline), each with its own cross-field checks; `root` holds the `Config` tree and the checks that span
-sections; `loading` reads files and overrides and formats errors. This package imports nothing else of the
+One module per section (run, task, models, sampling, actor, scorer, learner, weight_sync, broker, scaling,
+supervision, ray, metrics, pipeline), each with its own cross-field checks; `root` holds the `Config` tree and the
+checks that span sections; `loading` reads files and overrides and formats errors. This package imports nothing else of the
 project: rules that need other code (the loss registry) are passed to `load_config(checks=...)`.
 """
 
@@ -29,6 +29,7 @@ from opd.config.run import RunConfig
 from opd.config.sampling import SamplingConfig
 from opd.config.scaling import ScalingConfig
 from opd.config.scorer import RemoteTeacherConfig, ScorerConfig
+from opd.config.supervision import SupervisionConfig
 from opd.config.task import AdditionTask, JsonlTask, TaskConfig
 from opd.config.vllm_engine import VLLMEngineConfig
 from opd.config.weight_sync import WeightSyncConfig
@@ -63,6 +64,7 @@ __all__ = [
     "ScorerConfig",
     "ServiceTimeConfig",
     "Strict",
+    "SupervisionConfig",
     "TaskConfig",
     "TensorBoardConfig",
     "TinyModel",

@@ -23,6 +23,7 @@ from opd.config.run import RunConfig
 from opd.config.sampling import SamplingConfig
 from opd.config.scaling import ScalingConfig
 from opd.config.scorer import ScorerConfig
+from opd.config.supervision import SupervisionConfig
 from opd.config.task import AdditionTask, TaskConfig
 from opd.config.weight_sync import WeightSyncConfig
 
@@ -47,6 +48,7 @@ class Config(Strict):
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     broker: BrokerConfig = Field(default_factory=DEFAULT_BROKER)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)

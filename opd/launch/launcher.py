@@ -3,7 +3,8 @@
 The launcher reads top to bottom: set up (run directory, metrics ports, accuracy before), start (the broker if
 it is embedded, then learner, actors, scorers), watch (failures, metrics, scaling, status), clean up (stop every
 process, take the last records), report (summary.json). Its parts: `supervisor` owns the processes and the
-spawner that places them (a child here, or a Ray actor: `--launcher`), `monitor` reads the run's streams,
+spawner that places them (a child here, or a Ray actor: `--launcher`) and restarts or gives up on them
+(`supervision:`), `monitor` reads the run's streams (and so knows the components started by hand),
 `scaling` adds and retires scorers through the supervisor, `report` is the only part that loads models. The
 components know nothing of it and run the same way when started by hand (`opd actor ...`).
 """
@@ -66,7 +67,9 @@ class Launcher:
         before = report.accuracy_before(self.cfg, console.print)
         self.started = time.time()
         grace = self.cfg.run.shutdown_grace_s
-        self.supervisor = Supervisor(config_path, self.out, spawner, grace, self._survivable(), console.print)
+        self.supervisor = Supervisor(
+            config_path, self.out, spawner, grace, self._survivable(), console.print, self.cfg.supervision
+        )
         return before
 
     def _survivable(self) -> dict[str, str]:
@@ -127,7 +130,7 @@ class Launcher:
         learner = self.supervisor.get(Slot("learner"))
         asked_to_stop = False
         while True:
-            failed = self.supervisor.failure(self.monitor.run_over)
+            failed = self.supervisor.failure(self.monitor.run_over, self._reported)
             if failed is not None:
                 return failed
             try:
@@ -146,6 +149,10 @@ class Launcher:
                 asked_to_stop = True
             time.sleep(WATCH_PERIOD_S)
 
+    def _reported(self, role: str) -> list:
+        """The members of `role` heard from lately on the metrics stream, started here or by hand."""
+        return self.monitor.live(role, self.cfg.supervision.liveness_s)
+
     # ----------------------------------------------------------------------------------------- cleanup
     def _cleanup(self) -> None:
         """Stop the workers, read what they sent last, then stop the broker they sent it through."""
@@ -161,12 +168,18 @@ class Launcher:
     def _report(self, failed: Component | None, before: dict) -> int:
         if failed is not None:
             console.print(
-                f"[red bold]{failed.name} exited with code {failed.proc.returncode}[/]; its log ({failed.log_path}):"
+                f"[red bold]{self.supervisor.verdict}[/]; the log of {failed.name} ({failed.log_path}):"
             )
             console.print(failed.tail(), markup=False)
             return 1
         summary = report.write_summary(
-            self.cfg, self.out, self.monitor.state, before, self.started, self.interrupted
+            self.cfg,
+            self.out,
+            self.monitor.state,
+            before,
+            self.started,
+            self.interrupted,
+            supervision=self.supervisor.summary(),
         )
         console.print(report.done_line(summary, self.out))
         return 130 if self.interrupted else 0

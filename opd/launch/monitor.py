@@ -1,9 +1,12 @@
 """What the launcher learns of a run while it trains: the components' metrics, the dead letters, the learner's stop.
 
 Everything arrives over the broker under the launcher's own consumer group (`Streams.LAUNCHER_GROUP`), so the
-components need not know a launcher exists. The monitor keeps the newest record per component (for the status
-line and the summary), appends each dead letter to runs/<id>/dead_letter.jsonl, and notes when the learner says
-stop, which is what makes the workers' clean exits expected rather than failures.
+components need not know a launcher exists. The monitor keeps the newest record per incarnation of each
+component (a process: a restarted component starts its counters at 0 under a new one), so the summary sums
+counters over incarnations and the status line takes rates within each; when it last heard each incarnation is
+what tells the supervisor which components are alive, started here or by hand. It appends each dead letter to
+runs/<id>/dead_letter.jsonl, and notes when the learner says stop, which is what makes the workers' clean exits
+expected rather than failures.
 """
 
 from __future__ import annotations
@@ -25,18 +28,96 @@ from opd.protocol import ProtocolError, Streams, trajectory_id, unpack_control
 READ_BATCH = 256
 
 
+Counts = dict[tuple[str, str], float]  # (component, incarnation) -> a counter's value in that incarnation
+
+
+@dataclass
+class Incarnation:
+    """One process of a component, as its records describe it (a restarted component is a new incarnation)."""
+
+    component: str
+    record: dict  # its fields, newest value of each (a heartbeat carries counters and gauges only)
+    seq: int = -1  # the newest record's sequence number: an older one arriving late changes nothing
+    seen: float = 0.0  # launcher's monotonic time of its newest record: what liveness is judged by
+    final: bool = False  # it sent its last record (it stopped cleanly)
+
+    @property
+    def role(self) -> str:
+        return self.component.split("-")[0]
+
+    @property
+    def counters(self) -> list[str]:
+        return [k for k in self.record.get("counters", ()) if isinstance(self.record.get(k), int | float)]
+
+    def ingest(self, rec: dict, now: float) -> None:
+        self.seen = now
+        self.final = self.final or bool(rec.get("final"))
+        seq = rec.get("seq")
+        seq = self.seq + 1 if not isinstance(seq, int) else seq  # records without one: arrival order
+        if seq > self.seq:
+            self.seq = seq
+            self.record.update(rec)
+
+
 @dataclass
 class RunState:
-    latest: dict[str, dict] = field(default_factory=dict)  # component -> newest metrics record
+    """What the components reported, kept per incarnation so that totals are sums over restarts."""
+
+    incarnations: dict[tuple[str, str], Incarnation] = field(default_factory=dict)
     learner_records: list[dict] = field(default_factory=list)
     dead_letters: int = 0
     eval_accuracy: float | None = None  # newest held-out accuracy the learner reported
     stopped: bool = False  # the learner announced stop on `control`
-    last_status: tuple[float, dict[str, float]] = (0.0, {})
+    last_status: tuple[float, dict[str, Counts]] = (0.0, {})
+
+    def ingest(self, rec: dict, now: float) -> None:
+        key = (str(rec.get("component", "?")), str(rec.get("incarnation", "")))
+        inc = self.incarnations.get(key)
+        if inc is None:
+            inc = self.incarnations[key] = Incarnation(key[0], {})
+        inc.ingest(rec, now)
+
+    def counts(self, key: str, role: str) -> Counts:
+        """Counter `key` of every incarnation of every component of `role`."""
+        return {
+            k: float(inc.record.get(key, 0) or 0) for k, inc in self.incarnations.items() if inc.role == role
+        }
 
     def totals(self, key: str, role: str) -> float:
-        """Sum of counter `key` over the newest records of every component of `role`."""
-        return sum(r.get(key, 0) for n, r in self.latest.items() if n.split("-")[0] == role)
+        """Sum of counter `key` over every incarnation of every component of `role` (restarts included)."""
+        return sum(self.counts(key, role).values())
+
+    @property
+    def latest(self) -> dict[str, dict]:
+        """component -> its newest incarnation's record, with each counter summed over its incarnations and
+        `incarnations` (how many processes it has had)."""
+        out: dict[str, dict] = {}
+        for inc in self.incarnations.values():  # first seen first: a later incarnation is the newer one
+            prev = out.get(inc.component)
+            rec = dict(inc.record)
+            if prev is not None:
+                for k in set(inc.counters) | set(prev.get("counters", ())):
+                    rec[k] = float(rec.get(k, 0) or 0) + float(prev.get(k, 0) or 0)
+                rec["counters"] = sorted(set(inc.counters) | set(prev.get("counters", ())))
+            rec["incarnations"] = (prev or {}).get("incarnations", 0) + 1
+            out[inc.component] = rec
+        return out
+
+    def live(self, role: str, now: float, liveness_s: float) -> list[Incarnation]:
+        """Incarnations of `role` heard from within `liveness_s` of `now` that have not said a final word."""
+        return [
+            inc
+            for inc in self.incarnations.values()
+            if inc.role == role and not inc.final and now - inc.seen <= liveness_s
+        ]
+
+
+def rate(before: Counts, now: Counts, seconds: float) -> float:
+    """Per second between two readings of a counter, taken within each incarnation: a new incarnation counts
+    from 0, one that vanished counts nothing, and a counter never goes back, so the rate is never negative."""
+    if seconds <= 0:
+        return 0.0
+    return sum(max(0.0, v - before.get(k, 0.0)) for k, v in now.items()) / seconds
 
 
 class Monitor:
@@ -46,6 +127,7 @@ class Monitor:
         self.state = RunState()
         self.started = time.time()
         self.shown_step = 0
+        self.heard = time.monotonic()  # when the metrics stream last answered
         self._bar: tuple[Progress, object] | None = None  # (bar, task) while `progress()` shows one
         # An earlier incarnation's stop (before --resume) is not this run's end.
         broker.skip_to_end(self.streams.control, Streams.LAUNCHER_GROUP)
@@ -56,6 +138,11 @@ class Monitor:
         self._drain_metrics()
         self._drain_dead_letters()
         self._drain_control()
+
+    def live(self, role: str, liveness_s: float) -> list[Incarnation]:
+        """The incarnations of `role` that reported within `liveness_s` of the last time the metrics stream
+        answered: while the broker is away nobody's liveness ages (they could not have been heard anyway)."""
+        return self.state.live(role, self.heard, liveness_s)
 
     def run_over(self) -> bool:
         """Whether the learner has announced stop (reading `control` first); False while the broker is gone."""
@@ -70,13 +157,14 @@ class Monitor:
 
     def _drain_metrics(self) -> None:
         msgs = self._consume(self.streams.metrics)
+        now = self.heard = time.monotonic()
         for msg in msgs:
             try:
                 rec = unpack_control(msg.data)
             except ProtocolError:
                 continue
-            self.state.latest[rec.get("component", "?")] = rec
-            if rec.get("component") == "learner" and "loss" in rec:
+            self.state.ingest(rec, now)
+            if rec.get("component") == "learner" and "loss" in rec and not rec.get("heartbeat"):
                 self.state.learner_records.append(rec)
                 if "eval_accuracy" in rec:
                     self.state.eval_accuracy = rec["eval_accuracy"]
@@ -142,15 +230,14 @@ class Monitor:
     def status_line(self) -> str:
         rec = self.state.learner_records[-1]
         now = time.time()
-        totals = {
-            "gen": self.state.totals("tokens_generated", "actor"),
-            "score": self.state.totals("tokens_scored", "scorer"),
-            "train": self.state.totals("tokens_trained", "learner"),
+        counts = {
+            "gen": self.state.counts("tokens_generated", "actor"),
+            "score": self.state.counts("tokens_scored", "scorer"),
+            "train": self.state.counts("tokens_trained", "learner"),
         }
         then, before = self.state.last_status
-        dt = max(now - (then or self.started), 1e-9)
-        rates = {k: (v - before.get(k, 0)) / dt for k, v in totals.items()}
-        self.state.last_status = (now, totals)
+        rates = {k: rate(before.get(k, {}), v, now - (then or self.started)) for k, v in counts.items()}
+        self.state.last_status = (now, counts)
         depth = f"queue {self.broker.depth(self.streams.rollouts)}/{self.broker.depth(self.streams.scored)}"
         acc = f" acc {self.state.eval_accuracy:.3f}" if self.state.eval_accuracy is not None else ""
         return (

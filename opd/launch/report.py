@@ -58,9 +58,19 @@ def final_accuracy(cfg: Config, out_dir: Path) -> float | None:
 
 
 def write_summary(
-    cfg: Config, out_dir: Path, state: RunState, before: dict, started: float, interrupted: bool
+    cfg: Config,
+    out_dir: Path,
+    state: RunState,
+    before: dict,
+    started: float,
+    interrupted: bool,
+    supervision: dict | None = None,
 ) -> dict:
-    """The learner's own summary joined with what the launcher saw; written to summary.json and returned."""
+    """The learner's own summary joined with what the launcher saw; written to summary.json and returned.
+
+    Counts are sums over every incarnation of every component (a restarted process starts its counters at 0);
+    what a process did after its last metrics record before it was killed is not in them (at most
+    actor/scorer.metrics_every_s of work per kill; the actors' ledgers hold every id)."""
     learner = json.loads((out_dir / "learner_summary.json").read_text())
     summary = {
         "run_id": cfg.run.run_id,
@@ -71,9 +81,10 @@ def write_summary(
         "actor_weight_versions": {
             n: r.get("weight_version") for n, r in state.latest.items() if n.startswith("actor")
         },
-        # each component's last counters (tokens, *_seconds, service_pad_seconds): per-stage costs, e.g. for
-        # calibrating pipeline.service_time (benchmarks/pipeline.py)
+        # each component's counters summed over its incarnations (tokens, *_seconds, service_pad_seconds):
+        # per-stage costs, e.g. for calibrating pipeline.service_time (benchmarks/pipeline.py)
         "components": {n: r for n, r in sorted(state.latest.items()) if n != "learner"},
+        **(supervision or {}),
         "teacher_accuracy": before["teacher"],
         "student_accuracy_before": before["student"],
         "student_accuracy_after": final_accuracy(cfg, out_dir),

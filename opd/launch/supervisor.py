@@ -7,12 +7,19 @@ must implement (`LocalSpawner` below, `RaySpawner` in ray_launcher.py). `opd.lau
 
 The supervisor knows each process by its role and index (a `Slot`), never by parsing a name. Scaling acts only
 through `spawn` and `retire`; a retired process's exit is expected and never counts as a failure.
+
+A role's members are not only the processes spawned here: a component started by hand with the run's config
+(`opd scorer --config runs/<id>/config.yaml --index 0`) reports on the metrics stream, and the launcher passes
+what it heard (`reported`). A worker of a survivable role that dies is restarted (`supervision.restart:
+on-failure`, at most `max_restarts` times per component, after a doubling backoff) or left dead; the run ends
+only once its role has had no live member, spawned or reported, for `supervision.role_grace_s`.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from opd.config import Config
+from opd.config import Config, SupervisionConfig
 
 # --launcher NAME -> "module:factory"; a factory takes (the resolved Config, a log function) and returns a Spawner.
 
@@ -96,6 +103,8 @@ class Component:
     log_path: Path
     retire_deadline: float | None = None  # set by `retire`: killed if still running after it
     reaped: bool = False  # a retired process's exit has been reported
+    settled: bool = False  # its death has been dealt with: restarted (`replaced`) or left dead (`lost`)
+    replaced: bool = False  # a restart of its slot was scheduled
 
     @property
     def name(self) -> str:
@@ -116,11 +125,26 @@ class Component:
             return "(no log)"
 
 
+class Reported(Protocol):
+    """A component heard on the metrics stream (monitor.Incarnation): its name and newest record."""
+
+    component: str
+    record: dict
+
+
+# role -> the live members the launcher heard from lately (spawned here or not)
+ReportedMembers = Callable[[str], list[Reported]]
+NOTHING_REPORTED: ReportedMembers = lambda role: []  # noqa: E731
+MAX_BACKOFF_S = 60.0
+
+
 class Supervisor:
-    """Starts, watches, retires and stops the run's processes.
+    """Starts, watches, restarts, retires and stops the run's processes.
 
     `survivable` maps a role to why losing one of its processes is not fatal while another of that role still
-    runs (the launcher decides which roles qualify, from what the broker guarantees)."""
+    runs (the launcher decides which roles qualify, from what the broker guarantees); only those are restarted.
+    `policy` is the supervision section; the default restarts nothing and ends the run as soon as a role has no
+    live member."""
 
     def __init__(
         self,
@@ -130,11 +154,17 @@ class Supervisor:
         grace_s: float,
         survivable: dict[str, str],
         log: Callable[..., None],
+        policy: SupervisionConfig | None = None,
     ):
         self.config_path, self.out, self.spawner = config_path, out_dir, spawner
         self.grace_s, self.survivable, self.log = grace_s, survivable, log
+        self.policy = policy or SupervisionConfig(role_grace_s=0.0)
         self.components: list[Component] = []
         self.lost: set[Slot] = set()  # died without ending the run (another of their role carries on)
+        self.restarts: dict[str, int] = {}  # component name -> restarts so far
+        self.pending: list[tuple[float, Slot]] = []  # restarts due at (monotonic time, slot)
+        self.down_since: dict[str, float] = {}  # role -> since when it has had no live member
+        self.verdict = ""  # why the run ends, once `failure` has returned a component
 
     # ------------------------------------------------------------------------------------------ public
     def spawn(self, role: str, index: int | None = None, *extra: str) -> Component:
@@ -143,11 +173,16 @@ class Supervisor:
         argv = [sys.executable, "-m", "opd", role, "--config", str(self.config_path)]
         if index is not None:
             argv += ["--index", str(index)]
-        env = {**os.environ, "OPD_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
         log_path = self.out / "logs" / f"{slot.name}.log"
-        comp = Component(slot, self.spawner.start(slot, [*argv, *extra], env, log_path), log_path)
+        comp = Component(
+            slot, self.spawner.start(slot, [*argv, *extra], self.child_env(), log_path), log_path
+        )
         self.components.append(comp)
         return comp
+
+    def child_env(self) -> dict[str, str]:
+        """The environment of every component process (the one place it is built)."""
+        return {**os.environ, "OPD_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
 
     def retire(self, role: str, index: int | None = None) -> None:
         """Stop one process on purpose with SIGTERM (it finishes the work in hand); its exit is no failure, and
@@ -157,7 +192,8 @@ class Supervisor:
         comp.proc.send_signal(signal.SIGTERM)
 
     def get(self, slot: Slot) -> Component:
-        return next(c for c in self.components if c.slot == slot)
+        """The newest process of `slot` (a restart adds one)."""
+        return next(c for c in reversed(self.components) if c.slot == slot)
 
     def active(self, role: str) -> list[Component]:
         """Processes of `role` running and not being retired, oldest first."""
@@ -181,23 +217,36 @@ class Supervisor:
                 c.proc.kill()
         return ended
 
-    def failure(self, run_over: Callable[[], bool]) -> Component | None:
-        """The first process whose exit ends the run, judged by exit status alone.
+    def failure(
+        self, run_over: Callable[[], bool], reported: ReportedMembers = NOTHING_REPORTED
+    ) -> Component | None:
+        """The process whose exit ends the run (and `verdict` says why), judged by exit status and liveness.
 
         A non-zero status is a failure. A clean exit is a failure unless it is the learner's (the run is done)
         or the run is over (the learner announced stop and the workers obeyed). `run_over` is asked only after
         the exit statuses are read: a clean exit seen here followed a stop published before the question, so a
-        worker that obeys the stop quickly is never mistaken for one that quit early."""
-        exited = [(c, code) for c in self.components if not c.retired and (code := c.proc.poll()) is not None]
-        if not exited:
-            return None
-        over = run_over()
+        worker that obeys the stop quickly is never mistaken for one that quit early. A failed worker of a
+        survivable role is restarted or left dead; the run ends once its role has had no live member for
+        supervision.role_grace_s."""
+        self._restart_due()
+        exited = [
+            (c, code)
+            for c in self.components
+            if not c.retired and not c.settled and (code := c.proc.poll()) is not None
+        ]
+        over = run_over() if exited else False
         for comp, code in exited:
             if code == 0 and (over or comp.role == "learner"):
                 continue
-            if not self._survives(comp):
+            if comp.role not in self.survivable:
+                self.verdict = f"{comp.name} exited with code {code}"
                 return comp
-        return None
+            self._settle(comp, code, over, reported)
+        return self._role_gone(reported, run_over)
+
+    def summary(self) -> dict:
+        """What supervision did, for summary.json: restarts per component and the components left dead."""
+        return {"restarts": dict(sorted(self.restarts.items())), "lost": sorted(s.name for s in self.lost)}
 
     def stop(self, comps: list[Component], grace_s: float) -> None:
         """SIGTERM each, wait up to `grace_s` in all, then kill what is left."""
@@ -214,18 +263,101 @@ class Supervisor:
                 c.proc.wait()
 
     # ----------------------------------------------------------------------------------------- private
-    def _survives(self, dead: Component) -> bool:
-        """A worker may die while another of its role still runs, if its role is survivable."""
-        why = self.survivable.get(dead.role)
-        if why is None:
-            return False
-        alive = [
-            c for c in self.components if c.role == dead.role and c is not dead and c.proc.poll() in (None, 0)
-        ]
-        if dead.slot not in self.lost and alive:
-            self.lost.add(dead.slot)
+    def _settle(self, dead: Component, code: int, over: bool, reported: ReportedMembers) -> None:
+        """A survivable worker died: restart it if the policy allows, else leave it dead and say who carries on."""
+        dead.settled = True
+        if self._restart(dead, code, over, reported):
+            return
+        self.lost.add(dead.slot)
+        alive = self._members(dead.role, reported)
+        if alive:
+            why = self.survivable[dead.role]
             self.log(
-                f"[yellow]{dead.name} exited with code {dead.proc.returncode}[/]; continuing on "
-                f"{', '.join(c.name for c in alive)}; {why}"
+                f"[yellow]{dead.name} exited with code {code}[/]; continuing on {', '.join(alive)}; {why}"
             )
-        return bool(alive)
+        else:
+            self.log(
+                f"[yellow]{dead.name} exited with code {code}[/]; no {dead.role} is alive: the run stops unless "
+                f"one is within supervision.role_grace_s={self.policy.role_grace_s:g}s"
+            )
+
+    def _restart(self, dead: Component, code: int, over: bool, reported: ReportedMembers) -> bool:
+        """Schedule a restart of `dead`'s slot if the policy allows it; False leaves it dead."""
+        done = self.restarts.get(dead.name, 0)
+        if self.policy.restart != "on-failure" or code == 0 or over:
+            return False
+        if done >= self.policy.max_restarts:
+            self.log(
+                f"[yellow]{dead.name} exited with code {code}[/]; not restarted: it has had "
+                f"supervision.max_restarts={self.policy.max_restarts} restarts"
+            )
+            return False
+        other = [r for r in self._reported_alive(dead.role, reported) if r.component == dead.name]
+        if other:  # someone started a replacement by hand: two processes of one name would collide
+            r = other[0].record
+            self.log(
+                f"[yellow]{dead.name} exited with code {code}[/]; not restarted: another {dead.name} "
+                f"(pid {r.get('pid')} on {r.get('host')}) is running"
+            )
+            return False
+        delay = min(self.policy.restart_backoff_s * 2**done, MAX_BACKOFF_S)
+        self.restarts[dead.name] = done + 1
+        dead.replaced = True
+        self.pending.append((time.monotonic() + delay, dead.slot))
+        self.log(
+            f"[yellow]{dead.name} exited with code {code}[/]; restarting it in {delay:g}s "
+            f"(restart {done + 1} of supervision.max_restarts={self.policy.max_restarts})"
+        )
+        return True
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        due = [slot for at, slot in self.pending if at <= now]
+        self.pending = [(at, slot) for at, slot in self.pending if at > now]
+        for slot in due:
+            try:
+                self.spawn(slot.role, slot.index)
+            except Exception as exc:  # e.g. Ray cannot place it now: the slot is left dead
+                self.lost.add(slot)
+                self.log(f"[yellow]could not restart {slot.name}: {exc}[/]")
+                continue
+            self.log(
+                f"restarted {slot.name} (its log continues in {self.out / 'logs' / (slot.name + '.log')})"
+            )
+
+    def _role_gone(self, reported: ReportedMembers, run_over: Callable[[], bool]) -> Component | None:
+        """The first dead process of a role that has had no live member for supervision.role_grace_s (unless
+        the run is over: then the workers leave because the learner said stop)."""
+        now = time.monotonic()
+        for role in sorted({s.role for s in self.lost}):
+            if self._members(role, reported) or any(s.role == role for _, s in self.pending):
+                self.down_since.pop(role, None)
+                continue
+            since = self.down_since.setdefault(role, now)
+            if now - since < self.policy.role_grace_s or run_over():
+                continue
+            dead = [c for c in self.components if c.role == role and c.settled and not c.replaced]
+            exits = ", ".join(f"{c.name} exited with code {c.proc.returncode}" for c in dead)
+            self.verdict = (
+                f"no {role} alive for {now - since:.0f}s (supervision.role_grace_s="
+                f"{self.policy.role_grace_s:g}): {exits}"
+            )
+            return dead[0]
+        return None
+
+    def _members(self, role: str, reported: ReportedMembers) -> list[str]:
+        """Names of the live members of `role`: running processes spawned here, then those heard from."""
+        names = [c.name for c in self.active(role)]
+        names += [r.component for r in self._reported_alive(role, reported) if r.component not in names]
+        return names
+
+    def _reported_alive(self, role: str, reported: ReportedMembers) -> list[Reported]:
+        """What `reported` says is alive, less the processes spawned here that have already exited (their last
+        heartbeat is still recent, but their exit status is the better witness)."""
+        host = socket.gethostname()
+        exited = {
+            c.proc.pid for c in self.components if getattr(c.proc, "pid", None) and c.proc.poll() is not None
+        }
+        return [
+            r for r in reported(role) if not (r.record.get("host") == host and r.record.get("pid") in exited)
+        ]

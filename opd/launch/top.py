@@ -4,8 +4,9 @@ It reads under a consumer group of its own (`top-<host>-<pid>`): log streams fan
 so the launcher's group still gets every record. Entries are acknowledged at once so nothing stays pending for us
 (on Redis an acknowledgement never deletes a log entry; the zmq broker trims only what every existing group has
 passed, and the launcher's group exists from the start of a run).
-Rates come from the records themselves (counter deltas over the component's own uptime), so they are true for a
-finished run too. A finished zmq run has no broker left; then the view is rebuilt from runs/<id>/metrics.jsonl and
+Rates come from the records themselves (counter deltas over the component's own uptime, within one incarnation:
+a restarted component starts from 0 under a new one), so they are true for a finished run too and never negative;
+totals are sums over a component's incarnations. A finished zmq run has no broker left; then the view is rebuilt from runs/<id>/metrics.jsonl and
 summary.json.
 """
 
@@ -40,7 +41,11 @@ CONNECT_TIMEOUT_S = 3.0
 class TopState:
     """Newest record and a short history per component, enough for rates and the learner's figures."""
 
-    history: dict[str, deque] = field(default_factory=dict)
+    history: dict[str, deque] = field(default_factory=dict)  # the newest incarnation's recent records
+    current: dict[str, str] = field(default_factory=dict)  # component -> its newest incarnation
+    counts: dict[tuple[str, str], dict[str, Any]] = field(
+        default_factory=dict
+    )  # newest record per incarnation
     eval_accuracy: float | None = None
     depths: dict[str, int] = field(default_factory=dict)
     last_step: dict[str, Any] = field(default_factory=dict)  # the learner's newest per-step record
@@ -49,8 +54,18 @@ class TopState:
     source: str = ""
 
     def ingest(self, rec: dict[str, Any]) -> None:
-        name = str(rec.get("component", "?"))
-        hist = self.history.setdefault(name, deque())
+        name, inc = str(rec.get("component", "?")), str(rec.get("incarnation", ""))
+        known = self.counts.get((name, inc))
+        seq = rec.get("seq")
+        if known is not None and isinstance(seq, int) and seq <= known.get("seq", -1):
+            return  # an older record (a heartbeat sent from its own connection) arriving late
+        self.counts[(name, inc)] = {**(known or {}), **rec}
+        if known is None and self.current.get(name) != inc:  # a new incarnation: rates start again from it
+            self.current[name] = inc
+            self.history[name] = deque()
+        elif self.current.get(name) != inc:
+            return  # a late record of an incarnation already replaced: its totals only
+        hist = self.history[name]
         hist.append(rec)
         while (
             len(hist) > 2 and float(rec.get("uptime", 0)) - float(hist[1].get("uptime", 0)) >= RATE_WINDOW_S
@@ -68,6 +83,13 @@ class TopState:
     def latest(self, name: str) -> dict[str, Any]:
         return self.history[name][-1]
 
+    def total(self, name: str, key: str) -> float | None:
+        """Counter `key` of component `name` summed over its incarnations (None if none reported it)."""
+        values = [
+            r[key] for (n, _), r in self.counts.items() if n == name and isinstance(r.get(key), int | float)
+        ]
+        return float(sum(values)) if values else None
+
     def rate(self, name: str, key: str) -> float | None:
         """Per second over the window: counter delta over uptime delta (or the average since start)."""
         hist = self.history[name]
@@ -77,8 +99,8 @@ class TopState:
             return None
         if len(hist) < 2 or dt <= 0:
             up = float(new.get("uptime", 0))
-            return float(new[key]) / up if up > 0 else None
-        return (float(new[key]) - float(old.get(key, 0))) / dt
+            return max(0.0, float(new[key])) / up if up > 0 else None
+        return max(0.0, float(new[key]) - float(old.get(key, 0))) / dt
 
     def wait_fraction(self) -> float | None:
         """The learner's time waiting for data over wall time, across the window's step records."""
@@ -124,9 +146,9 @@ def component_table(state: TopState) -> Table:
             _num(rec.get("weight_version"), "d"),
             _num(state.rate(name, traj), ".1f"),
             _num(state.rate(name, tok), ".0f"),
-            _num(rec.get(traj), ".0f"),
-            _num(rec.get(tok), ".0f"),
-            _num(rec.get("dead_lettered", 0), ".0f"),
+            _num(state.total(name, traj), ".0f"),
+            _num(state.total(name, tok), ".0f"),
+            _num(state.total(name, "dead_lettered") or 0, ".0f"),
             _num(rec.get("uptime"), ".0f"),
         )
     return table

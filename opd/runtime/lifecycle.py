@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -17,9 +19,11 @@ from broker.base import WORK_STREAMS
 from opd.config import Config
 from opd.config.redact import redact_text
 from opd.protocol import Streams, dead_letter_record, metrics_record, trajectory_id
+from opd.runtime.broker import open_broker
 from opd.runtime.prometheus import exporter_for
 
 log = logging.getLogger("opd")
+HEARTBEAT_GAUGES = ("weight_version",)  # gauges a heartbeat repeats, so the newest record always carries them
 
 
 class StopFlag:
@@ -76,7 +80,14 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 class Reporter:
-    """Publishes a component's counters to the `metrics` stream at most every `every_s` seconds."""
+    """Publishes a component's counters to the `metrics` stream at most every `every_s` seconds.
+
+    Every record names this process's incarnation (a fresh id per process, with its pid and host) and a sequence
+    number, and lists which of its fields are counters. A restarted component starts its counters at 0 under a
+    new incarnation, so a reader sums counters over incarnations and takes rates within one (never across a
+    restart, where they would go negative). A heartbeat thread (`start_heartbeat`) re-sends the counters while
+    the component's own loop is busy or idle, which is how a launcher knows a component it did not start is
+    alive."""
 
     def __init__(self, broker: Broker, cfg: Config, component: str, every_s: float):
         self.broker, self.component, self.every_s = broker, component, every_s
@@ -86,13 +97,24 @@ class Reporter:
         self.started = time.time()
         self._last = 0.0
         self.run_id = cfg.run.run_id
+        self.identity = {
+            "incarnation": secrets.token_hex(8),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+        self._lock = threading.Lock()  # counters, sequence and gauges are read by the heartbeat thread too
+        self._seq = 0
+        self._gauges: dict[str, Any] = {}  # the newest weight version, re-sent with each heartbeat
+        self._final = False
+        self._heartbeat: tuple[threading.Thread, threading.Event] | None = None
         self.exporter = exporter_for(
             cfg, component
         )  # Prometheus sees what the stream sees (None: metrics.port 0)
 
     def add(self, **deltas: float) -> None:
-        for k, v in deltas.items():
-            self.counters[k] = self.counters.get(k, 0) + v
+        with self._lock:
+            for k, v in deltas.items():
+                self.counters[k] = self.counters.get(k, 0) + v
         if self.exporter is not None:
             self.exporter.add(deltas)
 
@@ -108,16 +130,69 @@ class Reporter:
         now = time.time()
         if force or now - self._last >= self.every_s:
             self._last = now
-            self.broker.publish(
-                self.stream,
-                [
-                    metrics_record(
-                        component=self.component,
-                        uptime=now - self.started,
-                        **{**self.counters, **extra},  # a field may repeat a counter's total
-                    )
-                ],
-            )
+            self.broker.publish(self.stream, [self._record(now, extra)])
+
+    def _record(self, now: float, extra: dict[str, Any], heartbeat: bool = False) -> bytes:
+        """One metrics record: identity, counters (named in `counters`), then `extra` (a field may repeat a
+        counter's total)."""
+        with self._lock:
+            self._seq += 1
+            self._final = self._final or bool(extra.get("final"))
+            self._gauges.update({k: extra[k] for k in HEARTBEAT_GAUGES if k in extra})
+            counters = dict(self.counters)
+            fields = {**counters, **self._gauges, **extra, "seq": self._seq}
+        if heartbeat:
+            fields["heartbeat"] = True
+        return metrics_record(
+            component=self.component,
+            uptime=now - self.started,
+            counters=sorted(counters),
+            **self.identity,
+            **fields,
+        )
+
+    # ------------------------------------------------------------------------------------------ heartbeat
+    def start_heartbeat(self, section: Any, every_s: float) -> None:
+        """Re-send the counters every `every_s` seconds from a thread with its own broker client (a client
+        serves one thread), so the component is seen alive while it loads weights, pauses or scores a long
+        batch. Stops by itself after the final record."""
+        if every_s <= 0 or self._heartbeat is not None:
+            return
+        done = threading.Event()
+        thread = threading.Thread(
+            target=self._beat, args=(section, every_s, done), name="reporter", daemon=True
+        )
+        self._heartbeat = (thread, done)
+        thread.start()
+
+    def stop_heartbeat(self, timeout_s: float = 5.0) -> None:
+        if self._heartbeat is not None:
+            thread, done = self._heartbeat
+            done.set()
+            thread.join(timeout_s)
+            self._heartbeat = None
+
+    def _beat(self, section: Any, every_s: float, done: threading.Event) -> None:
+        try:
+            client = open_broker(section, stopping=done.is_set)
+        except Exception as exc:  # the component's own loop notices a broker that is not there
+            log.warning("no heartbeat: %s", exc)
+            return
+        client.timeout_s = min(client.timeout_s, max(every_s * 2, 5.0))
+        warned = False
+        try:
+            while not done.wait(every_s) and not self._final:
+                if time.time() - self._last < every_s:
+                    continue  # the component's own loop has just sent its counters
+                try:
+                    client.publish(self.stream, [self._record(time.time(), {}, heartbeat=True)])
+                    warned = False
+                except Exception as exc:  # a heartbeat lost is no reason to stop the component
+                    if not warned:
+                        log.warning("heartbeat not sent: %s", exc)
+                    warned = True
+        finally:
+            client.close()
 
     def dead_letter(self, source_stream: str, message_id: str, data: bytes, reason: str) -> None:
         """Record a rejected message with its reason; the consumer then acknowledges it and moves on."""
@@ -140,11 +215,17 @@ REPLAYABLE_BYTES = 16 << 20  # dead letters up to this size keep their bytes for
 
 
 def run_component(cfg: Config, name: str, build) -> int:
-    """setup -> loop -> cleanup for every component process; `build(stop)` returns an object with run()/broker."""
+    """setup -> loop -> cleanup for every component process; `build(stop)` returns an object with run()/broker
+    and, if it reports, its `reporter` (which then heartbeats every supervision.heartbeat_s)."""
     stop = setup_process(cfg, name)
     component = build(stop)
+    reporter = getattr(component, "reporter", None)
+    if isinstance(reporter, Reporter):
+        reporter.start_heartbeat(cfg.broker, cfg.supervision.heartbeat_s)
     try:
         component.run()
     finally:
+        if isinstance(reporter, Reporter):
+            reporter.stop_heartbeat()
         component.broker.close()
     return 0
