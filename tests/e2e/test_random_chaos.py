@@ -147,9 +147,11 @@ class Run:
         """Until the learner logs a step past `after` lines of metrics; AssertionError after STEP_BOUND_S or
         when the launcher exits."""
         deadline = time.monotonic() + STEP_BOUND_S
-        while self.steps() <= after:
+        while True:  # the launcher first: a step logged before it ended the run is no progress
             if self.launcher.poll() is not None:
                 raise AssertionError(f"the launcher exited with {self.launcher.returncode} {what}")
+            if self.steps() > after:
+                return
             if time.monotonic() > deadline:
                 raise AssertionError(f"no learner step within {STEP_BOUND_S:.0f}s {what}")
             time.sleep(0.2)
