@@ -14,6 +14,7 @@ the accounting line printed at the end of the session, so a failure is replayed 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import signal
@@ -33,7 +34,8 @@ pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 SEED = int(os.environ.get("OPD_CHAOS_SEED", "14"))
 WORKER_FAULTS = ("kill_worker", "term_worker", "pause_worker")
 REDIS_FAULTS = ("kill_redis", "pause_redis")
-STEP_BOUND_S = 120.0  # after any fault, the learner takes a step within this long (a resume: load + replay)
+STEP_BOUND_S = 120.0
+PROGRESS_STEPS = 2  # steps the learner must log after each fault  # after any fault, the learner takes a step within this long (a resume: load + replay)
 RESPAWN_WAIT_S = 4.0  # how long a killed worker's slot is watched for a replacement by the launcher
 AOF_LOSS_S = 2.5  # appendfsync everysec: what a Redis crash may lose, before the kill
 LEDGER_DELAY_S = 0.15  # an actor records what it published right after the publish returns
@@ -139,21 +141,30 @@ class Run:
                 proc.wait()
 
     # ------------------------------------------------------------------------------------ progress
-    def steps(self) -> int:
+    def steps_since(self, since: float) -> int:
+        """Learner steps logged (in metrics.jsonl) after wall-clock time `since`, replayed ones left out."""
         path = self.out_dir / "metrics.jsonl"
-        return len(path.read_text().splitlines()) if path.exists() else 0
+        n = 0
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # the line the learner is writing now
+                continue
+            n += rec.get("time", 0) > since and not rec.get("replayed")
+        return n
 
-    def wait_step(self, after: int, what: str) -> None:
-        """Until the learner logs a step past `after` lines of metrics; AssertionError after STEP_BOUND_S or
-        when the launcher exits."""
+    def wait_steps(self, since: float, what: str, steps: int = PROGRESS_STEPS) -> None:
+        """Until the learner logs `steps` new steps after `since`; AssertionError after STEP_BOUND_S or when the
+        launcher exits. Two steps, not one: a launcher that is ending the run stops the learner at once, but the
+        step it is in may still be logged while the launcher stops the rest."""
         deadline = time.monotonic() + STEP_BOUND_S
-        while True:  # the launcher first: a step logged before it ended the run is no progress
+        while True:
             if self.launcher.poll() is not None:
                 raise AssertionError(f"the launcher exited with {self.launcher.returncode} {what}")
-            if self.steps() > after:
+            if self.steps_since(since) >= steps:
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"no learner step within {STEP_BOUND_S:.0f}s {what}")
+                raise AssertionError(f"fewer than {steps} learner steps within {STEP_BOUND_S:.0f}s {what}")
             time.sleep(0.2)
 
 
@@ -220,7 +231,6 @@ def _redis_fault(run: Run, f: Fault) -> None:
 
 
 def inflict(run: Run, f: Fault) -> None:
-    before = run.steps()
     run.note(str(f))
     if f.kind in WORKER_FAULTS:
         _worker_fault(run, f)
@@ -228,7 +238,7 @@ def inflict(run: Run, f: Fault) -> None:
         _kill_learner(run)
     else:
         _redis_fault(run, f)
-    run.wait_step(before, f"after {f}")
+    run.wait_steps(time.time(), f"after {f}")
 
 
 # ---------------------------------------------------------------------------------------- the test
@@ -309,11 +319,11 @@ def test_random_faults_keep_the_books(quick_models, tmp_path):
     try:
         run.launch()
         try:
-            run.wait_step(0, "before the first fault")
+            run.wait_steps(0.0, "before the first fault", steps=1)
             for f in faults:
                 time.sleep(f.gap_s)
                 inflict(run, f)
-            run.wait_step(run.steps() + 2, "after the last fault")
+            run.wait_steps(time.time(), "after the last fault")
         except AssertionError as exc:
             problems.append(str(exc))
         if run.launcher.poll() is None:
