@@ -133,9 +133,12 @@ def test_redis_restart_with_aof_loses_at_most_the_last_second(prepared, tmp_path
         assert proc.returncode == 0, log
         books = accounting(out_dir, server.url)
         assert books["trained"] == books["trained_unique"] == 30 * 32
-        # appendfsync everysec: only what was written in the last second or so before the crash may be gone
+        # appendfsync everysec: only what was written in the last second or so before the crash may be gone, and
+        # only if Redis never persisted it: an id in the AOF reached Redis and was lost later, by a client
         late = [books["generated_at"][t] for t in books["unaccounted"]]
-        assert all(t > killed_at - 2.5 for t in late), (killed_at, sorted(late)[:3])
+        assert all(killed_at - 2.5 < t < killed_at + 0.15 for t in late), (killed_at, sorted(late)[:3])
+        aof = b"".join(f.read_bytes() for f in sorted((tmp_path / "redis").rglob("*.aof*")))
+        assert not [t for t in books["unaccounted"] if t.encode() in aof], "lost after Redis had persisted it"
     finally:
         server.stop()
 
@@ -189,3 +192,69 @@ def test_malformed_input_and_a_failing_teacher_are_dead_lettered(prepared, redis
     assert replay.returncode == 0 and "replayed 1 message" in out
     assert client.xlen(f"{run_id}:rollouts") == before + 1  # back where it came from, out of dead_letter
     assert entry not in [_id.decode() for _id, _ in client.xrange(f"{run_id}:dead_letter")]
+
+
+def _kill_server_mid_pipeline(monkeypatch, server: RedisServer, down_s: float) -> None:
+    """The next pipeline redis-py sends finds the server dead (killed with the pipeline on the wire), and the
+    server comes back `down_s` later on the same port and AOF: a real crash at the worst moment, timed by hand."""
+    import threading
+
+    import redis.client
+
+    armed = [True]
+    for name in ("_execute_pipeline", "_execute_transaction"):
+        original = getattr(redis.client.Pipeline, name)
+
+        def dying(self, conn, commands, raise_on_error, _original=original):
+            if armed[0]:
+                armed[0] = False
+                server.kill()
+                threading.Thread(target=lambda: (time.sleep(down_s), server.start()), daemon=True).start()
+            return _original(self, conn, commands, raise_on_error)
+
+        monkeypatch.setattr(redis.client.Pipeline, name, dying)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="broker/redis.py publish/ack retry pipe.execute() through _call after redis-py has reset the "
+    "pipeline (its `finally: self.reset()` empties the command stack), so the retry sends nothing and reports "
+    "success: a publish returns ids that were never written, an ack acknowledges nothing",
+)
+@pytest.mark.parametrize("op", ["publish work", "publish log", "ack"])
+def test_a_write_in_flight_when_redis_dies_is_done_or_raises(op, tmp_path, monkeypatch):
+    """Whatever a client call reports done must be in Redis once it is back (AOF: nothing acknowledged is lost
+    when only the process dies); a call that cannot finish within broker.request_timeout_s must raise."""
+    from broker import BrokerUnavailable
+    from broker.redis import RedisBroker
+
+    server = RedisServer(tmp_path, appendonly=True)
+    try:
+        client = RedisBroker(server.url, request_timeout_s=20)
+        if op == "ack":
+            client.publish("r:rollouts", [b"a", b"b"])
+            ids = [m.id for m in client.consume("r:rollouts", "g", "c", 10, 0.1)]
+        _kill_server_mid_pipeline(monkeypatch, server, down_s=2.0)
+        try:
+            if op == "ack":
+                client.ack("r:rollouts", "g", ids)
+            else:
+                stream = "r:rollouts" if op == "publish work" else "r:dead_letter"
+                sent = client.publish(stream, [b"x", b"y"])
+        except BrokerUnavailable:
+            return  # reported, so the caller knows: allowed
+        wait_for(lambda: server.proc.poll() is None and _answers(server), 30, "redis back")
+        check = redis.Redis.from_url(server.url)
+        if op == "ack":
+            assert check.xpending("r:rollouts", "g")["pending"] == 0 and check.xlen("r:rollouts") == 0
+        else:
+            assert sent is not None and len(sent) == 2 and check.xlen(stream) == 2, (sent, check.xlen(stream))
+    finally:
+        server.stop()
+
+
+def _answers(server: RedisServer) -> bool:
+    try:
+        return bool(redis.Redis.from_url(server.url, socket_connect_timeout=1).ping())
+    except redis.ConnectionError:
+        return False
