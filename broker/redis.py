@@ -216,7 +216,10 @@ class RedisBroker:
     # ------------------------------------------------------------------------------ plumbing
     def _call(self, fn, *args, **kwargs):
         """Run one Redis call, retrying a lost connection (Redis restarting) until request_timeout_s, or for a
-        few seconds once the component is stopping; then BrokerUnavailable."""
+        few seconds once the component is stopping; then BrokerUnavailable.
+
+        `fn` must be the whole call: redis-py empties a pipeline whose execute failed, so a retried
+        `pipe.execute` would send nothing and report success; callers build their pipeline inside `fn`."""
         start = time.monotonic()
         while True:
             try:
@@ -277,10 +280,14 @@ class RedisBroker:
                 return []
             ids = self._call(self._publish_bounded, keys=[stream], args=[self.max_depth, *payloads])
             return [_sid(i) for i in ids] or None  # None: full, the producer waits and retries
-        pipe = self.redis.pipeline(transaction=False)
-        for data in payloads:
-            pipe.xadd(stream, {"d": data}, maxlen=self.log_maxlen, approximate=False)
-        return [_sid(i) for i in self._call(pipe.execute)]
+
+        def append() -> list:
+            pipe = self.redis.pipeline(transaction=False)
+            for data in payloads:
+                pipe.xadd(stream, {"d": data}, maxlen=self.log_maxlen, approximate=False)
+            return pipe.execute()
+
+        return [_sid(i) for i in self._call(append)]
 
     def consume(self, stream: str, group: str, consumer: str, count: int, timeout_s: float) -> list[Message]:
         try:
@@ -486,11 +493,15 @@ class RedisBroker:
         if not ids:
             return
         self._unhold(stream, group, ids)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xack(stream, group, *ids)
-        if _is_work(stream):
-            pipe.xdel(stream, *ids)  # one group per work stream: done means gone
-        self._call(pipe.execute)
+
+        def settle() -> list:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xack(stream, group, *ids)
+            if _is_work(stream):
+                pipe.xdel(stream, *ids)  # one group per work stream: done means gone
+            return pipe.execute()
+
+        self._call(settle)
 
     def skip_to_end(self, stream: str, group: str) -> None:
         self._ensure_group(stream, group)

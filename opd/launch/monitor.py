@@ -238,7 +238,12 @@ class Monitor:
         then, before = self.state.last_status
         rates = {k: rate(before.get(k, {}), v, now - (then or self.started)) for k, v in counts.items()}
         self.state.last_status = (now, counts)
-        depth = f"queue {self.broker.depth(self.streams.rollouts)}/{self.broker.depth(self.streams.scored)}"
+        try:
+            depth = (
+                f"queue {self.broker.depth(self.streams.rollouts)}/{self.broker.depth(self.streams.scored)}"
+            )
+        except BrokerUnavailable:  # the status line is for the eye: a broker outage must not end the launcher
+            depth = "queue ?/? (broker unavailable)"
         acc = f" acc {self.state.eval_accuracy:.3f}" if self.state.eval_accuracy is not None else ""
         return (
             f"step {rec['step']}/{self.cfg.learner.max_steps} v{rec['weight_version']} | tok/s gen {rates['gen']:.0f} "
