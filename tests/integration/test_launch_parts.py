@@ -342,3 +342,31 @@ def test_dead_letter_ls_and_replay_on_redis(redis_server, capsys):
     assert "replayed 1 message(s)" in capsys.readouterr().out
     assert [d for _, d in client.entries("dl:rollouts")] == [data] and client.entries("dl:dead_letter") == []
     client.close()
+
+
+def test_the_status_line_survives_a_broker_outage(redis_server, tmp_path):
+    """The launcher draws a status line with queue depths; Redis gone for longer than request_timeout_s must show
+    as such, not end `opd run` with a traceback (found by the random chaos test)."""
+    from rich.console import Console
+
+    from broker.redis import RedisBroker
+    from opd.config import load_config
+    from opd.launch.monitor import Monitor
+    from opd.protocol import metrics_record
+
+    cfg = load_config(None, ["run.run_id=out", "broker.type=redis", f"broker.url={redis_server.url}"])
+    client = RedisBroker(redis_server.url, request_timeout_s=0.5)
+    monitor = Monitor(cfg, client, tmp_path, Console(file=open(tmp_path / "console.txt", "w")))
+    learner = {
+        "step": 1,
+        "loss": 1.0,
+        "weight_version": 0,
+        "reverse_kl": 1.0,
+        "importance_weight": 1.0,
+        "staleness_mean": 0,
+    }
+    client.publish(monitor.streams.metrics, [metrics_record(component="learner", **learner)])
+    monitor.drain()
+    assert "queue 0/0" in monitor.status_line()
+    redis_server.kill()
+    assert "broker unavailable" in monitor.status_line()
