@@ -18,6 +18,7 @@ from broker import capabilities
 from opd.config import Config, ConfigError, dump_config
 from opd.launch.checks import load_run_config
 from opd.launch.rundir import resolve_run
+from opd.runtime import run_secret
 
 AUTO = "auto"
 
@@ -68,6 +69,7 @@ def resolve_for_cluster(cfg: Config) -> Path:
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(dump_config(cfg))
     tmp.rename(path)
+    run_secret.ensure_file(run_secret.default_path(cfg.run.output_dir))  # 0600, found by every job's component
     return path
 
 
