@@ -104,7 +104,9 @@ class WeightPublisher:
         if version == 0 or now - self._last_catch_up < CATCH_UP_EVERY_S:
             return
         self._last_catch_up = now
-        joined = self.sync.newcomers()  # not a suspect that still reads no announcement: it would cost a timeout
+        joined = (
+            self.sync.newcomers()
+        )  # not a suspect that still reads no announcement: it would cost a timeout
         if joined:
             log.info("new actor(s) %s: sending them weight version %d", joined, version)
             self.send(version)

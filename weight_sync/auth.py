@@ -156,11 +156,15 @@ def prove_members(group, rank: int, world_size: int, signer: Signer, label: str,
     it talks to, before any weight is sent. One all-to-all of 32 bytes per pair, once per group."""
     sent = torch.empty(world_size, MAC_BYTES, dtype=torch.uint8)
     for peer in range(world_size):
-        sent[peer] = torch.frombuffer(bytearray(bytes.fromhex(signer.tag(label, rank, peer))), dtype=torch.uint8)
+        sent[peer] = torch.frombuffer(
+            bytearray(bytes.fromhex(signer.tag(label, rank, peer))), dtype=torch.uint8
+        )
     got = torch.empty_like(sent)
     sent_d, got_d = sent.to(device), got.to(device)
     group.alltoall_base(got_d, sent_d, [], [], dist.AllToAllOptions()).wait()
     got = got_d.cpu()
     bad = [p for p in range(world_size) if not signer.verify(bytes(got[p].tolist()).hex(), label, p, rank)]
     if bad:
-        raise Unauthenticated(f"sync group {label}: rank(s) {bad} did not prove the run's secret; group refused")
+        raise Unauthenticated(
+            f"sync group {label}: rank(s) {bad} did not prove the run's secret; group refused"
+        )

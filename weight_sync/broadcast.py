@@ -152,7 +152,9 @@ class WeightReceiver(_Bucketed):
                 break
             if store.check([MANIFEST_KEY]) and refused is None:
                 refused = time.monotonic()
-                _log.warning("ignored a weight manifest not signed with the run's secret; waiting for the learner's")
+                _log.warning(
+                    "ignored a weight manifest not signed with the run's secret; waiting for the learner's"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no signed weight manifest from the learner within {timeout_s:.0f}s")
             time.sleep(MANIFEST_POLL_S)

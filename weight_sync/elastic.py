@@ -161,7 +161,9 @@ class Membership:
             self.read.add(i)
             name = fetch(self.store, self.signer, key)
             if name is None:
-                self.warn("register", f"refused weight-sync registration #{i}: not signed with the run's secret")
+                self.warn(
+                    "register", f"refused weight-sync registration #{i}: not signed with the run's secret"
+                )
             elif i > self.registrations.get(name, 0):
                 self.registrations[name] = i
 
@@ -181,6 +183,8 @@ class Membership:
             if self.seen[name][1] > 0 and now - self.seen[name][2] <= self.liveness_s:
                 out.append(name)
         return out
+
+
 class ElasticBroadcaster:
     """Learner side: broadcast each version to the actors alive now, re-forming the group when they change.
 
@@ -328,7 +332,9 @@ class ElasticReceiver:
         self.store = _client(host, port, timeout_s)
         self.signer = read_session(self.store, secret, timeout_s, self.warn)
         self.rx.check_manifest(self.store, self.signer, timeout_s)
-        self.bind = local_address(host, port)  # our gloo pairs listen on the interface that reaches the learner
+        self.bind = local_address(
+            host, port
+        )  # our gloo pairs listen on the interface that reaches the learner
         self.epoch: int | None = None
         # An epoch this actor failed in is never re-entered: its rendezvous keys are spent, and the learner has
         # already moved on (re-joining it would block in gloo's connect on the stale peers until timeout).
@@ -339,6 +345,7 @@ class ElasticReceiver:
         self.take_snapshot()  # before registering: the learner may name us in a sync right after
         self.index = register(self.store, self.signer, name)
         self.heartbeat = Heartbeat(host, port, self.index, self.signer, heartbeat_s, timeout_s)
+
     def _took(self, version: int, source: str) -> None:
         self.version, self.source = version, source
         if self.on_weights is not None:
@@ -367,7 +374,9 @@ class ElasticReceiver:
         elif self.failures >= self.fallback_after:
             self.take_snapshot()
 
-    def apply(self, version: int, epoch: int, members: list[str], auth: str | None = None) -> SyncStats | None:
+    def apply(
+        self, version: int, epoch: int, members: list[str], auth: str | None = None
+    ) -> SyncStats | None:
         """Receive `version` if this actor is a member of `epoch`; None when not (or when the epoch failed). An
         announcement whose `auth` is not the learner's signature is ignored (and logged)."""
         if not self.signer.verify(auth, "announce", version, epoch, members):

@@ -69,7 +69,9 @@ def resolve_for_cluster(cfg: Config) -> Path:
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(dump_config(cfg))
     tmp.rename(path)
-    run_secret.ensure_file(run_secret.default_path(cfg.run.output_dir))  # 0600, found by every job's component
+    run_secret.ensure_file(
+        run_secret.default_path(cfg.run.output_dir)
+    )  # 0600, found by every job's component
     return path
 
 

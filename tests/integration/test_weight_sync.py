@@ -22,7 +22,9 @@ def _receiver(port, rank, world, queue, versions, bucket_mb):
     model = _model(100 + rank)  # different init: only the broadcast can make it equal
     store = make_store("127.0.0.1", port, rank, world, 30)
     rx = WeightReceiver(
-        make_group(store, "t/weights", rank, world, "gloo", 30, SIGNER, "127.0.0.1"), list(model.named_parameters()), bucket_mb
+        make_group(store, "t/weights", rank, world, "gloo", 30, SIGNER, "127.0.0.1"),
+        list(model.named_parameters()),
+        bucket_mb,
     )
     rx.check_manifest(store, SIGNER)
     for v in range(1, versions + 1):
