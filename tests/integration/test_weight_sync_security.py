@@ -299,3 +299,42 @@ def test_a_suspect_actor_costs_no_resend_to_an_unchanged_epoch(tmp_path):
     taken = read_digests(tmp_path / "digests" / "actor-0.jsonl")
     truth = read_digests(tmp_path / "digests" / "learner.jsonl")[0]
     assert taken[-1]["version"] == 1 and taken[-1]["sha256"] == truth["sha256"]
+
+
+# ------------------------------------------------------------------------------------------ pair proofs
+def _impostor(port: int, report) -> None:
+    """Holds a working gloo connection to the learner (as a stranger that won a pair's handshake would) but not
+    the secret."""
+    from datetime import timedelta
+
+    from weight_sync.auth import Signer, Unauthenticated, prove_members
+
+    store = make_store("127.0.0.1", port, 1, None, 30)
+    group = dist.ProcessGroupGloo(dist.PrefixStore("g", store), 1, 2, timedelta(seconds=20))
+    try:
+        prove_members(group, 1, 2, Signer("not the run's secret, but long").with_session("s"), "g", "cpu")
+        report.put("accepted")
+    except Unauthenticated:
+        report.put("refused")
+
+
+def test_a_peer_that_cannot_prove_the_secret_is_refused_before_any_weight_moves():
+    """gloo's pairs carry no authentication: after a group forms, each rank proves the secret to each other over
+    their own connection, and a rank that cannot is refused on both sides."""
+    from datetime import timedelta
+
+    from weight_sync.auth import Signer, Unauthenticated, prove_members
+
+    port = free_port()
+    store = make_store("127.0.0.1", port, 0, None, 30)
+    report = mp.get_context("spawn").Queue()
+    proc = _spawn(_impostor, port, report)
+    try:
+        group = dist.ProcessGroupGloo(dist.PrefixStore("g", store), 0, 2, timedelta(seconds=60))
+        with pytest.raises(Unauthenticated, match=r"rank\(s\) \[1\]"):
+            prove_members(group, 0, 2, Signer(SECRET).with_session("s"), "g", "cpu")
+        assert report.get(timeout=60) == "refused"
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
