@@ -101,9 +101,12 @@ class WeightPublisher:
         """An actor that joined since the last sync gets `version` now: waiting for the next step could be
         forever if everything it generates is too stale to make one."""
         now = time.monotonic()
-        if version == 0 or now - self._last_catch_up < CATCH_UP_EVERY_S:
+        if now - self._last_catch_up < CATCH_UP_EVERY_S:
             return
         self._last_catch_up = now
+        self.sync.repair()  # what a stranger overwrote in the store (an actor would wait for it)
+        if version == 0:
+            return
         joined = (
             self.sync.newcomers()
         )  # not a suspect that still reads no announcement: it would cost a timeout

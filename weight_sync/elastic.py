@@ -40,7 +40,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from weight_sync.auth import Signer, fetch, put
-from weight_sync.broadcast import SyncStats, WeightBroadcaster, WeightReceiver
+from weight_sync.broadcast import MANIFEST_KEY, SyncStats, WeightBroadcaster, WeightReceiver
 from weight_sync.group import local_address, make_group
 from weight_sync.snapshot import SnapshotStore, load_snapshot
 
@@ -87,9 +87,17 @@ def read_session(store: dist.Store, secret: str | bytes, timeout_s: float, warn:
         if session:
             return base.with_session(session)
         if store.check([SESSION_KEY]):
-            warn("session", "ignored a weight-sync session not signed with the run's secret")
+            warn(
+                "session",
+                "ignored a weight-sync session not signed with this process's secret (is OPD_WEIGHT_SYNC_SECRET "
+                "or weight_sync.secret_file the run's?)",
+            )
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no signed weight-sync session from the learner within {timeout_s:.0f}s")
+            raise TimeoutError(
+                f"no weight-sync session signed with this process's secret from the learner within {timeout_s:.0f}s"
+                " (OPD_WEIGHT_SYNC_SECRET, weight_sync.secret_file or <run dir>/weight_sync.secret must hold the "
+                "run's secret)"
+            )
         time.sleep(POLL_S)
 
 
@@ -218,6 +226,7 @@ class ElasticBroadcaster:
         # Alive by heartbeat but absent from a failed epoch (hung, or busy past the timeout): left out until it
         # shows it read a later announcement, so one stuck actor does not cost every version a timeout.
         self.suspects: dict[str, int] = {}  # name -> the epoch it missed
+        self.version = version
         self.publish_version(version)
 
     def _seen(self, name: str) -> int:
@@ -247,9 +256,23 @@ class ElasticBroadcaster:
     def publish_version(self, version: int) -> None:
         """Joining actors wait for (and bootstrap from snapshots up to) the version named here. The session and
         the manifest are written again too: anyone can overwrite a store key, and this repairs it."""
+        self.version = version
         publish_session(self.store, self.signer)
         self.tx.publish_manifest(self.store, self.signer)
         put(self.store, self.signer, VERSION_KEY, str(version))
+
+    def repair(self) -> None:
+        """Write the session, manifest and version again when someone without the secret overwrote them: an
+        actor waits past a value that is not signed, for this. Call it while idle (the learner does about once
+        a second, `WeightPublisher.catch_up`); every sync writes them anyway."""
+        intact = (
+            fetch(self.store, self.signer.with_session(""), SESSION_KEY) == self.signer.session
+            and fetch(self.store, self.signer, MANIFEST_KEY) is not None
+            and fetch(self.store, self.signer, VERSION_KEY) is not None
+        )
+        if not intact:
+            self.warn("repair", "rewrote weight-sync keys overwritten by someone without the run's secret")
+            self.publish_version(self.version)
 
     def _announce(self, version: int, members: list[str]) -> None:
         self.announce(version, self.epoch, members, self.signer.tag("announce", version, self.epoch, members))

@@ -27,6 +27,7 @@ LIVENESS_S, JOIN_TIMEOUT_S = 1.0, 4.0
 SECRET = "the run's weight-sync secret, 32+ chars"
 PREFIX = "t/weights"
 ANNOUNCE, STOP, PAUSE = "test/announce", "test/stop", "test/pause/"
+GO, RESTART = "test/stranger", "test/restart"
 
 
 def _model(seed: int) -> torch.nn.Module:
@@ -34,10 +35,17 @@ def _model(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
 
 
-def _actor(host: str, port: int, name: str, run_dir: str, seed: int) -> None:
+def _actor(host: str, port: int, name: str, run_dir: str, seed: int, start_after: str | None = None) -> None:
     """A real follower; it stops reading announcements while PAUSE/<name> exists (busy generating), while its
-    heartbeat thread goes on."""
+    heartbeat thread goes on. With `start_after`, it starts once that store key exists (process start-up is
+    slow: the test spawns early and starts it at the moment it needs). Its warnings go to <run_dir>/<name>.log."""
+    import logging
+    from datetime import timedelta
+
     torch.set_num_threads(1)
+    logging.basicConfig(filename=f"{run_dir}/{name}.log", level=logging.WARNING)
+    if start_after is not None:
+        dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=120)).wait([start_after])
     named = list(_model(seed).named_parameters())
     digests = DigestLog(Path(run_dir) / "digests", name)
     follower = ElasticReceiver(
@@ -93,6 +101,11 @@ class _Learner:
         self.announced.append((version, epoch))
         self.store.set(ANNOUNCE, json.dumps([version, epoch, members, *auth]))
 
+    def idle(self) -> bool:
+        """What the learner does about once a second while it waits for a batch (WeightPublisher.catch_up)."""
+        self.sync.repair()
+        return False
+
     def timed_sync(self, version: int) -> float:
         t0 = time.monotonic()
         self.sync.sync(version)
@@ -128,7 +141,8 @@ def _stranger(host: str, port: int, run_dir: str, report) -> None:
     from datetime import timedelta
 
     torch.set_num_threads(1)
-    store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=30))
+    store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=120))
+    store.wait([GO])  # the test says when (once a real actor is in)
     names = {}
     for name in ("actor-x", "actor-y"):
         index = int(store.add("actors/count", 1))
@@ -170,14 +184,24 @@ def test_a_stranger_without_the_secret_gets_no_weights_no_membership_and_stalls_
     report = mp.get_context("spawn").Queue()
     procs = {"actor-0": _spawn(_actor, "127.0.0.1", port, "actor-0", str(tmp_path), 10)}
     procs["stranger"] = _spawn(_stranger, "127.0.0.1", port, str(tmp_path), report)
+    # a "restarted" actor, which starts once the stranger's bogus manifest is in the store
+    procs["actor-1"] = _spawn(_actor, "127.0.0.1", port, "actor-1", str(tmp_path), 11, RESTART)
+    actor1_log = tmp_path / "actor-1.log"
     try:
-        wait_for(lambda: learner.sync.membership.alive() == ["actor-0"], 120, "actor-0")
+        wait_for(lambda: learner.idle() or learner.sync.membership.alive() == ["actor-0"], 120, "actor-0")
+        learner.store.set(GO, "1")
         assert report.get(timeout=120) == "ready"
-        # a "restarted" actor, starting after the bogus manifest was written
-        procs["actor-1"] = _spawn(_actor, "127.0.0.1", port, "actor-1", str(tmp_path), 11)
-        time.sleep(2 * LIVENESS_S)  # the stranger's fake actors have been heartbeating for a while
+        learner.store.set(RESTART, "1")
+        # it read the bogus manifest, ignored it, and waits (nothing repairs the store until the learner's next
+        # idle look or sync), meanwhile the stranger's fake actors heartbeat
+        wait_for(
+            lambda: actor1_log.exists() and "ignored a weight manifest" in actor1_log.read_text(), 120, "log"
+        )
+        assert procs["actor-1"].is_alive()
         seconds = [learner.step() for _ in range(2)]
-        wait_for(lambda: "actor-1" in learner.sync.membership.alive(), 120, "the restarted actor")
+        wait_for(
+            lambda: learner.idle() or "actor-1" in learner.sync.membership.alive(), 120, "the restarted actor"
+        )
         seconds += [learner.step() for _ in range(2)]
         members = list(learner.sync.members)
         stranger_alive = procs["stranger"].is_alive()
