@@ -194,10 +194,11 @@ def test_a_stranger_without_the_secret_gets_no_weights_no_membership_and_stalls_
         learner.store.set(RESTART, "1")
         # it read the bogus manifest, ignored it, and waits (nothing repairs the store until the learner's next
         # idle look or sync), meanwhile the stranger's fake actors heartbeat
+        ignored = lambda: actor1_log.exists() and "ignored a weight manifest" in actor1_log.read_text()  # noqa: E731
         wait_for(
-            lambda: actor1_log.exists() and "ignored a weight manifest" in actor1_log.read_text(), 120, "log"
+            lambda: ignored() or not procs["actor-1"].is_alive(), 120, "actor-1 reading the bogus manifest"
         )
-        assert procs["actor-1"].is_alive()
+        assert procs["actor-1"].is_alive(), "a bogus manifest made the actor exit"
         seconds = [learner.step() for _ in range(2)]
         wait_for(
             lambda: learner.idle() or "actor-1" in learner.sync.membership.alive(), 120, "the restarted actor"
