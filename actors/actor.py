@@ -16,6 +16,7 @@ from opd.config import Config
 from opd.models.builds import ensure_assets
 from opd.models.loading import encode_prompt
 from opd.protocol import MAX_POLICY_VERSION, ProtocolError, Streams, Trajectory, encode, unpack_control
+from opd.runtime import run_secret
 from opd.runtime.broker import open_broker
 from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
 from opd.runtime.service_time import pad_to_service_time
@@ -41,8 +42,10 @@ def weight_follower(cfg: Config, name: str, model: torch.nn.Module) -> ElasticRe
         timeout_s=ws.timeout_s,
         join_timeout_s=ws.join_timeout_s,
         heartbeat_s=ws.liveness_s / 5,
+        secret=run_secret.load(ws, run_dir, wait_s=ws.timeout_s),  # the learner may still be writing it
         snapshots=SnapshotStore(ws.snapshot_dir or run_dir / "weights"),
         on_weights=(lambda v, source: digests.record(v, named, source)) if digests else None,
+        log=log.warning,
     )
 
 
@@ -55,6 +58,13 @@ def _weights_fields(record: dict) -> tuple[int, int, list[str]]:
     if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
         raise ProtocolError("weights record: members must be a list of component names")
     return version, epoch, members
+
+
+def _weights_auth(record: dict) -> str | None:
+    """The learner's signature of a `weights` record; None when absent or not a string (then the follower
+    ignores the record as unsigned rather than failing on it)."""
+    auth = record.get("auth")
+    return auth if isinstance(auth, str) else None
 
 
 class Actor:
@@ -92,7 +102,7 @@ class Actor:
                 continue
             if weights is not None:
                 before = self.follower.version
-                stats = self.follower.apply(*weights)
+                stats = self.follower.apply(*weights, auth=_weights_auth(record))
                 if stats is not None:
                     self.reporter.add(weight_syncs=1, weight_sync_seconds=stats.seconds)
                     if self.follower.version != before + 1:

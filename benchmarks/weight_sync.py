@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from weight_sync import WeightBroadcaster, WeightReceiver, make_group, make_store  # noqa: E402
+from weight_sync import Signer, WeightBroadcaster, WeightReceiver, make_group, make_store  # noqa: E402
 from weight_sync.broadcast import _opts  # noqa: E402
 
 MATRIX = (1024, 1024)  # 4 MB in float32: about one projection of a small transformer layer
@@ -80,7 +80,8 @@ def run_rank(rank: int, world: int, port: int, sizes: list[int], args, results=N
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
     store = make_store("127.0.0.1", port, rank, world, 120)
-    group = make_group(store, "bench/weights", rank, world, "gloo", 600)
+    signer = Signer("the benchmark's weight-sync secret")  # every rank runs this code: one shared secret
+    group = make_group(store, "bench/weights", rank, world, "gloo", 600, signer, "127.0.0.1")
     for nbytes in sizes:
         repeats = args.repeats or (
             20 if nbytes < 50 * UNITS["MB"] else 5 if nbytes < 500 * UNITS["MB"] else 3

@@ -4,6 +4,8 @@ The learner hosts the rendezvous store where actors register and heartbeat, anno
 (`opd.protocol.weights_record`: version, sync epoch, members) and broadcasts the parameters to the actors alive
 then; it also writes safetensors snapshots (the late joiner's bootstrap) and, when asked, each version's digest.
 An actor that joins between versions (a restart, a resume) is sent the current version at once (`catch_up`).
+The store listens on `weight_sync.host` only, and membership needs the run's secret (`opd.runtime.run_secret`):
+announcements carry the learner's signature (`auth`).
 
 The layout (names, shapes, buckets) is read from the full parameters, so it must be taken before an engine may
 shard them (ZeRO-3): `record_layout` is called on the bare model, and `WeightPublisher` takes that layout.
@@ -21,6 +23,7 @@ import torch
 from broker import Broker
 from opd.config import WeightSyncConfig
 from opd.protocol import weights_record
+from opd.runtime import run_secret
 from opd.runtime.lifecycle import log
 from weight_sync import ElasticBroadcaster, WeightBroadcaster, make_store, resolve_backend
 from weight_sync.snapshot import SnapshotStore
@@ -53,7 +56,6 @@ class WeightPublisher:
         self.broker, self.control = broker, control
         self.backend = backend = resolve_backend(ws.backend, *devices)
         self.store = make_store(ws.host, ws.port, 0, None, ws.timeout_s)
-        layout.publish_manifest(self.store)
         self.snapshots = SnapshotStore(ws.snapshot_dir or run_dir / "weights")
         for gone in self.snapshots.drop_newer_than(version):  # from steps a resume does not restore
             log.info("removed weight snapshot %s: newer than the resumed version %d", gone.name, version)
@@ -66,13 +68,15 @@ class WeightPublisher:
             announce=self._announce,
             liveness_s=ws.liveness_s,
             join_timeout_s=ws.join_timeout_s,
+            secret=run_secret.load(ws, run_dir, create=True),
+            bind=ws.host,
             log=log.warning,
             version=version,
         )
         self._last_catch_up = 0.0
 
-    def _announce(self, version: int, epoch: int, members: list[str]) -> None:
-        self.broker.publish(self.control, [weights_record(version, epoch=epoch, members=members)])
+    def _announce(self, version: int, epoch: int, members: list[str], auth: str) -> None:
+        self.broker.publish(self.control, [weights_record(version, epoch=epoch, members=members, auth=auth)])
 
     def send(self, version: int) -> dict[str, float]:
         """Send `version` to the actors alive now; the step record's weight_sync_* and snapshot fields."""
@@ -97,11 +101,17 @@ class WeightPublisher:
         """An actor that joined since the last sync gets `version` now: waiting for the next step could be
         forever if everything it generates is too stale to make one."""
         now = time.monotonic()
-        if version == 0 or now - self._last_catch_up < CATCH_UP_EVERY_S:
+        if now - self._last_catch_up < CATCH_UP_EVERY_S:
             return
         self._last_catch_up = now
-        if set(self.sync.membership.alive()) - set(self.sync.members):
-            log.info("new actor(s): sending them weight version %d", version)
+        self.sync.repair()  # what a stranger overwrote in the store (an actor would wait for it)
+        if version == 0:
+            return
+        joined = (
+            self.sync.newcomers()
+        )  # not a suspect that still reads no announcement: it would cost a timeout
+        if joined:
+            log.info("new actor(s) %s: sending them weight version %d", joined, version)
             self.send(version)
 
     def _snapshot_and_digest(self, version: int) -> dict[str, float]:

@@ -379,13 +379,18 @@ def unpack_control(data: bytes) -> dict[str, Any]:
 
 
 # One constructor per control record kind, so a writer cannot misspell a field its readers look for.
-def weights_record(version: int, epoch: int | None = None, members: list[str] | None = None) -> bytes:
-    """On `control`: weight `version` is being broadcast to `members` in sync epoch `epoch`."""
+def weights_record(
+    version: int, epoch: int | None = None, members: list[str] | None = None, auth: str | None = None
+) -> bytes:
+    """On `control`: weight `version` is being broadcast to `members` in sync epoch `epoch`; `auth` is the
+    learner's signature of it with the run's weight-sync secret (actors ignore an announcement without one)."""
     fields: dict[str, Any] = {"version": version}
     if epoch is not None:
         fields["epoch"] = epoch
     if members is not None:
         fields["members"] = members
+    if auth is not None:
+        fields["auth"] = auth
     return pack_control("weights", **fields)
 
 

@@ -2,18 +2,25 @@
 
 Parameters are flattened into buckets of about `bucket_mb` per dtype, so a model of thousands of tensors costs a
 few collectives rather than one per tensor, and the receiver copies straight into its own parameters. Both
-sides check a manifest (names, shapes, dtypes) first: a mismatch would otherwise scramble weights silently.
+sides check a manifest (names, shapes, dtypes) first: a mismatch would otherwise scramble weights silently. The
+manifest is signed with the run's secret: a receiver ignores (and logs) one that is not, and waits for the
+learner's, which the learner writes again at every sync.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
+from weight_sync.auth import Signer, fetch, put
+
 MANIFEST_KEY = "weight_manifest"
+MANIFEST_POLL_S = 0.2
+_log = logging.getLogger(__name__)
 
 
 def manifest(named: list[tuple[str, torch.Tensor]]) -> list[list]:
@@ -107,8 +114,8 @@ def _opts(root: int):
 class WeightBroadcaster(_Bucketed):
     """Learner side. `named` are the live parameters (read, never written)."""
 
-    def publish_manifest(self, store) -> None:
-        store.set(MANIFEST_KEY, json.dumps(self.manifest))
+    def publish_manifest(self, store, signer: Signer) -> None:
+        put(store, signer, MANIFEST_KEY, json.dumps(self.manifest))
 
     @torch.no_grad()
     def broadcast(self, version: int) -> SyncStats:
@@ -134,8 +141,23 @@ class WeightBroadcaster(_Bucketed):
 class WeightReceiver(_Bucketed):
     """Actor side. Writes received values into `named` in place."""
 
-    def check_manifest(self, store) -> None:
-        theirs = json.loads(store.get(MANIFEST_KEY))
+    def check_manifest(self, store, signer: Signer, timeout_s: float = 300.0) -> None:
+        """Wait for the learner's signed manifest and compare it with ours. A value that is not signed with the
+        run's secret (anyone can write the store) is logged and waited past, never taken for the learner's."""
+        theirs, deadline, refused = None, time.monotonic() + timeout_s, None
+        while theirs is None:
+            raw = fetch(store, signer, MANIFEST_KEY)
+            if raw is not None:
+                theirs = json.loads(raw)
+                break
+            if store.check([MANIFEST_KEY]) and refused is None:
+                refused = time.monotonic()
+                _log.warning(
+                    "ignored a weight manifest not signed with the run's secret; waiting for the learner's"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no signed weight manifest from the learner within {timeout_s:.0f}s")
+            time.sleep(MANIFEST_POLL_S)
         ours = self.manifest
         if theirs != ours:
             diff = next(((a, b) for a, b in zip(theirs, ours, strict=False) if a != b), None)

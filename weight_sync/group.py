@@ -7,10 +7,14 @@ and leave between versions.
 
 from __future__ import annotations
 
+import os
+import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from weight_sync.auth import SealedStore, Signer, prove_members
 
 
 def _device_key(device: str) -> str:
@@ -35,28 +39,86 @@ def resolve_backend(backend: str, learner_device: str, actor_device: str) -> str
     return backend
 
 
+def _listen(host: str, port: int) -> int:
+    """A listening socket on `host` only (not every interface, as TCPStore binds its own): its fd."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(512)
+    except OSError:
+        sock.close()
+        raise
+    return sock.detach()  # the store owns the fd from here
+
+
 def make_store(host: str, port: int, rank: int, world_size: int | None, timeout_s: float) -> dist.Store:
-    """Rank 0 (the learner) hosts the TCPStore; the others connect to it. world_size None: any number may come."""
-    store = dist.TCPStore(
+    """Rank 0 (the learner) hosts the TCPStore, listening on `host` alone; the others connect to it.
+    world_size None: any number may come."""
+    listen_fd = _listen(host, port) if rank == 0 else None
+    return dist.TCPStore(
         host,
         port,
         world_size,
         is_master=(rank == 0),
         timeout=timedelta(seconds=timeout_s),
         wait_for_workers=False,
+        master_listen_fd=listen_fd,
     )
-    return store
 
 
-def make_group(store: dist.Store, prefix: str, rank: int, world_size: int, backend: str, timeout_s: float):
-    """The backend object itself (ProcessGroupGloo/NCCL); every rank must call this to rendezvous."""
+def local_address(host: str, port: int) -> str:
+    """This machine's address on the route to `host`: where a rank's gloo pairs should listen, rather than
+    wherever the machine's hostname happens to resolve. `host` itself when no route is known."""
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(addr)  # UDP: picks the route, sends nothing
+            return probe.getsockname()[0]
+    except OSError:
+        return host
+
+
+def _gloo_options(timeout: timedelta, bind: str | None):
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    interface = os.environ.get("GLOO_SOCKET_IFNAME")
+    if interface:  # the operator named the interface: that wins
+        opts._devices = [dist.ProcessGroupGloo.create_device(interface=interface.split(",")[0])]
+    elif bind:
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind)]
+    else:
+        opts._devices = [dist.ProcessGroupGloo.create_device()]
+    return opts
+
+
+def make_group(
+    store: dist.Store,
+    prefix: str,
+    rank: int,
+    world_size: int,
+    backend: str,
+    timeout_s: float,
+    signer: Signer,
+    bind: str | None = None,
+):
+    """The backend object itself (ProcessGroupGloo/NCCL); every rank must call this to rendezvous.
+
+    Rendezvous values go through a SealedStore (a stranger can neither read nor replace them), gloo's pairs
+    listen on `bind` (this rank's address towards the learner), and the ranks prove the secret to each other
+    over the new connections before the group is returned."""
     scoped = dist.PrefixStore(prefix, store)
     timeout = timedelta(seconds=timeout_s)
     scoped.set_timeout(timeout)  # a rank that never comes (it died) fails the rendezvous after timeout_s
+    sealed = SealedStore(scoped, signer, prefix)
     if backend == "gloo":
-        return dist.ProcessGroupGloo(scoped, rank, world_size, timeout)
-    if backend == "nccl":
+        group, device = dist.ProcessGroupGloo(sealed, rank, world_size, _gloo_options(timeout, bind)), "cpu"
+    elif backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
-        return dist.ProcessGroupNCCL(scoped, rank, world_size, opts)
-    raise ValueError(f"unknown weight_sync backend {backend!r}")
+        group, device = dist.ProcessGroupNCCL(sealed, rank, world_size, opts), "cuda"
+    else:
+        raise ValueError(f"unknown weight_sync backend {backend!r}")
+    prove_members(group, rank, world_size, signer, prefix, device)
+    return group

@@ -17,7 +17,11 @@ class WeightSyncConfig(Strict):
         description="auto = nccl when learner and actors are on different CUDA devices, else gloo (NCCL refuses "
         "two ranks on one GPU); set nccl for multi-node GPU runs.",
     )
-    host: str = Field("127.0.0.1", description="Where the learner hosts the rendezvous store.")
+    host: str = Field(
+        "127.0.0.1",
+        description="The address the learner's rendezvous store and its gloo pairs listen on (that interface "
+        "only); actors connect to it. A multi-host run names the learner's address on the actors' network.",
+    )
     port: int = Field(0, ge=0, le=65535, description="Rendezvous port; 0 = the launcher picks a free one.")
     bucket_mb: float = Field(
         32.0, gt=0, description="Parameters are broadcast in buckets of about this size."
@@ -48,6 +52,12 @@ class WeightSyncConfig(Strict):
         None,
         description="Shared directory of the weight snapshots (every actor host must read it); "
         "default <run.output_dir>/weights.",
+    )
+    secret_file: Path | None = Field(
+        None,
+        description="A file (mode 0600) holding the run's weight-sync secret, for components started by hand "
+        "on hosts that do not share the run directory. Unset: the environment variable OPD_WEIGHT_SYNC_SECRET, "
+        "else <run.output_dir>/weight_sync.secret (the learner creates it, actors wait for it).",
     )
     verify_digests: bool = Field(
         False,

@@ -18,6 +18,7 @@ from broker import capabilities
 from opd.config import Config, ConfigError
 from opd.launch.checks import load_run_config
 from opd.launch.rundir import resolve_run, write_run_config
+from opd.runtime import run_secret
 
 AUTO = "auto"
 
@@ -65,7 +66,13 @@ def resolve_for_cluster(cfg: Config) -> Path:
             "to that run with its config.yaml"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_run_config(cfg, path)  # a password in broker.url goes to a 0600 file, not into config.yaml
+    written = write_run_config(
+        cfg, path
+    )  # a password in broker.url goes to a 0600 file, not into config.yaml
+    run_secret.ensure_file(
+        run_secret.default_path(cfg.run.output_dir)
+    )  # 0600, found by every job's component
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:

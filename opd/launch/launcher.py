@@ -25,6 +25,7 @@ from opd.launch.rundir import LaunchError, prepare_run_dir
 from opd.launch.scaling import ScorerScaler, SupervisorPool
 from opd.launch.spawners import open_spawner
 from opd.launch.supervisor import Component, Slot, Supervisor
+from opd.runtime import run_secret
 from opd.runtime.broker import open_broker, open_broker_when_ready
 from opd.runtime.prometheus import write_port_map
 
@@ -56,6 +57,7 @@ class Launcher:
     def _setup(self, spawner) -> dict[str, float | None]:
         """Run directory and config, metrics ports, accuracy before training, the supervisor."""
         config_path = prepare_run_dir(self.cfg, self.resume)
+        run_secret.share_with_children(self.cfg)  # the weight-sync secret, in every spawned component's env
         console.print(f"[bold]opd run[/] {self.cfg.run.run_id} -> {self.out}")
         try:
             ports = write_port_map(self.cfg, self.out)

@@ -123,13 +123,13 @@ def test_weight_broadcast_lands_in_cuda_tensors():
     port = free_port()
     code = """
         import sys, torch
-        from weight_sync import WeightBroadcaster, WeightReceiver, make_group, make_store
+        from weight_sync import Signer, WeightBroadcaster, WeightReceiver, make_group, make_store
         rank, port, backend = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
         torch.manual_seed(0)
         shapes = [(256, 256), (256,), (1000, 33), (7,)]
         src = [torch.randn(s, device="cuda") for s in shapes]
         store = make_store("127.0.0.1", port, rank, 2, 60)
-        group = make_group(store, "w", rank, 2, backend, 60)
+        group = make_group(store, "w", rank, 2, backend, 60, Signer("the test's weight-sync secret"), "127.0.0.1")
         if rank == 0:
             WeightBroadcaster(group, [(f"p{i}", t) for i, t in enumerate(src)], 0.1).broadcast(1)
         else:

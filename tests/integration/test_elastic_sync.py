@@ -17,13 +17,14 @@ import torch
 
 from tests.conftest import free_port, wait_for
 from weight_sync import WeightBroadcaster, WeightReceiver, make_store
-from weight_sync.elastic import ElasticBroadcaster, ElasticReceiver, Heartbeat, register
+from weight_sync.elastic import ElasticBroadcaster, ElasticReceiver, Heartbeat, mark_seen, register
 from weight_sync.snapshot import SnapshotStore
 from weight_sync.verify import DigestLog, read_digests
 
 pytestmark = pytest.mark.chaos
 
 LIVENESS_S, JOIN_TIMEOUT_S = 1.0, 4.0
+SECRET = "a test secret of the run, 32 chars"
 ANNOUNCE, STOP = "test/announce", "test/stop"
 
 
@@ -48,14 +49,15 @@ def _actor(port: int, name: str, run_dir: str, seed: int) -> None:
         timeout_s=30,
         join_timeout_s=JOIN_TIMEOUT_S,
         heartbeat_s=LIVENESS_S / 5,
+        secret=SECRET,
         snapshots=SnapshotStore(Path(run_dir) / "weights"),
         on_weights=lambda v, source: digests.record(v, named, source),
     )
     store = follower.store
     while not store.check([STOP]):
         if store.check([ANNOUNCE]):
-            version, epoch, members = json.loads(store.get(ANNOUNCE))
-            follower.apply(version, epoch, members)
+            version, epoch, members, auth = json.loads(store.get(ANNOUNCE))
+            follower.apply(version, epoch, members, auth)
         time.sleep(0.02)
     follower.close()
 
@@ -66,15 +68,16 @@ class _Learner:
         self.model = _model(0)
         named = list(self.model.named_parameters())
         tx = WeightBroadcaster(None, named, 0.05)
-        tx.publish_manifest(self.store)
         self.sync = ElasticBroadcaster(
             self.store,
             "t/weights",
             "gloo",
             tx,
-            announce=lambda v, e, m: self.store.set(ANNOUNCE, json.dumps([v, e, m])),
+            announce=lambda v, e, m, auth: self.store.set(ANNOUNCE, json.dumps([v, e, m, auth])),
             liveness_s=LIVENESS_S,
             join_timeout_s=JOIN_TIMEOUT_S,
+            secret=SECRET,
+            bind="127.0.0.1",
             log=lambda msg: print(f"{time.monotonic():.2f} {msg}", flush=True),
         )
         self.snapshots = SnapshotStore(run_dir / "weights")
@@ -151,8 +154,9 @@ def test_a_member_that_never_joins_is_left_out_after_one_timeout(tmp_path):
     port = free_port()
     learner = _Learner(port, tmp_path)
     client = make_store("127.0.0.1", port, 1, None, 30)
-    register(client, "actor-9")
-    beat = Heartbeat("127.0.0.1", port, "actor-9", LIVENESS_S / 5, 30)
+    signer = learner.sync.signer  # what a real actor reads from the store's signed session
+    index = register(client, signer, "actor-9")
+    beat = Heartbeat("127.0.0.1", port, index, signer, LIVENESS_S / 5, 30)
     try:
         wait_for(lambda: learner.sync.membership.alive() == ["actor-9"], 30, "the hung actor registered")
         t0 = time.monotonic()
@@ -164,8 +168,8 @@ def test_a_member_that_never_joins_is_left_out_after_one_timeout(tmp_path):
         learner.step()
         assert time.monotonic() - t0 < 1.0 and learner.members[2] == []  # no second timeout
         announced = json.loads(learner.store.get(ANNOUNCE))
-        assert announced[1:] == [learner.sync.epoch, []]  # empty epochs keep being announced to the suspect
-        client.set("seen/actor-9", str(announced[1]))  # what ElasticReceiver.apply writes on reading it
+        assert announced[1:3] == [learner.sync.epoch, []]  # empty epochs keep being announced to the suspect
+        mark_seen(client, signer, index, announced[1])  # what ElasticReceiver.apply writes on reading it
         assert learner.sync._candidates() == ["actor-9"] and learner.sync.suspects == {}
         assert learner.sync.failed_versions == 0
     finally:
@@ -180,13 +184,13 @@ def test_a_version_given_up_is_visible_to_actors(tmp_path):
     store = make_store("127.0.0.1", port, 0, None, 30)
     model = _model(0)
     tx = WeightBroadcaster(None, list(model.named_parameters()), 0.05)
-    tx.publish_manifest(store)
     sync = ElasticBroadcaster(
         store,
         "t/weights",
         "gloo",
         tx,
-        announce=lambda v, e, m: None,
+        announce=lambda v, e, m, auth: None,
+        secret=SECRET,
         liveness_s=2.0,
         join_timeout_s=1.0,
         attempts=1,
@@ -201,6 +205,7 @@ def test_a_version_given_up_is_visible_to_actors(tmp_path):
         timeout_s=30,
         join_timeout_s=1.0,
         heartbeat_s=0.1,
+        secret=SECRET,
     )
     try:
         wait_for(lambda: sync.membership.alive() == ["actor-0"], 30, "the actor's heartbeat")

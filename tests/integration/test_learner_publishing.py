@@ -62,7 +62,9 @@ def _actor(address: str, port: int, run_dir: str, name: str, seed: int) -> None:
             record = unpack_control(msg.data)
             broker.ack(control, name, [msg.id])
             if record["kind"] == "weights":
-                follower.apply(record["version"], record.get("epoch", 0), record.get("members", []))
+                follower.apply(
+                    record["version"], record.get("epoch", 0), record.get("members", []), record.get("auth")
+                )
             elif record["kind"] == "stop":
                 state = {k: v.contiguous() for k, v in model.state_dict().items()}
                 save_file(state, f"{run_dir}/{name}.v{follower.version}.safetensors")

@@ -16,6 +16,8 @@ from weight_sync.elastic import ElasticBroadcaster, ElasticReceiver
 from weight_sync.snapshot import SnapshotMismatch, SnapshotStore, load_snapshot, read_header
 from weight_sync.verify import weights_digest
 
+SECRET = "a test secret of the run, 32 chars"
+
 
 def _model(seed: int, dtype=torch.float32, width: int = 32) -> torch.nn.Module:
     torch.manual_seed(seed)
@@ -140,8 +142,7 @@ def test_joining_actor_bootstraps_from_the_newest_snapshot_not_newer_than_the_le
     snaps.write(8, _named(learner_model))  # newer than the learner below: must not be taken
     store = make_store("127.0.0.1", port, 0, None, 30)
     tx = WeightBroadcaster(None, _named(learner_model), 1.0)
-    tx.publish_manifest(store)
-    ElasticBroadcaster(store, "t/w", "gloo", tx, lambda *a: None, 1.0, 5.0, version=6)
+    ElasticBroadcaster(store, "t/w", "gloo", tx, lambda *a: None, 1.0, 5.0, SECRET, version=6)
     actor_model = _model(1)
     seen = []
     follower = ElasticReceiver(
@@ -154,6 +155,7 @@ def test_joining_actor_bootstraps_from_the_newest_snapshot_not_newer_than_the_le
         timeout_s=10,
         join_timeout_s=5,
         heartbeat_s=0.2,
+        secret=SECRET,
         snapshots=snaps,
         on_weights=lambda v, source: seen.append((v, source)),
     )
@@ -176,6 +178,7 @@ def test_joining_actor_bootstraps_from_the_newest_snapshot_not_newer_than_the_le
             timeout_s=10,
             join_timeout_s=5,
             heartbeat_s=0.2,
+            secret=SECRET,
             snapshots=SnapshotStore(tmp_path / "none"),
         )
         assert empty.version == 0 and empty.source == "initial"

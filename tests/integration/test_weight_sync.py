@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from tests.conftest import free_port
-from weight_sync import WeightBroadcaster, WeightReceiver, make_group, make_store, plan_buckets
+from weight_sync import Signer, WeightBroadcaster, WeightReceiver, make_group, make_store, plan_buckets
+
+SIGNER = Signer("a test secret of the run, 32 chars")
 
 
 def _model(seed):
@@ -20,9 +22,11 @@ def _receiver(port, rank, world, queue, versions, bucket_mb):
     model = _model(100 + rank)  # different init: only the broadcast can make it equal
     store = make_store("127.0.0.1", port, rank, world, 30)
     rx = WeightReceiver(
-        make_group(store, "t/weights", rank, world, "gloo", 30), list(model.named_parameters()), bucket_mb
+        make_group(store, "t/weights", rank, world, "gloo", 30, SIGNER, "127.0.0.1"),
+        list(model.named_parameters()),
+        bucket_mb,
     )
-    rx.check_manifest(store)
+    rx.check_manifest(store, SIGNER)
     for v in range(1, versions + 1):
         rx.receive(v)
         # numpy arrays travel by value; torch tensors would share an fd that dies with this process
@@ -40,8 +44,8 @@ def test_actors_receive_bit_identical_weights(bucket_mb):
     for p in procs:
         p.start()
     tx = WeightBroadcaster(None, list(model.named_parameters()), bucket_mb)
-    tx.publish_manifest(store)
-    tx.group = make_group(store, "t/weights", 0, world, "gloo", 30)
+    tx.publish_manifest(store, SIGNER)
+    tx.group = make_group(store, "t/weights", 0, world, "gloo", 30, SIGNER, "127.0.0.1")
     if bucket_mb < 0.01:
         assert len(tx.buckets) > 1
     sent = {}
@@ -65,13 +69,13 @@ def _mismatched(port):
     model = torch.nn.Linear(3, 3)
     store = make_store("127.0.0.1", port, 1, 2, 30)
     rx = WeightReceiver(None, list(model.named_parameters()), 1.0)
-    rx.check_manifest(store)
+    rx.check_manifest(store, SIGNER)
 
 
 def test_manifest_mismatch_is_refused_with_a_clear_error():
     port = free_port()
     store = make_store("127.0.0.1", port, 0, 2, 30)
-    WeightBroadcaster(None, list(_model(0).named_parameters()), 1.0).publish_manifest(store)
+    WeightBroadcaster(None, list(_model(0).named_parameters()), 1.0).publish_manifest(store, SIGNER)
     with pytest.raises(RuntimeError, match="does not match the learner"):
         _mismatched(port)
 
@@ -92,13 +96,13 @@ def test_membership_follows_heartbeats():
 
     port = free_port()
     store = make_store("127.0.0.1", port, 0, None, 30)
-    members = Membership(store, liveness_s=0.6)
+    members = Membership(store, SIGNER, liveness_s=0.6, warn=lambda kind, msg: None)
     assert members.alive() == []
     client = make_store("127.0.0.1", port, 1, None, 30)
     beats = []
     for name in ("actor-1", "actor-0"):
-        register(client, name)
-        beats.append(Heartbeat("127.0.0.1", port, name, 0.1, 30))
+        index = register(client, SIGNER, name)
+        beats.append(Heartbeat("127.0.0.1", port, index, SIGNER, 0.1, 30))
     time.sleep(0.3)
     assert members.alive() == ["actor-0", "actor-1"]
     beats[0].stop()  # actor-1 dies
@@ -121,8 +125,8 @@ def test_a_learner_recast_to_bf16_still_sends_the_manifest_dtype(bucket_mb):
     store = make_store("127.0.0.1", port, 0, world, 30)
     proc.start()
     tx = WeightBroadcaster(None, list(model.named_parameters()), bucket_mb)
-    tx.publish_manifest(store)
-    tx.group = make_group(store, "t/weights", 0, world, "gloo", 30)
+    tx.publish_manifest(store, SIGNER)
+    tx.group = make_group(store, "t/weights", 0, world, "gloo", 30, SIGNER, "127.0.0.1")
     model.to(torch.bfloat16)  # what the engine does after the broadcaster recorded the parameters
     want = [p.detach().float().clone() for p in model.parameters()]
     assert all(t.dtype == torch.float32 for _, t in tx.as_sent())
