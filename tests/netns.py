@@ -42,8 +42,9 @@ def unavailable() -> str | None:
     """Why namespaces cannot be made here (a reason to skip with), or None."""
     if os.geteuid() != 0:
         return "network namespaces need root (ip netns add)"
-    if shutil.which("ip") is None:
-        return "iproute2 is not installed (apt-get install iproute2; .ci/run does)"
+    missing = [tool for tool in ("ip", "tc", "ss") if shutil.which(tool) is None]
+    if missing:
+        return f"iproute2 is not installed ({', '.join(missing)} missing; apt-get install iproute2, .ci/run does)"
     name = f"opdprobe-{secrets.token_hex(3)}"
     probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if probe.returncode != 0:
@@ -250,12 +251,13 @@ class Net:
 GLOO_WORKAROUND = {"GLOO_SOCKET_IFNAME": "eth0"}
 
 
-def component_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def component_env(extra: dict[str, str] | None = None, gloo_workaround: bool = True) -> dict[str, str]:
     """The environment of every process started on a host: the one place to add what a component started by hand
     needs (e.g. a weight-sync secret, through `extra`). One intra-op thread each (2 cores shared by the run)."""
     env = {k: v for k, v in os.environ.items() if k != "OPD_PARENT_PID"}  # no launcher owns these processes
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    env.update(GLOO_WORKAROUND)
+    if gloo_workaround:
+        env.update(GLOO_WORKAROUND)
     env.update(extra or {})
     return env
 
@@ -285,12 +287,21 @@ def start_redis(net: Net, host: str, workdir: Path, binary: str, port: int = 637
 
 
 def start_component(
-    net: Net, host: str, verb: str, config: Path, *args: str, extra_env: dict[str, str] | None = None
+    net: Net, host: str, verb: str, config: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
-    """`python -m opd <verb> --config <config> <args>` on `host`, as an operator starts one on each machine;
-    output to <run dir>/logs/netns-<host>.log."""
+    """`python -m opd <verb> --config <config> <args>` on `host`, as an operator starts one on each machine, with
+    `env` (default: component_env()); output to <run dir>/logs/netns-<host>.log."""
     argv = [sys.executable, "-m", "opd", verb, "--config", str(config), *args]
-    return net.popen(host, argv, component_env(extra_env), config.parent / "logs" / f"netns-{host}.log")
+    env = component_env() if env is None else env
+    return net.popen(host, argv, env, config.parent / "logs" / f"netns-{host}.log")
+
+
+def listening(net: Net, host: str, port: int) -> list[str]:
+    """The local addresses `host` listens on at TCP `port` (`ss`, from iproute2): "*" or "0.0.0.0" for every
+    interface, else the one address bound."""
+    out = net.run(host, "ss", "-ltnH").stdout
+    found = [line.split()[3].rsplit(":", 1) for line in out.splitlines() if len(line.split()) >= 4]
+    return [addr for addr, p in found if p == str(port)]
 
 
 # ---------------------------------------------------------------------- the userspace netem

