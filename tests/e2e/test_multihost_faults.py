@@ -1,5 +1,5 @@
 """A run spread over "hosts" (network namespaces on one machine, tests/netns.py), started by hand as an operator
-would on a cluster, through network faults: a pulled cable, a slow lossy link, and the learner cut off from Redis.
+would on a cluster, through network faults: pulled cables, a slow lossy link, and the learner cut off from Redis.
 The run must go on or stop with a clear error (every wait here has a timeout), weight sync must cross hosts, and
 the books must balance by trajectory id with nothing trained twice."""
 
@@ -138,11 +138,15 @@ class Timeline:
 
 def _faults(net: Net, tl: Timeline) -> None:
     """The three faults, one after another, each followed by a wait for training to go on."""
-    net.link_down("scorer0")
-    tl.hold(CUT_S, "cable of scorer0 pulled")
+    net.link_down(
+        "scorer0"
+    )  # its pending rollouts go to scorer1 after claim_idle_s; its late copies come back
+    net.link_down("actor0")  # a weight-sync member vanishes mid-run, then returns
+    tl.hold(CUT_S, "cables of scorer0 and actor0 pulled")
     net.link_up("scorer0")
-    tl.mark("scorer0 back")
-    tl.wait_steps(3, 120, "scorer0's cable back")
+    net.link_up("actor0")
+    tl.mark("cables back")
+    tl.wait_steps(3, 120, "cables back")
 
     tl.mark("impaired")
     how = net.impair("actor1", delay_s=0.2, loss=0.05)
@@ -230,7 +234,9 @@ def test_network_faults_between_hosts(make_net, quick_models, tmp_path):
     assert max(r.get("weight_sync_members", 0) for r in records) == 2, "weight sync never reached both actors"
     # each faulted component worked again once its fault was undone (the run did not just go on without it)
     components = _component_records(url, run_id)
-    assert _grew_after(components["scorer-0"], "trajectories_scored", tl.marks["scorer0 back"]), tails
+    assert _grew_after(components["scorer-0"], "trajectories_scored", tl.marks["cables back"]), tails
+    assert _grew_after(components["actor-0"], "weight_syncs", tl.marks["cables back"]), tails
+    assert _grew_after(components["actor-0"], "trajectories_generated", tl.marks["cables back"]), tails
     assert _grew_after(components["actor-1"], "weight_syncs", tl.marks["actor1 clean"]), tails
     assert _grew_after(components["actor-1"], "trajectories_generated", tl.marks["actor1 clean"]), tails
     assert any(r["time"] > tl.marks["healed"] for r in records), (
