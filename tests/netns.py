@@ -200,7 +200,9 @@ class Net:
             str(loss),
             str(seed),
         ]
-        proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_test
+        )
         self.forwarders[host] = (proc, inner)
         time.sleep(0.5)
         if proc.poll() is not None:
