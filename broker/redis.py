@@ -138,8 +138,11 @@ class RedisBroker:
         self.timeout_s = request_timeout_s
         self.stopping: Callable[[], bool] = lambda: False
         self.poison_record = poison_record
+        # One read or connect waits a part of the budget, not all of it: a reply lost in a partition is then asked
+        # for again once the link is back, instead of one stalled read spending the whole request_timeout_s.
+        attempt_s = min(request_timeout_s, max(5.0, request_timeout_s / 3))
         self.redis = redis.Redis.from_url(
-            url, socket_timeout=request_timeout_s, socket_connect_timeout=request_timeout_s, **(tls or {})
+            url, socket_timeout=attempt_s, socket_connect_timeout=attempt_s, **(tls or {})
         )
         self._groups: set[tuple[str, str]] = set()
         self._own_pending_cursor: dict[tuple[str, str, str], str] = {}

@@ -70,3 +70,48 @@ def _answers(server: RedisServer) -> bool:
         return bool(redis.Redis.from_url(server.url, socket_connect_timeout=1).ping())
     except redis.ConnectionError:
         return False
+
+
+class _Blackhole:
+    """A TCP relay to redis-server that can swallow every byte both ways (a partition: no reset, no reply), as a
+    cut link does to a connection that is already open."""
+
+    def __init__(self, port: int):
+        import socket
+
+        self.target, self.swallow = port, threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            client, _ = self.listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                if not self.swallow.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+
+def test_a_reply_lost_in_a_partition_is_asked_for_again_within_the_budget(redis_server):
+    """One read waits a part of broker.request_timeout_s, so a call whose request vanished in a partition shorter
+    than the budget is retried after the link is back (the netns harness found a learner stopped by a partition
+    shorter than its request_timeout_s: one stalled read had spent the whole budget)."""
+    relay = _Blackhole(int(redis_server.url.rsplit(":", 1)[1].split("/")[0]))
+    client = RedisBroker(f"redis://127.0.0.1:{relay.port}/0", request_timeout_s=12)
+    client.ping()
+    relay.swallow.set()
+    threading.Timer(3.0, relay.swallow.clear).start()  # the link comes back after 3 s
+    start = time.monotonic()
+    assert client.publish("r:control", [b"after the partition"])  # raised BrokerUnavailable at 12 s before
+    assert time.monotonic() - start < 11
+    assert redis.Redis.from_url(redis_server.url).xlen("r:control") == 1
