@@ -22,13 +22,17 @@ class _BrokerCommon(Strict):
     embedded_process: ClassVar[bool]
 
     max_depth: int = Field(
-        256, ge=1, description="Producers wait while a work stream holds this many unfinished entries."
+        256,
+        ge=1,
+        description="A work stream never holds more than this many unfinished entries; producers wait for room.",
     )
     control_maxlen: int = Field(
         10000, ge=16, description="Fan-out streams keep only this many newest entries."
     )
     request_timeout_s: float = Field(
-        30.0, gt=0, description="A broker that does not answer for this long is dead."
+        30.0,
+        gt=0,
+        description="A broker that does not answer for this long is dead (each read or connect waits up to a third of it, at least 5 s, and is retried).",
     )
     max_message_mb: float = Field(64.0, gt=0, description="Larger messages are refused (dead-lettered).")
 
@@ -54,7 +58,8 @@ class RedisBrokerConfig(_BrokerCommon):
     claim_idle_s: float = Field(
         30.0,
         gt=0,
-        description="An entry pending this long with a silent consumer is redelivered to a live one.",
+        description="An entry whose consumer died, was stopped or gave it back is redelivered to a live consumer after "
+        "it has been idle this long; a live consumer keeps what it holds (refreshed every claim_idle_s/3).",
     )
     max_deliveries: int = Field(
         3, ge=1, description="An entry delivered this many times without being acknowledged is dead-lettered."
