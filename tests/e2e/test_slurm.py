@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TINY, free_port, redis_server_binary
+from tests.integration.test_deploy_security import _command_lines_holding
 
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scancel")
 
@@ -158,18 +159,6 @@ def _job_env(cluster: SlurmCluster) -> dict[str, str]:
     except OSError:
         env.update(OPD_LEARNER_HOST="127.0.0.1", OPD_REDIS_HOST="127.0.0.1")
     return env
-
-
-def _command_lines_holding(secret: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if secret in argv:
-            found.append(f"{proc.name}: {argv}")
-    return found
 
 
 def _wait_until_idle(
