@@ -246,20 +246,14 @@ class Net:
 
 
 # ---------------------------------------------------------------------- a run's components on the hosts
-# gloo picks the address its pairs listen on from the host name, which resolves to 127.0.0.1 on many machines
-# (this one's /etc/hosts, Debian's 127.0.1.1 convention): every host then tells its peers to connect to their own
-# loopback and no weight broadcast crosses hosts. Naming the interface is the operator's workaround until
-# weight_sync binds gloo to the interface that reaches weight_sync.host; test_weight_sync_crosses_hosts shows it.
-GLOO_WORKAROUND = {"GLOO_SOCKET_IFNAME": "eth0"}
 
 
-def component_env(extra: dict[str, str] | None = None, gloo_workaround: bool = True) -> dict[str, str]:
+def component_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of every process started on a host: the one place to add what a component started by hand
     needs (e.g. a weight-sync secret, through `extra`). One intra-op thread each (2 cores shared by the run)."""
     env = {k: v for k, v in os.environ.items() if k != "OPD_PARENT_PID"}  # no launcher owns these processes
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    if gloo_workaround:
-        env.update(GLOO_WORKAROUND)
+    env.pop("GLOO_SOCKET_IFNAME", None)  # weight sync must find its interface from weight_sync.host alone
     env.update(extra or {})
     return env
 
