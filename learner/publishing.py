@@ -72,6 +72,7 @@ class WeightPublisher:
             bind=ws.host,
             log=log.warning,
             version=version,
+            stopping=lambda: broker.stopping(),  # a SIGTERM ends a sync in progress (failing ones included)
         )
         self._last_catch_up = 0.0
 
