@@ -233,10 +233,6 @@ class Membership:
         return out
 
 
-class SyncAbandoned(RuntimeError):
-    """A sync attempt left unfinished because the process is stopping."""
-
-
 class ElasticBroadcaster:
     """Learner side: broadcast each version to the actors alive now, re-forming the group when they change.
 
@@ -329,7 +325,8 @@ class ElasticBroadcaster:
         while not self.stopping() and time.monotonic() < deadline:
             time.sleep(POLL_S)
 
-    def _collective(self, version: int, members: list[str]) -> SyncStats:
+    def _attempt(self, version: int, members: list[str]) -> SyncStats:
+        """Form the group (if new; a stop abandons the wait for its members) and broadcast."""
         if self.tx.group is None:
             self.tx.group = make_group(
                 self.store,
@@ -340,32 +337,9 @@ class ElasticBroadcaster:
                 self.join_timeout_s,
                 self.signer,
                 self.bind,
+                self.stopping,
             )
         return self.tx.broadcast(version)
-
-    def _attempt(self, version: int, members: list[str]) -> SyncStats:
-        """Form the group (if new) and broadcast, in a thread this one watches: a stop abandons the attempt
-        at once (SyncAbandoned). The collective's own timeouts do not bound it: gloo retries each pair's connect
-        (a vanished peer held one attempt for 150 s with join_timeout_s 30), and a blocked call cannot see a
-        stop flag. An abandoned thread is left to the process's exit (a daemon), which is the only thing that
-        follows a stop."""
-        result: dict[str, object] = {}
-
-        def run() -> None:
-            try:
-                result["stats"] = self._collective(version, members)
-            except BaseException as exc:  # handed to the waiting thread, which raises it there
-                result["error"] = exc
-
-        worker = threading.Thread(target=run, name=f"weight-sync-v{version}", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(POLL_S)
-            if worker.is_alive() and self.stopping():
-                raise SyncAbandoned(f"stopping during the weight sync of version {version}")
-        if "error" in result:
-            raise result["error"]
-        return result["stats"]
 
     def sync(self, version: int) -> SyncStats | None:
         """None when no actor is alive (nothing to send; a joining actor gets the next version), when the current
