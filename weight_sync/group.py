@@ -121,7 +121,7 @@ def _await_ranks(
         if stopping():
             raise SyncAbandoned(f"stopping while waiting for rank(s) {missing} of {prefix}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"rank(s) {missing} of {prefix} did not arrive within {timeout_s:.0f}s")
+            raise TimeoutError(f"rank(s) {missing} of {prefix} did not arrive within {timeout_s:g}s")
         time.sleep(PRESENCE_POLL_S)
 
 
