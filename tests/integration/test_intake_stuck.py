@@ -63,9 +63,9 @@ def test_usable_samples_keep_the_clock_from_running_out(zmq_broker, tmp_path):
         ZmqBroker(zmq_broker, request_timeout_s=10.0),
         ZmqBroker(zmq_broker, request_timeout_s=10.0),
     )
-    intake, _ = _intake(reader, tmp_path, "learner.batch_timeout_s=2", "learner.batch_size=6")
+    intake, _ = _intake(reader, tmp_path, "learner.batch_timeout_s=1.5", "learner.batch_size=4")
     done = threading.Event()
-    feeder = _feed(writer, done, scored, every_s=1.0)  # 6 s to fill, one usable sample a second
+    feeder = _feed(writer, done, scored, every_s=0.8)  # over 3 s to fill, one usable sample every 0.8 s
     try:
         batch = intake.next_batch(version=0)
     finally:
@@ -73,7 +73,7 @@ def test_usable_samples_keep_the_clock_from_running_out(zmq_broker, tmp_path):
         feeder.join(5)
         reader.close()
         writer.close()
-    assert len(batch) == 6
+    assert len(batch) == 4
 
 
 def test_a_mostly_stale_stream_is_warned_about(client, tmp_path, caplog, monkeypatch):  # noqa: F811
