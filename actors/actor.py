@@ -247,4 +247,4 @@ class Actor:
 
 
 def main(cfg: Config, index: int) -> int:
-    return run_component(cfg, f"actor-{index}", lambda stop: Actor(cfg, index, stop))
+    return run_component(cfg, f"actor-{index}", lambda stop: Actor(cfg, index, stop), watch_learner=True)

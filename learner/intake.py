@@ -19,6 +19,7 @@ every scored message consumed is exactly one of trained, dead-lettered, a duplic
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +32,24 @@ from opd.protocol import ProtocolError, Streams, Trajectory, decode
 from opd.runtime.lifecycle import Reporter, log
 
 TEMPERATURE_TOLERANCE = 1e-6
+UNUSABLE = ("too stale", "duplicate", "dead-lettered")  # what a message that is not trained can be
+STALE_WINDOW = 256  # recent scored messages judged for the too-stale warning
+STALE_WARN_SHARE = 0.5  # warn when at least this share of them was too stale
+STALE_WARN_EVERY_S = 60.0
 _B = TypeVar("_B")  # what the learner's collate makes of a batch (learner.batching.Batch)
 
 
 class TemperatureMismatch(ProtocolError):
     """A trajectory's stamped temperature is not the one this learner is configured with (counted apart)."""
+
+
+def _timeout_message(timeout_s: float, unusable: dict[str, int]) -> str:
+    """Why the learner gives up waiting, with what arrived meanwhile and its usual cause."""
+    if not any(unusable.values()):
+        return f"no scored trajectories for {timeout_s:.0f}s (learner.batch_timeout_s)"
+    got = ", ".join(f"{n} {kind}" for kind, n in unusable.items() if n)
+    hint = " (too stale: actors are not receiving weights?)" if unusable["too stale"] else ""
+    return f"no usable scored trajectory for {timeout_s:.0f}s (learner.batch_timeout_s): received {got}{hint}"
 
 
 def lag(t: Trajectory, version: int) -> int:
@@ -221,32 +235,55 @@ class Intake:
         if self.dropped_stale:
             reporter.counters["dropped_stale"] = len(self.dropped_stale)
         self._settled_copies: set[str] = set()  # message ids acknowledged as a duplicate or as stale
+        self._recent: deque[bool] = deque(maxlen=STALE_WINDOW)  # per recent message: dropped as too stale
+        self._stale_warned = -STALE_WARN_EVERY_S
 
     def next_batch(self, version: int, while_waiting: Callable[[], None] = lambda: None) -> IntakeBatch:
         """Block until learner.batch_size trajectories fit to train at weight `version` (or a stop: then the batch
-        may be partial). `while_waiting` runs before each poll (the weight publisher's catch-up)."""
+        may be partial). `while_waiting` runs before each poll (the weight publisher's catch-up).
+
+        learner.batch_timeout_s counts time without a *usable* trajectory: messages that are all too stale,
+        duplicates or dead letters keep a stuck run just as stuck (actors that never receive weights produce
+        nothing but stale samples), so they do not reset the clock, and the error says what did arrive."""
         want, batch = self.cfg.batch_size, IntakeBatch()
-        last_data = time.monotonic()
+        last_usable, unusable = time.monotonic(), dict.fromkeys(UNUSABLE, 0)
         while len(batch) < want and not self.stop():
             while_waiting()
+            if time.monotonic() - last_usable > self.cfg.batch_timeout_s:
+                raise RuntimeError(_timeout_message(self.cfg.batch_timeout_s, unusable))
             msgs = self.broker.consume(
                 self.stream, Streams.LEARNER_GROUP, Streams.LEARNER_GROUP, want - len(batch), 1.0
             )
-            if msgs:
-                last_data = time.monotonic()
-            elif time.monotonic() - last_data > self.cfg.batch_timeout_s:
-                raise RuntimeError(
-                    f"no scored trajectories for {self.cfg.batch_timeout_s:.0f}s (learner.batch_timeout_s)"
-                )
             settled = []  # dead-lettered, duplicate or too stale: accounted for, so acknowledged now
             for m in msgs:
                 if batch.holds_message(m.id):
                     continue  # the same entry again while held here: acknowledged after the step, not a copy
-                if m.id in self._settled_copies or not self._take(m.id, m.data, version, batch):
+                outcome = (
+                    "duplicate" if m.id in self._settled_copies else self._take(m.id, m.data, version, batch)
+                )
+                self._recent.append(outcome == "too stale")
+                if outcome is None:
+                    last_usable, unusable = time.monotonic(), dict.fromkeys(UNUSABLE, 0)
+                else:
+                    unusable[outcome] += 1
                     settled.append(m.id)  # (an entry settled before, delivered again: acknowledged again)
             if settled:
                 self.broker.ack(self.stream, Streams.LEARNER_GROUP, settled)
+            self._warn_if_mostly_stale()
         return batch
+
+    def _warn_if_mostly_stale(self) -> None:
+        """Warn (at most every STALE_WARN_EVERY_S) when most recent samples were dropped as too stale: the run
+        pays for generation it throws away, and the usual cause is actors not receiving weights."""
+        stale, seen, now = sum(self._recent), len(self._recent), time.monotonic()
+        if seen >= STALE_WINDOW // 2 and stale >= STALE_WARN_SHARE * seen:
+            if now - self._stale_warned >= STALE_WARN_EVERY_S:
+                self._stale_warned = now
+                log.warning(
+                    "%d of the last %d scored samples were too stale to train (learner.max_staleness %d): are "
+                    "the actors receiving weights?",
+                    stale, seen, self.cfg.max_staleness,
+                )  # fmt: skip
 
     def collate(self, batch: IntakeBatch, collate: Callable[[list[Trajectory]], _B]) -> _B | None:
         """`collate(batch.trajectories)`; if that raises, the message(s) it fails on are dead-lettered with the
@@ -280,8 +317,8 @@ class Intake:
         """After the optimiser step (and the replay log): the broker may forget these now."""
         self.broker.ack(self.stream, Streams.LEARNER_GROUP, batch.message_ids)
 
-    def _take(self, message_id: str, data: bytes, version: int, batch: IntakeBatch) -> bool:
-        """Add the message to `batch` (True) or account for it at once (False)."""
+    def _take(self, message_id: str, data: bytes, version: int, batch: IntakeBatch) -> str | None:
+        """Add the message to `batch` (None) or account for it at once (which of UNUSABLE it was)."""
         try:
             t = self.contract.check(data)
         except Exception as exc:  # any failure on one message is that message's fault, never the learner's
@@ -289,17 +326,17 @@ class Intake:
                 self.reporter.add(temperature_mismatch=1)
             reason = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
             self.reporter.dead_letter(self.stream, message_id, data, reason)
-            return False
+            return "dead-lettered"
         if t.id in self.trained or batch.holds(t.id) or t.id in self.dropped_stale:
             self.reporter.add(duplicates_skipped=1)  # another copy of a settled trajectory: never trained
             self._settled_copies.add(message_id)
-            return False
+            return "duplicate"
         if lag(t, version) > self.cfg.max_staleness:
             self.dropped_stale.add(t.id)
             self.reporter.add(dropped_stale=1)
             with open(self.stale_ledger, "a") as fh:
                 fh.write(f"{t.id}\n")
             self._settled_copies.add(message_id)
-            return False
+            return "too stale"
         batch.add(t, message_id, data)
-        return True
+        return None

@@ -30,6 +30,7 @@ from weight_sync.snapshot import SnapshotStore
 from weight_sync.verify import DigestLog
 
 CATCH_UP_EVERY_S = 1.0  # how often a waiting learner looks for actors that joined since the last sync
+CATCH_UP_MAX_S = 60.0  # the longest wait between catch-ups that keep failing for the same actors
 
 
 def record_layout(model: torch.nn.Module, ws: WeightSyncConfig) -> WeightBroadcaster:
@@ -72,8 +73,10 @@ class WeightPublisher:
             bind=ws.host,
             log=log.warning,
             version=version,
+            stopping=lambda: broker.stopping(),  # a SIGTERM ends a sync in progress (failing ones included)
         )
         self._last_catch_up = 0.0
+        self._catch_up_every, self._failed_for = CATCH_UP_EVERY_S, None
 
     def _announce(self, version: int, epoch: int, members: list[str], auth: str) -> None:
         self.broker.publish(self.control, [weights_record(version, epoch=epoch, members=members, auth=auth)])
@@ -99,9 +102,13 @@ class WeightPublisher:
 
     def catch_up(self, version: int) -> None:
         """An actor that joined since the last sync gets `version` now: waiting for the next step could be
-        forever if everything it generates is too stale to make one."""
+        forever if everything it generates is too stale to make one.
+
+        A catch-up that reaches none of the actors it was for (alive by heartbeat, reading announcements, but
+        unable to join: a network that refuses gloo's connections) is tried again after twice the wait, up to
+        CATCH_UP_MAX_S, instead of every second for ever; a different set of newcomers starts over at once."""
         now = time.monotonic()
-        if now - self._last_catch_up < CATCH_UP_EVERY_S:
+        if now - self._last_catch_up < self._catch_up_every:
             return
         self._last_catch_up = now
         self.sync.repair()  # what a stranger overwrote in the store (an actor would wait for it)
@@ -110,9 +117,20 @@ class WeightPublisher:
         joined = (
             self.sync.newcomers()
         )  # not a suspect that still reads no announcement: it would cost a timeout
-        if joined:
-            log.info("new actor(s) %s: sending them weight version %d", joined, version)
-            self.send(version)
+        if not joined:
+            return
+        if joined != self._failed_for:
+            self._catch_up_every = CATCH_UP_EVERY_S
+        log.info("new actor(s) %s: sending them weight version %d", joined, version)
+        self.send(version)
+        if any(name in self.sync.members for name in joined):
+            self._catch_up_every, self._failed_for = CATCH_UP_EVERY_S, None
+        else:
+            self._catch_up_every = min(2 * self._catch_up_every, CATCH_UP_MAX_S)
+            self._failed_for = joined
+            log.warning(
+                "weight catch-up for %s reached none of them; next try in %.0fs", joined, self._catch_up_every
+            )
 
     def _snapshot_and_digest(self, version: int) -> dict[str, float]:
         """Inside `gathered()`: the full parameters of the version just published."""

@@ -294,4 +294,4 @@ class Scorer:
 
 
 def main(cfg: Config, index: int) -> int:
-    return run_component(cfg, f"scorer-{index}", lambda stop: Scorer(cfg, index, stop))
+    return run_component(cfg, f"scorer-{index}", lambda stop: Scorer(cfg, index, stop), watch_learner=True)

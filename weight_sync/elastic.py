@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -123,22 +124,61 @@ def _signed_int(store: dist.Store, signer: Signer, key: str) -> int | None:
 class Heartbeat:
     """Writes a signed, growing counter to `beat/<registration>` every `every_s`, from a thread with its own
     store connection. The learner counts a beat only when the counter grows, so replaying an old value is no
-    beat."""
+    beat.
 
-    def __init__(self, host: str, port: int, index: int, signer: Signer, every_s: float, timeout_s: float):
+    When the store is gone (the learner died or restarts) one warning is logged, and the thread then only
+    probes the port with a plain TCP connect until it accepts again: every write on a dead TCPStore client makes
+    torch log a warning with a C++ backtrace, once a second for as long as the actor lives. Whether the learner
+    is gone for good is the learner watch's call (supervision.learner_silence_s), not this thread's."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        index: int,
+        signer: Signer,
+        every_s: float,
+        timeout_s: float,
+        log: Callable[[str], None] | None = None,
+    ):
         self.key, self.signer, self.every_s, self.count = f"beat/{index}", signer, every_s, 0
-        self.store = _client(host, port, timeout_s)
+        self.host, self.port, self.timeout_s, self.log = host, port, timeout_s, log or _log.warning
+        self.store: dist.TCPStore | None = _client(host, port, timeout_s)
+        self.failures = 0  # writes that failed since the store last answered
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self.thread.start()
 
+    def _reachable(self) -> bool:
+        try:
+            socket.create_connection((self.host, self.port), timeout=min(self.every_s, 1.0) or 1.0).close()
+            return True
+        except OSError:
+            return False
+
+    def _beat(self) -> None:
+        if self.store is None:
+            if not self._reachable():
+                return
+            self.store = _client(self.host, self.port, min(self.timeout_s, 5.0))
+        self.count += 1
+        put(self.store, self.signer, self.key, str(self.count))
+        if self.failures:
+            self.log(f"weight-sync store at {self.host}:{self.port} answers again; heartbeating")
+        self.failures = 0
+
     def _run(self) -> None:
         while not self.stopped.is_set():
-            self.count += 1
             try:
-                put(self.store, self.signer, self.key, str(self.count))
-            except Exception:  # the learner (store host) is gone or restarting; keep trying until stopped
-                pass
+                self._beat()
+            except Exception as exc:  # the learner (store host) is gone or restarting: retried quietly
+                self.store = None
+                self.failures += 1
+                if self.failures == 1:
+                    self.log(
+                        f"weight-sync store at {self.host}:{self.port} unreachable ({exc}); retrying quietly "
+                        "(the learner is judged gone after supervision.learner_silence_s)"
+                    )
             self.stopped.wait(self.every_s)
 
     def stop(self) -> None:
@@ -197,7 +237,8 @@ class ElasticBroadcaster:
     """Learner side: broadcast each version to the actors alive now, re-forming the group when they change.
 
     `announce(version, epoch, members, auth)` tells the actors (on `control`); `auth` is the signature they check.
-    `bind` is the address the learner's gloo pairs listen on (weight_sync.host)."""
+    `bind` is the address the learner's gloo pairs listen on (weight_sync.host); `stopping` the process's stop
+    flag: a sync in progress is abandoned when it turns true, and no further attempt is made."""
 
     def __init__(
         self,
@@ -213,8 +254,10 @@ class ElasticBroadcaster:
         attempts: int = 3,
         log=None,
         version: int = 0,
+        stopping: Callable[[], bool] = lambda: False,
     ):
         self.store, self.prefix, self.backend, self.bind = store, prefix, backend, bind
+        self.stopping = stopping
         self.tx, self.announce = broadcaster, announce
         self.signer = Signer(secret).with_session(secrets.token_hex(8))
         self.warn = _Warnings(log or _log.warning)
@@ -277,6 +320,27 @@ class ElasticBroadcaster:
     def _announce(self, version: int, members: list[str]) -> None:
         self.announce(version, self.epoch, members, self.signer.tag("announce", version, self.epoch, members))
 
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping() and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+
+    def _attempt(self, version: int, members: list[str]) -> SyncStats:
+        """Form the group (if new; a stop abandons the wait for its members) and broadcast."""
+        if self.tx.group is None:
+            self.tx.group = make_group(
+                self.store,
+                f"{self.prefix}/{self.signer.session}/{self.epoch}",
+                0,
+                1 + len(members),
+                self.backend,
+                self.join_timeout_s,
+                self.signer,
+                self.bind,
+                self.stopping,
+            )
+        return self.tx.broadcast(version)
+
     def sync(self, version: int) -> SyncStats | None:
         """None when no actor is alive (nothing to send; a joining actor gets the next version), when the current
         epoch's members already hold `version`, or when every attempt failed (`failed_versions` counts those)."""
@@ -295,18 +359,7 @@ class ElasticBroadcaster:
                 return None  # each member would skip it: a fresh epoch or nothing, never a wait for no one
             self._announce(version, members)
             try:
-                if self.tx.group is None:
-                    self.tx.group = make_group(
-                        self.store,
-                        f"{self.prefix}/{self.signer.session}/{self.epoch}",
-                        0,
-                        1 + len(members),
-                        self.backend,
-                        self.join_timeout_s,
-                        self.signer,
-                        self.bind,
-                    )
-                stats = self.tx.broadcast(version)
+                stats = self._attempt(version, members)
                 self.sent = version
                 return stats
             except Exception as exc:  # a member died between the heartbeat and the collective
@@ -316,8 +369,12 @@ class ElasticBroadcaster:
                     )
                 self._suspect_absent(members)
                 self.members, self.tx.group, self.sent = [], None, -1
+                if self.stopping():
+                    return None  # shutting down: the next attempt would only delay the exit
                 if attempt + 1 < self.attempts:
-                    time.sleep(self.membership.liveness_s)
+                    self._pause(self.membership.liveness_s)
+        if self.stopping():
+            return None
         self.failed_versions += 1
         put(self.store, self.signer, GIVEN_UP_KEY, str(version))
         if self.log:
@@ -367,7 +424,7 @@ class ElasticReceiver:
         self._learner_version, self._given_up = 0, -1
         self.take_snapshot()  # before registering: the learner may name us in a sync right after
         self.index = register(self.store, self.signer, name)
-        self.heartbeat = Heartbeat(host, port, self.index, self.signer, heartbeat_s, timeout_s)
+        self.heartbeat = Heartbeat(host, port, self.index, self.signer, heartbeat_s, timeout_s, log)
 
     def _took(self, version: int, source: str) -> None:
         self.version, self.source = version, source

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from weight_sync.auth import SealedStore, Signer, prove_members
+from weight_sync.auth import SealedStore, Signer, fetch, prove_members, put
+
+PRESENCE_POLL_S = 0.05
 
 
 def _device_key(device: str) -> str:
@@ -93,6 +97,34 @@ def _gloo_options(timeout: timedelta, bind: str | None):
     return opts
 
 
+class SyncAbandoned(RuntimeError):
+    """A group left unformed because this process is stopping."""
+
+
+def _await_ranks(
+    scoped: dist.Store, signer: Signer, prefix: str, rank: int, world_size: int, timeout_s: float, stopping
+) -> None:
+    """Every rank marks itself present and waits here, in Python, until all are: TimeoutError naming the
+    missing ranks after `timeout_s`, SyncAbandoned as soon as `stopping()`.
+
+    The backends' constructors hold the GIL for the whole rendezvous (no other thread of the process runs, and
+    a SIGTERM handler waits for it), and gloo retries connects beyond its timeout. Entering them only once
+    every rank has arrived keeps the long wait (a member that died or hangs) out of them: here the process's
+    other threads (the learner's metrics heartbeat) run on and a stop is seen within PRESENCE_POLL_S."""
+    put(scoped, signer, f"here/{rank}", prefix)  # signed with the group's prefix: not replayable elsewhere
+    deadline = time.monotonic() + timeout_s
+    missing = [r for r in range(world_size) if r != rank]
+    while missing:
+        missing = [r for r in missing if fetch(scoped, signer, f"here/{r}") != prefix]
+        if not missing:
+            return
+        if stopping():
+            raise SyncAbandoned(f"stopping while waiting for rank(s) {missing} of {prefix}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank(s) {missing} of {prefix} did not arrive within {timeout_s:g}s")
+        time.sleep(PRESENCE_POLL_S)
+
+
 def make_group(
     store: dist.Store,
     prefix: str,
@@ -102,15 +134,18 @@ def make_group(
     timeout_s: float,
     signer: Signer,
     bind: str | None = None,
+    stopping: Callable[[], bool] = lambda: False,
 ):
     """The backend object itself (ProcessGroupGloo/NCCL); every rank must call this to rendezvous.
 
     Rendezvous values go through a SealedStore (a stranger can neither read nor replace them), gloo's pairs
     listen on `bind` (this rank's address towards the learner), and the ranks prove the secret to each other
-    over the new connections before the group is returned."""
+    over the new connections before the group is returned. The ranks first wait for each other in Python
+    (`_await_ranks`, where `stopping` abandons the wait)."""
     scoped = dist.PrefixStore(prefix, store)
     timeout = timedelta(seconds=timeout_s)
     scoped.set_timeout(timeout)  # a rank that never comes (it died) fails the rendezvous after timeout_s
+    _await_ranks(scoped, signer, prefix, rank, world_size, timeout_s, stopping)
     sealed = SealedStore(scoped, signer, prefix)
     if backend == "gloo":
         group, device = dist.ProcessGroupGloo(sealed, rank, world_size, _gloo_options(timeout, bind)), "cpu"

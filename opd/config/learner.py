@@ -136,7 +136,10 @@ class LearnerConfig(Strict):
     )
     device: str = Field("cpu", description="torch device of the learner.")
     batch_timeout_s: float = Field(
-        600.0, gt=0, description="Give up if no scored data arrives for this long."
+        600.0,
+        gt=0,
+        description="Give up (an error naming what arrived) if no usable scored trajectory arrives for this long; "
+        "messages dropped as too stale, duplicates and dead letters do not count as usable.",
     )
 
     @model_validator(mode="after")

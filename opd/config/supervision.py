@@ -53,6 +53,17 @@ class SupervisionConfig(Strict):
         ),
     )
 
+    learner_silence_s: float = Field(
+        300.0,
+        ge=0,
+        description=(
+            "An actor or scorer stops (exit 1) once no record of the learner (its metrics or heartbeat) has "
+            "reached it for this many seconds, counting from its own start and never counting time the broker "
+            "was unreachable (then broker.request_timeout_s rules): workers started by hand, without a launcher "
+            "to stop them, do not outlive their learner. 0: never (they wait for the learner's stop message)."
+        ),
+    )
+
     @field_validator("restart", mode="before")
     @classmethod
     def _yaml_no(cls, v: object) -> object:
@@ -65,5 +76,10 @@ class SupervisionConfig(Strict):
             raise ValueError(
                 f"supervision.heartbeat_s ({self.heartbeat_s}) must be at most half of supervision.liveness_s "
                 f"({self.liveness_s}), or one late heartbeat makes a live component look dead; raise liveness_s"
+            )
+        if self.learner_silence_s and self.learner_silence_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"supervision.learner_silence_s ({self.learner_silence_s}) must be at least twice "
+                f"supervision.heartbeat_s ({self.heartbeat_s}), or a late heartbeat stops the workers; raise it"
             )
         return self

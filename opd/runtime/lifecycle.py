@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -18,7 +19,7 @@ from broker import Broker
 from broker.base import WORK_STREAMS
 from opd.config import Config
 from opd.config.redact import redact_text
-from opd.protocol import Streams, dead_letter_record, metrics_record, trajectory_id
+from opd.protocol import Streams, dead_letter_record, metrics_record, trajectory_id, unpack_control
 from opd.runtime.broker import open_broker
 from opd.runtime.prometheus import exporter_for
 
@@ -214,18 +215,116 @@ class Reporter:
 REPLAYABLE_BYTES = 16 << 20  # dead letters up to this size keep their bytes for replay
 
 
-def run_component(cfg: Config, name: str, build) -> int:
+class LearnerWatch:
+    """A worker's check that its learner still exists: the learner's records (its step metrics and the heartbeat
+    every supervision.heartbeat_s) on the `metrics` stream, read from a thread with its own broker client.
+
+    Started by hand (Slurm, compose, an operator), an actor or scorer has no launcher to stop it when the learner
+    dies, and no stop message ever comes; it would hold its allocation forever. Once nothing of the learner has
+    been heard for `silence_s` (from this process's start: a learner that never comes counts too), the watch
+    sets the stop flag with a message naming the setting, and the process exits 1. Only time between two prompt
+    broker answers counts as silence: while the broker itself is unreachable the learner cannot be heard
+    either, and the broker's own timeout (broker.request_timeout_s) decides. A component that does not stop
+    within `grace_s` of that (blocked in a call that cannot see the flag: waiting for the learner's weight-sync
+    store) is ended with os._exit(1), because a hang is what this is here to prevent."""
+
+    POLL_S = 1.0
+    SLOW_S = 5.0  # a poll slower than this spans a broker outage: that interval is not counted as silence
+
+    def __init__(self, cfg: Config, name: str, stop: StopFlag):
+        self.section, self.stop = cfg.broker, stop
+        self.silence_s, self.grace_s = cfg.supervision.learner_silence_s, cfg.run.shutdown_grace_s
+        self.stream, self.group = Streams(cfg.run.run_id).metrics, f"{name}.learner-watch"
+        self.fired: str | None = None  # the message, once the learner was judged gone
+        self.silent_s = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="learner-watch", daemon=True)
+        self._thread.start()
+
+    def _heard(self, client: Broker) -> bool:
+        """Whether the learner wrote to `metrics` since the last look (everything read is acknowledged)."""
+        msgs = client.consume(self.stream, self.group, self.group, 1024, self.POLL_S)
+        if msgs:
+            client.ack(self.stream, self.group, [m.id for m in msgs])
+        heard = False
+        for m in msgs:
+            try:
+                heard = heard or unpack_control(m.data).get("component") == "learner"
+            except Exception:  # an unreadable record is nobody's sign of life
+                continue
+        return heard
+
+    def _run(self) -> None:
+        try:
+            client = open_broker(self.section, stopping=self._done.is_set)
+            client.timeout_s = min(client.timeout_s, self.SLOW_S)
+            client.skip_to_end(self.stream, self.group)  # what the learner said before we started is no news
+        except Exception as exc:  # the component's own loop meets a broker that is not there
+            log.warning("not watching the learner: %s", exc)
+            return
+        last_ok = time.monotonic()
+        try:
+            while not self._done.is_set() and not self.stop():
+                began = time.monotonic()
+                try:
+                    heard = self._heard(client)
+                except Exception:  # broker unreachable: neither silence nor a sign of life
+                    last_ok = None
+                    self._done.wait(self.POLL_S)
+                    continue
+                now = time.monotonic()
+                if heard:
+                    self.silent_s = 0.0
+                elif last_ok is not None and now - began < self.SLOW_S + self.POLL_S:
+                    self.silent_s += now - last_ok
+                last_ok = now
+                if self.silence_s and self.silent_s >= self.silence_s:
+                    self._fire()
+                    return
+        finally:
+            with contextlib.suppress(Exception):  # a broker that is gone keeps the group; a restart reuses it
+                client.drop_group(self.stream, self.group)
+            client.close()
+
+    def _fire(self) -> None:
+        self.fired = (
+            f"the learner is gone: nothing from it on {self.stream} for {self.silence_s:.0f}s "
+            "(supervision.learner_silence_s); stopping"
+        )
+        log.error("%s", self.fired)
+        self.stop.set(self.fired)
+        if not self._done.wait(self.grace_s):  # the component did not get to its exit: end it here
+            log.error("did not stop within run.shutdown_grace_s (%.0fs) of that; exiting", self.grace_s)
+            logging.shutdown()
+            os._exit(1)
+
+    def close(self) -> None:
+        self._done.set()
+
+
+def run_component(cfg: Config, name: str, build, watch_learner: bool = False) -> int:
     """setup -> loop -> cleanup for every component process; `build(stop)` returns an object with run()/broker
-    and, if it reports, its `reporter` (which then heartbeats every supervision.heartbeat_s)."""
+    and, if it reports, its `reporter` (which then heartbeats every supervision.heartbeat_s). A worker
+    (`watch_learner`) also stops, and returns 1, once its learner has been silent for
+    supervision.learner_silence_s (LearnerWatch); the watch starts before `build`, which may wait for the
+    learner."""
     stop = setup_process(cfg, name)
-    component = build(stop)
-    reporter = getattr(component, "reporter", None)
-    if isinstance(reporter, Reporter):
-        reporter.start_heartbeat(cfg.broker, cfg.supervision.heartbeat_s)
+    watch = LearnerWatch(cfg, name, stop) if watch_learner and cfg.supervision.learner_silence_s else None
     try:
-        component.run()
-    finally:
+        component = build(stop)
+        reporter = getattr(component, "reporter", None)
         if isinstance(reporter, Reporter):
-            reporter.stop_heartbeat()
-        component.broker.close()
+            reporter.start_heartbeat(cfg.broker, cfg.supervision.heartbeat_s)
+        try:
+            component.run()
+        finally:
+            if isinstance(reporter, Reporter):
+                reporter.stop_heartbeat()
+            component.broker.close()
+    finally:
+        if watch is not None:
+            watch.close()
+    if watch is not None and watch.fired:
+        log.error("exit 1: %s", watch.fired)
+        return 1
     return 0

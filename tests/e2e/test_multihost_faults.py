@@ -264,17 +264,20 @@ def test_weight_sync_binds_to_its_host_and_crosses_hosts_unaided(make_net, quick
     assert listening(net, "learner", port) == [net.addr("learner")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 (never hangs): actors and scorers started by hand never notice that the learner is gone (no "
-    "stop message comes, nothing checks its liveness), so they run on forever",
-)
 def test_workers_stop_when_the_learner_is_gone(make_net, quick_models, tmp_path):
     """Cut the learner off from Redis for longer than broker.request_timeout_s: the learner stops with a clear error,
-    and the actor and scorer, which still reach Redis, must then stop too rather than wait forever."""
+    and the actor and scorer, which still reach Redis, must then stop too rather than wait forever: once the learner
+    has been silent on the metrics stream for supervision.learner_silence_s, each exits 1 saying so."""
     net = make_net(["redis", "learner", "actor0", "scorer0"])
     url = start_redis(net, "redis", tmp_path / "redis", redis_server_binary())
-    config = _resolve(net, quick_models, tmp_path / "run", url, "broker.request_timeout_s=5")
+    config = _resolve(
+        net,
+        quick_models,
+        tmp_path / "run",
+        url,
+        "broker.request_timeout_s=5",
+        "supervision.learner_silence_s=30",
+    )
     run_dir = config.parent
     procs = _start(net, config, actors=1, scorers=1)
     tl = Timeline(run_dir, procs["learner"])
@@ -290,3 +293,7 @@ def test_workers_stop_when_the_learner_is_gone(make_net, quick_models, tmp_path)
     assert procs["learner"].returncode != 0 and "is unavailable" in log, log[-3000:]
     codes = _stop(procs, tl, wait_s=60)
     assert None not in codes.values(), f"still running 60 s after the learner stopped:\n{_log_tails(run_dir)}"
+    for host in ("actor0", "scorer0"):
+        text = (run_dir / "logs" / f"netns-{host}.log").read_text(errors="replace")
+        assert codes[host] == 1 and "supervision.learner_silence_s" in text, (host, text[-3000:])
+        assert text.count("sendBytes failed") <= 3, (host, text[-3000:])  # not once a second
