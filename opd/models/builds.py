@@ -241,11 +241,11 @@ def compare_with_shipped(asset: ModelAsset) -> str | None:
     return "identical to" if file_digests(Path(asset.path)) == entry["files"] else "DIFFERENT from"
 
 
-def ship(cfg: Config, log=print) -> None:
-    """Copy `cfg`'s tiny models (rebuilt from their recipes) into `opd/demo_models/` and record them in its
-    manifest: each one's recipe, the recipe's sha256 and its files' sha256. For maintainers, via
-    `opd prepare --rebuild --ship`."""
-    assets = ensure_assets(cfg, log=log, rebuild=True)
+def ship(cfg: Config, log=print, rebuild: bool = True) -> None:
+    """Copy `cfg`'s tiny models (rebuilt from their recipes; `rebuild=False`: as cached) into `opd/demo_models/`
+    and record them in its manifest: each one's recipe, the recipe's sha256 and its files' sha256. For
+    maintainers, via `opd prepare --rebuild --ship`."""
+    assets = ensure_assets(cfg, log=log, rebuild=rebuild)
     manifest = shipped_manifest()
     for role, asset in (("teacher", assets.teacher), ("student", assets.student)):
         if getattr(cfg, role).kind != "tiny":

@@ -1,4 +1,5 @@
-"""The demo-model build is deterministic: the same recipe gives the same bytes whatever the caller's threads.
+"""Thread counts chosen on purpose, and a deterministic demo-model build: the same recipe gives the same bytes
+whatever the caller's threads; `opd prepare` finds the shipped models.
 
 The recipe here is shortened (2 teacher layers, 8 SFT steps, untrained student) so the test takes seconds, but it
 goes through the production build (`ensure_assets`). Before the build fixed its own thread count, this recipe gave
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 from opd.models.builds import file_digests
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, opd
 
 SHORT = ("teacher.num_layers=2", "teacher.sft_steps=8", "student.sft_steps=0", "task.eval_size=20")
 BUILD = (
@@ -39,3 +40,25 @@ def test_same_recipe_same_bytes_whatever_the_threads(tmp_path):
     digests = file_digests(one)
     assert "model.safetensors" in digests
     assert digests == file_digests(three)
+
+
+def test_pin_threads_sets_intra_and_inter_op_threads():
+    code = (
+        "import torch; from opd.runtime.threads import pin_threads; pin_threads(1); "
+        "print(torch.get_num_threads(), torch.get_num_interop_threads())"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "3"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "1"]
+
+
+def test_opd_prepare_names_the_shipped_models_and_builds_nothing(tmp_path):
+    proc = opd("prepare", TINY, f"run.cache_dir={tmp_path}")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "demo_models/teacher-" in out and "demo_models/student-" in out, out
+    assert "building" not in out
+    assert list(tmp_path.iterdir()) == []
