@@ -96,7 +96,11 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="build the tiny models again from their recipes (deterministic)",
     )
-    p.add_argument("--ship", action="store_true", help="with --rebuild: write them into opd/demo_models/")
+    p.add_argument(
+        "--ship",
+        action="store_true",
+        help="rebuild them and write them into opd/demo_models/ with its manifest (maintainers)",
+    )
 
 
 def _prepare(args: argparse.Namespace) -> int:

@@ -22,12 +22,13 @@ from opd.runtime.threads import pin_threads
 
 def build_models(cfg: Config, rebuild: bool = False, ship: bool = False, log=print) -> None:
     """`opd prepare`: find (shipped or cached) or build the teacher and student a run of `cfg` would use, and say
-    which. `rebuild`: build them again from their recipes and compare with the shipped ones; `ship`: also copy
-    them into opd/demo_models/ and its manifest (maintainers)."""
+    which. `rebuild`: build them again from their recipes and compare with the shipped ones; `ship`: rebuild them
+    and copy them into opd/demo_models/ and its manifest (maintainers)."""
     pin_threads(cfg.run.torch_threads)  # the build itself runs on BUILD_THREADS; loading and checks on these
     if ship:
         builds.ship(cfg, log=log)
-    assets = builds.ensure_assets(cfg, log=log, rebuild=rebuild and not ship)
+        return
+    assets = builds.ensure_assets(cfg, log=log, rebuild=rebuild)
     for role, asset in (("teacher", assets.teacher), ("student", assets.student)):
         acc = "" if asset.eval_accuracy is None else f", held-out accuracy {fmt(asset.eval_accuracy)}"
         log(f"{role}: {asset.path}{acc}")

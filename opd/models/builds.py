@@ -247,13 +247,18 @@ def ship(cfg: Config, log=print, rebuild: bool = True) -> None:
     maintainers, via `opd prepare --rebuild --ship`."""
     assets = ensure_assets(cfg, log=log, rebuild=rebuild)
     manifest = shipped_manifest()
+    SHIPPED.mkdir(exist_ok=True)
     for role, asset in (("teacher", assets.teacher), ("student", assets.student)):
         if getattr(cfg, role).kind != "tiny":
             continue
         src = Path(asset.path)
         rec = recipe(role, getattr(cfg, role), cfg)
-        shutil.rmtree(SHIPPED / src.name, ignore_errors=True)
-        shutil.copytree(src, SHIPPED / src.name)
+        digests = file_digests(src)
+        previous = manifest.get(src.name, {}).get("files")
+        change = "new" if previous is None else "unchanged" if previous == digests else "CHANGED"
+        if src.resolve() != (SHIPPED / src.name).resolve():  # not already the shipped copy itself
+            shutil.rmtree(SHIPPED / src.name, ignore_errors=True)
+            shutil.copytree(src, SHIPPED / src.name)
         manifest[src.name] = {
             "recipe": rec,
             "recipe_sha256": hashlib.sha256(
@@ -261,10 +266,9 @@ def ship(cfg: Config, log=print, rebuild: bool = True) -> None:
             ).hexdigest(),
             "build_threads": BUILD_THREADS,
             "eval_accuracy": asset.eval_accuracy,
-            "files": file_digests(src),
+            "files": digests,
         }
-        log(f"shipped {src.name} in {SHIPPED}")
-    SHIPPED.mkdir(exist_ok=True)
+        log(f"shipped {src.name} in {SHIPPED} ({change})")
     (SHIPPED / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
