@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import pytest
 
 from opd.config import load_config
-from opd.models.builds import SHIPPED, _digest, ensure_assets, file_digests, shipped_manifest
+from opd.models.builds import (
+    SHIPPED,
+    ModelAsset,
+    _digest,
+    compare_with_shipped,
+    ensure_assets,
+    file_digests,
+    shipped_manifest,
+)
 from tests.conftest import REPO
 
 # every built-in config whose tiny models ship (their teacher and student recipes are in the manifest)
@@ -41,3 +50,19 @@ def test_builtin_config_uses_shipped_models_without_building(config, tmp_path):
         assert asset.path.startswith(str(SHIPPED)), asset.path
         assert asset.eval_accuracy is not None
     assert list(tmp_path.iterdir()) == []  # not even a tokenizer: a shipped model carries its own
+
+
+def test_compare_with_shipped_tells_identical_from_different(tmp_path):
+    name = next(iter(shipped_manifest()))
+    copy = tmp_path / name
+    shutil.copytree(SHIPPED / name, copy)
+    asset = ModelAsset(path=str(copy), tokenizer=str(copy), dtype="float32")
+    assert compare_with_shipped(asset) == "identical to"
+    weights = copy / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(blob))
+    assert compare_with_shipped(asset) == "DIFFERENT from"
+    unshipped = tmp_path / "student-000000000000"
+    shutil.copytree(SHIPPED / name, unshipped)
+    assert compare_with_shipped(ModelAsset(str(unshipped), str(unshipped), "float32")) is None
