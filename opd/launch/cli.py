@@ -91,12 +91,22 @@ def _scale(args: argparse.Namespace) -> int:
 def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="build the tiny models again from their recipes (deterministic)",
+    )
+    p.add_argument(
+        "--ship",
+        action="store_true",
+        help="rebuild them and write them into opd/demo_models/ with its manifest (maintainers)",
+    )
 
 
 def _prepare(args: argparse.Namespace) -> int:
     from opd.launch.report import build_models
 
-    build_models(load_run_config(args.config, args.overrides))
+    build_models(load_run_config(args.config, args.overrides), rebuild=args.rebuild, ship=args.ship)
     return 0
 
 

@@ -7,29 +7,41 @@ rest of the launcher only starts and watches processes, and stays light for the 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from opd import tasks
 from opd.config import Config
 from opd.launch.monitor import RunState
-from opd.models.builds import ensure_assets, evaluate, load_asset
+from opd.models import builds
+from opd.models.builds import evaluate, load_asset
 from opd.models.loading import load_causal_lm, load_tokenizer
+from opd.runtime.threads import pin_threads
 
 
-def build_models(cfg: Config) -> None:
-    """`opd prepare`: build (or find cached) the tokenizer, teacher and student a run of `cfg` would use."""
-    ensure_assets(cfg)
+def build_models(cfg: Config, rebuild: bool = False, ship: bool = False, log=print) -> None:
+    """`opd prepare`: find (shipped or cached) or build the teacher and student a run of `cfg` would use, and say
+    which. `rebuild`: build them again from their recipes and compare with the shipped ones; `ship`: rebuild them
+    and copy them into opd/demo_models/ and its manifest (maintainers)."""
+    pin_threads(cfg.run.torch_threads)  # the build itself runs on BUILD_THREADS; loading and checks on these
+    if ship:
+        builds.ship(cfg, log=log)
+        return
+    assets = builds.ensure_assets(cfg, log=log, rebuild=rebuild)
+    for role, asset in (("teacher", assets.teacher), ("student", assets.student)):
+        acc = "" if asset.eval_accuracy is None else f", held-out accuracy {fmt(asset.eval_accuracy)}"
+        log(f"{role}: {asset.path}{acc}")
+        if rebuild:
+            verdict = builds.compare_with_shipped(asset)
+            if verdict is not None:
+                log(f"  rebuilt from its recipe: {verdict} the shipped checkpoint (sha256 of every file)")
 
 
 def accuracy_before(cfg: Config, log: Callable[..., None]) -> dict[str, float | None]:
     """Teacher and student accuracy on the task's held-out set, from the build's record or measured here."""
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    assets = ensure_assets(cfg, log=log)
+    pin_threads(cfg.run.torch_threads)  # chosen, not torch's all-cores default (opd.runtime.threads says why)
+    assets = builds.ensure_assets(cfg, log=log)
     problems = tasks.eval_set(cfg.task)
     mode, max_new = tasks.verifier_mode(cfg.task), cfg.sampling.max_new_tokens
     acc: dict[str, float | None] = {}

@@ -1,12 +1,18 @@
 """Build (once) and locate the tokenizer, teacher and initial student a run needs.
 
-No model can be downloaded here, so the demo's teacher is trained by this module on the built-in task and
-cached under `run.cache_dir`, keyed by a hash of everything that shapes it; later runs reuse it. Pretrained
-models are passed through untouched.
+No model can be downloaded here, so the demo's teacher and student are trained by this module on the built-in
+task from a recipe: everything that shapes them (their config section, the task, the answer length), named by its
+hash. The built-in configs' models ship in `opd/demo_models/` (with `manifest.json`: each one's recipe, its hash and
+its files' sha256), so a fresh clone starts at once; any other recipe is built on first use and cached under
+`run.cache_dir`. A build is deterministic: fixed seeds, deterministic algorithms and a fixed thread count
+(`opd.runtime.threads.BUILD_THREADS`) give the same bytes on any machine load or `OMP_NUM_THREADS`, which is what
+lets `opd prepare --rebuild` check a shipped model against its recipe. Pretrained models are passed through
+untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,8 +29,11 @@ from opd import tasks
 from opd.config import Config, PretrainedModel, TinyModel
 from opd.models.loading import build_char_tokenizer, encode_prompt, load_causal_lm, load_tokenizer
 from opd.models.sampler import sample
+from opd.runtime.threads import BUILD_THREADS, threads
 
 ASSET_FORMAT = 2  # bump when the build recipe changes, so stale caches are rebuilt
+SHIPPED = Path(__file__).resolve().parents[1] / "demo_models"  # the built-in configs' models, committed
+MANIFEST = "manifest.json"
 HABIT = "="  # the spurious trailing token of `sft_suffix_noise`: one token, so greedy decoding picks it up
 
 
@@ -145,17 +154,42 @@ def _build_tiny(final: Path, spec: TinyModel, tok_dir: Path, cfg: Config, log) -
         tokenizer.save_pretrained(tmp)
         (tmp / "opd_asset.json").write_text(json.dumps({"eval_accuracy": acc, "spec": spec.model_dump()}))
 
-    _atomic_dir(final, build)
+    with _deterministic():
+        _atomic_dir(final, build)
 
 
-def _tiny_asset(role: str, spec: TinyModel, tok_dir: Path, cfg: Config, log) -> ModelAsset:
-    key = _digest([ASSET_FORMAT, role, spec.model_dump(), cfg.task.model_dump(), cfg.sampling.max_new_tokens])
-    final = Path(cfg.run.cache_dir) / f"{role}-{key}"
-    if not (final / "opd_asset.json").is_file():
+@contextlib.contextmanager
+def _deterministic():
+    """The build's fixed thread count and deterministic kernels, for its duration only (the caller's own settings
+    come back after). Seeds are the recipe's own (`spec.seed` and the streams derived from it)."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with threads(BUILD_THREADS):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def recipe(role: str, spec: TinyModel, cfg: Config) -> list:
+    """Everything that shapes a built model; its digest names the model in the cache and in `opd/demo_models/`."""
+    return [ASSET_FORMAT, role, spec.model_dump(), cfg.task.model_dump(), cfg.sampling.max_new_tokens]
+
+
+def _tiny_asset(role: str, spec: TinyModel, tok_dir, cfg: Config, log, rebuild: bool) -> ModelAsset:
+    """The shipped model of this recipe if there is one, else the cached one, built first if missing.
+    `rebuild`: build it again into the cache from its recipe, whatever exists."""
+    name = f"{role}-{_digest(recipe(role, spec, cfg))}"
+    final = Path(cfg.run.cache_dir) / name
+    if not rebuild and (SHIPPED / name / "opd_asset.json").is_file():
+        final = SHIPPED / name
+    elif rebuild or not (final / "opd_asset.json").is_file():
         log(
-            f"building the {role} ({spec.num_layers} layers, hidden {spec.hidden_size}); cached for later runs"
+            f"building the {role} ({spec.num_layers} layers, hidden {spec.hidden_size}, {spec.sft_steps} SFT "
+            f"steps, {BUILD_THREADS} thread); cached for later runs"
         )
-        _build_tiny(final, spec, tok_dir, cfg, log)
+        shutil.rmtree(final, ignore_errors=True)
+        _build_tiny(final, spec, tok_dir(), cfg, log)
     meta = json.loads((final / "opd_asset.json").read_text())
     return ModelAsset(
         path=str(final), tokenizer=str(final), dtype="float32", eval_accuracy=meta["eval_accuracy"]
@@ -166,18 +200,76 @@ def _pretrained_asset(spec: PretrainedModel) -> ModelAsset:
     return ModelAsset(path=spec.name_or_path, tokenizer=spec.tokenizer or spec.name_or_path, dtype=spec.dtype)
 
 
-def ensure_assets(cfg: Config, log=print) -> Assets:
-    """Return where student and teacher live, building and caching the tiny ones on first use."""
+def ensure_assets(cfg: Config, log=print, rebuild: bool = False) -> Assets:
+    """Return where student and teacher live: shipped, cached, or built and cached on first use (`rebuild`:
+    built again from their recipes into the cache, shipped or not)."""
     if cfg.student.kind == "pretrained" and cfg.teacher.kind == "pretrained":
         return Assets(student=_pretrained_asset(cfg.student), teacher=_pretrained_asset(cfg.teacher))
     cache = Path(cfg.run.cache_dir)
+
+    def tok_dir() -> Path:  # only a build needs it: a shipped model carries its tokenizer
+        path = cache / f"tokenizer-{_digest([ASSET_FORMAT, tasks.ADDITION_ALPHABET])}"
+        if not (path / "tokenizer.json").is_file():
+            _atomic_dir(path, lambda tmp: build_char_tokenizer().save_pretrained(tmp))
+        return path
+
     cache.mkdir(parents=True, exist_ok=True)
-    tok_dir = cache / f"tokenizer-{_digest([ASSET_FORMAT, tasks.ADDITION_ALPHABET])}"
-    if not (tok_dir / "tokenizer.json").is_file():
-        _atomic_dir(tok_dir, lambda tmp: build_char_tokenizer().save_pretrained(tmp))
-    teacher = _tiny_asset("teacher", cfg.teacher, tok_dir, cfg, log)
-    student = _tiny_asset("student", cfg.student, tok_dir, cfg, log)
+    teacher = _tiny_asset("teacher", cfg.teacher, tok_dir, cfg, log, rebuild)
+    student = _tiny_asset("student", cfg.student, tok_dir, cfg, log, rebuild)
     return Assets(student=student, teacher=teacher)
+
+
+def file_digests(model_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a built model, by name."""
+    return {
+        f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(Path(model_dir).iterdir())
+        if f.is_file()
+    }
+
+
+def shipped_manifest() -> dict:
+    path = SHIPPED / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def compare_with_shipped(asset: ModelAsset) -> str | None:
+    """How a (re)built model compares with the shipped model of the same recipe; None when none is shipped."""
+    entry = shipped_manifest().get(Path(asset.path).name)
+    if entry is None:
+        return None
+    return "identical to" if file_digests(Path(asset.path)) == entry["files"] else "DIFFERENT from"
+
+
+def ship(cfg: Config, log=print, rebuild: bool = True) -> None:
+    """Copy `cfg`'s tiny models (rebuilt from their recipes; `rebuild=False`: as cached) into `opd/demo_models/`
+    and record them in its manifest: each one's recipe, the recipe's sha256 and its files' sha256. For
+    maintainers, via `opd prepare --rebuild --ship`."""
+    assets = ensure_assets(cfg, log=log, rebuild=rebuild)
+    manifest = shipped_manifest()
+    SHIPPED.mkdir(exist_ok=True)
+    for role, asset in (("teacher", assets.teacher), ("student", assets.student)):
+        if getattr(cfg, role).kind != "tiny":
+            continue
+        src = Path(asset.path)
+        rec = recipe(role, getattr(cfg, role), cfg)
+        digests = file_digests(src)
+        previous = manifest.get(src.name, {}).get("files")
+        change = "new" if previous is None else "unchanged" if previous == digests else "CHANGED"
+        if src.resolve() != (SHIPPED / src.name).resolve():  # not already the shipped copy itself
+            shutil.rmtree(SHIPPED / src.name, ignore_errors=True)
+            shutil.copytree(src, SHIPPED / src.name)
+        manifest[src.name] = {
+            "recipe": rec,
+            "recipe_sha256": hashlib.sha256(
+                json.dumps(rec, sort_keys=True, default=str).encode()
+            ).hexdigest(),
+            "build_threads": BUILD_THREADS,
+            "eval_accuracy": asset.eval_accuracy,
+            "files": digests,
+        }
+        log(f"shipped {src.name} in {SHIPPED} ({change})")
+    (SHIPPED / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def load_asset(asset: ModelAsset, device: str = "cpu"):

@@ -13,8 +13,6 @@ import threading
 import time
 from typing import Any
 
-import torch
-
 from broker import Broker
 from broker.base import WORK_STREAMS
 from opd.config import Config
@@ -22,6 +20,7 @@ from opd.config.redact import redact_text
 from opd.protocol import Streams, dead_letter_record, metrics_record, trajectory_id, unpack_control
 from opd.runtime.broker import open_broker
 from opd.runtime.prometheus import exporter_for
+from opd.runtime.threads import pin_threads
 
 log = logging.getLogger("opd")
 HEARTBEAT_GAUGES = ("weight_version",)  # gauges a heartbeat repeats, so the newest record always carries them
@@ -54,7 +53,7 @@ def setup_process(cfg: Config, name: str) -> StopFlag:
     # component logs land in the run directory: no secret in them
     for handler in logging.getLogger().handlers:
         handler.addFilter(_redact_record)
-    torch.set_num_threads(cfg.run.torch_threads)
+    pin_threads(cfg.run.torch_threads)  # intra- and inter-op: opd.runtime.threads says why
     stop = StopFlag()
     signal.signal(signal.SIGTERM, lambda *_: stop.set("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: stop.set("SIGINT"))
