@@ -17,13 +17,13 @@ import torch
 from opd import tasks
 from opd.config import Config
 from opd.launch.monitor import RunState
-from opd.models.builds import ensure_assets, evaluate, load_asset
+from opd.models.builds import Assets, ensure_assets, evaluate, load_asset
 from opd.models.loading import load_causal_lm, load_tokenizer
 
 
-def build_models(cfg: Config) -> None:
+def build_models(cfg: Config) -> Assets:
     """`opd prepare`: build (or find cached) the tokenizer, teacher and student a run of `cfg` would use."""
-    ensure_assets(cfg)
+    return ensure_assets(cfg)
 
 
 def accuracy_before(cfg: Config, log: Callable[..., None]) -> dict[str, float | None]:
