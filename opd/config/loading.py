@@ -7,6 +7,7 @@ Also the inverse views of the tree: `dump_config` (the resolved YAML every compo
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, get_args
@@ -20,6 +21,10 @@ from opd.config.root import Config
 # A check beyond the models' own validation, for rules whose knowledge lives outside the core (the loss registry's):
 # it gets the validated tree and returns (dotted field path, message) for each problem, or nothing.
 Check = Callable[[Config], Iterable[tuple[str, str]]]
+
+
+# A cross-section check's message that starts with the field it is about: `pipeline.mode: sync needs ...`.
+_LEADING_KEY = re.compile(r"^([a-z_]+(?:\.[a-z_]+)+): ")
 
 
 class ConfigError(ValueError):
@@ -136,6 +141,9 @@ def _validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
             loc, msg = _unknown_key_message(tuple(err["loc"]))
         else:
             loc = _walk_location(tuple(err["loc"]))[0]
+            named = _LEADING_KEY.match(msg) if not loc else None
+            if named:  # a check across sections names its field first: show it where the field goes
+                loc, msg = named.group(1), msg[named.end() :]
             if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
                 msg = f"{msg} (got {err['input']!r})"
         problems.append((loc, msg))

@@ -46,3 +46,10 @@ def test_locations_are_the_keys_a_user_writes():
         load_config(None, ["student.kind=pretrained", "teacher.kind=pretrained", "teacher.name_or_path=t"])
     assert "  student.name_or_path: Field required" in str(err.value)
     assert "pretrained.name_or_path" not in str(err.value)
+
+
+def test_a_cross_section_error_is_shown_at_its_field():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["student.kind=pretrained", "student.name_or_path=/nonexistent/model"])
+    assert "\n  teacher.kind: tiny while the other model is pretrained" in str(err.value)
+    assert "<root>" not in str(err.value)
