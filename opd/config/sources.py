@@ -43,42 +43,58 @@ def _local_problem(name: str, path: Path, needs: tuple[str, ...]) -> str | None:
         return f"{name} is a directory without {' or '.join(needs)}: not saved with save_pretrained; name the directory that was"
 
 
-def _hub_problem(name: str, field: str) -> str | None:
-    """Ask the hub about `name`, once, briefly: only a hub id not in the local cache gets here."""
-    from huggingface_hub import HfApi, try_to_load_from_cache
+def _ask_hub(name: str) -> tuple[str, str]:
+    """One short question to the hub: ("ok" | "gated" | "missing" | "error" | "unreachable", detail)."""
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(name, timeout=HUB_LOOKUP_TIMEOUT_S)
+    except GatedRepoError:  # a RepositoryNotFoundError too, so caught first
+        return "gated", ""
+    except RepositoryNotFoundError:
+        return "missing", ""
+    except HfHubHTTPError as exc:
+        return "error", str(exc)
+    except Exception as exc:  # noqa: BLE001 - no network: DNS failure, refused connection, timeout (httpx's classes)
+        return "unreachable", type(exc).__name__
+    return "ok", ""
+
+
+def _hub_problem(name: str, field: str, unreachable: dict[str, str]) -> str | None:
+    """Whether the hub has `name`: only a hub id not in the local cache gets here. `unreachable` remembers,
+    across the fields of one config, that the hub could not be reached, so an offline machine waits once."""
+    from huggingface_hub import try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return None
     here = f"not a directory here ({Path(name).resolve()}) nor in the Hugging Face cache"
+    get = f"download it where there is network (hf download {name}) or set {field} to a local directory"
     offline = _offline()
     if offline:
-        return (
-            f"{name} is {here}, and {offline}=1 keeps this machine off the hub: download it where there is "
-            f"network (hf download {name}) or set {field} to a local directory"
-        )
-    try:
-        HfApi().model_info(name, timeout=HUB_LOOKUP_TIMEOUT_S)
-    except GatedRepoError:
+        return f"{name} is {here}, and {offline}=1 keeps this machine off the hub: {get}"
+    answer, detail = ("unreachable", unreachable["why"]) if "why" in unreachable else _ask_hub(name)
+    if answer == "unreachable":
+        unreachable["why"] = detail
+        return f"{name} is {here}, and the Hugging Face hub cannot be reached ({detail}): this machine looks offline; {get}"
+    if answer == "gated":
         return f"{name} is gated on the Hugging Face hub: accept its licence on its page and log in (hf auth login)"
-    except RepositoryNotFoundError:
+    if answer == "missing":
         return (
             f"{name} is {here}, and the Hugging Face hub has no such model; set {field} to the directory of a "
             "model saved with save_pretrained, or to a hub id such as Qwen/Qwen2.5-0.5B"
         )
-    except HfHubHTTPError as exc:
-        return f"the Hugging Face hub could not be asked about {name} ({exc}); try again, or use a local directory"
-    except (
-        Exception
-    ) as exc:  # no network: DNS failure, refused connection, timeout (httpx's own error classes)
-        return (
-            f"{name} is {here}, and the Hugging Face hub cannot be reached ({type(exc).__name__}): this machine "
-            f"looks offline; download it where there is network (hf download {name}) or set {field} to a local directory"
-        )
+    if answer == "error":
+        return f"the Hugging Face hub could not be asked about {name} ({detail}); try again, or use a local directory"
     return None
 
 
-def model_source_problem(field: str, name: str, needs: tuple[str, ...] = ("config.json",)) -> str | None:
+def model_source_problem(
+    field: str,
+    name: str,
+    needs: tuple[str, ...] = ("config.json",),
+    unreachable: dict[str, str] | None = None,
+) -> str | None:
     """Why `from_pretrained(name)` would fail, in one line, or None. A name that exists on disk is a local
     directory; one that can only be a path and does not exist is refused as a path, without asking the hub (a
     missing path used to cost a 34 s hub retry and 87 lines); only a hub id is looked up, and only when it is not
@@ -91,7 +107,7 @@ def model_source_problem(field: str, name: str, needs: tuple[str, ...] = ("confi
             f"{name} does not exist (looked for {path.resolve()}); set {field} to the directory of a model saved "
             "with save_pretrained, or to a hub id such as Qwen/Qwen2.5-0.5B"
         )
-    return _hub_problem(name, field)
+    return _hub_problem(name, field, {} if unreachable is None else unreachable)
 
 
 def model_source_problems(cfg: Config) -> list[tuple[str, str]]:
@@ -99,7 +115,7 @@ def model_source_problems(cfg: Config) -> list[tuple[str, str]]:
     `opd run` and `opd prepare` to refuse before starting anything. A teacher behind a server is not loaded by
     the run, so it is not checked."""
     roles = ["student"] + (["teacher"] if cfg.scorer.teacher_is_local else [])
-    found = []
+    found, unreachable = [], {}
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     for role in roles:
         spec = getattr(cfg, role)
@@ -109,7 +125,7 @@ def model_source_problems(cfg: Config) -> list[tuple[str, str]]:
         if spec.tokenizer is not None:
             checks.append((f"{role}.tokenizer", spec.tokenizer, tokenizer_files))
         for field, name, needs in checks:
-            problem = model_source_problem(field, name, needs)
+            problem = model_source_problem(field, name, needs, unreachable)
             if problem is not None:
                 found.append((field, problem))
     return found

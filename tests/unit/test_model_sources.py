@@ -54,3 +54,14 @@ def test_every_model_field_of_a_config_is_checked(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     fields = [f for f, _ in model_source_problems(cfg)]
     assert fields == ["student.name_or_path", "teacher.tokenizer"]
+
+
+def test_an_unknown_hub_id_online_or_not_is_one_line(monkeypatch):
+    """On this offline machine the hub cannot be reached; with network it has no such model: one line either way,
+    and the second hub id of a config does not wait for the hub again."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    memo: dict[str, str] = {}
+    for name in ("opd-tests-nobody/no-such-model-15", "opd-tests-nobody/no-such-model-16"):
+        msg = model_source_problem(FIELD, name, unreachable=memo)
+        assert msg.startswith(f"{name} is not a directory here") and FIELD in msg and "\n" not in msg
