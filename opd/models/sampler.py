@@ -40,8 +40,8 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _cache_keyword(model: torch.nn.Module) -> str:
     """The name this model's forward takes its KV cache by: transformers 5.x renames `past_key_values` to `cache`
-    model by model, and the old name warns on every call (a FutureWarning per token that filled component logs,
-    so a crash's log tail showed the warning instead of the error). Models not yet renamed keep the old name."""
+    model by model, and the old name raises a FutureWarning, which in a crashed actor's log was the whole tail the
+    launcher showed instead of the error. Models not yet renamed (or wrapped behind `**kwargs`) keep the old name."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
