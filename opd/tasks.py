@@ -108,6 +108,48 @@ def jsonl_stream(task: JsonlTask, seed: int) -> Iterator[Problem]:
         yield from order
 
 
+def _jsonl_file_problems(field: str, path: Path, needs_answer: bool) -> list[tuple[str, str]]:
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        return [
+            (
+                field,
+                f"{path} {what} (resolved from {Path.cwd()} to {path.resolve()}); point {field} at a JSONL file "
+                'with one {"prompt": "...", "answer": "..."} object per line',
+            )
+        ]
+    try:
+        problems = read_jsonl_problems(path)
+    except ValueError as exc:
+        return [(field, f"{exc}; fix that line of the file")]
+    except UnicodeDecodeError as exc:
+        return [(field, f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8")]
+    except OSError as exc:
+        return [(field, f"{path} cannot be read ({exc.strerror}); check its permissions")]
+    missing = [p.prompt_id for p in problems if p.answer is None]
+    if needs_answer and missing:
+        return [
+            (
+                field,
+                f"{path}: {len(missing)} of {len(problems)} held-out prompts have no 'answer' (first: {missing[0]}), "
+                "so they could never be scored correct; add an answer to each line",
+            )
+        ]
+    return []
+
+
+def task_problems(task: AdditionTask | JsonlTask) -> list[tuple[str, str]]:
+    """Every problem of the task's files, as (config field, message) pairs, read now rather than by a component
+    minutes later: a missing file, a line that is not JSON or has no prompt (named by file and line), held-out
+    prompts without an answer. `opd run` and `opd prepare` refuse the config with them before starting anything."""
+    if task.kind != "jsonl":
+        return []
+    found = _jsonl_file_problems("task.train_path", task.train_path, needs_answer=False)
+    if task.eval_path is not None:
+        found += _jsonl_file_problems("task.eval_path", task.eval_path, needs_answer=True)
+    return found
+
+
 # ------------------------------------------------------------------------------------------- facade
 def training_stream(task: AdditionTask | JsonlTask, seed: int) -> Iterator[Problem]:
     return addition_stream(task, seed) if task.kind == "addition" else jsonl_stream(task, seed)

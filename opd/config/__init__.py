@@ -5,7 +5,8 @@ names the field and the fix, instead of surfacing minutes later inside one of fo
 
 One module per section (run, task, models, sampling, actor, scorer, learner, weight_sync, broker, scaling,
 supervision, ray, metrics, pipeline), each with its own cross-field checks; `root` holds the `Config` tree and the
-checks that span sections; `loading` reads files and overrides and formats errors. This package imports nothing else of the
+checks that span sections; `loading` reads files and overrides and formats errors; `sources` says, for `opd run`
+and `opd prepare`, whether each pretrained model the config names can be found. This package imports nothing else of the
 project: rules that need other code (the loss registry) are passed to `load_config(checks=...)`.
 """
 

@@ -6,6 +6,8 @@ Also the inverse views of the tree: `dump_config` (the resolved YAML every compo
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, get_args
@@ -19,6 +21,10 @@ from opd.config.root import Config
 # A check beyond the models' own validation, for rules whose knowledge lives outside the core (the loss registry's):
 # it gets the validated tree and returns (dotted field path, message) for each problem, or nothing.
 Check = Callable[[Config], Iterable[tuple[str, str]]]
+
+
+# A cross-section check's message that starts with the field it is about: `pipeline.mode: sync needs ...`.
+_LEADING_KEY = re.compile(r"^([a-z_]+(?:\.[a-z_]+)+): ")
 
 
 class ConfigError(ValueError):
@@ -65,15 +71,81 @@ def _format_problems(source: str, problems: Iterable[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _section_models(annotation: Any) -> dict[str, type[BaseModel]]:
+    """The config models a field holds, by the name pydantic puts in an error's location for each: the variant
+    tag (`pretrained`) for a tagged union, the class name otherwise; empty for a plain value."""
+    found = {}
+    for arg in (annotation, *get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            tag = variant_tag(arg)
+            found[str(tag[1]) if tag is not None else arg.__name__] = arg
+    return found
+
+
+def _walk_location(loc: tuple[Any, ...]) -> tuple[str, type[BaseModel] | None, list[type[BaseModel]]]:
+    """The dotted key a user writes for an error location (`student.pretrained.name_or_path` is written
+    `student.name_or_path`), the section model holding its last part, and that section's other variants."""
+    parts: list[str] = []
+    model: type[BaseModel] | None = Config
+    siblings: list[type[BaseModel]] = []
+    items = [str(p) for p in loc if not str(p).startswith("function-after")]
+    i = 0
+    while i < len(items):
+        part = items[i]
+        parts.append(part)
+        i += 1
+        if i == len(items) or model is None or part not in model.model_fields:
+            continue
+        subs = _section_models(model.model_fields[part].annotation)
+        if len(subs) == 1:
+            model, siblings = next(iter(subs.values())), []
+        elif i < len(items) and items[i] in subs:  # the variant's name in the location, not a key
+            model, siblings = subs[items[i]], [m for n, m in subs.items() if n != items[i]]
+            i += 1
+        else:
+            model, siblings = None, []
+    return ".".join(parts), model, siblings
+
+
+def _unknown_key_message(loc: tuple[Any, ...]) -> tuple[str, str]:
+    """Name the key the user probably meant (difflib against the section's own keys), or the variant it
+    belongs to when it is a key of the section's other `kind`."""
+    path, model, siblings = _walk_location(loc)
+    generic = "unknown key; check the spelling against `opd run --help` or configs/"
+    key = path.rsplit(".", 1)[-1]
+    section = path.rsplit(".", 1)[0] if "." in path else ""
+    prefix = f"{section}." if section else ""
+    if model is None:
+        return path, generic
+    own = variant_tag(model)
+    for other in siblings:
+        tag = variant_tag(other)
+        if key in other.model_fields and tag is not None and own is not None:
+            return path, (
+                f"unknown key for {prefix}{own[0]}: {own[1]}; it is a key of {prefix}{tag[0]}: {tag[1]}, "
+                f"so set {prefix}{tag[0]}={tag[1]} too"
+            )
+    candidates = list(model.model_fields)
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if close:
+        return path, f"unknown key; did you mean {prefix}{close[0]}? (all keys: `opd run --help`)"
+    return path, generic
+
+
 def _validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
     problems = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key; check the spelling against `opd run --help` or configs/"
-        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
-            msg = f"{msg} (got {err['input']!r})"
+            loc, msg = _unknown_key_message(tuple(err["loc"]))
+        else:
+            loc = _walk_location(tuple(err["loc"]))[0]
+            named = _LEADING_KEY.match(msg) if not loc else None
+            if named:  # a check across sections names its field first: show it where the field goes
+                loc, msg = named.group(1), msg[named.end() :]
+            if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+                msg = f"{msg} (got {err['input']!r})"
         problems.append((loc, msg))
     return problems
 

@@ -94,9 +94,10 @@ class Config(Strict):
                     f"{self.task.kind} set {role}: {{kind: pretrained, name_or_path: ...}}"
                 )
         if (self.student.kind == "tiny") != (self.teacher.kind == "tiny"):
+            tiny = "student" if self.student.kind == "tiny" else "teacher"
             raise ValueError(
-                "student and teacher must share a tokenizer: use kind: tiny for both (built-in tokenizer) "
-                "or kind: pretrained for both"
+                f"{tiny}.kind: tiny while the other model is pretrained; student and teacher must share a "
+                "tokenizer: use kind: tiny for both (built-in tokenizer) or kind: pretrained for both"
             )
 
     def _devices_fit_weight_sync(self) -> None:

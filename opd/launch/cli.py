@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from broker import capabilities
-from opd.config import Config, ConfigError, describe_fields
-from opd.launch.checks import load_run_config
+from opd.config import Config, ConfigError, describe_fields, load_config
+from opd.launch.checks import REGISTRY_CHECKS, load_run_config
 from opd.launch.cluster import component_index
 from opd.launch.spawners import SPAWNERS
 
@@ -33,6 +33,25 @@ class Verb(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------ run
+def _task_files(cfg: Config) -> list[tuple[str, str]]:
+    from opd import tasks
+
+    return tasks.task_problems(cfg.task)
+
+
+def _model_sources(cfg: Config) -> list[tuple[str, str]]:
+    from opd.config.sources import model_source_problems
+
+    return model_source_problems(cfg)
+
+
+def load_start_config(path: str, overrides: list[str]) -> Config:
+    """The config of a run or build about to start: beyond the registries' checks, its task files are read and
+    its pretrained models located now, so a missing file or model, or a bad JSONL line, is refused in one line
+    naming the field (exit 2) before any process or run directory exists, not as a traceback minutes later."""
+    return load_config(path, overrides, checks=(*REGISTRY_CHECKS, _task_files, _model_sources))
+
+
 def _config_epilog() -> str:
     return "config keys (set in the YAML file or as overrides):\n" + "\n".join(describe_fields(Config))
 
@@ -58,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     from opd.launch.rundir import LaunchError, resolve_resume, resolve_run
 
     try:
-        cfg = load_run_config(args.config, args.overrides)
+        cfg = load_start_config(args.config, args.overrides)
         cfg = resolve_resume(cfg) if args.resume else resolve_run(cfg)
         return Launcher(cfg, resume=args.resume, launcher=args.launcher).run()
     except LaunchError as exc:
@@ -106,7 +125,7 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
 def _prepare(args: argparse.Namespace) -> int:
     from opd.launch.report import build_models
 
-    build_models(load_run_config(args.config, args.overrides), rebuild=args.rebuild, ship=args.ship)
+    build_models(load_start_config(args.config, args.overrides), rebuild=args.rebuild, ship=args.ship)
     return 0
 
 
@@ -131,7 +150,9 @@ def _dead_letter(args: argparse.Namespace) -> int:
     cfg = _existing_run(args)
     try:
         if args.action == "ls":
-            list_dead_letters(cfg)
+            found = list_dead_letters(cfg)  # JSON lines on stdout; the count on stderr keeps them parseable
+            said = f"{found} dead letter(s)" if found else "no dead letters: the broker rejected nothing"
+            print(f"{said} in run {cfg.run.run_id}", file=sys.stderr)
         else:
             replay_dead_letters(cfg, args.entry)
     except DeadLetterError as exc:

@@ -15,27 +15,43 @@ from opd import tasks
 from opd.config import Config
 from opd.launch.monitor import RunState
 from opd.models import builds
-from opd.models.builds import evaluate, load_asset
+from opd.models.builds import Assets, evaluate, load_asset
 from opd.models.loading import load_causal_lm, load_tokenizer
 from opd.runtime.threads import pin_threads
 
 
-def build_models(cfg: Config, rebuild: bool = False, ship: bool = False, log=print) -> None:
+def build_models(cfg: Config, rebuild: bool = False, ship: bool = False, log=print) -> Assets | None:
     """`opd prepare`: find (shipped or cached) or build the teacher and student a run of `cfg` would use, and say
-    which. `rebuild`: build them again from their recipes and compare with the shipped ones; `ship`: rebuild them
-    and copy them into opd/demo_models/ and its manifest (maintainers)."""
+    per model what was done and where it is, so a newcomer knows nothing is left to wait for. `rebuild`: build
+    them again from their recipes and compare with the shipped ones; `ship`: rebuild them and copy them into
+    opd/demo_models/ and its manifest (maintainers)."""
     pin_threads(cfg.run.torch_threads)  # the build itself runs on BUILD_THREADS; loading and checks on these
     if ship:
         builds.ship(cfg, log=log)
-        return
+        return None
+    cache = Path(cfg.run.cache_dir)
+    cached_before = {p.resolve() for p in cache.iterdir()} if cache.is_dir() else set()
     assets = builds.ensure_assets(cfg, log=log, rebuild=rebuild)
     for role, asset in (("teacher", assets.teacher), ("student", assets.student)):
+        if getattr(cfg, role).kind == "pretrained":
+            log(f"{role}: pretrained {asset.path}, loaded as it is at run time (nothing to build)")
+            continue
         acc = "" if asset.eval_accuracy is None else f", held-out accuracy {fmt(asset.eval_accuracy)}"
-        log(f"{role}: {asset.path}{acc}")
+        log(f"{role}: {_how_found(asset.path, cached_before, rebuild)} at {asset.path}{acc}")
         if rebuild:
             verdict = builds.compare_with_shipped(asset)
             if verdict is not None:
                 log(f"  rebuilt from its recipe: {verdict} the shipped checkpoint (sha256 of every file)")
+    return assets
+
+
+def _how_found(path, cached_before: set, rebuild: bool) -> str:
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(builds.SHIPPED):
+        return "shipped with the code"
+    if rebuild or resolved not in cached_before:
+        return "built now"
+    return "already cached"
 
 
 def accuracy_before(cfg: Config, log: Callable[..., None]) -> dict[str, float | None]:

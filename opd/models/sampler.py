@@ -7,6 +7,7 @@ would describe a different distribution, and the importance ratio exp(s - b) wou
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,14 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, order, sorted_p)
 
 
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The name this model's forward takes its KV cache by: transformers 5.x renames `past_key_values` to `cache`
+    model by model, and the old name raises a FutureWarning, which in a crashed actor's log was the whole tail the
+    launcher showed instead of the error. Models not yet renamed (or wrapped behind `**kwargs`) keep the old name."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -59,15 +68,12 @@ def sample(
     out_lp = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     past, step_ids, step_pos = None, ids, positions
+    cache_kw = _cache_keyword(model)
     for t in range(max_new_tokens):
         out = model(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=step_pos,
-            past_key_values=past,
-            use_cache=True,
+            input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_kw: past}
         )
-        past = out.past_key_values
+        past = out.cache if cache_kw == "cache" else out.past_key_values
         logits = out.logits[:, -1, :].float()  # (B, V) raw, before any processing
         if temperature == 0:
             token = logits.argmax(-1)

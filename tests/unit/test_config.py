@@ -52,7 +52,7 @@ def test_override_of_union_keeps_section_defaults():
         (["learner.correction.mode=ppo"], "learner.correction.mode", "'tis'"),
         (["learner.aggregation=mean"], "learner.aggregation", "token_mean"),
         (["learner.batch_size=4", "learner.minibatches=8"], "learner", "minibatches"),
-        (["broker.type=redis", "broker.url=http://x"], "broker.redis.url", "redis://"),
+        (["broker.type=redis", "broker.url=http://x"], "broker.url", "redis://"),
         (["broker.type=kafka"], "broker", "expected tags: 'zmq', 'redis'"),
         (["weight_sync.backend=nccl"], "weight_sync.backend", "use backend: gloo"),
         (

@@ -1,0 +1,43 @@
+"""A component's log must show its real error: the sampler's per-token forward calls warn nothing.
+
+transformers 5.x deprecates `past_key_values=` in favour of `cache=` and warned on every token, so the tail of a
+crashed actor's log was that warning alone. The KV cache must still be used: cached sampling gives the same
+logprobs as one full forward over the sampled sequence."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from opd.models.sampler import response_logprobs, sample
+
+
+def _model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=20,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_sampling_warns_nothing_and_uses_the_cache():
+    model = _model()
+    prompts = [[1, 5, 6], [1, 7]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = sample(
+            model, prompts, eos_id=2, pad_id=0, max_new_tokens=6, generator=torch.Generator().manual_seed(1)
+        )
+    full, _, _ = response_logprobs(
+        model, [(p, o.response_ids) for p, o in zip(prompts, out, strict=True)], pad_id=0
+    )
+    for o, ref in zip(out, full, strict=True):
+        assert torch.allclose(torch.tensor(o.behaviour_logprobs), ref, atol=1e-4)
