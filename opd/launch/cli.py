@@ -58,8 +58,10 @@ def _run(args: argparse.Namespace) -> int:
     from opd.launch.rundir import LaunchError, resolve_resume, resolve_run
 
     try:
-        cfg = load_run_config(args.config, args.overrides)
-        cfg = resolve_resume(cfg) if args.resume else resolve_run(cfg)
+        if args.resume:  # from the run's own config.yaml, the overrides on top
+            cfg = resolve_resume(args.config, args.overrides)
+        else:
+            cfg = resolve_run(load_run_config(args.config, args.overrides))
         return Launcher(cfg, resume=args.resume, launcher=args.launcher).run()
     except LaunchError as exc:
         print(f"opd: {exc}", file=sys.stderr)

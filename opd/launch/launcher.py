@@ -21,7 +21,7 @@ from broker import BrokerUnavailable, capabilities
 from opd.config import Config
 from opd.launch import report
 from opd.launch.monitor import Monitor
-from opd.launch.rundir import LaunchError, prepare_run_dir
+from opd.launch.rundir import LaunchError, has_trained, mark_failed, prepare_run_dir
 from opd.launch.scaling import ScorerScaler, SupervisorPool
 from opd.launch.spawners import open_spawner
 from opd.launch.supervisor import Component, Slot, Supervisor
@@ -42,21 +42,40 @@ class Launcher:
         self.out = Path(cfg.run.output_dir)
         self.interrupted = False
         self.broker = self.monitor = self.scaler = self.supervisor = None
+        self.prepared = False  # the run directory is this run's (not one refused as another run's)
 
     def run(self) -> int:
         """setup -> start and watch -> cleanup -> report; the exit code of `opd run`."""
         spawner = open_spawner(self.launcher, self.cfg, console.print)  # first: a missing Ray fails at once
         try:
-            before = self._setup(spawner)
-            failed = self._start_and_watch()
-        finally:
-            spawner.close()
-        return self._report(failed, before)
+            try:
+                before = self._setup(spawner)
+                failed = self._start_and_watch()
+            finally:
+                spawner.close()
+        except BaseException as exc:
+            self._release_if_untrained(f"{type(exc).__name__}: {exc}")
+            raise
+        code = self._report(failed, before)
+        if failed is not None or self.interrupted:
+            self._release_if_untrained(f"{failed.name} exited" if failed is not None else "interrupted")
+        return code
+
+    def _release_if_untrained(self, reason: str) -> None:
+        """A first leg that ends before the learner's first step leaves only its config and logs, marked failed
+        and reusable (rundir.mark_failed); a resumed leg never touches what earlier legs trained."""
+        if self.prepared and not self.resume and not has_trained(self.out):
+            mark_failed(self.out, reason)
+            console.print(
+                f"the run failed before its first step; its logs stay in {self.out / 'logs'} and the "
+                "directory is free for the next run"
+            )
 
     # ------------------------------------------------------------------------------------------- setup
     def _setup(self, spawner) -> dict[str, float | None]:
         """Run directory and config, metrics ports, accuracy before training, the supervisor."""
         config_path = prepare_run_dir(self.cfg, self.resume)
+        self.prepared = True
         run_secret.share_with_children(self.cfg)  # the weight-sync secret, in every spawned component's env
         console.print(f"[bold]opd run[/] {self.cfg.run.run_id} -> {self.out}")
         try:
