@@ -16,7 +16,7 @@ from opd.launch import report
 from opd.launch.checks import load_run_config
 from opd.launch.launcher import Launcher
 from opd.launch.monitor import RunState
-from opd.launch.rundir import FAILED_NAME, LaunchError, prepare_run_dir, resolve_resume, resolve_run
+from opd.launch.rundir import LaunchError, prepare_run_dir, resolve_resume, resolve_run
 from tests.conftest import TINY
 
 
@@ -112,10 +112,10 @@ def test_a_run_that_fails_before_its_first_step_leaves_a_reusable_directory(tmp_
     threading.Thread(target=interrupt_once_the_learner_runs, daemon=True).start()
     launcher.run()
 
-    failed = json.loads((out / FAILED_NAME).read_text())
+    failed = json.loads((out / "failed.json").read_text())
     assert failed["steps"] == 0
     assert (out / "logs").is_dir() and (out / "config.yaml").exists()
     assert not (out / "student").exists() and not (out / "checkpoints").exists()
     again = resolve_run(load_run_config(TINY, [*quick_models, f"run.output_dir={out}"]))
     prepare_run_dir(again, resume=False)  # reusable: not refused as another run's
-    assert not (out / FAILED_NAME).exists() and not (out / "logs" / "learner.log").exists()
+    assert not (out / "failed.json").exists() and not (out / "logs" / "learner.log").exists()
