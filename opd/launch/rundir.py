@@ -35,6 +35,7 @@ import yaml
 
 from broker import capabilities
 from opd.config import Config, ConfigError, dump_config
+from opd.config.loading import apply_overrides
 from opd.config.redact import secret_paths
 from opd.launch.checks import load_run_config
 
@@ -91,12 +92,15 @@ def resolve_resume(config: str | Path | None, overrides: list[str]) -> Config:
     """`opd run CONFIG --resume [overrides]`: continue the run in run.output_dir (or runs/<run.run_id>) from the
     run's own config.yaml, with `overrides` applied on top, under its own run id (so its streams, checkpoints and
     replay log are the ones picked up). CONFIG only says where the run is when no override does."""
-    named = load_run_config(config, overrides)
-    if named.run.output_dir is None and named.run.run_id is None:
+    where = apply_overrides({}, overrides).get("run", {})
+    if not where.get("output_dir") and not where.get("run_id"):  # then the named YAML says where
+        named = load_run_config(config, overrides).run
+        where = {"output_dir": named.output_dir, "run_id": named.run_id}
+    if not where.get("output_dir") and not where.get("run_id"):
         raise LaunchError(
             "--resume needs the run to continue: set run.output_dir=runs/<id> (or run.run_id=<id>)"
         )
-    out = Path(named.run.output_dir or Path("runs") / named.run.run_id)
+    out = Path(where.get("output_dir") or Path("runs") / str(where["run_id"]))
     previous = out / CONFIG_NAME
     if (out / FAILED_NAME).exists():
         raise LaunchError(

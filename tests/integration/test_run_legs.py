@@ -53,6 +53,12 @@ def test_resume_continues_from_the_runs_own_config_with_the_overrides_on_top(tmp
     assert yaml.safe_load((out / legs[1]["config"]).read_text())["learner"]["max_steps"] == 300
 
 
+def test_resume_needs_the_named_yaml_only_to_find_the_run(tmp_path):
+    yaml_path, out = _first_leg(tmp_path, "learner.max_steps=7")
+    yaml_path.write_text("learner: {max_stepz: 1}\n")  # since broken: the run's own config is what counts
+    assert resolve_resume(yaml_path, [f"run.output_dir={out}"]).learner.max_steps == 7
+
+
 def test_resume_refuses_a_directory_without_a_run(tmp_path):
     try:
         resolve_resume(TINY, [f"run.output_dir={tmp_path / 'nothing'}"])
