@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
             cfg = resolve_resume(args.config, args.overrides)
         else:
             cfg = resolve_run(load_run_config(args.config, args.overrides))
-        return Launcher(cfg, resume=args.resume, launcher=args.launcher).run()
+        return Launcher(cfg, args.resume, args.launcher, overrides=args.overrides).run()
     except LaunchError as exc:
         print(f"opd: {exc}", file=sys.stderr)
         return 1

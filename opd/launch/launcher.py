@@ -36,8 +36,11 @@ WATCH_PERIOD_S = 0.2
 
 
 class Launcher:
-    def __init__(self, cfg: Config, resume: bool = False, launcher: str = "local"):
+    def __init__(
+        self, cfg: Config, resume: bool = False, launcher: str = "local", overrides: list[str] | None = None
+    ):
         self.cfg, self.resume, self.launcher = cfg, resume, launcher
+        self.overrides = list(overrides or ())  # as typed: recorded with this leg in legs.json
         self.caps = capabilities(cfg.broker)
         self.out = Path(cfg.run.output_dir)
         self.interrupted = False
@@ -74,7 +77,7 @@ class Launcher:
     # ------------------------------------------------------------------------------------------- setup
     def _setup(self, spawner) -> dict[str, float | None]:
         """Run directory and config, metrics ports, accuracy before training, the supervisor."""
-        config_path = prepare_run_dir(self.cfg, self.resume)
+        config_path = prepare_run_dir(self.cfg, self.resume, self.overrides)
         self.prepared = True
         run_secret.share_with_children(self.cfg)  # the weight-sync secret, in every spawned component's env
         console.print(f"[bold]opd run[/] {self.cfg.run.run_id} -> {self.out}")

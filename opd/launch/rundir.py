@@ -2,9 +2,9 @@
 
 A run may have several legs: the first `opd run`, then each `--resume`. A resume continues from the run's own
 config.yaml (not from the YAML named on the command line, which may have changed since or be another file), with
-the overrides of the resume applied on top. Each leg's config is kept as legs/<n>.config.yaml and listed, with what
-it changed, in legs.json; config.yaml is always the config of the leg running now (what the components and the
-tools read).
+the overrides of the resume applied on top. Each leg's config is kept as legs/<n>.config.yaml and listed in
+legs.json with its overrides as typed and the fields it changed; config.yaml is always the config of the leg running
+now (what the components and the tools read).
 
 A run that fails before its first learner step leaves its config and logs (to read why) but nothing trained, and a
 `failed.json` marking it reusable: the next `opd run` into that directory clears it and starts afresh. Deleting it
@@ -43,7 +43,9 @@ CONFIG_NAME = "config.yaml"
 SECRETS_DIR = "secrets"  # 0700; files that must hold a secret, each 0600
 FINISHED_MARKS = ("metrics.jsonl", "summary.json", "student")  # what a run that has trained leaves behind
 ENDED_MARKS = ("learner_summary.json", "summary.json")  # an earlier incarnation's end, stale once resumed
-LEGS_NAME = "legs.json"  # [{leg, started, config, changed}] one per `opd run` / `--resume` of the run
+LEGS_NAME = (
+    "legs.json"  # [{leg, started, config, overrides, changed}] one per `opd run` / `--resume` of the run
+)
 LEGS_DIR = "legs"  # <n>.config.yaml and <n>.summary.json of each leg
 FAILED_NAME = (
     "failed.json"  # the run failed before its first step: nothing trained, the directory is reusable
@@ -119,13 +121,13 @@ def resolve_resume(config: str | Path | None, overrides: list[str]) -> Config:
     return resolve_run(cfg)
 
 
-def prepare_run_dir(cfg: Config, resume: bool) -> Path:
+def prepare_run_dir(cfg: Config, resume: bool, overrides: list[str] | None = None) -> Path:
     """Create the run directory (and logs/) and write the resolved config; returns the config's path.
 
     A directory that already holds a finished run is refused unless resuming: two runs' metrics and checkpoints
     must never mix; one marked failed before its first step is cleared and reused. On resume the earlier
     incarnation's end markers go, so this run's report is its own (its summary stays in legs/<n>.summary.json),
-    and the leg is recorded in legs.json with the fields it changed."""
+    and the leg is recorded in legs.json with its overrides and the fields it changed."""
     out = Path(cfg.run.output_dir)
     if not resume and (out / FAILED_NAME).exists():
         shutil.rmtree(out)  # failed before its first step: nothing trained to lose, only its logs
@@ -143,7 +145,7 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
     if not resume:  # a first leg: whatever an unfinished earlier start recorded is not this run's
         (out / LEGS_NAME).unlink(missing_ok=True)
         shutil.rmtree(out / LEGS_DIR, ignore_errors=True)
-    legs = _record_leg(cfg, out, resume)
+    legs = _record_leg(cfg, out, resume, overrides or [])
     path = write_run_config(cfg, out / CONFIG_NAME)
     shutil.copyfile(path, out / LEGS_DIR / f"{legs[-1]['leg']}.config.yaml")
     return path
@@ -165,15 +167,24 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _record_leg(cfg: Config, out: Path, resume: bool) -> list[dict]:
-    """Append this leg to legs.json with the fields it changes from the config running so far ({field: [was,
-    now]}), so a resume with overrides is on record and the earlier config is never lost; returns the legs."""
+def _record_leg(cfg: Config, out: Path, resume: bool, overrides: list[str]) -> list[dict]:
+    """Append this leg to legs.json with its overrides as typed and the fields it changes from the config running
+    so far ({field: [was, now]}), so a resume with overrides is on record and the earlier config is never lost;
+    returns the legs."""
     legs = read_legs(out)
     previous = out / CONFIG_NAME if resume else None
     (out / LEGS_DIR).mkdir(exist_ok=True)
     if resume and not legs:  # a run from before legs were recorded: its config becomes leg 1
         shutil.copyfile(previous, out / LEGS_DIR / "1.config.yaml")
-        legs.append({"leg": 1, "started": None, "config": f"{LEGS_DIR}/1.config.yaml", "changed": {}})
+        legs.append(
+            {
+                "leg": 1,
+                "started": None,
+                "config": f"{LEGS_DIR}/1.config.yaml",
+                "overrides": None,
+                "changed": {},
+            }
+        )
     changed: dict[str, list] = {}
     if previous is not None:
         was, now = _flat(yaml.safe_load(previous.read_text())), _flat(cfg.model_dump(mode="json"))
@@ -184,6 +195,7 @@ def _record_leg(cfg: Config, out: Path, resume: bool) -> list[dict]:
             "leg": n,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": f"{LEGS_DIR}/{n}.config.yaml",
+            "overrides": list(overrides),
             "changed": changed,
         }
     )

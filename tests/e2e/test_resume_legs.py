@@ -39,6 +39,7 @@ def test_resume_with_an_override_continues_the_run_and_sums_its_legs(quick_model
     assert whole["learner_steps"] == 5
     assert [leg["leg"] for leg in whole["legs"]] == [1, 2]
     assert whole["legs"][1]["changed"]["learner.max_steps"] == [3, 5]
+    assert "learner.max_steps=5" in whole["legs"][1]["overrides"]
     leg2 = whole["legs"][1]
     assert whole["trajectories_generated"] == leg1["trajectories_generated"] + leg2["trajectories_generated"]
     assert whole["wall_seconds"] == pytest.approx(leg1["wall_seconds"] + leg2["wall_seconds"])

@@ -38,15 +38,17 @@ def test_resume_continues_from_the_runs_own_config_with_the_overrides_on_top(tmp
     data["learner"]["lr"] = 0.5
     yaml_path.write_text(yaml.safe_dump(data))
 
-    cfg = resolve_resume(yaml_path, [f"run.output_dir={out}", "learner.max_steps=300"])
+    overrides = [f"run.output_dir={out}", "learner.max_steps=300"]
+    cfg = resolve_resume(yaml_path, overrides)
     assert cfg.learner.max_steps == 300  # the resume's override, on top
     assert cfg.learner.lr == 0.001  # the run's own value, not the edited YAML's
     assert cfg.run.run_id == yaml.safe_load(first)["run"]["run_id"]
-    prepare_run_dir(cfg, resume=True)
+    prepare_run_dir(cfg, resume=True, overrides=overrides)
 
     legs = json.loads((out / "legs.json").read_text())
     assert [leg["leg"] for leg in legs] == [1, 2]
     assert legs[1]["changed"]["learner.max_steps"] == [200, 300]
+    assert legs[1]["overrides"] == overrides  # as typed
     assert "learner.lr" not in legs[1]["changed"]
     assert (out / "legs" / "1.config.yaml").read_text() == first  # the original config is kept
     assert yaml.safe_load((out / "config.yaml").read_text())["learner"]["max_steps"] == 300
