@@ -56,10 +56,10 @@ class Launcher:
                 failed = self._start_and_watch()
             finally:
                 spawner.close()
+            code = self._report(failed, before)
         except BaseException as exc:
             self._release_if_untrained(f"{type(exc).__name__}: {exc}")
             raise
-        code = self._report(failed, before)
         if failed is not None or self.interrupted:
             self._release_if_untrained(f"{failed.name} exited" if failed is not None else "interrupted")
         return code
@@ -196,6 +196,9 @@ class Launcher:
             )
             console.print(failed.tail(), markup=False)
             return 1
+        if self.interrupted and not (self.out / "learner_summary.json").exists():
+            console.print("[bold]interrupted[/] before the learner summed up its run; no summary.json")
+            return 130
         summary = report.write_summary(
             self.cfg,
             self.out,
