@@ -127,3 +127,32 @@ def test_a_run_that_fails_before_its_first_step_leaves_a_reusable_directory(tmp_
     again = resolve_run(load_run_config(TINY, [*quick_models, f"run.output_dir={out}"]))
     prepare_run_dir(again, resume=False)  # reusable: not refused as another run's
     assert not (out / "failed.json").exists() and not (out / "logs" / "learner.log").exists()
+
+
+def test_a_student_and_checkpoint_of_0_steps_do_not_block_the_next_run(tmp_path):
+    """What a learner stopped before its first step leaves (issue 15 found six such directories): once the
+    launcher has released it, the next run into the directory starts; one with a trained step is refused."""
+    from opd.launch.rundir import has_trained, mark_failed
+
+    _yaml, out = _first_leg(tmp_path)
+    (out / "student").mkdir()
+    (out / "checkpoints" / "step-000000").mkdir(parents=True)
+    assert not has_trained(out)
+    mark_failed(out, "scorer-0 exited")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.yaml",
+        "failed.json",
+        "legs",
+        "legs.json",
+        "logs",
+    ]
+    prepare_run_dir(resolve_run(load_run_config(TINY, [f"run.output_dir={out}"])), resume=False)
+
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # a step was trained: never released, never reused
+    assert has_trained(out)
+    try:
+        prepare_run_dir(resolve_run(load_run_config(TINY, [f"run.output_dir={out}"])), resume=False)
+    except LaunchError as exc:
+        assert "already holds a run" in str(exc)
+    else:
+        raise AssertionError("a trained run directory was reused")
