@@ -36,20 +36,18 @@ import yaml
 from broker import capabilities
 from opd.config import Config, ConfigError, dump_config
 from opd.config.loading import apply_overrides
-from opd.config.redact import secret_paths
+from opd.config.redact import redact_text, secret_paths
 from opd.launch.checks import load_run_config
 
 CONFIG_NAME = "config.yaml"
 SECRETS_DIR = "secrets"  # 0700; files that must hold a secret, each 0600
 FINISHED_MARKS = ("metrics.jsonl", "summary.json", "student")  # what a run that has trained leaves behind
 ENDED_MARKS = ("learner_summary.json", "summary.json")  # an earlier incarnation's end, stale once resumed
-LEGS_NAME = (
-    "legs.json"  # [{leg, started, config, overrides, changed}] one per `opd run` / `--resume` of the run
-)
+# [{leg, started, config, overrides, changed}] one per `opd run` / `--resume` of the run
+LEGS_NAME = "legs.json"
 LEGS_DIR = "legs"  # <n>.config.yaml and <n>.summary.json of each leg
-FAILED_NAME = (
-    "failed.json"  # the run failed before its first step: nothing trained, the directory is reusable
-)
+# the run failed before its first step: nothing trained, the directory is reusable
+FAILED_NAME = "failed.json"
 KEPT_ON_FAILURE = (CONFIG_NAME, "logs", SECRETS_DIR, LEGS_NAME, LEGS_DIR, "metrics_ports.json")
 
 
@@ -142,12 +140,33 @@ def prepare_run_dir(cfg: Config, resume: bool, overrides: list[str] | None = Non
         )
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "logs").chmod(0o700)  # what a library prints on an error may include more than it should
+    return _write_leg(cfg, out, resume, overrides or [])
+
+
+def _write_leg(cfg: Config, out: Path, resume: bool, overrides: list[str]) -> Path:
+    """Write config.yaml for this leg, keep a copy in legs/<n>.config.yaml and record the leg in legs.json (a
+    first leg starts a fresh record; a resume appends, after keeping a legacy run's config as leg 1)."""
     if not resume:  # a first leg: whatever an unfinished earlier start recorded is not this run's
         (out / LEGS_NAME).unlink(missing_ok=True)
         shutil.rmtree(out / LEGS_DIR, ignore_errors=True)
-    legs = _record_leg(cfg, out, resume, overrides or [])
-    path = write_run_config(cfg, out / CONFIG_NAME)
-    shutil.copyfile(path, out / LEGS_DIR / f"{legs[-1]['leg']}.config.yaml")
+    (out / LEGS_DIR).mkdir(exist_ok=True)
+    previous = out / CONFIG_NAME
+    was = yaml.safe_load(previous.read_text()) if resume and previous.exists() else None
+    legs = read_legs(out)
+    if was is not None and not legs:  # a run from before legs were recorded: its config becomes leg 1
+        shutil.copyfile(previous, out / LEGS_DIR / "1.config.yaml")
+        legs = [
+            {
+                "leg": 1,
+                "started": None,
+                "config": f"{LEGS_DIR}/1.config.yaml",
+                "overrides": None,
+                "changed": {},
+            }
+        ]
+    path = write_run_config(cfg, previous)
+    _record_leg(out, legs, was, yaml.safe_load(path.read_text()), overrides)
+    shutil.copyfile(path, out / legs[-1]["config"])
     return path
 
 
@@ -167,42 +186,27 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _record_leg(cfg: Config, out: Path, resume: bool, overrides: list[str]) -> list[dict]:
-    """Append this leg to legs.json with its overrides as typed and the fields it changes from the config running
-    so far ({field: [was, now]}), so a resume with overrides is on record and the earlier config is never lost;
-    returns the legs."""
-    legs = read_legs(out)
-    previous = out / CONFIG_NAME if resume else None
-    (out / LEGS_DIR).mkdir(exist_ok=True)
-    if resume and not legs:  # a run from before legs were recorded: its config becomes leg 1
-        shutil.copyfile(previous, out / LEGS_DIR / "1.config.yaml")
-        legs.append(
-            {
-                "leg": 1,
-                "started": None,
-                "config": f"{LEGS_DIR}/1.config.yaml",
-                "overrides": None,
-                "changed": {},
-            }
-        )
+def _record_leg(out: Path, legs: list[dict], was: dict | None, now: dict, overrides: list[str]) -> None:
+    """Append this leg to `legs` and legs.json: its overrides as typed and, on a resume, the fields it changes
+    from the config running so far ({field: [was, now]}), so a resume with overrides is on record and the earlier
+    config is never lost. Both configs are as written (no secret in them); the overrides are redacted."""
     changed: dict[str, list] = {}
-    if previous is not None:
-        was, now = _flat(yaml.safe_load(previous.read_text())), _flat(cfg.model_dump(mode="json"))
-        changed = {k: [was.get(k), v] for k, v in now.items() if was.get(k) != v}
+    if was is not None:
+        before, after = _flat(was), _flat(now)
+        changed = {k: [before.get(k), v] for k, v in after.items() if before.get(k) != v}
     n = len(legs) + 1
     legs.append(
         {
             "leg": n,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": f"{LEGS_DIR}/{n}.config.yaml",
-            "overrides": list(overrides),
+            "overrides": [redact_text(o) for o in overrides],
             "changed": changed,
         }
     )
     tmp = out / f".{LEGS_NAME}.tmp"
     tmp.write_text(json.dumps(legs, indent=2))
     tmp.rename(out / LEGS_NAME)
-    return legs
 
 
 def has_trained(out: Path) -> bool:
