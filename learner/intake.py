@@ -33,8 +33,8 @@ from opd.runtime.lifecycle import Reporter, log
 
 TEMPERATURE_TOLERANCE = 1e-6
 UNUSABLE = ("too stale", "duplicate", "dead-lettered")  # what a message that is not trained can be
-STALE_WINDOW = 256  # recent scored messages judged for the too-stale warning
-STALE_WARN_SHARE = 0.5  # warn when at least this share of them was too stale
+STALE_WINDOW = 256  # recent scored messages judged for the too-stale and at-the-limit warnings
+STALE_WARN_SHARE = 0.5  # warn when at least this share of them was too stale (or at the staleness limit)
 STALE_WARN_EVERY_S = 60.0
 _B = TypeVar("_B")  # what the learner's collate makes of a batch (learner.batching.Batch)
 
@@ -235,7 +235,9 @@ class Intake:
         if self.dropped_stale:
             reporter.counters["dropped_stale"] = len(self.dropped_stale)
         self._settled_copies: set[str] = set()  # message ids acknowledged as a duplicate or as stale
-        self._recent: deque[bool] = deque(maxlen=STALE_WINDOW)  # per recent message: dropped as too stale
+        # per recent message: "too stale" (dropped), "at limit" (trained at lag max_staleness) or None (neither)
+        self._recent: deque[str | None] = deque(maxlen=STALE_WINDOW)
+        self._at_limit = False  # set by _take: the message it just added was at lag max_staleness
         self._stale_warned = -STALE_WARN_EVERY_S
 
     def next_batch(self, version: int, while_waiting: Callable[[], None] = lambda: None) -> IntakeBatch:
@@ -261,7 +263,8 @@ class Intake:
                 outcome = (
                     "duplicate" if m.id in self._settled_copies else self._take(m.id, m.data, version, batch)
                 )
-                self._recent.append(outcome == "too stale")
+                at_limit = outcome is None and self._at_limit
+                self._recent.append("at limit" if at_limit else outcome if outcome == "too stale" else None)
                 if outcome is None:
                     last_usable, unusable = time.monotonic(), dict.fromkeys(UNUSABLE, 0)
                 else:
@@ -273,17 +276,30 @@ class Intake:
         return batch
 
     def _warn_if_mostly_stale(self) -> None:
-        """Warn (at most every STALE_WARN_EVERY_S) when most recent samples were dropped as too stale: the run
-        pays for generation it throws away, and the usual cause is actors not receiving weights."""
-        stale, seen, now = sum(self._recent), len(self._recent), time.monotonic()
-        if seen >= STALE_WINDOW // 2 and stale >= STALE_WARN_SHARE * seen:
-            if now - self._stale_warned >= STALE_WARN_EVERY_S:
-                self._stale_warned = now
-                log.warning(
-                    "%d of the last %d scored samples were too stale to train (learner.max_staleness %d): are "
-                    "the actors receiving weights?",
-                    stale, seen, self.cfg.max_staleness,
-                )  # fmt: skip
+        """Warn (at most every STALE_WARN_EVERY_S) when most recent samples were dropped as too stale, or were
+        trained at exactly learner.max_staleness. Dropped: the run pays for generation it throws away, and the
+        usual cause is actors not receiving weights. At the limit: the queues hold more than the learner trains
+        within max_staleness versions (a broker.max_depth of several learner batches), so nearly every sample
+        is as off-policy as allowed, one version short of being dropped."""
+        seen, now = len(self._recent), time.monotonic()
+        if seen < STALE_WINDOW // 2 or now - self._stale_warned < STALE_WARN_EVERY_S:
+            return
+        stale, at_limit = self._recent.count("too stale"), self._recent.count("at limit")
+        if stale >= STALE_WARN_SHARE * seen:
+            self._stale_warned = now
+            log.warning(
+                "%d of the last %d scored samples were too stale to train (learner.max_staleness %d): are "
+                "the actors receiving weights?",
+                stale, seen, self.cfg.max_staleness,
+            )  # fmt: skip
+        elif self.cfg.max_staleness > 0 and stale + at_limit >= STALE_WARN_SHARE * seen:
+            self._stale_warned = now
+            log.warning(
+                "%d of the last %d scored samples hit learner.max_staleness %d (%d trained at that lag, %d "
+                "dropped past it): the queues hold more than the learner trains in %d versions; lower "
+                "broker.max_depth (its default is learner.batch_size) or raise learner.max_staleness",
+                stale + at_limit, seen, self.cfg.max_staleness, at_limit, stale, self.cfg.max_staleness,
+            )  # fmt: skip
 
     def collate(self, batch: IntakeBatch, collate: Callable[[list[Trajectory]], _B]) -> _B | None:
         """`collate(batch.trajectories)`; if that raises, the message(s) it fails on are dead-lettered with the
@@ -338,5 +354,6 @@ class Intake:
                 fh.write(f"{t.id}\n")
             self._settled_copies.add(message_id)
             return "too stale"
+        self._at_limit = lag(t, version) == self.cfg.max_staleness
         batch.add(t, message_id, data)
         return None

@@ -21,10 +21,12 @@ class _BrokerCommon(Strict):
     # False when the broker is a server the run only connects to.
     embedded_process: ClassVar[bool]
 
-    max_depth: int = Field(
-        256,
+    max_depth: int | None = Field(
+        None,
         ge=1,
-        description="A work stream never holds more than this many unfinished entries; producers wait for room.",
+        description="A work stream never holds more than this many unfinished entries; producers wait for room. "
+        "Unset: learner.batch_size (one batch queued per stream keeps samples within the default "
+        "learner.max_staleness; several batches would have most trained at the limit).",
     )
     control_maxlen: int = Field(
         10000, ge=16, description="Fan-out streams keep only this many newest entries."

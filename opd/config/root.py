@@ -27,6 +27,8 @@ from opd.config.supervision import SupervisionConfig
 from opd.config.task import AdditionTask, TaskConfig
 from opd.config.weight_sync import WeightSyncConfig
 
+DEPTH_PER_BATCH = 1  # broker.max_depth unset: this many learner batches per work stream
+
 # The variant a tagged section gets when it names none: `student.sft_steps=50` needs no `student.kind=tiny`.
 _DEFAULT_VARIANTS = {
     "task": AdditionTask,
@@ -68,6 +70,16 @@ class Config(Strict):
         if isinstance(teacher, dict) and teacher.get("kind") == "tiny":
             data["teacher"] = {**TEACHER_DEFAULTS, **teacher}
         return data
+
+    @model_validator(mode="after")
+    def _derived_defaults(self) -> Config:
+        """Defaults that follow another section's value, filled where the user set none. broker.max_depth: each
+        work stream (rollouts, scored) holds at most one learner batch, so what waits in the queues is about two
+        versions old when trained, inside the default learner.max_staleness of 4; a fixed 256 with a 64-sample
+        batch had 95% of samples trained at the limit and many dropped."""
+        if self.broker.max_depth is None:
+            self.broker.max_depth = self.learner.batch_size * DEPTH_PER_BATCH
+        return self
 
     @model_validator(mode="after")
     def _combinations(self) -> Config:

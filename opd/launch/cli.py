@@ -77,9 +77,11 @@ def _run(args: argparse.Namespace) -> int:
     from opd.launch.rundir import LaunchError, resolve_resume, resolve_run
 
     try:
-        cfg = load_start_config(args.config, args.overrides)
-        cfg = resolve_resume(cfg) if args.resume else resolve_run(cfg)
-        return Launcher(cfg, resume=args.resume, launcher=args.launcher).run()
+        if args.resume:  # from the run's own config.yaml, the overrides on top
+            cfg = resolve_resume(args.config, args.overrides, load=load_start_config)
+        else:
+            cfg = resolve_run(load_start_config(args.config, args.overrides))
+        return Launcher(cfg, args.resume, args.launcher, overrides=args.overrides).run()
     except LaunchError as exc:
         print(f"opd: {exc}", file=sys.stderr)
         return 1

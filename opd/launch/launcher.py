@@ -21,7 +21,7 @@ from broker import BrokerUnavailable, capabilities
 from opd.config import Config
 from opd.launch import report
 from opd.launch.monitor import Monitor
-from opd.launch.rundir import LaunchError, prepare_run_dir
+from opd.launch.rundir import LaunchError, has_trained, mark_failed, prepare_run_dir
 from opd.launch.scaling import ScorerScaler, SupervisorPool
 from opd.launch.spawners import open_spawner
 from opd.launch.supervisor import Component, Slot, Supervisor
@@ -36,27 +36,49 @@ WATCH_PERIOD_S = 0.2
 
 
 class Launcher:
-    def __init__(self, cfg: Config, resume: bool = False, launcher: str = "local"):
+    def __init__(
+        self, cfg: Config, resume: bool = False, launcher: str = "local", overrides: list[str] | None = None
+    ):
         self.cfg, self.resume, self.launcher = cfg, resume, launcher
+        self.overrides = list(overrides or ())  # as typed: recorded with this leg in legs.json
         self.caps = capabilities(cfg.broker)
         self.out = Path(cfg.run.output_dir)
         self.interrupted = False
         self.broker = self.monitor = self.scaler = self.supervisor = None
+        self.prepared = False  # the run directory is this run's (not one refused as another run's)
 
     def run(self) -> int:
         """setup -> start and watch -> cleanup -> report; the exit code of `opd run`."""
         spawner = open_spawner(self.launcher, self.cfg, console.print)  # first: a missing Ray fails at once
         try:
-            before = self._setup(spawner)
-            failed = self._start_and_watch()
-        finally:
-            spawner.close()
-        return self._report(failed, before)
+            try:
+                before = self._setup(spawner)
+                failed = self._start_and_watch()
+            finally:
+                spawner.close()
+            code = self._report(failed, before)
+        except BaseException as exc:
+            self._release_if_untrained(f"{type(exc).__name__}: {exc}")
+            raise
+        if failed is not None or self.interrupted:
+            self._release_if_untrained(f"{failed.name} exited" if failed is not None else "interrupted")
+        return code
+
+    def _release_if_untrained(self, reason: str) -> None:
+        """A first leg that ends before the learner's first step leaves only its config and logs, marked failed
+        and reusable (rundir.mark_failed); a resumed leg never touches what earlier legs trained."""
+        if self.prepared and not self.resume and not has_trained(self.out):
+            mark_failed(self.out, reason)
+            console.print(
+                f"the run failed before its first step; its logs stay in {self.out / 'logs'} and the "
+                "directory is free for the next run"
+            )
 
     # ------------------------------------------------------------------------------------------- setup
     def _setup(self, spawner) -> dict[str, float | None]:
         """Run directory and config, metrics ports, accuracy before training, the supervisor."""
-        config_path = prepare_run_dir(self.cfg, self.resume)
+        config_path = prepare_run_dir(self.cfg, self.resume, self.overrides)
+        self.prepared = True
         run_secret.share_with_children(self.cfg)  # the weight-sync secret, in every spawned component's env
         console.print(f"[bold]opd run[/] {self.cfg.run.run_id} -> {self.out}")
         try:
@@ -174,6 +196,9 @@ class Launcher:
             )
             console.print(failed.tail(), markup=False)
             return 1
+        if self.interrupted and not (self.out / "learner_summary.json").exists():
+            console.print("[bold]interrupted[/] before the learner summed up its run; no summary.json")
+            return 130
         summary = report.write_summary(
             self.cfg,
             self.out,

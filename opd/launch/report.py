@@ -14,6 +14,7 @@ from pathlib import Path
 from opd import tasks
 from opd.config import Config
 from opd.launch.monitor import RunState
+from opd.launch.rundir import LEGS_DIR, read_legs
 from opd.models import builds
 from opd.models.builds import Assets, evaluate, load_asset
 from opd.models.loading import load_causal_lm, load_tokenizer
@@ -119,8 +120,41 @@ def write_summary(
         "wall_seconds": time.time() - started,
         "interrupted": interrupted,
     }
+    summary = across_legs(summary, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+SUMMED_OVER_LEGS = ("trajectories_generated", "trajectories_scored", "dead_lettered", "wall_seconds")
+
+
+def across_legs(leg: dict, out_dir: Path) -> dict:
+    """The whole run's summary from this leg's: the leg's own is kept as legs/<n>.summary.json, and the launcher's
+    per-leg counts (trajectories generated and scored, dead letters, wall time) are summed over every leg with a
+    summary; each leg is listed under `legs`. The learner's fields are already the run's (its checkpoint carries
+    steps, trained ids and histories across legs). A leg that ended without a summary (it failed) is listed with
+    `summary: false`, and its work, which nobody counted, is not in the sums."""
+    legs = read_legs(out_dir)
+    if not legs:  # a run directory made before legs were recorded
+        return leg
+    n = legs[-1]["leg"]
+    (out_dir / LEGS_DIR / f"{n}.summary.json").write_text(json.dumps(leg, indent=2))
+    whole, listed = dict(leg), []
+    for entry in legs:
+        path = out_dir / LEGS_DIR / f"{entry['leg']}.summary.json"
+        own = json.loads(path.read_text()) if path.exists() else None
+        if own is not None and entry["leg"] != n:
+            for key in SUMMED_OVER_LEGS:
+                whole[key] = (whole.get(key) or 0) + (own.get(key) or 0)
+        listed.append(
+            {
+                **entry,
+                "summary": own is not None,
+                **{k: (own or {}).get(k) for k in (*SUMMED_OVER_LEGS, "learner_steps", "interrupted")},
+            }
+        )
+    whole["legs"] = listed
+    return whole
 
 
 def done_line(summary: dict, out_dir: Path) -> str:
