@@ -19,7 +19,7 @@ from rich.console import Console
 
 from broker import BrokerUnavailable, capabilities
 from opd.config import Config
-from opd.launch import report
+from opd.launch import report, report_page
 from opd.launch.monitor import Monitor
 from opd.launch.rundir import LaunchError, prepare_run_dir
 from opd.launch.scaling import ScorerScaler, SupervisorPool
@@ -184,4 +184,5 @@ class Launcher:
             supervision=self.supervisor.summary(),
         )
         console.print(report.done_line(summary, self.out))
+        report_page.write_report(self.out, log=console.print)
         return 130 if self.interrupted else 0
