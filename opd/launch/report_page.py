@@ -221,7 +221,8 @@ def render_plots(files: RunFiles) -> list[tuple[Plot, bytes | None, str]]:
         try:
             ax.set_title(plot.title)
             note = plot.draw(ax, files)
-            if note is None:
+            if note is None:  # and no picture left from an earlier report of this directory
+                (files.out / PLOTS_DIR / f"{plot.name}.png").unlink(missing_ok=True)
                 out.append((plot, None, "no data recorded for this plot"))
                 continue
             ax.grid(alpha=0.3)
