@@ -51,7 +51,9 @@ class Launcher:
             failed = self._start_and_watch()
         finally:
             spawner.close()
-        return self._report(failed, before)
+        code = self._report(failed, before)
+        report_page.write_report(self.out, log=console.print)  # plots and report.html, a failed run's too
+        return code
 
     # ------------------------------------------------------------------------------------------- setup
     def _setup(self, spawner) -> dict[str, float | None]:
@@ -184,5 +186,4 @@ class Launcher:
             supervision=self.supervisor.summary(),
         )
         console.print(report.done_line(summary, self.out))
-        report_page.write_report(self.out, log=console.print)
         return 130 if self.interrupted else 0

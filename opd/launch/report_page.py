@@ -112,9 +112,13 @@ def _draw_accuracy(ax, f: RunFiles) -> str | None:
     s = f.summary or {}
     if s.get("student_accuracy_before") is not None:
         steps, acc = [0, *steps], [s["student_accuracy_before"], *acc]
-    if not steps:
+    if not steps and s.get("student_accuracy_after") is None:
         return None
     ax.plot(steps, acc, marker="o", label="student")
+    after = s.get("student_accuracy_after")
+    if after is not None:
+        ax.plot([s.get("learner_steps") or (steps[-1] if steps else 0)], [after], "s", color="C1",
+                label="saved student (after)")  # fmt: skip
     if s.get("teacher_accuracy") is not None:
         ax.axhline(s["teacher_accuracy"], color="gray", linestyle="--", label="teacher")
     ax.set(xlabel="learner step", ylabel="held-out accuracy", ylim=(-0.02, 1.02))
@@ -122,26 +126,49 @@ def _draw_accuracy(ax, f: RunFiles) -> str | None:
     return "student accuracy on the held-out set (step 0: before training)"
 
 
-def _draw_throughput(ax, f: RunFiles) -> str | None:
-    steps = [r["step"] for r in f.records if "lag_histogram" in r]
-    per_step = [
-        sum(r["lag_histogram"]) / max(r.get("step_seconds", 0) + r.get("wait_seconds", 0), 1e-9)
-        for r in f.records
-        if "lag_histogram" in r
+def _t0(f: RunFiles) -> float | None:
+    """When the run began to move: the first step's start or the launcher's first scaling record."""
+    starts = [
+        r["time"] - r.get("step_seconds", 0) - r.get("wait_seconds", 0) for r in f.records[:1] if "time" in r
     ]
-    if steps:
-        ax.plot(steps, per_step, label="trained (learner)")
+    starts += [r["time"] for r in f.scaling[:1] if isinstance(r.get("time"), int | float)]
+    return min(starts) if starts else None
+
+
+def _draw_throughput(ax, f: RunFiles) -> str | None:
+    t0 = _t0(f)
+    trained = [
+        (
+            r["time"] - t0,
+            sum(r["lag_histogram"]) / max(r.get("step_seconds", 0) + r.get("wait_seconds", 0), 1e-9),
+        )
+        for r in f.records
+        if "lag_histogram" in r and "time" in r
+    ]
+    scored = [
+        (r["time"] - t0, r["scored_total"] / r["seconds"])
+        for r in f.scaling
+        if r.get("event") == "interval" and r.get("seconds") and "scored_total" in r
+    ]
+    for i, (pts, label) in enumerate(
+        ((trained, "trained (learner, per step)"), (scored, "scored (scorers)"))
+    ):
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", color=f"C{i}", label=label)
     s = f.summary or {}
     wall = s.get("wall_seconds") or 0
-    for key, label in (("trajectories_generated", "generated"), ("trajectories_scored", "scored")):
-        if wall > 0 and isinstance(s.get(key), int | float):
-            ax.axhline(s[key] / wall, linestyle="--", color="C1" if label == "generated" else "C2",
-                       label=f"{label} (run mean)")  # fmt: skip
+    if wall > 0 and isinstance(s.get("trajectories_generated"), int | float):
+        ax.axhline(
+            s["trajectories_generated"] / wall, linestyle="--", color="C2", label="generated (run mean)"
+        )
     if not ax.lines:
         return None
-    ax.set(xlabel="learner step", ylabel="trajectories / s")
+    ax.set(xlabel="seconds since the run began", ylabel="trajectories / s")
     ax.legend()
-    return "trajectories per second: the learner per step; actors and scorers averaged over the run"
+    return (
+        "trajectories per second per stage: the learner at each step, the scorers per scaling.interval_s "
+        "(scaling.jsonl), the actors averaged over the run (summary.json)"
+    )
 
 
 def _draw_queues(ax, f: RunFiles) -> str | None:
@@ -156,11 +183,11 @@ def _draw_queues(ax, f: RunFiles) -> str | None:
     pts = [(r["time"], r["rollouts_depth"]) for r in f.scaling if "rollouts_depth" in r and "time" in r]
     if not pts:
         return None
-    t0 = f.records[0]["time"] - f.records[0].get("step_seconds", 0) if f.records else pts[0][0]
+    t0 = _t0(f)
     ax.plot([t - t0 for t, _ in pts], [d for _, d in pts], marker=".", label="rollouts")
-    ax.set(xlabel="seconds since the first step", ylabel="entries")
+    ax.set(xlabel="seconds since the run began", ylabel="entries")
     ax.legend()
-    return "rollouts queue depth, sampled by the launcher every scaling.interval_s (scaling.jsonl)"
+    return "rollouts queue depth (waiting for a scorer), sampled every scaling.interval_s (scaling.jsonl)"
 
 
 def _lag_histogram(f: RunFiles) -> list[int]:
