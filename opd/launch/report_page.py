@@ -128,10 +128,8 @@ def _draw_accuracy(ax, f: RunFiles) -> str | None:
 
 def _t0(f: RunFiles) -> float | None:
     """When the run began to move: the first step's start or the launcher's first scaling record."""
-    starts = [
-        r["time"] - r.get("step_seconds", 0) - r.get("wait_seconds", 0) for r in f.records[:1] if "time" in r
-    ]
-    starts += [r["time"] for r in f.scaling[:1] if isinstance(r.get("time"), int | float)]
+    timed = [r for r in (*f.records, *f.scaling) if isinstance(r.get("time"), int | float)]
+    starts = [r["time"] - r.get("step_seconds", 0) - r.get("wait_seconds", 0) for r in timed]
     return min(starts) if starts else None
 
 
