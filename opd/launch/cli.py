@@ -176,6 +176,24 @@ def _top(args: argparse.Namespace) -> int:
     return run_top(_existing_run(args), once=args.once, interval_s=args.interval)
 
 
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="the run directory, e.g. runs/<id>")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from opd.launch.report_page import write_report
+
+    if not Path(args.run_dir).is_dir():
+        print(
+            f"opd: {args.run_dir} is not a directory; pass a run directory such as runs/<id>", file=sys.stderr
+        )
+        return 2
+    write_report(Path(args.run_dir), log=print)
+    return 0
+
+
 # ------------------------------------------------------------------------------------- one component
 def _component_args(role: str) -> Callable[[argparse.ArgumentParser], None]:
     def build(p: argparse.ArgumentParser) -> None:
@@ -284,6 +302,14 @@ VERBS: dict[str, Verb] = {
         _top,
         "Per component trajectories/s and tokens/s, queue depths, learner step, lag, KL, accuracy and "
         "wait fraction, refreshed every second; works with the zmq and Redis brokers, and on a finished run.",
+    ),
+    "report": Verb(
+        "write a run's plots and report.html from its run directory (finished or not)",
+        _report_args,
+        _report,
+        "Plots (PNG, under plots/) and report.html (one self-contained page: reverse KL, held-out accuracy, "
+        "throughput, queue depths, lag histogram, learner wait fraction, the summary and the redacted config) "
+        "from metrics.jsonl, summary.json, config.yaml and scaling.jsonl; missing files are named on the page.",
     ),
     "broker": _component("serve the embedded ZeroMQ broker", "broker", _broker),
     "learner": _component("run the learner (weight-sync rank 0)", "learner", _learner),

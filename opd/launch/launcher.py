@@ -19,7 +19,7 @@ from rich.console import Console
 
 from broker import BrokerUnavailable, capabilities
 from opd.config import Config
-from opd.launch import report
+from opd.launch import report, report_page
 from opd.launch.monitor import Monitor
 from opd.launch.rundir import LaunchError, has_trained, mark_failed, prepare_run_dir
 from opd.launch.scaling import ScorerScaler, SupervisorPool
@@ -62,6 +62,7 @@ class Launcher:
             raise
         if failed is not None or self.interrupted:
             self._release_if_untrained(f"{failed.name} exited" if failed is not None else "interrupted")
+        report_page.write_report(self.out, log=console.print)  # plots and report.html, a failed run's too
         return code
 
     def _release_if_untrained(self, reason: str) -> None:

@@ -34,6 +34,9 @@ from opd.runtime.broker import open_broker
 RATE_WINDOW_S = 10.0  # rates are averaged over this much of a component's own uptime
 STAGE = {"actor": "generated", "scorer": "scored", "learner": "trained"}
 READ_BATCH = 1000
+# summary.json's reverse_kl_last is the mean of the learner's last KL_WINDOW per-step values (learner/state.py,
+# which this light process does not import: tests/unit/test_top_view.py keeps the two equal)
+KL_WINDOW = 5
 CONNECT_TIMEOUT_S = 3.0
 
 
@@ -50,6 +53,9 @@ class TopState:
     depths: dict[str, int] = field(default_factory=dict)
     last_step: dict[str, Any] = field(default_factory=dict)  # the learner's newest per-step record
     last_sync_s: float | None = None  # no sync follows the last step, so the newest step may have none
+    kl_recent: deque = field(default_factory=lambda: deque(maxlen=KL_WINDOW))  # newest steps' reverse KL
+    kl_steps: int = 0  # learner steps whose reverse KL was seen
+    kl_last_step: int = -1
     finished: bool = False
     source: str = ""
 
@@ -73,12 +79,27 @@ class TopState:
             hist.popleft()
         if name == "learner" and "step" in rec:
             self.last_step = rec
+            self._note_kl(rec)
         if name == "learner" and isinstance(rec.get("weight_sync_seconds"), int | float):
             self.last_sync_s = float(rec["weight_sync_seconds"])
         if isinstance(rec.get("eval_accuracy"), int | float):
             self.eval_accuracy = float(rec["eval_accuracy"])
         if name == "learner" and rec.get("final"):
             self.finished = True
+
+    def _note_kl(self, rec: dict[str, Any]) -> None:
+        step, kl = rec.get("step"), rec.get("reverse_kl")
+        if isinstance(step, int) and isinstance(kl, int | float) and step > self.kl_last_step:
+            self.kl_recent.append(float(kl))
+            self.kl_steps, self.kl_last_step = self.kl_steps + 1, step
+
+    def reverse_kl(self) -> float | None:
+        """The summary's reverse_kl_last, computed the same way: the mean over the last min(KL_WINDOW,
+        steps // 2) steps (at least one). A single step's KL is noisy; this is the figure the run ends with."""
+        if not self.kl_recent:
+            return None
+        w = min(KL_WINDOW, max(1, self.kl_steps // 2), len(self.kl_recent))
+        return sum(list(self.kl_recent)[-w:]) / w
 
     def latest(self, name: str) -> dict[str, Any]:
         return self.history[name][-1]
@@ -124,19 +145,37 @@ def _num(value: Any, fmt: str) -> str:
     return format(int(value) if fmt == "d" else value, fmt)
 
 
+def _count(value: Any) -> str:
+    """A counter in at most 6 characters (12345, 1.23M), so the table fits 80 columns on a long run."""
+    if not isinstance(value, int | float):
+        return "-"
+    for limit, suffix in ((1e9, "G"), (1e6, "M")):
+        if abs(value) >= limit:
+            return f"{value / limit:.2f}{suffix}"
+    return f"{value:.0f}"
+
+
+def _short(value: Any) -> str:
+    """A float in at most 9 characters: 3 decimals in the usual range, else 3 significant digits."""
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value:.3f}" if value == 0 or 0.001 <= abs(value) < 1000 else f"{value:.2e}"
+
+
+def _table(title: str, columns: tuple[str, ...], caption: str | None = None) -> Table:
+    """Headers never wrap or shorten: every header and value of our tables fits 80 columns as written."""
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    for col in columns:
+        table.add_column(col, justify="left" if col == "component" else "right", no_wrap=True)
+    return table
+
+
 def component_table(state: TopState) -> Table:
-    table = Table(title="components", title_justify="left")
-    for col in (
-        "component",
-        "weights v",
-        "traj/s",
-        "tok/s",
-        "trajectories",
-        "tokens",
-        "dead letters",
-        "up s",
-    ):
-        table.add_column(col, justify="left" if col == "component" else "right")
+    table = _table(
+        "components",
+        ("component", "weights", "traj/s", "tok/s", "trajs", "tokens", "dead", "up s"),
+        "weights: weight version; trajs, tokens: totals over restarts; dead: dead-lettered",
+    )
     order = {"learner": 0, "actor": 1, "scorer": 2}
     for name in sorted(state.history, key=lambda n: (order.get(_role(n), 3), n)):
         rec, stage = state.latest(name), STAGE.get(_role(name), "")
@@ -145,40 +184,49 @@ def component_table(state: TopState) -> Table:
             name,
             _num(rec.get("weight_version"), "d"),
             _num(state.rate(name, traj), ".1f"),
-            _num(state.rate(name, tok), ".0f"),
-            _num(state.total(name, traj), ".0f"),
-            _num(state.total(name, tok), ".0f"),
-            _num(state.total(name, "dead_lettered") or 0, ".0f"),
-            _num(rec.get("uptime"), ".0f"),
+            _count(state.rate(name, tok)),
+            _count(state.total(name, traj)),
+            _count(state.total(name, tok)),
+            _count(state.total(name, "dead_lettered") or 0),
+            _count(rec.get("uptime")),
         )
     return table
 
 
 def learner_table(state: TopState, max_steps: int) -> Table:
-    table = Table(title="learner and queues", title_justify="left")
-    cols = ("step", "loss", "reverse KL", "lag mean", "lag max", "accuracy", "wait fraction", "sync s")
-    for col in (*cols, *(f"queue {s}" for s in WORK_STREAMS)):
-        table.add_column(col, justify="right")
+    table = _table(
+        "learner",
+        ("step", "loss", "rev KL", "lag", "accuracy", "wait", "sync s"),
+        f"rev KL: mean of the last steps (up to {KL_WINDOW}), as summary.json's reverse_kl_last; "
+        "lag: mean/max weight versions behind; wait: fraction of time waiting for data",
+    )
     rec = state.last_step
     step = f"{rec['step']}/{max_steps}" if isinstance(rec.get("step"), int) else "-"
     table.add_row(
         step,
-        _num(rec.get("loss"), ".4f"),
-        _num(rec.get("reverse_kl"), ".3f"),
-        _num(rec.get("staleness_mean"), ".2f"),
-        _num(rec.get("staleness_max"), "d"),
+        _short(rec.get("loss")),
+        _short(state.reverse_kl()),
+        f"{_num(rec.get('staleness_mean'), '.1f')}/{_num(rec.get('staleness_max'), 'd')}",
         _num(state.eval_accuracy, ".3f"),
         _num(state.wait_fraction(), ".2f"),
         _num(state.last_sync_s, ".3f"),
-        *(_num(state.depths.get(s), "d") for s in WORK_STREAMS),
     )
+    return table
+
+
+def queue_table(state: TopState) -> Table:
+    table = _table("queues (entries)", WORK_STREAMS)
+    table.add_row(*(_count(state.depths.get(s)) for s in WORK_STREAMS))
     return table
 
 
 def render(state: TopState, cfg: Config) -> Group:
     status = "finished" if state.finished else "running"
     head = f"opd top | run {cfg.run.run_id} | {status} | {state.source}"
-    return Group(head, component_table(state), learner_table(state, cfg.learner.max_steps))
+    tables = [component_table(state), learner_table(state, cfg.learner.max_steps)]
+    if state.depths:  # a finished run read from its files has no queues to show
+        tables.append(queue_table(state))
+    return Group(head, *tables)
 
 
 class StreamReader:
@@ -236,14 +284,28 @@ def state_from_files(cfg: Config) -> TopState | None:
         )  # fmt: skip
     summary = out / "summary.json"
     if summary.exists():
-        s = json.loads(summary.read_text())
-        state.finished = True
-        for role, stage in (("actor", "generated"), ("scorer", "scored")):
-            state.ingest(
-                {"component": f"{role}-all", "uptime": s.get("wall_seconds", 0),
-                 f"trajectories_{stage}": s.get(f"trajectories_{stage}")}
-            )  # fmt: skip
+        _ingest_summary(state, json.loads(summary.read_text()))
     return state
+
+
+def _ingest_summary(state: TopState, s: dict[str, Any]) -> None:
+    """The workers of a finished run: each component's last record (weight version, counters summed over its
+    incarnations, uptime) as the launcher kept it in summary.json; runs written before it kept them give one
+    total per role."""
+    state.finished = True
+    components = {n: r for n, r in (s.get("components") or {}).items() if isinstance(r, dict)}
+    for name, rec in components.items():
+        state.ingest({**rec, "component": name, "incarnation": "summary"})
+    for role, stage in (("actor", "generated"), ("scorer", "scored")):
+        total = s.get(f"trajectories_{stage}")
+        if isinstance(total, int | float) and not any(_role(n) == role for n in components):
+            state.ingest(
+                {
+                    "component": f"{role}-all",
+                    "uptime": s.get("wall_seconds", 0),
+                    f"trajectories_{stage}": total,
+                }
+            )
 
 
 def run_top(cfg: Config, once: bool, interval_s: float = 1.0, console: Console | None = None) -> int:

@@ -1,0 +1,347 @@
+"""The run's plots and report page: runs/<id>/plots/*.png and runs/<id>/report.html, from the run directory alone.
+
+Everything is read from files the run leaves behind (metrics.jsonl: the learner's per-step records; summary.json;
+config.yaml; scaling.jsonl: the launcher's per-interval scorer records and rollouts depth), so `opd report` rebuilds
+the page for any run, finished, interrupted or failed, on any machine, with no broker or model. A file that is
+missing or unreadable is named on the page instead of failing the report: an interrupted run is exactly the one
+whose page a person wants. The page is one self-contained file (images as base64 data URIs, inline CSS, no
+script), so it can be mailed or attached to an issue; the config on it is redacted like every file a run writes.
+
+matplotlib is imported only here, with the Agg backend (no display needed), and only when a report is built.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from broker.base import WORK_STREAMS
+from opd.config.redact import redact
+
+PLOTS_DIR = "plots"
+PAGE = "report.html"
+
+
+@dataclass
+class RunFiles:
+    """What a run directory holds, and what it lacks (said on the page)."""
+
+    out: Path
+    records: list[dict] = field(default_factory=list)  # metrics.jsonl, one learner step each
+    summary: dict | None = None
+    config: dict | None = None
+    scaling: list[dict] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def _read_jsonl(path: Path, files: RunFiles) -> list[dict]:
+    """Records of a JSONL file; a torn last line (a run killed mid-write) and other bad lines are skipped."""
+    if not path.exists():
+        files.missing.append(f"{path.name}: not found")
+        return []
+    out, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    if bad:
+        files.missing.append(f"{path.name}: {bad} unreadable line(s) skipped")
+    return out
+
+
+def _read_structured(path: Path, files: RunFiles, loader: Callable[[str], Any]) -> dict | None:
+    if not path.exists():
+        files.missing.append(f"{path.name}: not found (a run that did not finish writes none)")
+        return None
+    try:
+        value = loader(path.read_text())
+    except Exception as exc:  # a half-written file: the page says so rather than failing
+        files.missing.append(f"{path.name}: unreadable ({type(exc).__name__})")
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_run(out: Path) -> RunFiles:
+    files = RunFiles(Path(out))
+    files.records = [r for r in _read_jsonl(files.out / "metrics.jsonl", files) if "step" in r]
+    files.summary = _read_structured(files.out / "summary.json", files, json.loads)
+    files.config = _read_structured(files.out / "config.yaml", files, yaml.safe_load)
+    scaling = files.out / "scaling.jsonl"
+    files.scaling = _read_jsonl(scaling, files) if scaling.exists() else []
+    return files
+
+
+# ------------------------------------------------------------------------------------------------ plots
+@dataclass
+class Plot:
+    name: str  # file stem under plots/
+    title: str
+    draw: Callable[
+        [Any, RunFiles], str | None
+    ]  # draws on an Axes; returns a note, or None when it has no data
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], float(r[key])) for r in records if isinstance(r.get(key), int | float)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _draw_kl(ax, f: RunFiles) -> str | None:
+    steps, kl = _series(f.records, "reverse_kl")
+    if not steps:
+        return None
+    ax.plot(steps, kl, marker=".", label="per step")
+    ax.set(xlabel="learner step", ylabel="reverse KL (token mean)")
+    return "reverse KL of the student from the teacher on each trained batch"
+
+
+def _draw_accuracy(ax, f: RunFiles) -> str | None:
+    steps, acc = _series(f.records, "eval_accuracy")
+    s = f.summary or {}
+    if s.get("student_accuracy_before") is not None:
+        steps, acc = [0, *steps], [s["student_accuracy_before"], *acc]
+    if not steps and s.get("student_accuracy_after") is None:
+        return None
+    ax.plot(steps, acc, marker="o", label="student")
+    after = s.get("student_accuracy_after")
+    if after is not None:
+        ax.plot([s.get("learner_steps") or (steps[-1] if steps else 0)], [after], "s", color="C1",
+                label="saved student (after)")  # fmt: skip
+    if s.get("teacher_accuracy") is not None:
+        ax.axhline(s["teacher_accuracy"], color="gray", linestyle="--", label="teacher")
+    ax.set(xlabel="learner step", ylabel="held-out accuracy", ylim=(-0.02, 1.02))
+    ax.legend()
+    return "student accuracy on the held-out set (step 0: before training)"
+
+
+def _t0(f: RunFiles) -> float | None:
+    """When the run began to move: the first step's start or the launcher's first scaling record."""
+    timed = [r for r in (*f.records, *f.scaling) if isinstance(r.get("time"), int | float)]
+    starts = [r["time"] - r.get("step_seconds", 0) - r.get("wait_seconds", 0) for r in timed]
+    return min(starts) if starts else None
+
+
+def _draw_throughput(ax, f: RunFiles) -> str | None:
+    t0 = _t0(f)
+    trained = [
+        (
+            r["time"] - t0,
+            sum(r["lag_histogram"]) / max(r.get("step_seconds", 0) + r.get("wait_seconds", 0), 1e-9),
+        )
+        for r in f.records
+        if "lag_histogram" in r and "time" in r
+    ]
+    scored = [
+        (r["time"] - t0, r["scored_total"] / r["seconds"])
+        for r in f.scaling
+        if r.get("event") == "interval" and r.get("seconds") and "scored_total" in r
+    ]
+    for i, (pts, label) in enumerate(
+        ((trained, "trained (learner, per step)"), (scored, "scored (scorers)"))
+    ):
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", color=f"C{i}", label=label)
+    s = f.summary or {}
+    wall = s.get("wall_seconds") or 0
+    if wall > 0 and isinstance(s.get("trajectories_generated"), int | float):
+        ax.axhline(
+            s["trajectories_generated"] / wall, linestyle="--", color="C2", label="generated (run mean)"
+        )
+    if not ax.lines:
+        return None
+    ax.set(xlabel="seconds since the run began", ylabel="trajectories / s")
+    ax.legend()
+    return (
+        "trajectories per second per stage: the learner at each step, the scorers per scaling.interval_s "
+        "(scaling.jsonl), the actors averaged over the run (summary.json)"
+    )
+
+
+def _draw_queues(ax, f: RunFiles) -> str | None:
+    for i, stream in enumerate(WORK_STREAMS):  # per-step depths, where the step record carries them
+        steps, depth = _series(f.records, f"queue_{stream}")
+        if steps:
+            ax.plot(steps, depth, label=stream, color=f"C{i}")
+    if ax.lines:
+        ax.set(xlabel="learner step", ylabel="entries")
+        ax.legend()
+        return "work queue depths at each learner step"
+    pts = [(r["time"], r["rollouts_depth"]) for r in f.scaling if "rollouts_depth" in r and "time" in r]
+    if not pts:
+        return None
+    t0 = _t0(f)
+    ax.plot([t - t0 for t, _ in pts], [d for _, d in pts], marker=".", label="rollouts")
+    ax.set(xlabel="seconds since the run began", ylabel="entries")
+    ax.legend()
+    return "rollouts queue depth (waiting for a scorer), sampled every scaling.interval_s (scaling.jsonl)"
+
+
+def _lag_histogram(f: RunFiles) -> list[int]:
+    hist = (f.summary or {}).get("lag_histogram")
+    if isinstance(hist, list) and hist:
+        return hist
+    total: list[int] = []
+    for r in f.records:
+        for i, n in enumerate(r.get("lag_histogram") or []):
+            total.extend([0] * (i + 1 - len(total)))
+            total[i] += n
+    return total
+
+
+def _draw_lag(ax, f: RunFiles) -> str | None:
+    hist = _lag_histogram(f)
+    if not hist:
+        return None
+    ax.bar(range(len(hist)), hist)
+    ax.set(xlabel="lag (weight versions behind the learner)", ylabel="trajectories trained")
+    return "how stale the trained trajectories were"
+
+
+def _draw_wait(ax, f: RunFiles) -> str | None:
+    pts = [
+        (r["step"], r["wait_seconds"] / max(r["wait_seconds"] + r.get("step_seconds", 0), 1e-9))
+        for r in f.records
+        if isinstance(r.get("wait_seconds"), int | float)
+    ]
+    if not pts:
+        return None
+    ax.plot([p[0] for p in pts], [p[1] for p in pts])
+    ax.set(xlabel="learner step", ylabel="wait / (wait + step)", ylim=(-0.02, 1.02))
+    return "fraction of each step the learner spent waiting for scored trajectories"
+
+
+PLOTS = (
+    Plot("reverse_kl", "Reverse KL", _draw_kl),
+    Plot("accuracy", "Held-out accuracy", _draw_accuracy),
+    Plot("throughput", "Throughput per stage", _draw_throughput),
+    Plot("queues", "Queue depths", _draw_queues),
+    Plot("lag_histogram", "Lag histogram", _draw_lag),
+    Plot("wait_fraction", "Learner wait fraction", _draw_wait),
+)
+
+
+def render_plots(files: RunFiles) -> list[tuple[Plot, bytes | None, str]]:
+    """(plot, PNG bytes or None, note) for every plot; each PNG is also written under plots/."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a headless machine, a CI job, a run started over ssh
+    import matplotlib.pyplot as plt
+
+    out = []
+    (files.out / PLOTS_DIR).mkdir(exist_ok=True)
+    for plot in PLOTS:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+        try:
+            ax.set_title(plot.title)
+            note = plot.draw(ax, files)
+            if note is None:  # and no picture left from an earlier report of this directory
+                (files.out / PLOTS_DIR / f"{plot.name}.png").unlink(missing_ok=True)
+                out.append((plot, None, "no data recorded for this plot"))
+                continue
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png")
+            (files.out / PLOTS_DIR / f"{plot.name}.png").write_bytes(buf.getvalue())
+            out.append((plot, buf.getvalue(), note))
+        finally:
+            plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- page
+SUMMARY_ROWS = (
+    "run_id", "learner_steps", "weight_version", "trajectories_generated", "trajectories_scored",
+    "trajectories_trained", "dropped_stale", "dead_lettered", "reverse_kl_first", "reverse_kl_last",
+    "teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "wall_seconds", "interrupted",
+    "stopped_by", "loss", "engine",
+)  # fmt: skip
+
+CSS = (
+    "body{font-family:sans-serif;max-width:1400px;margin:1em auto;padding:0 1em;color:#222}"
+    "figure{display:inline-block;margin:.5em;vertical-align:top;max-width:660px}"
+    "figcaption{font-size:.9em;color:#555}img{max-width:100%}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}"
+    "pre{background:#f6f6f6;padding:.6em;overflow:auto}.warn{color:#a40}"
+)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _summary_table(summary: dict) -> str:
+    rows = [f"<tr><th>{k}</th><td>{_cell(summary[k])}</td></tr>" for k in SUMMARY_ROWS if k in summary]
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _figure(plot: Plot, png: bytes | None, note: str) -> str:
+    if png is None:
+        return f'<figure><h3>{plot.title}</h3><p class="warn">{html.escape(note)}</p></figure>'
+    data = base64.b64encode(png).decode("ascii")
+    return (
+        f'<figure><img id="plot-{plot.name}" alt="{plot.title}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(note)}</figcaption></figure>"
+    )
+
+
+def page_html(files: RunFiles, plots: list[tuple[Plot, bytes | None, str]], plot_error: str = "") -> str:
+    run_id = (files.summary or {}).get("run_id") or ((files.config or {}).get("run") or {}).get("run_id")
+    title = f"opd run {run_id or files.out.name}"
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]  # fmt: skip
+    if files.summary is None or files.summary.get("interrupted"):
+        parts.append(
+            '<p class="warn">This run did not finish (interrupted or failed): the page shows what it left.</p>'
+        )
+    if files.missing:
+        items = "".join(f"<li>{html.escape(m)}</li>" for m in files.missing)
+        parts.append(
+            f'<p class="warn">Missing or incomplete in {html.escape(str(files.out))}:</p><ul>{items}</ul>'
+        )
+    if plot_error:
+        parts.append(f'<p class="warn">No plots: {html.escape(plot_error)}</p>')
+    parts.append("<h2>Plots</h2>" + "".join(_figure(*p) for p in plots))
+    parts.append("<h2>Summary</h2>")
+    parts.append(_summary_table(files.summary) if files.summary else "<p>no summary.json</p>")
+    parts.append("<h2>Config (secrets redacted)</h2>")
+    if files.config is not None:
+        text = yaml.safe_dump(redact(files.config), sort_keys=False)
+        parts.append(f"<pre>{html.escape(text)}</pre>")
+    else:
+        parts.append("<p>no config.yaml</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out: Path, log: Callable[[str], None] | None = None) -> Path:
+    """Plots under out/plots/ and out/report.html, from what out holds; returns the page's path.
+
+    Never raises for a run directory's content: a report is the last step of a run and must not turn a finished
+    run into a failed one."""
+    files = read_run(Path(out))
+    try:
+        plots, error = render_plots(files), ""
+    except ImportError as exc:
+        plots, error = [], f"matplotlib is not installed ({exc}); pip install matplotlib"
+    except Exception as exc:  # a plotting bug must not fail the run: the page still has summary and config
+        plots, error = [], f"{type(exc).__name__}: {exc}"
+    page = files.out / PAGE
+    page.write_text(page_html(files, plots, error))
+    if log is not None:
+        log(f"report: {page} (plots in {files.out / PLOTS_DIR})")
+    return page
