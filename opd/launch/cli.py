@@ -3,7 +3,7 @@
 Each verb is one row of `VERBS`: its help, a function that adds its arguments, and its handler. A verb's own
 parser reads its arguments with `parse_intermixed_args`, so flags may stand anywhere among the dotted config
 overrides (`opd run cfg.yaml learner.max_steps=5 --resume run.output_dir=x`). Every verb loads its config
-through `load_run_config`, so the registries' checks apply to all of them.
+through `load_run_config`, so the registries' checks apply to all of them (but `broker`, which serves any run).
 """
 
 from __future__ import annotations
@@ -73,7 +73,6 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from opd.launch.launcher import Launcher
     from opd.launch.rundir import LaunchError, resolve_resume, resolve_run
 
     try:
@@ -81,7 +80,14 @@ def _run(args: argparse.Namespace) -> int:
             cfg = resolve_resume(args.config, args.overrides, load=load_start_config)
         else:
             cfg = resolve_run(load_start_config(args.config, args.overrides))
-        return Launcher(cfg, args.resume, args.launcher, overrides=args.overrides).run()
+        # Only once the config passed: a refused one is answered before the launcher's imports (its report
+        # part brings torch and transformers, seconds on a busy machine).
+        from opd.launch.launcher import Launcher
+        from opd.runtime.lifecycle import process_ending
+
+        code = Launcher(cfg, args.resume, args.launcher, overrides=args.overrides).run()
+        process_ending()  # the run is over: `opd run` returns the prompt without a second of teardown
+        return code
     except LaunchError as exc:
         print(f"opd: {exc}", file=sys.stderr)
         return 1
@@ -214,8 +220,11 @@ def _component_args(role: str) -> Callable[[argparse.ArgumentParser], None]:
 
 
 def _component_config(args: argparse.Namespace) -> Config:
-    """The config a component started by hand needs: what `opd run` would have decided must be set."""
-    cfg = load_run_config(args.config, args.overrides)
+    """The config a component started by hand needs: what `opd run` would have decided must be set. The broker
+    checks only the config itself, not the registries': it serves whatever the run sends, and the loss
+    registry's check would cost it a torch import (seconds, while `opd run` waits for its first answer)."""
+    load = load_config if args.verb == "broker" else load_run_config
+    cfg = load(args.config, args.overrides)
     embedded = capabilities(cfg.broker).embedded_process
     if args.verb == "broker" and not embedded:
         raise ConfigError(

@@ -1,8 +1,12 @@
 """`opd run`: every component as its own process, joined by the run's broker, watched until the learner is done.
 
-The launcher reads top to bottom: set up (run directory, metrics ports, accuracy before), start (the broker if
-it is embedded, then learner, actors, scorers), watch (failures, metrics, scaling, status), clean up (stop every
-process, take the last records), report (summary.json). Its parts: `supervisor` owns the processes and the
+The launcher reads top to bottom: set up (run directory, metrics ports), start (the broker if it is embedded,
+learner, actors, scorers, and meanwhile the models and their accuracy before training), watch (failures,
+metrics, scaling, status), clean up (stop every process, take the last records), report (summary.json). Start-up
+is parallel because it is mostly imports: each component spends seconds importing torch and transformers, and so
+does the launcher before it can look for the models, so they all start at once, and a component waits only where
+it must (`opd.runtime.lifecycle.wait_for_models`: for the launcher to find or build the models; for the broker,
+in its client). Its parts: `supervisor` owns the processes and the
 spawner that places them (a child here, or a Ray actor: `--launcher`) and restarts or gives up on them
 (`supervision:`), `monitor` reads the run's streams (and so knows the components started by hand),
 `scaling` adds and retires scorers through the supervisor, `report` is the only part that loads models. The
@@ -12,14 +16,15 @@ components know nothing of it and run the same way when started by hand (`opd ac
 from __future__ import annotations
 
 import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
 from broker import BrokerUnavailable, capabilities
 from opd.config import Config
-from opd.launch import report, report_page
 from opd.launch.monitor import Monitor
 from opd.launch.rundir import LaunchError, has_trained, mark_failed, prepare_run_dir
 from opd.launch.scaling import ScorerScaler, SupervisorPool
@@ -27,12 +32,58 @@ from opd.launch.spawners import open_spawner
 from opd.launch.supervisor import Component, Slot, Supervisor
 from opd.runtime import run_secret
 from opd.runtime.broker import open_broker, open_broker_when_ready
+from opd.runtime.lifecycle import MODELS_READY_ENV
 from opd.runtime.prometheus import write_port_map
 
 console = Console(highlight=False, soft_wrap=True)
 BROKER_START_S = 30.0  # an embedded broker that does not answer by then has failed to start
 BROKER_STOP_S = 5.0
 WATCH_PERIOD_S = 0.2
+MODELS_READY_NAME = ".models_ready"  # in the run directory: the file MODELS_READY_ENV names
+
+
+class ModelsBefore:
+    """The run's models found, or built where missing, and their held-out accuracy before training, on a thread
+    of the launcher while the components start (report.accuracy_before). The components started with
+    MODELS_READY_ENV wait for `ready_file` before loading the models; it is created at once when the run builds
+    none (both pretrained: loaded as they are), else once the thread has them (a built model's accuracy is
+    recorded with it), so a missing model is still built once, here, with its progress shown. An error of the
+    thread is raised by `check`."""
+
+    def __init__(self, cfg: Config, ready_file: Path, log: Callable[..., None]):
+        self.cfg, self.ready_file, self.log = cfg, ready_file, log
+        self.ready_file.unlink(missing_ok=True)  # an earlier leg's: this leg looks again
+        self.accuracy: dict[str, float | None] | None = None
+        self.error: BaseException | None = None
+        # daemon: a run interrupted during a build ends without waiting for it (as an interrupt always did)
+        self._thread = threading.Thread(target=self._find_and_measure, name="models", daemon=True)
+
+    def start(self) -> None:
+        if self.cfg.student.kind == "pretrained" and self.cfg.teacher.kind == "pretrained":
+            self.ready_file.touch()  # nothing to build: the components load them while this evaluates them
+        self._thread.start()
+
+    def _find_and_measure(self) -> None:
+        try:
+            # torch and transformers: imported here while the components import their own
+            from opd.launch import report
+
+            self.accuracy = report.accuracy_before(self.cfg, self.log)
+            self.ready_file.touch()
+        except BaseException as exc:  # raised in the launcher's own thread by `check`
+            self.error = exc
+
+    def check(self) -> None:
+        """Raise what the thread raised: a build or evaluation that failed ends the run, as it did when they ran
+        before the components started."""
+        if self.error is not None:
+            raise self.error
+
+    def result(self) -> dict[str, float | None]:
+        """The accuracy before training (teacher, student), once measured."""
+        self._thread.join()
+        self.check()
+        return self.accuracy
 
 
 class Launcher:
@@ -44,7 +95,7 @@ class Launcher:
         self.caps = capabilities(cfg.broker)
         self.out = Path(cfg.run.output_dir)
         self.interrupted = False
-        self.broker = self.monitor = self.scaler = self.supervisor = None
+        self.broker = self.monitor = self.scaler = self.supervisor = self.models = None
         self.prepared = False  # the run directory is this run's (not one refused as another run's)
 
     def run(self) -> int:
@@ -52,16 +103,18 @@ class Launcher:
         spawner = open_spawner(self.launcher, self.cfg, console.print)  # first: a missing Ray fails at once
         try:
             try:
-                before = self._setup(spawner)
+                self._setup(spawner)
                 failed = self._start_and_watch()
             finally:
                 spawner.close()
-            code = self._report(failed, before)
+            code = self._report(failed)
         except BaseException as exc:
             self._release_if_untrained(f"{type(exc).__name__}: {exc}")
             raise
         if failed is not None or self.interrupted:
             self._release_if_untrained(f"{failed.name} exited" if failed is not None else "interrupted")
+        from opd.launch import report_page  # matplotlib: needed only now
+
         report_page.write_report(self.out, log=console.print)  # plots and report.html, a failed run's too
         return code
 
@@ -76,8 +129,8 @@ class Launcher:
             )
 
     # ------------------------------------------------------------------------------------------- setup
-    def _setup(self, spawner) -> dict[str, float | None]:
-        """Run directory and config, metrics ports, accuracy before training, the supervisor."""
+    def _setup(self, spawner) -> None:
+        """Run directory and config, metrics ports, the supervisor."""
         config_path = prepare_run_dir(self.cfg, self.resume, self.overrides)
         self.prepared = True
         run_secret.share_with_children(self.cfg)  # the weight-sync secret, in every spawned component's env
@@ -89,13 +142,19 @@ class Launcher:
         if ports:  # once, so a person can point a browser or a scraper at them
             where = ", ".join(f"{n} {self.cfg.metrics.host}:{p}" for n, p in ports.items())
             console.print(f"Prometheus metrics: {where} (also in {self.out / 'metrics_ports.json'})")
-        before = report.accuracy_before(self.cfg, console.print)
+        self.models = ModelsBefore(self.cfg, self.out / MODELS_READY_NAME, console.print)
         self.started = time.time()
         grace = self.cfg.run.shutdown_grace_s
         self.supervisor = Supervisor(
-            config_path, self.out, spawner, grace, self._survivable(), console.print, self.cfg.supervision
+            config_path,
+            self.out,
+            spawner,
+            grace,
+            self._survivable(),
+            console.print,
+            self.cfg.supervision,
+            env={MODELS_READY_ENV: str(self.models.ready_file.resolve())},
         )
-        return before
 
     def _survivable(self) -> dict[str, str]:
         """Roles whose processes the run can lose while another of the role runs, and why. An actor holds no
@@ -120,13 +179,21 @@ class Launcher:
             signal.signal(signal.SIGINT, previous)
 
     def _start(self) -> None:
-        self.broker = self._start_broker() if self.caps.embedded_process else self._connect_broker()
-        self.monitor = Monitor(self.cfg, self.broker, self.out, console)
+        """Everything at once: the broker (embedded) or the launcher's client of it (a server, which must answer
+        before anything starts), the components, the models' thread; then the embedded broker's first answer.
+        A component meets a broker not yet up in its client, which waits for it (broker.request_timeout_s)."""
+        embedded = self.supervisor.spawn("broker") if self.caps.embedded_process else None
+        if embedded is None:
+            self.broker = self._connect_broker()
         self.supervisor.spawn("learner", None, *(["--resume"] if self.resume else []))
         for i in range(self.cfg.actor.num_actors):
             self.supervisor.spawn("actor", i)
         for i in range(self.cfg.scorer.num_scorers):
             self.supervisor.spawn("scorer", i)
+        self.models.start()
+        if embedded is not None:
+            self.broker = self._broker_ready(embedded)
+        self.monitor = Monitor(self.cfg, self.broker, self.out, console)
         # `opd scale` and the autoscaler act through the supervisor's public spawn and retire
         pool = SupervisorPool(self.supervisor)
         self.scaler = ScorerScaler(
@@ -141,8 +208,7 @@ class Launcher:
             raise LaunchError(f"{exc}; start the broker's server or fix the broker: section") from None
         return client
 
-    def _start_broker(self):
-        proc = self.supervisor.spawn("broker")
+    def _broker_ready(self, proc: Component):
         alive = lambda: proc.proc.poll() is None  # noqa: E731
         try:
             return open_broker_when_ready(self.cfg.broker, within_s=BROKER_START_S, alive=alive)
@@ -155,6 +221,7 @@ class Launcher:
         learner = self.supervisor.get(Slot("learner"))
         asked_to_stop = False
         while True:
+            self.models.check()  # a model that could not be found, built or evaluated ends the run
             failed = self.supervisor.failure(self.monitor.run_over, self._reported)
             if failed is not None:
                 return failed
@@ -189,8 +256,12 @@ class Launcher:
             except BrokerUnavailable:
                 pass
         self.supervisor.stop([c for c in comps if c.role == "broker"], BROKER_STOP_S)
+        if self.models is not None:
+            self.models.ready_file.unlink(
+                missing_ok=True
+            )  # nothing is left to start: the directory as it was
 
-    def _report(self, failed: Component | None, before: dict) -> int:
+    def _report(self, failed: Component | None) -> int:
         if failed is not None:
             console.print(
                 f"[red bold]{self.supervisor.verdict}[/]; the log of {failed.name} ({failed.log_path}):"
@@ -200,11 +271,13 @@ class Launcher:
         if self.interrupted and not (self.out / "learner_summary.json").exists():
             console.print("[bold]interrupted[/] before the learner summed up its run; no summary.json")
             return 130
+        from opd.launch import report
+
         summary = report.write_summary(
             self.cfg,
             self.out,
             self.monitor.state,
-            before,
+            self.models.result(),
             self.started,
             self.interrupted,
             supervision=self.supervisor.summary(),

@@ -155,8 +155,10 @@ class Supervisor:
         survivable: dict[str, str],
         log: Callable[..., None],
         policy: SupervisionConfig | None = None,
+        env: dict[str, str] | None = None,
     ):
         self.config_path, self.out, self.spawner = config_path, out_dir, spawner
+        self.env = dict(env or {})  # what the launcher tells every component (opd.runtime.lifecycle reads it)
         self.grace_s, self.survivable, self.log = grace_s, survivable, log
         self.policy = policy or SupervisionConfig(role_grace_s=0.0)
         self.components: list[Component] = []
@@ -182,7 +184,7 @@ class Supervisor:
 
     def child_env(self) -> dict[str, str]:
         """The environment of every component process (the one place it is built)."""
-        return {**os.environ, "OPD_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+        return {**os.environ, **self.env, "OPD_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
 
     def retire(self, role: str, index: int | None = None) -> None:
         """Stop one process on purpose with SIGTERM (it finishes the work in hand); its exit is no failure, and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import secrets
@@ -11,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from broker import Broker
@@ -20,10 +22,13 @@ from opd.config.redact import redact_text
 from opd.protocol import Streams, dead_letter_record, metrics_record, trajectory_id, unpack_control
 from opd.runtime.broker import open_broker
 from opd.runtime.prometheus import exporter_for
-from opd.runtime.threads import pin_threads
 
 log = logging.getLogger("opd")
 HEARTBEAT_GAUGES = ("weight_version",)  # gauges a heartbeat repeats, so the newest record always carries them
+# Set by `opd run` for the processes it starts: a file that exists once the run's models have been found or built
+# (see wait_for_models). A component started by hand has no such variable and loads its models at once.
+MODELS_READY_ENV = "OPD_MODELS_READY"
+MODELS_POLL_S = 0.05
 
 
 class StopFlag:
@@ -47,6 +52,9 @@ class StopFlag:
 
 def setup_process(cfg: Config, name: str) -> StopFlag:
     """Logging, thread count, signals, and death with the parent launcher (no orphans if it is killed)."""
+    # torch only here: the broker process shares this module (die_with_parent) and never runs torch
+    from opd.runtime.threads import pin_threads
+
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
@@ -301,13 +309,40 @@ class LearnerWatch:
         self._done.set()
 
 
+def wait_for_models(stop: StopFlag) -> bool:
+    """Wait until the launcher that started this process has found or built the run's models; False if asked to
+    stop first. `opd run` starts its components while it is still looking for the models (their imports take
+    seconds, the look usually milliseconds), and only the launcher may build missing ones: components that each
+    built them at once would share the cores three ways. Without MODELS_READY_ENV (started by hand): True."""
+    path = os.environ.get(MODELS_READY_ENV)
+    if not path or Path(path).exists():
+        return True
+    log.info("waiting for the launcher to find or build the run's models")
+    while not Path(path).exists():
+        if stop.wait(MODELS_POLL_S):
+            return False
+    return True
+
+
+def process_ending() -> None:
+    """Call once a process's work is done and only its exit is left. Interpreter shutdown passes the cyclic
+    garbage collector over every object torch and transformers created, about a second (two on a busy machine)
+    that the launcher spends waiting for the exit, and `opd run` before the prompt comes back. gc.freeze puts them
+    out of the collector's reach: exit handlers still run and every file still closes (ours are closed by `with`
+    blocks), only objects kept alive by reference cycles are left for the OS to reclaim instead of finalized."""
+    gc.freeze()
+
+
 def run_component(cfg: Config, name: str, build, watch_learner: bool = False) -> int:
     """setup -> loop -> cleanup for every component process; `build(stop)` returns an object with run()/broker
     and, if it reports, its `reporter` (which then heartbeats every supervision.heartbeat_s). A worker
     (`watch_learner`) also stops, and returns 1, once its learner has been silent for
     supervision.learner_silence_s (LearnerWatch); the watch starts before `build`, which may wait for the
-    learner."""
+    learner, and after the models are ready (wait_for_models), which may take a build's minutes."""
     stop = setup_process(cfg, name)
+    if not wait_for_models(stop):
+        log.info("stopping (%s) before loading the models", stop.reason)
+        return 0
     watch = LearnerWatch(cfg, name, stop) if watch_learner and cfg.supervision.learner_silence_s else None
     try:
         component = build(stop)
@@ -323,6 +358,7 @@ def run_component(cfg: Config, name: str, build, watch_learner: bool = False) ->
     finally:
         if watch is not None:
             watch.close()
+    process_ending()  # a component's process ends with its run_component
     if watch is not None and watch.fired:
         log.error("exit 1: %s", watch.fired)
         return 1
