@@ -39,6 +39,7 @@ WHOLE_TARGET_S = 120.0
 BUSY_RATIO_TARGET = 2.0
 STEP_LINE = re.compile(r"^step \d+/\d+ ")
 BUSY_LOOP = "while True:\n    pass\n"
+BUSY_LOAD = 0.5  # a 1-minute load average above this before the idle run: other processes were running
 
 
 def user_env() -> dict[str, str]:
@@ -56,11 +57,17 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> t
 
 
 def fresh_install(work: Path) -> tuple[list[str], Path, dict[str, float]]:
-    """A clone of this repository's HEAD, a new venv and `pip install -e .` into it, as the README's Quick start
+    """A clone of this repository's HEAD commit (uncommitted changes are not in it), a new venv and `pip install -e .` into it, as the README's Quick start
     says; the `opd` command it installed, the clone, and how long each part took."""
     clone, venv = work / "clone", work / "venv"
     env = user_env()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     took = {"git clone": timed(["git", "clone", "-q", str(REPO), str(clone)], work, env, 600)[0]}
+    timed(
+        ["git", "checkout", "-q", head], clone, env, 60
+    )  # this worktree's commit, whatever the clone's HEAD
     took["python -m venv"] = timed([sys.executable, "-m", "venv", str(venv)], work, env, 600)[0]
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-e", "."]
     took["pip install -e ."] = timed(pip, clone, env, 1800)[0]
@@ -103,6 +110,7 @@ def run_demo(opd: list[str], cwd: Path, out_dir: Path, extra: list[str], timeout
         "whole_s": whole,
         "load_before": load_before,
         "load_during": sum(loads) / max(len(loads), 1),
+        "done": next((x.strip() for x in reversed(lines) if x.startswith("done in")), ""),
     }
 
 
@@ -153,6 +161,12 @@ def report(runs: dict[str, dict], install: dict[str, float] | None, smoke: bool)
         lines.append(
             f"| one busy process: {what} <= {BUSY_RATIO_TARGET:.0f}x idle | {busy[key]:.1f} s = {ratio:.2f}x | "
             f"{verdict(ratio <= BUSY_RATIO_TARGET)} |"
+        )
+    lines += ["", *(f"{name}: {run['done']}" for name, run in runs.items())]
+    if idle["load_before"] > BUSY_LOAD:
+        lines.append(
+            f"note: the machine was not idle for the 'idle' run (load average {idle['load_before']:.2f} before it): "
+            "other processes shared its cores, so its figures are an upper bound of an idle machine's"
         )
     if install:
         lines += ["", "| fresh install | seconds |", "| --- | ---: |"]
