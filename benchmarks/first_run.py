@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,25 @@ def report(runs: dict[str, dict], install: dict[str, float] | None, smoke: bool)
     return lines
 
 
+def measure(work: Path, venv: bool, extra: list[str], timeout_s: float) -> tuple[dict, dict | None]:
+    """The two demo runs (idle, then beside a busy process), after a fresh install if `venv`."""
+    opd, cwd, install = [sys.executable, "-m", "opd"], REPO, None
+    if venv:
+        print("fresh clone, new venv, pip install -e . ...", flush=True)
+        opd, cwd, install = fresh_install(work)
+    runs = {}
+    print("opd run configs/tiny.yaml, idle ...", flush=True)
+    runs["idle"] = run_demo(opd, cwd, work / "idle", extra, timeout_s)
+    busy = busy_process()
+    try:
+        print(f"opd run configs/tiny.yaml, beside one busy process (pid {busy.pid}) ...", flush=True)
+        runs["busy"] = run_demo(opd, cwd, work / "busy", extra, timeout_s)
+    finally:
+        busy.kill()
+        busy.wait()
+    return runs, install
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -182,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="3 learner steps per run: checks the script only")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one run may take (default 900)")
     p.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    p.add_argument("--keep", action="store_true", help="keep the run directories (and clone, venv)")
     args = p.parse_args(argv)
     extra = ["learner.max_steps=3"] if args.smoke else []
     print(
@@ -189,23 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         flush=True,
     )
-    with tempfile.TemporaryDirectory(prefix="opd-first-run-") as tmp:
-        work = Path(tmp)
-        opd, cwd, install = [sys.executable, "-m", "opd"], REPO, None
-        if args.venv:
-            print("fresh clone, new venv, pip install -e . ...", flush=True)
-            opd, cwd, install = fresh_install(work)
-        runs = {}
-        print("opd run configs/tiny.yaml, idle ...", flush=True)
-        runs["idle"] = run_demo(opd, cwd, work / "idle", extra, args.timeout)
-        busy = busy_process()
-        try:
-            print(f"opd run configs/tiny.yaml, beside one busy process (pid {busy.pid}) ...", flush=True)
-            runs["busy"] = run_demo(opd, cwd, work / "busy", extra, args.timeout)
-        finally:
-            busy.kill()
-            busy.wait()
+    work = Path(tempfile.mkdtemp(prefix="opd-first-run-"))
+    try:
+        runs, install = measure(work, args.venv, extra, args.timeout)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     print("\n".join(["", *report(runs, install, args.smoke)]))
+    if args.keep:
+        print(f"kept: {work}")
     if args.out:
         args.out.write_text(json.dumps({"runs": runs, "install": install, "cpus": os.cpu_count()}, indent=2))
     return 0
