@@ -222,6 +222,10 @@ class Launcher:
         asked_to_stop = False
         while True:
             self.models.check()  # a model that could not be found, built or evaluated ends the run
+            if asked_to_stop and learner.proc.poll() == -signal.SIGTERM:
+                # Our SIGTERM reached it while it was still importing, before its handler existed (the first
+                # seconds of a run): that is the interrupt, not a failure of the learner.
+                return None
             failed = self.supervisor.failure(self.monitor.run_over, self._reported)
             if failed is not None:
                 return failed

@@ -106,7 +106,8 @@ def test_a_component_started_by_opd_run_builds_no_model_before_the_launcher_says
 
 def test_opd_run_starts_the_components_before_it_has_the_models(tmp_path, quick_models):
     """The learner is spawned before the launcher has looked for the models (their ready file is missing then),
-    with the file's path in its environment; once the run ends the file is gone from the run directory."""
+    with the file's path in its environment; once the run ends the file is gone from the run directory. A Ctrl-C
+    then, while the components still import, ends the run as interrupted."""
     out = tmp_path / "run"
     cfg = resolve_run(load_run_config(TINY, [*quick_models, f"run.output_dir={out}"]))
     launcher = Launcher(cfg)
@@ -124,7 +125,9 @@ def test_opd_run_starts_the_components_before_it_has_the_models(tmp_path, quick_
         launcher.interrupted = True  # what Ctrl-C does
 
     threading.Thread(target=look_once_the_learner_is_spawned, daemon=True).start()
-    launcher.run()
+    # Interrupted in its first second, the learner is still importing when the launcher's SIGTERM comes, and dies
+    # of it: an interrupted run (130), not a failed learner (1).
+    assert launcher.run() == 130
     assert seen == {"ready_then": False, "env": str((out / MODELS_READY_NAME).resolve())}
     assert not (out / MODELS_READY_NAME).exists()
     assert Path(launcher.models.ready_file) == out / MODELS_READY_NAME
