@@ -164,20 +164,27 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, checks: Iterable[Check] = ()
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    checks: Iterable[Check] = (),
+    unvalidated_checks: Iterable[Callable[[dict], list[tuple[str, str]]]] = (),
 ) -> Config:
     """Load YAML, apply dotted overrides, validate; raise ConfigError with every problem named.
 
     `checks` run on the validated tree, after the models' own validation passed; the problems of all of them are
     raised together, laid out like validation errors. They carry rules the core cannot know, e.g. the loss
-    registry's `learner.losses.config_errors` (which loss names exist and what inputs each needs)."""
+    registry's `learner.losses.config_errors` (which loss names exist and what inputs each needs).
+    `unvalidated_checks` run on the raw tree only when validation failed, so a problem the `checks` would have
+    found (a model path that does not exist) is named in the same message, not after the user fixed the first."""
     source = str(path) if path else "<defaults>"
     data = _read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_problems(source, _validation_problems(exc))) from None
+        problems = _validation_problems(exc)
+        problems += [p for check in unvalidated_checks for p in check(data) if p not in problems]
+        raise ConfigError(_format_problems(source, problems)) from None
     problems = [problem for check in checks for problem in check(cfg)]
     if problems:
         raise ConfigError(_format_problems(source, problems))

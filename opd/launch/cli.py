@@ -45,11 +45,22 @@ def _model_sources(cfg: Config) -> list[tuple[str, str]]:
     return model_source_problems(cfg)
 
 
+def _raw_model_sources(data: dict) -> list[tuple[str, str]]:
+    from opd.config.sources import raw_model_source_problems
+
+    return raw_model_source_problems(data)
+
+
 def load_start_config(path: str, overrides: list[str]) -> Config:
     """The config of a run or build about to start: beyond the registries' checks, its task files are read and
     its pretrained models located now, so a missing file or model, or a bad JSONL line, is refused in one line
     naming the field (exit 2) before any process or run directory exists, not as a traceback minutes later."""
-    return load_config(path, overrides, checks=(*REGISTRY_CHECKS, _task_files, _model_sources))
+    return load_config(
+        path,
+        overrides,
+        checks=(*REGISTRY_CHECKS, _task_files, _model_sources),
+        unvalidated_checks=(_raw_model_sources,),
+    )
 
 
 def _config_epilog() -> str:

@@ -43,6 +43,19 @@ def test_a_nonexistent_pretrained_path_is_one_line(tmp_path, capsys):
     assert len(lines) == 3 and not (tmp_path / "run").exists()
 
 
+def test_a_missing_path_is_named_beside_a_validation_error(tmp_path, capsys):
+    """The issue's own command: only the student made pretrained, so validation fails on the tokenizer rule; the
+    missing path is named in the same message rather than after the user fixed the first problem."""
+    from opd.launch.cli import main
+
+    args = ["student.kind=pretrained", "student.name_or_path=/nonexistent/model"]
+    assert main(["run", TINY, f"run.output_dir={tmp_path / 'run'}", *args]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.kind: tiny while the other model is pretrained" in err
+    assert "  student.name_or_path: /nonexistent/model does not exist" in err
+    assert len(err.splitlines()) == 3 and not (tmp_path / "run").exists()
+
+
 def test_a_malformed_training_line_is_refused_at_load(tmp_path, capsys):
     from opd.launch.cli import main
 
