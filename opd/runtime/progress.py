@@ -80,7 +80,6 @@ class _Plain:
         self.description, self.total, self.unit, self.log, self.clock = description, total, unit, log, clock
         self.every_s, self.quiet_under_s = every_s, quiet_under_s
         self.done = 0.0
-        self.note = ""  # appended to the final line (a size, say)
         self.started = clock()
         self.next_at = self.started + max(every_s, quiet_under_s)
 
@@ -110,14 +109,15 @@ class _Plain:
                 line += f", ETA {duration(max(0.0, self.total - self.done) / rate)}"
         self.log(line)
 
-    def finish(self, note: str = "") -> None:
+    def finish(self) -> None:
         elapsed = self.clock() - self.started
         if elapsed < self.quiet_under_s:
             return
         rate = f" ({_rate(self.done / elapsed, self.unit)})" if elapsed > 0 and self.done else ""
-        self.log(
-            f"{self.description}: done: {_count(self.done)} {self.unit} in {duration(elapsed)}{rate}{note}"
-        )
+        self.log(f"{self.description}: done: {_count(self.done)} {self.unit} in {duration(elapsed)}{rate}")
+
+    def close(self) -> None:
+        """Take down what is drawn (after an error: no final line)."""
 
 
 class _Bar(_Plain):
@@ -128,9 +128,13 @@ class _Bar(_Plain):
         self.console = console
         self.bar: Progress | None = None
         self.task = None
+        self.plain = False  # another live display holds the terminal: plain lines instead
         self.next_at = self.started + self.quiet_under_s  # the bar itself is its own throttle
 
     def _line(self, now: float) -> None:
+        if self.plain:
+            super()._line(now)
+            return
         self.next_at = float("inf")
         columns = (
             TextColumn("{task.description}"),
@@ -144,9 +148,9 @@ class _Bar(_Plain):
         bar = Progress(*columns, console=self.console, transient=True, get_time=self.clock)
         try:
             bar.start()
-        except LiveError:  # another live display (the launcher's learner bar) owns the terminal: plain lines
+        except LiveError:  # another live display (the launcher's learner bar) owns the terminal
+            self.plain = True
             self.next_at = now + self.every_s
-            super()._line(now)
             return
         self.bar = bar
         self.task = bar.add_task(self.description, total=self.total, completed=self.done)
@@ -165,10 +169,14 @@ class _Bar(_Plain):
         else:
             super().update(completed, total)
 
-    def finish(self, note: str = "") -> None:
+    def finish(self) -> None:
+        self.close()
+        super().finish()
+
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-        super().finish(note)
+            self.bar = None
 
 
 def _terminal(log: Callable[..., object]) -> Console | None:
@@ -192,9 +200,9 @@ def progress(
     quiet_under_s: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[_Plain]:
-    """Report a counted step: yields an object with `advance(n=1)` and `update(completed, total=None)`, and
-    `note` (a string appended to the final line, e.g. a size). `log=None` reports nothing. The final line is
-    logged only when the step ends normally. `every_s`: the plain lines' throttle (default EVERY_S, read at call
+    """Report a counted step: yields an object with `advance(n=1)` and `update(completed, total=None)` (`total`
+    None: a count without an ETA). `log=None` reports nothing. The final line is logged only when the step ends
+    normally. `every_s`: the plain lines' throttle (default EVERY_S, read at call
     time)."""
     if log is None:
         yield _Silent()
@@ -208,15 +216,12 @@ def progress(
     try:
         yield reporter
     except BaseException:
-        if isinstance(reporter, _Bar) and reporter.bar is not None:
-            reporter.bar.stop()
+        reporter.close()
         raise
-    reporter.finish(reporter.note)
+    reporter.finish()
 
 
 class _Silent:
-    note = ""
-
     def advance(self, n: float = 1) -> None:
         pass
 

@@ -113,3 +113,19 @@ def test_a_tiny_checkpoint_write_logs_nothing(tmp_path):
     path = store.save(1, lambda d: (d / "state.json").write_text("{}"))
     assert (path / "state.json").is_file()
     assert lines == []
+
+
+def test_a_step_under_another_live_bar_still_reports():
+    """The launcher's learner bar is a live display too: rich 13 refuses a second one on a console (this module
+    then falls back to plain lines), later versions nest it; either way the step runs and says it is done."""
+    from rich.progress import Progress  # noqa: PLC0415
+
+    clock, buf = Clock(), StringIO()
+    console = Console(file=buf, force_terminal=True, width=120)
+    with Progress(console=console, auto_refresh=False):
+        with progress("evaluating", 4, "problems", console.print, clock=clock, every_s=1.0) as bar:
+            for _ in range(4):
+                clock.now += 1.0
+                bar.advance()
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buf.getvalue())
+    assert "evaluating: done: 4 problems in 4.0 s (1.0 problems/s)" in out, out
