@@ -37,9 +37,8 @@ ASSET_FORMAT = 2  # bump when the build recipe changes, so stale caches are rebu
 SHIPPED = Path(__file__).resolve().parents[1] / "demo_models"  # the built-in configs' models, committed
 MANIFEST = "manifest.json"
 HABIT = "="  # the spurious trailing token of `sft_suffix_noise`: one token, so greedy decoding picks it up
-QUIET_EVAL_S = (
-    2.0  # an evaluation with no `log` of its own is reported (to this module's logger) only if slower
-)
+# An evaluation with no `log` of its own is reported (to this module's logger) only if it is slower than this.
+QUIET_EVAL_S = 2.0
 _log = logging.getLogger(__name__)
 
 
