@@ -14,32 +14,86 @@ Layout under the run directory:
     checkpoints/step-000050/rng.pt        torch RNG state
     replay/step-000051.msgpack            the raw scored messages of step 51 (deleted once checkpointed)
 
+A write's progress (`opd.runtime.progress`, in MB) is the growth of its temporary directory, measured every few
+seconds while the writers (HF `save_pretrained`, the engine's own state files, DeepSpeed's shards) run, against the
+size of the checkpoint before it: it needs nothing from them, and a write faster than WRITE_QUIET_S (a tiny model's)
+logs nothing.
+
 Every torch file of a checkpoint is read with `safe_load` (torch's weights-only unpickler): whoever can write the
 run directory must not be able to run code in the learner by swapping a file for a crafted pickle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import shutil
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from pickle import UnpicklingError  # torch's weights-only refusal; nothing here calls pickle itself
 
 import msgpack
 import torch
 
+from opd.runtime.progress import EVERY_S, progress
+
+WRITE_QUIET_S = 2.0  # a checkpoint written faster than this is not reported
+MB = 1e6
+_log = logging.getLogger(__name__)
+
 
 def _step_dir(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def dir_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (files that vanish while it is being read count 0)."""
+    total = 0
+    for f in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += f.stat().st_size if f.is_file() else 0
+    return total
+
+
+@contextlib.contextmanager
+def watched_write(
+    tmp: Path,
+    name: str,
+    expected_bytes: int | None,
+    log: Callable[..., object],
+    poll_s: float = EVERY_S,
+    quiet_s: float = WRITE_QUIET_S,
+) -> Iterator[None]:
+    """Report the growth of `tmp` while the body writes into it: a thread measures it every `poll_s` against
+    `expected_bytes` (the previous checkpoint's size; None the first time: no ETA) and logs a line at most that
+    often; the final line gives the size and time if the write took over `quiet_s`."""
+    total = expected_bytes / MB if expected_bytes else None
+    with progress(f"writing {name}", total, "MB", log, every_s=poll_s, quiet_under_s=quiet_s) as bar:
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.wait(poll_s):
+                bar.update(dir_bytes(tmp) / MB)
+
+        watcher = threading.Thread(target=poll, name="checkpoint-progress", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
+        size = dir_bytes(tmp) / MB
+        bar.update(size, total=size)
+
+
 class CheckpointStore:
-    def __init__(self, run_dir: Path, keep: int):
+    def __init__(self, run_dir: Path, keep: int, log: Callable[..., object] = _log.info):
         self.root = run_dir / "checkpoints"
         self.replay = run_dir / "replay"
-        self.keep = keep
+        self.keep, self.log = keep, log
         self.root.mkdir(parents=True, exist_ok=True)
         self.replay.mkdir(parents=True, exist_ok=True)
 
@@ -50,7 +104,9 @@ class CheckpointStore:
         tmp = self.root / f".{_step_dir(step)}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        write(tmp)
+        before = self.latest()
+        with watched_write(tmp, f"checkpoint {final.name}", before and dir_bytes(before), self.log):
+            write(tmp)
         if final.exists():  # the same step saved again (stop right after a periodic save)
             shutil.rmtree(final)
         tmp.rename(final)

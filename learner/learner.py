@@ -174,6 +174,7 @@ class Learner:
     def _log(self, record: dict) -> None:
         p = self.progress
         record = {"step": p.step, "weight_version": p.version, "time": time.time(), **record}
+        record.update({f"queue_{kind}": depth for kind, depth in self.reporter.queue_depths().items()})
         with open(self.files.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         self.reporter.export_step(record)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from learner.checkpoint import CheckpointStore, read_state, write_state
+from learner.checkpoint import CheckpointStore, read_state, watched_write, write_state
 from opd.config import LearnerConfig
 
 KL_WINDOW = 5  # reverse_kl_first/last are means over this many steps, so one noisy batch does not decide
@@ -175,9 +175,11 @@ class RunFiles:
         (self.out_dir / "trained_ids.txt").write_text("".join(i + "\n" for i in progress.trained.ordered))
         final = self.out_dir / "student"
         tmp = self.out_dir / ".student.tmp"
-        with student.engine.gathered():
-            student.model.save_pretrained(tmp, safe_serialization=True)
-        student.tokenizer.save_pretrained(tmp)
+        weight_bytes = sum(p.numel() * p.element_size() for p in student.model.parameters())
+        with watched_write(tmp, "the final student", weight_bytes or None, self.checkpoints.log):
+            with student.engine.gathered():
+                student.model.save_pretrained(tmp, safe_serialization=True)
+            student.tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)  # a resumed run replaces the earlier final student
         tmp.rename(final)
         return final

@@ -25,6 +25,7 @@ Check = Callable[[Config], Iterable[tuple[str, str]]]
 
 # A cross-section check's message that starts with the field it is about: `pipeline.mode: sync needs ...`.
 _LEADING_KEY = re.compile(r"^([a-z_]+(?:\.[a-z_]+)+): ")
+_LEADING_KEY_REL = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*): ")
 
 
 class ConfigError(ValueError):
@@ -129,7 +130,38 @@ def _unknown_key_message(loc: tuple[Any, ...]) -> tuple[str, str]:
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if close:
         return path, f"unknown key; did you mean {prefix}{close[0]}? (all keys: `opd run --help`)"
+    nested = _nested_keys(model, key)
+    if nested:  # `learner.dtype` for `learner.deepspeed.dtype`: the key lives one section down
+        return (
+            path,
+            f"unknown key; did you mean {' or '.join(prefix + n for n in nested)}? (all keys: `opd run --help`)",
+        )
+    if section and len(candidates) <= 16:
+        return path, f"unknown key; {section} has: {', '.join(candidates)} (all keys: `opd run --help`)"
     return path, generic
+
+
+def _nested_keys(model: type[BaseModel], key: str) -> list[str]:
+    """Where `key` is a field of a section inside `model` (one level down, any variant)."""
+    found = []
+    for name, field in model.model_fields.items():
+        for sub in _section_models(field.annotation).values():
+            if key in sub.model_fields and f"{name}.{key}" not in found:
+                found.append(f"{name}.{key}")
+    return found
+
+
+def _relative_key(loc: str, msg: str) -> tuple[str, str] | None:
+    """A section's own check that names a key inside the section first (`deepspeed.dtype: ...` raised by
+    `learner`) is shown at that key (`learner.deepspeed.dtype`), where the user sets it."""
+    named = _LEADING_KEY_REL.match(msg)
+    if not named:
+        return None
+    first = named.group(1).split(".")[0]
+    _, model, _ = _walk_location((*loc.split("."), first))  # the model that would hold `first`
+    if model is None or first not in model.model_fields:
+        return None
+    return f"{loc}.{named.group(1)}", msg[named.end() :]
 
 
 def _validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
@@ -144,6 +176,8 @@ def _validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
             named = _LEADING_KEY.match(msg) if not loc else None
             if named:  # a check across sections names its field first: show it where the field goes
                 loc, msg = named.group(1), msg[named.end() :]
+            elif loc:
+                loc, msg = _relative_key(loc, msg) or (loc, msg)
             if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
                 msg = f"{msg} (got {err['input']!r})"
         problems.append((loc, msg))
@@ -164,20 +198,27 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, checks: Iterable[Check] = ()
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    checks: Iterable[Check] = (),
+    unvalidated_checks: Iterable[Callable[[dict], list[tuple[str, str]]]] = (),
 ) -> Config:
     """Load YAML, apply dotted overrides, validate; raise ConfigError with every problem named.
 
     `checks` run on the validated tree, after the models' own validation passed; the problems of all of them are
     raised together, laid out like validation errors. They carry rules the core cannot know, e.g. the loss
-    registry's `learner.losses.config_errors` (which loss names exist and what inputs each needs)."""
+    registry's `learner.losses.config_errors` (which loss names exist and what inputs each needs).
+    `unvalidated_checks` run on the raw tree only when validation failed, so a problem the `checks` would have
+    found (a model path that does not exist) is named in the same message, not after the user fixed the first."""
     source = str(path) if path else "<defaults>"
     data = _read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_problems(source, _validation_problems(exc))) from None
+        problems = _validation_problems(exc)
+        problems += [p for check in unvalidated_checks for p in check(data) if p not in problems]
+        raise ConfigError(_format_problems(source, problems)) from None
     problems = [problem for check in checks for problem in check(cfg)]
     if problems:
         raise ConfigError(_format_problems(source, problems))

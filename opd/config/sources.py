@@ -129,3 +129,19 @@ def model_source_problems(cfg: Config) -> list[tuple[str, str]]:
             if problem is not None:
                 found.append((field, problem))
     return found
+
+
+def raw_model_source_problems(data: dict) -> list[tuple[str, str]]:
+    """`model_source_problems` for a tree that failed validation (say, a pretrained student beside the tiny
+    teacher): the model names it can read are checked anyway, so one message names every problem."""
+    found, unreachable = [], {}
+    for role in ("student", "teacher"):
+        section = data.get(role)
+        if not isinstance(section, dict) or section.get("kind") != "pretrained":
+            continue
+        name = section.get("name_or_path")
+        if isinstance(name, str) and name:
+            problem = model_source_problem(f"{role}.name_or_path", name, unreachable=unreachable)
+            if problem is not None:
+                found.append((f"{role}.name_or_path", problem))
+    return found

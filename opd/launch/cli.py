@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 from broker import capabilities
@@ -45,11 +46,74 @@ def _model_sources(cfg: Config) -> list[tuple[str, str]]:
     return model_source_problems(cfg)
 
 
-def load_start_config(path: str, overrides: list[str]) -> Config:
+def _raw_model_sources(data: dict) -> list[tuple[str, str]]:
+    from opd.config.sources import raw_model_source_problems
+
+    return raw_model_source_problems(data)
+
+
+# (field, the value that needs the package, the package, how to install it, what to set instead)
+_PIP = "pip install -e '.[{}]' (or pip install {})"
+_VLLM = "pip install -e '.[vllm]' on a CUDA machine; on CPU: bash scripts/setup_vllm_env.sh, then .venv-vllm/bin/python -m opd run ..."
+OPTIONAL_PACKAGES = (
+    (
+        "learner.engine",
+        "deepspeed",
+        "deepspeed",
+        _PIP.format("deepspeed", "deepspeed"),
+        "learner.engine: torch",
+    ),
+    ("metrics.wandb.enabled", True, "wandb", _PIP.format("logging", "wandb"), "metrics.wandb.enabled=false"),
+    (
+        "metrics.tensorboard.enabled",
+        True,
+        "tensorboard",
+        _PIP.format("logging", "tensorboard"),
+        "metrics.tensorboard.enabled=false",
+    ),
+    ("actor.engine", "vllm", "vllm", _VLLM, "actor.engine: hf"),
+    ("scorer.engine", "vllm", "vllm", _VLLM, "scorer.engine: hf"),
+)
+
+
+def _field(cfg: Config, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def missing_packages(cfg: Config) -> list[tuple[str, str]]:
+    """Optional packages the config needs that are not installed here, found without importing them (a
+    component would otherwise fail seconds after the start with a traceback in its log). Only for components
+    this machine starts: with Ray the workers may have what the launcher lacks."""
+    import importlib.util
+
+    problems = []
+    for field, needs, package, install, instead in OPTIONAL_PACKAGES:
+        if _field(cfg, field) == needs and importlib.util.find_spec(package) is None:
+            what = "enabled" if needs is True else needs
+            problems.append(
+                (
+                    field,
+                    f"{what} needs the {package} package, not installed here: {install}; or set {instead}",
+                )
+            )
+    return problems
+
+
+def load_start_config(path: str, overrides: list[str], local: bool = False) -> Config:
     """The config of a run or build about to start: beyond the registries' checks, its task files are read and
     its pretrained models located now, so a missing file or model, or a bad JSONL line, is refused in one line
-    naming the field (exit 2) before any process or run directory exists, not as a traceback minutes later."""
-    return load_config(path, overrides, checks=(*REGISTRY_CHECKS, _task_files, _model_sources))
+    naming the field (exit 2) before any process or run directory exists, not as a traceback minutes later.
+    `local`: the components will start on this machine, so the optional packages the config needs must be here."""
+    packages = (missing_packages,) if local else ()
+    return load_config(
+        path,
+        overrides,
+        checks=(*REGISTRY_CHECKS, _task_files, _model_sources, *packages),
+        unvalidated_checks=(_raw_model_sources,),
+    )
 
 
 def _config_epilog() -> str:
@@ -76,10 +140,11 @@ def _run(args: argparse.Namespace) -> int:
     from opd.launch.rundir import LaunchError, resolve_resume, resolve_run
 
     try:
+        load = partial(load_start_config, local=args.launcher == "local")  # components start here
         if args.resume:  # from the run's own config.yaml, the overrides on top
-            cfg = resolve_resume(args.config, args.overrides, load=load_start_config)
+            cfg = resolve_resume(args.config, args.overrides, load=load)
         else:
-            cfg = resolve_run(load_start_config(args.config, args.overrides))
+            cfg = resolve_run(load(args.config, args.overrides))
         # Only once the config passed: a refused one is answered before the launcher's imports (its report
         # part brings torch and transformers, seconds on a busy machine).
         from opd.launch.launcher import Launcher

@@ -15,6 +15,7 @@ components know nothing of it and run the same way when started by hand (`opd ac
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -73,6 +74,10 @@ class ModelsBefore:
         except BaseException as exc:  # raised in the launcher's own thread by `check`
             self.error = exc
 
+    def done(self) -> bool:
+        """Whether the thread has finished (successfully or not)."""
+        return self._thread.ident is not None and not self._thread.is_alive()
+
     def check(self) -> None:
         """Raise what the thread raised: a build or evaluation that failed ends the run, as it did when they ran
         before the components started."""
@@ -97,6 +102,7 @@ class Launcher:
         self.interrupted = False
         self.broker = self.monitor = self.scaler = self.supervisor = self.models = None
         self.prepared = False  # the run directory is this run's (not one refused as another run's)
+        self._bar_shown = self._asked_to_stop = False  # the watch loop's: learner bar entered, SIGTERM sent
 
     def run(self) -> int:
         """setup -> start and watch -> cleanup -> report; the exit code of `opd run`."""
@@ -172,8 +178,8 @@ class Launcher:
         previous = signal.signal(signal.SIGINT, lambda *_: setattr(self, "interrupted", True))
         try:
             self._start()
-            with self.monitor.progress():
-                return self._watch()
+            with contextlib.ExitStack() as bar:
+                return self._watch(bar)
         finally:
             self._cleanup()
             signal.signal(signal.SIGINT, previous)
@@ -216,19 +222,24 @@ class Launcher:
             raise LaunchError(f"the broker did not start:\n{proc.tail()}") from None
 
     # ------------------------------------------------------------------------------------------- watch
-    def _watch(self) -> Component | None:
-        """Until the learner exits cleanly (None) or a process's exit ends the run (that process)."""
+    def _watch(self, bar: contextlib.ExitStack) -> Component | None:
+        """Until the learner exits cleanly (None) or a process's exit ends the run (that process). The learner's
+        progress bar goes into `bar` once the models thread is done: a terminal holds one live display, and that
+        thread may be drawing a build's or an evaluation's (the components wait for those models anyway)."""
         learner = self.supervisor.get(Slot("learner"))
-        asked_to_stop = False
+        self._asked_to_stop = False
         while True:
             self.models.check()  # a model that could not be found, built or evaluated ends the run
-            if asked_to_stop and learner.proc.poll() == -signal.SIGTERM:
+            if self._asked_to_stop and learner.proc.poll() == -signal.SIGTERM:
                 # Our SIGTERM reached it while it was still importing, before its handler existed (the first
                 # seconds of a run): that is the interrupt, not a failure of the learner.
                 return None
             failed = self.supervisor.failure(self.monitor.run_over, self._reported)
             if failed is not None:
                 return failed
+            if not self._bar_shown and self.models.done():
+                bar.enter_context(self.monitor.progress())
+                self._bar_shown = True
             try:
                 self.monitor.drain()
             except BrokerUnavailable:
@@ -238,12 +249,15 @@ class Launcher:
             self.monitor.show()
             if learner.proc.poll() == 0:
                 return None
-            if self.interrupted and not asked_to_stop and learner.proc.poll() is None:
-                # Once only: Python restores default handlers while it shuts down, so a repeated SIGTERM
-                # would kill a learner that is already exiting cleanly.
-                learner.proc.send_signal(signal.SIGTERM)  # it saves, announces stop, and exits
-                asked_to_stop = True
+            self._stop_learner_if_interrupted(learner)
             time.sleep(WATCH_PERIOD_S)
+
+    def _stop_learner_if_interrupted(self, learner: Component) -> None:
+        if self.interrupted and not self._asked_to_stop and learner.proc.poll() is None:
+            # Once only: Python restores default handlers while it shuts down, so a repeated SIGTERM would kill
+            # a learner that is already exiting cleanly.
+            learner.proc.send_signal(signal.SIGTERM)  # it saves, announces stop, and exits
+            self._asked_to_stop = True
 
     def _reported(self, role: str) -> list:
         """The members of `role` heard from lately on the metrics stream, started here or by hand."""

@@ -69,21 +69,25 @@ def accuracy_before(cfg: Config, log: Callable[..., None]) -> dict[str, float | 
             acc[role] = None  # the teacher lives on its server; `teacher:` may name nothing loadable here
         elif problems:
             model, tok = load_asset(asset)
-            acc[role] = evaluate(model, tok, problems, max_new, mode)
+            acc[role] = evaluate(model, tok, problems, max_new, mode, log=log, what=f"the {role}")
         else:
             acc[role] = None
     log(f"teacher held-out accuracy {fmt(acc['teacher'])}; student before {fmt(acc['student'])}")
     return acc
 
 
-def final_accuracy(cfg: Config, out_dir: Path) -> float | None:
-    """Evaluate the saved checkpoint as a user would load it: `from_pretrained` on the run directory."""
+def final_accuracy(cfg: Config, out_dir: Path, log: Callable[..., None] = print) -> float | None:
+    """Evaluate the saved checkpoint as a user would load it: `from_pretrained` on the run directory (progress
+    through `log`: a bar on the launcher's terminal, else one line)."""
     final = out_dir / "student"
     problems = tasks.eval_set(cfg.task)
     if not final.is_dir() or not problems:
         return None
     model, tok = load_causal_lm(final), load_tokenizer(final)
-    return evaluate(model, tok, problems, cfg.sampling.max_new_tokens, tasks.verifier_mode(cfg.task))
+    mode = tasks.verifier_mode(cfg.task)
+    return evaluate(
+        model, tok, problems, cfg.sampling.max_new_tokens, mode, log=log, what="the final student"
+    )
 
 
 def write_summary(

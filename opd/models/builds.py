@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -29,12 +30,16 @@ from opd import tasks
 from opd.config import Config, PretrainedModel, TinyModel
 from opd.models.loading import build_char_tokenizer, encode_prompt, load_causal_lm, load_tokenizer
 from opd.models.sampler import sample
+from opd.runtime.progress import progress
 from opd.runtime.threads import BUILD_THREADS, threads
 
 ASSET_FORMAT = 2  # bump when the build recipe changes, so stale caches are rebuilt
 SHIPPED = Path(__file__).resolve().parents[1] / "demo_models"  # the built-in configs' models, committed
 MANIFEST = "manifest.json"
 HABIT = "="  # the spurious trailing token of `sft_suffix_noise`: one token, so greedy decoding picks it up
+# An evaluation with no `log` of its own is reported (to this module's logger) only if it is slower than this.
+QUIET_EVAL_S = 2.0
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,11 +73,30 @@ def _atomic_dir(final: Path, build) -> None:
 
 
 def evaluate(
-    model, tokenizer, problems: list[tasks.Problem], max_new_tokens: int, mode: str, batch: int = 256
+    model,
+    tokenizer,
+    problems: list[tasks.Problem],
+    max_new_tokens: int,
+    mode: str,
+    batch: int = 256,
+    *,
+    log=None,
+    what: str = "the model",
 ) -> float:
-    """Greedy held-out accuracy."""
+    """Greedy held-out accuracy, with progress per batch through `log` (`opd.runtime.progress`). Without a `log`
+    (the learner's periodic evaluation) it goes to this module's logger, and only when it takes over
+    QUIET_EVAL_S, so a quick evaluation every few steps adds nothing to a component's log."""
     if not problems:
         return float("nan")
+    quiet = QUIET_EVAL_S if log is None else 0.0
+    with progress(
+        f"evaluating {what}", len(problems), "problems", log or _log.info, quiet_under_s=quiet
+    ) as bar:
+        correct = _greedy_correct(model, tokenizer, problems, max_new_tokens, mode, batch, bar)
+    return correct / len(problems)
+
+
+def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, batch: int, bar) -> int:
     was_training = model.training
     model.eval()
     correct = 0
@@ -89,12 +113,13 @@ def evaluate(
         for p, o in zip(chunk, outs, strict=True):
             text = tokenizer.decode(o.response_ids, skip_special_tokens=True)
             correct += tasks.verify(p.answer, text, mode)
+        bar.advance(len(chunk))
     model.train(was_training)
-    return correct / len(problems)
+    return correct
 
 
-def _sft(model, tokenizer, spec: TinyModel, cfg: Config) -> None:
-    """Teacher-forced cross-entropy on the answer tokens of fresh training problems."""
+def _sft(model, tokenizer, spec: TinyModel, cfg: Config, bar) -> None:
+    """Teacher-forced cross-entropy on the answer tokens of fresh training problems; `bar` advances per step."""
     stream = tasks.training_stream(cfg.task, seed=spec.seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -124,9 +149,10 @@ def _sft(model, tokenizer, spec: TinyModel, cfg: Config) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        bar.advance()
 
 
-def _build_tiny(final: Path, spec: TinyModel, tok_dir: Path, cfg: Config, log) -> None:
+def _build_tiny(final: Path, role: str, spec: TinyModel, tok_dir: Path, cfg: Config, log) -> None:
     def build(tmp: Path) -> None:
         tokenizer = load_tokenizer(tok_dir)
         torch.manual_seed(spec.seed)
@@ -145,8 +171,17 @@ def _build_tiny(final: Path, spec: TinyModel, tok_dir: Path, cfg: Config, log) -
         )
         model = LlamaForCausalLM(config)
         t0 = time.time()
-        _sft(model, tokenizer, spec, cfg)
-        acc = evaluate(model, tokenizer, tasks.eval_set(cfg.task), cfg.sampling.max_new_tokens, "exact")
+        with progress(f"building the {role} (SFT)", spec.sft_steps, "steps", log) as bar:
+            _sft(model, tokenizer, spec, cfg, bar)
+        acc = evaluate(
+            model,
+            tokenizer,
+            tasks.eval_set(cfg.task),
+            cfg.sampling.max_new_tokens,
+            "exact",
+            log=log,
+            what=f"the {role}",
+        )
         log(
             f"  built {final.name}: {spec.sft_steps} SFT steps in {time.time() - t0:.0f}s, held-out accuracy {acc:.3f}"
         )
@@ -189,7 +224,7 @@ def _tiny_asset(role: str, spec: TinyModel, tok_dir, cfg: Config, log, rebuild: 
             f"steps, {BUILD_THREADS} thread); cached for later runs"
         )
         shutil.rmtree(final, ignore_errors=True)
-        _build_tiny(final, spec, tok_dir(), cfg, log)
+        _build_tiny(final, role, spec, tok_dir(), cfg, log)
     meta = json.loads((final / "opd_asset.json").read_text())
     return ModelAsset(
         path=str(final), tokenizer=str(final), dtype="float32", eval_accuracy=meta["eval_accuracy"]

@@ -126,10 +126,15 @@ class Reporter:
         if self.exporter is not None:
             self.exporter.add(deltas)
 
+    def queue_depths(self) -> dict[str, int]:
+        """The work queues' depths now, by stream kind: the learner writes them into each step record, so the
+        run's report can plot queue depth against the step (not only Prometheus, which a small run may not have)."""
+        return {s: self.broker.depth(self.streams.name(s)) for s in WORK_STREAMS}
+
     def export_step(self, record: dict[str, Any]) -> None:
-        """The learner's per-step record, with the work queues' depths read now, for Prometheus."""
+        """The learner's per-step record for Prometheus, with the queue depths it carries (`queue_<kind>`)."""
         if self.exporter is not None:
-            depths = {s: self.broker.depth(self.streams.name(s)) for s in WORK_STREAMS}
+            depths = {s: record[f"queue_{s}"] for s in WORK_STREAMS if f"queue_{s}" in record}
             self.exporter.step(record, depths)
 
     def maybe_send(self, force: bool = False, **extra: Any) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from opd.launch.report_page import PLOTS
@@ -18,7 +20,11 @@ def test_opd_run_ends_with_plots_and_a_report_page(prepared, tmp_path):
     assert proc.returncode == 0, log
     assert f"report: {out / 'report.html'}" in log
     assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(f"{p.name}.png" for p in PLOTS)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reverse_kl" in r]
+    assert steps and all(isinstance(r.get("queue_rollouts"), int) for r in steps), steps[-1]
     page = (out / "report.html").read_text()
+    assert "work queue depths at each learner step" in page  # per step, from the learner's own records
     assert "Missing" not in page and "did not finish" not in page, page[:3000]
     binary = chromium()
     if binary is None:

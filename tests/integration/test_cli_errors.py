@@ -43,6 +43,41 @@ def test_a_nonexistent_pretrained_path_is_one_line(tmp_path, capsys):
     assert len(lines) == 3 and not (tmp_path / "run").exists()
 
 
+def test_a_missing_path_is_named_beside_a_validation_error(tmp_path, capsys):
+    """The issue's own command: only the student made pretrained, so validation fails on the tokenizer rule; the
+    missing path is named in the same message rather than after the user fixed the first problem."""
+    from opd.launch.cli import main
+
+    args = ["student.kind=pretrained", "student.name_or_path=/nonexistent/model"]
+    assert main(["run", TINY, f"run.output_dir={tmp_path / 'run'}", *args]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.kind: tiny while the other model is pretrained" in err
+    assert "  student.name_or_path: /nonexistent/model does not exist" in err
+    assert len(err.splitlines()) == 3 and not (tmp_path / "run").exists()
+
+
+def test_an_optional_package_missing_here_is_refused_naming_the_extra(tmp_path, capsys):
+    """vLLM is not in the main environment: a run that needs it is refused at load with the way to get it,
+    not by an actor's traceback in its log seconds after the start. With Ray the workers may have it."""
+    import importlib.util
+
+    import pytest
+
+    from opd.launch.cli import load_start_config, main
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed in this environment")
+    assert main(["run", TINY, f"run.output_dir={tmp_path / 'run'}", "actor.engine=vllm"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "actor.engine: vllm needs the vllm package, not installed here" in err and "setup_vllm_env.sh" in err
+    )
+    assert not (tmp_path / "run").exists()
+    load_start_config(
+        TINY, ["actor.engine=vllm"], local=False
+    )  # components elsewhere (Ray): not refused here
+
+
 def test_a_malformed_training_line_is_refused_at_load(tmp_path, capsys):
     from opd.launch.cli import main
 

@@ -128,8 +128,11 @@ def test_reporter_feeds_prometheus_counters_gauges_histograms(zmq_broker, tmp_pa
     assert broker.publish("dash:rollouts", [b"a", b"b", b"c"])  # queue depth the learner reads
     learner = Reporter(broker, cfg, "learner", 0.0)
     learner.add(trajectories_trained=8, tokens_trained=40, dropped_stale=1)
+    depths = learner.queue_depths()  # what the learner writes into each step record (metrics.jsonl too)
+    assert depths == {"rollouts": 3, "scored": 0}
     learner.export_step(
         {
+            **{f"queue_{kind}": d for kind, d in depths.items()},
             "step": 1,
             "weight_version": 1,
             "reverse_kl": 0.75,
