@@ -1,4 +1,4 @@
-.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-staleness bench-broker bench-pipeline bench-scorers
+.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-staleness bench-broker bench-pipeline bench-scorers bench-first-run
 setup:  ## install opd-stream and its test tools (torch pinned to 2.13.0)
 	python3 -m pip install -e ".[dev]"
 test:   ## the README's test command: unit + integration tiers (under 5 minutes on 2 cores)
@@ -25,3 +25,5 @@ bench-pipeline:  ## benchmarks/pipeline.py: async vs sync trained tokens/s and l
 	python3 benchmarks/pipeline.py
 bench-scorers:  ## benchmarks/scorers.py: scored tokens/s with 1, 2, 4 scorers against linear scaling (BENCHMARKS.md)
 	python3 benchmarks/scorers.py
+bench-first-run:  ## benchmarks/first_run.py: first step and whole demo of opd run configs/tiny.yaml, idle and beside a busy process (targets 30 s, 2 min, 2x)
+	python3 benchmarks/first_run.py

@@ -120,9 +120,36 @@ class Component:
 
     def tail(self, lines: int = 25) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return log_tail(self.log_path.read_text(errors="replace").splitlines(), lines)
         except OSError:
             return "(no log)"
+
+
+TRACEBACK = "Traceback (most recent call last):"
+MAX_TRACEBACK_LINES = 60
+
+
+def log_tail(lines: list[str], keep: int = 25) -> str:
+    """What to show of a dead component's log: its last traceback whole (up to MAX_TRACEBACK_LINES) when it has
+    one, else the last `keep` lines; runs of one repeated line are folded, so a warning printed per token can
+    never be all there is to see (it once was the whole tail shown for a failed run)."""
+    folded: list[str] = []
+    repeats = 0
+    for line in lines:
+        if folded and line == folded[-1]:
+            repeats += 1
+            continue
+        if repeats:
+            folded.append(f"  (the line above {repeats} more time{'s' if repeats > 1 else ''})")
+            repeats = 0
+        folded.append(line)
+    if repeats:
+        folded.append(f"  (the line above {repeats} more time{'s' if repeats > 1 else ''})")
+    starts = [i for i, line in enumerate(folded) if line.startswith(TRACEBACK)]
+    if starts and len(folded) - starts[-1] <= MAX_TRACEBACK_LINES:
+        first = max(0, min(starts[-1] - 3, len(folded) - keep))  # a few lines of context before it
+        return "\n".join(folded[first:])
+    return "\n".join(folded[-keep:])
 
 
 class Reported(Protocol):
