@@ -3,8 +3,9 @@
 `from_pretrained` treats any name that is not a directory as a hub id: a mistyped path cost 34 s of hub retries
 and an 87-line traceback, and an offline machine a 58-line one. Here a name that can only be a path is refused as a
 path, only a hub id is looked up (once, briefly, and not when it is cached), and an offline machine is told so.
-A `.gguf` name must be a GGUF file here (its magic read, not the whole file: deeper damage and an architecture
-transformers cannot dequantise are named when it is converted, `opd.models.gguf`); a catalog name
+A `.gguf` name must be a whole GGUF file here (magic, version, and its tables read by the gguf package, which fails
+on a truncated or corrupt file; an architecture transformers cannot dequantise is named when it is converted,
+`opd.models.gguf`); a catalog name
 (`smollm2-135m-instruct`) must have been fetched by `opd models get`; a pruned model's source is checked like a
 pretrained name, and its `drop_layers` against the source's layer count when its config.json is here.
 Kept out of the model stack (no torch, no transformers), so `opd run` refuses a bad name at once; `opd run` and
@@ -27,6 +28,7 @@ from opd.config.root import Config
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 HUB_LOOKUP_TIMEOUT_S = 10.0
 GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)  # what the gguf package reads (version 1 files predate it)
 GGUF_EXTRA = "pip install -e '.[gguf]' (the gguf and accelerate packages)"
 
 
@@ -98,21 +100,38 @@ def _hub_problem(name: str, field: str, unreachable: dict[str, str]) -> str | No
     return None
 
 
-def gguf_file_problem(name: str) -> str | None:
+def gguf_file_problem(name: str, whole: bool = False) -> str | None:
     """Why `name` is not a GGUF file to convert, in one line, or None: it must exist, be a file, start with the
-    GGUF magic, and the gguf package must be installed to read it."""
+    GGUF magic and a version this reader knows, and the gguf package must be installed to read it. `whole`: also
+    read its tables with the gguf package's reader, which fails on a truncated or corrupt file (about 3 s for
+    SmolLM2's 49k-token vocabulary: done by `opd run` at load, not by every component start)."""
     path = Path(name).expanduser()
     if not path.exists():
         return f"{name} does not exist (looked for {path.resolve()}); name a .gguf file on this machine"
     if not path.is_file():
         return f"{name} is not a file; name the .gguf file itself"
     with open(path, "rb") as fh:
-        head = fh.read(len(GGUF_MAGIC))
-    if head != GGUF_MAGIC:
-        what = "is empty" if not head else f"starts with {head!r}, not {GGUF_MAGIC!r}"
+        head = fh.read(len(GGUF_MAGIC) + 4)
+    if head[:4] != GGUF_MAGIC:
+        what = "is empty" if not head else f"starts with {head[:4]!r}, not {GGUF_MAGIC!r}"
         return f"{name} is not a GGUF file (it {what}); name a .gguf file, or a checkpoint directory"
+    version = int.from_bytes(head[4:], "little") if len(head) == 8 else None
+    if version not in GGUF_VERSIONS:
+        return f"{name} is a truncated or corrupt GGUF file (version {version}; GGUF versions are 2 and 3); fetch it again"
     if importlib.util.find_spec("gguf") is None:
         return f"{name} is a GGUF file; reading it needs the gguf package, not installed here: {GGUF_EXTRA}"
+    return _gguf_tables_problem(name, path) if whole else None
+
+
+def _gguf_tables_problem(name: str, path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)  # maps every tensor: a file cut short fails here
+    except Exception as exc:  # noqa: BLE001 - a corrupt file fails anywhere in numpy/struct
+        return f"{name} is a truncated or corrupt GGUF file ({type(exc).__name__}: {str(exc)[:160]}); fetch it again"
+    if not reader.tensors or "general.architecture" not in reader.fields:
+        return f"{name} holds no model (no tensors or no general.architecture); name a model's .gguf file"
     return None
 
 
@@ -129,7 +148,7 @@ def model_source_problem(
     already cached. A `.gguf` name is checked as a GGUF file, and a catalog name (with `cache_dir`) as a
     directory `opd models get` made."""
     if is_gguf(name):
-        return gguf_file_problem(name)
+        return gguf_file_problem(name, whole=True)
     named = named_model_dir(name, cache_dir) if cache_dir is not None else None
     if named is not None:
         if not (named / "config.json").is_file():

@@ -144,8 +144,18 @@ def test_a_truncated_or_corrupt_gguf_is_refused_naming_the_field(tiny, tmp_path)
         f"teacher.name_or_path: {cut} is not a readable GGUF file, truncated or corrupt"
     )
     noise = tmp_path / "noise.gguf"
-    noise.write_bytes(data[:4] + os.urandom(4000))
+    noise.write_bytes(data[:8] + os.urandom(4000))  # magic and version, then noise
     assert "is not a readable GGUF file" in _converting_refuses(noise, tmp_path / "cache")
+    noise.write_bytes(data[:4] + os.urandom(4000))
+    assert "truncated or corrupt GGUF file (version " in _converting_refuses(noise, tmp_path / "cache")
+
+
+def test_a_truncated_gguf_is_refused_at_load(tiny, tmp_path, capsys):
+    data = tiny[0].read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 1000])
+    line = _refusal(tmp_path, capsys, str(cut))
+    assert line.startswith(f"  student.name_or_path: {cut} is a truncated or corrupt GGUF file (ValueError: ")
 
 
 def test_an_architecture_transformers_cannot_dequantise_is_refused_by_name(tmp_path):
