@@ -130,7 +130,8 @@ def prune(
     }
     (out_dir / ASSET).write_text(json.dumps(record, indent=1))
     log(
-        f"cut {len(drop_layers)} layers in {record['seconds']:.0f} s: {record['layers']} layers, "
+        f"cut {len(drop_layers)} layer{'s' * (len(drop_layers) != 1)} in {record['seconds']:.0f} s: "
+        f"{record['layers']} left, "
         f"{record['parameters'] / 1e6:.1f}M parameters (from {before / 1e6:.1f}M)"
     )
     return record
