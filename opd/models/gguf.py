@@ -114,6 +114,14 @@ def is_done(path: Path) -> bool:
     return (path / ASSET).is_file()
 
 
+def _current(path: Path) -> bool:
+    """A conversion that is complete and made by this GGUF_FORMAT (an older one is converted again)."""
+    try:
+        return json.loads((path / ASSET).read_text()).get("format") == GGUF_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
 # ------------------------------------------------------------------------------------------- resolving
 def resolve(name: str, cache_dir: Path | str, field: str, log: Callable[..., None] = print) -> str:
     """What `from_pretrained` should get for a config's model name: a catalog name's directory, a GGUF's
@@ -146,10 +154,10 @@ def ensure_converted(
     root = Path(cache_dir) / GGUF_DIR
     sha256 = _source_sha256(gguf_path, root, log)
     final = converted_dir(cache_dir, sha256)
-    if is_done(final):
+    if _current(final):
         return final
     with cache_lock(final):
-        if not is_done(final):  # not converted by another process while this one waited
+        if not _current(final):  # not converted by another process while this one waited
             shutil.rmtree(final, ignore_errors=True)
             atomic_dir(final, lambda tmp: convert(gguf_path, tmp, field, log, sha256=sha256, origin=origin))
     return final

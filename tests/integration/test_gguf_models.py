@@ -90,6 +90,13 @@ def test_the_second_time_is_a_cache_hit_keyed_by_content(tiny, tmp_path):
     copy = shutil.copy(path, tmp_path / "renamed.gguf")
     assert ensure_converted(Path(copy), cache, "student.name_or_path") == converted
     assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
+    # a checkpoint of an older conversion format is converted again
+    record = json.loads((converted / "opd_asset.json").read_text())
+    (converted / "opd_asset.json").write_text(json.dumps({**record, "format": 0}))
+    assert ensure_converted(path, cache, "student.name_or_path") == converted
+    again = json.loads((converted / "opd_asset.json").read_text())
+    assert again["format"] == record["format"]
+    assert (converted / "model.safetensors").stat().st_mtime_ns != stamp
     memo = json.loads((cache / "gguf" / "sources.json").read_text())
     assert {memo[str(path.resolve())]["sha256"][:16], memo[str(Path(copy).resolve())]["sha256"][:16]} == {
         converted.name
