@@ -248,6 +248,10 @@ def _pretrained_asset(role: str, cfg: Config, log) -> ModelAsset:
             path=spec.name_or_path, tokenizer=spec.tokenizer or spec.name_or_path, dtype=spec.dtype
         )
     if spec.kind == "pruned":
+        if role == "teacher" and spec.source == "teacher":
+            raise gguf.ModelSourceError(
+                "teacher.source: teacher names the teacher itself; name a model to cut"
+            )
         source = _pretrained_asset("teacher", cfg, log) if spec.source == "teacher" else None
         path = source.path if source else gguf.resolve(spec.source, cache, f"{role}.source", log)
         cut = prune.ensure_pruned(
