@@ -5,9 +5,9 @@ and an 87-line traceback, and an offline machine a 58-line one. Here a name that
 path, only a hub id is looked up (once, briefly, and not when it is cached), and an offline machine is told so.
 A `.gguf` name must be a whole GGUF file here (magic, version, and its tables read by the gguf package, which fails
 on a truncated or corrupt file; an architecture transformers cannot dequantise is named when it is converted,
-`opd.models.gguf`); a catalog name
-(`smollm2-135m-instruct`) must have been fetched by `opd models get`; a pruned model's source is checked like a
-pretrained name, and its `drop_layers` against the source's layer count when its config.json is here.
+`opd.models.gguf`); a catalog name (`smollm2-135m-instruct`) must have been fetched by `opd models get`; a pruned
+model's source is checked like a pretrained name, and its `drop_layers` against the source's layer count when
+its config.json is here.
 Kept out of the model stack (no torch, no transformers), so `opd run` refuses a bad name at once; `opd run` and
 `opd prepare` pass `model_source_problems` to `load_config(checks=...)`. A component started by hand does not run
 it: its models may live where the launcher's machine cannot see them.
