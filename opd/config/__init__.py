@@ -16,7 +16,7 @@ from opd.config.broker import BROKER_SECTIONS, BrokerConfig, RedisBrokerConfig, 
 from opd.config.learner import CorrectionConfig, DeepSpeedConfig, HybridConfig, LearnerConfig
 from opd.config.loading import Check, ConfigError, apply_overrides, describe_fields, dump_config, load_config
 from opd.config.metrics import MetricsConfig, TensorBoardConfig, WandbConfig
-from opd.config.models import ModelConfig, PretrainedModel, TinyModel
+from opd.config.models import ModelConfig, PretrainedModel, PrunedModel, TinyModel
 from opd.config.pipeline import PipelineConfig, ServiceTimeConfig
 from opd.config.ray import (
     RayBrokerResources,
@@ -52,6 +52,7 @@ __all__ = [
     "ModelConfig",
     "PipelineConfig",
     "PretrainedModel",
+    "PrunedModel",
     "RayBrokerResources",
     "RayConfig",
     "RayLearnerResources",

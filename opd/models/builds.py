@@ -6,8 +6,9 @@ hash. The built-in configs' models ship in `opd/demo_models/` (with `manifest.js
 its files' sha256), so a fresh clone starts at once; any other recipe is built on first use and cached under
 `run.cache_dir`. A build is deterministic: fixed seeds, deterministic algorithms and a fixed thread count
 (`opd.runtime.threads.BUILD_THREADS`) give the same bytes on any machine load or `OMP_NUM_THREADS`, which is what
-lets `opd prepare --rebuild` check a shipped model against its recipe. Pretrained models are passed through
-untouched.
+lets `opd prepare --rebuild` check a shipped model against its recipe. Pretrained models load as named, except a
+GGUF file or a catalog name (converted once into the cache: opd.models.gguf) and a pruned model (cut once from
+its source: opd.models.prune).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd import tasks
-from opd.config import Config, PretrainedModel, TinyModel
+from opd.config import Config, TinyModel
+from opd.models import gguf, prune
 from opd.models.loading import build_char_tokenizer, encode_prompt, load_causal_lm, load_tokenizer
 from opd.models.sampler import sample
 from opd.runtime.progress import progress
@@ -231,15 +233,42 @@ def _tiny_asset(role: str, spec: TinyModel, tok_dir, cfg: Config, log, rebuild: 
     )
 
 
-def _pretrained_asset(spec: PretrainedModel) -> ModelAsset:
-    return ModelAsset(path=spec.name_or_path, tokenizer=spec.tokenizer or spec.name_or_path, dtype=spec.dtype)
+def _pretrained_asset(role: str, cfg: Config, log) -> ModelAsset:
+    """A pretrained model's directory: as named, a catalog name's, a GGUF's conversion, or a pruned model's cut,
+    made once in the cache (opd.models.gguf, opd.models.prune). A teacher behind a server is passed as named."""
+    spec, cache = getattr(cfg, role), cfg.run.cache_dir
+    cut_from_teacher = cfg.student.kind == "pruned" and cfg.student.source == "teacher"
+    if (
+        spec.kind == "pretrained"
+        and role == "teacher"
+        and not cfg.scorer.teacher_is_local
+        and not cut_from_teacher
+    ):
+        return ModelAsset(
+            path=spec.name_or_path, tokenizer=spec.tokenizer or spec.name_or_path, dtype=spec.dtype
+        )
+    if spec.kind == "pruned":
+        if role == "teacher" and spec.source == "teacher":
+            raise gguf.ModelSourceError(
+                "teacher.source: teacher names the teacher itself; name a model to cut"
+            )
+        source = _pretrained_asset("teacher", cfg, log) if spec.source == "teacher" else None
+        path = source.path if source else gguf.resolve(spec.source, cache, f"{role}.source", log)
+        cut = prune.ensure_pruned(
+            path, source.tokenizer if source else path, spec.drop_layers, cache, role, log
+        )
+        return ModelAsset(path=str(cut), tokenizer=str(cut), dtype=spec.dtype)
+    path = gguf.resolve(spec.name_or_path, cache, f"{role}.name_or_path", log)
+    tokenizer = gguf.resolve(spec.tokenizer, cache, f"{role}.tokenizer", log) if spec.tokenizer else path
+    return ModelAsset(path=path, tokenizer=tokenizer, dtype=spec.dtype)
 
 
 def ensure_assets(cfg: Config, log=print, rebuild: bool = False) -> Assets:
     """Return where student and teacher live: shipped, cached, or built and cached on first use (`rebuild`:
     built again from their recipes into the cache, shipped or not)."""
-    if cfg.student.kind == "pretrained" and cfg.teacher.kind == "pretrained":
-        return Assets(student=_pretrained_asset(cfg.student), teacher=_pretrained_asset(cfg.teacher))
+    if cfg.student.kind != "tiny" and cfg.teacher.kind != "tiny":
+        teacher = _pretrained_asset("teacher", cfg, log)
+        return Assets(student=_pretrained_asset("student", cfg, log), teacher=teacher)
     cache = Path(cfg.run.cache_dir)
 
     def tok_dir() -> Path:  # only a build needs it: a shipped model carries its tokenizer
