@@ -22,6 +22,7 @@ from teacher_scorers.backends.hf import HFTeacher
 from tests.chat_models import chatml_model_dir
 
 CONTEXT = '{system_prompt: "Answer with digits.", few_shot: [{user: "1+1=", assistant: "2"}, {user: "2+5=", assistant: "7"}]}'
+FEW_SHOT_ONLY = '{few_shot: [{user: "4+4=", assistant: "8"}]}'
 PROMPTS = ["3+4=", "12+9=", "what is 5+5?", "hello", "9+9+9=", " spaced"]
 
 
@@ -70,8 +71,10 @@ def _trajectories(tok, problems, seed=0) -> list[Trajectory]:
 def _teacher_conversation(cfg, p) -> list[dict[str, str]]:
     """What the teacher should read, written out as messages: the context's system turn, the few-shot turns,
     then the student's own turns (without its system turn, which the context replaces)."""
-    ctx = cfg.scorer.context
-    msgs = [{"role": "system", "content": ctx.system_prompt}]
+    ctx, own = cfg.scorer.context, [m for m in conversation(p) if m["role"] == "system"]
+    # the context's system turn replaces the student's; without one the student's stays (the template's default
+    # when the task has none: the template writes it before the first turn)
+    msgs = [{"role": "system", "content": ctx.system_prompt}] if ctx.system_prompt is not None else own
     for shot in ctx.few_shot:
         msgs += [{"role": "user", "content": shot.user}, {"role": "assistant", "content": shot.assistant}]
     return msgs + [m for m in conversation(p) if m["role"] != "system"]
@@ -85,10 +88,11 @@ def _direct(model, ids: list[int], response: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("system_prompt", [None, "Task system."])
+@pytest.mark.parametrize("context", [CONTEXT, FEW_SHOT_ONLY], ids=["system+shots", "shots"])
 def test_context_distilled_scores_equal_a_direct_forward_on_the_teachers_full_conversation(
-    tmp_path, system_prompt
+    tmp_path, system_prompt, context
 ):
-    extra = [f"scorer.context={CONTEXT}"] + ([f"task.system_prompt={system_prompt}"] if system_prompt else [])
+    extra = [f"scorer.context={context}"] + ([f"task.system_prompt={system_prompt}"] if system_prompt else [])
     cfg, assets = _setup(tmp_path, *extra)
     teacher = HFTeacher(cfg, assets)
     tok, problems = teacher.tokenizer, _problems(cfg)
