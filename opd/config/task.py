@@ -5,22 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from opd.config.base import Strict
 
 
 class AdditionTask(Strict):
-    """Built-in task: `a+b=` answered with the sum; a verifier checks the digits exactly."""
+    """Built-in task: `a+b=` answered with the sum; a verifier checks the digits exactly.
+
+    Its prompts are rendered with the student's chat template when the tokenizer has one (the demo's character
+    tokenizer has none, so the tiny models see raw `a+b=`). It has no prompt-format fields of its own: the tiny
+    models are named by a hash of this section, and new fields would rename every shipped model."""
 
     kind: Literal["addition"] = "addition"
     max_digits: int = Field(3, ge=1, le=6, description="Operands have 1..max_digits digits.")
     eval_size: int = Field(200, ge=1, description="Held-out problems used for accuracy.")
     eval_seed: int = Field(12345, description="Seed of the held-out set (kept out of training prompts).")
 
+    @property
+    def chat_template(self) -> Literal["auto", "none"]:
+        return "auto"
+
+    @property
+    def system_prompt(self) -> str | None:
+        return None
+
 
 class JsonlTask(Strict):
-    """Prompts from a JSONL file: one object per line with `prompt` and optionally `answer` and `id`."""
+    """Prompts from a JSONL file: one object per line with `prompt` (raw text) or `messages` (a chat, OpenAI-style
+    roles, ending with a user turn), and optionally `answer` and `id`."""
 
     kind: Literal["jsonl"] = "jsonl"
     train_path: Path = Field(description="JSONL of training prompts.")
@@ -31,6 +44,23 @@ class JsonlTask(Strict):
         "exact", description="How a completion is checked against `answer`."
     )
     eval_size: int = Field(200, ge=1, description="At most this many held-out prompts are evaluated.")
+    chat_template: Literal["auto", "none"] = Field(
+        "auto",
+        description="auto: render prompts with the student's chat template when its tokenizer has one (generation "
+        "prompt added; responses end at the template's end-of-turn token); none: raw text after BOS.",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="System turn put before every prompt that has none of its own (raw text before the prompt "
+        "without a chat template); none = the template's default.",
+    )
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("task.system_prompt is blank; give it text or drop the key")
+        return v
 
 
 TaskConfig = Annotated[AdditionTask | JsonlTask, Field(discriminator="kind")]
