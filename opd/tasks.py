@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opd import verifiers
 from opd.config.task import AdditionTask, JsonlTask
 
 
@@ -24,11 +25,9 @@ class Problem:
 
 
 def verify(answer: str | None, completion: str, mode: str = "exact") -> bool:
-    """True when `completion` solves the problem: exact match after stripping, or containment."""
-    if answer is None:
-        return False
-    got = completion.strip()
-    return got == answer.strip() if mode == "exact" else answer.strip() in got
+    """True when `completion` solves the problem under verifier `mode` (a name of opd.verifiers, or
+    `module:function`); kept here so callers need only `opd.tasks`."""
+    return verifiers.verify(answer, completion, mode)
 
 
 # ----------------------------------------------------------------------------------------- addition
@@ -77,7 +76,9 @@ def read_jsonl_problems(path: Path) -> list[Problem]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                raise ValueError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+                ) from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise ValueError(f"{path}:{lineno}: each line needs a string field 'prompt'")
             answer = row.get("answer")
@@ -164,4 +165,5 @@ def eval_set(task: AdditionTask | JsonlTask) -> list[Problem]:
 
 
 def verifier_mode(task: AdditionTask | JsonlTask) -> str:
+    """The verifier name of the task (a built-in name or `module:function`; see opd/verifiers.py)."""
     return "exact" if task.kind == "addition" else task.verifier

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from opd import verifiers
 from opd.config.base import Strict
 
 
@@ -27,10 +28,18 @@ class JsonlTask(Strict):
     eval_path: Path | None = Field(
         None, description="JSONL of held-out prompts with `answer`; none = no accuracy."
     )
-    verifier: Literal["exact", "contains"] = Field(
-        "exact", description="How a completion is checked against `answer`."
+    verifier: str = Field(
+        "exact",
+        description=f"How a completion is checked against `answer`: {' | '.join(verifiers.VERIFIERS)} "
+        "(opd/verifiers.py), or 'module:function' taking (answer, completion) -> bool, imported at load.",
     )
     eval_size: int = Field(200, ge=1, description="At most this many held-out prompts are evaluated.")
+
+    @field_validator("verifier")
+    @classmethod
+    def _known_verifier(cls, name: str) -> str:
+        """A built-in name, or a custom function that imports and answers a probe: refused here, not mid-run."""
+        return verifiers.check_name(name)
 
 
 TaskConfig = Annotated[AdditionTask | JsonlTask, Field(discriminator="kind")]
