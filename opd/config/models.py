@@ -47,7 +47,10 @@ class PretrainedModel(Strict):
     name_or_path: str = Field(description="HF hub id or local checkpoint directory.")
     tokenizer: str | None = Field(None, description="Tokenizer id/path; defaults to name_or_path.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights dtype when loaded."
+        "float32",
+        description="Weights and compute dtype where this model runs (student: actors; teacher: scorers; logprobs "
+        "are always taken in fp32). bfloat16 on a CPU needs native bf16 (avx512_bf16/AMX), checked at load. The "
+        "learner keeps fp32 master weights whatever this is (learner.dtype sets its compute).",
     )
 
 
