@@ -21,6 +21,7 @@ from opd.models.builds import Assets, ModelAsset
 from opd.models.loading import build_char_tokenizer
 from teacher_scorers.backends.hf import HFTeacher
 from tests.scored import scored_trajectories, tiny_model
+from weight_sync import WeightBroadcaster
 
 native = pytest.mark.skipif(
     precision.cpu_bf16_feature() is None, reason="this CPU has no native bf16 (avx512_bf16/amx_bf16/Arm bf16)"
@@ -116,12 +117,19 @@ def test_a_bf16_student_trains_on_fp32_master_weights():
     """A student loaded in bf16 (student.dtype) is trained in fp32: at lr 1e-6 every Adam step moves a weight by
     ~1e-6, far below bf16's spacing near 0.1 (5e-4), so pure bf16 weights would not move at all."""
     model = tiny_model(0).to(torch.bfloat16)
+    layout = WeightBroadcaster(None, list(model.named_parameters()), 1.0)  # as the learner records it, first
     start = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
     engine, _, _ = _train(["learner.dtype=bf16", "learner.lr=1e-6"], model, steps=2)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     moved = torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start
     assert 0 < float(moved.abs().max()) < 1e-5
     assert (moved.abs() > 0).float().mean() > 0.5  # most weights moved, each by about lr
+    # the actors still get the student's dtype: the fp32 masters rounded to bf16
+    sent = layout.as_sent()
+    assert {t.dtype for _, t in sent} == {torch.bfloat16}
+    assert all(
+        torch.equal(t, p.detach().bfloat16()) for (_, t), p in zip(sent, model.parameters(), strict=True)
+    )
 
 
 def _deepspeed_available() -> bool:
