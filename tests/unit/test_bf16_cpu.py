@@ -167,6 +167,34 @@ def test_deepspeed_bf16_on_cpu_tracks_the_fp32_torch_engine():
     assert float((d16.norm() - d32.norm()).abs() / d32.norm()) < 0.05
 
 
+@native
+@pytest.mark.skipif(
+    not _deepspeed_available(), reason="deepspeed is not installed (pip install -e .[deepspeed])"
+)
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_bf16_state_on_cpu_resumes_weights_only(stage, tmp_path):
+    """bf16 saves another optimizer's state (ZeRO-0: FP16_UnfusedOptimizer's fp32 groups; ZeRO-2: fp32 master
+    partitions): the weights-only loader (safe_load with DeepSpeed's record classes) must read it on CPU too."""
+    from learner.engines.deepspeed import DeepSpeedEngine
+
+    over = [
+        "learner.engine=deepspeed",
+        "learner.deepspeed.dtype=bf16",
+        f"learner.deepspeed.zero_stage={stage}",
+    ]
+    cfg = load_config(None, [*BASE, *over])
+    engine = DeepSpeedEngine(tiny_model(0), cfg)
+    for seed in range(2):
+        engine.step(collate(scored_trajectories(8, seed=seed), 0))
+    engine.save_state(tmp_path / "engine")
+    resumed = DeepSpeedEngine(tiny_model(1), cfg)
+    resumed.load_state(tmp_path / "engine")
+    assert resumed.optimizer_steps == 2
+    with engine.gathered(), resumed.gathered():
+        for a, b in zip(engine.hf_model.parameters(), resumed.hf_model.parameters(), strict=True):
+            assert torch.equal(a, b)  # the saved weights came back, not seed 1's
+
+
 # ---------------------------------------------------------------------------------------- actor and scorer
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
