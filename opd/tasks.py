@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opd import verifiers
 from opd.config.task import AdditionTask, JsonlTask
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -35,11 +36,9 @@ class Problem:
 
 
 def verify(answer: str | None, completion: str, mode: str = "exact") -> bool:
-    """True when `completion` solves the problem: exact match after stripping, or containment."""
-    if answer is None:
-        return False
-    got = completion.strip()
-    return got == answer.strip() if mode == "exact" else answer.strip() in got
+    """True when `completion` solves the problem under verifier `mode` (a name of opd.verifiers, or
+    `module:function`); kept here so callers need only `opd.tasks`."""
+    return verifiers.verify(answer, completion, mode)
 
 
 # ----------------------------------------------------------------------------------------- addition
@@ -244,4 +243,5 @@ def eval_set(task: AdditionTask | JsonlTask) -> list[Problem]:
 
 
 def verifier_mode(task: AdditionTask | JsonlTask) -> str:
+    """The verifier name of the task (a built-in name or `module:function`; see opd/verifiers.py)."""
     return "exact" if task.kind == "addition" else task.verifier

@@ -100,7 +100,12 @@ class PretrainedModel(Strict):
     tokenizer: str | None = Field(
         None, description="Tokenizer id/path (a .gguf too); defaults to name_or_path."
     )
-    dtype: _DTYPE = Field("float32", description="Weights dtype when loaded.")
+    dtype: _DTYPE = Field(
+        "float32",
+        description="Weights and compute dtype where this model runs (student: actors; teacher: scorers; logprobs "
+        "are always taken in fp32). bfloat16 on a CPU needs native bf16 (avx512_bf16/AMX), checked at load. The "
+        "learner keeps fp32 master weights whatever this is (learner.dtype sets its compute).",
+    )
 
     @field_validator("name_or_path", "tokenizer")
     @classmethod

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
+from opd import verifiers
 from opd.config.base import Strict
 
 
@@ -40,8 +41,10 @@ class JsonlTask(Strict):
     eval_path: Path | None = Field(
         None, description="JSONL of held-out prompts with `answer`; none = no accuracy."
     )
-    verifier: Literal["exact", "contains"] = Field(
-        "exact", description="How a completion is checked against `answer`."
+    verifier: str = Field(
+        "exact",
+        description=f"How a completion is checked against `answer`: {' | '.join(verifiers.VERIFIERS)} "
+        "(opd/verifiers.py), or 'module:function' taking (answer, completion) -> bool, imported at load.",
     )
     eval_size: int = Field(200, ge=1, description="At most this many held-out prompts are evaluated.")
     chat_template: Literal["auto", "none"] = Field(
@@ -61,6 +64,12 @@ class JsonlTask(Strict):
         if v is not None and not v.strip():
             raise ValueError("task.system_prompt is blank; give it text or drop the key")
         return v
+
+    @field_validator("verifier")
+    @classmethod
+    def _known_verifier(cls, name: str) -> str:
+        """A built-in name, or a custom function that imports and answers a probe: refused here, not mid-run."""
+        return verifiers.check_name(name)
 
 
 TaskConfig = Annotated[AdditionTask | JsonlTask, Field(discriminator="kind")]
