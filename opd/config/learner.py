@@ -144,8 +144,9 @@ class LearnerConfig(Strict):
     eval_budget_s: float = Field(
         300.0,
         ge=0,
-        description="No evaluation batch starts after this many seconds; the record says how many held-out "
-        "problems the accuracy covers (eval_problems of eval_problems_total). 0 = no limit.",
+        description="An evaluation starts a batch only if it should end within this many seconds (judged by "
+        "its slowest batch so far; the first batch always runs); the record says how many held-out problems the "
+        "accuracy covers (eval_problems of eval_problems_total). 0 = no limit.",
     )
     eval_batch_size: int = Field(
         256,

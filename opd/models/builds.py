@@ -121,20 +121,21 @@ def evaluate_within(
     and only when it takes over QUIET_EVAL_S, so a quick evaluation every few steps adds nothing to a component's
     log.
 
-    `budget_s`: no batch starts after this many seconds, so an evaluation of a real model (minutes for a full
-    held-out set on a CPU) is bounded; the result counts the problems it reached, always at least one batch, and
-    always the first ones of the set (evaluations cut by the same budget compare the same problems). `cancel`: a
-    callable checked between batches (a stopping learner), which ends it the same way."""
+    `budget_s`: a batch starts only if it should end within this many seconds of the start (judged by the
+    slowest batch so far), so an evaluation of a real model (minutes for a full held-out set on a CPU) stays
+    within it unless one batch alone is longer. The result counts the problems it reached: always at least one
+    batch, and always the first ones of the set (evaluations cut by the same budget compare the same problems).
+    `cancel`: a callable checked between batches (a stopping learner), which ends it the same way."""
     t0 = time.perf_counter()
     if not problems:
         return EvalResult(float("nan"), 0, 0, 0.0)
     quiet = QUIET_EVAL_S if log is None else 0.0
     deadline = None if budget_s is None else t0 + budget_s
 
-    def more() -> bool:
+    def more(batch_s: float) -> bool:
         if cancel is not None and cancel():
             return False
-        return deadline is None or time.perf_counter() < deadline
+        return deadline is None or time.perf_counter() + batch_s <= deadline
 
     with progress(
         f"evaluating {what}", len(problems), "problems", log or _log.info, quiet_under_s=quiet
@@ -144,13 +145,16 @@ def evaluate_within(
 
 
 def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, batch: int, bar, more):
-    """(correct, evaluated) over the first problems, one batch at a time while `more()` (the first always)."""
+    """(correct, evaluated) over the first problems, one batch at a time while `more(slowest batch's seconds)`
+    (the first batch always)."""
     was_training = model.training
     model.eval()
     correct = done = 0
+    slowest = 0.0
     for i in range(0, len(problems), batch):
-        if i and not more():
+        if i and not more(slowest):
             break
+        t0 = time.perf_counter()
         chunk = problems[i : i + batch]
         outs = sample(
             model,
@@ -164,6 +168,7 @@ def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, 
             text = tokenizer.decode(o.response_ids, skip_special_tokens=True)
             correct += tasks.verify(p.answer, text, mode)
         done += len(chunk)
+        slowest = max(slowest, time.perf_counter() - t0)
         bar.advance(len(chunk))
     model.train(was_training)
     return correct, done
