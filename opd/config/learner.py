@@ -132,7 +132,10 @@ class LearnerConfig(Strict):
         "them (exactly once); off saves that disk but loses the steps after the last checkpoint on a crash.",
     )
     eval_every: int = Field(
-        20, ge=0, description="Learner steps between held-out evaluations (0 = only at the end)."
+        20,
+        ge=0,
+        description="Learner steps between held-out evaluations (0 = none during training; `opd run` still "
+        "evaluates the saved student at the end).",
     )
     eval_mode: Literal["inline", "background"] = Field(
         "inline",
