@@ -128,8 +128,11 @@ def test_background_evaluation_lets_steps_go_on_and_records_the_weights_it_evalu
     assert started | skipped == set(range(every, steps + 1, every)) and not started & skipped
     assert {r["eval_step"] for r in evals} == started
 
-    by_step = {s: _accuracy_at(cfg, s, cfg.learner.eval_batch_size) for s in range(every, steps + 1, every)}
-    assert len(set(by_step.values())) > 1  # the steps' weights differ: a stale snapshot would show
+    # the evaluated steps' checkpoints, and the next due step's: their weights give different accuracies, so a
+    # snapshot of the wrong step would show
+    checked = started | {min(started) + every}
+    by_step = {s: _accuracy_at(cfg, s, cfg.learner.eval_batch_size) for s in sorted(checked)}
+    assert len(set(by_step.values())) > 1
     for r in evals:
         assert r["eval_weight_version"] == r["eval_step"]  # weight_sync.every: 1
         assert (r["eval_problems"], r["eval_problems_total"]) == (300, 300)
