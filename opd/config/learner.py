@@ -137,7 +137,30 @@ class LearnerConfig(Strict):
         "them (exactly once); off saves that disk but loses the steps after the last checkpoint on a crash.",
     )
     eval_every: int = Field(
-        20, ge=0, description="Learner steps between held-out evaluations (0 = only at the end)."
+        20,
+        ge=0,
+        description="Learner steps between held-out evaluations (0 = none during training; `opd run` still "
+        "evaluates the saved student at the end).",
+    )
+    eval_mode: Literal["inline", "background"] = Field(
+        "inline",
+        description="inline: the learner evaluates between steps (training waits; fastest for the tiny demo, "
+        "whose evaluation takes a fraction of a second); background: a thread evaluates a copy of the weights "
+        "while training goes on (one more copy of the weights in memory; it shares the learner's cores), and "
+        "the result lands in the first step record after it ends, with the step and weight version it evaluated.",
+    )
+    eval_budget_s: float = Field(
+        300.0,
+        ge=0,
+        description="An evaluation starts a batch only if it should end within this many seconds (judged by "
+        "its slowest batch so far; the first batch always runs); the record says how many held-out problems the "
+        "accuracy covers (eval_problems of eval_problems_total). 0 = no limit.",
+    )
+    eval_batch_size: int = Field(
+        256,
+        ge=1,
+        description="Held-out problems generated together in one evaluation batch (the budget is checked "
+        "between batches, so a smaller one stops closer to it).",
     )
     device: str = Field("cpu", description="torch device of the learner.")
     dtype: Literal["auto", "fp32", "bf16"] = Field(

@@ -75,6 +75,20 @@ def _atomic_dir(final: Path, build) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """One held-out evaluation: the accuracy over the problems it reached before its budget ran out."""
+
+    accuracy: float  # correct / problems (nan when none were evaluated)
+    problems: int  # problems evaluated
+    total: int  # problems in the held-out set
+    seconds: float
+
+    @property
+    def complete(self) -> bool:
+        return self.problems == self.total
+
+
 def evaluate(
     model,
     tokenizer,
@@ -86,24 +100,64 @@ def evaluate(
     log=None,
     what: str = "the model",
 ) -> float:
-    """Greedy held-out accuracy, with progress per batch through `log` (`opd.runtime.progress`). Without a `log`
-    (the learner's periodic evaluation) it goes to this module's logger, and only when it takes over
-    QUIET_EVAL_S, so a quick evaluation every few steps adds nothing to a component's log."""
+    """Greedy held-out accuracy over every problem (`evaluate_within` without a budget)."""
+    return evaluate_within(
+        model, tokenizer, problems, max_new_tokens, mode, batch, log=log, what=what
+    ).accuracy
+
+
+def evaluate_within(
+    model,
+    tokenizer,
+    problems: list[tasks.Problem],
+    max_new_tokens: int,
+    mode: str,
+    batch: int = 256,
+    *,
+    budget_s: float | None = None,
+    cancel=None,
+    log=None,
+    what: str = "the model",
+) -> EvalResult:
+    """Greedy held-out accuracy, `batch` problems per generation, with progress per batch through `log`
+    (`opd.runtime.progress`). Without a `log` (the learner's periodic evaluation) it goes to this module's logger,
+    and only when it takes over QUIET_EVAL_S, so a quick evaluation every few steps adds nothing to a component's
+    log.
+
+    `budget_s`: a batch starts only if it should end within this many seconds of the start (judged by the
+    slowest batch so far), so an evaluation of a real model (minutes for a full held-out set on a CPU) stays
+    within it unless one batch alone is longer. The result counts the problems it reached: always at least one
+    batch, and always the first ones of the set (evaluations cut by the same budget compare the same problems).
+    `cancel`: a callable checked between batches (a stopping learner), which ends it the same way."""
+    t0 = time.perf_counter()
     if not problems:
-        return float("nan")
+        return EvalResult(float("nan"), 0, 0, 0.0)
     quiet = QUIET_EVAL_S if log is None else 0.0
+    deadline = None if budget_s is None else t0 + budget_s
+
+    def more(batch_s: float) -> bool:
+        if cancel is not None and cancel():
+            return False
+        return deadline is None or time.perf_counter() + batch_s <= deadline
+
     with progress(
         f"evaluating {what}", len(problems), "problems", log or _log.info, quiet_under_s=quiet
     ) as bar:
-        correct = _greedy_correct(model, tokenizer, problems, max_new_tokens, mode, batch, bar)
-    return correct / len(problems)
+        correct, done = _greedy_correct(model, tokenizer, problems, max_new_tokens, mode, batch, bar, more)
+    return EvalResult(correct / done, done, len(problems), time.perf_counter() - t0)
 
 
-def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, batch: int, bar) -> int:
+def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, batch: int, bar, more):
+    """(correct, evaluated) over the first problems, one batch at a time while `more(slowest batch's seconds)`
+    (the first batch always)."""
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = done = 0
+    slowest = 0.0
     for i in range(0, len(problems), batch):
+        if i and not more(slowest):
+            break
+        t0 = time.perf_counter()
         chunk = problems[i : i + batch]
         outs = sample(
             model,
@@ -116,9 +170,11 @@ def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, 
         for p, o in zip(chunk, outs, strict=True):
             text = tokenizer.decode(o.response_ids, skip_special_tokens=True)
             correct += tasks.verify(p.answer, text, mode)
+        done += len(chunk)
+        slowest = max(slowest, time.perf_counter() - t0)
         bar.advance(len(chunk))
     model.train(was_training)
-    return correct
+    return correct, done
 
 
 def _sft(model, tokenizer, spec: TinyModel, cfg: Config, bar) -> None:
