@@ -334,8 +334,11 @@ def run_top(cfg: Config, once: bool, interval_s: float = 1.0, console: Console |
                 time.sleep(interval_s)
                 try:
                     reader.poll(state)
-                except BrokerUnavailable:
-                    state.source = "broker gone (run over?)"
+                except BrokerUnavailable:  # the run is over: its directory has every step, the stream may not
+                    final = state_from_files(cfg)
+                    if final is None:
+                        state.source = "broker gone (run over?)"
+                    state = final or state
                     state.finished = True
                 live.update(render(state, cfg))
     except KeyboardInterrupt:

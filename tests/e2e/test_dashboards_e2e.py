@@ -17,6 +17,13 @@ pytestmark = pytest.mark.slow
 STEPS, BATCH = 150, 64
 
 
+def _actor_version(port: int) -> float:
+    try:
+        return value(scrape(port), "opd_weight_version", component="actor-0")
+    except (urllib.error.URLError, ConnectionError, AssertionError):
+        return 0.0
+
+
 def _trained(port: int) -> float:
     try:
         return value(scrape(port), "opd_trajectories_total", stage="trained")
@@ -77,6 +84,8 @@ def test_watch_a_run_prometheus_top_wandb_tensorboard(prepared, tmp_path):
         ports = json.loads((out_dir / "metrics_ports.json").read_text())["ports"]
         assert ports == {"learner": base, "actor-0": base + 1, "scorer-0": base + 2}
         wait_for(lambda: _trained(base) >= 2 * BATCH, 300, "two trained steps on the learner's endpoint")
+        # the actor sets its weight-version gauge when it next reports, which may come after the learner's step
+        wait_for(lambda: _actor_version(base + 1) >= 1, 60, "the actor's first received weights on its endpoint")
         _check_live_endpoints(ports)
         live = _top_once(str(out_dir / "config.yaml"))
         # the live view (not --once) follows the run and exits by itself when the learner announces the end

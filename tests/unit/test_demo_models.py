@@ -22,7 +22,14 @@ from opd.models.builds import (
 from tests.conftest import REPO
 
 # every built-in config whose tiny models ship (their teacher and student recipes are in the manifest)
-SHIPPED_CONFIGS = ("tiny.yaml", "compose.yaml", "redis.yaml", "bench_quality_skill.yaml")
+SHIPPED_CONFIGS = (
+    "tiny.yaml",
+    "compose.yaml",
+    "redis.yaml",
+    "reference.yaml",
+    "bench_quality.yaml",
+    "bench_quality_skill.yaml",
+)
 
 
 def test_manifest_matches_the_shipped_files():

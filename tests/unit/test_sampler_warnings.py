@@ -9,27 +9,13 @@ from __future__ import annotations
 import warnings
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd.models.sampler import response_logprobs, sample
-
-
-def _model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=20,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+from tests.scored import tiny_model
 
 
 def test_sampling_warns_nothing_and_uses_the_cache():
-    model = _model()
+    model = tiny_model(0).eval()
     prompts = [[1, 5, 6], [1, 7]]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
