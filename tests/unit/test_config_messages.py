@@ -14,8 +14,8 @@ def _error(*overrides: str) -> str:
 
 
 def test_a_key_one_section_down_is_suggested():
-    err = _error("learner.dtype=bf16")
-    assert "learner.dtype: unknown key; did you mean learner.deepspeed.dtype?" in err
+    err = _error("learner.zero_stage=2")
+    assert "learner.zero_stage: unknown key; did you mean learner.deepspeed.zero_stage?" in err
 
 
 def test_an_unknown_key_with_no_close_match_lists_the_section_keys():
@@ -25,6 +25,6 @@ def test_an_unknown_key_with_no_close_match_lists_the_section_keys():
 
 
 def test_a_section_check_naming_its_own_key_is_shown_at_that_key():
-    err = _error("learner.engine=deepspeed", "learner.deepspeed.dtype=bf16")
-    assert "  learner.deepspeed.dtype: bf16 needs learner.device: cuda" in err
+    err = _error("learner.correction.mode=decoupled", "learner.correction.proximal=none")
+    assert "  learner.correction.mode: decoupled needs the proximal policy" in err
     assert "  learner: " not in err
