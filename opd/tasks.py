@@ -2,6 +2,9 @@
 
 Actors draw training prompts from here, and the learner and launcher draw the held-out set and the verifier, so
 every process agrees on what a problem is and what counts as correct.
+
+Task kinds: `addition` (the tiny demo's `a+b=`), `jsonl` (your files), and two generated for real instruct models
+with no download: `capitals` and `word_problems`, each with a seeded held-out split that training never draws from.
 """
 
 from __future__ import annotations
