@@ -31,7 +31,7 @@ from opd.config.sampling import SamplingConfig
 from opd.config.scaling import ScalingConfig
 from opd.config.scorer import RemoteTeacherConfig, ScorerConfig
 from opd.config.supervision import SupervisionConfig
-from opd.config.task import AdditionTask, JsonlTask, TaskConfig
+from opd.config.task import AdditionTask, CapitalsTask, JsonlTask, TaskConfig, WordProblemsTask
 from opd.config.vllm_engine import VLLMEngineConfig
 from opd.config.weight_sync import WeightSyncConfig
 
@@ -40,6 +40,7 @@ __all__ = [
     "ActorConfig",
     "AdditionTask",
     "BrokerConfig",
+    "CapitalsTask",
     "Check",
     "Config",
     "ConfigError",
@@ -73,6 +74,7 @@ __all__ = [
     "VLLMEngineConfig",
     "WandbConfig",
     "WeightSyncConfig",
+    "WordProblemsTask",
     "ZmqBrokerConfig",
     "apply_overrides",
     "describe_fields",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 
 from opd import verifiers
 from opd.config.base import Strict
@@ -32,6 +32,40 @@ class AdditionTask(Strict):
         return None
 
 
+def _not_blank(v: str | None) -> str | None:
+    if v is not None and not v.strip():
+        raise ValueError("task.system_prompt is blank; give it text or drop the key")
+    return v
+
+
+# The prompt-format fields every task with real-model prompts has (the addition task has them as constants).
+ChatTemplate = Annotated[
+    Literal["auto", "none"],
+    Field(
+        description="auto: render prompts with the student's chat template when its tokenizer has one (generation "
+        "prompt added; responses end at the template's end-of-turn token); none: raw text after BOS."
+    ),
+]
+SystemPrompt = Annotated[
+    str | None,
+    Field(
+        description="System turn put before every prompt that has none of its own (raw text before the prompt "
+        "without a chat template); none = the template's default."
+    ),
+    AfterValidator(_not_blank),
+]
+# A built-in verifier name or a custom `module:function`, imported and probed at load: refused here, not mid-run.
+Verifier = Annotated[str, AfterValidator(verifiers.check_name)]
+
+
+def _verifier_field(default: str) -> object:
+    return Field(
+        default,
+        description=f"How a completion is checked against `answer`: {' | '.join(verifiers.VERIFIERS)} "
+        "(opd/verifiers.py), or 'module:function' taking (answer, completion) -> bool, imported at load.",
+    )
+
+
 class JsonlTask(Strict):
     """Prompts from a JSONL file: one object per line with `prompt` (raw text) or `messages` (a chat, OpenAI-style
     roles, ending with a user turn), and optionally `answer` and `id`."""
@@ -41,35 +75,53 @@ class JsonlTask(Strict):
     eval_path: Path | None = Field(
         None, description="JSONL of held-out prompts with `answer`; none = no accuracy."
     )
-    verifier: str = Field(
-        "exact",
-        description=f"How a completion is checked against `answer`: {' | '.join(verifiers.VERIFIERS)} "
-        "(opd/verifiers.py), or 'module:function' taking (answer, completion) -> bool, imported at load.",
-    )
+    verifier: Verifier = _verifier_field("exact")
     eval_size: int = Field(200, ge=1, description="At most this many held-out prompts are evaluated.")
-    chat_template: Literal["auto", "none"] = Field(
-        "auto",
-        description="auto: render prompts with the student's chat template when its tokenizer has one (generation "
-        "prompt added; responses end at the template's end-of-turn token); none: raw text after BOS.",
+    chat_template: ChatTemplate = "auto"
+    system_prompt: SystemPrompt = None
+
+
+class CapitalsTask(Strict):
+    """Built-in task: "What is the capital of France?" answered "Paris", over ~150 countries written in
+    opd/tasks.py (unambiguous capitals with plain-ASCII names). A seeded share of the countries is held out: never
+    a training prompt, only evaluated, so accuracy measures knowledge the run did not train on directly."""
+
+    kind: Literal["capitals"] = "capitals"
+    eval_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share of the countries held out of training and used for accuracy."
     )
-    system_prompt: str | None = Field(
-        None,
-        description="System turn put before every prompt that has none of its own (raw text before the prompt "
-        "without a chat template); none = the template's default.",
+    eval_seed: int = Field(
+        12345, description="Seed of the held-out split (the same seed, the same countries)."
     )
-
-    @field_validator("system_prompt")
-    @classmethod
-    def _not_blank(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("task.system_prompt is blank; give it text or drop the key")
-        return v
-
-    @field_validator("verifier")
-    @classmethod
-    def _known_verifier(cls, name: str) -> str:
-        """A built-in name, or a custom function that imports and answers a probe: refused here, not mid-run."""
-        return verifiers.check_name(name)
+    eval_size: int = Field(200, ge=1, description="At most this many held-out countries are evaluated.")
+    verifier: Verifier = _verifier_field("contains")
+    chat_template: ChatTemplate = "auto"
+    system_prompt: SystemPrompt = None
 
 
-TaskConfig = Annotated[AdditionTask | JsonlTask, Field(discriminator="kind")]
+class WordProblemsTask(Strict):
+    """Built-in task: one-step arithmetic word problems with one-digit numbers (+, -, x), made from templates in
+    opd/tasks.py ("Tom has 3 apples. Tom buys 4 more apples. How many apples does Tom have now?" -> "7"). Held out:
+    a seeded share of the templates of each operation, and a seeded share of the number pairs of each operation;
+    a problem with either is never a training prompt, so accuracy measures new wordings and new sums."""
+
+    kind: Literal["word_problems"] = "word_problems"
+    eval_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share of the templates, and of the number pairs, held out of training."
+    )
+    eval_seed: int = Field(
+        12345, description="Seed of the held-out split and of the held-out problems drawn."
+    )
+    eval_size: int = Field(
+        200, ge=1, description="Held-out problems used for accuracy (at most all of them)."
+    )
+    verifier: Verifier = _verifier_field("last_number")
+    chat_template: ChatTemplate = "auto"
+    system_prompt: SystemPrompt = None
+
+
+TaskConfig = Annotated[
+    AdditionTask | JsonlTask | CapitalsTask | WordProblemsTask, Field(discriminator="kind")
+]
+# Every task kind, for code that takes any of them.
+AnyTask = AdditionTask | JsonlTask | CapitalsTask | WordProblemsTask
