@@ -35,14 +35,17 @@ from weight_sync import WeightBroadcaster
 
 
 def load_student(cfg: Config, files: RunFiles, checkpoint: Path | None) -> tuple[Student, WeightBroadcaster]:
-    """The student and its broadcast layout, in the one order that works: checkpointed weights first (the engine
-    takes the parameters over as they are), then the layout and the vocabulary size (read from the full
-    parameters), then the engine (which may shard them: ZeRO-3)."""
+    """The student and its broadcast layout, in the one order that works: the layout first, in the student's
+    dtype (what the actors hold); then the checkpointed weights, into fp32 parameters when the student is bf16 or
+    fp16 (the checkpoint holds the fp32 master weights: loaded into bf16 they would be rounded once per resume);
+    then the engine (which upcasts to fp32 masters anyway, and may shard them: ZeRO-3)."""
     assets = ensure_assets(cfg, log=log.info)
     model, tokenizer = load_asset(assets.student, cfg.learner.device)
-    if checkpoint is not None:
-        files.load_weights(model, checkpoint)
     layout = record_layout(model, cfg.weight_sync)
+    if checkpoint is not None:
+        if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+            model.float()  # in place: the layout keeps the same parameters and its recorded dtypes
+        files.load_weights(model, checkpoint)
     vocab_size = model.get_input_embeddings().weight.shape[0]
     return Student(model, tokenizer, build_engine(model, cfg), vocab_size), layout
 
