@@ -31,7 +31,7 @@ from opd import tasks
 from opd.config import Config, TinyModel
 from opd.models import gguf, prune
 from opd.models.loading import build_char_tokenizer, encode_prompt, load_causal_lm, load_tokenizer
-from opd.models.prompts import prompt_ids, stop_token_id
+from opd.models.prompts import prompt_ids, stop_token_ids
 from opd.models.sampler import sample
 from opd.runtime.progress import progress
 from opd.runtime.threads import BUILD_THREADS, threads
@@ -162,7 +162,7 @@ def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, 
         outs = sample(
             model,
             [prompt_ids(tokenizer, p) for p in chunk],
-            eos_id=stop_token_id(tokenizer, chunk[0].chat_template),
+            eos_id=stop_token_ids(tokenizer, chunk[0].chat_template),
             pad_id=tokenizer.pad_token_id,
             max_new_tokens=max_new_tokens,
             temperature=0.0,

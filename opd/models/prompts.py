@@ -3,7 +3,7 @@
 Every component renders through here, so the actor's prompt ids, the evaluation's and the teacher's agree:
 - A tokenizer with a chat template renders the conversation with it (generation prompt added) and the text is
   tokenised without extra special tokens (the template writes its own BOS if it wants one). The response ends at
-  the template's end-of-turn token (`stop_token_id`), which is part of the response, so the learner trains it.
+  the template's end-of-turn token (`stop_token_id`; generation also stops on EOS: `stop_token_ids`), which is part of the response, so the learner trains it.
 - Without a template (the demo's character models) a prompt is BOS + its raw text (`encode_prompt`), as before.
 
 Context distillation (`TeacherPrompts`): the teacher sees a system prompt and/or few-shot turns the student does
@@ -93,6 +93,18 @@ def stop_token_id(tokenizer, chat_template: bool) -> int:
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
     return ids[0] if ids and ids[0] in special else tokenizer.eos_token_id
+
+
+def stop_token_ids(tokenizer, chat_template: bool) -> tuple[int, ...]:
+    """Every token a response may end with: the end-of-turn token first, then EOS when it is another token.
+
+    Why both: a chat model whose end of turn is not its EOS (Llama 3's `<|eot_id|>` against `<|end_of_text|>`,
+    a ChatML template on a `</s>` tokenizer) still emits EOS now and then; a sampler that stops on one id only
+    would run past it to `max_new_tokens`, and the learner would train on text after the end. The first id is
+    the one a context's worked turns are closed with (`stop_token_id`)."""
+    end = stop_token_id(tokenizer, chat_template)
+    eos = tokenizer.eos_token_id
+    return (end,) if eos is None or eos == end else (end, eos)
 
 
 def _common_prefix(seqs: Sequence[list[int]]) -> list[int]:

@@ -12,7 +12,7 @@ from opd import tasks
 from opd.config import JsonlTask, load_config
 from opd.models.builds import ensure_assets
 from opd.models.loading import build_char_tokenizer, encode_prompt
-from opd.models.prompts import prompt_ids, stop_token_id
+from opd.models.prompts import prompt_ids, stop_token_id, stop_token_ids
 from tests.chat_models import DEFAULT_SYSTEM, chatml_model_dir, chatml_tokenizer
 
 
@@ -58,6 +58,11 @@ def test_the_end_of_turn_token_is_found_in_the_template():
         stop_token_id(separate, True) == separate.convert_tokens_to_ids("<|im_end|>") != separate.eos_token_id
     )
     assert stop_token_id(separate, False) == separate.eos_token_id
+    # generation stops on both: the end of turn (first) and EOS; once where they are one token
+    end, eos = separate.convert_tokens_to_ids("<|im_end|>"), separate.eos_token_id
+    assert stop_token_ids(separate, True) == (end, eos)
+    assert stop_token_ids(separate, False) == (eos,)
+    assert stop_token_ids(chatml_tokenizer(), True) == (chatml_tokenizer().eos_token_id,)
 
 
 def test_messages_jsonl_is_read_and_rendered_turn_by_turn(tmp_path):
