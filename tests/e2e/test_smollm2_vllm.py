@@ -2,7 +2,7 @@
 checkpoint and the pruned one; the student engine samples the chat-rendered prompt, stops at `<|im_end|>` and
 keeps it, with behaviour logprobs that match the Hugging Face model's; the teacher engine scores with the context
 spliced in exactly as the HF teacher does; and both SmolLM2 configs run with `actor.engine: vllm` and
-`scorer.engine: vllm`, cut to 3 steps (the weights broadcast into vLLM, the held-out evaluation, the books).
+`scorer.engine: vllm`, cut to 3 steps (the weights broadcast into vLLM, the held-out evaluation, the saved weights changed).
 
 The vLLM tier: `bash scripts/setup_vllm_env.sh && .venv-vllm/bin/python -m pytest -m vllm tests`. The model is
 the `smollm2` fixture's (tests/smollm2.py): .venv-vllm has no `gguf` package, so it reuses the checkpoint the main
