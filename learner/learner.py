@@ -6,6 +6,11 @@ The parts, each built from what it needs, in the order their arguments force:
   publisher (learner/publishing.py)   the weight-sync store, announcements, snapshots (needs the restored version)
   intake (learner/intake.py)          scored messages into batches (needs the trained-ids ledger)
 and the loop below: take a batch, train, log the step, acknowledge, publish weights, evaluate, checkpoint.
+
+With `learner.num_ranks` > 1 this process is one rank of the learner group (learner/ranks.py). Rank 0 is the
+`Learner` below, the only one that touches the broker, the weight-sync group and the run's records; it leads the
+others through learner/commands.py (`LeaderEngine`), and they run `Follower`: train their share of each global
+batch and lend their shards to gathers and checkpoints, nothing else.
 """
 
 from __future__ import annotations
@@ -18,23 +23,35 @@ import torch
 
 from broker import BrokerUnavailable
 from learner.batching import Batch, collate
+from learner.commands import Follower, LeaderEngine, step_report
 from learner.engines import build_engine
 from learner.evaluation import Evaluator
 from learner.intake import Contract, Intake, lag
 from learner.publishing import WeightPublisher, record_layout
+from learner.ranks import RankGroup, rendezvous
 from learner.state import Progress, RunFiles, Student, summary
 from opd import tasks
 from opd.config import Config
 from opd.models.builds import ensure_assets, load_asset
 from opd.protocol import Streams, Trajectory, decode, stop_record
 from opd.runtime.broker import open_broker
-from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
+from opd.runtime.lifecycle import (
+    Reporter,
+    StopFlag,
+    log,
+    process_ending,
+    run_component,
+    setup_process,
+    wait_for_models,
+)
 from opd.runtime.service_time import pad_to_service_time
 from opd.runtime.tracking import StepTracker
 from weight_sync import WeightBroadcaster
 
 
-def load_student(cfg: Config, files: RunFiles, checkpoint: Path | None) -> tuple[Student, WeightBroadcaster]:
+def load_student(
+    cfg: Config, files: RunFiles, checkpoint: Path | None, group: RankGroup | None = None
+) -> tuple[Student, WeightBroadcaster]:
     """The student and its broadcast layout, in the one order that works: the layout first, in the student's
     dtype (what the actors hold); then the checkpointed weights, into fp32 parameters when the student is bf16 or
     fp16 (the checkpoint holds the fp32 master weights: loaded into bf16 they would be rounded once per resume);
@@ -47,16 +64,33 @@ def load_student(cfg: Config, files: RunFiles, checkpoint: Path | None) -> tuple
             model.float()  # in place: the layout keeps the same parameters and its recorded dtypes
         files.load_weights(model, checkpoint)
     vocab_size = model.get_input_embeddings().weight.shape[0]
-    return Student(model, tokenizer, build_engine(model, cfg), vocab_size), layout
+    return Student(model, tokenizer, build_engine(model, cfg, group), vocab_size), layout
+
+
+def agreed_checkpoint(cfg: Config, files: RunFiles, group: RankGroup, resume: bool) -> Path | None:
+    """The checkpoint every rank resumes from: rank 0's choice, once it has the models (a rank started by hand
+    must not build them beside it), sent to the others."""
+    if group.leader:
+        ensure_assets(cfg, log=log.info)
+        checkpoint = files.latest() if resume else None
+        group.broadcast_bytes((checkpoint.name if checkpoint else "").encode())
+        return checkpoint
+    name = group.broadcast_bytes(None).decode()
+    return files.checkpoints.root / name if name else None
 
 
 class Learner:
-    def __init__(self, cfg: Config, stop: StopFlag, resume: bool = False):
+    def __init__(self, cfg: Config, stop: StopFlag, resume: bool = False, group: RankGroup | None = None):
         self.cfg, self.stop = cfg, stop
+        self.group = group or RankGroup()
         torch.manual_seed(cfg.run.seed)
         self.files = RunFiles(Path(cfg.run.output_dir), cfg.learner)
-        checkpoint = self.files.latest() if resume else None
-        self.student, layout = load_student(cfg, self.files, checkpoint)
+        checkpoint = agreed_checkpoint(cfg, self.files, self.group, resume)
+        self.student, layout = load_student(cfg, self.files, checkpoint, self.group)
+        self.leader = None  # rank 0's lead of the other ranks (several ranks only)
+        if self.group.size > 1:
+            self.leader = LeaderEngine(self.student.engine, self.group, cfg.learner.collective_timeout_s)
+            self.student.engine = self.leader  # gathers and checkpoints now bring the other ranks along
         self.broker = open_broker(cfg.broker, stopping=stop)
         self.reporter = Reporter(self.broker, cfg, "learner", 0.0)
         self.tracker = StepTracker(cfg)  # wandb / TensorBoard, when metrics.* enables them
@@ -104,9 +138,14 @@ class Learner:
         resulting weights (they start from the initial student)."""
         p = self.progress
         for step, payloads in self.files.replay_after(p.step):
-            batch = [decode(x, vocab_size=self.student.vocab_size, require_scored=True) for x in payloads]
-            batch = [t for t in batch if t.id not in p.trained]
-            record = {**self._train_step(batch, 0.0), "replayed": True} if batch else {"replayed": True}
+            decoded = [
+                (decode(x, vocab_size=self.student.vocab_size, require_scored=True), x) for x in payloads
+            ]
+            kept = [(t, x) for t, x in decoded if t.id not in p.trained]
+            batch, payloads = [t for t, _ in kept], [x for _, x in kept]
+            record = (
+                {**self._train_step(batch, payloads, 0.0), "replayed": True} if batch else {"replayed": True}
+            )
             p.step = step
             if p.step % self.cfg.weight_sync.every == 0:
                 p.version += 1  # the same numbering as the first run, so pending samples' lag stays true
@@ -119,15 +158,14 @@ class Learner:
         cfg, p = self.cfg.learner, self.progress
         while p.step < cfg.max_steps and not self.stop():
             t0 = time.perf_counter()
-            taken = self.intake.next_batch(
-                p.version, while_waiting=lambda: self.publisher.catch_up(p.version)
-            )
+            taken = self.intake.next_batch(p.version, while_waiting=lambda: self._while_waiting(p.version))
             if self.stop():
                 break  # a partial batch stays pending (unacknowledged) rather than making an odd-sized step
             collated = self.intake.collate(taken, self._collate)
             if collated is None:
                 continue  # every message of the batch was dead-lettered: no step
-            record = self._train_step(taken.trajectories, time.perf_counter() - t0, collated)
+            # returns once every rank's optimiser step succeeded; only then are the entries acknowledged
+            record = self._train_step(taken.trajectories, taken.payloads, time.perf_counter() - t0, collated)
             p.step += 1
             # Logged before the acknowledgement: a crash after it is re-trained from the log on resume, a crash
             # before it leaves these pending in the broker (then skipped as duplicates if both happen).
@@ -143,16 +181,27 @@ class Learner:
             self._log(record)
         self.finish()
 
+    def _while_waiting(self, version: int) -> None:
+        self.publisher.catch_up(version)
+        if self.leader is not None:
+            self.leader.keepalive()
+
     def _collate(self, batch: list[Trajectory]) -> Batch:
         return collate(batch, self.student.tokenizer.pad_token_id, self.cfg.learner.device)
 
     def _train_step(
-        self, batch: list[Trajectory], wait_s: float, collated: Batch | None = None
+        self, batch: list[Trajectory], payloads: list[bytes], wait_s: float, collated: Batch | None = None
     ) -> dict[str, float]:
-        """One update on `batch` (`collated`: its tensors, when already made); the step record's training fields."""
+        """One update on `batch` (`payloads`: its raw messages; `collated`: its tensors, when already made), by
+        every rank; the step record's training fields."""
         t0 = time.perf_counter()
         lc = self.cfg.learner
-        metrics = self.student.engine.step(collated if collated is not None else self._collate(batch))
+        collated = collated if collated is not None else self._collate(batch)
+        if self.leader is None:
+            metrics = self.student.engine.step(collated)
+        else:
+            metrics = self.leader.train(payloads, collated)
+            metrics.update(step_report(self.group, True, time.perf_counter() - t0, self.leader.rank_tokens))
         tokens = sum(len(t.response_token_ids) for t in batch)
         service_ms = self.cfg.pipeline.service_time.learner_ms_per_token
         pad_s = pad_to_service_time(t0, tokens, service_ms, self.stop.wait)
@@ -221,6 +270,8 @@ class Learner:
             self.progress.step,
             self.progress.version,
         )
+        if self.leader is not None:
+            self.leader.stop()  # the other ranks have done their part of the checkpoint and the final student
         try:  # last, so a dead broker cannot cost the checkpoint or the summary
             self.broker.publish(self.publisher.control, [stop_record(stopped_by)])
             self.reporter.maybe_send(force=True, final=True)
@@ -228,5 +279,41 @@ class Learner:
             log.warning("could not announce the stop: %s", exc)
 
 
-def main(cfg: Config, resume: bool = False) -> int:
-    return run_component(cfg, "learner", lambda stop: Learner(cfg, stop, resume))
+def follow(cfg: Config, group: RankGroup, resume: bool) -> None:
+    """A rank other than 0: the same student and engine (resumed from rank 0's checkpoint), then its commands."""
+    torch.manual_seed(cfg.run.seed)
+    files = RunFiles(Path(cfg.run.output_dir), cfg.learner)
+    checkpoint = agreed_checkpoint(cfg, files, group, resume)
+    student, _ = load_student(cfg, files, checkpoint, group)
+    if checkpoint is not None:
+        files.restore(checkpoint, student.engine, cfg.learner.max_staleness)
+    pad, device = student.tokenizer.pad_token_id, cfg.learner.device
+    Follower(group, student.engine, lambda b: collate(b, pad, device), student.vocab_size).run()
+
+
+def main(cfg: Config, resume: bool = False, rank: int | None = None) -> int:
+    """One learner process: rank `rank` (`opd learner --rank`; default RANK from the environment, else 0) of
+    learner.num_ranks. Rank 0 is the component the run sees ("learner" on the metrics stream)."""
+    rv = rendezvous(cfg.learner, rank)
+    if rv.world == 1:
+        return run_component(cfg, "learner", lambda stop: Learner(cfg, stop, resume))
+    if rv.rank == 0:
+
+        def build(stop: StopFlag) -> Learner:
+            return Learner(
+                cfg, stop, resume, RankGroup.join(rv, cfg.learner.device, cfg.learner.collective_timeout_s)
+            )
+
+        return run_component(cfg, "learner", build)
+    stop = setup_process(cfg, f"learner-{rv.rank}")
+    # a SIGTERM does not stop a follower by itself: rank 0 (stopped the same way) ends the group with `stop`,
+    # and a rank 0 that is gone ends it by the collective timeout
+    if not wait_for_models(stop):
+        return 0
+    group = RankGroup.join(rv, cfg.learner.device, cfg.learner.collective_timeout_s)
+    try:
+        follow(cfg, group, resume)
+    finally:
+        group.close()
+    process_ending()
+    return 0

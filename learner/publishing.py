@@ -84,9 +84,12 @@ class WeightPublisher:
     def send(self, version: int) -> dict[str, float]:
         """Send `version` to the actors alive now; the step record's weight_sync_* and snapshot fields."""
         failed_before = self.sync.failed_versions
+        t0 = time.perf_counter()
         with self.gathered():
+            # ZeRO-3: every learner rank's shards gathered into full parameters (0 when nothing is sharded)
+            gather_s = time.perf_counter() - t0
             stats = self.sync.sync(version)
-            record = self._snapshot_and_digest(version)
+            record = {**self._snapshot_and_digest(version), "weight_gather_seconds": gather_s}
         if self.sync.failed_versions > failed_before:
             return {**record, "weight_sync_members": 0, "weight_sync_failed": 1}
         if stats is None:

@@ -123,7 +123,7 @@ class RunFiles:
     """The learner's files under the run directory: checkpoints, replay log, ledger, final student, summary."""
 
     def __init__(self, out_dir: Path, cfg: LearnerConfig):
-        self.out_dir, self.device = out_dir, cfg.device
+        self.out_dir, self.device, self.num_ranks = out_dir, cfg.device, cfg.num_ranks
         self.checkpoints = CheckpointStore(out_dir, cfg.keep_checkpoints)
         self.ledger = out_dir / "ledger"
         self.ledger.mkdir(parents=True, exist_ok=True)
@@ -146,12 +146,25 @@ class RunFiles:
             )
 
     def restore(self, checkpoint: Path, engine, max_staleness: int) -> Progress:
-        """The optimiser into `engine`, the torch RNG into this process, and the progress to continue from."""
+        """The optimiser into `engine`, the torch RNG into this process, and the progress to continue from.
+        Every learner rank calls it (DeepSpeed reads each rank's shards together)."""
+        self.check_ranks(checkpoint, engine)
         engine.load_state(checkpoint / "engine")
         return Progress.from_json(read_state(checkpoint), max_staleness, checkpoint.name)
 
+    def check_ranks(self, checkpoint: Path, engine) -> None:
+        """Refuse a checkpoint whose engine state was sharded over another number of ranks than this run's: its
+        shards would not fit (DeepSpeed's ZeRO partitions). A replicated state (the torch engine's) fits any."""
+        saved = int(json.loads((checkpoint / "state.json").read_text()).get("num_ranks", 1))
+        if saved != self.num_ranks and engine.per_rank_state:
+            raise RuntimeError(
+                f"checkpoint {checkpoint} was written by {saved} learner rank(s), but learner.num_ranks is "
+                f"{self.num_ranks}: its engine state is sharded per rank and cannot be loaded by another number "
+                f"of ranks; resume with learner.num_ranks={saved}"
+            )
+
     def save_checkpoint(self, progress: Progress, counters: dict[str, float], student: Student) -> Path:
-        state = progress.to_json(counters)
+        state = {**progress.to_json(counters), "num_ranks": self.num_ranks}
 
         def write(tmp: Path) -> None:
             with student.engine.gathered():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from learner.engines.base import Engine
+from learner.ranks import RankGroup
 from opd import registry
 from opd.config import Config
 
@@ -18,7 +19,7 @@ ENGINES: dict[str, str] = {
 }
 
 
-def build_engine(model: torch.nn.Module, cfg: Config) -> Engine:
-    """The engine `learner.engine` names, around `model`."""
+def build_engine(model: torch.nn.Module, cfg: Config, group: RankGroup | None = None) -> Engine:
+    """The engine `learner.engine` names, around `model`, training with the ranks of `group` (default: one)."""
     unknown = f"learner.engine: {cfg.learner.engine} has no engine; choose one of {sorted(ENGINES)}"
-    return registry.load(ENGINES, cfg.learner.engine, unknown)(model, cfg)
+    return registry.load(ENGINES, cfg.learner.engine, unknown)(model, cfg, group)

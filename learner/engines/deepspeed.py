@@ -1,10 +1,16 @@
 """DeepSpeed engine: ZeRO 0-3 for the same update loop, on GPU (NCCL, bf16) or CPU (gloo; fp32, or bf16 where
 the CPU has native bf16: DeepSpeed's CPU accelerator runs its bf16 mode, fp32 master weights in the optimiser).
 
-The learner is one DeepSpeed rank. Gradient accumulation is caller-owned (`managed_gradient_accumulation:
-false`): the number of micro-batches per step varies with the token budget, so DeepSpeed must not count them.
-The default process group is created in-process from a HashStore, so no port or launcher is needed; the weight
-broadcast group to the actors stays separate (weight_sync/).
+Gradient accumulation is caller-owned (`managed_gradient_accumulation: false`): the number of micro-batches per
+step varies with the token budget, so DeepSpeed must not count them. One learner rank creates its default process
+group in-process from a HashStore (no port or launcher needed); several (`learner.num_ranks`) share the group
+learner/ranks.py made, and ZeRO shards across it. Either way the weight broadcast group to the actors stays
+separate (weight_sync/).
+
+Several ranks, one update: DeepSpeed averages gradients over the data-parallel ranks, while each rank's loss is
+already its part of the global batch's loss (normalisers over the global batch), so the loss is multiplied by the
+number of ranks before backward and the average becomes the sum. ZeRO stage 0 is the exception: its all-reduce is
+ours (a sum, timed), so its gradient-norm check sees the reduced gradients, the same on every rank.
 
 DeepSpeed reads its checkpoint files with `torch.load(weights_only=False)`, which runs whatever a pickle names: a
 resume swaps in a checkpoint engine whose loads go through `safe_load` (weights only, plus the few DeepSpeed record
@@ -21,6 +27,7 @@ import torch
 
 from learner.checkpoint import safe_load
 from learner.engines.base import Engine, lr_factor
+from learner.ranks import RankGroup
 from opd.config import Config
 
 
@@ -87,10 +94,13 @@ def ds_config(cfg: Config) -> dict:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, model: torch.nn.Module, cfg: Config):
+    per_rank_state = True  # each rank writes and reads its own ZeRO shards
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, group: RankGroup | None = None):
         if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
             model.float()  # fp32 master weights, as the torch engine; DeepSpeed's bf16 mode casts its own copy
-        super().__init__(model, cfg)
+        super().__init__(model, cfg, group)
+        self.aligned_passes = self.group.size > 1
         deepspeed = _import_deepspeed()
         self._zero = deepspeed.zero
         _ensure_default_group(self.lc.device)
@@ -103,18 +113,26 @@ class DeepSpeedEngine(Engine):
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(cfg)
         )
         self.stage = lc.deepspeed.zero_stage
+        self.gathers = self.stage == 3 and self.group.size > 1
+        self._own_reduction = self.stage == 0 and self.group.size > 1
+        if self._own_reduction:
+            self.ds.enable_backward_allreduce = False  # reduced in `apply` (a sum), not in DeepSpeed's step
+        # DeepSpeed's reductions average over the ranks; our per-rank losses are parts of one sum (module doc)
+        self._loss_scale = 1.0 if self._own_reduction else float(self.group.size)
 
     def forward_module(self):
         return self.ds
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.ds.backward(loss, scale_wrt_gas=False)
+        self.ds.backward(loss * self._loss_scale if self._loss_scale != 1.0 else loss, scale_wrt_gas=False)
 
     def apply(self, finite: bool) -> float:
         if not finite:
             self._discard_gradients()
             self.scheduler.step()  # the schedule counts optimiser steps, taken or skipped, like the torch engine
             return float("nan")
+        if self._own_reduction:
+            self.group.sum_gradients(list(self.hf_model.parameters()))
         if self.stage == 0:  # gradients live on the parameters: check them before DeepSpeed steps
             grads = [p.grad for p in self.hf_model.parameters() if p.grad is not None]
             norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
@@ -134,8 +152,14 @@ class DeepSpeedEngine(Engine):
         if hasattr(opt, "zero_grad"):
             opt.zero_grad(set_to_none=True)
         if getattr(opt, "averaged_gradients", None) is not None:
+            # as DeepSpeed's own overflow skip does: with several ranks, ZeRO-2 has already reduced this step's
+            # gradients into its partition buffers (in each backward), which must not carry into the next step
+            if hasattr(opt, "_release_preflattened_grad_buffers"):
+                opt._release_preflattened_grad_buffers()
             for key in list(opt.averaged_gradients):
                 opt.averaged_gradients[key] = None
+                if getattr(opt, "all_grad_tensors", None) is not None:
+                    opt.all_grad_tensors[key] = None
         if hasattr(self.ds, "_unmanaged_backward_count"):
             self.ds._unmanaged_backward_count = 0
 

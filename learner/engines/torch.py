@@ -1,4 +1,15 @@
-"""The plain torch engine: AdamW on one device, torch's own LR scheduler and state files."""
+"""The plain torch engine: AdamW on one device, torch's own LR scheduler and state files.
+
+With several learner ranks it is data parallel by a plain all-reduce (sum) of the accumulated gradients once per
+optimiser step (`RankGroup.sum_gradients`), not DDP and not FSDP2, for now:
+- the ranks run different numbers of micro-batches (packed by tokens), which DDP's per-backward reduction would
+  need `no_sync` bookkeeping and stand-in backwards for; one reduction after accumulation needs neither, and its
+  time is measured directly (the step record's rank_comm_seconds);
+- every rank keeps full parameters and the full optimiser state (replicated, identical after each step), so
+  publishing, evaluation and checkpoints stay as with one rank (rank 0 writes, and a resume may use another
+  number of ranks). FSDP2 would shard them, which is what learner.engine: deepspeed with ZeRO-2/3 already does.
+What it gives up is DDP's overlap of the reduction with the backward: worth having on GPUs (a later change).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +20,7 @@ import torch
 
 from learner.checkpoint import safe_load
 from learner.engines.base import Engine, lr_factor
+from learner.ranks import RankGroup
 from opd.config import Config
 
 
@@ -35,12 +47,13 @@ class _Autocast:
 
 
 class TorchEngine(Engine):
-    def __init__(self, model: torch.nn.Module, cfg: Config):
+    def __init__(self, model: torch.nn.Module, cfg: Config, group: RankGroup | None = None):
         # fp32 master weights: Adam's updates (~lr x weight) vanish below bf16's 8-bit mantissa, so a student
         # loaded in 16 bits (student.dtype) is trained in fp32; the weight broadcast still sends its own dtype.
         if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
             model.float()
-        super().__init__(model, cfg)
+        super().__init__(model, cfg, group)
+        self.group.broadcast_parameters(model.parameters())  # every rank starts from rank 0's weights
         lc = self.lc
         self.dtype = compute_dtype(cfg)
         device_type = torch.device(lc.device).type
@@ -60,6 +73,7 @@ class TorchEngine(Engine):
     def apply(self, finite: bool) -> float:
         grad_norm = float("nan")
         if finite:
+            self.group.sum_gradients(list(self.hf_model.parameters()))  # each rank's part of one sum
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.hf_model.parameters(), self.lc.grad_clip))
             if math.isfinite(grad_norm):
                 self.optimizer.step()

@@ -53,7 +53,8 @@ class HybridConfig(Strict):
 
 
 class DeepSpeedConfig(Strict):
-    """Used when learner.engine: deepspeed (one learner rank; ZeRO shards optimiser state, gradients, weights)."""
+    """Used when learner.engine: deepspeed (ZeRO shards optimiser state, gradients, weights across the
+    learner.num_ranks ranks)."""
 
     zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage 0-3.")
     dtype: Literal["auto", "fp32", "bf16"] = Field(
@@ -169,6 +170,31 @@ class LearnerConfig(Strict):
         "math in fp32; on CPU needs native bf16: avx512_bf16/AMX). auto = fp32 on CPU; on CUDA bf16 when "
         "student.dtype is bfloat16, else fp32. DeepSpeed's is learner.deepspeed.dtype.",
     )
+    num_ranks: int = Field(
+        1,
+        ge=1,
+        description="Learner processes training one global batch together (data parallel: gloo on CPU, NCCL on "
+        "CUDA; ZeRO shards across them). Rank 0 alone reads the broker and publishes weights; each batch is "
+        "split across ranks by tokens, and the update equals one rank's update of the same batch.",
+    )
+    master_addr: str | None = Field(
+        None,
+        description="Rendezvous host of the learner ranks (rank 0's address); null = the MASTER_ADDR a "
+        "scheduler sets, else 127.0.0.1. Used when num_ranks > 1.",
+    )
+    master_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Rendezvous port of the learner ranks; 0 = the MASTER_PORT a scheduler sets (`opd run` "
+        "picks a free one). Used when num_ranks > 1.",
+    )
+    collective_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Longest wait of a learner rank in a collective (a step's reductions, a weight gather, a "
+        "checkpoint): a rank that died makes the others exit non-zero after this, instead of hanging.",
+    )
     batch_timeout_s: float = Field(
         600.0,
         gt=0,
@@ -191,7 +217,21 @@ class LearnerConfig(Strict):
         if self.minibatches > self.batch_size:
             raise ValueError("minibatches is larger than batch_size; each optimiser step needs a sequence")
         self._precision_fits()
+        self._ranks_fit()
         return self
+
+    def _ranks_fit(self) -> None:
+        """Settings that a learner of several ranks cannot honour yet."""
+        if self.num_ranks == 1:
+            return
+        zero3 = self.engine == "deepspeed" and self.deepspeed.zero_stage == 3
+        if zero3 and self.eval_every and self.eval_mode == "inline":
+            # rank 0's inline evaluation runs the sharded model's forward, whose parameter gathers are
+            # collectives the other ranks do not join
+            raise ValueError(
+                f"learner.num_ranks: {self.num_ranks} with deepspeed.zero_stage: 3 cannot evaluate inline; set "
+                "learner.eval_mode: background (it evaluates a gathered copy) or learner.eval_every: 0"
+            )
 
     def _precision_fits(self) -> None:
         """bf16 on a CPU only where the CPU computes it natively; one precision field per engine."""

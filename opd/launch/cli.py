@@ -304,6 +304,15 @@ def _component_args(role: str) -> Callable[[argparse.ArgumentParser], None]:
             )
         if role == "learner":
             p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+            p.add_argument(
+                "--rank",
+                "--index",
+                dest="rank",
+                type=int,
+                default=None,
+                help="this process's rank among learner.num_ranks (default: RANK from the environment, else 0); "
+                "rank 0 reads the broker and publishes weights",
+            )
         p.add_argument("overrides", nargs="*", help=OVERRIDE_HELP)
 
     return build
@@ -347,8 +356,13 @@ def _broker(args: argparse.Namespace) -> int:
 def _learner(args: argparse.Namespace) -> int:
     cfg = _component_config(args)
     from learner.learner import main as learner_main
+    from learner.ranks import rendezvous
 
-    return learner_main(cfg, resume=args.resume)
+    try:  # a rank or group size that the config and the environment disagree on: refused before any start-up
+        rendezvous(cfg.learner, args.rank)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return learner_main(cfg, resume=args.resume, rank=args.rank)
 
 
 def _actor(args: argparse.Namespace) -> int:

@@ -191,7 +191,8 @@ class Launcher:
         embedded = self.supervisor.spawn("broker") if self.caps.embedded_process else None
         if embedded is None:
             self.broker = self._connect_broker()
-        self.supervisor.spawn("learner", None, *(["--resume"] if self.resume else []))
+        for rank in self.learner_ranks:  # rank 0 (or the one learner) first: it hosts the rendezvous
+            self.supervisor.spawn("learner", rank, *(["--resume"] if self.resume else []))
         for i in range(self.cfg.actor.num_actors):
             self.supervisor.spawn("actor", i)
         for i in range(self.cfg.scorer.num_scorers):
@@ -205,6 +206,13 @@ class Launcher:
         self.scaler = ScorerScaler(
             self.cfg, self.broker, pool, self.out, lambda: self.monitor.state.latest, console.print
         )
+
+    @property
+    def learner_ranks(self) -> list[int | None]:
+        """The learner processes' slot indices: one learner is `learner` (as ever), N ranks are learner-0..N-1
+        (`opd learner --index i` is its rank)."""
+        n = self.cfg.learner.num_ranks
+        return [None] if n == 1 else list(range(n))
 
     def _connect_broker(self):
         client = open_broker(self.cfg.broker)
@@ -226,7 +234,7 @@ class Launcher:
         """Until the learner exits cleanly (None) or a process's exit ends the run (that process). The learner's
         progress bar goes into `bar` once the models thread is done: a terminal holds one live display, and that
         thread may be drawing a build's or an evaluation's (the components wait for those models anyway)."""
-        learner = self.supervisor.get(Slot("learner"))
+        learner = self.supervisor.get(Slot("learner", self.learner_ranks[0]))  # rank 0: the run's learner
         self._asked_to_stop = False
         while True:
             self.models.check()  # a model that could not be found, built or evaluated ends the run

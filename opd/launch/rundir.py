@@ -73,6 +73,8 @@ def resolve_run(cfg: Config) -> Config:
         cfg.broker.port = free_port()
     if cfg.weight_sync.port == 0:
         cfg.weight_sync.port = free_port()
+    if cfg.learner.num_ranks > 1 and cfg.learner.master_port == 0:  # the learner ranks' rendezvous
+        cfg.learner.master_port = free_port()
     return cfg
 
 
@@ -117,6 +119,8 @@ def resolve_resume(config: str | Path | None, overrides: list[str], load=load_ru
         cfg.broker.port = _port(cfg.broker.host, cfg.broker.port)
     if cfg.weight_sync.port:
         cfg.weight_sync.port = _port(cfg.weight_sync.host, cfg.weight_sync.port)
+    if cfg.learner.num_ranks > 1 and cfg.learner.master_port:
+        cfg.learner.master_port = _port(cfg.learner.master_addr or "127.0.0.1", cfg.learner.master_port)
     return resolve_run(cfg)
 
 

@@ -1,0 +1,88 @@
+"""One learner rank of the rank-equivalence tests (tests/integration/test_learner_ranks.py), run as a process:
+
+    python -m tests.ranks_worker RANK WORLD PORT OUT_DIR
+
+It joins the learner group through the production code (`learner.ranks.rendezvous`, `RankGroup.join`), then for
+each variant of VARIANTS builds the production engine (`learner.engines.build_engine`) around the same seeded tiny
+model and trains the same global batches (the second one poisoned with a NaN) with `engine.step`. Rank 0 writes
+each variant's step records and final (gathered) parameters to OUT_DIR/<variant>.pt for the test to compare with
+one rank's update of the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from learner.batching import collate
+from learner.engines import build_engine
+from learner.ranks import RankGroup, rendezvous
+from opd.config import load_config
+from tests.scored import scored_trajectories, tiny_model
+
+BASE = [
+    "learner.warmup_steps=0",
+    "learner.lr=1e-2",
+    "learner.batch_size=8",
+    "scorer.topk=4",
+    "learner.loss=hybrid",  # group-normalised rewards and top-k terms: batch-wide quantities that must be global
+    "learner.micro_batch_size=3",
+    "learner.eval_every=0",
+]
+# name -> (overrides, dtype)
+VARIANTS = {
+    "torch-fp64": (["learner.whiten=true", "learner.gamma=0.9"], torch.float64),
+    "torch-fp32": ([], torch.float32),
+    "torch-decoupled-minibatches": (
+        ["learner.correction.mode=decoupled", "learner.minibatches=2", "learner.micro_batch_tokens=20"],
+        torch.float64,
+    ),
+    **{
+        f"deepspeed-zero{z}": (
+            ["learner.engine=deepspeed", f"learner.deepspeed.zero_stage={z}"],
+            torch.float32,
+        )
+        for z in (0, 1, 2, 3)
+    },
+}
+STEPS = 3
+POISONED = 1  # the step whose batch carries a NaN: skipped on every rank
+
+
+def batches() -> list:
+    out = [collate(scored_trajectories(8, seed=s), 0) for s in range(STEPS)]
+    out[POISONED].behaviour[5, 0] = float("nan")
+    return out
+
+
+def train(name: str, group: RankGroup | None, world: int) -> tuple[list[dict], torch.Tensor]:
+    """The variant's step records and final flat parameters, on `group` (None: one rank)."""
+    overrides, dtype = VARIANTS[name]
+    cfg = load_config(None, [*BASE, *overrides, f"learner.num_ranks={world}"])
+    model = tiny_model(0, dtype)
+    engine = build_engine(model, cfg, group)
+    records = [engine.step(b) for b in batches()]
+    with engine.gathered():
+        params = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    return records, params
+
+
+def main(rank: int, world: int, port: int, out: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = load_config(
+        None,
+        [f"learner.num_ranks={world}", f"learner.master_port={port}", "learner.collective_timeout_s=120"],
+    )
+    group = RankGroup.join(rendezvous(cfg.learner, rank), "cpu", cfg.learner.collective_timeout_s)
+    for name in VARIANTS:
+        records, params = train(name, group, world)
+        if rank == 0:
+            torch.save({"records": json.dumps(records), "params": params}, out / f"{name}.pt")
+    group.close()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
