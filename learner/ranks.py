@@ -94,6 +94,13 @@ def balance_by_tokens(tokens: Sequence[int], ranks: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
+def _as_tensor(data: bytes) -> torch.Tensor:
+    """`data` as a uint8 tensor (a copy: the tensor is written to by collectives)."""
+    if not data:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 class RankGroup:
     """The learner's ranks as one group; with one rank every method is the identity and nothing is created.
 
@@ -156,7 +163,7 @@ class RankGroup:
             n = torch.tensor([len(data) if self.leader else 0], dtype=torch.int64, device=self.device)
             dist.broadcast(n, 0)
             if self.leader:
-                buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+                buf = _as_tensor(data).to(self.device)
             else:
                 buf = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
             if buf.numel():
@@ -177,7 +184,7 @@ class RankGroup:
             dist.all_gather(sizes, n)
             width = max(int(s.item()) for s in sizes)
             buf = torch.zeros(width, dtype=torch.uint8, device=self.device)
-            buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else buf[:0]
+            buf[: len(data)] = _as_tensor(data)
             parts = [torch.empty_like(buf) for _ in range(self.size)]
             dist.all_gather(parts, buf)
             return [p[: int(s.item())].cpu().numpy().tobytes() for p, s in zip(parts, sizes, strict=True)]
