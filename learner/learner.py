@@ -70,6 +70,8 @@ def load_student(
 def agreed_checkpoint(cfg: Config, files: RunFiles, group: RankGroup, resume: bool) -> Path | None:
     """The checkpoint every rank resumes from: rank 0's choice, once it has the models (a rank started by hand
     must not build them beside it), sent to the others."""
+    if group.size == 1:
+        return files.latest() if resume else None
     if group.leader:
         ensure_assets(cfg, log=log.info)
         checkpoint = files.latest() if resume else None

@@ -222,6 +222,7 @@ def summary(
         "loss": cfg.loss,
         "correction": cfg.correction.mode,
         "engine": cfg.engine,
+        "learner_ranks": cfg.num_ranks,
         "dead_lettered": int(counters.get("dead_lettered", 0)),
         "temperature_mismatch": int(counters.get("temperature_mismatch", 0)),
         "stopped_by": stopped_by,

@@ -1,27 +1,26 @@
 """One learner rank of the rank-equivalence tests (tests/integration/test_learner_ranks.py), run as a process:
 
-    python -m tests.ranks_worker RANK WORLD PORT OUT_DIR
+    python -m tests.ranks_worker RANK WORLD PORT OUT_DIR [train|stall|die]
 
 It joins the learner group through the production code (`learner.ranks.rendezvous`, `RankGroup.join`), then for
 each variant of VARIANTS builds the production engine (`learner.engines.build_engine`) around the same seeded tiny
 model and trains the same global batches (the second one poisoned with a NaN) with `engine.step`. Rank 0 writes
 each variant's step records and final (gathered) parameters to OUT_DIR/<variant>.pt for the test to compare with
-one rank's update of the same batches.
+one rank's update of the same batches. `stall` and `die` instead test that a lost rank does not hang rank 0.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from learner.batching import collate
-from learner.engines import build_engine
-from learner.ranks import RankGroup, rendezvous
+from learner.ranks import RankGroup, RankLost, rendezvous
 from opd.config import load_config
-from tests.scored import scored_trajectories, tiny_model
 
 BASE = [
     "learner.warmup_steps=0",
@@ -79,6 +78,9 @@ POISONED = 1  # the step whose batch carries a NaN: skipped on every rank
 
 
 def batches() -> list:
+    from learner.batching import collate
+    from tests.scored import scored_trajectories  # transformers: imported only where a model is trained
+
     out = [collate(scored_trajectories(8, seed=s), 0) for s in range(STEPS)]
     out[POISONED].behaviour[5, 0] = float("nan")
     return out
@@ -86,6 +88,9 @@ def batches() -> list:
 
 def train(name: str, group: RankGroup | None, world: int) -> tuple[list[dict], torch.Tensor]:
     """The variant's step records and final flat parameters, on `group` (None: one rank)."""
+    from learner.engines import build_engine
+    from tests.scored import tiny_model
+
     overrides, dtype = VARIANTS[name]
     cfg = load_config(None, [*BASE, *overrides, f"learner.num_ranks={world}"])
     model = tiny_model(0, dtype)
@@ -98,13 +103,36 @@ def train(name: str, group: RankGroup | None, world: int) -> tuple[list[dict], t
     return records, params
 
 
-def main(rank: int, world: int, port: int, out: Path) -> None:
+def fail(group: RankGroup, mode: str, timeout_s: float) -> None:
+    """`stall`: rank 1 stops answering; `die`: rank 1 exits at once. Rank 0 then waits in a collective and must
+    fail within its timeout with RankLost (exit 3), not hang."""
+    if group.rank == 1:
+        if mode == "die":
+            os._exit(0)
+        time.sleep(timeout_s * 10)  # the test kills this rank once rank 0 has ended
+        return
+    try:
+        group.all_true(True)
+    except RankLost as exc:
+        print(f"RankLost: {exc}", flush=True)
+        os._exit(3)  # not sys.exit: the broken group may abort in its destructor at interpreter exit
+
+
+def main(rank: int, world: int, port: int, out: Path, mode: str = "train") -> None:
     torch.set_num_threads(1)
+    timeout_s = 120 if mode == "train" else 3
     cfg = load_config(
         None,
-        [f"learner.num_ranks={world}", f"learner.master_port={port}", "learner.collective_timeout_s=120"],
+        [
+            f"learner.num_ranks={world}",
+            f"learner.master_port={port}",
+            f"learner.collective_timeout_s={timeout_s}",
+        ],
     )
     group = RankGroup.join(rendezvous(cfg.learner, rank), "cpu", cfg.learner.collective_timeout_s)
+    if mode != "train":
+        fail(group, mode, timeout_s)
+        return
     for name in available():
         records, params = train(name, group, world)
         if rank == 0:
@@ -113,4 +141,4 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), *sys.argv[5:])

@@ -94,3 +94,31 @@ def test_two_ranks_update_as_one(name, two_ranks):
         # rank 0 trained only its share: the split really happened
         assert 0 < mine["rank_tokens"] < ref["rank_tokens"], step
     torch.testing.assert_close(got["params"], ref_params, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("mode", ["die", "stall"])
+def test_a_lost_rank_fails_the_other_within_the_timeout(mode, tmp_path):
+    """Rank 1 exits (`die`) or stops answering (`stall`) while rank 0 waits in a collective: rank 0 raises
+    RankLost naming itself and the collective, within learner.collective_timeout_s (3 s here), instead of hanging."""
+    port = str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.ranks_worker", str(r), "2", port, str(tmp_path), mode],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        out, _ = procs[0].communicate(timeout=120)  # imports take most of it; the wait itself is 3 s at most
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[0].returncode == 3, out[-3000:]
+    assert "RankLost: learner rank 0 of 2: agreeing on a step failed" in out
