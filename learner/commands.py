@@ -45,11 +45,17 @@ def unpack(data: bytes) -> dict:
     return cmd
 
 
-def step_report(group: RankGroup, ok: bool, step_s: float, tokens: int) -> dict:
+def step_report(group: RankGroup, ok: bool, step_s: float, engine) -> dict:
     """Every rank's report of the step just taken, exchanged over the group; on rank 0 the step record's
-    per-rank fields. Raises RankLost naming the ranks whose step failed."""
+    per-rank fields. Raises RankLost naming the ranks whose step failed.
+
+    rank_comm_seconds is the time in reductions this code runs itself (the torch engine's gradient all-reduce,
+    DeepSpeed ZeRO-0's); ZeRO-1/2/3 reduce inside DeepSpeed (in backward hooks or its step), so for them
+    rank_apply_seconds (the optimiser step with whatever reduction and gather DeepSpeed runs there) is the
+    measure."""
     comm = group.take_comm_seconds()
-    reports = group.all_gather_obj([bool(ok), float(step_s), int(tokens), float(comm)])
+    mine = [bool(ok), float(step_s), int(engine.rank_tokens), float(comm), float(engine.apply_seconds)]
+    reports = group.all_gather_obj(mine)
     failed = [r for r, rep in enumerate(reports) if not rep[0]]
     if failed:
         raise RankLost(f"learner rank(s) {failed} failed the step; it is not acknowledged")
@@ -61,6 +67,7 @@ def step_report(group: RankGroup, ok: bool, step_s: float, tokens: int) -> dict:
         "rank_tokens": tokens_per_rank,
         "rank_token_imbalance": max(tokens_per_rank) / mean if mean else 1.0,
         "rank_comm_seconds": [rep[3] for rep in reports],
+        "rank_apply_seconds": [rep[4] for rep in reports],
     }
 
 
@@ -149,4 +156,4 @@ class Follower:
         t0 = time.perf_counter()
         batch = [decode(p, vocab_size=self.vocab_size, require_scored=True) for p in payloads]
         self.engine.step(self.collate(batch))
-        step_report(self.group, True, time.perf_counter() - t0, self.engine.rank_tokens)
+        step_report(self.group, True, time.perf_counter() - t0, self.engine)

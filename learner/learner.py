@@ -203,7 +203,7 @@ class Learner:
             metrics = self.student.engine.step(collated)
         else:
             metrics = self.leader.train(payloads, collated)
-            metrics.update(step_report(self.group, True, time.perf_counter() - t0, self.leader.rank_tokens))
+            metrics.update(step_report(self.group, True, time.perf_counter() - t0, self.leader))
         tokens = sum(len(t.response_token_ids) for t in batch)
         service_ms = self.cfg.pipeline.service_time.learner_ms_per_token
         pad_s = pad_to_service_time(t0, tokens, service_ms, self.stop.wait)

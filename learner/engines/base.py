@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -72,6 +73,7 @@ class Engine:
         self.cfg, self.lc = cfg, cfg.learner
         self.group = group or RankGroup()
         self.rank_tokens = 0  # prompt + response tokens this rank ran in the last step
+        self.apply_seconds = 0.0  # time in `apply` (reductions DeepSpeed runs there, the optimiser) last step
         self.hf_model = model
         self.objective = Objective(cfg)
         self.skipped_steps = 0
@@ -187,13 +189,16 @@ class Engine:
         lengths = batch.lengths.tolist()
         self.rank_tokens = sum(lengths[rows[i]] for rows, share in plan for i in share)
         sums, totals, finites, norms = [], [], [], []
+        self.apply_seconds = 0.0
         for rows, mine in plan:
             step_rows = batch.select(rows)
             norm = self.objective.normaliser(step_rows)  # the optimiser step's counts, over every rank's rows
             finite, total, step_sums = self._accumulate(step_rows, mine, norm)
             sums += step_sums
             finite = self.group.all_true(finite)  # one rank's NaN skips the step on every rank
+            t0 = time.perf_counter()
             grad_norm = self.apply(finite)
+            self.apply_seconds += time.perf_counter() - t0
             self.optimizer_steps += 1
             if not finite or not math.isfinite(grad_norm):
                 self.skipped_steps += 1
