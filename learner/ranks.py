@@ -224,17 +224,22 @@ class RankGroup:
         return self._run("agreeing on the micro-batch count", op)
 
     def sum_gradients(self, params: Sequence[torch.nn.Parameter], bucket_bytes: int = 32 << 20) -> None:
-        """Sum every parameter's gradient over the ranks in place (a parameter without one counts as zeros), in
-        flat buckets of about `bucket_bytes`; the time goes to `comm_seconds`."""
+        """Sum every parameter's gradient over the ranks in place, in flat buckets of about `bucket_bytes`; the
+        time goes to `comm_seconds`. A parameter without a gradient here counts as zeros, and keeps none only if
+        no rank has one: as on one rank, where AdamW skips a parameter the batch never reached (a zero gradient
+        would still move it by its momentum)."""
         if self.size == 1:
             return
         import torch.distributed as dist
 
         params = [p for p in params if p.requires_grad]
+        t0 = time.perf_counter()
+        anywhere = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=self.device)
+        self._run("reducing gradients", lambda: dist.all_reduce(anywhere, op=dist.ReduceOp.MAX))
+        params = [p for p, some in zip(params, anywhere.tolist(), strict=True) if some]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        t0 = time.perf_counter()
         bucket: list[torch.Tensor] = []
         size = 0
 

@@ -96,10 +96,8 @@ def test_two_ranks_update_as_one(name, two_ranks):
     torch.testing.assert_close(got["params"], ref_params, rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("mode", ["die", "stall"])
-def test_a_lost_rank_fails_the_other_within_the_timeout(mode, tmp_path):
-    """Rank 1 exits (`die`) or stops answering (`stall`) while rank 0 waits in a collective: rank 0 raises
-    RankLost naming itself and the collective, within learner.collective_timeout_s (3 s here), instead of hanging."""
+def _pair(mode: str, tmp_path) -> tuple[list[subprocess.Popen], list[str]]:
+    """Both ranks of tests/ranks_worker.py in `mode`; rank 1 is killed once rank 0 has ended."""
     port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     procs = [
@@ -114,11 +112,30 @@ def test_a_lost_rank_fails_the_other_within_the_timeout(mode, tmp_path):
         for r in range(2)
     ]
     try:
-        out, _ = procs[0].communicate(timeout=120)  # imports take most of it; the wait itself is 3 s at most
+        outs = [procs[0].communicate(timeout=120)[0]]  # imports take most of it
+        if mode != "grads":
+            procs[1].kill()  # stalled, or already gone
+        outs.append(procs[1].communicate(timeout=60)[0])
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-            p.communicate()
+    return procs, outs
+
+
+@pytest.mark.parametrize("mode", ["die", "stall"])
+def test_a_lost_rank_fails_the_other_within_the_timeout(mode, tmp_path):
+    """Rank 1 exits (`die`) or stops answering (`stall`) while rank 0 waits in a collective: rank 0 raises
+    RankLost naming itself and the collective, within learner.collective_timeout_s (3 s here), instead of hanging."""
+    procs, (out, _) = _pair(mode, tmp_path)
     assert procs[0].returncode == 3, out[-3000:]
     assert "RankLost: learner rank 0 of 2: agreeing on a step failed" in out
+
+
+def test_gradients_are_summed_over_the_ranks(tmp_path):
+    """The torch engine's reduction: a gradient of both ranks is summed, one of rank 1 only reaches rank 0, and a
+    parameter no rank reached keeps no gradient (AdamW then leaves it alone, as on one rank)."""
+    procs, outs = _pair("grads", tmp_path)
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+        assert "grads ok" in out
