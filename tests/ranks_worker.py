@@ -1,12 +1,13 @@
 """One learner rank of the rank-equivalence tests (tests/integration/test_learner_ranks.py), run as a process:
 
-    python -m tests.ranks_worker RANK WORLD PORT OUT_DIR [train|stall|die|grads]
+    python -m tests.ranks_worker RANK WORLD PORT OUT_DIR [train|stall|die]
 
 It joins the learner group through the production code (`learner.ranks.rendezvous`, `RankGroup.join`), then for
 each variant of VARIANTS builds the production engine (`learner.engines.build_engine`) around the same seeded tiny
 model and trains the same global batches (the second one poisoned with a NaN) with `engine.step`. Rank 0 writes
 each variant's step records and final (gathered) parameters to OUT_DIR/<variant>.pt for the test to compare with
-one rank's update of the same batches. `stall` and `die` instead test that a lost rank does not hang rank 0; `grads`, the torch engine's gradient sum.
+one rank's update of the same batches. First, the torch engine's gradient sum (`grads`, its verdict in OUT_DIR/grads.txt). `stall` and `die` instead
+test that a lost rank does not hang rank 0.
 """
 
 from __future__ import annotations
@@ -118,18 +119,17 @@ def fail(group: RankGroup, mode: str, timeout_s: float) -> None:
         os._exit(3)  # not sys.exit: the broken group may abort in its destructor at interpreter exit
 
 
-def grads(group: RankGroup) -> None:
-    """`grads`: `RankGroup.sum_gradients` sums a gradient both ranks have, takes one only rank 1 has, and leaves
-    none where no rank has one (exit 0 when all three hold on this rank)."""
+def grads(group: RankGroup) -> str:
+    """`RankGroup.sum_gradients` sums a gradient both ranks have, takes one only rank 1 has, and leaves none where
+    no rank has one: "ok", or what it got."""
     both, one, neither = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
     both.grad = torch.full((3,), float(group.rank + 1))
     if group.rank == 1:
         one.grad = torch.full((3,), 5.0)
     group.sum_gradients([both, one, neither])
-    ok = both.grad.tolist() == [3.0] * 3 and one.grad.tolist() == [5.0] * 3 and neither.grad is None
-    print(f"grads {'ok' if ok else 'WRONG'}: {both.grad} {one.grad} {neither.grad}", flush=True)
-    group.close()
-    sys.exit(0 if ok else 4)
+    if both.grad.tolist() == [3.0] * 3 and one.grad.tolist() == [5.0] * 3 and neither.grad is None:
+        return "ok"
+    return f"wrong: {both.grad} {one.grad} {neither.grad}"
 
 
 def main(rank: int, world: int, port: int, out: Path, mode: str = "train") -> None:
@@ -144,11 +144,13 @@ def main(rank: int, world: int, port: int, out: Path, mode: str = "train") -> No
         ],
     )
     group = RankGroup.join(rendezvous(cfg.learner, rank), "cpu", cfg.learner.collective_timeout_s)
-    if mode == "grads":
-        grads(group)
     if mode != "train":
         fail(group, mode, timeout_s)
         return
+    if rank == 0:
+        (out / "grads.txt").write_text(grads(group))
+    else:
+        grads(group)
     for name in available():
         records, params = train(name, group, world)
         if rank == 0:
