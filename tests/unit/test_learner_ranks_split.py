@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,19 @@ def test_a_checkpoint_of_another_number_of_ranks_is_refused_when_sharded(tmp_pat
     RunFiles(tmp_path, _learner("learner.num_ranks=2", "learner.master_port=5")).check_ranks(
         checkpoint, DeepSpeedEngine
     )
+
+
+def test_opd_learner_refuses_a_rank_outside_the_group(capsys):
+    """`opd learner --rank` is checked against learner.num_ranks before anything starts (exit 2, the fix named)."""
+    from opd.launch.cli import main
+
+    tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    by_hand = [
+        "run.run_id=x",
+        "broker.port=5",
+        "weight_sync.port=6",
+        "learner.num_ranks=2",
+        "learner.master_port=7",
+    ]
+    assert main(["learner", "--config", tiny, "--rank", "2", *by_hand]) == 2
+    assert "learner rank 2 is outside learner.num_ranks=2" in capsys.readouterr().err
