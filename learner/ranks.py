@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import heapq
 import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -94,6 +95,15 @@ def balance_by_tokens(tokens: Sequence[int], ranks: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (an exited child not yet reaped, a zombie, counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _as_tensor(data: bytes) -> torch.Tensor:
     """`data` as a uint8 tensor (a copy: the tensor is written to by collectives)."""
     if not data:
@@ -110,6 +120,7 @@ class RankGroup:
     def __init__(self, rank: int = 0, size: int = 1, device: str = "cpu", timeout_s: float = 0.0):
         self.rank, self.size, self.device, self.timeout_s = rank, size, torch.device(device), timeout_s
         self.comm_seconds = 0.0  # time in this group's gradient reductions since the last `take_comm_seconds`
+        self.members: list[tuple[str, int]] = []  # (host, pid) per rank, exchanged on joining
 
     @classmethod
     def join(cls, rv: Rendezvous, device: str, timeout_s: float) -> RankGroup:
@@ -137,7 +148,9 @@ class RankGroup:
             world_size=rv.world,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-        return cls(rv.rank, rv.world, device, timeout_s)
+        group = cls(rv.rank, rv.world, device, timeout_s)
+        group.members = [tuple(m) for m in group.all_gather_obj([socket.gethostname(), os.getpid()])]
+        return group
 
     @property
     def leader(self) -> bool:
@@ -147,10 +160,19 @@ class RankGroup:
         try:
             return op()
         except Exception as exc:  # gloo/NCCL raise several types for a lost peer or a timeout
+            gone = self.gone()
+            who = f"learner rank(s) {gone} exited" if gone else "another learner rank died or stalled"
             raise RankLost(
-                f"learner rank {self.rank} of {self.size}: {what} failed ({type(exc).__name__}: {exc}); another "
-                f"learner rank died or stalled (learner.collective_timeout_s={self.timeout_s:g})"
+                f"learner rank {self.rank} of {self.size}: {what} failed ({type(exc).__name__}: {exc}); {who} "
+                f"(learner.collective_timeout_s={self.timeout_s:g})"
             ) from exc
+
+    def gone(self) -> list[int]:
+        """The ranks on this host whose process has ended (a rank on another host cannot be seen from here)."""
+        host = socket.gethostname()
+        return [
+            r for r, (h, pid) in enumerate(self.members) if h == host and r != self.rank and not _alive(pid)
+        ]
 
     # ------------------------------------------------------------------------------------ bytes
     def broadcast_bytes(self, data: bytes | None) -> bytes:
