@@ -12,9 +12,9 @@ The whole global batch goes to every rank, not only its share: `prepare` compute
 same bytes, exactly and deterministically, where shipping them would need a second wire format for tensors; and
 scored messages are small next to a weight version.
 
-After each step every rank reports (`step_report`): whether its step succeeded, its seconds, tokens and
-communication time (an all-gather over the group). Rank 0 acknowledges the batch's entries only once all succeeded: a rank that failed or died
-makes the exchange fail, and the entries stay pending in the broker.
+After each step every rank reports (`step_report`, an all-gather over the group): whether its step succeeded, its
+seconds, tokens and communication time. Rank 0 acknowledges the batch's entries only once all succeeded: a rank
+that failed or died makes the exchange fail, and the entries stay pending in the broker.
 """
 
 from __future__ import annotations
