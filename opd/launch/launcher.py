@@ -30,7 +30,7 @@ from opd.launch.monitor import Monitor
 from opd.launch.rundir import LaunchError, has_trained, mark_failed, prepare_run_dir
 from opd.launch.scaling import ScorerScaler, SupervisorPool
 from opd.launch.spawners import open_spawner
-from opd.launch.supervisor import Component, Slot, Supervisor
+from opd.launch.supervisor import Component, GroupRestart, Slot, Supervisor
 from opd.runtime import run_secret
 from opd.runtime.broker import open_broker, open_broker_when_ready
 from opd.runtime.lifecycle import MODELS_READY_ENV
@@ -167,6 +167,7 @@ class Launcher:
             console.print,
             self.cfg.supervision,
             env={MODELS_READY_ENV: str(self.models.ready_file.resolve())},
+            group=self._learner_group(),
         )
 
     def _survivable(self) -> dict[str, str]:
@@ -179,6 +180,28 @@ class Launcher:
         if self.caps.redelivers:
             roles["scorer"] = "the broker redelivers its pending rollouts to the scorers still running"
         return roles
+
+    def _learner_group(self) -> GroupRestart:
+        """The learner's ranks are restarted together (`supervision.restart: on-failure`) from the newest
+        checkpoint and the replay log, as `--resume` does, when the books survive it: the steps acknowledged since
+        the checkpoint must be in the replay log, and the batch the dead group held must come back from the
+        broker (Redis gives a restarted consumer its own pending entries first). The embedded broker keeps that
+        batch pending for a consumer that is gone and never hands it out again; it would also fill `scored` up to
+        broker.max_depth for good. The actors the launcher started are restarted with it: each belongs to the
+        learner's weight-sync session (its store, its signatures), and a new learner is a new session."""
+        refused = None
+        if not self.caps.redelivers:
+            refused = (
+                f"broker.type {self.cfg.broker.type} never gives back the entries the learner held when it died "
+                "(and they would fill the scored stream); use broker.type: redis to have it restarted, or "
+                f"continue this run with `opd run {self.out / 'config.yaml'} --resume`"
+            )
+        elif not self.cfg.learner.replay_log:
+            refused = (
+                "learner.replay_log is off, so the steps trained since the last checkpoint (already acknowledged) "
+                "would be lost; set learner.replay_log: true"
+            )
+        return GroupRestart("learner", ("--resume",), refused, along=("actor",))
 
     # ------------------------------------------------------------------------------------------- start
     def _start_and_watch(self) -> Component | None:
@@ -241,9 +264,12 @@ class Launcher:
         """Until the learner exits cleanly (None) or a process's exit ends the run (that process). The learner's
         progress bar goes into `bar` once the models thread is done: a terminal holds one live display, and that
         thread may be drawing a build's or an evaluation's (the components wait for those models anyway)."""
-        learner = self.supervisor.get(Slot("learner", self.learner_ranks[0]))  # rank 0: the run's learner
+        rank0 = Slot("learner", self.learner_ranks[0])  # rank 0: the run's learner
         self._asked_to_stop = False
         while True:
+            learner = self.supervisor.get(
+                rank0
+            )  # the newest process: the learner group may have been restarted
             self.models.check()  # a model that could not be found, built or evaluated ends the run
             if self._asked_to_stop and learner.proc.poll() == -signal.SIGTERM:
                 # Our SIGTERM reached it while it was still importing, before its handler existed (the first
@@ -263,6 +289,9 @@ class Launcher:
                 self.scaler.tick()  # `opd scale` requests, the autoscaler, per-scorer throughput records
             self.monitor.show()
             if learner.proc.poll() == 0:
+                return None
+            if self.interrupted and self.supervisor.restarting("learner"):
+                self.supervisor.cancel_restarts()  # between a learner group's death and its restart: nothing to stop
                 return None
             self._stop_learner_if_interrupted(learner)
             time.sleep(WATCH_PERIOD_S)

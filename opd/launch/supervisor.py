@@ -13,10 +13,15 @@ A role's members are not only the processes spawned here: a component started by
 what it heard (`reported`). A worker of a survivable role that dies is restarted (`supervision.restart:
 on-failure`, at most `max_restarts` times per component, after a doubling backoff) or left dead; the run ends
 only once its role has had no live member, spawned or reported, for `supervision.role_grace_s`.
+
+A role of one process group (`GroupRestart`: the learner's ranks, which meet in collectives) is never restarted a
+process at a time: when one of them fails, the others are killed and the whole group is started again (with
+`--resume`), under the same policy, counted as one component (`learner`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -96,6 +101,23 @@ class LocalSpawner:
         pass
 
 
+@dataclass(frozen=True)
+class GroupRestart:
+    """A role whose processes are one group: when one fails, all are restarted together, or the run ends.
+
+    The learner's ranks are the case: a rank alone cannot rejoin a process group whose collectives the others are
+    in, and a survivor holds the state of steps the new rank would not have, so the group starts again as a
+    whole from the newest checkpoint and replay log (`argv`: `--resume`). `refused` says why this run cannot do
+    it (the broker does not give back the entries the dead group held); the verdict then names it. `along`: roles
+    whose launcher-started processes are stopped and started again with the group, not counted as their restarts
+    (the actors: their weight-sync session is the learner's, and a new learner is a new session)."""
+
+    role: str
+    argv: tuple[str, ...] = ()
+    refused: str | None = None
+    along: tuple[str, ...] = ()
+
+
 @dataclass
 class Component:
     slot: Slot
@@ -163,6 +185,7 @@ class Reported(Protocol):
 ReportedMembers = Callable[[str], list[Reported]]
 NOTHING_REPORTED: ReportedMembers = lambda role: []  # noqa: E731
 MAX_BACKOFF_S = 60.0
+KILL_WAIT_S = 10.0  # a killed group member's exit is awaited this long before its group starts again
 
 
 class Supervisor:
@@ -183,15 +206,18 @@ class Supervisor:
         log: Callable[..., None],
         policy: SupervisionConfig | None = None,
         env: dict[str, str] | None = None,
+        group: GroupRestart | None = None,
     ):
         self.config_path, self.out, self.spawner = config_path, out_dir, spawner
         self.env = dict(env or {})  # what the launcher tells every component (opd.runtime.lifecycle reads it)
         self.grace_s, self.survivable, self.log = grace_s, survivable, log
         self.policy = policy or SupervisionConfig(role_grace_s=0.0)
+        self.group = group  # the role restarted as a whole (the learner's ranks), if any
         self.components: list[Component] = []
         self.lost: set[Slot] = set()  # died without ending the run (another of their role carries on)
         self.restarts: dict[str, int] = {}  # component name -> restarts so far
-        self.pending: list[tuple[float, Slot]] = []  # restarts due at (monotonic time, slot)
+        # restarts due at (monotonic time, slot, extra argv), in the order they start
+        self.pending: list[tuple[float, Slot, tuple[str, ...]]] = []
         self.down_since: dict[str, float] = {}  # role -> since when it has had no live member
         self.verdict = ""  # why the run ends, once `failure` has returned a component
 
@@ -265,13 +291,25 @@ class Supervisor:
         ]
         over = run_over() if exited else False
         for comp, code in exited:
-            if code == 0 and (over or comp.role == "learner"):
-                continue
+            if comp.settled or code == 0 and (over or comp.role == "learner"):
+                continue  # (settled: a member of a group that an earlier exit in this list is restarting)
+            if self.group is not None and comp.role == self.group.role:
+                if self._restart_group(comp, code, over):
+                    continue
+                return comp
             if comp.role not in self.survivable:
                 self.verdict = f"{comp.name} exited with code {code}"
                 return comp
             self._settle(comp, code, over, reported)
         return self._role_gone(reported, run_over)
+
+    def restarting(self, role: str) -> bool:
+        """Whether a restart of some process of `role` is scheduled and not yet started."""
+        return any(slot.role == role for _, slot, _ in self.pending)
+
+    def cancel_restarts(self) -> None:
+        """Start none of the scheduled restarts (the run is being interrupted)."""
+        self.pending.clear()
 
     def summary(self) -> dict:
         """What supervision did, for summary.json: restarts per component and the components left dead."""
@@ -332,20 +370,76 @@ class Supervisor:
         delay = min(self.policy.restart_backoff_s * 2**done, MAX_BACKOFF_S)
         self.restarts[dead.name] = done + 1
         dead.replaced = True
-        self.pending.append((time.monotonic() + delay, dead.slot))
+        self.pending.append((time.monotonic() + delay, dead.slot, ()))
         self.log(
             f"[yellow]{dead.name} exited with code {code}[/]; restarting it in {delay:g}s "
             f"(restart {done + 1} of supervision.max_restarts={self.policy.max_restarts})"
         )
         return True
 
+    def _restart_group(self, dead: Component, code: int, over: bool) -> bool:
+        """One process of the group failed: kill the others and schedule the whole group's start with the group's
+        argv, if the policy and the group allow it; else False, with the verdict saying why the run ends.
+
+        The others are killed, not asked to stop: a SIGTERM makes learner rank 0 write a checkpoint (a collective
+        with the dead rank) and announce stop to the whole run. Killed, it leaves what a crash leaves, which is
+        what a resume restores (the checkpoint, the replay log of the steps since, the broker's pending entries)."""
+        group, name = self.group, self.group.role
+        self.verdict = f"{dead.name} exited with code {code}"
+        if self.policy.restart != "on-failure" or over:
+            return False
+        done = self.restarts.get(name, 0)
+        if group.refused:
+            self.verdict += f"; the {name} group is not restarted: {group.refused}"
+            return False
+        if done >= self.policy.max_restarts:
+            self.verdict += (
+                f"; the {name} group is not restarted again: it has had supervision.max_restarts="
+                f"{self.policy.max_restarts} restarts"
+            )
+            return False
+        members = self._unsettled([name])
+        for c in members:
+            if c.proc.poll() is None:
+                c.proc.kill()
+        for c in members:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                c.proc.wait(KILL_WAIT_S)
+        riders = self._unsettled(group.along)  # (one that already exited: the learner's end ended it)
+        self.stop(
+            riders, self.grace_s
+        )  # SIGTERM: an actor publishes what it has and records it in its ledger
+        delay = min(self.policy.restart_backoff_s * 2**done, MAX_BACKOFF_S)
+        self.restarts[name] = done + 1
+        at, order = (
+            time.monotonic() + delay,
+            lambda s: (s.role != name, s.role, -1 if s.index is None else s.index),
+        )
+        slots = sorted({c.slot for c in members + riders}, key=order)  # rank 0 first: it hosts the rendezvous
+        self.pending += [(at, s, group.argv if s.role == name else ()) for s in slots]
+        self.verdict = ""
+        self.log(
+            f"[yellow]{dead.name} exited with code {code}[/]; restarting the {name} group in {delay:g}s with "
+            f"{' '.join(group.argv) or 'no options'} (restart {done + 1} of supervision.max_restarts="
+            f"{self.policy.max_restarts}): {', '.join(s.name for s in slots)}"
+        )
+        return True
+
+    def _unsettled(self, roles: tuple[str, ...] | list[str]) -> list[Component]:
+        """The processes of `roles` whose end is not dealt with yet (running, or exited and not judged), marked
+        settled and replaced: their exit is part of a group restart, judged by nobody."""
+        found = [c for c in self.components if c.role in roles and not c.settled and not c.retired]
+        for c in found:
+            c.settled = c.replaced = True
+        return found
+
     def _restart_due(self) -> None:
         now = time.monotonic()
-        due = [slot for at, slot in self.pending if at <= now]
-        self.pending = [(at, slot) for at, slot in self.pending if at > now]
-        for slot in due:
+        due = [(slot, argv) for at, slot, argv in self.pending if at <= now]
+        self.pending = [p for p in self.pending if p[0] > now]
+        for slot, argv in due:
             try:
-                self.spawn(slot.role, slot.index)
+                self.spawn(slot.role, slot.index, *argv)
             except Exception as exc:  # e.g. Ray cannot place it now: the slot is left dead
                 self.lost.add(slot)
                 self.log(f"[yellow]could not restart {slot.name}: {exc}[/]")
@@ -359,7 +453,7 @@ class Supervisor:
         the run is over: then the workers leave because the learner said stop)."""
         now = time.monotonic()
         for role in sorted({s.role for s in self.lost}):
-            if self._members(role, reported) or any(s.role == role for _, s in self.pending):
+            if self._members(role, reported) or self.restarting(role):
                 self.down_since.pop(role, None)
                 continue
             since = self.down_since.setdefault(role, now)

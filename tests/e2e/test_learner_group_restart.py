@@ -1,0 +1,68 @@
+"""Kill -9 one learner rank mid-run on Redis: the other rank does not hang, the launcher restarts the whole learner
+group from its newest checkpoint and replay log (`supervision.restart: on-failure`), the run finishes its
+max_steps, and the books balance by trajectory id with nothing trained twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from tests.books import accounting, component_pid, violations
+from tests.conftest import opd_run, wait_for
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+STEPS = 16
+
+
+def _records(out_dir) -> list[dict]:
+    path = out_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_kill_rank_1_restarts_the_learner_group_and_the_books_balance(prepared, redis_server, tmp_path):
+    out_dir = tmp_path / "run"
+    proc = opd_run(
+        prepared,
+        out_dir,
+        "run.progress=false",
+        "broker.type=redis",
+        f"broker.url={redis_server.url}",
+        "broker.claim_idle_s=1",
+        "learner.num_ranks=2",
+        f"learner.max_steps={STEPS}",
+        "learner.batch_size=32",
+        "actor.prompts_per_batch=8",
+        "learner.eval_every=0",
+        "learner.checkpoint_every=4",
+        "supervision.restart=on-failure",
+        "supervision.restart_backoff_s=0.5",
+    )
+    try:
+        # past the first checkpoint and into the replay log after it: the restart needs both
+        wait_for(lambda: len(_records(out_dir)) >= 6, 300, "learner steps past the first checkpoint")
+        killed_after = len(_records(out_dir))
+        os.kill(component_pid(proc.pid, "learner", 1), signal.SIGKILL)
+        log, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log
+    assert "learner-1 exited with code -9" in log and "restarting the learner group" in log, log
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["learner_steps"] == STEPS and summary["restarts"] == {"learner": 1}
+    assert summary["resumed_from"].startswith("step-")
+    records = _records(out_dir)
+    fresh = [r["step"] for r in records if not r.get("replayed")]
+    assert sorted(set(fresh)) == list(range(1, STEPS + 1)), fresh  # every step logged, the lost ones again
+    assert any(r.get("replayed") for r in records) or killed_after % 4 == 0
+    books = accounting(out_dir, redis_server.url)
+    assert books["trained"] == books["trained_unique"] == STEPS * 32, books["line"]  # nothing trained twice
+    assert violations(books) == [], books["line"]
+    for rank in (
+        0,
+        1,
+    ):  # each rank's log shows both of its processes: the killed one's and the restarted one's
+        assert (out_dir / "logs" / f"learner-{rank}.log").exists()
