@@ -16,12 +16,17 @@ class SupervisionConfig(Strict):
         "no",
         description=(
             "on-failure: restart an actor or scorer the launcher started when it exits with an error (as "
-            "docker-compose does); no: leave it dead. Scorers are restarted only on a broker that redelivers "
-            "their pending entries; the learner is never restarted (`opd run --resume` continues a run)."
+            "docker-compose does), and the whole learner group (every rank, from the newest checkpoint and "
+            "replay log, the actors with it) when one learner rank does; no: leave it dead. Scorers and the "
+            "learner are restarted only on a broker that redelivers their pending entries (Redis); elsewhere "
+            "`opd run --resume` continues a run."
         ),
     )
     max_restarts: int = Field(
-        3, ge=0, description="Restarts per component (e.g. scorer-1) before it is left dead."
+        3,
+        ge=0,
+        description="Restarts per component (e.g. scorer-1; the learner group counts as one) before it is left "
+        "dead (the learner: the run ends).",
     )
     restart_backoff_s: float = Field(
         1.0,
