@@ -24,7 +24,7 @@ import torch
 from broker import BrokerUnavailable
 from learner.batching import Batch, collate
 from learner.commands import Follower, LeaderEngine, step_report
-from learner.engines import build_engine
+from learner.engines import build_engine, engine_class
 from learner.evaluation import Evaluator
 from learner.intake import Contract, Intake, lag
 from learner.publishing import WeightPublisher, record_layout
@@ -69,16 +69,19 @@ def load_student(
 
 def agreed_checkpoint(cfg: Config, files: RunFiles, group: RankGroup, resume: bool) -> Path | None:
     """The checkpoint every rank resumes from: rank 0's choice, once it has the models (a rank started by hand
-    must not build them beside it), sent to the others."""
-    if group.size == 1:
-        return files.latest() if resume else None
-    if group.leader:
+    must not build them beside it) and has made its engine state loadable by this many ranks (a checkpoint of
+    another number of ranks: `RunFiles.reshard`), sent to the others."""
+    if group.size > 1 and not group.leader:
+        name = group.broadcast_bytes(None).decode()
+        return files.checkpoints.root / name if name else None
+    if group.size > 1:
         ensure_assets(cfg, log=log.info)
-        checkpoint = files.latest() if resume else None
+    checkpoint = files.latest() if resume else None
+    if checkpoint is not None:
+        files.reshard(checkpoint, engine_class(cfg))
+    if group.size > 1:
         group.broadcast_bytes((checkpoint.name if checkpoint else "").encode())
-        return checkpoint
-    name = group.broadcast_bytes(None).decode()
-    return files.checkpoints.root / name if name else None
+    return checkpoint
 
 
 class Learner:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,15 +153,34 @@ class RunFiles:
         engine.load_state(checkpoint / "engine")
         return Progress.from_json(read_state(checkpoint), max_staleness, checkpoint.name)
 
+    @staticmethod
+    def saved_ranks(checkpoint: Path) -> int:
+        """How many learner ranks wrote `checkpoint` (state.json; 1 before there were several)."""
+        return int(json.loads((checkpoint / "state.json").read_text()).get("num_ranks", 1))
+
     def check_ranks(self, checkpoint: Path, engine) -> None:
-        """Refuse a checkpoint whose engine state was sharded over another number of ranks than this run's: its
-        shards would not fit (DeepSpeed's ZeRO partitions). A replicated state (the torch engine's) fits any."""
-        saved = int(json.loads((checkpoint / "state.json").read_text()).get("num_ranks", 1))
-        if saved != self.num_ranks and engine.per_rank_state:
+        """Refuse a checkpoint whose engine state was sharded over another number of ranks than this run's when
+        the engine cannot reshard it: its shards would not fit. A replicated state (the torch engine's) fits any
+        number; DeepSpeed's ZeRO shards are converted first (`reshard`)."""
+        saved = self.saved_ranks(checkpoint)
+        if saved != self.num_ranks and engine.per_rank_state and not engine.reshards:
             raise RuntimeError(
                 f"checkpoint {checkpoint} was written by {saved} learner rank(s), but learner.num_ranks is "
                 f"{self.num_ranks}: its engine state is sharded per rank and cannot be loaded by another number "
                 f"of ranks; resume with learner.num_ranks={saved}"
+            )
+
+    def reshard(self, checkpoint: Path, engine_cls) -> None:
+        """Before any rank loads `checkpoint` (rank 0 alone): make a sharded engine state written by another number
+        of ranks loadable by this run's (`Engine.reshard_state`), or refuse it."""
+        self.check_ranks(checkpoint, engine_cls)
+        saved = self.saved_ranks(checkpoint)
+        if saved != self.num_ranks and engine_cls.per_rank_state:
+            t0 = time.monotonic()
+            engine_cls.reshard_state(checkpoint / "engine", saved, self.num_ranks)
+            self.checkpoints.log(
+                f"resharded {checkpoint.name}'s engine state from {saved} to {self.num_ranks} learner rank(s) "
+                f"in {time.monotonic() - t0:.1f}s"
             )
 
     def save_checkpoint(self, progress: Progress, counters: dict[str, float], student: Student) -> Path:

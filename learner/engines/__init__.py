@@ -19,7 +19,12 @@ ENGINES: dict[str, str] = {
 }
 
 
+def engine_class(cfg: Config) -> type[Engine]:
+    """The class `learner.engine` names (its class attributes say how it saves its state, before any is built)."""
+    unknown = f"learner.engine: {cfg.learner.engine} has no engine; choose one of {sorted(ENGINES)}"
+    return registry.load(ENGINES, cfg.learner.engine, unknown)
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, group: RankGroup | None = None) -> Engine:
     """The engine `learner.engine` names, around `model`, training with the ranks of `group` (default: one)."""
-    unknown = f"learner.engine: {cfg.learner.engine} has no engine; choose one of {sorted(ENGINES)}"
-    return registry.load(ENGINES, cfg.learner.engine, unknown)(model, cfg, group)
+    return engine_class(cfg)(model, cfg, group)

@@ -63,10 +63,12 @@ class Engine:
     a pass one rank skips leaves the others waiting in a collective). A rank with fewer micro-batches then runs
     stand-in passes whose loss is 0 x the logits: zero gradient, the same collectives.
     `per_rank_state`: whether each rank saves and loads its own part of the engine state (DeepSpeed's ZeRO
-    shards) rather than one copy that rank 0 writes. `gathers`: whether `gathered()` is a collective."""
+    shards) rather than one copy that rank 0 writes; `reshards`: whether such a state written by another number of
+    ranks can be made loadable (`reshard_state`). `gathers`: whether `gathered()` is a collective."""
 
     aligned_passes = False
     per_rank_state = False
+    reshards = False
     gathers = False  # whether `gathered()` is a collective of every rank (ZeRO-3's parameter gather)
 
     def __init__(self, model: torch.nn.Module, cfg: Config, group: RankGroup | None = None):
@@ -108,6 +110,12 @@ class Engine:
         raise NotImplementedError
 
     def load_state(self, path: Path) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def reshard_state(cls, path: Path, saved_ranks: int, ranks: int) -> None:
+        """Make the engine state at `path`, written by `saved_ranks` ranks, loadable by `ranks` ranks (only called
+        for engines that `reshards`). Rank 0 alone runs it, before any rank loads `path`."""
         raise NotImplementedError
 
     def _counters(self) -> dict[str, int]:

@@ -15,17 +15,32 @@ ours (a sum, timed), so its gradient-norm check sees the reduced gradients, the 
 DeepSpeed reads its checkpoint files with `torch.load(weights_only=False)`, which runs whatever a pickle names: a
 resume swaps in a checkpoint engine whose loads go through `safe_load` (weights only, plus the few DeepSpeed record
 classes its optimizer state holds), so a tampered file is refused instead of executed.
+
+Another number of ranks: ZeRO-1/2/3 shards are cut for the number of ranks that wrote them, so a resume with
+another `learner.num_ranks` goes through DeepSpeed's universal checkpoint. Rank 0 converts the checkpoint's
+`engine/ds` once into `engine/universal` (DeepSpeed's `ds_to_universal`: every parameter's fp32 value and Adam
+moments whole, plus the step counters), and every rank loads that with DeepSpeed's `load_universal`, taking its own
+new shard. The converter and the universal loader call `torch.load` themselves, so both run under torch's own
+weights-only switch (TORCH_FORCE_WEIGHTS_ONLY_LOAD) with the same allowed classes. ZeRO-0 keeps one replicated copy
+(rank 0 writes it), which any number of ranks loads as it is.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import math
 import os
+import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from pickle import UnpicklingError
 
 import torch
 
-from learner.checkpoint import safe_load
+from learner.checkpoint import UnsafeCheckpoint, safe_load
 from learner.engines.base import Engine, lr_factor
 from learner.ranks import RankGroup
 from opd.config import Config
@@ -64,6 +79,44 @@ def checkpoint_classes() -> list[type]:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
+UNIVERSAL = "universal"  # engine/universal: the checkpoint's ZeRO state converted for any number of ranks
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch's switch: every torch.load reads weights only
+
+
+def shard_count(path: Path) -> int:
+    """How many ranks wrote the ZeRO state under `path` (a checkpoint's engine/): one optimizer shard file each;
+    0 for ZeRO-0, whose one replicated copy rank 0 writes."""
+    return len(list((path / "ds").glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
+@contextlib.contextmanager
+def _weights_only_torch_loads(where: Path) -> Iterator[None]:
+    """Every `torch.load` inside reads tensors and plain data only (plus the DeepSpeed records of
+    `checkpoint_classes`), even where DeepSpeed passes weights_only=False itself: its universal-checkpoint
+    converter and loader read files directly, not through the checkpoint engine that `_WeightsOnlyLoads` wraps.
+    The switch is process-wide while it is on; nothing else in the learner loads torch files meanwhile."""
+    before = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(checkpoint_classes()):
+            yield
+    except UnpicklingError as exc:
+        named = re.search(
+            r"GLOBAL [\w.]+", str(exc)
+        )  # what it wanted (torch's advice to allow it is not the fix)
+        raise UnsafeCheckpoint(
+            f"a file under {where} holds objects other than tensors and plain data "
+            f"({named.group(0) if named else 'not a weights-only pickle'}); refusing "
+            "to load it, since unpickling it could run code. Restore the checkpoint from a trusted copy, or "
+            "resume from another checkpoint (move this one away)."
+        ) from None
+    finally:
+        if before is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = before
+
+
 class _WeightsOnlyLoads:
     """DeepSpeed's checkpoint engine with `load` replaced by `safe_load`; everything else is the wrapped engine's."""
 
@@ -95,6 +148,7 @@ def ds_config(cfg: Config) -> dict:
 
 class DeepSpeedEngine(Engine):
     per_rank_state = True  # each rank writes and reads its own ZeRO shards
+    reshards = True  # through DeepSpeed's universal checkpoint (module docstring)
 
     def __init__(self, model: torch.nn.Module, cfg: Config, group: RankGroup | None = None):
         if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
@@ -170,15 +224,69 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(path), tag="ds", client_state={"counters": self._counters()})
 
     def load_state(self, path: Path) -> None:
+        """The ZeRO state at `path` (engine/): this rank's own shards when as many ranks wrote them, else its new
+        shard of the universal copy that rank 0 made (`reshard_state`)."""
+        saved = shard_count(path)
+        universal = bool(saved) and saved != self.group.size
+        if universal and not (path / UNIVERSAL).is_dir():
+            raise RuntimeError(
+                f"{path} holds ZeRO shards of {saved} ranks and no universal copy for {self.group.size}: rank 0 "
+                "converts it before the ranks load it (DeepSpeedEngine.reshard_state)"
+            )
         inner = self.ds.checkpoint_engine
-        self.ds.checkpoint_engine = _WeightsOnlyLoads(inner)  # every file DeepSpeed reads goes through it
+        # every file DeepSpeed reads goes through a weights-only load: the universal loader reads some directly,
+        # so there torch's own switch does it (one mechanism at a time: their allow-lists do not nest)
+        if not universal:
+            self.ds.checkpoint_engine = _WeightsOnlyLoads(inner)
+        # load_universal is read by load_checkpoint alone (ZeRO prepares universal loading at initialisation)
+        self.ds._config.load_universal_checkpoint = universal
         try:
-            loaded, client = self.ds.load_checkpoint(str(path), tag="ds")
+            with _weights_only_torch_loads(path) if universal else contextlib.nullcontext():
+                loaded, client = self.ds.load_checkpoint(str(path), tag=UNIVERSAL if universal else "ds")
         finally:
             self.ds.checkpoint_engine = inner
+            self.ds._config.load_universal_checkpoint = False
         if loaded is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {path}; resume needs the engine/ directory")
         self._set_counters(client["counters"])
+
+    @classmethod
+    def reshard_state(cls, path: Path, saved_ranks: int, ranks: int) -> None:
+        """Convert the ZeRO shards at `path` into DeepSpeed's universal checkpoint (`path`/universal), once: a
+        later resume with yet another number of ranks reuses it. Written to a temporary folder and renamed, so an
+        interrupted conversion leaves nothing half-made. One process does it (the converter's workers would be
+        forked from a learner with threads and process groups), in time and memory about one read and one write
+        of the engine state."""
+        if shard_count(path) in (0, ranks) or (path / UNIVERSAL).is_dir():
+            return  # ZeRO-0's replicated copy, shards that fit, or converted before
+        _import_deepspeed()
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = path / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(
+            input_folder=str(path / "ds"),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # our checkpoints carry no universal_checkpoint_info of their own
+        )
+        printed = io.StringIO()
+        try:
+            with _weights_only_torch_loads(path), contextlib.redirect_stdout(printed):
+                ds_to_universal(args)
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not convert the ZeRO state of {saved_ranks} ranks in {path} for {ranks} ranks "
+                f"(DeepSpeed's ds_to_universal: {type(exc).__name__}: {exc}); resume with "
+                f"learner.num_ranks={saved_ranks}. Its output:\n{printed.getvalue()[-2000:]}"
+            ) from exc
+        tmp.rename(path / UNIVERSAL)
+        (path / "latest_universal").unlink(
+            missing_ok=True
+        )  # the converter's pointer, naming the temporary name
 
     def gathered(self):
         params = list(self.hf_model.parameters())

@@ -1,6 +1,7 @@
 """`opd run configs/tiny.yaml learner.num_ranks=2`: two learner processes train one global batch per step (on the
 zmq broker and on Redis); rank 0 alone reads the broker and publishes weights, which the actor receives bit for
-bit. With DeepSpeed ZeRO-3: per-rank shards, resume with the same number of ranks, another number refused."""
+bit. With DeepSpeed ZeRO-3: per-rank shards, resume with the same number of ranks, and with another (through
+DeepSpeed's universal checkpoint)."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_two_learner_ranks_train_and_publish(broker, prepared, tmp_path, request
     assert {"learner-0.log", "learner-1.log"} <= logs and "learner.log" not in logs
 
 
-def test_zero3_ranks_resume_with_the_same_number_and_refuse_another(prepared, tmp_path):
+def test_zero3_ranks_resume_with_the_same_number_and_with_another(prepared, tmp_path):
     pytest.importorskip("deepspeed")
     out_dir = tmp_path / "run"
     zero3 = [
@@ -106,6 +107,14 @@ def test_zero3_ranks_resume_with_the_same_number_and_refuse_another(prepared, tm
     trained = (out_dir / "trained_ids.txt").read_text().split()
     assert len(trained) == len(set(trained)) == 12 * 64  # nothing lost, nothing trained twice
 
+    # another number of ranks: rank 0 converts the ZeRO-3 shards into DeepSpeed's universal checkpoint first
     log = _finish(opd_run(prepared, out_dir, "--resume", "learner.max_steps=14", "learner.num_ranks=1"))
-    assert "learner exited with code 1" in log, log
-    assert "written by 2 learner rank(s), but learner.num_ranks is 1" in log
+    assert "exited with code" not in log, log
+    assert (out_dir / "checkpoints" / "step-000012" / "engine" / "universal" / "zero").is_dir()
+    assert (
+        "resharded step-000012's engine state from 2 to 1 learner rank(s)"
+        in (out_dir / "logs" / "learner.log").read_text()
+    )
+    assert [r["step"] for r in _records(out_dir)][-2:] == [13, 14]
+    trained = (out_dir / "trained_ids.txt").read_text().split()
+    assert len(trained) == len(set(trained)) == 14 * 64

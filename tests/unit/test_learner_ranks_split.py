@@ -99,22 +99,29 @@ def test_zero3_ranks_refuse_inline_evaluation():
     assert load_config(None, [*over, "learner.eval_every=0"]).learner.num_ranks == 2
 
 
-def test_a_checkpoint_of_another_number_of_ranks_is_refused_when_sharded(tmp_path):
-    """The engines' own classes say whether their state is sharded per rank (read before any is built)."""
+def test_a_checkpoint_of_another_number_of_ranks_is_refused_when_sharded_and_not_reshardable(tmp_path):
+    """The engines' own classes say whether their state is sharded per rank and whether it can be resharded (read
+    before any is built): DeepSpeed's ZeRO shards go through its universal checkpoint
+    (tests/integration/test_learner_reshard.py); an engine whose shards cannot be converted is refused."""
+    from learner.engines.base import Engine
     from learner.engines.deepspeed import DeepSpeedEngine
     from learner.engines.torch import TorchEngine
+
+    class ShardedOnly(Engine):  # the contract's third case: per-rank state, no conversion
+        per_rank_state = True
 
     checkpoint = tmp_path / "checkpoints" / "step-000004"
     checkpoint.mkdir(parents=True)
     (checkpoint / "state.json").write_text(json.dumps({"step": 4, "num_ranks": 2}))
     files = RunFiles(tmp_path, _learner("learner.num_ranks=3", "learner.master_port=5"))
     files.check_ranks(checkpoint, TorchEngine)  # a replicated state fits any number of ranks
+    files.check_ranks(checkpoint, DeepSpeedEngine)  # converted by rank 0 first (RunFiles.reshard)
     with pytest.raises(
         RuntimeError, match=r"written by 2 learner rank\(s\), but learner.num_ranks is 3.*num_ranks=2"
     ):
-        files.check_ranks(checkpoint, DeepSpeedEngine)
+        files.reshard(checkpoint, ShardedOnly)
     RunFiles(tmp_path, _learner("learner.num_ranks=2", "learner.master_port=5")).check_ranks(
-        checkpoint, DeepSpeedEngine
+        checkpoint, ShardedOnly
     )
 
 
