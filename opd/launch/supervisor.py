@@ -399,6 +399,9 @@ class Supervisor:
             )
             return False
         members = self._unsettled([name])
+        exits = ", ".join(
+            f"{c.name} exited with code {c.proc.poll()}" for c in members if c.proc.poll() is not None
+        )
         for c in members:
             if c.proc.poll() is None:
                 c.proc.kill()
@@ -411,17 +414,16 @@ class Supervisor:
         )  # SIGTERM: an actor publishes what it has and records it in its ledger
         delay = min(self.policy.restart_backoff_s * 2**done, MAX_BACKOFF_S)
         self.restarts[name] = done + 1
-        at, order = (
-            time.monotonic() + delay,
-            lambda s: (s.role != name, s.role, -1 if s.index is None else s.index),
+        slots = sorted(
+            {c.slot for c in members + riders}, key=lambda s: (s.role != name, s.role, s.index or 0)
         )
-        slots = sorted({c.slot for c in members + riders}, key=order)  # rank 0 first: it hosts the rendezvous
-        self.pending += [(at, s, group.argv if s.role == name else ()) for s in slots]
+        at = time.monotonic() + delay
+        self.pending += [(at, s, group.argv if s.role == name else ()) for s in slots]  # rank 0 first
         self.verdict = ""
+        options = " ".join(group.argv) or "no options"
         self.log(
-            f"[yellow]{dead.name} exited with code {code}[/]; restarting the {name} group in {delay:g}s with "
-            f"{' '.join(group.argv) or 'no options'} (restart {done + 1} of supervision.max_restarts="
-            f"{self.policy.max_restarts}): {', '.join(s.name for s in slots)}"
+            f"[yellow]{exits}[/]; restarting the {name} group in {delay:g}s with {options} (restart {done + 1} of "
+            f"supervision.max_restarts={self.policy.max_restarts}): {', '.join(s.name for s in slots)}"
         )
         return True
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -15,6 +16,9 @@ from tests.conftest import opd_run, wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 STEPS = 16
+RESTART_BOUND_S = (
+    120.0  # kill -> the restarted group's first step: backoff, start-up, checkpoint load, replay
+)
 
 
 def _records(out_dir) -> list[dict]:
@@ -43,7 +47,7 @@ def test_kill_rank_1_restarts_the_learner_group_and_the_books_balance(prepared, 
     try:
         # past the first checkpoint and into the replay log after it: the restart needs both
         wait_for(lambda: len(_records(out_dir)) >= 6, 300, "learner steps past the first checkpoint")
-        killed_after = len(_records(out_dir))
+        killed_after, killed_at = len(_records(out_dir)), time.time()
         os.kill(component_pid(proc.pid, "learner", 1), signal.SIGKILL)
         log, _ = proc.communicate(timeout=600)
     finally:
@@ -58,6 +62,12 @@ def test_kill_rank_1_restarts_the_learner_group_and_the_books_balance(prepared, 
     fresh = [r["step"] for r in records if not r.get("replayed")]
     assert sorted(set(fresh)) == list(range(1, STEPS + 1)), fresh  # every step logged, the lost ones again
     assert any(r.get("replayed") for r in records) or killed_after % 4 == 0
+    back = [
+        r["time"] for r in records if r["time"] > killed_at
+    ]  # the restarted group's first step (or replay)
+    assert back and back[0] - killed_at < RESTART_BOUND_S, (
+        "no hang: the group trains again soon after the kill"
+    )
     books = accounting(out_dir, redis_server.url)
     assert books["trained"] == books["trained_unique"] == STEPS * 32, books["line"]  # nothing trained twice
     assert violations(books) == [], books["line"]
