@@ -101,9 +101,8 @@ def _weights_only_torch_loads(where: Path) -> Iterator[None]:
         with torch.serialization.safe_globals(checkpoint_classes()):
             yield
     except UnpicklingError as exc:
-        named = re.search(
-            r"GLOBAL [\w.]+", str(exc)
-        )  # what it wanted (torch's advice to allow it is not the fix)
+        # name what it wanted (torch's message goes on to advise allowlisting it, which is not the fix here)
+        named = re.search(r"GLOBAL [\w.]+", str(exc))
         raise UnsafeCheckpoint(
             f"a file under {where} holds objects other than tensors and plain data "
             f"({named.group(0) if named else 'not a weights-only pickle'}); refusing "
@@ -284,9 +283,8 @@ class DeepSpeedEngine(Engine):
                 f"learner.num_ranks={saved_ranks}. Its output:\n{printed.getvalue()[-2000:]}"
             ) from exc
         tmp.rename(path / UNIVERSAL)
-        (path / "latest_universal").unlink(
-            missing_ok=True
-        )  # the converter's pointer, naming the temporary name
+        # the converter's pointer to what it wrote, which names the temporary folder: the tag is ours to pass
+        (path / "latest_universal").unlink(missing_ok=True)
 
     def gathered(self):
         params = list(self.hf_model.parameters())

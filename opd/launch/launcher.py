@@ -267,9 +267,8 @@ class Launcher:
         rank0 = Slot("learner", self.learner_ranks[0])  # rank 0: the run's learner
         self._asked_to_stop = False
         while True:
-            learner = self.supervisor.get(
-                rank0
-            )  # the newest process: the learner group may have been restarted
+            # the newest process of rank 0: the learner group may have been restarted
+            learner = self.supervisor.get(rank0)
             self.models.check()  # a model that could not be found, built or evaluated ends the run
             if self._asked_to_stop and learner.proc.poll() == -signal.SIGTERM:
                 # Our SIGTERM reached it while it was still importing, before its handler existed (the first

@@ -408,10 +408,10 @@ class Supervisor:
         for c in members:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 c.proc.wait(KILL_WAIT_S)
-        riders = self._unsettled(group.along)  # (one that already exited: the learner's end ended it)
-        self.stop(
-            riders, self.grace_s
-        )  # SIGTERM: an actor publishes what it has and records it in its ledger
+        # SIGTERM: an actor publishes what it has and records it in its ledger (one that already exited is
+        # started again too: the learner's end ended it)
+        riders = self._unsettled(group.along)
+        self.stop(riders, self.grace_s)
         delay = min(self.policy.restart_backoff_s * 2**done, MAX_BACKOFF_S)
         self.restarts[name] = done + 1
         slots = sorted(
