@@ -1,4 +1,4 @@
-"""Kill -9 one learner rank mid-run on Redis: the other rank does not hang, the launcher restarts the whole learner
+"""Kill -9 one learner rank (or the one learner) mid-run on Redis: the other rank does not hang, the launcher restarts the whole learner
 group from its newest checkpoint and replay log (`supervision.restart: on-failure`), the run finishes its
 max_steps, and the books balance by trajectory id with nothing trained twice."""
 
@@ -26,8 +26,13 @@ def _records(out_dir) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_kill_rank_1_restarts_the_learner_group_and_the_books_balance(prepared, redis_server, tmp_path):
+@pytest.mark.parametrize("ranks", [2, 1])
+def test_kill_a_learner_rank_restarts_the_learner_group_and_the_books_balance(
+    ranks, prepared, redis_server, tmp_path
+):
+    """Rank 1 of 2 (the other rank is killed and both start again), or the one learner (a group of one)."""
     out_dir = tmp_path / "run"
+    victim = "learner-1" if ranks == 2 else "learner"
     proc = opd_run(
         prepared,
         out_dir,
@@ -35,7 +40,7 @@ def test_kill_rank_1_restarts_the_learner_group_and_the_books_balance(prepared, 
         "broker.type=redis",
         f"broker.url={redis_server.url}",
         "broker.claim_idle_s=1",
-        "learner.num_ranks=2",
+        f"learner.num_ranks={ranks}",
         f"learner.max_steps={STEPS}",
         "learner.batch_size=32",
         "actor.prompts_per_batch=8",
@@ -48,13 +53,13 @@ def test_kill_rank_1_restarts_the_learner_group_and_the_books_balance(prepared, 
         # past the first checkpoint and into the replay log after it: the restart needs both
         wait_for(lambda: len(_records(out_dir)) >= 6, 300, "learner steps past the first checkpoint")
         killed_after, killed_at = len(_records(out_dir)), time.time()
-        os.kill(component_pid(proc.pid, "learner", 1), signal.SIGKILL)
+        os.kill(component_pid(proc.pid, "learner", 1 if ranks == 2 else None), signal.SIGKILL)
         log, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, log
-    assert "learner-1 exited with code -9" in log and "restarting the learner group" in log, log
+    assert f"{victim} exited with code -9" in log and "restarting the learner group" in log, log
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["learner_steps"] == STEPS and summary["restarts"] == {"learner": 1}
     assert summary["resumed_from"].startswith("step-")
@@ -62,17 +67,11 @@ def test_kill_rank_1_restarts_the_learner_group_and_the_books_balance(prepared, 
     fresh = [r["step"] for r in records if not r.get("replayed")]
     assert sorted(set(fresh)) == list(range(1, STEPS + 1)), fresh  # every step logged, the lost ones again
     assert any(r.get("replayed") for r in records) or killed_after % 4 == 0
-    back = [
-        r["time"] for r in records if r["time"] > killed_at
-    ]  # the restarted group's first step (or replay)
-    assert back and back[0] - killed_at < RESTART_BOUND_S, (
-        "no hang: the group trains again soon after the kill"
-    )
+    back = [r["time"] for r in records if r["time"] > killed_at]  # the restarted group's first (re)play
+    assert back and back[0] - killed_at < RESTART_BOUND_S, "no hang: it trains again soon after the kill"
     books = accounting(out_dir, redis_server.url)
     assert books["trained"] == books["trained_unique"] == STEPS * 32, books["line"]  # nothing trained twice
     assert violations(books) == [], books["line"]
-    for rank in (
-        0,
-        1,
-    ):  # each rank's log shows both of its processes: the killed one's and the restarted one's
-        assert (out_dir / "logs" / f"learner-{rank}.log").exists()
+    names = [f"learner-{r}" for r in range(ranks)] if ranks > 1 else ["learner"]
+    assert all((out_dir / "logs" / f"{n}.log").exists() for n in names)  # the restarted processes log on
+    assert (out_dir / "logs" / f"{names[0]}.log").read_text().count("resumed from ") == 1  # rank 0
