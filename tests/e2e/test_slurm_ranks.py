@@ -50,7 +50,9 @@ def test_a_two_rank_learner_job_trains_over_slurm(slurm_cluster, prepared, tmp_p
     log = (run_dir / "logs" / f"slurm-learner-{jobs['learner']}.out").read_text()
     assert "learner of 2 ranks on localhost, rendezvous at " in log, log[-3000:]
     for rank in (0, 1):
-        assert re.search(rf"^{rank}: opd: learner rank {rank} of 2 on \S+ \(local rank {rank}\)$", log, re.M), log
+        assert re.search(
+            rf"^{rank}: opd: learner rank {rank} of 2 on \S+ \(local rank {rank}\)$", log, re.M
+        ), log
     assert re.search(r"^0: \S+ learner INFO saved the final student", log, re.M), log
     checkpoint = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     assert json.loads((checkpoint / "state.json").read_text())["num_ranks"] == 2
