@@ -1,8 +1,11 @@
 """The learner alone at 1 and 2 ranks: trained tokens/s against linear, the share of step time in the gradient
 all-reduce, and the ZeRO-3 parameter gather per weight version against model size.
 
-    python benchmarks/learner_scaling.py                 # 3 rounds, 8 timed steps each, 3 model sizes (~4 min here)
-    python benchmarks/learner_scaling.py --smoke         # 1 round, 2 steps, 1 size: that the path runs (seconds)
+    python benchmarks/learner_scaling.py          # 3 rounds, 8 timed steps each, 3 model sizes (a few minutes here)
+    python benchmarks/learner_scaling.py --smoke  # 1 round, 2 steps, 1 size: that the path runs (about 30 s)
+
+It prints its tables (with the machine and its load average) and writes benchmarks/results/learner_scaling.json
+and .png (`--out` elsewhere).
 
 What it measures (two learner processes, one torch thread each, joined as the learner joins them:
 `learner.ranks.rendezvous` + `RankGroup.join`, gloo; the production engines, `learner.engines.build_engine`):
@@ -39,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+RESULTS = Path(__file__).resolve().parent / "results" / "learner_scaling.json"
 VOCAB = 512  # token ids of the synthetic batches; every model's vocabulary is at least this
 # name -> (hidden, layers, intermediate, vocab) of a Llama student
 SIZES = {
@@ -213,6 +217,35 @@ def _median(rows: list[dict], key) -> float:
     return statistics.median(key(r) for r in rows)
 
 
+def plot(result: dict, path: Path) -> None:
+    """Speed-up over one rank per setting (against linear), and the ZeRO-3 gather time against model size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, setting in enumerate(("plain", "calibrated")):
+        rows = [r for r in result["scaling"] if r["setting"] == setting]
+        base = _median([r for r in rows if r["ranks"] == 1], lambda r: r["tok_s"])
+        two = _median([r for r in rows if r["ranks"] == 2], lambda r: r["tok_s"])
+        left.bar(i, two / base, color=f"C{i}")
+        left.text(i, two / base, f"{two / base:.2f}", ha="center", va="bottom")
+    left.axhline(2.0, color="gray", linestyle="--", label="linear (2x)")
+    left.set(xticks=[0, 1], xticklabels=["plain", "calibrated"], ylabel="tok/s with 2 ranks / with 1",
+             title="learner: 2 ranks vs 1 (torch engine)")  # fmt: skip
+    left.legend()
+    if result["gather"]:
+        mb = [g["bytes"] / 1e6 for g in result["gather"]]
+        right.plot(mb, [g["seconds"] * 1e3 for g in result["gather"]], marker="o")
+        right.set(
+            xscale="log", xlabel="model MB (fp32)", ylabel="ms", title="ZeRO-3 gather per weight version"
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(result: dict, args, seconds: float, loads: tuple[float, float]) -> str:
     hidden, layers, _, vocab = SIZES[SCALING_SIZE]
     lines = [
@@ -273,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="xs,s,m", help=f"ZeRO-3 gather model sizes, of {sorted(SIZES)}")
     p.add_argument("--repeats", type=int, default=10, help="gathers timed per size (median)")
     p.add_argument("--smoke", action="store_true", help="1 round, 2 steps, batch 8, size xs, 2 gathers")
-    p.add_argument("--json", type=Path, help="also write the measurements here")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help=f"measurements as JSON, and a PNG beside it (default {RESULTS}; --smoke: none)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.rounds, args.batch, args.sizes, args.repeats = 2, 1, 8, "xs", 2
@@ -281,22 +318,31 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in args.sizes if s not in SIZES]
     if unknown:
         p.error(f"--sizes: unknown {unknown}; choose from {sorted(SIZES)}")
-    port, out = _free_port(), Path(os.environ.get("TMPDIR", "/tmp")) / f"learner_scaling_{os.getpid()}.json"
+    port, tmp = _free_port(), Path(os.environ.get("TMPDIR", "/tmp")) / f"learner_scaling_{os.getpid()}.json"
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     ctx = mp.get_context("spawn")
     other = ctx.Process(target=run_rank, args=(1, port, args))
     other.start()
     try:
-        run_rank(0, port, args, str(out))
+        run_rank(0, port, args, str(tmp))
     finally:
         other.join(120)
         if other.is_alive():
             other.kill()
-    result = json.loads(out.read_text())
-    out.unlink()
+    result = json.loads(tmp.read_text())
+    tmp.unlink()
     print(report(result, args, time.perf_counter() - t0, (load0, os.getloadavg()[0])))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    out = args.out or (None if args.smoke else RESULTS)
+    if out is not None:
+        result["machine"] = {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load": [load0, os.getloadavg()[0]],
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        plot(result, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0 if other.exitcode == 0 else 1
 
 

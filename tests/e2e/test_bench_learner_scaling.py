@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_learner_scaling_smoke_prints_every_row(tmp_path):
     out = tmp_path / "scaling.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/learner_scaling.py", "--smoke", "--json", str(out)],
+        [sys.executable, "benchmarks/learner_scaling.py", "--smoke", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -44,3 +44,4 @@ def test_learner_scaling_smoke_prints_every_row(tmp_path):
         assert [g["size"] for g in gathers] == ["xs"] and gathers[0]["seconds"] > 0
         assert "| 64x2, vocab 512 |" in proc.stdout
     assert "machine: " in proc.stdout and "load average" in proc.stdout
+    assert out.with_suffix(".png").stat().st_size > 1000
