@@ -53,7 +53,8 @@ class RayConfig(Strict):
         description=f"Resources of the {' or '.join(EMBEDDED_BROKERS)} broker.",
     )
     learner: RayLearnerResources = Field(
-        default_factory=RayLearnerResources, description="Resources of the learner."
+        default_factory=RayLearnerResources,
+        description="Resources of the learner (of each rank, with learner.num_ranks > 1: one bundle each).",
     )
     actor: RayResources = Field(default_factory=RayResources, description="Resources of each actor.")
     scorer: RayScorerResources = Field(

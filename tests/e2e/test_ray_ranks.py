@@ -36,7 +36,7 @@ def test_ray_places_the_learner_ranks_together_and_they_form_the_group(tmp_path)
     from opd.launch.ray_launcher import RaySpawner
 
     overrides = ["learner.num_ranks=2", f"learner.master_port={free_port()}", "learner.collective_timeout_s=60",
-                 "ray.num_cpus=2", "ray.placement_timeout_s=20"]  # fmt: skip
+                 "ray.num_cpus=2", "ray.actor.num_cpus=0", "ray.scorer.num_cpus=0", "ray.placement_timeout_s=20"]  # fmt: skip
     cfg = load_config(TINY, overrides)
     spawner = RaySpawner(cfg, print)
     try:
@@ -64,14 +64,11 @@ def test_ray_places_the_learner_ranks_together_and_they_form_the_group(tmp_path)
     finally:
         spawner.close()
 
-    cfg = load_config(
-        TINY, [*overrides[:3], "learner.num_ranks=3", "ray.num_cpus=2", "ray.placement_timeout_s=5"]
-    )
+    # a group Ray cannot place (each rank asks for a GPU this Ray does not have) is refused, naming its request
+    cfg = load_config(TINY, [*overrides[:-1], "ray.placement_timeout_s=5", "ray.learner.num_gpus=1"])
     spawner = RaySpawner(cfg, print)
     try:
-        with pytest.raises(
-            LaunchError, match=r"could not place the 3 learner ranks together.*ray.learner_placement"
-        ):
+        with pytest.raises(LaunchError, match=r"could not place the 2 learner ranks together.*'GPU': 1"):
             spawner.start(
                 Slot("learner", 0), [sys.executable, "-c", "pass", "--index", "0"], {}, tmp_path / "x.log"
             )
