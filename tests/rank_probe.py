@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
-from learner.ranks import RankGroup, rendezvous
-from opd.config import load_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
+
+from learner.ranks import RankGroup, rendezvous  # noqa: E402
+from opd.config import load_config  # noqa: E402
 
 
 def main() -> None:
