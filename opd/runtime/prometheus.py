@@ -52,10 +52,10 @@ STEP_GAUGES = {
     "weight_sync_members": "weight_sync_members",
 }
 STEP_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# Step-record list (one value per learner rank) -> the `phase` of opd_learner_rank_seconds (learner.num_ranks > 1).
-RANK_PHASES = {"rank_step_seconds": "step", "rank_comm_seconds": "comm", "rank_apply_seconds": "apply"}
 SYNC_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 OWN_STAGE = {"actor": "generated", "scorer": "scored", "learner": "trained"}
+# Step-record list (one value per learner rank) -> the `phase` of opd_learner_rank_seconds (learner.num_ranks > 1).
+RANK_PHASES = {"rank_step_seconds": "step", "rank_comm_seconds": "comm", "rank_apply_seconds": "apply"}
 
 
 def metrics_port(cfg: Config, component: str) -> int | None:
