@@ -1,7 +1,7 @@
 """The learner alone at 1 and 2 ranks: trained tokens/s against linear, the share of step time in the gradient
 all-reduce, and the ZeRO-3 parameter gather per weight version against model size.
 
-    python benchmarks/learner_scaling.py          # 3 rounds, 6 timed steps each, 3 model sizes (a few minutes here)
+    python benchmarks/learner_scaling.py          # 5 rounds, 6 timed steps each, 3 model sizes (about 1.5 min here)
     python benchmarks/learner_scaling.py --smoke  # 1 round, 2 steps, 1 size: that the path runs (about 30 s)
 
 It prints its tables (with the machine and its load average) and writes benchmarks/results/learner_scaling.json
@@ -306,9 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=6, help="timed steps per measurement (after one warm-up)")
     p.add_argument("--batch", type=int, default=16, help="trajectories per global batch")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of (1 rank, 2 ranks) per setting")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of (1 rank, 2 ranks) per setting")
     p.add_argument(
-        "--calibrate", type=float, default=4.0, help="calibrated setting: wait this x the real cost"
+        "--calibrate", type=float, default=10.0, help="calibrated setting: wait this x the real cost"
     )
     p.add_argument("--sizes", default="xs,s,m", help=f"ZeRO-3 gather model sizes, of {sorted(SIZES)}")
     p.add_argument("--repeats", type=int, default=10, help="gathers timed per size (median)")
