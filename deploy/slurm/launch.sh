@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Submit a whole run to Slurm, one job per component: prepare (builds the models once), Redis, the learner,
-# actor.num_actors actors and scorer.num_scorers scorers (job arrays). Run it from the repository root:
+# Submit a whole run to Slurm, one job per component: prepare (builds the models once), Redis, the learner
+# (one task per rank: learner.num_ranks), actor.num_actors actors and scorer.num_scorers scorers (job arrays).
+# Run it from the repository root:
 #   deploy/slurm/launch.sh configs/redis.yaml learner.max_steps=100
 # It prints the run's config.yaml; add scorers later with  sbatch deploy/slurm/scorer.sbatch <that config>.
 # Env: OPD_REDIS_URL (use that Redis instead of starting a job; no password in it: OPD_REDIS_PASSWORD_FILE names a
@@ -32,8 +33,8 @@ fi
 RUN_CONFIG=$("$PY" -m opd.launch.cluster resolve "$CONFIG" "${OVERRIDES[@]}")
 RUN_DIR=$(dirname "$RUN_CONFIG")
 mkdir -p "$RUN_DIR/slurm" "$RUN_DIR/logs"
-read -r NUM_ACTORS NUM_SCORERS < <("$PY" -c 'import sys; from opd.config import load_config
-c = load_config(sys.argv[1]); print(c.actor.num_actors, c.scorer.num_scorers)' "$RUN_CONFIG")
+read -r NUM_ACTORS NUM_SCORERS NUM_RANKS < <("$PY" -c 'import sys; from opd.config import load_config
+c = load_config(sys.argv[1]); print(c.actor.num_actors, c.scorer.num_scorers, c.learner.num_ranks)' "$RUN_CONFIG")
 export OPD_SLURM_DIR=$HERE
 
 submit() {  # ROLE SBATCH-ARGS... SCRIPT: prints the job id
@@ -53,7 +54,8 @@ if [ -z "${OPD_REDIS_URL:-}" ]; then
     echo "redis    job $redis"
 fi
 after=--dependency=afterok:$prepare
-echo "learner  job $(submit learner "$after" "$HERE/learner.sbatch")"
+# one task per learner rank (OPD_SBATCH_ARGS_LEARNER="--nodes=2" spreads them; "--gres=gpu:4" gives GPUs)
+echo "learner  job $(submit learner "$after" --ntasks="$NUM_RANKS" "$HERE/learner.sbatch")"
 echo "actors   job $(submit actor "$after" --array=0-$((NUM_ACTORS - 1)) "$HERE/actor.sbatch")"
 echo "scorers  job $(submit scorer "$after" --array=0-$((NUM_SCORERS - 1)) "$HERE/scorer.sbatch")"
 echo "run config: $RUN_CONFIG"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from opd.config.base import Strict
@@ -40,12 +42,19 @@ class RayConfig(Strict):
     placement_timeout_s: float = Field(
         60.0, gt=0, description="Seconds to wait for Ray to place a component before giving up on it."
     )
+    learner_placement: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How the learner.num_ranks ranks' placement group (one bundle of ray.learner resources per "
+        "rank) spreads over nodes: PACK = as few nodes as fit, STRICT_PACK = one node, SPREAD/STRICT_SPREAD = "
+        "across nodes.",
+    )
     broker: RayBrokerResources = Field(
         default_factory=RayBrokerResources,
         description=f"Resources of the {' or '.join(EMBEDDED_BROKERS)} broker.",
     )
     learner: RayLearnerResources = Field(
-        default_factory=RayLearnerResources, description="Resources of the learner."
+        default_factory=RayLearnerResources,
+        description="Resources of the learner (of each rank, with learner.num_ranks > 1: one bundle each).",
     )
     actor: RayResources = Field(default_factory=RayResources, description="Resources of each actor.")
     scorer: RayScorerResources = Field(

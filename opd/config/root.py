@@ -149,7 +149,7 @@ class Config(Strict):
         parts = {
             # A broker that is a server outside the run (not a process of it) reserves nothing in Ray.
             "broker": r.broker.num_cpus if self.broker.embedded_process else 0.0,
-            "learner": r.learner.num_cpus,
+            "learner": self.learner.num_ranks * r.learner.num_cpus,  # one actor per learner rank
             "actors": self.actor.num_actors * r.actor.num_cpus,
             "scorers": self.scorer.num_scorers * r.scorer.num_cpus,
         }

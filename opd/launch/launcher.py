@@ -106,13 +106,6 @@ class Launcher:
 
     def run(self) -> int:
         """setup -> start and watch -> cleanup -> report; the exit code of `opd run`."""
-        if self.cfg.learner.num_ranks > 1 and self.launcher != "local":
-            # the ranks meet at learner.master_addr, which only the local launcher knows to be this machine
-            raise LaunchError(
-                f"learner.num_ranks: {self.cfg.learner.num_ranks} runs with --launcher local for now (the "
-                f"{self.launcher} launcher does not place learner ranks together yet); use --launcher local or "
-                "learner.num_ranks: 1"
-            )
         spawner = open_spawner(self.launcher, self.cfg, console.print)  # first: a missing Ray fails at once
         try:
             try:

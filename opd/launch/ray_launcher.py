@@ -8,6 +8,12 @@ end. This file is only a `Spawner` (opd/launch/supervisor.py): the watch loop, s
 launcher's (opd/launch/launcher.py), reached through a ProcessHandle, so both launchers write the same run
 directory and summary.
 
+The learner's ranks (`learner.num_ranks` > 1) are placed together: one placement group of N bundles (one per
+rank, each the `ray.learner` resources, `ray.learner_placement` strategy: PACK by default, so one node when it
+fits), rank r's actor in bundle r. Each rank gets its place in the group as a scheduler gives it, by environment
+(RANK, WORLD_SIZE, LOCAL_RANK=0: Ray gives each actor its own GPUs; MASTER_ADDR: the node of bundle 0, where
+rank 0 runs; the port is learner.master_port, picked when the run was resolved).
+
 Ray moves only strings and exit codes between the driver and its actors; the components talk over the broker
 as always. Every component reads and writes the run directory, so on several nodes it must be on storage they
 share at the same path, with `broker.type: redis` and a `weight_sync.host` the actors can reach.
@@ -131,6 +137,9 @@ class RaySpawner:
         self._init_ray()
         self.host_class = self.ray.remote(max_restarts=0)(ComponentHost)
         self.hosts: list = []
+        self.rank_hosts: dict[int, object] = {}  # learner rank -> its host actor (in that rank's bundle)
+        self.learner_pg = None  # the learner ranks' placement group, made with the first rank
+        self.master_addr = ""  # the node of bundle 0 (rank 0): the ranks' rendezvous host
 
     def _init_ray(self) -> None:
         ray, rc = self.ray, self.cfg.ray
@@ -148,9 +157,15 @@ class RaySpawner:
 
     def start(self, slot: Slot, argv: list[str], env: dict[str, str], log_path: Path) -> RayProcess:
         res = getattr(self.cfg.ray, slot.role)
-        host = self.host_class.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus).remote()
-        self.hosts.append(host)
+        options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
         env_extra = {k: v for k, v in env.items() if k.startswith("OPD_") or os.environ.get(k) != v}
+        ranked = slot.role == "learner" and self.cfg.learner.num_ranks > 1
+        if ranked:
+            argv = self._as_rank(slot.index, argv, env_extra, options)
+        host = self.host_class.options(**options).remote()
+        self.hosts.append(host)
+        if ranked:
+            self.rank_hosts[slot.index] = host
         timeout = self.cfg.ray.placement_timeout_s
         try:
             pid = self.ray.get(
@@ -160,6 +175,8 @@ class RaySpawner:
         except self.ray.exceptions.GetTimeoutError:
             self.ray.kill(host)
             self.hosts.remove(host)
+            if ranked:
+                del self.rank_hosts[slot.index]
             raise LaunchError(
                 f"Ray did not place {slot.name} within ray.placement_timeout_s={timeout:g}s: it asks for "
                 f"ray.{slot.role}.num_cpus={res.num_cpus:g}, num_gpus={res.num_gpus:g}, and the cluster has "
@@ -168,13 +185,72 @@ class RaySpawner:
         self.log(f"ray: {slot.name} placed (pid {pid}, {res.num_cpus:g} CPU, {res.num_gpus:g} GPU)")
         return RayProcess(self.ray, host, slot.name, pid)
 
+    # ---------------------------------------------------------------------------------- learner ranks
+    def _as_rank(self, rank: int, argv: list[str], env: dict[str, str], options: dict) -> list[str]:
+        """Rank `rank`'s actor: into bundle `rank` of the learner's placement group, its place in the group by
+        environment (LOCAL_RANK 0: Ray shows each actor only its own GPUs, so `--index` cannot be its device);
+        returns its argv without `--index`. A rank placed again (a restart) first frees its bundle."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pg = self._learner_group()
+        old = self.rank_hosts.pop(rank, None)
+        if old is not None:  # its process has ended (or was stopped): the bundle holds one actor at a time
+            self._kill(old)
+            self.hosts.remove(old)
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=rank
+        )
+        env.update(RANK=str(rank), WORLD_SIZE=str(self.cfg.learner.num_ranks), LOCAL_RANK="0")
+        if self.cfg.learner.master_addr is None:
+            env["MASTER_ADDR"] = self.master_addr
+        i = argv.index("--index")
+        return argv[:i] + argv[i + 2 :]
+
+    def _learner_group(self):
+        """The placement group of the learner ranks, made (and waited for) on the first rank's start."""
+        if self.learner_pg is not None:
+            return self.learner_pg
+        from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+        res, n, strategy = self.cfg.ray.learner, self.cfg.learner.num_ranks, self.cfg.ray.learner_placement
+        bundle = {k: v for k, v in (("CPU", res.num_cpus), ("GPU", res.num_gpus)) if v > 0} or {"CPU": 0.01}
+        pg = placement_group([dict(bundle) for _ in range(n)], strategy=strategy, name="opd-learner-ranks")
+        timeout = self.cfg.ray.placement_timeout_s
+        try:
+            self.ray.get(pg.ready(), timeout=timeout)
+        except self.ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            raise LaunchError(
+                f"Ray could not place the {n} learner ranks together within ray.placement_timeout_s={timeout:g}s: "
+                f"{n} bundles of {bundle} ({strategy}, ray.learner_placement) and the cluster has "
+                f"{self.ray.available_resources()} free; lower ray.learner.num_cpus/num_gpus, learner.num_ranks, "
+                "or choose ray.learner_placement: SPREAD"
+            ) from None
+        node = placement_group_table(pg)["bundles_to_node_id"][0]
+        self.master_addr = next(n["NodeManagerAddress"] for n in self.ray.nodes() if n["NodeID"] == node)
+        self.learner_pg = pg
+        self.log(f"ray: {n} learner ranks placed together ({strategy}; rendezvous on {self.master_addr})")
+        return pg
+
+    def _kill(self, host) -> None:
+        try:
+            self.ray.kill(host)
+        except Exception:  # already gone with its node
+            pass
+
     def close(self) -> None:
         """Kill every host actor (their processes die with them if the launcher has not stopped them yet), then
         leave Ray: a local Ray this spawner started is shut down (raylet, GCS, workers), a joined cluster runs on."""
         for host in self.hosts:
-            try:
-                self.ray.kill(host)
-            except Exception:  # already gone with its node
-                pass
+            self._kill(host)
         self.hosts.clear()
+        self.rank_hosts.clear()
+        if self.learner_pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self.learner_pg)
+            except Exception:  # Ray is already gone
+                pass
+            self.learner_pg = None
         self.ray.shutdown()

@@ -247,6 +247,34 @@ def _draw_wait(ax, f: RunFiles) -> str | None:
     return "fraction of each step the learner spent waiting for scored trajectories"
 
 
+def _rank_records(records: list[dict]) -> list[dict]:
+    """The step records of a learner of several ranks (learner.num_ranks > 1) that carry per-rank figures."""
+    return [r for r in records if isinstance(r.get("rank_step_seconds"), list) and r["rank_step_seconds"]]
+
+
+def _draw_ranks(ax, f: RunFiles) -> str | None:
+    recs = _rank_records(f.records)
+    if not recs:
+        return None
+    steps = [r["step"] for r in recs]
+    for rank in range(max(len(r["rank_step_seconds"]) for r in recs)):
+        color = f"C{rank % 10}"
+        for key, style, what in (("rank_step_seconds", "-", "step"), ("rank_comm_seconds", ":", "comm")):
+            pts = [
+                (s, r[key][rank]) for s, r in zip(steps, recs, strict=True) if rank < len(r.get(key) or [])
+            ]
+            if pts:
+                ax.plot(
+                    [p[0] for p in pts], [p[1] for p in pts], style, color=color, label=f"rank {rank} {what}"
+                )
+    ax.set(xlabel="learner step", ylabel="seconds")
+    ax.legend(fontsize="small")
+    return (
+        "each learner rank's step seconds (solid) and gradient all-reduce seconds (dotted: the torch engine and "
+        "ZeRO-0; DeepSpeed's ZeRO-1/2/3 reductions are inside its optimiser step); the table below has the means"
+    )
+
+
 PLOTS = (
     Plot("reverse_kl", "Reverse KL", _draw_kl),
     Plot("accuracy", "Held-out accuracy", _draw_accuracy),
@@ -255,6 +283,15 @@ PLOTS = (
     Plot("lag_histogram", "Lag histogram", _draw_lag),
     Plot("wait_fraction", "Learner wait fraction", _draw_wait),
 )
+
+
+RANK_PLOT = Plot("learner_ranks", "Learner ranks", _draw_ranks)  # only for a run of several learner ranks
+
+
+def plots_for(files: RunFiles) -> tuple[Plot, ...]:
+    """The plots of this run: PLOTS, and the learner ranks' when its records have them (a one-rank run's page
+    carries no empty ranks plot)."""
+    return (*PLOTS, RANK_PLOT) if _rank_records(files.records) else PLOTS
 
 
 def render_plots(files: RunFiles) -> list[tuple[Plot, bytes | None, str]]:
@@ -266,7 +303,7 @@ def render_plots(files: RunFiles) -> list[tuple[Plot, bytes | None, str]]:
 
     out = []
     (files.out / PLOTS_DIR).mkdir(exist_ok=True)
-    for plot in PLOTS:
+    for plot in plots_for(files):
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
         try:
             ax.set_title(plot.title)
@@ -339,6 +376,50 @@ def _evaluation_table(records: list[dict]) -> str:
     return f'<table id="evaluations">{header}{"".join(rows)}</table>{note}'
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def rank_table(records: list[dict]) -> str:
+    """One row per learner rank, means over the steps: step and comm seconds, the comm share of the step, apply
+    seconds, tokens per step; and the mean and worst token imbalance. Empty for a run of one rank."""
+    recs = _rank_records(records)
+    if not recs:
+        return ""
+    head = (
+        "rank",
+        "step s (mean)",
+        "comm s (mean)",
+        "comm share",
+        "apply s (mean)",
+        "tokens per step (mean)",
+    )
+    rows = []
+    for rank in range(max(len(r["rank_step_seconds"]) for r in recs)):
+
+        def col(key: str, rank: int = rank) -> list[float]:
+            return [float(r[key][rank]) for r in recs if rank < len(r.get(key) or [])]
+
+        step, comm = col("rank_step_seconds"), col("rank_comm_seconds")
+        share = sum(comm) / sum(step) if sum(step) > 0 else 0.0
+        cells = (rank, _mean(step), _mean(comm), f"{share:.1%}", _mean(col("rank_apply_seconds")),
+                 _mean(col("rank_tokens")))  # fmt: skip
+        rows.append("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in cells) + "</tr>")
+    imb = [
+        float(r["rank_token_imbalance"])
+        for r in recs
+        if isinstance(r.get("rank_token_imbalance"), int | float)
+    ]
+    note = (
+        f"<p>token imbalance (heaviest rank over the mean, per step): mean {_mean(imb):.3f}, worst {max(imb):.3f}"
+        f" over {len(recs)} steps</p>"
+        if imb
+        else ""
+    )
+    header = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+    return f'<h2>Learner ranks</h2><table id="learner-ranks">{header}{"".join(rows)}</table>{note}'
+
+
 def _figure(plot: Plot, png: bytes | None, note: str) -> str:
     if png is None:
         return f'<figure><h3>{plot.title}</h3><p class="warn">{html.escape(note)}</p></figure>'
@@ -369,6 +450,7 @@ def page_html(files: RunFiles, plots: list[tuple[Plot, bytes | None, str]], plot
     parts.append("<h2>Summary</h2>")
     parts.append(_summary_table(files.summary) if files.summary else "<p>no summary.json</p>")
     parts.append("<h2>Held-out evaluations</h2>" + _evaluation_table(files.records))
+    parts.append(rank_table(files.records))
     parts.append("<h2>Config (secrets redacted)</h2>")
     if files.config is not None:
         text = yaml.safe_dump(redact(files.config), sort_keys=False)

@@ -214,6 +214,27 @@ def learner_table(state: TopState, max_steps: int) -> Table:
     return table
 
 
+def ranks_table(state: TopState) -> Table | None:
+    """The learner's ranks (learner.num_ranks > 1): their number and the last step's token imbalance (both on the
+    metrics stream), and per rank step/comm seconds and tokens where the record has them (metrics.jsonl: a
+    finished run read from its files; the stream carries numbers only)."""
+    rec = state.last_step
+    if not isinstance(rec.get("learner_ranks"), int) or rec["learner_ranks"] < 2:
+        return None
+    step_s, comm_s, tokens = (
+        rec.get(k) or [] for k in ("rank_step_seconds", "rank_comm_seconds", "rank_tokens")
+    )
+    imbalance = f"token imbalance {_num(rec.get('rank_token_imbalance'), '.3f')} (heaviest rank / mean)"
+    where = "" if step_s else "; per rank: metrics.jsonl and Prometheus (opd_learner_rank_*)"
+    table = _table(
+        f"learner ranks: {rec['learner_ranks']}", ("rank", "step s", "comm s", "tokens"), imbalance + where
+    )
+    for rank in range(len(step_s)):
+        cells = ((step_s, _short), (comm_s, _short), (tokens, _count))
+        table.add_row(str(rank), *(fmt(c[rank]) if rank < len(c) else "-" for c, fmt in cells))
+    return table
+
+
 def queue_table(state: TopState) -> Table:
     table = _table("queues (entries)", WORK_STREAMS)
     table.add_row(*(_count(state.depths.get(s)) for s in WORK_STREAMS))
@@ -224,6 +245,9 @@ def render(state: TopState, cfg: Config) -> Group:
     status = "finished" if state.finished else "running"
     head = f"opd top | run {cfg.run.run_id} | {status} | {state.source}"
     tables = [component_table(state), learner_table(state, cfg.learner.max_steps)]
+    ranks = ranks_table(state)
+    if ranks is not None:
+        tables.append(ranks)
     if state.depths:  # a finished run read from its files has no queues to show
         tables.append(queue_table(state))
     return Group(head, *tables)

@@ -54,6 +54,8 @@ STEP_GAUGES = {
 STEP_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 SYNC_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 OWN_STAGE = {"actor": "generated", "scorer": "scored", "learner": "trained"}
+# Step-record list (one value per learner rank) -> the `phase` of opd_learner_rank_seconds (learner.num_ranks > 1).
+RANK_PHASES = {"rank_step_seconds": "step", "rank_comm_seconds": "comm", "rank_apply_seconds": "apply"}
 
 
 def metrics_port(cfg: Config, component: str) -> int | None:
@@ -175,6 +177,35 @@ class Exporter:
         self.weight_version = Gauge("opd_weight_version", "Weight version a component holds.", g, registry=r)
         for key in STEP_GAUGES.values():
             setattr(self, key, Gauge(PREFIX + key, f"Newest learner {key}.", g, registry=r))
+        # Learner ranks (learner.num_ranks > 1), from rank 0's step record (it holds every rank's figures, so one
+        # endpoint serves them): a `rank` label per rank, the last step's seconds as gauges and running totals as
+        # counters, so a dashboard shows both the newest step and rates (tokens/s, communication share).
+        self.rank_seconds = Gauge(
+            "opd_learner_rank_seconds",
+            "Last step's seconds per learner rank and phase (step: its whole step, comm: the gradient all-reduce, "
+            "apply: the optimiser step).",
+            [*g, "rank", "phase"],
+            registry=r,
+        )
+        self.rank_busy_seconds = Counter(
+            "opd_learner_rank_busy_seconds",
+            "Seconds per learner rank and phase, summed over steps (rate(): the share of time in each).",
+            [*c, "rank", "phase"],
+            registry=r,
+        )
+        self.rank_tokens = Counter(
+            "opd_learner_rank_tokens",
+            "Prompt+response tokens each learner rank ran.",
+            [*c, "rank"],
+            registry=r,
+        )
+        self.rank_token_imbalance = Gauge(
+            "opd_learner_rank_token_imbalance",
+            "Last step's heaviest learner rank's tokens over the mean (1 = balanced).",
+            g,
+            registry=r,
+        )
+        self.learner_ranks = Gauge("opd_learner_ranks", "Learner ranks training together.", g, registry=r)
         self.up = Gauge("opd_component_up", "1 while the component runs.", g, registry=r)
         self.up.labels(component).set(1)
         self._last_step_end: float | None = None
@@ -229,6 +260,24 @@ class Exporter:
             self.errors.labels(component=self.component, kind="weight_sync_failed").inc()
         for stream, depth in depths.items():
             self.queue_depth.labels(self.component, stream).set(depth)
+        self._ranks(record)
+
+    def _ranks(self, record: dict[str, Any]) -> None:
+        """The per-rank lists of a learner of several ranks (absent with one rank: no series then)."""
+        if not isinstance(record.get("learner_ranks"), int):
+            return
+        me = self.component
+        self.learner_ranks.labels(me).set(record["learner_ranks"])
+        if isinstance(record.get("rank_token_imbalance"), int | float):
+            self.rank_token_imbalance.labels(me).set(record["rank_token_imbalance"])
+        for key, phase in RANK_PHASES.items():
+            for rank, seconds in enumerate(record.get(key) or []):
+                if isinstance(seconds, int | float):
+                    self.rank_seconds.labels(me, str(rank), phase).set(seconds)
+                    self.rank_busy_seconds.labels(me, str(rank), phase).inc(max(seconds, 0.0))
+        for rank, tokens in enumerate(record.get("rank_tokens") or []):
+            if isinstance(tokens, int | float) and tokens > 0:
+                self.rank_tokens.labels(me, str(rank)).inc(tokens)
 
     # ------------------------------------------------------------------------------ serve
     def serve(self, host: str, port: int) -> bool:

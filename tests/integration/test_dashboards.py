@@ -433,7 +433,8 @@ def _feed(exporter, step: int) -> None:
         {"step": step, "weight_version": step, "reverse_kl": 1.0 / step, "loss": 0.2, "eval_accuracy": 0.5,
          "step_seconds": 0.05, "wait_seconds": 0.02, "lag_histogram": [40, 20, 4], "weight_sync_seconds": 0.01,
          "weight_sync_gbps": 2.0, "weight_sync_members": 1, "skipped_steps": step, "importance_weight": 1.0,
-         "staleness_mean": 0.4},
+         "staleness_mean": 0.4, "learner_ranks": 2, "rank_step_seconds": [0.05, 0.04], "rank_tokens": [320, 300],
+         "rank_token_imbalance": 1.03, "rank_comm_seconds": [0.01, 0.008], "rank_apply_seconds": [0.002, 0.002]},
         {"rollouts": 7, "scored": 3},
     )  # fmt: skip
 

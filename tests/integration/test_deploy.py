@@ -28,8 +28,11 @@ SERVICES = {"redis", "prepare", *COMPONENTS, "prometheus", "grafana"}
 APP = "/app/"  # where the Dockerfile copies the repository
 
 
-def _services() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())["services"]  # PyYAML resolves the `<<:` merge keys
+def _services(env: dict[str, str] | None = None) -> dict:
+    """The services, with `${VAR:-default}` interpolated as docker compose does (from `env`, else the default)."""
+    env = env or {}
+    text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m.group(1), m.group(2)), COMPOSE.read_text())
+    return yaml.safe_load(text)["services"]  # PyYAML resolves the `<<:` merge keys
 
 
 def _mounts(service: dict) -> dict[str, str]:
