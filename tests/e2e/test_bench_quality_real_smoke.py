@@ -62,7 +62,9 @@ def test_quality_real_smoke(tmp_path):
         swept = {r["method"] for r in sweep["runs"] if r["pair"] == pair}
         assert swept == METHODS - {"hybrid"}
         assert sweep["chosen"][pair]["hybrid"] == sweep["chosen"][pair]["opd_rkl"]
-        assert set(s["ratios"]) == {f"grpo/{o} gap_{f}" for o in ("opd_rkl", "opd_topk") for f in (50, 75, 90)}
+        assert set(s["ratios"]) == {
+            f"grpo/{o} gap_{f}" for o in ("opd_rkl", "opd_topk") for f in (50, 75, 90)
+        }
         for name, m in s["methods"].items():
             assert [r["seed"] for r in m["runs"]] == [0, 1]
             for key in ("gap_50", "gap_75", "gap_90"):
