@@ -82,3 +82,60 @@ def test_quality_real_smoke(tmp_path):
                     assert last["student_tokens"] == 0 and last["teacher_tokens"] > 0
                 else:  # the teacher scored every token the student sampled
                     assert last["student_tokens"] == last["teacher_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_harness_prompts_and_kd_samples_follow_the_chat_template_and_context(tmp_path):
+    """The harness's prompts are the actor's (chat template rendered), and off-policy KD's teacher samples from
+    the prompt the scorer would show it (the context spliced in), stopping at the end-of-turn token."""
+    import torch
+
+    from benchmarks.harness import OFF_POLICY_KD, Harness
+    from benchmarks.quality_real import PAIRS
+    from opd.config import load_config
+    from opd.models.builds import ensure_assets
+    from opd.models.prompts import stop_token_id
+    from opd.models.sampler import sample
+
+    model = chatml_model_dir(tmp_path / "tiny", eos="</s>", seed=0)  # end of turn != EOS, as in Llama 3
+    cfg = load_config(
+        PAIRS["context"],
+        [
+            f"run.cache_dir={tmp_path / 'cache'}",
+            f"student.name_or_path={model}",
+            f"teacher.name_or_path={model}",
+            "actor.prompts_per_batch=2",
+            "sampling.n=2",
+            "learner.batch_size=4",
+            "sampling.max_new_tokens=12",
+            "learner.loss=reverse_kl_pg",
+            "learner.correction.mode=none",
+        ],
+    )
+    h = Harness(cfg, ensure_assets(cfg, log=lambda m: None), kind=OFF_POLICY_KD, seed=3)
+    tok = h.tokenizer
+    assert h.stop_id == tok.convert_tokens_to_ids("<|im_end|>") != tok.eos_token_id
+    state = h.generator.get_state()
+    trajs = h.rollout()
+    assert len(trajs) == 4
+    # the student's prompt ids are the chat-template rendering of each problem
+    rendered = tok.decode(trajs[0].prompt_token_ids.tolist())
+    assert rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_start|>assistant\n")
+    assert (
+        "Answer with the name of the capital city only" not in rendered
+    )  # the student never sees the context
+    # the teacher's samples: the same sampler from the teacher's view of those prompts, same generator state
+    seen = [h.teacher.prompts.teacher_ids(t.prompt_token_ids.tolist()) for t in trajs[::2]]
+    assert "Answer with the name of the capital city only" in tok.decode(seen[0])
+    gen = torch.Generator().manual_seed(0)
+    gen.set_state(state)
+    want = sample(
+        h.teacher.model,
+        [p for p in seen for _ in range(2)],
+        eos_id=stop_token_id(tok, True),
+        pad_id=tok.pad_token_id,
+        max_new_tokens=12,
+        temperature=1.0,
+        generator=gen,
+    )
+    assert [t.response_token_ids.tolist() for t in trajs] == [w.response_ids for w in want]
