@@ -26,8 +26,8 @@ Gap targets: with s0 the student's start accuracy and T the teacher's, target(f)
 it (quality.crossing: one 46-country evaluation has a standard error of about 0.07). Reported: learner steps,
 student tokens and teacher tokens to each target, median and min-max over seeds, and GRPO steps / OPD steps.
 
-lr: `--sweep-steps` steps on seed 100 (not a final seed) at each of `--sweep-lrs` per method (hybrid takes
-opd_rkl's, its distillation term); the lr with the largest mean held-out accuracy over the sweep's evaluations
+lr: `--sweep-steps` steps on seed 100 (not a final seed) at each lr of the method's grid (METHODS' `sweep`, or
+`--sweep-lrs` for all; hybrid takes opd_rkl's, its distillation term); the lr with the largest mean held-out accuracy over the sweep's evaluations
 (area under the curve) wins, a tie going to the smaller lr. `--lrs m=lr,...` skips the sweep for those methods.
 
   python3 benchmarks/quality_real.py --cache-dir /work/main/.cache/real --jobs 2
@@ -62,11 +62,13 @@ FRACTIONS = (0.5, 0.75, 0.9)
 SWEEP_SEED = 100
 
 METHODS: dict[str, dict] = {
-    "opd_rkl": {**quality.METHODS["opd_rkl"], "sweep": True},
-    "opd_topk": {"kind": ON_POLICY, "overrides": ["learner.loss=topk_reverse_kl"], "sweep": True},
-    "grpo": {**quality.METHODS["grpo"], "sweep": True},
-    "offpolicy_kd": {**quality.METHODS["offpolicy_kd"], "sweep": True},
-    "hybrid": {**quality.METHODS["hybrid"], "sweep": False, "lr_from": "opd_rkl"},
+    "opd_rkl": {**quality.METHODS["opd_rkl"], "sweep": (3e-5, 1e-4)},
+    "opd_topk": {"kind": ON_POLICY, "overrides": ["learner.loss=topk_reverse_kl"], "sweep": (3e-5, 1e-4)},
+    # GRPO's grid is an octave lower: at 1e-4 one step took the healed student from 0.109 to 0.000 (a 2-step
+    # check run, 2026-11-26)
+    "grpo": {**quality.METHODS["grpo"], "sweep": (1e-5, 3e-5)},
+    "offpolicy_kd": {**quality.METHODS["offpolicy_kd"], "sweep": (3e-5, 1e-4)},
+    "hybrid": {**quality.METHODS["hybrid"], "sweep": (), "lr_from": "opd_rkl"},
 }
 TOKENS_NOTE = {
     ON_POLICY: "student generated, teacher scored every student token",
@@ -225,7 +227,7 @@ def summarise_pair(pair: str, base: dict, lrs: dict, runs: list[dict], sweep: li
         "lr_choice": {
             "rule": f"seed {SWEEP_SEED}, {args.sweep_steps} steps, best mean held-out accuracy over its "
             "evaluations (ties: smaller lr); hybrid takes opd_rkl's",
-            "lrs_tried": args.sweep_lrs,
+            "lrs_tried": {m: args.sweep_lrs or list(METHODS[m]["sweep"]) for m in args.methods},
             "chosen": lrs,
             "sweep": [
                 {"method": r["method"], "lr": r["lr"], "auc": auc(r["evals"]), "evals": r["evals"]}
@@ -352,7 +354,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default="heal,context")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=2, help="prompts per batch")
@@ -362,7 +364,7 @@ def parse_args(argv):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--dtype", default="auto", help="learner.dtype (bf16 on a CPU with native bf16)")
     ap.add_argument("--sweep-steps", type=int, default=4)
-    ap.add_argument("--sweep-lrs", default="1e-5,3e-5,1e-4")
+    ap.add_argument("--sweep-lrs", default="", help="one lr grid for every method (default: per method)")
     ap.add_argument("--lrs", default="", help="method=lr,... fixed (not swept)")
     ap.add_argument("--set", action="append", default=[], help="[PAIR:]KEY=VALUE config override")
     ap.add_argument("--cache-dir", default=None, help="run.cache_dir holding the fetched model")
@@ -419,8 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         job(pair, m, SWEEP_SEED, lr, "sweep", args.sweep_steps, args.sweep_steps // 2 or 1)
         for pair in args.pairs
         for m in args.methods
-        if METHODS[m]["sweep"] and m not in args.fixed_lrs
-        for lr in args.sweep_lrs
+        if m not in args.fixed_lrs and METHODS[m]["sweep"]  # hybrid: opd_rkl's lr
+        for lr in (args.sweep_lrs or METHODS[m]["sweep"])
     ]
     sweep = run_jobs(sweep_jobs, args.jobs, report)
     lrs = choose_lrs(sweep, args)
