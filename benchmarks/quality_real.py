@@ -296,7 +296,7 @@ def plot(summaries: list[dict], path: Path) -> None:
         ax.set_title(f"{s['pair']} ({s['config']}): median, min-max over {s['seeds']} seeds")
         ax.set_ylim(0, max(0.6, b["teacher"] + 0.1))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -311,18 +311,21 @@ def table(s: dict) -> str:
         + ", ".join(f"{k[4:]}% of the gap = {v:.3f}" for k, v in s["targets"].items()),
         "",
         f"| method | lr | {head} | student tok to {keys[-1][4:]}% | teacher tok to {keys[-1][4:]}% | "
-        "final acc | s/run |",
-        "| --- | ---: |" + " ---: |" * (len(keys) + 4),
+        "final acc | gap closed at the end | s/run |",
+        "| --- | ---: |" + " ---: |" * (len(keys) + 5),
     ]
     for name, m in s["methods"].items():
         finals = [r["evals"][-1]["accuracy"] for r in m["runs"]]
         walls = [r["wall_seconds"] for r in m["runs"]]
+        s0, t = s["baseline"]["student"], s["baseline"]["teacher"]
+        closed = [(a - s0) / (t - s0) for a in finals] if t != s0 else [float("nan")]
         cells = " | ".join(quality.fmt(m[k]["step"], steps) for k in keys)
         last = m[keys[-1]]
         lines.append(
             f"| {name} | {m['lr']:g} | {cells} | {quality.fmt(last['student_tokens'], steps, 1e3, 'k')} | "
             f"{quality.fmt(last['teacher_tokens'], steps, 1e3, 'k')} | {statistics.median(finals):.3f} "
-            f"({min(finals):.3f}-{max(finals):.3f}) | {statistics.median(walls):.0f} |"
+            f"({min(finals):.3f}-{max(finals):.3f}) | {statistics.median(closed):.0%} "
+            f"({min(closed):.0%}-{max(closed):.0%}) | {statistics.median(walls):.0f} |"
         )
     lines += [
         "",
@@ -366,12 +369,17 @@ def parse_args(argv):
     ap.add_argument("--sweep-steps", type=int, default=4)
     ap.add_argument("--sweep-lrs", default="", help="one lr grid for every method (default: per method)")
     ap.add_argument("--lrs", default="", help="method=lr,... fixed (not swept)")
+    ap.add_argument(
+        "--sweep-from", type=Path, default=None, help="a quality_real_sweep.json to reuse (no sweep)"
+    )
     ap.add_argument("--set", action="append", default=[], help="[PAIR:]KEY=VALUE config override")
     ap.add_argument("--cache-dir", default=None, help="run.cache_dir holding the fetched model")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel, one torch thread each")
     ap.add_argument("--smoke", action="store_true", help="tests: 2 steps, 1 lr, tiny models given with --set")
-    ap.add_argument("--table", action="store_true", help="print the tables of the written results and exit")
+    ap.add_argument(
+        "--table", action="store_true", help="print the tables of the written results, redraw the plot, exit"
+    )
     args = ap.parse_args(argv)
     args.pairs = [p for p in args.pairs.split(",") if p]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -389,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.table:
-        for pair in args.pairs:
-            print(table(json.loads((args.out / f"quality_real_{pair}.json").read_text())), "\n")
+        summaries = [json.loads((args.out / f"quality_real_{pair}.json").read_text()) for pair in args.pairs]
+        for s in summaries:
+            print(table(s), "\n")
+        plot(summaries, args.out / "quality_real.png")
         return 0
     t_start = time.time()
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -424,9 +434,14 @@ def main(argv: list[str] | None = None) -> int:
         if m not in args.fixed_lrs and METHODS[m]["sweep"]  # hybrid: opd_rkl's lr
         for lr in (args.sweep_lrs or METHODS[m]["sweep"])
     ]
-    sweep = run_jobs(sweep_jobs, args.jobs, report)
-    lrs = choose_lrs(sweep, args)
-    log(f"chosen lrs: {lrs}")
+    if args.sweep_from is not None:  # an earlier sweep of the same pairs and scale
+        earlier = json.loads(args.sweep_from.read_text())
+        sweep, lrs = earlier["runs"], earlier["chosen"]
+        log(f"lrs from {args.sweep_from}: {lrs}")
+    else:
+        sweep = run_jobs(sweep_jobs, args.jobs, report)
+        lrs = choose_lrs(sweep, args)
+        log(f"chosen lrs: {lrs}")
     (args.out / "quality_real_sweep.json").write_text(json.dumps({"chosen": lrs, "runs": sweep}, indent=1))
     final_jobs = [
         job(pair, m, seed, lrs[pair][m], "final", args.steps, args.eval_every)
