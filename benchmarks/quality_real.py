@@ -213,7 +213,7 @@ def summarise_pair(pair: str, base: dict, lrs: dict, runs: list[dict], sweep: li
             **{k: quality.summarise(mine, v, args.steps) for k, v in tg.items()},
             "runs": mine,
         }
-    return {
+    summary = {
         "pair": pair,
         "config": str(PAIRS[pair].relative_to(REPO)),
         "scale_overrides": scale_overrides(args),
@@ -235,29 +235,38 @@ def summarise_pair(pair: str, base: dict, lrs: dict, runs: list[dict], sweep: li
                 if r["pair"] == pair
             ],
         },
-        "ratios": ratios(methods),
         "methods": methods,
         "smoke": args.smoke,
     }
+    summary["ratios"] = ratios(summary)
+    return summary
 
 
-def ratios(methods: dict) -> dict:
-    """GRPO steps / OPD steps to each target (median steps; a bound when one side never reached it)."""
-    out = {}
+def crossings(m: dict, target: float) -> list[dict | None]:
+    """Per seed (in seed order), where the run reached `target` (quality.crossing) or None."""
+    return [quality.crossing(r["evals"], target) for r in m["runs"]]
+
+
+def ratios(summary: dict) -> dict:
+    """GRPO steps / OPD steps to each target, seed by seed (seed i of GRPO against seed i of OPD): a number when
+    both reached it, a lower bound "> steps/OPD" when only OPD did, "neither" or "only GRPO" otherwise."""
+    methods, out = summary["methods"], {}
     if "grpo" not in methods:
         return out
     for opd in ("opd_rkl", "opd_topk"):
         if opd not in methods:
             continue
-        for key in (k for k in methods[opd] if k.startswith("gap_")):
-            g, o = methods["grpo"][key]["step"]["median"], methods[opd][key]["step"]["median"]
-            if o is None:
-                text = "OPD did not reach it"
-            elif g is None:
-                text = f"> {methods['grpo']['runs'][0]['steps'][-1]['step'] / o:.1f} (GRPO did not reach it)"
-            else:
-                text = f"{g / o:.2f}"
-            out[f"grpo/{opd} {key}"] = text
+        for key, target in summary["targets"].items():
+            cells = []
+            grpo_hits, opd_hits = crossings(methods["grpo"], target), crossings(methods[opd], target)
+            for g, o in zip(grpo_hits, opd_hits, strict=False):
+                if o is None:
+                    cells.append("neither" if g is None else f"only GRPO ({g['step']})")
+                elif g is None:
+                    cells.append(f"> {summary['steps'] / o['step']:.1f} (GRPO n/r in {summary['steps']})")
+                else:
+                    cells.append(f"{g['step'] / o['step']:.2f}")
+            out[f"grpo/{opd} {key}"] = cells
     return out
 
 
@@ -302,49 +311,59 @@ def plot(summaries: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _per_seed(hits: list[dict | None], key: str, scale: float = 1.0, unit: str = "") -> str:
+    return ", ".join("–" if h is None else f"{h[key] / scale:.1f}{unit}".replace(".0", "") for h in hits)
+
+
 def table(s: dict) -> str:
-    """Markdown: per method, steps / student tokens / teacher tokens to each gap target, final accuracy."""
-    steps, keys = s["steps"], list(s["targets"])
-    head = " | ".join(f"steps to {k[4:]}%" for k in keys)
+    """Markdown: per method, each seed's steps and tokens to each gap target ("–": not reached in the run's
+    steps), final accuracy and the share of the gap closed, GRPO/OPD step ratios, the lr sweep."""
+    keys, b = list(s["targets"]), s["baseline"]
+    s0, t = b["student"], b["teacher"]
     lines = [
-        f"**{s['pair']}**: student {s['baseline']['student']:.3f} -> teacher {s['baseline']['teacher']:.3f}; "
+        f"**{s['pair']}** ({s['steps']} steps, evaluation every {s['eval_every']}, seeds 0..{s['seeds'] - 1}): "
+        f"student {s0:.3f} -> teacher {t:.3f}; "
         + ", ".join(f"{k[4:]}% of the gap = {v:.3f}" for k, v in s["targets"].items()),
         "",
-        f"| method | lr | {head} | student tok to {keys[-1][4:]}% | teacher tok to {keys[-1][4:]}% | "
-        "final acc | gap closed at the end | s/run |",
-        "| --- | ---: |" + " ---: |" * (len(keys) + 5),
+        "| method | lr | "
+        + " | ".join(f"steps to {k[4:]}% (per seed)" for k in keys)
+        + " | final acc (per seed) | "
+        "gap closed at the end | s/run |",
+        "| --- | ---: |" + " ---: |" * (len(keys) + 3),
     ]
     for name, m in s["methods"].items():
         finals = [r["evals"][-1]["accuracy"] for r in m["runs"]]
-        walls = [r["wall_seconds"] for r in m["runs"]]
-        s0, t = s["baseline"]["student"], s["baseline"]["teacher"]
         closed = [(a - s0) / (t - s0) for a in finals] if t != s0 else [float("nan")]
-        cells = " | ".join(quality.fmt(m[k]["step"], steps) for k in keys)
-        last = m[keys[-1]]
+        walls = [r["wall_seconds"] for r in m["runs"]]
+        cells = " | ".join(_per_seed(crossings(m, s["targets"][k]), "step") for k in keys)
         lines.append(
-            f"| {name} | {m['lr']:g} | {cells} | {quality.fmt(last['student_tokens'], steps, 1e3, 'k')} | "
-            f"{quality.fmt(last['teacher_tokens'], steps, 1e3, 'k')} | {statistics.median(finals):.3f} "
-            f"({min(finals):.3f}-{max(finals):.3f}) | {statistics.median(closed):.0%} "
-            f"({min(closed):.0%}-{max(closed):.0%}) | {statistics.median(walls):.0f} |"
+            f"| {name} | {m['lr']:g} | {cells} | {', '.join(f'{a:.3f}' for a in finals)} | "
+            f"{statistics.median(closed):.0%} | {statistics.median(walls):.0f} |"
         )
     lines += [
         "",
-        "| tokens to target (median over seeds) | "
-        + " | ".join(f"{k[4:]}%: student / teacher" for k in keys)
-        + " |",
+        "| tokens to target, student / teacher (per seed) | " + " | ".join(f"{k[4:]}%" for k in keys) + " |",
+        "| --- |" + " ---: |" * len(keys),
     ]
-    lines.append("| --- |" + " ---: |" * len(keys))
     for name, m in s["methods"].items():
         cells = []
         for k in keys:
-            st, te = m[k]["student_tokens"]["median"], m[k]["teacher_tokens"]["median"]
-            cells.append("n/r" if st is None else f"{st / 1e3:.1f}k / {te / 1e3:.1f}k")
+            hits = crossings(m, s["targets"][k])
+            cells.append(
+                ", ".join(
+                    "–"
+                    if h is None
+                    else f"{h['student_tokens'] / 1e3:.1f}k / {h['teacher_tokens'] / 1e3:.1f}k"
+                    for h in hits
+                )
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "GRPO steps / OPD steps: " + "; ".join(f"{k}: {v}" for k, v in s["ratios"].items())]
+    lines += ["", "GRPO steps / OPD steps (per seed):"]
+    lines += [f"- {k}: {'; '.join(v)}" for k, v in ratios(s).items()]
     sw = s["lr_choice"]
     lines += [
         "",
-        f"lr sweep ({sw['rule']}): "
+        f"lr sweep ({sw['rule']}), mean accuracy of its evaluations: "
         + "; ".join(
             f"{e['method']} {e['lr']:g}: {e['auc']:.3f}"
             for e in sorted(sw["sweep"], key=lambda e: (e["method"], e["lr"]))
@@ -399,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         summaries = [json.loads((args.out / f"quality_real_{pair}.json").read_text()) for pair in args.pairs]
         for s in summaries:
+            s["ratios"] = ratios(s)  # derived: recomputed with this version's rule
+            write_pair(args.out, s)
             print(table(s), "\n")
         plot(summaries, args.out / "quality_real.png")
         return 0
