@@ -60,7 +60,7 @@ def test_vllm_student_samples_the_chat_prompt_stops_at_im_end_and_matches_hf(cfg
     engine = VLLMEngine(copy.deepcopy(cfg), ensure_assets(cfg, log=lambda *_: None))
     try:
         tok, im_end = engine.tokenizer, engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        assert engine.stop_id == im_end == tok.eos_token_id
+        assert engine.stop_ids == (im_end,) and im_end == tok.eos_token_id  # SmolLM2: end of turn is EOS
         problems = _problems(cfg, 8)
         prompts = [prompt_ids(tok, p) for p in problems]
         text = tok.decode(prompts[0], skip_special_tokens=False)
