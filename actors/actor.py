@@ -14,7 +14,7 @@ from broker import publish_with_backpressure
 from opd import tasks
 from opd.config import Config
 from opd.models.builds import ensure_assets
-from opd.models.loading import encode_prompt
+from opd.models.prompts import prompt_ids as render_prompt
 from opd.protocol import MAX_POLICY_VERSION, ProtocolError, Streams, Trajectory, encode, unpack_control
 from opd.runtime import run_secret
 from opd.runtime.broker import open_broker
@@ -114,7 +114,7 @@ class Actor:
     def generate_batch(self) -> list[Trajectory]:
         cfg, s = self.cfg, self.cfg.sampling
         problems = [next(self.problems) for _ in range(cfg.actor.prompts_per_batch)]
-        prompt_ids = [encode_prompt(self.tokenizer, p.prompt) for p in problems]
+        prompt_ids = [render_prompt(self.tokenizer, p) for p in problems]
         batch_no = next(self.batches)
         self.engine.sync_weights(self.follower.version)  # the version stamped below is what samples
         samples = self.engine.sample([p for p in prompt_ids for _ in range(s.n)], self.generator)

@@ -19,12 +19,13 @@ import torch
 from broker import BrokerUnavailable
 from learner.batching import Batch, collate
 from learner.engines import build_engine
+from learner.evaluation import Evaluator
 from learner.intake import Contract, Intake, lag
 from learner.publishing import WeightPublisher, record_layout
 from learner.state import Progress, RunFiles, Student, summary
 from opd import tasks
 from opd.config import Config
-from opd.models.builds import ensure_assets, evaluate, load_asset
+from opd.models.builds import ensure_assets, load_asset
 from opd.protocol import Streams, Trajectory, decode, stop_record
 from opd.runtime.broker import open_broker
 from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
@@ -34,14 +35,17 @@ from weight_sync import WeightBroadcaster
 
 
 def load_student(cfg: Config, files: RunFiles, checkpoint: Path | None) -> tuple[Student, WeightBroadcaster]:
-    """The student and its broadcast layout, in the one order that works: checkpointed weights first (the engine
-    takes the parameters over as they are), then the layout and the vocabulary size (read from the full
-    parameters), then the engine (which may shard them: ZeRO-3)."""
+    """The student and its broadcast layout, in the one order that works: the layout first, in the student's
+    dtype (what the actors hold); then the checkpointed weights, into fp32 parameters when the student is bf16 or
+    fp16 (the checkpoint holds the fp32 master weights: loaded into bf16 they would be rounded once per resume);
+    then the engine (which upcasts to fp32 masters anyway, and may shard them: ZeRO-3)."""
     assets = ensure_assets(cfg, log=log.info)
     model, tokenizer = load_asset(assets.student, cfg.learner.device)
-    if checkpoint is not None:
-        files.load_weights(model, checkpoint)
     layout = record_layout(model, cfg.weight_sync)
+    if checkpoint is not None:
+        if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+            model.float()  # in place: the layout keeps the same parameters and its recorded dtypes
+        files.load_weights(model, checkpoint)
     vocab_size = model.get_input_embeddings().weight.shape[0]
     return Student(model, tokenizer, build_engine(model, cfg), vocab_size), layout
 
@@ -80,7 +84,8 @@ class Learner:
             stale_ledger=self.files.ledger / "learner.dropped_stale",
             stop=stop,
         )
-        self.eval_problems = tasks.eval_set(cfg.task)
+        s = self.student
+        self.evaluator = Evaluator(cfg, s.model, s.tokenizer, s.engine.gathered, tasks.eval_set(cfg.task))
         if resume:
             self._replay()
 
@@ -132,8 +137,7 @@ class Learner:
             if p.step % self.cfg.weight_sync.every == 0 and p.step < cfg.max_steps:
                 p.version += 1
                 record.update(self.publisher.send(p.version))
-            if cfg.eval_every and p.step % cfg.eval_every == 0 and self.eval_problems:
-                record["eval_accuracy"] = self._evaluate()
+            self._evaluate(record)
             if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
                 record["checkpoint"] = self.save_checkpoint().name
             self._log(record)
@@ -183,15 +187,18 @@ class Learner:
             force=True, **{k: v for k, v in record.items() if isinstance(v, int | float)}
         )
 
-    def _evaluate(self) -> float:
-        s = self.student
-        return evaluate(
-            s.model,
-            s.tokenizer,
-            self.eval_problems,
-            self.cfg.sampling.max_new_tokens,
-            tasks.verifier_mode(self.cfg.task),
-        )
+    def _evaluate(self, record: dict) -> None:
+        """Into this step's `record`: a background evaluation that has ended since the last step, then this
+        step's own when one is due (learner/evaluation.py lists the fields). The last step waits for a running
+        one, so it is recorded; the final weights are then not evaluated here (a record holds one evaluation, and
+        the launcher evaluates the saved student anyway: summary.json's student_accuracy_after)."""
+        p, ev = self.progress, self.evaluator
+        last = p.step >= self.cfg.learner.max_steps
+        record.update(ev.drain() if last else ev.collect())
+        if ev.due(p.step):
+            record.update({"eval_skipped": 1} if "eval_accuracy" in record else ev.start(p.step, p.version))
+        if last:
+            record.update(ev.drain())
 
     def save_checkpoint(self) -> Path:
         return self.files.save_checkpoint(self.progress, self.reporter.counters, self.student)
@@ -200,6 +207,7 @@ class Learner:
     def finish(self) -> None:
         """Save a resumable checkpoint and the final student (HF format), write a summary, tell everyone to stop."""
         self.publisher.finish()
+        self.evaluator.close()
         self.save_checkpoint()
         final = self.files.save_final(self.progress, self.student)
         stopped_by = self.stop.reason or "max_steps"

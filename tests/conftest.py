@@ -233,3 +233,12 @@ def prepared(asset_cache):
     # tiny.yaml's models ship: the end-to-end tests use exactly what a user's first run gets
     assert "shipped with the code" in out, out
     return asset_cache
+
+
+@pytest.fixture(scope="session")
+def smollm2(asset_cache):
+    """The real SmolLM2-135M-Instruct, converted once per session into the shared cache by `opd models get`
+    (tests/smollm2.py says where the wheel is looked for); a `tests.smollm2.SmolLM2`. Skips without the wheel."""
+    from tests.smollm2 import ensure_smollm2
+
+    return ensure_smollm2(asset_cache)

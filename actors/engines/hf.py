@@ -6,6 +6,7 @@ import torch
 
 from opd.config import Config
 from opd.models.builds import Assets, load_asset
+from opd.models.prompts import stop_token_ids
 from opd.models.sampler import Sample, sample
 
 
@@ -16,13 +17,17 @@ class HFEngine:
         self.cfg = cfg
         self.model, self.tokenizer = load_asset(assets.student, cfg.actor.device)
         self.model.eval()
+        # the chat template's end-of-turn token (EOS without one), and EOS where that is another token:
+        # generation stops at the first of them and keeps it
+        self.stop_ids = stop_token_ids(self.tokenizer, cfg.task.chat_template == "auto")
+        self.stop_id = self.stop_ids[0]
 
     def sample(self, prompts: list[list[int]], generator: torch.Generator) -> list[Sample]:
         s = self.cfg.sampling
         return sample(
             self.model,
             prompts,
-            eos_id=self.tokenizer.eos_token_id,
+            eos_id=self.stop_ids,
             pad_id=self.tokenizer.pad_token_id,
             max_new_tokens=s.max_new_tokens,
             temperature=s.temperature,

@@ -21,6 +21,7 @@ import torch
 
 from opd.config import Config
 from opd.models.builds import Assets, load_asset
+from opd.models.prompts import stop_token_ids
 from opd.models.sampler import Sample
 from opd.models.vllm_support import WORKER_EXTENSION, make_llm
 from opd.runtime.lifecycle import log
@@ -41,6 +42,9 @@ class VLLMEngine:
         # The receive buffer for the weight broadcast, and the tokenizer every component uses.
         self.model, self.tokenizer = load_asset(assets.student, cfg.actor.device)
         self.model.eval()
+        # the chat template's end-of-turn token (EOS without one), and EOS where that is another token:
+        # generation stops at the first of them and keeps it
+        self.stop_ids = stop_token_ids(self.tokenizer, cfg.task.chat_template == "auto")
         t0 = time.perf_counter()
         self.llm = make_llm(
             cfg.actor.vllm,
@@ -83,7 +87,7 @@ class VLLMEngine:
                 max_tokens=s.max_new_tokens,
                 logprobs=0,  # only the sampled token's logprob
                 seed=base + i,  # repeated prompts (sampling.n) must not share a seed
-                stop_token_ids=[self.tokenizer.eos_token_id],
+                stop_token_ids=list(self.stop_ids),
                 detokenize=False,
             )
             for i in range(len(prompts))

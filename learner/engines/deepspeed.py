@@ -1,4 +1,5 @@
-"""DeepSpeed engine: ZeRO 0-3 for the same update loop, on GPU (NCCL, bf16) or CPU (gloo, fp32).
+"""DeepSpeed engine: ZeRO 0-3 for the same update loop, on GPU (NCCL, bf16) or CPU (gloo; fp32, or bf16 where
+the CPU has native bf16: DeepSpeed's CPU accelerator runs its bf16 mode, fp32 master weights in the optimiser).
 
 The learner is one DeepSpeed rank. Gradient accumulation is caller-owned (`managed_gradient_accumulation:
 false`): the number of micro-batches per step varies with the token budget, so DeepSpeed must not count them.
@@ -87,6 +88,8 @@ def ds_config(cfg: Config) -> dict:
 
 class DeepSpeedEngine(Engine):
     def __init__(self, model: torch.nn.Module, cfg: Config):
+        if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+            model.float()  # fp32 master weights, as the torch engine; DeepSpeed's bf16 mode casts its own copy
         super().__init__(model, cfg)
         deepspeed = _import_deepspeed()
         self._zero = deepspeed.zero

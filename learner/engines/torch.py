@@ -12,15 +12,47 @@ from learner.engines.base import Engine, lr_factor
 from opd.config import Config
 
 
+def compute_dtype(cfg: Config) -> torch.dtype:
+    """The torch engine's compute precision: learner.dtype, with auto = fp32 on CPU and, on CUDA, bf16 when the
+    student's weights are bf16 (its actors' regime) else fp32."""
+    lc = cfg.learner
+    if lc.dtype == "auto":
+        bf16_student = getattr(cfg.student, "dtype", "float32") == "bfloat16"
+        return torch.bfloat16 if "cuda" in lc.device and bf16_student else torch.float32
+    return torch.bfloat16 if lc.dtype == "bf16" else torch.float32
+
+
+class _Autocast:
+    """The model's forward under bf16 autocast: matmuls in bf16 from the fp32 master weights, reductions and
+    norms in fp32; the objective upcasts the logits before any log-softmax, so the loss math stays fp32."""
+
+    def __init__(self, model: torch.nn.Module, device_type: str):
+        self.model, self.device_type = model, device_type
+
+    def __call__(self, **inputs):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.model(**inputs)
+
+
 class TorchEngine(Engine):
     def __init__(self, model: torch.nn.Module, cfg: Config):
+        # fp32 master weights: Adam's updates (~lr x weight) vanish below bf16's 8-bit mantissa, so a student
+        # loaded in 16 bits (student.dtype) is trained in fp32; the weight broadcast still sends its own dtype.
+        if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
+            model.float()
         super().__init__(model, cfg)
         lc = self.lc
+        self.dtype = compute_dtype(cfg)
+        device_type = torch.device(lc.device).type
+        self._forward = _Autocast(model, device_type) if self.dtype == torch.bfloat16 else model
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, lc))
         self.optimizer.zero_grad(set_to_none=True)
+
+    def forward_module(self):
+        return self._forward
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

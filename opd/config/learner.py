@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from opd.config.base import Strict
+from opd.config.precision import check_cpu_bf16
 
 
 class CorrectionConfig(Strict):
@@ -55,7 +56,11 @@ class DeepSpeedConfig(Strict):
     """Used when learner.engine: deepspeed (one learner rank; ZeRO shards optimiser state, gradients, weights)."""
 
     zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage 0-3.")
-    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on CUDA, fp32 on CPU.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="DeepSpeed's precision: bf16 = bf16 weights and compute, fp32 master weights in the optimiser "
+        "(on CPU too, where the CPU has native bf16). auto = bf16 on CUDA, fp32 on CPU.",
+    )
 
 
 class LearnerConfig(Strict):
@@ -132,9 +137,38 @@ class LearnerConfig(Strict):
         "them (exactly once); off saves that disk but loses the steps after the last checkpoint on a crash.",
     )
     eval_every: int = Field(
-        20, ge=0, description="Learner steps between held-out evaluations (0 = only at the end)."
+        20,
+        ge=0,
+        description="Learner steps between held-out evaluations (0 = none during training; `opd run` still "
+        "evaluates the saved student at the end).",
+    )
+    eval_mode: Literal["inline", "background"] = Field(
+        "inline",
+        description="inline: the learner evaluates between steps (training waits; fastest for the tiny demo, "
+        "whose evaluation takes a fraction of a second); background: a thread evaluates a copy of the weights "
+        "while training goes on (one more copy of the weights in memory; it shares the learner's cores), and "
+        "the result lands in the first step record after it ends, with the step and weight version it evaluated.",
+    )
+    eval_budget_s: float = Field(
+        300.0,
+        ge=0,
+        description="An evaluation starts a batch only if it should end within this many seconds (judged by "
+        "its slowest batch so far; the first batch always runs); the record says how many held-out problems the "
+        "accuracy covers (eval_problems of eval_problems_total). 0 = no limit.",
+    )
+    eval_batch_size: int = Field(
+        256,
+        ge=1,
+        description="Held-out problems generated together in one evaluation batch (the budget is checked "
+        "between batches, so a smaller one stops closer to it).",
     )
     device: str = Field("cpu", description="torch device of the learner.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Compute precision of the torch engine: fp32, or bf16 autocast over fp32 master weights (loss "
+        "math in fp32; on CPU needs native bf16: avx512_bf16/AMX). auto = fp32 on CPU; on CUDA bf16 when "
+        "student.dtype is bfloat16, else fp32. DeepSpeed's is learner.deepspeed.dtype.",
+    )
     batch_timeout_s: float = Field(
         600.0,
         gt=0,
@@ -156,8 +190,18 @@ class LearnerConfig(Strict):
             raise ValueError("micro_batch_size is larger than batch_size; lower it or use 0 (no limit)")
         if self.minibatches > self.batch_size:
             raise ValueError("minibatches is larger than batch_size; each optimiser step needs a sequence")
-        if self.engine == "deepspeed" and self.deepspeed.dtype == "bf16" and "cuda" not in self.device:
-            raise ValueError(
-                "deepspeed.dtype: bf16 needs learner.device: cuda; use dtype: fp32 (or auto) on CPU"
-            )
+        self._precision_fits()
         return self
+
+    def _precision_fits(self) -> None:
+        """bf16 on a CPU only where the CPU computes it natively; one precision field per engine."""
+        on_cpu = "cuda" not in self.device
+        if self.engine == "deepspeed" and self.dtype != "auto":
+            raise ValueError(
+                f"learner.dtype: {self.dtype} sets the torch engine's precision; with engine: deepspeed set "
+                "learner.deepspeed.dtype instead (and leave learner.dtype: auto)"
+            )
+        if on_cpu and self.engine == "deepspeed" and self.deepspeed.dtype == "bf16":
+            check_cpu_bf16("learner.deepspeed.dtype", "use dtype: fp32 (or auto) on this CPU")
+        if on_cpu and self.engine == "torch" and self.dtype == "bf16":
+            check_cpu_bf16("learner.dtype", "use learner.dtype: fp32 (or auto) on this CPU")

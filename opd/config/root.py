@@ -18,6 +18,7 @@ from opd.config.learner import LearnerConfig
 from opd.config.metrics import MetricsConfig
 from opd.config.models import TEACHER_DEFAULTS, ModelConfig, TinyModel
 from opd.config.pipeline import PipelineConfig
+from opd.config.precision import check_cpu_bf16
 from opd.config.ray import RayConfig
 from opd.config.run import RunConfig
 from opd.config.sampling import SamplingConfig
@@ -87,6 +88,7 @@ class Config(Strict):
         self._ray_fits()
         self._sync_pipeline()
         self._devices_fit_weight_sync()
+        self._bf16_fits_cpu()
         if self.actor.engine == "vllm" and self.sampling.top_p < 1.0:
             # vLLM's processed logprobs are taken after top-p truncation; raw ones before the temperature.
             raise ValueError(
@@ -123,6 +125,21 @@ class Config(Strict):
                 f"weight_sync.backend: nccl needs actor.device: cuda (got {self.actor.device}); "
                 "use backend: gloo or auto"
             )
+
+    def _bf16_fits_cpu(self) -> None:
+        """A model loaded in bf16 on a CPU (student in the actors, teacher in the scorers) needs native bf16; the
+        learner's own precision is checked in its section (it upcasts a bf16 student to fp32 master weights)."""
+        uses = [
+            ("student", self.actor.device, True),
+            ("teacher", self.scorer.device, self.scorer.teacher_is_local),
+        ]
+        for role, device, loaded in uses:
+            model = getattr(self, role)
+            if loaded and model.kind == "pretrained" and model.dtype == "bfloat16" and "cuda" not in device:
+                where = "actor" if role == "student" else "scorer"
+                check_cpu_bf16(
+                    f"{role}.dtype", f"use {role}.dtype: float32 on this CPU (or {where}.device: cuda)"
+                )
 
     def _ray_fits(self) -> None:
         """A local Ray smaller than what the components reserve would leave one waiting to be placed."""

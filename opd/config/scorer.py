@@ -52,6 +52,39 @@ class RemoteTeacherConfig(Strict):
         return v
 
 
+class FewShotTurn(Strict):
+    """One worked example the teacher sees before the prompt: a user turn and the assistant's answer."""
+
+    user: str = Field(min_length=1, description="The example's user turn.")
+    assistant: str = Field(min_length=1, description="The answer the teacher sees given to it.")
+
+
+class TeacherContext(Strict):
+    """What the teacher sees before every prompt and the student does not (context distillation): the student
+    learns to behave as if it had read it. With a chat template the teacher's prompt is the system turn, then
+    the few-shot turns, then the student's own turns; without one, the texts are put before the prompt as ids."""
+
+    system_prompt: str | None = Field(
+        None,
+        description="The teacher's system turn; it replaces the student's (task.system_prompt or the template's "
+        "default). None = the teacher keeps the student's.",
+    )
+    few_shot: list[FewShotTurn] = Field(
+        default_factory=list, description="Worked examples put before the prompt, in order."
+    )
+
+    @model_validator(mode="after")
+    def _says_something(self) -> TeacherContext:
+        if self.system_prompt is not None and not self.system_prompt.strip():
+            raise ValueError("scorer.context.system_prompt is blank; give it text or drop the key")
+        if self.system_prompt is None and not self.few_shot:
+            raise ValueError(
+                "scorer.context is empty; give it a system_prompt and/or few_shot: [{user: ..., assistant: ...}], "
+                "or drop it"
+            )
+        return self
+
+
 class ScorerConfig(Strict):
     engine: Literal["hf", "vllm", "remote"] = Field(
         "hf",
@@ -67,6 +100,17 @@ class ScorerConfig(Strict):
     )
     device: str = Field("cpu", description="torch device of the teacher.")
     metrics_every_s: float = Field(0.5, gt=0, description="Seconds between metrics records on the broker.")
+    context: TeacherContext | None = Field(
+        None,
+        description="Context distillation: a system prompt and/or few-shot turns only the teacher sees before each "
+        "prompt; the teacher still scores exactly the student's response tokens.",
+    )
+    prefix_cache: bool = Field(
+        True,
+        description="hf teacher: compute the KV cache of the prompt prefix every teacher input shares (the "
+        "context, the chat template's system turn) once and reuse it for every trajectory. vllm and remote "
+        "teachers cache prefixes on their own.",
+    )
 
     remote: RemoteTeacherConfig = Field(
         default_factory=RemoteTeacherConfig,

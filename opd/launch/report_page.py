@@ -107,14 +107,36 @@ def _draw_kl(ax, f: RunFiles) -> str | None:
     return "reverse KL of the student from the teacher on each trained batch"
 
 
+def _evaluations(records: list[dict]) -> list[dict]:
+    """The held-out evaluations in metrics.jsonl, in the order of the steps they evaluated: `eval_step` (the step
+    whose weights were evaluated; a background evaluation reports in a later step's record), else the record's
+    step (records written before evaluations named their step)."""
+    found = [
+        {**r, "eval_step": r.get("eval_step", r["step"])}
+        for r in records
+        if isinstance(r.get("eval_accuracy"), int | float)
+    ]
+    return sorted(found, key=lambda r: r["eval_step"])
+
+
+def _partial(r: dict) -> bool:
+    """An evaluation its time budget cut short (it covers fewer problems than the held-out set)."""
+    return isinstance(r.get("eval_problems"), int) and r["eval_problems"] < r.get("eval_problems_total", 0)
+
+
 def _draw_accuracy(ax, f: RunFiles) -> str | None:
-    steps, acc = _series(f.records, "eval_accuracy")
+    evals = _evaluations(f.records)
+    steps, acc = [r["eval_step"] for r in evals], [float(r["eval_accuracy"]) for r in evals]
     s = f.summary or {}
     if s.get("student_accuracy_before") is not None:
         steps, acc = [0, *steps], [s["student_accuracy_before"], *acc]
     if not steps and s.get("student_accuracy_after") is None:
         return None
     ax.plot(steps, acc, marker="o", label="student")
+    cut = [r for r in evals if _partial(r)]
+    if cut:
+        ax.plot([r["eval_step"] for r in cut], [r["eval_accuracy"] for r in cut], "o", mfc="white", color="C0",
+                label="budget-cut (part of the set)")  # fmt: skip
     after = s.get("student_accuracy_after")
     if after is not None:
         ax.plot([s.get("learner_steps") or (steps[-1] if steps else 0)], [after], "s", color="C1",
@@ -123,7 +145,10 @@ def _draw_accuracy(ax, f: RunFiles) -> str | None:
         ax.axhline(s["teacher_accuracy"], color="gray", linestyle="--", label="teacher")
     ax.set(xlabel="learner step", ylabel="held-out accuracy", ylim=(-0.02, 1.02))
     ax.legend()
-    return "student accuracy on the held-out set (step 0: before training)"
+    note = "student accuracy on the held-out set (step 0: before training)"
+    if cut:
+        note += f"; {len(cut)} evaluation(s) stopped by learner.eval_budget_s cover part of the set (hollow)"
+    return note
 
 
 def _t0(f: RunFiles) -> float | None:
@@ -289,6 +314,31 @@ def _summary_table(summary: dict) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+def _evaluation_table(records: list[dict]) -> str:
+    """One row per held-out evaluation: the step and weight version it evaluated, how many problems, how long."""
+    evals = _evaluations(records)
+    if not evals:
+        return "<p>no held-out evaluation recorded in metrics.jsonl</p>"
+    head = ("evaluated step", "weight version", "accuracy", "problems", "seconds", "reported at step", "mode")
+    rows = []
+    for r in evals:
+        total = r.get("eval_problems_total")
+        problems = r.get("eval_problems", "")
+        problems = f"{problems} of {total}" if total is not None else problems
+        cells = (r["eval_step"], r.get("eval_weight_version", r.get("weight_version", "")), r["eval_accuracy"],
+                 problems, r.get("eval_seconds", ""), r["step"], r.get("eval_mode", ""))  # fmt: skip
+        rows.append("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in cells) + "</tr>")
+    skipped = sum(1 for r in records if r.get("eval_skipped"))
+    note = (
+        f'<p class="warn">{skipped} evaluation(s) skipped: due while the previous one still ran (background mode)'
+        "</p>"
+        if skipped
+        else ""
+    )
+    header = "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+    return f'<table id="evaluations">{header}{"".join(rows)}</table>{note}'
+
+
 def _figure(plot: Plot, png: bytes | None, note: str) -> str:
     if png is None:
         return f'<figure><h3>{plot.title}</h3><p class="warn">{html.escape(note)}</p></figure>'
@@ -318,6 +368,7 @@ def page_html(files: RunFiles, plots: list[tuple[Plot, bytes | None, str]], plot
     parts.append("<h2>Plots</h2>" + "".join(_figure(*p) for p in plots))
     parts.append("<h2>Summary</h2>")
     parts.append(_summary_table(files.summary) if files.summary else "<p>no summary.json</p>")
+    parts.append("<h2>Held-out evaluations</h2>" + _evaluation_table(files.records))
     parts.append("<h2>Config (secrets redacted)</h2>")
     if files.config is not None:
         text = yaml.safe_dump(redact(files.config), sort_keys=False)

@@ -6,8 +6,9 @@ hash. The built-in configs' models ship in `opd/demo_models/` (with `manifest.js
 its files' sha256), so a fresh clone starts at once; any other recipe is built on first use and cached under
 `run.cache_dir`. A build is deterministic: fixed seeds, deterministic algorithms and a fixed thread count
 (`opd.runtime.threads.BUILD_THREADS`) give the same bytes on any machine load or `OMP_NUM_THREADS`, which is what
-lets `opd prepare --rebuild` check a shipped model against its recipe. Pretrained models are passed through
-untouched.
+lets `opd prepare --rebuild` check a shipped model against its recipe. Pretrained models load as named, except a
+GGUF file or a catalog name (converted once into the cache: opd.models.gguf) and a pruned model (cut once from
+its source: opd.models.prune).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd import tasks
-from opd.config import Config, PretrainedModel, TinyModel
+from opd.config import Config, TinyModel
+from opd.models import gguf, prune
 from opd.models.loading import build_char_tokenizer, encode_prompt, load_causal_lm, load_tokenizer
+from opd.models.prompts import prompt_ids, stop_token_ids
 from opd.models.sampler import sample
 from opd.runtime.progress import progress
 from opd.runtime.threads import BUILD_THREADS, threads
@@ -72,6 +75,20 @@ def _atomic_dir(final: Path, build) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """One held-out evaluation: the accuracy over the problems it reached before its budget ran out."""
+
+    accuracy: float  # correct / problems (nan when none were evaluated)
+    problems: int  # problems evaluated
+    total: int  # problems in the held-out set
+    seconds: float
+
+    @property
+    def complete(self) -> bool:
+        return self.problems == self.total
+
+
 def evaluate(
     model,
     tokenizer,
@@ -83,29 +100,69 @@ def evaluate(
     log=None,
     what: str = "the model",
 ) -> float:
-    """Greedy held-out accuracy, with progress per batch through `log` (`opd.runtime.progress`). Without a `log`
-    (the learner's periodic evaluation) it goes to this module's logger, and only when it takes over
-    QUIET_EVAL_S, so a quick evaluation every few steps adds nothing to a component's log."""
+    """Greedy held-out accuracy over every problem (`evaluate_within` without a budget)."""
+    return evaluate_within(
+        model, tokenizer, problems, max_new_tokens, mode, batch, log=log, what=what
+    ).accuracy
+
+
+def evaluate_within(
+    model,
+    tokenizer,
+    problems: list[tasks.Problem],
+    max_new_tokens: int,
+    mode: str,
+    batch: int = 256,
+    *,
+    budget_s: float | None = None,
+    cancel=None,
+    log=None,
+    what: str = "the model",
+) -> EvalResult:
+    """Greedy held-out accuracy, `batch` problems per generation, with progress per batch through `log`
+    (`opd.runtime.progress`). Without a `log` (the learner's periodic evaluation) it goes to this module's logger,
+    and only when it takes over QUIET_EVAL_S, so a quick evaluation every few steps adds nothing to a component's
+    log.
+
+    `budget_s`: a batch starts only if it should end within this many seconds of the start (judged by the
+    slowest batch so far), so an evaluation of a real model (minutes for a full held-out set on a CPU) stays
+    within it unless one batch alone is longer. The result counts the problems it reached: always at least one
+    batch, and always the first ones of the set (evaluations cut by the same budget compare the same problems).
+    `cancel`: a callable checked between batches (a stopping learner), which ends it the same way."""
+    t0 = time.perf_counter()
     if not problems:
-        return float("nan")
+        return EvalResult(float("nan"), 0, 0, 0.0)
     quiet = QUIET_EVAL_S if log is None else 0.0
+    deadline = None if budget_s is None else t0 + budget_s
+
+    def more(batch_s: float) -> bool:
+        if cancel is not None and cancel():
+            return False
+        return deadline is None or time.perf_counter() + batch_s <= deadline
+
     with progress(
         f"evaluating {what}", len(problems), "problems", log or _log.info, quiet_under_s=quiet
     ) as bar:
-        correct = _greedy_correct(model, tokenizer, problems, max_new_tokens, mode, batch, bar)
-    return correct / len(problems)
+        correct, done = _greedy_correct(model, tokenizer, problems, max_new_tokens, mode, batch, bar, more)
+    return EvalResult(correct / done, done, len(problems), time.perf_counter() - t0)
 
 
-def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, batch: int, bar) -> int:
+def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, batch: int, bar, more):
+    """(correct, evaluated) over the first problems, one batch at a time while `more(slowest batch's seconds)`
+    (the first batch always)."""
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = done = 0
+    slowest = 0.0
     for i in range(0, len(problems), batch):
+        if i and not more(slowest):
+            break
+        t0 = time.perf_counter()
         chunk = problems[i : i + batch]
         outs = sample(
             model,
-            [encode_prompt(tokenizer, p.prompt) for p in chunk],
-            eos_id=tokenizer.eos_token_id,
+            [prompt_ids(tokenizer, p) for p in chunk],
+            eos_id=stop_token_ids(tokenizer, chunk[0].chat_template),
             pad_id=tokenizer.pad_token_id,
             max_new_tokens=max_new_tokens,
             temperature=0.0,
@@ -113,9 +170,11 @@ def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, 
         for p, o in zip(chunk, outs, strict=True):
             text = tokenizer.decode(o.response_ids, skip_special_tokens=True)
             correct += tasks.verify(p.answer, text, mode)
+        done += len(chunk)
+        slowest = max(slowest, time.perf_counter() - t0)
         bar.advance(len(chunk))
     model.train(was_training)
-    return correct
+    return correct, done
 
 
 def _sft(model, tokenizer, spec: TinyModel, cfg: Config, bar) -> None:
@@ -231,15 +290,42 @@ def _tiny_asset(role: str, spec: TinyModel, tok_dir, cfg: Config, log, rebuild: 
     )
 
 
-def _pretrained_asset(spec: PretrainedModel) -> ModelAsset:
-    return ModelAsset(path=spec.name_or_path, tokenizer=spec.tokenizer or spec.name_or_path, dtype=spec.dtype)
+def _pretrained_asset(role: str, cfg: Config, log) -> ModelAsset:
+    """A pretrained model's directory: as named, a catalog name's, a GGUF's conversion, or a pruned model's cut,
+    made once in the cache (opd.models.gguf, opd.models.prune). A teacher behind a server is passed as named."""
+    spec, cache = getattr(cfg, role), cfg.run.cache_dir
+    cut_from_teacher = cfg.student.kind == "pruned" and cfg.student.source == "teacher"
+    if (
+        spec.kind == "pretrained"
+        and role == "teacher"
+        and not cfg.scorer.teacher_is_local
+        and not cut_from_teacher
+    ):
+        return ModelAsset(
+            path=spec.name_or_path, tokenizer=spec.tokenizer or spec.name_or_path, dtype=spec.dtype
+        )
+    if spec.kind == "pruned":
+        if role == "teacher" and spec.source == "teacher":
+            raise gguf.ModelSourceError(
+                "teacher.source: teacher names the teacher itself; name a model to cut"
+            )
+        source = _pretrained_asset("teacher", cfg, log) if spec.source == "teacher" else None
+        path = source.path if source else gguf.resolve(spec.source, cache, f"{role}.source", log)
+        cut = prune.ensure_pruned(
+            path, source.tokenizer if source else path, spec.drop_layers, cache, role, log
+        )
+        return ModelAsset(path=str(cut), tokenizer=str(cut), dtype=spec.dtype)
+    path = gguf.resolve(spec.name_or_path, cache, f"{role}.name_or_path", log)
+    tokenizer = gguf.resolve(spec.tokenizer, cache, f"{role}.tokenizer", log) if spec.tokenizer else path
+    return ModelAsset(path=path, tokenizer=tokenizer, dtype=spec.dtype)
 
 
 def ensure_assets(cfg: Config, log=print, rebuild: bool = False) -> Assets:
     """Return where student and teacher live: shipped, cached, or built and cached on first use (`rebuild`:
     built again from their recipes into the cache, shipped or not)."""
-    if cfg.student.kind == "pretrained" and cfg.teacher.kind == "pretrained":
-        return Assets(student=_pretrained_asset(cfg.student), teacher=_pretrained_asset(cfg.teacher))
+    if cfg.student.kind != "tiny" and cfg.teacher.kind != "tiny":
+        teacher = _pretrained_asset("teacher", cfg, log)
+        return Assets(student=_pretrained_asset("student", cfg, log), teacher=teacher)
     cache = Path(cfg.run.cache_dir)
 
     def tok_dir() -> Path:  # only a build needs it: a shipped model carries its tokenizer

@@ -8,6 +8,7 @@ would describe a different distribution, and the importance ratio exp(s - b) wou
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,15 +52,21 @@ def sample(
     model: torch.nn.Module,
     prompts: list[list[int]],
     *,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> list[Sample]:
-    """Sample one continuation per prompt; temperature 0 means greedy. Returns behaviour logprobs per token."""
+    """Sample one continuation per prompt; temperature 0 means greedy. Returns behaviour logprobs per token.
+
+    `eos_id` is the token a response ends with, or several (a chat model's end of turn and its EOS): the response
+    stops at, and keeps, the first of them it samples."""
     device = next(model.parameters()).device
+    stop = torch.tensor(
+        [eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device
+    )
     ids, mask = _left_pad(prompts, pad_id, str(device))
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     batch = len(prompts)
@@ -88,7 +95,7 @@ def sample(
         out_ids[:, t] = token
         out_lp[:, t] = logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
         lengths += (~done).long()
-        done |= token == eos_id
+        done |= torch.isin(token, stop)
         if bool(done.all()):  # a CPU-GPU sync point on CUDA, once per token
             break
         step_ids = token.unsqueeze(-1)

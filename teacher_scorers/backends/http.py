@@ -28,7 +28,7 @@ from opd.config import Config, RemoteTeacherConfig
 from opd.models.builds import Assets
 from opd.protocol import Trajectory
 from teacher_scorers.backends.base import PartlyScored, TeacherError
-from teacher_scorers.backends.common import attach
+from teacher_scorers.backends.common import attach, teacher_prompts
 
 _MAX_LOGPROB = 1e-3  # a log-probability is <= 0; this allows float rounding and nothing more
 _RETRYABLE_STATUS = (408, 429)  # besides 5xx: the server says "not now", not "your request is wrong"
@@ -156,6 +156,13 @@ class HttpTeacher:
         # required to share its tokenizer.
         self.vocab_size = int(AutoConfig.from_pretrained(assets.student.path).vocab_size)
         self.max_len: int | None = None  # the server's context length, where its API tells it
+        # with scorer.context the server gets the context's ids in front of the student's turns (its own prefix
+        # cache reuses them); the student's tokenizer renders them, the teacher being required to share it
+        self.prompts = None
+        if cfg.scorer.context is not None:
+            from opd.models.loading import load_tokenizer  # noqa: PLC0415 (only a context needs it)
+
+            self.prompts = teacher_prompts(cfg, load_tokenizer(assets.student.tokenizer))
         self.http = HttpJson(self.rc, _api_key(self.rc))
         self.pool = ThreadPoolExecutor(
             max_workers=self.rc.max_concurrency, thread_name_prefix="remote-teacher"
@@ -178,6 +185,11 @@ class HttpTeacher:
     def score_one(self, t: Trajectory) -> Scores:
         prompt, response = t.prompt_token_ids.tolist(), t.response_token_ids.tolist()
         where = f"{self.http.url}{self.path} for trajectory {t.id}"
+        if self.prompts is not None:
+            try:
+                prompt = self.prompts.teacher_ids(prompt)
+            except ValueError as exc:
+                raise TeacherError(where, str(exc), retryable=False) from None
         if not prompt:
             raise TeacherError(where, "empty prompt; a remote teacher needs one token", retryable=False)
         if self.max_len is not None and len(prompt) + len(response) >= self.max_len:

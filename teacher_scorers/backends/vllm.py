@@ -24,7 +24,14 @@ from opd.models.loading import load_tokenizer
 from opd.models.vllm_support import WORKER_EXTENSION, make_llm
 from opd.protocol import Trajectory
 from opd.runtime.lifecycle import log
-from teacher_scorers.backends.common import attach, check_teacher_tokenizer, length_buckets
+from teacher_scorers.backends.base import PartlyScored
+from teacher_scorers.backends.common import (
+    attach,
+    check_teacher_tokenizer,
+    length_buckets,
+    teacher_inputs,
+    teacher_prompts,
+)
 
 
 def response_rows(
@@ -59,6 +66,7 @@ class VLLMTeacher:
         sc = cfg.scorer
         self.tokenizer = load_tokenizer(assets.teacher.tokenizer)
         check_teacher_tokenizer(assets, self.tokenizer)
+        self.prompts = teacher_prompts(cfg, self.tokenizer)  # with scorer.context: the context's ids in front
         t0 = time.perf_counter()
         self.llm = make_llm(
             sc.vllm,
@@ -81,14 +89,17 @@ class VLLMTeacher:
         sc = self.cfg.scorer
         # max_tokens=1: vLLM decodes at least one token; it is thrown away. k=0 still returns the actual token.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=sc.topk, detokenize=False)
-        for bucket in length_buckets(trajs, sc.max_tokens_per_batch):
-            prompts = [
-                {"prompt_token_ids": [*t.prompt_token_ids.tolist(), *t.response_token_ids.tolist()]}
-                for t in bucket
-            ]
+        # the full teacher input every time: a shared context is vLLM's prefix cache's to reuse
+        seqs, failures = teacher_inputs(self.prompts, trajs)
+        todo = [i for i in range(len(trajs)) if i not in failures]
+        for bucket in length_buckets(
+            todo, sc.max_tokens_per_batch, lambda i: len(seqs[i][0]) + len(seqs[i][1])
+        ):
+            prompts = [{"prompt_token_ids": seqs[i][0] + seqs[i][1]} for i in bucket]
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            for t, out in zip(bucket, outputs, strict=True):
-                lp, ids, vals = response_rows(
-                    out.prompt_logprobs, len(t.prompt_token_ids), t.response_token_ids.tolist(), sc.topk
-                )
-                attach(t, lp, ids, vals, self.teacher_id, sc.temperature)
+            for i, out in zip(bucket, outputs, strict=True):
+                prompt, response = seqs[i]
+                lp, ids, vals = response_rows(out.prompt_logprobs, len(prompt), response, sc.topk)
+                attach(trajs[i], lp, ids, vals, self.teacher_id, sc.temperature)
+        if failures:
+            raise PartlyScored(failures, len(trajs))

@@ -85,7 +85,9 @@ def test_watch_a_run_prometheus_top_wandb_tensorboard(prepared, tmp_path):
         assert ports == {"learner": base, "actor-0": base + 1, "scorer-0": base + 2}
         wait_for(lambda: _trained(base) >= 2 * BATCH, 300, "two trained steps on the learner's endpoint")
         # the actor sets its weight-version gauge when it next reports, which may come after the learner's step
-        wait_for(lambda: _actor_version(base + 1) >= 1, 60, "the actor's first received weights on its endpoint")
+        wait_for(
+            lambda: _actor_version(base + 1) >= 1, 60, "the actor's first received weights on its endpoint"
+        )
         _check_live_endpoints(ports)
         live = _top_once(str(out_dir / "config.yaml"))
         # the live view (not --once) follows the run and exits by itself when the learner announces the end

@@ -47,7 +47,11 @@ def test_override_of_union_keeps_section_defaults():
             "learner",
             "correction.proximal: recompute",
         ),
-        (["learner.engine=deepspeed", "learner.deepspeed.dtype=bf16"], "learner", "use dtype: fp32"),
+        (
+            ["learner.engine=deepspeed", "learner.dtype=bf16"],
+            "learner",
+            "set learner.deepspeed.dtype instead",
+        ),
         (["learner.deepspeed.zero_stage=4"], "learner.deepspeed.zero_stage", "less than or equal to 3"),
         (["learner.correction.mode=ppo"], "learner.correction.mode", "'tis'"),
         (["learner.aggregation=mean"], "learner.aggregation", "token_mean"),

@@ -23,7 +23,7 @@ PROJECT_PACKAGES = {
     "benchmarks",
     "tests",
 }
-CORE = ("opd.config", "opd.protocol", "opd.tasks")
+CORE = ("opd.config", "opd.protocol", "opd.tasks", "opd.verifiers")
 
 
 def _in_core(module: str) -> bool:

@@ -109,3 +109,15 @@ def test_length_buckets_respect_the_token_budget_and_keep_everything():
     for b in buckets:
         longest = max(len(t.prompt_token_ids) + len(t.response_token_ids) for t in b)
         assert len(b) == 1 or len(b) * longest <= 40
+
+
+def test_a_response_stops_at_whichever_of_several_stop_ids_comes_first(model):
+    """A chat model's end of turn and its EOS are two ids: sampling stops at either and keeps it."""
+    greedy = sample(model, PROMPTS, eos_id=EOS, pad_id=PAD, max_new_tokens=6, temperature=0.0)
+    second = next(t for t in greedy[0].response_ids[1:] if t not in (EOS, greedy[0].response_ids[0]))
+    cut = greedy[0].response_ids.index(second) + 1
+    out = sample(model, PROMPTS, eos_id=(EOS, second), pad_id=PAD, max_new_tokens=6, temperature=0.0)
+    assert out[0].response_ids == greedy[0].response_ids[:cut] and out[0].finish_reason == "stop"
+    for o in out:  # nothing after the first stop id, whichever it is
+        assert not {EOS, second} & set(o.response_ids[:-1])
+        assert (o.finish_reason == "stop") == (o.response_ids[-1] in (EOS, second))
