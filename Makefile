@@ -1,4 +1,4 @@
-.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-staleness bench-broker bench-pipeline bench-scorers bench-first-run
+.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-quality-real bench-staleness bench-broker bench-pipeline bench-scorers bench-first-run
 setup:  ## install opd-stream and its test tools (torch pinned to 2.13.0)
 	python3 -m pip install -e ".[dev]"
 test:   ## the README's test command: unit + integration tiers (under 5 minutes on 2 cores)
@@ -17,6 +17,8 @@ bench:  ## benchmarks/weight_sync.py: our bucketed broadcast vs raw gloo vs memc
 	python3 benchmarks/weight_sync.py
 bench-quality:  ## benchmarks/quality.py: steps/tokens to 90%/95% of the teacher, OPD vs GRPO vs KD vs GKD vs hybrid
 	python3 benchmarks/quality.py
+bench-quality-real:  ## benchmarks/quality_real.py: the same on SmolLM2 (opd models get smollm2-135m-instruct first)
+	python3 benchmarks/quality_real.py
 bench-staleness:  ## benchmarks/staleness.py: exact lag s x correction mode, reverse_kl_pg
 	python3 benchmarks/staleness.py
 bench-broker:  ## benchmarks/broker.py: zmq vs redis (AOF off/on) traj/s and MB/s at 1k/8k/32k tokens (BENCHMARKS.md)

@@ -14,7 +14,10 @@ What is the product's code here (nothing is re-implemented):
 - batching: `learner.batching.collate`,
 - update: `learner.engines.torch.build_engine(model, cfg)` then `engine.step(batch)` (the learner's objective,
   correction, AdamW, lr schedule, grad clip),
-- reward: `opd.tasks.verify` (the actor's verifier), held-out accuracy: `opd.models.builds.evaluate` (greedy).
+- reward: `opd.tasks.verify` (the actor's verifier), held-out accuracy: `opd.models.builds.evaluate` (greedy),
+- prompts: `opd.models.prompts.prompt_ids` (the chat template where the model has one, else BOS + text, as the
+  actor), responses end at the template's end-of-turn token, and with `scorer.context` the teacher sees its own
+  prompt (`HFTeacher.prompts`: the scorer's splice) both when scoring and when it samples for off-policy KD.
 
 Exact staleness s: the learner's weights after k updates are version k. A ring keeps state_dict copies of the
 last s+1 versions; the batch trained at step k (version k -> k+1) is sampled by version max(0, k - s), i.e.
@@ -36,7 +39,7 @@ from learner.engines import build_engine
 from opd import tasks
 from opd.config import Config
 from opd.models.builds import Assets, evaluate, load_asset
-from opd.models.loading import encode_prompt
+from opd.models.prompts import prompt_ids, stop_token_id
 from opd.models.sampler import sample
 from opd.protocol import Trajectory
 from teacher_scorers.backends.hf import HFTeacher
@@ -65,7 +68,14 @@ class Harness:
     """One student being trained; `step()` runs sample -> score -> collate -> engine.step once."""
 
     def __init__(
-        self, cfg: Config, assets: Assets, *, kind: str = ON_POLICY, staleness: int = 0, seed: int = 0
+        self,
+        cfg: Config,
+        assets: Assets,
+        *,
+        kind: str = ON_POLICY,
+        staleness: int = 0,
+        seed: int = 0,
+        eval_max_new_tokens: int | None = None,
     ):
         if kind not in (ON_POLICY, RL_ONLY, OFF_POLICY_KD):
             raise ValueError(f"unknown method kind {kind!r}")
@@ -91,6 +101,8 @@ class Harness:
         self.generator = torch.Generator().manual_seed(seed * 1000 + 7)
         self.mode = tasks.verifier_mode(cfg.task)
         self.eval_problems = tasks.eval_set(cfg.task)
+        self.eval_max_new_tokens = eval_max_new_tokens or cfg.sampling.max_new_tokens
+        self.stop_id = stop_token_id(self.tokenizer, cfg.task.chat_template == "auto")
         self.student_tokens = 0
         self.teacher_tokens = 0
         self.batch_no = 0
@@ -101,7 +113,7 @@ class Harness:
 
     def _prompts(self) -> tuple[list[tasks.Problem], list[list[int]]]:
         problems = [next(self.problems) for _ in range(self.cfg.actor.prompts_per_batch)]
-        return problems, [encode_prompt(self.tokenizer, p.prompt) for p in problems]
+        return problems, [prompt_ids(self.tokenizer, p) for p in problems]
 
     def rollout(self) -> list[Trajectory]:
         """One batch of prompts_per_batch x n trajectories sampled by version max(0, k - s)."""
@@ -142,13 +154,16 @@ class Harness:
         return out
 
     def _teacher_samples(self, problems, prompt_ids) -> list[Trajectory]:
-        """Off-policy KD data: the teacher samples at T=1; b = 0 and q = 1 make A_t = q - b = 1, so the engine's
-        reverse_kl_pg with correction none is exactly -token_mean(log pi(y_t)), the NLL of the teacher's text."""
+        """Off-policy KD data: the teacher samples at T=1 from its own prompt (with `scorer.context`, the context's;
+        the student trains on the response after its own prompt, as the scorer would score it); b = 0 and q = 1 make
+        A_t = q - b = 1, so the engine's reverse_kl_pg with correction none is exactly -token_mean(log pi(y_t)),
+        the NLL of the teacher's text."""
         n = self.cfg.sampling.n
+        seen = [self.teacher.prompts.teacher_ids(p) for p in prompt_ids]
         samples = sample(
             self.teacher.model,
-            [p for p in prompt_ids for _ in range(n)],
-            eos_id=self.tokenizer.eos_token_id,
+            [p for p in seen for _ in range(n)],
+            eos_id=self.stop_id,
             pad_id=self.tokenizer.pad_token_id,
             max_new_tokens=self.cfg.sampling.max_new_tokens,
             temperature=1.0,
@@ -176,13 +191,16 @@ class Harness:
 
     # ---------------------------------------------------------------------------------------- step
     def step(self) -> StepRecord:
+        t_roll = time.perf_counter()
         trajs = self.rollout()
+        rollout_seconds = time.perf_counter() - t_roll
         self.batch_no += 1
         policy_version = min(t.policy_version for t in trajs)
         batch = collate(trajs, self.tokenizer.pad_token_id, self.cfg.learner.device)
         t0 = time.perf_counter()
         metrics = self.engine.step(batch)
         metrics["step_seconds"] = time.perf_counter() - t0
+        metrics["rollout_seconds"] = rollout_seconds  # sampling + scoring (or the teacher's sampling)
         metrics["reward_mean"] = float(np.mean([t.reward for t in trajs]))
         lag = self.version - policy_version
         self.version += 1
@@ -192,9 +210,7 @@ class Harness:
         )
 
     def evaluate(self) -> float:
-        return evaluate(
-            self.model, self.tokenizer, self.eval_problems, self.cfg.sampling.max_new_tokens, self.mode
-        )
+        return evaluate(self.model, self.tokenizer, self.eval_problems, self.eval_max_new_tokens, self.mode)
 
 
 def run(
@@ -207,11 +223,19 @@ def run(
     staleness: int = 0,
     seed: int = 0,
     keep_metrics: tuple[str, ...] = ("reverse_kl", "loss", "reward_mean", "importance_weight"),
+    eval_max_new_tokens: int | None = None,
+    initial_accuracy: float | None = None,
 ) -> dict:
-    """Train `steps` learner steps; held-out accuracy at step 0, every `eval_every` steps and at the end."""
-    h = Harness(cfg, assets, kind=kind, staleness=staleness, seed=seed)
+    """Train `steps` learner steps; held-out accuracy at step 0, every `eval_every` steps and at the end
+    (greedy, `eval_max_new_tokens`, default the sampling's max_new_tokens). `initial_accuracy`: the step-0
+    accuracy measured once by the caller (every run of a benchmark starts from the same student, and a real
+    model's evaluation takes tens of seconds). Each evaluation records `wall_seconds` since the start."""
+    h = Harness(
+        cfg, assets, kind=kind, staleness=staleness, seed=seed, eval_max_new_tokens=eval_max_new_tokens
+    )
     t0 = time.perf_counter()
-    evals = [{"step": 0, "accuracy": h.evaluate(), "student_tokens": 0, "teacher_tokens": 0}]
+    acc0 = h.evaluate() if initial_accuracy is None else initial_accuracy
+    evals = [{"step": 0, "accuracy": acc0, "student_tokens": 0, "teacher_tokens": 0, "wall_seconds": 0.0}]
     records = []
     for k in range(steps):
         rec = h.step()
@@ -230,6 +254,7 @@ def run(
                     "accuracy": h.evaluate(),
                     "student_tokens": rec.student_tokens,
                     "teacher_tokens": rec.teacher_tokens,
+                    "wall_seconds": time.perf_counter() - t0,
                 }
             )
     return {"evals": evals, "steps": records, "wall_seconds": time.perf_counter() - t0}

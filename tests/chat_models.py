@@ -5,9 +5,13 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from opd.models.prompts import prompt_ids
+from opd.protocol import Trajectory
 
 DEFAULT_SYSTEM = "Be brief."
 # ChatML as SmolLM2 writes it: a default system turn when the conversation has none, each turn ended by <|im_end|>
@@ -54,3 +58,18 @@ def chatml_model_dir(path: Path, eos: str = "<|im_end|>", seed: int = 0) -> Path
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def chat_trajectory(tok, problem, response: list[int], index: int) -> Trajectory:
+    """One trajectory as the actor sends it: the problem's prompt rendered as the actor renders it (chat template
+    where the tokenizer has one), `response` as the sampled ids; behaviour logprobs are zero (tests of scoring)."""
+    return Trajectory(
+        run_id="r",
+        prompt_id=problem.prompt_id,
+        group_id=f"g{index}",
+        sample_index=0,
+        prompt_token_ids=np.asarray(prompt_ids(tok, problem), dtype=np.int32),
+        response_token_ids=np.asarray(response, dtype=np.int32),
+        behaviour_logprobs=np.zeros(len(response), dtype=np.float32),
+        policy_version=0,
+    )

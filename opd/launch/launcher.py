@@ -310,10 +310,8 @@ class Launcher:
             except BrokerUnavailable:
                 pass
         self.supervisor.stop([c for c in comps if c.role == "broker"], BROKER_STOP_S)
-        if self.models is not None:
-            self.models.ready_file.unlink(
-                missing_ok=True
-            )  # nothing is left to start: the directory as it was
+        if self.models is not None:  # nothing is left to start: the directory as it was
+            self.models.ready_file.unlink(missing_ok=True)
 
     def _report(self, failed: Component | None) -> int:
         if failed is not None:

@@ -26,6 +26,7 @@ from opd.models.builds import ensure_assets
 from opd.models.prompts import prompt_ids
 from opd.models.sampler import response_logprobs
 from opd.protocol import Trajectory
+from tests.chat_models import chat_trajectory
 from tests.smollm2 import CONFIGS, check_trained_run, run_config
 
 pytest.importorskip("vllm", reason="vllm not installed: run scripts/setup_vllm_env.sh and use .venv-vllm")
@@ -60,7 +61,7 @@ def test_vllm_student_samples_the_chat_prompt_stops_at_im_end_and_matches_hf(cfg
     engine = VLLMEngine(copy.deepcopy(cfg), ensure_assets(cfg, log=lambda *_: None))
     try:
         tok, im_end = engine.tokenizer, engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        assert engine.stop_id == im_end == tok.eos_token_id
+        assert engine.stop_ids == (im_end,) and im_end == tok.eos_token_id  # SmolLM2: end of turn is EOS
         problems = _problems(cfg, 8)
         prompts = [prompt_ids(tok, p) for p in problems]
         text = tok.decode(prompts[0], skip_special_tokens=False)
@@ -101,18 +102,7 @@ def _trajectories(cfg, tok) -> list[Trajectory]:
             *tok(text, add_special_tokens=False)["input_ids"],
             tok.convert_tokens_to_ids("<|im_end|>"),
         ]
-        out.append(
-            Trajectory(
-                run_id="t",
-                prompt_id=str(i),
-                group_id=str(i),
-                sample_index=0,
-                prompt_token_ids=np.asarray(prompt_ids(tok, p), dtype=np.int32),
-                response_token_ids=np.asarray(response, dtype=np.int32),
-                behaviour_logprobs=np.zeros(len(response), dtype=np.float32),
-                policy_version=0,
-            )
-        )
+        out.append(chat_trajectory(tok, p, response, i))
     return out
 
 

@@ -12,12 +12,12 @@ import numpy as np
 from opd import tasks
 from opd.config import load_config
 from opd.models.builds import ensure_assets
-from opd.models.prompts import prompt_ids, stop_token_id
+from opd.models.prompts import stop_token_id
 from opd.protocol import Trajectory
 from teacher_scorers.backends import build_teacher
 from teacher_scorers.backends.hf import HFTeacher
 from teacher_scorers.backends.sglang import SGLangTeacher
-from tests.chat_models import chatml_model_dir
+from tests.chat_models import chat_trajectory, chatml_model_dir
 from tests.fake_sglang import FakeSGLang
 
 CONTEXT = {"system_prompt": "Digits only.", "few_shot": [{"user": "1+1=", "assistant": "2"}]}
@@ -28,18 +28,7 @@ def _trajs(tok, problems) -> list[Trajectory]:
     out = []
     for i, p in enumerate(problems):
         resp = [*rng.integers(6, len(tok), size=3 + i).tolist(), stop_token_id(tok, True)]
-        out.append(
-            Trajectory(
-                run_id="r",
-                prompt_id=p.prompt_id,
-                group_id=f"g{i}",
-                sample_index=0,
-                prompt_token_ids=np.asarray(prompt_ids(tok, p), dtype=np.int32),
-                response_token_ids=np.asarray(resp, dtype=np.int32),
-                behaviour_logprobs=np.zeros(len(resp), dtype=np.float32),
-                policy_version=0,
-            )
-        )
+        out.append(chat_trajectory(tok, p, resp, i))
     return out
 
 

@@ -15,11 +15,11 @@ from opd import tasks
 from opd.config import load_config
 from opd.models.builds import ensure_assets
 from opd.models.loading import build_char_tokenizer, encode_prompt
-from opd.models.prompts import TeacherPrompts, conversation, prompt_ids, render_ids, stop_token_id
+from opd.models.prompts import TeacherPrompts, conversation, render_ids, stop_token_id
 from opd.protocol import Trajectory
 from teacher_scorers.backends import PartlyScored
 from teacher_scorers.backends.hf import HFTeacher
-from tests.chat_models import chatml_model_dir
+from tests.chat_models import chat_trajectory, chatml_model_dir
 
 CONTEXT = '{system_prompt: "Answer with digits.", few_shot: [{user: "1+1=", assistant: "2"}, {user: "2+5=", assistant: "7"}]}'
 FEW_SHOT_ONLY = '{few_shot: [{user: "4+4=", assistant: "8"}]}'
@@ -53,18 +53,7 @@ def _trajectories(tok, problems, seed=0) -> list[Trajectory]:
     out = []
     for i, p in enumerate(problems):
         response = [*rng.integers(6, len(tok), size=int(rng.integers(1, 9))).tolist(), end]
-        out.append(
-            Trajectory(
-                run_id="r",
-                prompt_id=p.prompt_id,
-                group_id=f"g{i}",
-                sample_index=0,
-                prompt_token_ids=np.asarray(prompt_ids(tok, p), dtype=np.int32),
-                response_token_ids=np.asarray(response, dtype=np.int32),
-                behaviour_logprobs=np.zeros(len(response), dtype=np.float32),
-                policy_version=0,
-            )
-        )
+        out.append(chat_trajectory(tok, p, response, i))
     return out
 
 
