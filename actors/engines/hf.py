@@ -20,7 +20,6 @@ class HFEngine:
         # the chat template's end-of-turn token (EOS without one), and EOS where that is another token:
         # generation stops at the first of them and keeps it
         self.stop_ids = stop_token_ids(self.tokenizer, cfg.task.chat_template == "auto")
-        self.stop_id = self.stop_ids[0]
 
     def sample(self, prompts: list[list[int]], generator: torch.Generator) -> list[Sample]:
         s = self.cfg.sampling

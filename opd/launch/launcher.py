@@ -267,16 +267,16 @@ class Launcher:
                 # Our SIGTERM reached it while it was still importing, before its handler existed (the first
                 # seconds of a run): that is the interrupt, not a failure of the learner.
                 return None
+            try:  # before judging exits: a member started by hand may have just said it is alive
+                self.monitor.drain()
+            except BrokerUnavailable:
+                pass
             failed = self.supervisor.failure(self.monitor.run_over, self._reported)
             if failed is not None:
                 return failed
             if not self._bar_shown and self.models.done():
                 bar.enter_context(self.monitor.progress())
                 self._bar_shown = True
-            try:
-                self.monitor.drain()
-            except BrokerUnavailable:
-                pass
             if not self.interrupted:
                 self.scaler.tick()  # `opd scale` requests, the autoscaler, per-scorer throughput records
             self.monitor.show()

@@ -26,6 +26,7 @@ from opd.config import Config
 from opd.protocol import ProtocolError, Streams, trajectory_id, unpack_control
 
 READ_BATCH = 256
+MAX_READS = 8  # per drain of the metrics stream
 
 
 Counts = dict[tuple[str, str], float]  # (component, incarnation) -> a counter's value in that incarnation
@@ -156,6 +157,13 @@ class Monitor:
         return self.broker.consume(stream, Streams.LAUNCHER_GROUP, Streams.LAUNCHER_GROUP, READ_BATCH, 0.0)
 
     def _drain_metrics(self) -> None:
+        """Everything queued (a few reads at most): after a slow loop a backlog of one read would leave a
+        fresh heartbeat unseen when the supervisor next judges who is alive."""
+        for _ in range(MAX_READS):
+            if len(self._drain_metrics_once()) < READ_BATCH:
+                return
+
+    def _drain_metrics_once(self) -> list:
         msgs = self._consume(self.streams.metrics)
         now = self.heard = time.monotonic()
         for msg in msgs:
@@ -169,6 +177,7 @@ class Monitor:
                 if "eval_accuracy" in rec:
                     self.state.eval_accuracy = rec["eval_accuracy"]
         self.broker.ack(self.streams.metrics, Streams.LAUNCHER_GROUP, [m.id for m in msgs])
+        return msgs
 
     def _drain_dead_letters(self) -> None:
         """Append each rejected message's record (reason, source, trajectory id; not its bytes) to the ledger."""

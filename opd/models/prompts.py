@@ -3,7 +3,8 @@
 Every component renders through here, so the actor's prompt ids, the evaluation's and the teacher's agree:
 - A tokenizer with a chat template renders the conversation with it (generation prompt added) and the text is
   tokenised without extra special tokens (the template writes its own BOS if it wants one). The response ends at
-  the template's end-of-turn token (`stop_token_id`; generation also stops on EOS: `stop_token_ids`), which is part of the response, so the learner trains it.
+  the template's end-of-turn token (`stop_token_id`; generation also stops on EOS: `stop_token_ids`), which is
+  part of the response, so the learner trains it.
 - Without a template (the demo's character models) a prompt is BOS + its raw text (`encode_prompt`), as before.
 
 Context distillation (`TeacherPrompts`): the teacher sees a system prompt and/or few-shot turns the student does

@@ -63,10 +63,10 @@ def test_smollm2_answers_a_chat_prompt_and_stops_at_im_end(cfg):
     assert text.startswith("<|im_start|>system\n") and text.endswith(
         f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert engine.stop_id == tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id
+    assert engine.stop_ids[0] == tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id
     [s] = engine.sample([ids], torch.Generator().manual_seed(0))
     answer = tok.decode(s.response_ids, skip_special_tokens=True)
-    assert s.finish_reason == "stop" and s.response_ids[-1] == engine.stop_id, s
+    assert s.finish_reason == "stop" and s.response_ids[-1] == engine.stop_ids[0], s
     assert tasks.verify("Paris", answer, "contains"), answer
 
 
