@@ -89,3 +89,25 @@ def test_the_compose_learner_service_trains_with_two_ranks(redis_server, prepare
     for r in steps_seen:  # torchrun's two processes were the two ranks of every step
         assert r["learner_ranks"] == 2 and min(r["rank_tokens"]) > 0, r
     assert (run_dir / "student" / "config.json").exists()
+
+
+def test_torchrun_with_the_service_flags_forms_the_learner_group(tmp_path):
+    """torchrun hosts the rendezvous store itself (TORCHELASTIC_USE_AGENT_STORE): the ranks must join it as
+    clients through the learner's tcp:// rendezvous, take RANK/LOCAL_RANK from it, and agree on the group."""
+    learner = _services({"OPD_LEARNER_RANKS": "2"})["learner"]
+    flags = [a for a in learner["entrypoint"][1:] if a not in ("-m", "opd")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *flags, str(REPO / "tests" / "rank_probe.py"),
+           str(REPO / "configs" / "tiny.yaml"), "learner.num_ranks=2", "learner.collective_timeout_s=60"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = sorted(
+        (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")),
+        key=lambda r: r["rank"],
+    )
+    assert [r["rank"] for r in lines] == [0, 1] and [r["local_rank"] for r in lines] == [0, 1]
+    assert all(r["world"] == 2 and r["got"] == "from rank 0" and r["ranks"] == [0, 1] for r in lines), lines
+    assert all(r["agent_store"] == "True" for r in lines), "torchrun's own store was not the one joined"
+    assert lines[0]["port"] == lines[1]["port"] > 0

@@ -1,7 +1,7 @@
 """Resume DeepSpeed with another number of learner ranks: a checkpoint of 2 ranks' ZeRO-1/2/3 shards is converted
 once into DeepSpeed's universal checkpoint (rank 0, `RunFiles.reshard`) and loaded by 1 rank, which then makes the
 same update as the 2 ranks continuing (weights within float32 rounding after the next step, same step counters
-and learning rate); ZeRO-0's replicated state loads as it is. Real gloo ranks, production engine and files."""
+and learning rate); ZeRO-0's replicated state loads as it is. Real gloo ranks, production engine and files. In the e2e tier: two DeepSpeed start-ups of ~15 s."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from tests.conftest import REPO, free_port
 from tests.reshard_worker import STAGES
 
+pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed")
 TOLERANCE = 1e-6  # float32: observed ~1e-8; a resume with fresh Adam moments is off by ~2e-2
 
