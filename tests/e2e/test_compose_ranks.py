@@ -91,6 +91,7 @@ def test_the_compose_learner_service_trains_with_two_ranks(redis_server, prepare
     assert (run_dir / "student" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_with_the_service_flags_forms_the_learner_group(tmp_path):
     """torchrun hosts the rendezvous store itself (TORCHELASTIC_USE_AGENT_STORE): the ranks must join it as
     clients through the learner's tcp:// rendezvous, take RANK/LOCAL_RANK from it, and agree on the group."""
