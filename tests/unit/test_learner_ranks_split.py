@@ -102,7 +102,7 @@ def test_zero3_ranks_refuse_inline_evaluation():
 def test_a_checkpoint_of_another_number_of_ranks_is_refused_when_sharded_and_not_reshardable(tmp_path):
     """The engines' own classes say whether their state is sharded per rank and whether it can be resharded (read
     before any is built): DeepSpeed's ZeRO shards go through its universal checkpoint
-    (tests/integration/test_learner_reshard.py); an engine whose shards cannot be converted is refused."""
+    (tests/e2e/test_learner_reshard.py); an engine whose shards cannot be converted is refused."""
     from learner.engines.base import Engine
     from learner.engines.deepspeed import DeepSpeedEngine
     from learner.engines.torch import TorchEngine

@@ -1,6 +1,7 @@
 """Workers started by hand (no launcher to stop them) do not outlive their learner: an actor or scorer whose
 learner has written nothing to the run's `metrics` stream for supervision.learner_silence_s exits 1 with a message
-naming the setting (issue 14, multi-host finding 3: after the learner died, every worker ran on for minutes)."""
+naming the setting (issue 14, multi-host finding 3: after the learner died, every worker ran on for minutes).
+In the e2e tier: each waits out the silence limit on purpose (about 15 s)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from broker.redis import RedisBroker
 from opd.protocol import Streams, metrics_record
 from tests.conftest import TINY, free_port, opd
 
+pytestmark = pytest.mark.slow
 SILENCE_S = 4.0
 RUN_ID = "silence-test"
 
