@@ -8,6 +8,7 @@ never a crashed consumer or a poisoned gradient.
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ MAX_ID_LEN = 256  # id, run_id: the trajectory and run names we mint
 MAX_PROMPT_ID_LEN = 4096  # prompt_id, group_id: a JSONL prompt brings its own id (spaces allowed)
 MAX_TEACHER_ID_LEN = 4096  # a model path or server description: spaces allowed, control characters not
 MAX_FINISH_REASON_LEN = 64
+# A teacher pool's name (opd.config.teachers.TEACHER_NAME: the core's two modules do not import each other).
+TEACHER_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+DEFAULT_TEACHER = "default"  # the one teacher of a run without a teachers section
+MAX_TEACHERS = 16
 MAX_TEMPERATURE = 1e4
 MAX_DIM = 1 << 31  # any one array dimension; the element count is bounded by the message size as well
 MAX_MAP_ENTRIES = 64  # task and timestamps
@@ -62,8 +67,12 @@ class Trajectory:
     # float32 (T,): log of the teacher's mass outside its top-k, computed by the scorer from its full logits. A
     # confident teacher's tail (< 1e-7) cannot be recovered as 1 - sum(exp(top-k)) from float32 values.
     teacher_tail_logprobs: np.ndarray | None = None
-    teacher_id: str | None = None
+    teacher_id: str | None = None  # what scored it: a model path or server description
     teacher_temperature: float | None = None
+    # Set by the actor from `routing`: the teachers (pool names) that must score this trajectory, with weights
+    # summing to 1. None = the run's one teacher. Several = a mixture, joined by id in the learner.
+    teacher_weights: dict[str, float] | None = None
+    teacher_name: str | None = None  # set by the scorer: the pool (teacher name) that scored this copy
     reward: float | None = None
     task: dict[str, str] = field(default_factory=dict)
     timestamps: dict[str, float] = field(default_factory=lambda: {"generated": time.time()})
@@ -95,6 +104,7 @@ _SCALARS: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "finish_reason": (str, True),
     "behaviour_temperature": ((int, float), True),
     "teacher_id": (str, False),
+    "teacher_name": (str, False),
     "teacher_temperature": ((int, float), False),
     "reward": ((int, float), False),
 }
@@ -113,6 +123,8 @@ def encode(traj: Trajectory) -> bytes:
             msg[name] = value
     msg["task"] = dict(traj.task)
     msg["timestamps"] = dict(traj.timestamps)
+    if traj.teacher_weights is not None:
+        msg["teacher_weights"] = dict(traj.teacher_weights)
     for name, dtype, _, _ in _ARRAYS:
         value = getattr(traj, name)
         if value is not None:
@@ -165,6 +177,7 @@ def _check_ranges(msg: dict[str, Any]) -> None:
     teacher = msg.get("teacher_id")
     if teacher is not None and (len(teacher) > MAX_TEACHER_ID_LEN or not teacher.isprintable()):
         raise ProtocolError(f"teacher_id: at most {MAX_TEACHER_ID_LEN} printable characters")
+    _check_teacher_name(msg.get("teacher_name"))
     reason = msg["finish_reason"]
     if len(reason) > MAX_FINISH_REASON_LEN or not reason.isprintable():
         raise ProtocolError(
@@ -200,6 +213,24 @@ def _check_map(name: str, value: Any, kinds: tuple[type, ...]) -> None:
             raise ProtocolError(f"{name}[{k[:40]!r}]: {v!r} is not finite")
 
 
+def _check_teacher_name(name: str | None) -> None:
+    if name is not None and not TEACHER_NAME.fullmatch(name):
+        raise ProtocolError(f"teacher_name {name[:40]!r}: expected a teacher name ([a-z][a-z0-9_]{{0,31}})")
+
+
+def _check_teacher_weights(value: Any) -> None:
+    """A route: 1 to MAX_TEACHERS teacher names, each with a weight in (0, 1], summing to 1."""
+    if not isinstance(value, dict) or not 0 < len(value) <= MAX_TEACHERS:
+        raise ProtocolError(f"teacher_weights: expected a map of 1 to {MAX_TEACHERS} teachers")
+    for k, v in value.items():
+        if not isinstance(k, str) or not TEACHER_NAME.fullmatch(k):
+            raise ProtocolError(f"teacher_weights: {str(k)[:40]!r} is not a teacher name")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and 0 < v <= 1):
+            raise ProtocolError(f"teacher_weights[{k!r}]: {v!r}, expected a weight in (0, 1]")
+    if abs(math.fsum(value.values()) - 1.0) > 1e-6:
+        raise ProtocolError(f"teacher_weights sum to {math.fsum(value.values())!r}, expected 1")
+
+
 def _check_scalars(msg: dict[str, Any]) -> None:
     for name, (types, required) in _SCALARS.items():
         if name not in msg:
@@ -213,6 +244,8 @@ def _check_scalars(msg: dict[str, Any]) -> None:
     # task values are what a verifier reads (strings, numbers); timestamps are numbers (seconds since the epoch)
     _check_map("task", msg.get("task", {}), (str, int, float, bool))
     _check_map("timestamps", msg.get("timestamps", {}), (int, float))
+    if "teacher_weights" in msg:
+        _check_teacher_weights(msg["teacher_weights"])
     for k, v in msg.get("timestamps", {}).items():
         if isinstance(v, bool) or (isinstance(v, int) and abs(v) >= MAX_POLICY_VERSION):
             raise ProtocolError(f"timestamps[{k[:40]!r}]: {v!r} is not a time")
@@ -290,7 +323,15 @@ def _decode(data: bytes, vocab_size: int | None, require_scored: bool, max_bytes
         )
     if msg.get("kind") != KIND:
         raise ProtocolError(f"kind {msg.get('kind')!r}, expected {KIND!r}")
-    known = {"schema_version", "kind", "task", "timestamps", *_SCALARS, *(a[0] for a in _ARRAYS)}
+    known = {
+        "schema_version",
+        "kind",
+        "task",
+        "timestamps",
+        "teacher_weights",
+        *_SCALARS,
+        *(a[0] for a in _ARRAYS),
+    }
     unknown = set(msg) - known
     if unknown:
         raise ProtocolError(f"unknown fields {sorted(unknown)[:5]}")
@@ -302,7 +343,13 @@ def _decode(data: bytes, vocab_size: int | None, require_scored: bool, max_bytes
         elif required:
             raise ProtocolError(f"missing field {name!r}")
     scalars = {k: msg[k] for k in _SCALARS if k in msg}
-    t = Trajectory(**scalars, **arrays, task=msg.get("task", {}), timestamps=msg.get("timestamps", {}))
+    t = Trajectory(
+        **scalars,
+        **arrays,
+        task=msg.get("task", {}),
+        timestamps=msg.get("timestamps", {}),
+        teacher_weights=msg.get("teacher_weights"),
+    )
     _check_shapes(t)
     _check_values(t, vocab_size)
     if require_scored and not t.is_scored:
@@ -339,6 +386,11 @@ class Streams:
     @property
     def rollouts(self) -> str:
         return self.name("rollouts")
+
+    def rollouts_for(self, teacher: str) -> str:
+        """The rollouts stream a teacher's pool consumes: `rollouts` for the one teacher of a run without a
+        teachers section (so such runs keep their stream names), `rollouts:<teacher>` for a named one."""
+        return self.rollouts if teacher == DEFAULT_TEACHER else self.name(f"rollouts:{teacher}")
 
     @property
     def scored(self) -> str:

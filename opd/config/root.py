@@ -7,9 +7,10 @@ rule here. Checks that need code outside the core (the loss registry's) run in `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
 from opd.config.actor import ActorConfig
 from opd.config.base import Strict, variant_tag
@@ -26,6 +27,7 @@ from opd.config.scaling import ScalingConfig
 from opd.config.scorer import ScorerConfig
 from opd.config.supervision import SupervisionConfig
 from opd.config.task import AdditionTask, TaskConfig
+from opd.config.teachers import DEFAULT_TEACHER, MAX_TEACHERS, RoutingConfig, TeacherSpec, check_teacher_name
 from opd.config.weight_sync import WeightSyncConfig
 
 DEPTH_PER_BATCH = 1  # broker.max_depth unset: this many learner batches per work stream
@@ -37,6 +39,43 @@ _DEFAULT_VARIANTS = {
     "teacher": TinyModel,
     "broker": DEFAULT_BROKER,
 }
+
+
+@dataclass(frozen=True)
+class TeacherPool:
+    """One teacher as the components see it: its name, its model, and its scorer pool's resolved settings."""
+
+    name: str
+    model: ModelConfig
+    scorer: ScorerConfig
+
+
+_MODEL = TypeAdapter(ModelConfig)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` laid on top, mappings merged key by key (scorer.remote.url alone keeps the rest)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = (
+            _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def _validated(adapter_or_model: Any, data: dict[str, Any], where: str) -> Any:
+    try:
+        if isinstance(adapter_or_model, TypeAdapter):
+            return adapter_or_model.validate_python(data)
+        return adapter_or_model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{where}.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+            if e["loc"]
+            else f"{where}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise ValueError(problems) from None
 
 
 class Config(Strict):
@@ -55,6 +94,14 @@ class Config(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    teachers: dict[str, TeacherSpec] | None = Field(
+        None,
+        description="Several named teachers, each {model: <as the teacher section>, scorer: <overrides of the "
+        "scorer section for its own pool>}. None = one teacher, `default`, from the teacher and scorer sections.",
+    )
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+
+    _pools: dict[str, TeacherPool] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -81,6 +128,72 @@ class Config(Strict):
         if self.broker.max_depth is None:
             self.broker.max_depth = self.learner.batch_size * DEPTH_PER_BATCH
         return self
+
+    @model_validator(mode="after")
+    def _teacher_pools(self) -> Config:
+        """Resolve every teacher into a TeacherPool (model + its pool's scorer settings) and check the routes."""
+        if self.teachers is None:
+            self._pools = {DEFAULT_TEACHER: TeacherPool(DEFAULT_TEACHER, self.teacher, self.scorer)}
+        else:
+            self._pools = self._named_pools(self.teachers)
+        self._routes_fit_teachers()
+        return self
+
+    def _named_pools(self, teachers: dict[str, TeacherSpec]) -> dict[str, TeacherPool]:
+        if not teachers:
+            raise ValueError(
+                "teachers: name at least one teacher, or drop the key to use the teacher section"
+            )
+        if len(teachers) > MAX_TEACHERS:
+            raise ValueError(f"teachers: {len(teachers)} teachers; at most {MAX_TEACHERS}")
+        if "teacher" in self.model_fields_set:
+            raise ValueError(
+                "teacher: with teachers: set each teacher's model under teachers.<name>.model, not in the teacher "
+                "section"
+            )
+        base = self.scorer.model_dump(mode="python")
+        pools = {}
+        for name, spec in teachers.items():
+            check_teacher_name(name, f"teachers.{name}")
+            raw = dict(spec.model)
+            if raw.get("kind", "tiny") == "tiny":
+                raw = {"kind": "tiny", **TEACHER_DEFAULTS, **raw}
+            model = _validated(_MODEL, raw, f"teachers.{name}.model")
+            scorer = _validated(ScorerConfig, _merged(base, spec.scorer), f"teachers.{name}.scorer")
+            pools[name] = TeacherPool(name, model, scorer)
+        topks = {p.scorer.topk for p in pools.values()}
+        if len(topks) > 1:
+            detail = ", ".join(f"teachers.{p.name}.scorer.topk={p.scorer.topk}" for p in pools.values())
+            raise ValueError(
+                f"every teacher must attach the same top-k ({detail}); set one scorer.topk for all"
+            )
+        return pools
+
+    def _routes_fit_teachers(self) -> None:
+        names = list(self._pools)
+        unknown = sorted(self.routing.named() - set(names))
+        if unknown:
+            raise ValueError(
+                f"routing names teacher(s) {unknown} that teachers does not define; defined: {names}"
+            )
+        if len(names) > 1 and self.routing.default is None:
+            raise ValueError(
+                f"routing.default: with several teachers ({names}) name the teacher (or {{teacher: weight}} "
+                "mixture) for prompts no route matches"
+            )
+
+    def teacher_pools(self) -> dict[str, TeacherPool]:
+        """The run's teachers by name, in config order (one, `default`, without a teachers section)."""
+        return dict(self._pools)
+
+    def unreached_teachers(self) -> list[str]:
+        """Teachers no route or default gives a positive weight: their pools would score nothing (a warning,
+        for the launcher to print; with one teacher and no routes it is reached by default)."""
+        names = list(self._pools)
+        reached = self.routing.reached() or {names[0]}
+        if self.routing.default is None:
+            reached.add(names[0])
+        return [n for n in names if n not in reached]
 
     @model_validator(mode="after")
     def _combinations(self) -> Config:
