@@ -186,6 +186,16 @@ class Config(Strict):
         """The run's teachers by name, in config order (one, `default`, without a teachers section)."""
         return dict(self._pools)
 
+    def for_teacher(self, name: str) -> Config:
+        """This config as one teacher's pool sees it: its model in `teacher` and its pool's settings in `scorer`, so
+        code written for one teacher (the scorer backends, the model builds) serves any pool unchanged."""
+        pools = self.teacher_pools()
+        if name not in pools:
+            raise ValueError(f"no teacher named {name!r}; the run's teachers: {list(pools)}")
+        view = self.model_copy(update={"teacher": pools[name].model, "scorer": pools[name].scorer})
+        view._pools = dict(pools)
+        return view
+
     def unreached_teachers(self) -> list[str]:
         """Teachers no route or default gives a positive weight: their pools would score nothing (a warning,
         for the launcher to print; with one teacher and no routes it is reached by default)."""

@@ -103,3 +103,13 @@ def test_each_named_teacher_has_its_own_rollouts_stream():
     streams = Streams("run")
     assert streams.rollouts_for("default") == streams.rollouts == "run:rollouts"
     assert streams.rollouts_for("adder") == "run:rollouts:adder"
+
+
+def test_a_pool_sees_the_config_with_its_own_teacher_and_scorer():
+    cfg = load_config(None, [*TWO, "routing.default=adder"])
+    view = cfg.for_teacher("speller")
+    assert view.scorer.num_scorers == 2 and view.teacher.sft_steps == 1500
+    assert cfg.for_teacher("adder").teacher.sft_steps == 10 and cfg.scorer.num_scorers == 1
+    assert list(view.teacher_pools()) == ["adder", "speller"]
+    with pytest.raises(ValueError, match="no teacher named 'nobody'"):
+        cfg.for_teacher("nobody")
