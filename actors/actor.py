@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from actors.engines import build_engine
-from broker import publish_with_backpressure
+from actors.routing import Router, publish_fan_out, published
 from opd import tasks
 from opd.config import Config
 from opd.models.builds import ensure_assets
@@ -78,7 +78,10 @@ class Actor:
         self.broker = open_broker(cfg.broker, stopping=stop)
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.actor.metrics_every_s)
         streams = Streams(cfg.run.run_id)
-        self.rollouts, self.scored, self.control = streams.rollouts, streams.scored, streams.control
+        self.scored, self.control = streams.scored, streams.control
+        # teachers: one rollouts stream per teacher, each trajectory copied to those of its route
+        self.router = Router(cfg)
+        self.copies_published, self.trajectories_published = 0, 0  # their ratio: the mean fan-out
         self.broker.skip_to_end(self.control, self.name)  # before joining: the learner speaks once all joined
         self.follower = weight_follower(cfg, self.name, self.model)
         self.problems = tasks.training_stream(cfg.task, seed=cfg.run.seed * 1000 + index)
@@ -135,11 +138,30 @@ class Actor:
                     policy_version=self.follower.version,
                     finish_reason=smp.finish_reason,
                     behaviour_temperature=s.temperature,
-                    task={"answer": p.answer or ""},
+                    task=self.router.metadata(p),
                     reward=float(tasks.verify(p.answer, text, mode)) if p.answer else None,
                 )
             )
+            self.router.stamp(out[-1])
         return out
+
+    def publish(self, trajs: list[Trajectory]) -> list[Trajectory]:
+        """Send each trajectory to the rollouts stream of every teacher in its route (the one `rollouts` stream
+        without teachers), waiting while a stream is full, and write the ledger. Returns the trajectories that went
+        out: all, or on a stop those with at least one copy appended (each counted once, however many copies)."""
+        by_stream, where = self.router.copies(trajs)
+        encoded = [encode(t) for t in trajs]
+        payloads = {stream: [encoded[i] for i in idx] for stream, idx in by_stream.items() if idx}
+        sent = publish_fan_out(
+            self.broker, payloads, should_stop=self.stop, while_waiting=self.service_control
+        )
+        done = [trajs[i] for i in published(where, {s: sent.get(s, 0) for s in by_stream})]
+        self._record(done)
+        self.trajectories_published += len(done)
+        self.copies_published += sum(sent.values())
+        if self.router.enabled:
+            self.reporter.add(rollout_copies_published=sum(sent.values()))
+        return done
 
     def _record(self, trajs: list[Trajectory]) -> None:
         """`id<TAB>unix time` of what this actor published: the `generated` side of the run's accounting."""
@@ -149,10 +171,13 @@ class Actor:
 
     def versions_ahead(self) -> float:
         """How many weight versions old a batch generated now would be when the learner reaches it: the
-        trajectories still in flight (rollouts + scored, unacknowledged) over what one version consumes."""
+        trajectories still in flight (rollouts + scored, unacknowledged) over what one version consumes. With
+        several teachers a mixture trajectory waits as one copy per teacher: the queued copies are divided by
+        this actor's mean fan-out (copies per trajectory published), 1 with one teacher."""
         lc = self.cfg.learner
-        in_flight = self.broker.depth(self.rollouts) + self.broker.depth(self.scored)
-        return in_flight / (lc.batch_size * self.cfg.weight_sync.every)
+        copies = sum(self.broker.depth(s) for s in self.router.all_streams()) + self.broker.depth(self.scored)
+        fan_out = self.copies_published / self.trajectories_published if self.trajectories_published else 1.0
+        return copies / fan_out / (lc.batch_size * self.cfg.weight_sync.every)
 
     def wait_while_ahead(self) -> None:
         """Pause generation (still applying weights) while new samples would exceed learner.max_staleness."""
@@ -222,23 +247,15 @@ class Actor:
                 t0, tokens, self.cfg.pipeline.service_time.actor_ms_per_token, self.stop.wait
             )
             gen_s = time.perf_counter() - t0
-            payloads = [encode(t) for t in trajs]
-            sent = publish_with_backpressure(
-                self.broker,
-                self.rollouts,
-                payloads,
-                should_stop=self.stop,
-                while_waiting=self.service_control,
-            )
-            self._record(trajs[: len(sent or ())])  # a stop may come when only part of the batch went out
-            if sent is None or len(sent) < len(trajs):
-                break
+            done = self.publish(trajs)
             self.reporter.add(
-                trajectories_generated=len(trajs),
-                tokens_generated=tokens,
+                trajectories_generated=len(done),
+                tokens_generated=sum(len(t.response_token_ids) for t in done),
                 generate_seconds=gen_s,
                 service_pad_seconds=pad_s,
             )
+            if len(done) < len(trajs):  # a stop came when only part of the batch went out
+                break
             self.reporter.maybe_send(weight_version=self.follower.version)
             if self.cfg.pipeline.mode == "sync":
                 self.wait_for_trained_weights(sampled_with)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import TypeVar
 from broker import Message, publish_with_backpressure
 from opd.config import Config, RemoteTeacherConfig
 from opd.models.builds import ensure_assets
-from opd.protocol import ProtocolError, Streams, Trajectory, decode, encode, unpack_control
+from opd.protocol import DEFAULT_TEACHER, ProtocolError, Streams, Trajectory, decode, encode, unpack_control
 from opd.runtime.broker import open_broker
 from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
 from opd.runtime.service_time import pad_to_service_time
@@ -26,7 +27,7 @@ from teacher_scorers.backends import PartlyScored, TeacherError, build_teacher
 from teacher_scorers.backends.common import length_buckets
 
 # length_buckets is re-exported for tests/test_sampling.py
-__all__ = ["RetryPolicy", "Scorer", "length_buckets", "main", "score_with_retries"]
+__all__ = ["RetryPolicy", "Scorer", "component_name", "length_buckets", "main", "score_with_retries"]
 # Chaos hook for the test suite and drills: the teacher raises on trajectories with this prompt_id.
 CHAOS_RAISE_ENV = "OPD_CHAOS_TEACHER_RAISE"
 _T = TypeVar("_T")
@@ -138,10 +139,39 @@ def _topk_mismatch(t: Trajectory, width: int) -> TeacherError | None:
     )
 
 
+def component_name(teacher: str, index: int) -> str:
+    """`scorer-<i>` for the one teacher of a run without a teachers section (names unchanged), else
+    `scorer-<teacher>-<i>`: each teacher's pool is numbered on its own."""
+    return f"scorer-{index}" if teacher == DEFAULT_TEACHER else f"scorer-{teacher}-{index}"
+
+
+def route_problem(t: Trajectory, teacher: str, routed: bool) -> str | None:
+    """Why teacher `teacher`'s pool must not score this rollout (None when it must): its route names other
+    teachers, or it has no route in a run that routes (several teachers: which one would be a guess)."""
+    if t.teacher_weights is None:
+        if not routed:
+            return None
+        return (
+            f"rollout {t.id} has no route (teacher_weights) but this run has several teachers; the scorer of "
+            f"teacher {teacher!r} scores only what the actors routed to it (an actor of another run or version?)"
+        )
+    if teacher not in t.teacher_weights:
+        return (
+            f"rollout {t.id} is routed to {sorted(t.teacher_weights)}, not to teacher {teacher!r} whose pool "
+            f"consumes this stream"
+        )
+    return None
+
+
 class Scorer:
-    def __init__(self, cfg: Config, index: int, stop: StopFlag):
-        self.cfg, self.stop = cfg, stop
-        self.name = f"scorer-{index}"
+    def __init__(self, cfg: Config, index: int, stop: StopFlag, teacher: str = DEFAULT_TEACHER):
+        """A scorer of teacher `teacher`'s pool: it works on the config as that pool sees it (its model in
+        `teacher`, its settings in `scorer`), so the backends and model builds serve any pool unchanged."""
+        # with several teachers a rollout without a route cannot be this pool's to score (one: it is)
+        self.routed = len(cfg.teacher_pools()) > 1
+        cfg = cfg.for_teacher(teacher)
+        self.cfg, self.stop, self.teacher_name = cfg, stop, teacher
+        self.name = component_name(teacher, index)
         assets = ensure_assets(cfg, log=log.info)
         self.retry = RetryPolicy.from_config(cfg.scorer.remote)
         # the config picks the backend, which checks the tokenizer; a server still starting is waited for
@@ -153,7 +183,11 @@ class Scorer:
         self.broker = open_broker(cfg.broker, stopping=stop)
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.scorer.metrics_every_s)
         streams = Streams(cfg.run.run_id)
-        self.rollouts, self.scored, self.control = streams.rollouts, streams.scored, streams.control
+        self.rollouts, self.scored, self.control = (
+            streams.rollouts_for(teacher),
+            streams.scored,
+            streams.control,
+        )
         self.max_bytes = int(cfg.broker.max_message_mb * (1 << 20))
         self.chaos_prompt = os.environ.get(CHAOS_RAISE_ENV)
         self.run_over = False  # the learner announced stop: nobody will train what is still in hand
@@ -161,17 +195,22 @@ class Scorer:
         self.broker.skip_to_end(self.control, self.name)  # an earlier incarnation's stop is not for us
 
     def _validate(self, msgs: list[Message]) -> tuple[list[Trajectory], list[str], list[str]]:
+        """Decode each rollout and check that it is this pool's to score; the others are dead-lettered (their ids
+        returned for acknowledgement), never a reason to stop."""
         good, good_ids, bad_ids = [], [], []
         for m in msgs:
             try:
-                good.append(decode(m.data, vocab_size=self.vocab_size, max_bytes=self.max_bytes))
-                good_ids.append(m.id)
-            except (
-                Exception
-            ) as exc:  # decode raises only ProtocolError; anything else is still this message's
+                t = decode(m.data, vocab_size=self.vocab_size, max_bytes=self.max_bytes)
+                reason = route_problem(t, self.teacher_name, self.routed)
+            # decode raises only ProtocolError; anything else is still this message's
+            except Exception as exc:
                 reason = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
+            if reason is not None:
                 self.reporter.dead_letter(self.rollouts, m.id, m.data, reason)
                 bad_ids.append(m.id)
+                continue
+            good.append(t)
+            good_ids.append(m.id)
         return good, good_ids, bad_ids
 
     def score(self, trajs: list[Trajectory]) -> None:
@@ -201,6 +240,7 @@ class Scorer:
                     self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, [mid])
                 continue
             t.timestamps["scored"] = now
+            t.teacher_name = self.teacher_name  # which pool scored this copy (a mixture has one per teacher)
             ok.append(t)
             ok_ids.append(mid)
         return ok, ok_ids
@@ -277,7 +317,10 @@ class Scorer:
         return payloads, kept
 
     def run(self) -> None:
-        log.info("ready: teacher %s, top-k %d", self.teacher_id, self.cfg.scorer.topk)
+        log.info(
+            "ready: teacher %s (%s), top-k %d, consuming %s",
+            self.teacher_name, self.teacher_id, self.cfg.scorer.topk, self.rollouts,
+        )  # fmt: skip
         while not self.stop():
             msgs = self.broker.consume(
                 self.rollouts, Streams.SCORERS_GROUP, self.name, self.cfg.scorer.batch_size, 0.5
@@ -293,5 +336,21 @@ class Scorer:
         log.info("stopping (%s)", self.stop.reason or "done")
 
 
-def main(cfg: Config, index: int) -> int:
-    return run_component(cfg, f"scorer-{index}", lambda stop: Scorer(cfg, index, stop), watch_learner=True)
+def main(cfg: Config, index: int, teacher: str = DEFAULT_TEACHER) -> int:
+    """Run scorer `index` of teacher `teacher`'s pool (`opd scorer --teacher NAME --index I`); exit 2 naming the
+    run's teachers when it has no such teacher."""
+    pools = cfg.teacher_pools()
+    if teacher not in pools:
+        print(
+            f"opd scorer: --teacher {teacher!r} is not a teacher of this run; its teachers: {', '.join(pools)}"
+            + ("" if cfg.teachers is not None else " (no teachers section: leave --teacher out)"),
+            file=sys.stderr,
+        )
+        return 2
+    view = cfg.for_teacher(teacher)
+    return run_component(
+        view,
+        component_name(teacher, index),
+        lambda stop: Scorer(cfg, index, stop, teacher),
+        watch_learner=True,
+    )

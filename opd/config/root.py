@@ -208,6 +208,7 @@ class Config(Strict):
     @model_validator(mode="after")
     def _combinations(self) -> Config:
         self._models_fit_task()
+        self._topk_fits_learner()
         self._ray_fits()
         self._sync_pipeline()
         self._devices_fit_weight_sync()
@@ -221,21 +222,47 @@ class Config(Strict):
             )
         return self
 
+    def _teacher_roles(self) -> list[tuple[str, TeacherPool]]:
+        """Every teacher pool with the config path its errors name: `teacher` for the one teacher of a run
+        without a teachers section (its settings are the teacher and scorer sections), `teachers.<name>.model`
+        otherwise."""
+        if self.teachers is None:
+            return [("teacher", pool) for pool in self._pools.values()]
+        return [(f"teachers.{name}.model", pool) for name, pool in self._pools.items()]
+
     def _models_fit_task(self) -> None:
-        """Tiny models know only the built-in task's characters, and the two models must share one tokenizer."""
-        for role in ("student", "teacher"):
-            model = getattr(self, role)
+        """Tiny models know only the built-in task's characters, and the student must share one tokenizer with
+        every teacher."""
+        models = [("student", self.student), *((role, pool.model) for role, pool in self._teacher_roles())]
+        for role, model in models:
             if model.kind == "tiny" and self.task.kind != "addition":
                 raise ValueError(
                     f"{role}.kind: tiny models are built for the built-in task only; with task.kind: "
                     f"{self.task.kind} set {role}: {{kind: pretrained, name_or_path: ...}}"
                 )
-        if (self.student.kind == "tiny") != (self.teacher.kind == "tiny"):
-            tiny = "student" if self.student.kind == "tiny" else "teacher"
-            raise ValueError(
-                f"{tiny}.kind: tiny while the other model is pretrained; student and teacher must share a "
-                "tokenizer: use kind: tiny for both (built-in tokenizer) or kind: pretrained for both"
-            )
+        for role, model in models[1:]:
+            if (self.student.kind == "tiny") != (model.kind == "tiny"):
+                tiny = "student" if self.student.kind == "tiny" else role
+                other = (
+                    "the other model" if self.teachers is None else (role if tiny == "student" else "student")
+                )
+                raise ValueError(
+                    f"{tiny}.kind: tiny while {other} is pretrained; student and teacher must share a "
+                    "tokenizer: use kind: tiny for both (built-in tokenizer) or kind: pretrained for both"
+                )
+
+    def _topk_fits_learner(self) -> None:
+        """The learner reads the run's top-k width (its contract and the top-k losses' check) from the scorer
+        section, so named teachers' pools must attach exactly that width (they already agree with each other)."""
+        if self.teachers is None:
+            return
+        for name, pool in self._pools.items():
+            if pool.scorer.topk != self.scorer.topk:
+                raise ValueError(
+                    f"teachers.{name}.scorer.topk={pool.scorer.topk} but scorer.topk={self.scorer.topk}: the learner "
+                    f"reads scorer.topk; set scorer.topk: {pool.scorer.topk} (every teacher attaches the same top-k) "
+                    "and drop the per-teacher value"
+                )
 
     def _devices_fit_weight_sync(self) -> None:
         """NCCL runs only between CUDA devices; refuse it at load time rather than at the first broadcast."""
@@ -250,16 +277,15 @@ class Config(Strict):
             )
 
     def _bf16_fits_cpu(self) -> None:
-        """A model loaded in bf16 on a CPU (student in the actors, teacher in the scorers) needs native bf16; the
-        learner's own precision is checked in its section (it upcasts a bf16 student to fp32 master weights)."""
-        uses = [
-            ("student", self.actor.device, True),
-            ("teacher", self.scorer.device, self.scorer.teacher_is_local),
-        ]
-        for role, device, loaded in uses:
-            model = getattr(self, role)
+        """A model loaded in bf16 on a CPU (student in the actors, each teacher in its pool's scorers) needs native
+        bf16; the learner's own precision is checked in its section (it upcasts a bf16 student to fp32 master
+        weights)."""
+        uses = [("student", self.student, "actor", self.actor.device, True)]
+        for role, pool in self._teacher_roles():
+            where = "scorer" if self.teachers is None else f"teachers.{pool.name}.scorer"
+            uses.append((role, pool.model, where, pool.scorer.device, pool.scorer.teacher_is_local))
+        for role, model, where, device, loaded in uses:
             if loaded and model.kind == "pretrained" and model.dtype == "bfloat16" and "cuda" not in device:
-                where = "actor" if role == "student" else "scorer"
                 check_cpu_bf16(
                     f"{role}.dtype", f"use {role}.dtype: float32 on this CPU (or {where}.device: cuda)"
                 )
@@ -274,7 +300,8 @@ class Config(Strict):
             "broker": r.broker.num_cpus if self.broker.embedded_process else 0.0,
             "learner": self.learner.num_ranks * r.learner.num_cpus,  # one actor per learner rank
             "actors": self.actor.num_actors * r.actor.num_cpus,
-            "scorers": self.scorer.num_scorers * r.scorer.num_cpus,
+            # every teacher's pool starts its own scorers
+            "scorers": sum(p.scorer.num_scorers for p in self._pools.values()) * r.scorer.num_cpus,
         }
         if sum(parts.values()) > r.num_cpus + 1e-9:
             detail = " + ".join(f"{k} {v:g}" for k, v in parts.items())
