@@ -71,7 +71,9 @@ class Actor:
     def __init__(self, cfg: Config, index: int, stop: StopFlag):
         self.cfg, self.index, self.stop = cfg, index, stop
         self.name = f"actor-{index}"
-        assets = ensure_assets(cfg, log=log.info)
+        # the actor needs the student; with a teachers section the teacher section is unused, so ask as one
+        # pool sees the run (its teacher is built for its scorers anyway), never building an unused teacher
+        assets = ensure_assets(cfg.for_teacher(next(iter(cfg.teacher_pools()))), log=log.info)
         # actor.engine picks the sampler; engine.model is the HF module the weight broadcast writes into
         self.engine = build_engine(cfg, assets)
         self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
