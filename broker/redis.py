@@ -39,12 +39,13 @@ import redis
 from redis import exceptions as rx
 
 from broker.base import (
-    WORK_STREAMS,
     BrokerUnavailable,
     Capabilities,
     Message,
     NoEmbeddedBroker,
     PoisonRecord,
+    dead_letter_stream,
+    is_work_stream,
     max_message_bytes,
 )
 
@@ -90,11 +91,11 @@ class NoPoisonRecord(RuntimeError):
 
 
 def _is_work(stream: str) -> bool:
-    return stream.rsplit(":", 1)[-1] in WORK_STREAMS
+    return is_work_stream(stream)
 
 
 def _dead_letter_stream(stream: str) -> str:
-    return stream.rsplit(":", 1)[0] + ":dead_letter"
+    return dead_letter_stream(stream)
 
 
 def _sid(raw) -> str:

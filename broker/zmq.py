@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import msgpack
 import zmq
 
-from broker.base import WORK_STREAMS, BrokerUnavailable, Capabilities, Message, max_message_bytes
+from broker.base import BrokerUnavailable, Capabilities, Message, is_work_stream, max_message_bytes
 
 
 @dataclass
@@ -72,7 +72,7 @@ class ZmqBrokerServer:
     def _stream(self, name: str) -> _Stream:
         s = self.streams.get(name)
         if s is None:
-            s = self.streams[name] = _Stream(bounded=name.rsplit(":", 1)[-1] in WORK_STREAMS)
+            s = self.streams[name] = _Stream(bounded=is_work_stream(name))
         return s
 
     def _deliver(self, s: _Stream, group: str, consumer: str, count: int) -> tuple[list[int], list[bytes]]:

@@ -5,7 +5,9 @@ bound for a stream with room, and a stop while one is still full reports exactly
 from __future__ import annotations
 
 from actors.routing import publish_fan_out
+from broker.base import dead_letter_stream, is_work_stream
 from broker.zmq import ZmqBroker
+from opd.protocol import Streams
 
 DEPTH = 32  # the zmq_broker fixture's max_depth
 
@@ -34,3 +36,12 @@ def test_a_full_stream_waits_alone_and_a_stop_reports_what_each_stream_took(zmq_
     sent = publish_fan_out(broker, {full: [b"m0", b"m1"]}, poll_s=0.01)
     assert sent == {full: 2} and broker.depth(full) == DEPTH
     broker.close()
+
+
+def test_a_teachers_rollouts_stream_is_a_work_stream_of_its_run():
+    """Bounded, deleted when acknowledged, redelivered (Redis), its poison records in the run's dead_letter."""
+    streams = Streams("run-1")
+    for stream in (streams.rollouts, streams.rollouts_for("adder"), streams.scored):
+        assert is_work_stream(stream) and dead_letter_stream(stream) == streams.dead_letter
+    for stream in (streams.control, streams.metrics, streams.dead_letter, "run-1:rollouts:Not-A-Teacher"):
+        assert not is_work_stream(stream)
