@@ -16,24 +16,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.batching import collate
 from learner.engines.torch import TorchEngine
 from opd.config import load_config
 from opd.models.builds import Assets, ModelAsset, load_asset
-from opd.models.loading import build_char_tokenizer, load_causal_lm
+from opd.models.loading import load_causal_lm
 from opd.models.sampler import sample
 from opd.models.vocab import real_vocab, tokenizer_vocab
 from opd.protocol import ProtocolError, Trajectory, decode, encode
+from teacher_scorers.backends.base import TeacherError
 from teacher_scorers.backends.common import check_teacher_tokenizer
 from teacher_scorers.backends.hf import HFTeacher, prefix_kv, teacher_rows, teacher_rows_after_prefix
+from teacher_scorers.backends.http import Reply
+from teacher_scorers.backends.vllm import response_rows as vllm_response_rows
+from tests.padded_models import V, padded_tokenizer, save_padded
 
-V = 17  # the tokenizer's ids: 16 characters and specials, plus one added special token
 STUDENT_ROWS, TEACHER_ROWS = 24, 32
 K, TAU_S, TAU_T, MAX_NEW = 3, 0.9, 1.3, 6
 D = torch.float64
@@ -54,45 +57,12 @@ OVERRIDES = [
 ]
 
 
-def _tokenizer(alphabet: str | None = None):
-    tok = build_char_tokenizer(alphabet) if alphabet else build_char_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
-    return tok
-
-
-def _save(path, tok, seed: int, teacher: bool) -> str:
-    """A tiny Llama of `tok` with padded rows whose logits are large on purpose."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=V if teacher else STUDENT_ROWS,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg)
-    if teacher:
-        model.resize_token_embeddings(V, pad_to_multiple_of=TEACHER_ROWS)
-    with torch.no_grad():
-        head = model.get_output_embeddings().weight
-        head[V:] = torch.randn_like(head[V:]) * 40.0
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> Assets:
     root = tmp_path_factory.mktemp("padded")
-    tok = _tokenizer()
-    student = _save(root / "student", tok, 0, teacher=False)
-    teacher = _save(root / "teacher", tok, 1, teacher=True)
+    tok = padded_tokenizer()
+    student = save_padded(root / "student", tok, 0, STUDENT_ROWS, resize=False)
+    teacher = save_padded(root / "teacher", tok, 1, TEACHER_ROWS, resize=True)
     return Assets(ModelAsset(student, student, "float32"), ModelAsset(teacher, teacher, "float32"))
 
 
@@ -145,7 +115,7 @@ def sampled(assets):
 def test_the_real_vocabulary_counts_added_tokens_and_is_kept_on_the_loaded_model(assets):
     """`tokenizer.vocab_size` leaves the added special token out; the real vocabulary has it, and each load keeps
     the tokenizer's count on the model, whatever its embedding's size."""
-    tok = _tokenizer()
+    tok = padded_tokenizer()
     assert (tok.vocab_size, len(tok), tokenizer_vocab(tok)) == (16, V, V)
     for asset, rows in ((assets.student, STUDENT_ROWS), (assets.teacher, TEACHER_ROWS)):
         model, _ = load_asset(asset)
@@ -303,8 +273,23 @@ def test_the_tokenizer_check_accepts_one_tokenizer_of_two_sizes_and_refuses_anot
     naming both models and the cross-tokenizer issue."""
     _, teacher_tok = load_asset(assets.teacher)
     check_teacher_tokenizer(assets, teacher_tok)  # no error
-    other = _tokenizer("0123456789xy")
-    path = _save(tmp_path / "other", other, 2, teacher=True)
+    other = padded_tokenizer("0123456789xy")
+    path = save_padded(tmp_path / "other", other, 2, TEACHER_ROWS, resize=True)
     with pytest.raises(ValueError, match="tokenizers differ") as err:
         HFTeacher(load_config(None, OVERRIDES), Assets(assets.student, ModelAsset(path, path, "float32")))
     assert assets.student.path in str(err.value) and path in str(err.value) and "issue 19" in str(err.value)
+
+
+def test_servers_padding_ids_are_refused_saying_so():
+    """Remote and vLLM teachers' replies are read with the real vocabulary: a top-k id in the padding is refused
+    (a server's own distribution is over its rows; the reply says which id and why)."""
+    reply = Reply("http://teacher/score for trajectory t", V)
+    assert reply.token_id(V - 1, "top[0]") == V - 1
+    with pytest.raises(
+        TeacherError, match=rf"top\[1\] is {V + 3}, not a token id in \[0, {V}\) \(ids at or above"
+    ):
+        reply.token_id(V + 3, "top[1]")
+    row = {5: SimpleNamespace(rank=2, logprob=-1.0), V + 1: SimpleNamespace(rank=1, logprob=-0.5)}
+    with pytest.raises(RuntimeError, match=f"token id {V + 1} is not in the tokenizer's vocabulary"):
+        vllm_response_rows([None, row], 1, [5], 2, V)
+    assert vllm_response_rows([None, row], 1, [5], 2)[1].tolist() == [[V + 1, 5]]  # unbounded: as before
