@@ -1,15 +1,15 @@
 """The real vocabulary of a model: the ids its tokenizer can produce, not the rows its embedding happens to have.
 
 Models of one tokenizer family often have embedding matrices of different sizes: Qwen2.5's tokenizer has 151,665
-ids (`len(tokenizer)`: 151,643 base tokens plus 22 added special tokens such as `<|im_end|>`), while its 0.5B-3B
-checkpoints have 151,936 embedding rows and its 7B+ ones 152,064; the rows beyond the tokenizer are padding for
-efficient matmuls and tensor-parallel splits (QwenLM/Qwen3 #29, #292; torchtune #2119, #2416). SmolLM2's 49,152
+ids (`len(tokenizer)`: 151,643 base tokens plus 22 added special tokens such as `<|im_end|>`), while its
+checkpoints have 151,936 or 152,064 embedding rows depending on the model's size; the rows beyond the tokenizer
+are padding for efficient matmuls and tensor-parallel splits (QwenLM/Qwen3 #29, #292; torchtune #2119, #2416). SmolLM2's 49,152
 ids fill its 49,152 rows exactly. `tokenizer.vocab_size` is not the answer: transformers documents it as the base
 vocabulary *without* the added tokens (151,643 for Qwen, which would refuse its own end-of-turn token);
 `len(tokenizer)` counts the added ones. We take one more than the largest id `get_vocab()` holds (base and added
 tokens), which equals `len(tokenizer)` when the ids are contiguous and still covers a tokenizer with holes.
 
-A padding row was never a training target, but its logit is whatever the weights make it: left out of nothing, it
+A padding row was never a training target, but its logit is whatever the weights make it: unless excluded, it
 takes probability mass, differently in each model (the teacher's 152,064 rows and the student's 151,936 are not
 even the same distribution's support). So every distribution we compute is over the real ids only: logits are cut
 to the first `V` columns before the log-softmax, which is the model's distribution conditioned on emitting a real
