@@ -105,6 +105,6 @@ def test_vllm_sampling_after_the_cut_is_over_the_real_vocabulary(cfg, assets):
     seqs = [(p, list(o.outputs[0].token_ids)) for p, o in zip(prompts, outs, strict=True)]
     assert all(max(r) < V for _, r in seqs)
     want, _, _ = response_logprobs(model, seqs, pad_id=tok.pad_token_id, temperature=TAU)
-    for o, (_, r), w in zip(outs, seqs, strict=True):
+    for o, (_, r), w in zip(outs, seqs, want, strict=True):
         got = [pos[t].logprob for t, pos in zip(r, o.outputs[0].logprobs, strict=True)]
         np.testing.assert_allclose(got, w.numpy(), atol=ATOL)
