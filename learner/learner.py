@@ -33,6 +33,7 @@ from learner.state import Progress, RunFiles, Student, summary
 from opd import tasks
 from opd.config import Config
 from opd.models.builds import ensure_assets, load_asset
+from opd.models.vocab import real_vocab
 from opd.protocol import Streams, Trajectory, decode, stop_record
 from opd.runtime.broker import open_broker
 from opd.runtime.lifecycle import (
@@ -63,7 +64,7 @@ def load_student(
         if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
             model.float()  # in place: the layout keeps the same parameters and its recorded dtypes
         files.load_weights(model, checkpoint)
-    vocab_size = model.get_input_embeddings().weight.shape[0]
+    vocab_size = real_vocab(model)  # the tokenizer's ids, not padded embedding rows (opd.models.vocab)
     return Student(model, tokenizer, build_engine(model, cfg, group), vocab_size), layout
 
 

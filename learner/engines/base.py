@@ -26,6 +26,7 @@ from learner.batching import Batch, pack_by_length, split_minibatches
 from learner.objective import EXTREMES, Objective, finish_metrics
 from learner.ranks import RankGroup, balance_by_tokens
 from opd.config import Config, LearnerConfig
+from opd.models.vocab import real_logits, real_vocab
 
 
 def lr_factor(step: int, cfg: LearnerConfig) -> float:
@@ -38,9 +39,11 @@ def lr_factor(step: int, cfg: LearnerConfig) -> float:
     return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def response_rows(model, mb: Batch) -> torch.Tensor:
-    """The logit rows that predict each response token: (B, T, V), differentiable."""
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+def response_rows(model, mb: Batch, vocab: int | None = None) -> torch.Tensor:
+    """The logit rows that predict each response token: (B, T, V), differentiable. With `vocab`, only the first
+    `vocab` columns (the tokenizer's real ids: opd.models.vocab), so every log-softmax downstream is over the real
+    vocabulary, as the actor's behaviour logprobs and the teacher's are."""
+    logits = real_logits(model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits, vocab)
     return logits.gather(1, mb.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
 
@@ -77,6 +80,7 @@ class Engine:
         self.rank_tokens = 0  # prompt + response tokens this rank ran in the last step
         self.apply_seconds = 0.0  # time in `apply` (reductions DeepSpeed runs there, the optimiser) last step
         self.hf_model = model
+        self.vocab = real_vocab(model)  # read before an engine may shard the embedding (ZeRO-3)
         self.objective = Objective(cfg)
         self.skipped_steps = 0
         self.optimizer_steps = 0
@@ -144,7 +148,7 @@ class Engine:
         for k in range(passes):
             g = groups[k] if k < len(groups) else [0]  # a stand-in pass: its result is not kept
             mb = batch.select(g)
-            s = self.objective.token_logprobs(response_rows(self.forward_module(), mb), mb)
+            s = self.objective.token_logprobs(response_rows(self.forward_module(), mb, self.vocab), mb)
             if k < len(groups):
                 out = out.to(s.dtype)  # in the learner's precision (fp32 or wider), not the wire's
                 out[torch.tensor(g), : s.shape[1]] = s
@@ -174,7 +178,7 @@ class Engine:
         for k in range(passes):
             real = k < len(mbs) and finite
             mb = mbs[k] if k < len(mbs) else step_rows.select([0])
-            rows = response_rows(self.forward_module(), mb)
+            rows = response_rows(self.forward_module(), mb, self.vocab)
             if real:
                 loss, metric_sums = self.objective.micro_loss(rows, mb, norm)
                 if torch.isfinite(loss):

@@ -30,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from opd import tasks
 from opd.config import Config, TinyModel
 from opd.models import gguf, prune
-from opd.models.loading import build_char_tokenizer, encode_prompt, load_causal_lm, load_tokenizer
+from opd.models.loading import build_char_tokenizer, encode_prompt, load_model, load_tokenizer
 from opd.models.prompts import prompt_ids, stop_token_ids
 from opd.models.sampler import sample
 from opd.runtime.progress import progress
@@ -394,4 +394,5 @@ def ship(cfg: Config, log=print, rebuild: bool = True) -> None:
 
 
 def load_asset(asset: ModelAsset, device: str = "cpu"):
-    return load_causal_lm(asset.path, asset.dtype, device), load_tokenizer(asset.tokenizer)
+    """The model and tokenizer, the model's real vocabulary kept on it (opd.models.loading.load_model)."""
+    return load_model(asset.path, asset.tokenizer, asset.dtype, device)

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from opd.models.vocab import set_real_vocab
 from opd.tasks import ADDITION_ALPHABET
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -45,6 +46,16 @@ def load_causal_lm(name_or_path: str | Path, dtype: str = "float32", device: str
     return model.to(device)
 
 
+def load_model(
+    name_or_path: str | Path, tokenizer: str | Path, dtype: str = "float32", device: str = "cpu"
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """A model and its tokenizer, with the model's real vocabulary computed once and kept on it
+    (opd.models.vocab): padded embedding rows are excluded from every distribution computed from it."""
+    model, tok = load_causal_lm(name_or_path, dtype, device), load_tokenizer(tokenizer)
+    set_real_vocab(model, tok)
+    return model, tok
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
     """Prompt ids with BOS, the way every component tokenises (teachers never see text)."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -53,24 +64,34 @@ def encode_prompt(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
     return ids
 
 
-def check_same_vocabulary(student_tok: PreTrainedTokenizerFast, teacher_tok: PreTrainedTokenizerFast) -> None:
-    """Refuse to score when ids would mean different strings to student and teacher."""
+def check_same_vocabulary(
+    student_tok: PreTrainedTokenizerFast,
+    teacher_tok: PreTrainedTokenizerFast,
+    names: tuple[str, str] | None = None,
+) -> None:
+    """Refuse to score when ids would mean different strings to student and teacher.
+
+    Only the tokenizers are compared, never the models' embedding sizes: two models of one tokenizer family with
+    differently padded embeddings (Qwen2.5's 151,936 and 152,064 rows) share every real id, and the padding rows
+    are excluded from every distribution (opd.models.vocab). `names` say which models the tokenizers belong to."""
     sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    who = f"student {names[0]} and teacher {names[1]}" if names else "student and teacher"
+    between = f"between {who}"
     if sv != tv:
         only_s = sorted(set(sv) - set(tv))[:5]
         only_t = sorted(set(tv) - set(sv))[:5]
         moved = sorted(k for k in set(sv) & set(tv) if sv[k] != tv[k])[:5]
         raise ValueError(
-            "teacher and student tokenizers differ, so token ids would mean different text: "
+            f"tokenizers differ {between}, so token ids would mean different text: "
             f"{len(sv)} vs {len(tv)} entries; only in student {only_s}, only in teacher {only_t}, "
-            f"different ids for {moved}. Use a teacher from the same tokenizer family "
-            "(cross-tokenizer distillation is not supported)."
+            f"different ids for {moved}. Use a teacher from the student's tokenizer family (embedding sizes may "
+            "differ; the tokenizers may not): cross-tokenizer distillation is not supported yet (issue 19)."
         )
     for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
         if getattr(student_tok, name) != getattr(teacher_tok, name):
             raise ValueError(
-                f"teacher and student tokenizers disagree on {name}: "
-                f"{getattr(student_tok, name)} vs {getattr(teacher_tok, name)}"
+                f"the tokenizers of {who} disagree on {name}: "
+                f"{getattr(student_tok, name)} vs {getattr(teacher_tok, name)}; use one model family"
             )
     if getattr(student_tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
-        raise ValueError("teacher and student tokenizers have different chat templates; use one model family")
+        raise ValueError(f"the tokenizers of {who} have different chat templates; use one model family")

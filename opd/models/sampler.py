@@ -2,7 +2,9 @@
 
 The behaviour logprob of a token is log-softmax(raw logits / temperature) at that token: the distribution the
 learner recomputes from the same weights. Logprobs taken after logits processors (top-p truncation, EOS masking)
-would describe a different distribution, and the importance ratio exp(s - b) would then be biased.
+would describe a different distribution, and the importance ratio exp(s - b) would then be biased. For the same
+reason the distribution is over the tokenizer's real ids only (opd.models.vocab), as the learner's is: logit
+columns of padded embedding rows are cut before the softmax, so they are never sampled and carry no mass.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from opd.models.vocab import real_logits, real_vocab
 
 
 @dataclass
@@ -76,12 +80,13 @@ def sample(
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     past, step_ids, step_pos = None, ids, positions
     cache_kw = _cache_keyword(model)
+    vocab = real_vocab(model)
     for t in range(max_new_tokens):
         out = model(
             input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_kw: past}
         )
         past = out.cache if cache_kw == "cache" else out.past_key_values
-        logits = out.logits[:, -1, :].float()  # (B, V) raw, before any processing
+        logits = real_logits(out.logits[:, -1, :], vocab).float()  # (B, V) raw, before any processing
         if temperature == 0:
             token = logits.argmax(-1)
             logp = torch.log_softmax(logits, -1)
@@ -137,7 +142,7 @@ def response_logprobs(
     for i, s in enumerate(full):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
-    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, L, V)
+    logits = real_logits(model(input_ids=ids, attention_mask=mask).logits, real_vocab(model))  # (B, L, V)
     sampled, tk_ids, tk_lp = [], [], []
     for i, (p, r) in enumerate(sequences):
         # Position j predicts token j+1. Only response rows are normalised: prompt rows would cost B*P*V for nothing.

@@ -40,8 +40,10 @@ def length_buckets(
 
 
 def check_teacher_tokenizer(assets: Assets, teacher_tokenizer) -> None:
-    """Token ids are only meaningful if student and teacher share a tokenizer: refuse at start-up otherwise."""
-    check_same_vocabulary(load_tokenizer(assets.student.tokenizer), teacher_tokenizer)
+    """Token ids are only meaningful if student and teacher share a tokenizer: refuse at start-up otherwise,
+    naming both models. Their embedding sizes may differ (padded vocabularies: opd.models.vocab)."""
+    names = (assets.student.path, assets.teacher.path)
+    check_same_vocabulary(load_tokenizer(assets.student.tokenizer), teacher_tokenizer, names)
 
 
 def teacher_prompts(cfg: Config, tokenizer) -> TeacherPrompts:

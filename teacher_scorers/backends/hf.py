@@ -1,6 +1,10 @@
 """The Hugging Face teacher (`scorer.engine: hf`): the teacher model in this process, one right-padded forward per
 length bucket. It sees the full distribution, so with a top-k it also supplies the exact tail mass.
 
+Every distribution is over the tokenizer's real ids only (opd.models.vocab): logit columns beyond them (the
+embedding's padding rows) are cut before the log-softmax, so logprobs, top-k and tail are renormalised over the
+real vocabulary and a top-k id is never a padding row.
+
 The teacher's input is its prompt (the student's, or with `scorer.context` in place of the student's system turn:
 opd.models.prompts.TeacherPrompts) followed by the student's response ids. Every teacher input starts with the
 same ids (the context, or the chat template's system turn), so with `scorer.prefix_cache` their KV cache is
@@ -16,6 +20,7 @@ from transformers import DynamicCache
 from opd.config import Config
 from opd.models.builds import Assets, load_asset
 from opd.models.sampler import _cache_keyword
+from opd.models.vocab import real_logits, real_vocab
 from opd.protocol import Trajectory
 from teacher_scorers.backends.base import PartlyScored
 from teacher_scorers.backends.common import (
@@ -69,10 +74,11 @@ def teacher_rows(
     temperature: float,
     topk: int,
 ) -> list[Rows]:
-    """Per (prompt, response) sequence, `_response_rows` of one right-padded forward of prompt + response."""
+    """Per (prompt, response) sequence, `_response_rows` of one right-padded forward of prompt + response, over
+    the model's real vocabulary."""
     device = next(model.parameters()).device
     ids, mask = _right_padded([p + r for p, r in sequences], pad_id, device)
-    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, L, V)
+    logits = real_logits(model(input_ids=ids, attention_mask=mask).logits, real_vocab(model))  # (B, L, V)
     # position j predicts token j+1
     return [_response_rows(logits[i], len(p) - 1, r, temperature, topk) for i, (p, r) in enumerate(sequences)]
 
@@ -115,9 +121,9 @@ def teacher_rows_after_prefix(
     cache = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv])
     kw = _cache_keyword(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{kw: cache})
+    logits = real_logits(out.logits, real_vocab(model))
     return [
-        _response_rows(out.logits[i], len(p) - 1 - P, r, temperature, topk)
-        for i, (p, r) in enumerate(sequences)
+        _response_rows(logits[i], len(p) - 1 - P, r, temperature, topk) for i, (p, r) in enumerate(sequences)
     ]
 
 
@@ -129,7 +135,8 @@ class HFTeacher:
         self.model, self.tokenizer = load_asset(assets.teacher, cfg.scorer.device)
         self.model.eval()
         check_teacher_tokenizer(assets, self.tokenizer)
-        self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
+        # the tokenizer's ids, not the embedding's rows: the scorer refuses a padding id on decode
+        self.vocab_size = real_vocab(self.model)
         self.teacher_id = assets.teacher.path
         self.prompts = teacher_prompts(cfg, self.tokenizer)
         # The shared head minus its last id: a prompt is at least the head, so the row predicting the first

@@ -9,6 +9,10 @@ stated in the README. Both servers compute prompt logprobs as log-softmax of the
 config refuses any other `scorer.temperature` with `engine: remote`), and return only the top-k, so the tail
 mass (`teacher_tail_logprobs`) stays None and the learner falls back to 1 - sum(exp(top-k)).
 
+Ids are bounded by the student tokenizer's real vocabulary (opd.models.vocab), not the checkpoint's padded
+embedding rows. A server's logprobs are over whatever rows its model has: the padding rows' mass cannot be cut
+from here (a trained checkpoint puts next to none on them), but a top-k id in them is refused, saying so.
+
 Nothing here retries or remembers: a failed trajectory is reported in `PartlyScored` with a `TeacherError` that
 says whether asking again may help, and the scorer's retry policy decides what happens next.
 """
@@ -26,6 +30,8 @@ import numpy as np
 
 from opd.config import Config, RemoteTeacherConfig
 from opd.models.builds import Assets
+from opd.models.loading import load_tokenizer
+from opd.models.vocab import padding_note, tokenizer_vocab
 from opd.protocol import Trajectory
 from teacher_scorers.backends.base import PartlyScored, TeacherError
 from teacher_scorers.backends.common import attach, teacher_prompts
@@ -131,8 +137,11 @@ class Reply:
     def token_id(self, value: Any, path: str) -> int:
         if isinstance(value, str) and value.lstrip("-").isdigit():
             value = int(value)  # vLLM keys its logprob maps by the id as a string
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise self.bad(f"{path} is {value!r}, not a token id in [0, {self.vocab_size})")
+        if value >= self.vocab_size:
+            note = padding_note(self.vocab_size)
+            raise self.bad(f"{path} is {value!r}, not a token id in [0, {self.vocab_size}) ({note})")
         return value
 
     def length(self, items: list, n: int, path: str) -> None:
@@ -152,17 +161,17 @@ class HttpTeacher:
 
         self.cfg, self.rc = cfg, cfg.scorer.remote
         self.topk = cfg.scorer.topk
-        # Ids are checked against the student's vocabulary: the student produced them, and the teacher is
-        # required to share its tokenizer.
-        self.vocab_size = int(AutoConfig.from_pretrained(assets.student.path).vocab_size)
+        # Ids are checked against the student's real vocabulary: the student produced them, and the teacher is
+        # required to share its tokenizer. Its tokenizer's ids, capped by the student's (maybe padded) rows.
+        student_tok = load_tokenizer(assets.student.tokenizer)
+        rows = int(AutoConfig.from_pretrained(assets.student.path).vocab_size)
+        self.vocab_size = min(tokenizer_vocab(student_tok), rows)
         self.max_len: int | None = None  # the server's context length, where its API tells it
         # with scorer.context the server gets the context's ids in front of the student's turns (its own prefix
         # cache reuses them); the student's tokenizer renders them, the teacher being required to share it
         self.prompts = None
         if cfg.scorer.context is not None:
-            from opd.models.loading import load_tokenizer  # noqa: PLC0415 (only a context needs it)
-
-            self.prompts = teacher_prompts(cfg, load_tokenizer(assets.student.tokenizer))
+            self.prompts = teacher_prompts(cfg, student_tok)
         self.http = HttpJson(self.rc, _api_key(self.rc))
         self.pool = ThreadPoolExecutor(
             max_workers=self.rc.max_concurrency, thread_name_prefix="remote-teacher"

@@ -8,6 +8,10 @@ is set to 1/T through `collective_rpc`, which divides those same logits by T bef
 Trajectories go in length buckets under `scorer.max_tokens_per_batch`, like the HF teacher, so a batch of short
 answers is not held up behind a long one and vLLM's step budget follows ours.
 
+The checkpoint's padded embedding rows (opd.models.vocab) are cut from vLLM's logits at start-up
+(`limit_vllm_vocab`), so the logprobs are renormalised over the tokenizer's real ids and no top-k id is padding,
+as with the HF teacher; `response_rows` still refuses a padding id, should a vLLM version ignore the cut.
+
 vLLM returns only the top-k, not the full distribution, so `teacher_tail_logprobs` stays None: the learner then
 falls back to 1 - sum(exp(top-k)) for the tail, which is exact enough unless the teacher is very confident.
 """
@@ -22,6 +26,7 @@ from opd.config import Config
 from opd.models.builds import Assets
 from opd.models.loading import load_tokenizer
 from opd.models.vllm_support import WORKER_EXTENSION, make_llm
+from opd.models.vocab import limit_vllm_vocab, padding_reason, tokenizer_vocab
 from opd.protocol import Trajectory
 from opd.runtime.lifecycle import log
 from teacher_scorers.backends.base import PartlyScored
@@ -35,12 +40,13 @@ from teacher_scorers.backends.common import (
 
 
 def response_rows(
-    prompt_logprobs: list, prompt_len: int, response: list[int], topk: int
+    prompt_logprobs: list, prompt_len: int, response: list[int], topk: int, vocab: int | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Sampled-token logprobs (T,) and top-k ids/logprobs (T, k) of the response positions of one request.
 
     `prompt_logprobs[j]` is vLLM's {token_id: Logprob} map for position j (None at j = 0); it always holds the
-    actual token, plus the top-k by rank (the actual token may be one of them or an extra entry)."""
+    actual token, plus the top-k by rank (the actual token may be one of them or an extra entry). A top-k id at
+    or above `vocab` (a padding row) is refused."""
     rows = prompt_logprobs[prompt_len : prompt_len + len(response)]
     if len(rows) != len(response) or any(r is None for r in rows):
         raise RuntimeError(
@@ -57,6 +63,10 @@ def response_rows(
             raise RuntimeError(f"vLLM returned {len(ranked)} top-k entries where {topk} were asked for")
         ids[i] = [tid for _, tid, _ in ranked]
         vals[i] = [logprob for _, _, logprob in ranked]
+    if vocab is not None and ids.size and int(ids.max()) >= vocab:
+        raise RuntimeError(
+            f"vLLM returned a top-k id outside the vocabulary: {padding_reason(int(ids.max()), vocab)}"
+        )
     return lp, ids, vals
 
 
@@ -79,7 +89,11 @@ class VLLMTeacher:
         )
         if sc.temperature != 1.0:
             self.llm.collective_rpc("opd_set_logit_scale", args=(1.0 / sc.temperature,))
-        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        # the tokenizer's ids, not the checkpoint's padded rows: cut in vLLM's logits (module docstring)
+        self.vocab_size = min(
+            tokenizer_vocab(self.tokenizer), self.llm.llm_engine.model_config.get_vocab_size()
+        )
+        self.llm.collective_rpc(limit_vllm_vocab, args=(self.vocab_size,))
         self.teacher_id = assets.teacher.path
         log.info("vLLM teacher up in %.1fs (vocab %d)", time.perf_counter() - t0, self.vocab_size)
 
@@ -99,7 +113,9 @@ class VLLMTeacher:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             for i, out in zip(bucket, outputs, strict=True):
                 prompt, response = seqs[i]
-                lp, ids, vals = response_rows(out.prompt_logprobs, len(prompt), response, sc.topk)
+                lp, ids, vals = response_rows(
+                    out.prompt_logprobs, len(prompt), response, sc.topk, self.vocab_size
+                )
                 attach(trajs[i], lp, ids, vals, self.teacher_id, sc.temperature)
         if failures:
             raise PartlyScored(failures, len(trajs))
