@@ -301,3 +301,23 @@ def pack_scale(target: int, teacher: str | None) -> bytes:
     from opd.protocol import scale_record
 
     return scale_record("scorer", target, "test", teacher=teacher)
+
+
+def test_a_runs_resolved_config_with_teachers_loads_again(tmp_path):
+    """runs/<id>/config.yaml is what every component loads: with `teachers:` it must not carry the (unused,
+    and then refused) teacher section."""
+    from opd.config import dump_config
+
+    cfg = load_config(None, TWO)
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    again = load_config(str(path))
+    assert list(again.teacher_pools()) == ["adder", "speller"]
+    assert again.teacher_pools()["speller"].scorer.num_scorers == 2
+    assert "teacher" in yaml_keys(dump_config(load_config(None)))  # one teacher: as ever
+
+
+def yaml_keys(text: str) -> list[str]:
+    import yaml
+
+    return list(yaml.safe_load(text))
