@@ -321,3 +321,18 @@ def yaml_keys(text: str) -> list[str]:
     import yaml
 
     return list(yaml.safe_load(text))
+
+
+def test_opd_top_shows_a_named_pools_scorers_as_scorers():
+    from rich.console import Console
+
+    from opd.launch.top import TopState, render
+
+    state = TopState(source="test")
+    for name, scored in (("scorer-0", 7), ("scorer-adder-0", 11)):
+        state.ingest({"component": name, "incarnation": "a", "uptime": 10.0, "trajectories_scored": scored})
+    console = Console(width=100, record=True, color_system=None)
+    console.print(render(state, load_config(None, TWO)))
+    rows = [line for line in console.export_text().splitlines() if "scorer-" in line]
+    trajs = {cells[1]: cells[5] for cells in ([c.strip() for c in row.split("│")] for row in rows)}
+    assert trajs == {"scorer-0": "7", "scorer-adder-0": "11"}, rows  # its stage's count: scored
