@@ -92,15 +92,32 @@ def missing_packages(cfg: Config) -> list[tuple[str, str]]:
 
     problems = []
     for field, needs, package, install, instead in OPTIONAL_PACKAGES:
-        if _field(cfg, field) == needs and importlib.util.find_spec(package) is None:
-            what = "enabled" if needs is True else needs
-            problems.append(
-                (
-                    field,
-                    f"{what} needs the {package} package, not installed here: {install}; or set {instead}",
+        for where, value in _field_values(cfg, field):
+            if value == needs and importlib.util.find_spec(package) is None:
+                what = "enabled" if needs is True else needs
+                problems.append(
+                    (
+                        where,
+                        f"{what} needs the {package} package, not installed here: {install}; or set "
+                        f"{instead.replace(field, where)}",
+                    )
                 )
-            )
     return problems
+
+
+def _field_values(cfg: Config, dotted: str) -> list[tuple[str, object]]:
+    """`dotted`'s value, and for a scorer field each named teacher's pool's (teachers.<t>.scorer...: the pools
+    start scorers here too)."""
+    if not dotted.startswith("scorer.") or cfg.teachers is None:
+        return [(dotted, _field(cfg, dotted))]
+    rest = dotted.removeprefix("scorer.")
+    out = []
+    for name, pool in cfg.teacher_pools().items():
+        value = pool.scorer
+        for part in rest.split("."):
+            value = getattr(value, part)
+        out.append((f"teachers.{name}.{dotted}", value))
+    return out
 
 
 def load_start_config(path: str, overrides: list[str], local: bool = False) -> Config:

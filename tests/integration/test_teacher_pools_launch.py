@@ -6,6 +6,7 @@ however many scorers the other pools have), `opd scale scorers.<teacher>=N` reac
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import time
@@ -336,3 +337,16 @@ def test_opd_top_shows_a_named_pools_scorers_as_scorers():
     rows = [line for line in console.export_text().splitlines() if "scorer-" in line]
     trajs = {cells[1]: cells[5] for cells in ([c.strip() for c in row.split("│")] for row in rows)}
     assert trajs == {"scorer-0": "7", "scorer-adder-0": "11"}, rows  # its stage's count: scored
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_opd_run_names_the_pool_whose_engine_needs_a_missing_package():
+    from opd.launch.cli import missing_packages
+
+    cfg = load_config(
+        None, ["teachers={adder: {}, speller: {scorer: {engine: vllm}}}", "routing.default=adder"]
+    )
+    ((field, message),) = missing_packages(cfg)
+    assert field == "teachers.speller.scorer.engine" and message.endswith(
+        "set teachers.speller.scorer.engine: hf"
+    )
