@@ -451,9 +451,11 @@ def stop_record(reason: str) -> bytes:
     return pack_control("stop", reason=reason)
 
 
-def scale_record(role: str, target: int, source: str) -> bytes:
-    """On `control`: the launcher should run `target` processes of `role` (`opd scale` or the autoscaler)."""
-    return pack_control("scale", role=role, target=target, source=source)
+def scale_record(role: str, target: int, source: str, teacher: str | None = None) -> bytes:
+    """On `control`: the launcher should run `target` processes of `role` (`opd scale` or the autoscaler); for
+    scorers, of `teacher`'s pool (None: the run's one teacher)."""
+    fields = {} if teacher is None else {"teacher": teacher}
+    return pack_control("scale", role=role, target=target, source=source, **fields)
 
 
 def metrics_record(**fields: Any) -> bytes:

@@ -226,8 +226,10 @@ def load_config(
 
 
 def dump_config(cfg: Config) -> str:
-    """The resolved tree as YAML: what the launcher writes to runs/<id>/config.yaml for every component."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved tree as YAML: what the launcher writes to runs/<id>/config.yaml for every component. With
+    `teachers:` the teacher section is left out: it is unused then, and a config that sets it is refused."""
+    exclude = {"teacher"} if cfg.teachers is not None else None
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
 
 def describe_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:

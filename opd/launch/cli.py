@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from broker import capabilities
 from opd.config import Config, ConfigError, describe_fields, load_config
+from opd.config.teachers import DEFAULT_TEACHER
 from opd.launch.checks import REGISTRY_CHECKS, load_run_config
 from opd.launch.cluster import component_index
 from opd.launch.spawners import SPAWNERS
@@ -91,15 +92,32 @@ def missing_packages(cfg: Config) -> list[tuple[str, str]]:
 
     problems = []
     for field, needs, package, install, instead in OPTIONAL_PACKAGES:
-        if _field(cfg, field) == needs and importlib.util.find_spec(package) is None:
-            what = "enabled" if needs is True else needs
-            problems.append(
-                (
-                    field,
-                    f"{what} needs the {package} package, not installed here: {install}; or set {instead}",
+        for where, value in _field_values(cfg, field):
+            if value == needs and importlib.util.find_spec(package) is None:
+                what = "enabled" if needs is True else needs
+                problems.append(
+                    (
+                        where,
+                        f"{what} needs the {package} package, not installed here: {install}; or set "
+                        f"{instead.replace(field, where)}",
+                    )
                 )
-            )
     return problems
+
+
+def _field_values(cfg: Config, dotted: str) -> list[tuple[str, object]]:
+    """`dotted`'s value, and for a scorer field each named teacher's pool's (teachers.<t>.scorer...: the pools
+    start scorers here too)."""
+    if not dotted.startswith("scorer.") or cfg.teachers is None:
+        return [(dotted, _field(cfg, dotted))]
+    rest = dotted.removeprefix("scorer.")
+    out = []
+    for name, pool in cfg.teacher_pools().items():
+        value = pool.scorer
+        for part in rest.split("."):
+            value = getattr(value, part)
+        out.append((f"teachers.{name}.{dotted}", value))
+    return out
 
 
 def load_start_config(path: str, overrides: list[str], local: bool = False) -> Config:
@@ -161,21 +179,29 @@ def _run(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------- tools on a run
 def _scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help=RUN_CONFIG_HELP)
-    p.add_argument("targets", nargs="+", help="scorers=N, then optional dotted config overrides")
+    p.add_argument(
+        "targets",
+        nargs="+",
+        help="scorers=N (a run with one teacher) or scorers.<teacher>=N (one teacher's pool; repeatable), then "
+        "optional dotted config overrides",
+    )
 
 
 def _scale(args: argparse.Namespace) -> int:
-    from opd.launch.scaling import ScaleError, parse_targets, publish_scale
+    from opd.launch.scaling import ScaleError, parse_targets, publish_scale, resolve_targets
 
     try:
-        target, overrides = parse_targets(args.targets)
+        targets, overrides = parse_targets(args.targets)
         cfg = load_run_config(args.config, overrides)
-        entry = publish_scale(cfg, target)
+        wanted = resolve_targets(cfg, targets)
+        entries = publish_scale(cfg, wanted)
     except ScaleError as exc:
         print(f"opd: {exc}", file=sys.stderr)
         return 2
+    what = ", ".join(f"{n} scorers of teacher {t}" for t, n in wanted.items())
     print(
-        f"asked run {cfg.run.run_id} for {target} scorers (control entry {entry}); see scaling.jsonl in its run directory"
+        f"asked run {cfg.run.run_id} for {what} (control entry {', '.join(entries)}); see scaling.jsonl in its "
+        "run directory"
     )
     return 0
 
@@ -302,6 +328,13 @@ def _component_args(role: str) -> Callable[[argparse.ArgumentParser], None]:
                 help="which actor/scorer this is (0-based), or auto: a stable number from the host name "
                 "(for replicas a scheduler cannot number, e.g. docker compose --scale)",
             )
+        if role == "scorer":
+            p.add_argument(
+                "--teacher",
+                default=DEFAULT_TEACHER,
+                help="whose pool this scorer is in: one of the run's teachers (the teachers: section); default: "
+                f"{DEFAULT_TEACHER}, the one teacher of a run without that section",
+            )
         if role == "learner":
             p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
             p.add_argument(
@@ -374,8 +407,23 @@ def _actor(args: argparse.Namespace) -> int:
 
 def _scorer(args: argparse.Namespace) -> int:
     cfg = _component_config(args)
+    teachers = list(cfg.teacher_pools())
+    if args.teacher not in teachers:
+        raise ConfigError(
+            f"--teacher {args.teacher}: not a teacher of this run; its teachers: {', '.join(teachers)}"
+        )
+    import inspect
+
     from teacher_scorers.scorer import main as scorer_main
 
+    if "teacher" in inspect.signature(scorer_main).parameters:
+        return scorer_main(cfg, args.index, teacher=args.teacher)
+    # Until the scorer's side of issue 18 (branch i18-route) is merged, its main serves the default teacher only;
+    # this branch goes once it is.
+    if args.teacher != DEFAULT_TEACHER:
+        raise ConfigError(
+            f"--teacher {args.teacher}: this tree's scorer serves only the {DEFAULT_TEACHER} teacher"
+        )
     return scorer_main(cfg, args.index)
 
 
@@ -397,8 +445,9 @@ VERBS: dict[str, Verb] = {
         "add or remove teacher scorers of a running run (opd run, local or ray)",
         _scale_args,
         _scale,
-        "Ask the launcher of a running run for N teacher scorers: it starts new ones or stops the "
-        "newest with SIGTERM (each finishes its batch in hand). Decisions go to runs/<id>/scaling.jsonl.",
+        "Ask the launcher of a running run for N teacher scorers (scorers=N), or for N scorers in one teacher's "
+        "pool (scorers.<teacher>=N; a run with several teachers must name the pool): it starts new ones or stops "
+        "the newest with SIGTERM (each finishes its batch in hand). Decisions go to runs/<id>/scaling.jsonl.",
     ),
     "prepare": Verb(
         "build and cache the tokenizer, teacher and student of a config", _prepare_args, _prepare

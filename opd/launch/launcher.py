@@ -28,7 +28,7 @@ from broker import BrokerUnavailable, capabilities
 from opd.config import Config
 from opd.launch.monitor import Monitor
 from opd.launch.rundir import LaunchError, has_trained, mark_failed, prepare_run_dir
-from opd.launch.scaling import ScorerScaler, SupervisorPool
+from opd.launch.scaling import ScorerScaler, spawn_scorer_pools, supervisor_pools
 from opd.launch.spawners import open_spawner
 from opd.launch.supervisor import Component, GroupRestart, Slot, Supervisor
 from opd.runtime import run_secret
@@ -54,13 +54,14 @@ class ModelsBefore:
     def __init__(self, cfg: Config, ready_file: Path, log: Callable[..., None]):
         self.cfg, self.ready_file, self.log = cfg, ready_file, log
         self.ready_file.unlink(missing_ok=True)  # an earlier leg's: this leg looks again
-        self.accuracy: dict[str, float | None] | None = None
+        self.accuracy: dict | None = None
         self.error: BaseException | None = None
         # daemon: a run interrupted during a build ends without waiting for it (as an interrupt always did)
         self._thread = threading.Thread(target=self._find_and_measure, name="models", daemon=True)
 
     def start(self) -> None:
-        if self.cfg.student.kind == "pretrained" and self.cfg.teacher.kind == "pretrained":
+        teachers = [pool.model for pool in self.cfg.teacher_pools().values()]
+        if all(m.kind == "pretrained" for m in [self.cfg.student, *teachers]):
             self.ready_file.touch()  # nothing to build: the components load them while this evaluates them
         self._thread.start()
 
@@ -84,8 +85,8 @@ class ModelsBefore:
         if self.error is not None:
             raise self.error
 
-    def result(self) -> dict[str, float | None]:
-        """The accuracy before training (teacher, student), once measured."""
+    def result(self) -> dict:
+        """The accuracy before training (teacher, student, and per teacher under `teachers`), once measured."""
         self._thread.join()
         self.check()
         return self.accuracy
@@ -145,6 +146,11 @@ class Launcher:
             ports = write_port_map(self.cfg, self.out)
         except ValueError as exc:
             raise LaunchError(str(exc)) from None
+        for name in self.cfg.unreached_teachers():
+            console.print(
+                f"[yellow]warning: teacher {name} is reached by no route (routing.routes, routing.default): its "
+                "scorers will score nothing[/]"
+            )
         if ports:  # once, so a person can point a browser or a scraper at them
             where = ", ".join(f"{n} {self.cfg.metrics.host}:{p}" for n, p in ports.items())
             console.print(f"Prometheus metrics: {where} (also in {self.out / 'metrics_ports.json'})")
@@ -166,12 +172,13 @@ class Launcher:
     def _survivable(self) -> dict[str, str]:
         """Roles whose processes the run can lose while another of the role runs, and why. An actor holds no
         broker entries and weight sync is elastic; a scorer's pending rollouts come back only where the broker
-        redelivers a dead consumer's entries."""
+        redelivers a dead consumer's entries (and only to the scorers of the same teacher's pool, which read
+        the same rollouts stream: the supervisor judges each pool on its own)."""
         roles = {
             "actor": "it leaves the weight-sync group at the next version; `opd actor` with the run's config rejoins"
         }
         if self.caps.redelivers:
-            roles["scorer"] = "the broker redelivers its pending rollouts to the scorers still running"
+            roles["scorer"] = "the broker redelivers its pending rollouts to its pool's scorers still running"
         return roles
 
     def _learner_group(self) -> GroupRestart:
@@ -218,16 +225,15 @@ class Launcher:
             self.supervisor.spawn("learner", rank, *(["--resume"] if self.resume else []))
         for i in range(self.cfg.actor.num_actors):
             self.supervisor.spawn("actor", i)
-        for i in range(self.cfg.scorer.num_scorers):
-            self.supervisor.spawn("scorer", i)
+        spawn_scorer_pools(self.cfg, self.supervisor)  # each teacher's pool: scorer-<i>, scorer-<teacher>-<i>
         self.models.start()
         if embedded is not None:
             self.broker = self._broker_ready(embedded)
         self.monitor = Monitor(self.cfg, self.broker, self.out, console)
         # `opd scale` and the autoscaler act through the supervisor's public spawn and retire
-        pool = SupervisorPool(self.supervisor)
+        pools = supervisor_pools(self.cfg, self.supervisor)
         self.scaler = ScorerScaler(
-            self.cfg, self.broker, pool, self.out, lambda: self.monitor.state.latest, console.print
+            self.cfg, self.broker, pools, self.out, lambda: self.monitor.state.latest, console.print
         )
 
     @property

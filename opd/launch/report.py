@@ -23,9 +23,10 @@ from opd.runtime.threads import pin_threads
 
 
 def build_models(cfg: Config, rebuild: bool = False, ship: bool = False, log=print) -> Assets | None:
-    """`opd prepare`: find (shipped or cached) or build the teacher and student a run of `cfg` would use, and say
-    per model what was done and where it is, so a newcomer knows nothing is left to wait for. `rebuild`: build
-    them again from their recipes and compare with the shipped ones; `ship`: rebuild them and copy them into
+    """`opd prepare`: find (shipped or cached) or build the teachers and student a run of `cfg` would use, and say
+    per model what was done and where it is, so a newcomer knows nothing is left to wait for. Every teacher's
+    pool is prepared (`ensure_assets(cfg.for_teacher(name))`); the first one's assets are returned. `rebuild`:
+    build them again from their recipes and compare with the shipped ones; `ship`: rebuild them and copy them into
     opd/demo_models/ and its manifest (maintainers)."""
     pin_threads(cfg.run.torch_threads)  # the build itself runs on BUILD_THREADS; loading and checks on these
     if ship:
@@ -33,18 +34,29 @@ def build_models(cfg: Config, rebuild: bool = False, ship: bool = False, log=pri
         return None
     cache = Path(cfg.run.cache_dir)
     cached_before = {p.resolve() for p in cache.iterdir()} if cache.is_dir() else set()
-    assets = builds.ensure_assets(cfg, log=log, rebuild=rebuild)
-    for role, asset in (("teacher", assets.teacher), ("student", assets.student)):
-        if getattr(cfg, role).kind == "pretrained":
-            log(f"{role}: pretrained {asset.path}, loaded as it is at run time (nothing to build)")
-            continue
-        acc = "" if asset.eval_accuracy is None else f", held-out accuracy {fmt(asset.eval_accuracy)}"
-        log(f"{role}: {_how_found(asset.path, cached_before, rebuild)} at {asset.path}{acc}")
-        if rebuild:
-            verdict = builds.compare_with_shipped(asset)
-            if verdict is not None:
-                log(f"  rebuilt from its recipe: {verdict} the shipped checkpoint (sha256 of every file)")
-    return assets
+    teachers = _teacher_views(cfg)
+    first = None
+    for i, (name, view) in enumerate(teachers.items()):
+        assets = builds.ensure_assets(view, log=log, rebuild=rebuild)
+        first = first or assets
+        roles = [("teacher", assets.teacher)] + ([("student", assets.student)] if i == 0 else [])
+        for role, asset in roles:
+            what = f"teacher {name}" if role == "teacher" and len(teachers) > 1 else role
+            if getattr(view, role).kind == "pretrained":
+                log(f"{what}: pretrained {asset.path}, loaded as it is at run time (nothing to build)")
+                continue
+            acc = "" if asset.eval_accuracy is None else f", held-out accuracy {fmt(asset.eval_accuracy)}"
+            log(f"{what}: {_how_found(asset.path, cached_before, rebuild)} at {asset.path}{acc}")
+            if rebuild:
+                verdict = builds.compare_with_shipped(asset)
+                if verdict is not None:
+                    log(f"  rebuilt from its recipe: {verdict} the shipped checkpoint (sha256 of every file)")
+    return first
+
+
+def _teacher_views(cfg: Config) -> dict[str, Config]:
+    """The config as each teacher's pool sees it (its model in `teacher`, its scorer settings in `scorer`)."""
+    return {name: cfg.for_teacher(name) for name in cfg.teacher_pools()}
 
 
 def _how_found(path, cached_before: set, rebuild: bool) -> str:
@@ -56,29 +68,46 @@ def _how_found(path, cached_before: set, rebuild: bool) -> str:
     return "already cached"
 
 
-def accuracy_before(cfg: Config, log: Callable[..., None]) -> dict[str, float | None]:
-    """Teacher and student accuracy on the task's held-out set, from the build's record or measured here."""
+def accuracy_before(cfg: Config, log: Callable[..., None]) -> dict:
+    """Each teacher's and the student's accuracy on the task's held-out set, from the build's record or measured
+    here: {"teacher": the first teacher's, "student": ..., "teachers": {name: accuracy}}. Each teacher is found
+    or built and measured as its own pool sees it (its model, its scorer.context, local or remote)."""
     pin_threads(cfg.run.torch_threads)  # chosen, not torch's all-cores default (opd.runtime.threads says why)
-    assets = builds.ensure_assets(cfg, log=log)
     problems = tasks.eval_set(cfg.task)
-    mode, max_new = tasks.verifier_mode(cfg.task), cfg.sampling.max_new_tokens
-    acc: dict[str, float | None] = {}
-    context = cfg.scorer.context
-    for role, asset in (("teacher", assets.teacher), ("student", assets.student)):
-        with_context = role == "teacher" and context is not None  # a recorded accuracy is without it
-        if asset.eval_accuracy is not None and not with_context:
-            acc[role] = asset.eval_accuracy
-        elif role == "teacher" and not cfg.scorer.teacher_is_local:
-            acc[role] = None  # the teacher lives on its server; `teacher:` may name nothing loadable here
-        elif problems:
-            model, tok = load_asset(asset)
-            seen = teacher_view(problems, context) if with_context and tok.chat_template else problems
-            what = f"the {role}" + (" with scorer.context" if seen is not problems else "")
-            acc[role] = evaluate(model, tok, seen, max_new, mode, log=log, what=what)
-        else:
-            acc[role] = None
-    log(f"teacher held-out accuracy {fmt(acc['teacher'])}; student before {fmt(acc['student'])}")
-    return acc
+    teachers: dict[str, float | None] = {}
+    student = None
+    for name, view in _teacher_views(cfg).items():
+        assets = builds.ensure_assets(view, log=log)
+        what = "the teacher" if len(teachers) == 0 and len(cfg.teacher_pools()) == 1 else f"teacher {name}"
+        teachers[name] = _model_accuracy(view, "teacher", assets.teacher, problems, log, what)
+        if student is None:
+            student = _model_accuracy(view, "student", assets.student, problems, log, "the student")
+    first = next(iter(teachers.values()))
+    if len(teachers) == 1:
+        log(f"teacher held-out accuracy {fmt(first)}; student before {fmt(student)}")
+    else:
+        each = ", ".join(f"{name} {fmt(acc)}" for name, acc in teachers.items())
+        log(f"teachers' held-out accuracy: {each}; student before {fmt(student)}")
+    return {"teacher": first, "student": student, "teachers": teachers}
+
+
+def _model_accuracy(view: Config, role: str, asset, problems, log, what: str) -> float | None:
+    """One model's held-out accuracy: the build's record, else measured (a teacher with scorer.context is always
+    measured, with the context; a remote teacher is not measured: it may name nothing loadable here)."""
+    context = view.scorer.context
+    with_context = role == "teacher" and context is not None  # a recorded accuracy is without it
+    if asset.eval_accuracy is not None and not with_context:
+        return asset.eval_accuracy
+    if role == "teacher" and not view.scorer.teacher_is_local:
+        return None
+    if not problems:
+        return None
+    model, tok = load_asset(asset)
+    seen = teacher_view(problems, context) if with_context and tok.chat_template else problems
+    what += " with scorer.context" if seen is not problems else ""
+    return evaluate(
+        model, tok, seen, view.sampling.max_new_tokens, tasks.verifier_mode(view.task), log=log, what=what
+    )
 
 
 def teacher_view(problems: list[tasks.Problem], context) -> list[tasks.Problem]:
@@ -142,6 +171,8 @@ def write_summary(
         "components": {n: r for n, r in sorted(state.latest.items()) if n != "learner"},
         **(supervision or {}),
         "teacher_accuracy": before["teacher"],
+        # with several teachers, each one's (the first is `teacher_accuracy`)
+        **({"teacher_accuracies": before["teachers"]} if len(before.get("teachers") or ()) > 1 else {}),
         "student_accuracy_before": before["student"],
         "student_accuracy_after": final_accuracy(cfg, out_dir),
         "wall_seconds": time.time() - started,

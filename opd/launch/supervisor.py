@@ -5,14 +5,17 @@ process placed anywhere (a child here, a process owned by a Ray actor on another
 same way. A `Spawner` places one component process and returns its handle; it is the whole of what a launcher
 must implement (`LocalSpawner` below, `RaySpawner` in ray_launcher.py). `opd.launch.spawners.SPAWNERS` names them for `--launcher`.
 
-The supervisor knows each process by its role and index (a `Slot`), never by parsing a name. Scaling acts only
-through `spawn` and `retire`; a retired process's exit is expected and never counts as a failure.
+The supervisor knows each process by its role, index and, for a scorer, its teacher's pool (a `Slot`), never by
+parsing a name it spawned. Scaling acts only through `spawn` and `retire`; a retired process's exit is expected and
+never counts as a failure.
 
 A role's members are not only the processes spawned here: a component started by hand with the run's config
 (`opd scorer --config runs/<id>/config.yaml --index 0`) reports on the metrics stream, and the launcher passes
 what it heard (`reported`). A worker of a survivable role that dies is restarted (`supervision.restart:
 on-failure`, at most `max_restarts` times per component, after a doubling backoff) or left dead; the run ends
-only once its role has had no live member, spawned or reported, for `supervision.role_grace_s`.
+only once its unit (its role; for a scorer, its teacher's pool: `scorer` or `scorer-<teacher>`) has had no live
+member, spawned or reported, for `supervision.role_grace_s`. Each pool is judged on its own: a pool with no scorer
+leaves its teacher's trajectories unscored however many scorers the other teachers have.
 
 A role of one process group (`GroupRestart`: the learner's ranks, which meet in collectives) is never restarted a
 process at a time: when one of them fails, the others are killed and the whole group is started again (with
@@ -34,21 +37,62 @@ from pathlib import Path
 from typing import Protocol
 
 from opd.config import Config, SupervisionConfig
+from opd.config.teachers import DEFAULT_TEACHER
 
 # --launcher NAME -> "module:factory"; a factory takes (the resolved Config, a log function) and returns a Spawner.
 
 
 @dataclass(frozen=True)
 class Slot:
-    """Which component a process is: its `opd <role>` verb and, for actors and scorers, its index."""
+    """Which component a process is: its `opd <role>` verb, for actors and scorers its index, and for a scorer of
+    a named teacher its pool (`opd scorer --teacher <pool>`). The default teacher's pool is None, so a run with one
+    teacher names its scorers `scorer-<i>` as it always did."""
 
     role: str  # broker | learner | actor | scorer
     index: int | None = None
+    pool: str | None = None  # a scorer's teacher; None: the default teacher (or not a scorer)
+
+    @classmethod
+    def scorer(cls, teacher: str, index: int) -> Slot:
+        """Scorer `index` of `teacher`'s pool (the default teacher's keeps the old names)."""
+        return cls("scorer", index, None if teacher == DEFAULT_TEACHER else teacher)
+
+    @property
+    def unit(self) -> str:
+        """What liveness is judged by: the role, or `<role>-<pool>` for a named teacher's scorers."""
+        return self.role if self.pool is None else f"{self.role}-{self.pool}"
+
+    @property
+    def teacher(self) -> str:
+        """The teacher a scorer scores for (DEFAULT_TEACHER for the default pool)."""
+        return self.pool or DEFAULT_TEACHER
 
     @property
     def name(self) -> str:
-        """The component's name in logs and metrics records (`learner`, `scorer-2`)."""
-        return self.role if self.index is None else f"{self.role}-{self.index}"
+        """The component's name in logs and metrics records (`learner`, `scorer-2`, `scorer-adder-0`)."""
+        return self.unit if self.index is None else f"{self.unit}-{self.index}"
+
+    def argv(self) -> list[str]:
+        """The options of `opd <role>` that make a process this slot."""
+        out = [] if self.index is None else ["--index", str(self.index)]
+        return out if self.pool is None else [*out, "--teacher", self.pool]
+
+
+def unit_of(component: str) -> str:
+    """The unit of a component heard by name (started by hand, or anywhere): its name less a trailing index
+    (`scorer-adder-3` -> `scorer-adder`, `actor-0` -> `actor`, `learner` -> `learner`). Teacher names have no
+    `-` (opd.config.teachers.TEACHER_NAME), so the split is unambiguous."""
+    head, sep, tail = component.rpartition("-")
+    return head if sep and tail.isdigit() else component
+
+
+def teacher_of(component: str) -> str | None:
+    """The teacher whose pool a scorer's name says it is in (`scorer-1` -> default, `scorer-adder-0` -> adder);
+    None for a component that is not a scorer."""
+    unit = unit_of(component)
+    if unit == "scorer":
+        return DEFAULT_TEACHER
+    return unit.removeprefix("scorer-") if unit.startswith("scorer-") else None
 
 
 class ProcessHandle(Protocol):
@@ -222,12 +266,13 @@ class Supervisor:
         self.verdict = ""  # why the run ends, once `failure` has returned a component
 
     # ------------------------------------------------------------------------------------------ public
-    def spawn(self, role: str, index: int | None = None, *extra: str) -> Component:
-        """Start `opd <role> --config <run config> [--index i] [extra...]` through the spawner."""
-        slot = Slot(role, index)
-        argv = [sys.executable, "-m", "opd", role, "--config", str(self.config_path)]
-        if index is not None:
-            argv += ["--index", str(index)]
+    def spawn(self, role: str, index: int | None = None, *extra: str, pool: str | None = None) -> Component:
+        """Start `opd <role> --config <run config> [--index i] [--teacher pool] [extra...]` through the spawner."""
+        return self.spawn_slot(Slot(role, index, pool), *extra)
+
+    def spawn_slot(self, slot: Slot, *extra: str) -> Component:
+        """Start the process of `slot` (see `spawn`)."""
+        argv = [sys.executable, "-m", "opd", slot.role, "--config", str(self.config_path), *slot.argv()]
         log_path = self.out / "logs" / f"{slot.name}.log"
         comp = Component(
             slot, self.spawner.start(slot, [*argv, *extra], self.child_env(), log_path), log_path
@@ -239,10 +284,10 @@ class Supervisor:
         """The environment of every component process (the one place it is built)."""
         return {**os.environ, **self.env, "OPD_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
 
-    def retire(self, role: str, index: int | None = None) -> None:
+    def retire(self, role: str, index: int | None = None, pool: str | None = None) -> None:
         """Stop one process on purpose with SIGTERM (it finishes the work in hand); its exit is no failure, and
         `reap` kills it if it outlives run.shutdown_grace_s."""
-        comp = self.get(Slot(role, index))
+        comp = self.get(Slot(role, index, pool))
         comp.retire_deadline = time.monotonic() + self.grace_s
         comp.proc.send_signal(signal.SIGTERM)
 
@@ -250,16 +295,17 @@ class Supervisor:
         """The newest process of `slot` (a restart adds one)."""
         return next(c for c in reversed(self.components) if c.slot == slot)
 
-    def active(self, role: str) -> list[Component]:
-        """Processes of `role` running and not being retired, oldest first."""
-        return [c for c in self.components if c.role == role and not c.retired and c.proc.poll() is None]
+    def active(self, unit: str) -> list[Component]:
+        """Processes of `unit` (a role; `scorer-<teacher>` for a named teacher's pool) running and not being
+        retired, oldest first. `scorer` is the default teacher's pool only."""
+        return [c for c in self.components if c.slot.unit == unit and not c.retired and c.proc.poll() is None]
 
-    def reap(self) -> list[tuple[Component, int]]:
-        """Retired processes that have exited since the last call, with their exit status; one that outlived
-        its deadline is killed (and reported on a later call)."""
+    def reap(self, unit: str | None = None) -> list[tuple[Component, int]]:
+        """Retired processes (of `unit`, or all) that have exited since the last call, with their exit status;
+        one that outlived its deadline is killed (and reported on a later call)."""
         now, ended = time.monotonic(), []
         for c in self.components:
-            if c.retire_deadline is None or c.reaped:
+            if c.retire_deadline is None or c.reaped or unit is not None and c.slot.unit != unit:
                 continue
             code = c.proc.poll()
             if code is not None:
@@ -303,9 +349,10 @@ class Supervisor:
             self._settle(comp, code, over, reported)
         return self._role_gone(reported, run_over)
 
-    def restarting(self, role: str) -> bool:
-        """Whether a restart of some process of `role` is scheduled and not yet started."""
-        return any(slot.role == role for _, slot, _ in self.pending)
+    def restarting(self, unit: str) -> bool:
+        """Whether a restart of some process of `unit` (a role, or a named teacher's scorer pool) is scheduled
+        and not yet started."""
+        return any(slot.unit == unit for _, slot, _ in self.pending)
 
     def cancel_restarts(self) -> None:
         """Start none of the scheduled restarts (the run is being interrupted)."""
@@ -336,7 +383,7 @@ class Supervisor:
         if self._restart(dead, code, over, reported):
             return
         self.lost.add(dead.slot)
-        alive = self._members(dead.role, reported)
+        alive = self._members(dead.slot.unit, reported)
         if alive:
             why = self.survivable[dead.role]
             self.log(
@@ -344,8 +391,8 @@ class Supervisor:
             )
         else:
             self.log(
-                f"[yellow]{dead.name} exited with code {code}[/]; no {dead.role} is alive: the run stops unless "
-                f"one is within supervision.role_grace_s={self.policy.role_grace_s:g}s"
+                f"[yellow]{dead.name} exited with code {code}[/]; no {_unit_words(dead.slot)} is alive: the run "
+                f"stops unless one is within supervision.role_grace_s={self.policy.role_grace_s:g}s"
             )
 
     def _restart(self, dead: Component, code: int, over: bool, reported: ReportedMembers) -> bool:
@@ -359,7 +406,7 @@ class Supervisor:
                 f"supervision.max_restarts={self.policy.max_restarts} restarts"
             )
             return False
-        other = [r for r in self._reported_alive(dead.role, reported) if r.component == dead.name]
+        other = [r for r in self._reported_alive(dead.slot.unit, reported) if r.component == dead.name]
         if other:  # someone started a replacement by hand: two processes of one name would collide
             r = other[0].record
             self.log(
@@ -441,7 +488,7 @@ class Supervisor:
         self.pending = [p for p in self.pending if p[0] > now]
         for slot, argv in due:
             try:
-                self.spawn(slot.role, slot.index, *argv)
+                self.spawn_slot(slot, *argv)
             except Exception as exc:  # e.g. Ray cannot place it now: the slot is left dead
                 self.lost.add(slot)
                 self.log(f"[yellow]could not restart {slot.name}: {exc}[/]")
@@ -451,38 +498,51 @@ class Supervisor:
             )
 
     def _role_gone(self, reported: ReportedMembers, run_over: Callable[[], bool]) -> Component | None:
-        """The first dead process of a role that has had no live member for supervision.role_grace_s (unless
-        the run is over: then the workers leave because the learner said stop)."""
+        """The first dead process of a unit (a role; each teacher's scorer pool on its own) that has had no live
+        member for supervision.role_grace_s (unless the run is over: then the workers leave because the learner
+        said stop). A pool without scorers is fatal even while other pools have some: its teacher's trajectories
+        (and every mixture that names it) would wait in its rollouts stream for good."""
         now = time.monotonic()
-        for role in sorted({s.role for s in self.lost}):
-            if self._members(role, reported) or self.restarting(role):
-                self.down_since.pop(role, None)
+        for unit in sorted({s.unit for s in self.lost}):
+            if self._members(unit, reported) or self.restarting(unit):
+                self.down_since.pop(unit, None)
                 continue
-            since = self.down_since.setdefault(role, now)
+            since = self.down_since.setdefault(unit, now)
             if now - since < self.policy.role_grace_s or run_over():
                 continue
-            dead = [c for c in self.components if c.role == role and c.settled and not c.replaced]
+            dead = [c for c in self.components if c.slot.unit == unit and c.settled and not c.replaced]
             exits = ", ".join(f"{c.name} exited with code {c.proc.returncode}" for c in dead)
             self.verdict = (
-                f"no {role} alive for {now - since:.0f}s (supervision.role_grace_s="
+                f"no {_unit_words(dead[0].slot)} alive for {now - since:.0f}s (supervision.role_grace_s="
                 f"{self.policy.role_grace_s:g}): {exits}"
             )
             return dead[0]
         return None
 
-    def _members(self, role: str, reported: ReportedMembers) -> list[str]:
-        """Names of the live members of `role`: running processes spawned here, then those heard from."""
-        names = [c.name for c in self.active(role)]
-        names += [r.component for r in self._reported_alive(role, reported) if r.component not in names]
+    def _members(self, unit: str, reported: ReportedMembers) -> list[str]:
+        """Names of the live members of `unit`: running processes spawned here, then those heard from."""
+        names = [c.name for c in self.active(unit)]
+        names += [r.component for r in self._reported_alive(unit, reported) if r.component not in names]
         return names
 
-    def _reported_alive(self, role: str, reported: ReportedMembers) -> list[Reported]:
-        """What `reported` says is alive, less the processes spawned here that have already exited (their last
-        heartbeat is still recent, but their exit status is the better witness)."""
+    def _reported_alive(self, unit: str, reported: ReportedMembers) -> list[Reported]:
+        """What `reported` says is alive in `unit` (it is asked by role; a scorer's pool is read off its name),
+        less the processes spawned here that have already exited (their last heartbeat is still recent, but
+        their exit status is the better witness)."""
         host = socket.gethostname()
         exited = {
             c.proc.pid for c in self.components if getattr(c.proc, "pid", None) and c.proc.poll() is not None
         }
         return [
-            r for r in reported(role) if not (r.record.get("host") == host and r.record.get("pid") in exited)
+            r
+            for r in reported(unit.split("-")[0])
+            if unit_of(r.component) == unit
+            and not (r.record.get("host") == host and r.record.get("pid") in exited)
         ]
+
+
+def _unit_words(slot: Slot) -> str:
+    """A unit as a verdict names it: `scorer`, or `scorer of teacher adder (scorer-adder-*)`."""
+    if slot.pool is None:
+        return slot.role
+    return f"{slot.role} of teacher {slot.pool} ({slot.unit}-*; its trajectories are not scored)"

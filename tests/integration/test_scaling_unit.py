@@ -66,8 +66,11 @@ def test_ray_config_refuses_a_local_ray_too_small_for_the_components():
 
 
 def test_parse_targets():
-    assert parse_targets(["scorers=3"]) == (3, [])
-    assert parse_targets(["scorers=2", "broker.request_timeout_s=5"]) == (2, ["broker.request_timeout_s=5"])
+    assert parse_targets(["scorers=3"]) == ({None: 3}, [])
+    assert parse_targets(["scorers=2", "broker.request_timeout_s=5"]) == (
+        {None: 2},
+        ["broker.request_timeout_s=5"],
+    )
     for bad, msg in ((["scorers=x"], "whole number"), (["scorers=0"], "at least 1"), (["a.b=1"], "how many")):
         with pytest.raises(ScaleError, match=msg):
             parse_targets(bad)
@@ -147,11 +150,11 @@ def test_autoscaler_adds_a_scorer_when_the_queue_is_deep(zmq_broker, tmp_path):
     pool = RecordingPool(["scorer-0"])
     logged = []
     scaler = ScorerScaler(cfg, broker, pool, tmp_path, dict, logged.append)
-    scaler.last_change -= 1.0  # cooldown over
+    scaler.pools["default"].last_change -= 1.0  # cooldown over
     scaler.tick()
     assert pool.started == [1]
     assert any("autoscaler" in line and "queue_high=3" in line for line in logged)
-    scaler.last_change -= 1.0
+    scaler.pools["default"].last_change -= 1.0
     scaler.tick()  # at max_scorers: nothing more
     assert pool.started == [1]
     broker.close()
@@ -166,7 +169,7 @@ def test_no_scaling_once_the_learner_has_said_stop(zmq_broker, tmp_path):
     scaler = ScorerScaler(cfg, broker, pool, tmp_path, dict, lambda _: None)
     broker.publish(stream_name("scale-test", "control"), [pack_control("stop", reason="max_steps")])
     publish_scale(cfg, 3)
-    scaler.last_change -= 1.0
+    scaler.pools["default"].last_change -= 1.0
     scaler.tick()
     assert pool.started == [] and pool.retired == []
     broker.close()
