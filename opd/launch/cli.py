@@ -412,19 +412,9 @@ def _scorer(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--teacher {args.teacher}: not a teacher of this run; its teachers: {', '.join(teachers)}"
         )
-    import inspect
-
     from teacher_scorers.scorer import main as scorer_main
 
-    if "teacher" in inspect.signature(scorer_main).parameters:
-        return scorer_main(cfg, args.index, teacher=args.teacher)
-    # Until the scorer's side of issue 18 (branch i18-route) is merged, its main serves the default teacher only;
-    # this branch goes once it is.
-    if args.teacher != DEFAULT_TEACHER:
-        raise ConfigError(
-            f"--teacher {args.teacher}: this tree's scorer serves only the {DEFAULT_TEACHER} teacher"
-        )
-    return scorer_main(cfg, args.index)
+    return scorer_main(cfg, args.index, teacher=args.teacher)
 
 
 def _component(text: str, role: str, handle: Callable[[argparse.Namespace], int]) -> Verb:
