@@ -122,6 +122,7 @@ class Learner:
             trained=self.progress.trained,
             stale_ledger=self.files.ledger / "learner.dropped_stale",
             stop=stop,
+            routing=cfg.routing,
         )
         s = self.student
         self.evaluator = Evaluator(cfg, s.model, s.tokenizer, s.engine.gathered, tasks.eval_set(cfg.task))
