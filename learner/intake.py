@@ -38,6 +38,7 @@ UNUSABLE = ("too stale", "duplicate", "dead-lettered")  # what a message that is
 STALE_WINDOW = 256  # recent scored messages judged for the too-stale and at-the-limit warnings
 STALE_WARN_SHARE = 0.5  # warn when at least this share of them was too stale (or at the staleness limit)
 STALE_WARN_EVERY_S = 60.0
+POLL_S, MIN_POLL_S = 1.0, 0.01  # the longest and shortest wait of one poll of `scored`
 JOIN_LEDGER = (
     "learner.join_dead_lettered"  # beside the stale ledger: mixtures dead-lettered at their join timeout
 )
@@ -295,7 +296,9 @@ class Intake:
                 self._note(outcome)
             room = want - len(batch)  # joins that timed out may have filled it
             msgs = (
-                self.broker.consume(self.stream, Streams.LEARNER_GROUP, Streams.LEARNER_GROUP, room, 1.0)
+                self.broker.consume(
+                    self.stream, Streams.LEARNER_GROUP, Streams.LEARNER_GROUP, room, self._poll_s()
+                )
                 if room
                 else []
             )
@@ -311,6 +314,11 @@ class Intake:
                 self.broker.ack(self.stream, Streams.LEARNER_GROUP, settled)
             self._warn_if_mostly_stale()
         return batch
+
+    def _poll_s(self) -> float:
+        """How long one poll may wait: POLL_S, or less so that a held mixture's join times out on time."""
+        due = self.joiner.next_expiry_s()
+        return POLL_S if due is None else min(POLL_S, max(due, MIN_POLL_S))
 
     def _note(self, outcome: str | None) -> None:
         """One message's (or expired join's) outcome into the batch timeout's clock and the staleness window."""

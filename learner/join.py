@@ -209,6 +209,13 @@ class Joiner:
         )
         return [self._take(h.id) for h in due[:limit]]
 
+    def next_expiry_s(self) -> float | None:
+        """Seconds until the oldest held mixture's join times out (0 when due); None when none is held."""
+        if not self.held:
+            return None
+        oldest = min(h.first_seen for h in self.held.values())
+        return max(0.0, oldest + self.timeout_s - self.clock())
+
     def _take(self, trajectory_id: str) -> Held:
         held = self.held.pop(trajectory_id)
         self._message_ids.difference_update(held.message_ids)
