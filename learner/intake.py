@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from broker import Broker
-from learner.join import Copy, Held, Joiner, combine, foreign_teacher, is_mixture
+from learner.join import Copy, Held, Joiner, combine, foreign_teacher, is_joined, is_mixture
 from learner.losses import teacher_term
 from opd.config import Config, LearnerConfig
 from opd.config.teachers import RoutingConfig
@@ -146,14 +146,16 @@ class Contract:
             raise ProtocolError(
                 f"reward missing: learner.loss {self.reward_needed_by} needs a verifier reward"
             )
-        if self.topk_needed_by and t.teacher_topk_ids is None:
+        # a joined mixture (a dead letter replayed) carries its teachers' top-k on a teacher axis
+        topk = t.teacher_topk_ids if t.mixture_topk_ids is None else t.mixture_topk_ids[0]
+        if self.topk_needed_by and topk is None:
             raise ProtocolError(
                 f"teacher top-k missing: learner.loss {self.topk_needed_by} needs scorer.topk > 0"
             )
-        if self.topk_needed_by and t.teacher_topk_ids.shape[1] != self.topk_width:
+        if self.topk_needed_by and topk.shape[1] != self.topk_width:
             # one batch's top-k are stacked into one (B, T, k) tensor: another width cannot be collated
             raise ProtocolError(
-                f"teacher top-k width {t.teacher_topk_ids.shape[1]} but scorer.topk {self.topk} "
+                f"teacher top-k width {topk.shape[1]} but scorer.topk {self.topk} "
                 f"(width {self.topk_width} with this vocabulary): a scorer ran with another config"
             )
         return t
@@ -404,7 +406,7 @@ class Intake:
         UNUSABLE it was; its id, with any copies it settles, into `settled`)."""
         try:
             t = self.contract.check(data)
-            if (foreign := foreign_teacher(t)) is not None:
+            if not is_joined(t) and (foreign := foreign_teacher(t)) is not None:
                 raise ProtocolError(foreign)
         except Exception as exc:  # any failure on one message is that message's fault, never the learner's
             if isinstance(exc, TemperatureMismatch):
@@ -415,7 +417,7 @@ class Intake:
             return "dead-lettered"
         if t.id in self.trained or batch.holds(t.id) or t.id in self.dropped_stale or t.id in self.dead_joins:
             return self._duplicate(message_id, settled)  # another copy of a settled trajectory: never trained
-        if is_mixture(t):
+        if is_mixture(t) and not is_joined(t):
             return self._join(Copy(message_id, data, t), version, batch, settled)
         return self._admit(t, (message_id,), data, version, batch, settled)
 

@@ -77,6 +77,12 @@ def is_mixture(t: Trajectory) -> bool:
     return t.teacher_weights is not None and len(t.teacher_weights) > 1
 
 
+def is_joined(t: Trajectory) -> bool:
+    """Already joined by a learner (`combine`: no one scoring teacher, stamped `joined`): a joined trajectory
+    dead-lettered at collate and re-injected by `opd dead-letter replay` is trained as it is, not joined again."""
+    return is_mixture(t) and t.teacher_name is None and "joined" in t.timestamps
+
+
 def foreign_teacher(t: Trajectory) -> str | None:
     """Why a copy does not belong to its route (its teacher is not one of the route's), or None."""
     route = t.teacher_weights

@@ -15,6 +15,7 @@ from broker.zmq import ZmqBroker
 from learner.batching import collate
 from learner.engines.torch import TorchEngine
 from learner.intake import JOIN_LEDGER, Contract, Intake
+from learner.join import combine
 from learner.state import TrainedLedger
 from opd.config import load_config
 from opd.protocol import Streams, decode, encode, unpack_control
@@ -257,3 +258,12 @@ def test_a_held_mixture_survives_a_learner_restart_on_redis(redis_server, tmp_pa
     _train(resumed, trained, batch)
     assert reporter.counters["joined_copies"] == 1 and second.depth(STREAM) == 0
     second.close()
+
+
+def test_a_joined_mixture_replayed_from_the_dead_letters_is_trained_as_it_is(client, tmp_path):
+    """`opd dead-letter replay` of a mixture dead-lettered at collate re-injects the joined message itself."""
+    intake, _, _ = _intake(client, tmp_path, topk=True)
+    joined = combine(copies_of(), {"alpha": 0.25, "beta": 0.75})
+    _publish(client, joined)
+    [t] = intake.next_batch(version=3).trajectories
+    assert t.id == joined.id and np.array_equal(t.mixture_topk_ids, joined.mixture_topk_ids)

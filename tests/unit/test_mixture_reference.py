@@ -284,3 +284,23 @@ def test_the_reverse_kl_sum_is_the_reverse_kl_to_the_geometric_mixture_up_to_log
     torch.testing.assert_close(
         summed, topk_reverse_kl(student, ids[0], geometric) - log_z, rtol=1e-12, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("name", ["reverse_kl_pg", "topk_forward_kl", "gkd_jsd", "hybrid"])
+def test_a_mixture_of_one_teacher_twice_trains_as_that_teacher(trajectories, name):  # noqa: F811
+    """Weights (0.3, 0.7) over two identical copies: the mixture is that teacher, through the teacher axis and the
+    logsumexp, so loss, gradient and every metric (the top-k ones included) are the single teacher's."""
+    cfg = load_config(None, BASE + CASES[name])
+    twice = []
+    for t in trajectories:
+        w = {"alpha": 0.3, "beta": 0.7}
+        copies = {n: replace(t, teacher_name=n, teacher_weights=w) for n in w}
+        twice.append(decode(encode(combine(copies, w)), vocab_size=VOCAB, require_scored=True))
+    got, got_seen = engine_step(cfg, twice)
+    want, want_seen = engine_step(cfg, trajectories)
+    assert collate(twice, 0).topk_weights is not None
+    for key, value in want.items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    for (_, g), (_, w) in zip(got_seen, want_seen, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
