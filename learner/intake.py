@@ -14,6 +14,19 @@ delivered again (same message id) is not a copy: one held in the batch is acknow
 already settled is acknowledged again, and neither is counted. So the counters count distinct things:
 `dropped_stale` trajectory ids, `duplicates_skipped` duplicate copies (messages), `dead_lettered` messages, and
 every scored message consumed is exactly one of trained, dead-lettered, a duplicate or dropped as stale.
+
+Several teachers (learner/join.py): a copy whose route names one teacher passes as above, once its teacher_name
+is checked against the route (a copy from a teacher outside its route is dead-lettered naming both). A mixture's
+copies are held, unacknowledged, until every teacher of the route has sent one; the joined trajectory then counts
+as ONE message of the books above (trained, dead-lettered at collate, or dropped as stale: lag by its oldest
+token, judged when joined) and its other copies as `joined_copies`, all acknowledged together. A second copy
+from one teacher is a duplicate. After `routing.join_timeout_s` from the first copy: train_present trains the
+teachers present, weights renormalised (`partial_joins`); dead_letter sends every held copy to the dead letters
+with the missing teachers named, counts the trajectory once as dead-lettered (the other copies as joined copies)
+and records its id in `ledger/learner.join_dead_lettered`, so a late copy is a duplicate, across resumes too.
+So: messages consumed = trained + dead_lettered + duplicates_skipped + dropped_stale + joined_copies (+ copies
+still held), and each trajectory id ends as exactly one of trained, dead-lettered or dropped as stale (a copy
+refused on its own, a foreign or contradicting one, is a dead-lettered message beside its trajectory's outcome).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch
 from broker.redis import RedisBroker
 from broker.zmq import ZmqBroker
 from learner.batching import collate
+from learner.checkpoint import CheckpointStore
 from learner.engines.torch import TorchEngine
 from learner.intake import JOIN_LEDGER, Contract, Intake
 from learner.join import combine
@@ -92,7 +93,12 @@ def test_a_mixture_is_held_until_every_teacher_then_trained_once_and_replayable(
     assert reporter.counters["duplicates_skipped"] == 1  # the second copy from alpha
     assert len(batch.message_ids) == 3 and client.depth(STREAM) == 3  # pending until the step
     # what the replay log keeps and rank 0 sends the other ranks: one message per trajectory, the joined one
-    replayed = [decode(p, vocab_size=VOCAB, require_scored=True) for p in batch.payloads]
+    log = CheckpointStore(tmp_path, 2)
+    log.log_step(1, batch.payloads)
+    [(step, payloads)] = log.replay_after(0)
+    assert step == 1
+    replayed = [decode(p, vocab_size=VOCAB, require_scored=True) for p in payloads]
+    assert [t.id for t in replayed] == [single.id, joined.id]
     want, got = collate(batch.trajectories, 0), collate(replayed, 0)
     for name in ("teacher", "topk_ids", "topk_logprobs", "teacher_tail", "topk_weights"):
         assert torch.equal(getattr(want, name), getattr(got, name)), name
