@@ -67,7 +67,7 @@ def _timeout_message(timeout_s: float, unusable: dict[str, int], waiting_for: di
     held = (
         f"; {sum(waiting_for.values())} mixture copies held waiting for teacher(s) "
         + ", ".join(f"{n} ({k} trajectories)" for n, k in sorted(waiting_for.items()))
-        + ": is that pool running?"
+        + ": is that pool running, and has `scored` room for their copies (broker.max_depth)?"
         if waiting_for
         else ""
     )
@@ -304,9 +304,8 @@ class Intake:
                 raise RuntimeError(
                     _timeout_message(self.cfg.batch_timeout_s, self._unusable, self.joiner.waiting_for())
                 )
-            settled: list[
-                str
-            ] = []  # dead-lettered, duplicate or too stale: accounted for, so acknowledged now
+            # dead-lettered, duplicate or too stale: accounted for, so acknowledged now
+            settled: list[str] = []
             for outcome in self._expire(version, batch, settled):
                 self._note(outcome)
             room = want - len(batch)  # joins that timed out may have filled it
