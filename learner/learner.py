@@ -32,7 +32,7 @@ from learner.ranks import RankGroup, rendezvous
 from learner.state import Progress, RunFiles, Student, summary
 from opd import tasks
 from opd.config import Config
-from opd.models.builds import ensure_assets, load_asset
+from opd.models.builds import Assets, ensure_assets, load_asset
 from opd.protocol import Streams, Trajectory, decode, stop_record
 from opd.runtime.broker import open_broker
 from opd.runtime.lifecycle import (
@@ -49,6 +49,15 @@ from opd.runtime.tracking import StepTracker
 from weight_sync import WeightBroadcaster
 
 
+def student_assets(cfg: Config) -> Assets:
+    """The run's models as its first teacher pool sees them (`Config.for_teacher`). The learner uses the student
+    only, but `ensure_assets` finds or builds a teacher too: with `teachers:` the teacher section is unused, and
+    its default recipe (shipped nowhere) would be built for nothing, for minutes, before the first step. Without
+    `teachers:` the one pool is the teacher section itself, so nothing changes."""
+    first = next(iter(cfg.teacher_pools()))
+    return ensure_assets(cfg.for_teacher(first), log=log.info)
+
+
 def load_student(
     cfg: Config, files: RunFiles, checkpoint: Path | None, group: RankGroup | None = None
 ) -> tuple[Student, WeightBroadcaster]:
@@ -56,7 +65,7 @@ def load_student(
     dtype (what the actors hold); then the checkpointed weights, into fp32 parameters when the student is bf16 or
     fp16 (the checkpoint holds the fp32 master weights: loaded into bf16 they would be rounded once per resume);
     then the engine (which upcasts to fp32 masters anyway, and may shard them: ZeRO-3)."""
-    assets = ensure_assets(cfg, log=log.info)
+    assets = student_assets(cfg)
     model, tokenizer = load_asset(assets.student, cfg.learner.device)
     layout = record_layout(model, cfg.weight_sync)
     if checkpoint is not None:
@@ -75,7 +84,7 @@ def agreed_checkpoint(cfg: Config, files: RunFiles, group: RankGroup, resume: bo
         name = group.broadcast_bytes(None).decode()
         return files.checkpoints.root / name if name else None
     if group.size > 1:
-        ensure_assets(cfg, log=log.info)
+        student_assets(cfg)
     checkpoint = files.latest() if resume else None
     if checkpoint is not None:
         files.reshard(checkpoint, engine_class(cfg))
