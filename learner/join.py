@@ -83,6 +83,12 @@ def is_joined(t: Trajectory) -> bool:
     return is_mixture(t) and t.teacher_name is None and "joined" in t.timestamps
 
 
+def joined_copies(t: Trajectory) -> int:
+    """The scored copies beyond the first that `combine` joined into `t` (one per teacher present): the books'
+    `joined_copies` of a step the learner re-trains from its replay log, whose copies it never saw this time."""
+    return len(t.teacher_weights) - 1 if is_joined(t) else 0
+
+
 def foreign_teacher(t: Trajectory) -> str | None:
     """Why a copy does not belong to its route (its teacher is not one of the route's), or None."""
     route = t.teacher_weights

@@ -27,6 +27,7 @@ from learner.commands import Follower, LeaderEngine, step_report
 from learner.engines import build_engine, engine_class
 from learner.evaluation import Evaluator
 from learner.intake import Contract, Intake, lag
+from learner.join import joined_copies
 from learner.publishing import WeightPublisher, record_layout
 from learner.ranks import RankGroup, rendezvous
 from learner.state import Progress, RunFiles, Student, summary
@@ -161,6 +162,10 @@ class Learner:
             record = (
                 {**self._train_step(batch, payloads, 0.0), "replayed": True} if batch else {"replayed": True}
             )
+            # the books, as Intake.ack counted them the first time (a partial join's partial_joins is not
+            # recounted: the joined message does not say how many teachers its route had)
+            if copies := sum(joined_copies(t) for t in batch):
+                self.reporter.add(joined_copies=copies)
             p.step = step
             if p.step % self.cfg.weight_sync.every == 0:
                 p.version += 1  # the same numbering as the first run, so pending samples' lag stays true

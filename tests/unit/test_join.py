@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from learner.join import Copy, Joiner, combine, foreign_teacher, is_mixture
+from learner.join import Copy, Joiner, combine, foreign_teacher, is_mixture, joined_copies
 from opd.protocol import ProtocolError, decode, encode
 from tests.unit.test_protocol import VOCAB, make
 
@@ -161,3 +161,12 @@ def test_a_malformed_joined_message_is_refused_with_the_reason(name):
     joined = combine(copies_of(), ROUTE)
     with pytest.raises(ProtocolError, match=reason):
         decode(encode(spoil(joined)), vocab_size=VOCAB)
+
+
+def test_a_joined_message_says_how_many_copies_it_joined():
+    """What a replayed step adds to the books' joined_copies (the learner re-trains it without its copies)."""
+    three = {"alpha": 0.2, "beta": 0.3, "gamma": 0.5}
+    assert joined_copies(combine(copies_of(three), three)) == 2
+    assert joined_copies(combine({n: c for n, c in copies_of(three).items() if n != "beta"}, three)) == 1
+    assert joined_copies(combine({"beta": copies_of(three)["beta"]}, three)) == 0
+    assert joined_copies(copies_of()["alpha"]) == 0  # a copy, not joined
