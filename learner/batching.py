@@ -30,6 +30,11 @@ class Batch:
     # (B, T) log of the teacher's mass outside its top-k, from the scorer's full logits; None when any trajectory
     # lacks it (remote teachers), and the top-k losses then estimate it from the top-k (learner/losses.py).
     teacher_tail: torch.Tensor | None = None
+    # A batch holding a joined mixture (learner/join.py) has a teacher axis: topk_ids and topk_logprobs are then
+    # (B, T, M, k), teacher_tail (B, T, M), and topk_weights (B, T, M) the route's weights (a single-teacher row
+    # is one teacher of weight 1; a row with fewer than M teachers repeats its first one at weight 0, so every
+    # slot holds finite values). None: no teacher axis, the single-teacher layout above.
+    topk_weights: torch.Tensor | None = None
     # Filled by the learner before the update, over the whole consumed batch (see learner/objective.py):
     advantages: torch.Tensor | None = None  # (B, T) distillation PG advantage
     task_advantages: torch.Tensor | None = None  # (B,) GRPO / REINFORCE++ advantage of the reward
@@ -76,14 +81,49 @@ def _fill(dst: torch.Tensor, row: int, values, dtype) -> None:
         dst[row, :n] = torch.as_tensor(values.copy(), dtype=dtype)  # copy: wire arrays are read-only views
 
 
+def _teacher_slabs(t: Trajectory) -> tuple | None:
+    """A trajectory's top-k as (ids (M, T, k), logprobs (M, T, k), tail (M, T) or None, weights [M]); a
+    single-teacher one is M = 1 at weight 1, a joined mixture its teachers in sorted(teacher_weights) order."""
+    if t.mixture_topk_ids is not None:
+        weights = [t.teacher_weights[n] for n in sorted(t.teacher_weights)]
+        return t.mixture_topk_ids, t.mixture_topk_logprobs, t.mixture_tail_logprobs, weights
+    if t.teacher_topk_ids is None:
+        return None
+    tail = None if t.teacher_tail_logprobs is None else t.teacher_tail_logprobs[None]
+    return t.teacher_topk_ids[None], t.teacher_topk_logprobs[None], tail, [1.0]
+
+
+def _teacher_axis(slabs: list[tuple], resp: int) -> tuple[torch.Tensor, ...]:
+    """(B, T, M, k) ids and logprobs, (B, T, M) tail (or None) and weights, for a batch holding a mixture."""
+    B, M, k = len(slabs), max(len(s[3]) for s in slabs), slabs[0][0].shape[2]
+    ids = torch.zeros((B, resp, M, k), dtype=torch.long)
+    lp = torch.zeros((B, resp, M, k))
+    have_tail = all(s[2] is not None for s in slabs)
+    tail = torch.zeros((B, resp, M)) if have_tail else None
+    weights = torch.zeros((B, resp, M))
+    for i, (s_ids, s_lp, s_tail, w) in enumerate(slabs):
+        T = s_ids.shape[1]
+        for m in range(M):
+            j = m if m < len(w) else 0  # a padding slot: the first teacher again, at weight 0
+            ids[i, :T, m] = torch.as_tensor(s_ids[j].copy(), dtype=torch.long)
+            lp[i, :T, m] = torch.as_tensor(s_lp[j].copy(), dtype=torch.float32)
+            if have_tail:
+                tail[i, :T, m] = torch.as_tensor(s_tail[j].copy(), dtype=torch.float32)
+            weights[i, :T, m] = w[m] if m < len(w) else 0.0
+    return ids, lp, tail, weights
+
+
 def collate(trajs: list[Trajectory], pad_id: int, device: str = "cpu") -> Batch:
     """Right-padded tensors of the trajectories; optional fields (rewards, top-k, teacher tail) only when every
-    trajectory has them, so one batch never mixes two kinds of input to the loss."""
+    trajectory has them, so one batch never mixes two kinds of input to the loss. A batch holding a joined
+    mixture gets the teacher axis (Batch.topk_weights)."""
     B = len(trajs)
     width = max(len(t.prompt_token_ids) + len(t.response_token_ids) for t in trajs)
     resp = max(1, max(len(t.response_token_ids) for t in trajs))
+    slabs = [_teacher_slabs(t) for t in trajs]
+    mixed = any(t.mixture_topk_ids is not None for t in trajs) and all(s is not None for s in slabs)
     topk = trajs[0].teacher_topk_ids.shape[1] if trajs[0].teacher_topk_ids is not None else 0
-    have_topk = topk > 0 and all(t.teacher_topk_ids is not None for t in trajs)
+    have_topk = not mixed and topk > 0 and all(t.teacher_topk_ids is not None for t in trajs)
     ids = torch.full((B, width), pad_id, dtype=torch.long)
     attn = torch.zeros((B, width), dtype=torch.long)
     pos, tgt = torch.zeros((B, resp), dtype=torch.long), torch.zeros((B, resp), dtype=torch.long)
@@ -109,11 +149,14 @@ def collate(trajs: list[Trajectory], pad_id: int, device: str = "cpu") -> Batch:
             _fill(tk_lp, i, t.teacher_topk_logprobs, torch.float32)
         if have_tail:
             _fill(tail, i, t.teacher_tail_logprobs, torch.float32)
+    weights = None
+    if mixed:
+        tk_ids, tk_lp, tail, weights = _teacher_axis(slabs, resp)
     lengths = attn.sum(-1)
     rewards = (
         torch.tensor([float(t.reward) for t in trajs]) if all(t.reward is not None for t in trajs) else None
     )
-    batch = Batch(ids, attn, pos, tgt, mask, b, q, lengths, groups, rewards, tk_ids, tk_lp, tail)
+    batch = Batch(ids, attn, pos, tgt, mask, b, q, lengths, groups, rewards, tk_ids, tk_lp, tail, weights)
     return batch.to(device)
 
 

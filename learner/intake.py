@@ -14,6 +14,19 @@ delivered again (same message id) is not a copy: one held in the batch is acknow
 already settled is acknowledged again, and neither is counted. So the counters count distinct things:
 `dropped_stale` trajectory ids, `duplicates_skipped` duplicate copies (messages), `dead_lettered` messages, and
 every scored message consumed is exactly one of trained, dead-lettered, a duplicate or dropped as stale.
+
+Several teachers (learner/join.py): a copy whose route names one teacher passes as above, once its teacher_name
+is checked against the route (a copy from a teacher outside its route is dead-lettered naming both). A mixture's
+copies are held, unacknowledged, until every teacher of the route has sent one; the joined trajectory then counts
+as ONE message of the books above (trained, dead-lettered at collate, or dropped as stale: lag by its oldest
+token, judged when joined) and its other copies as `joined_copies`, all acknowledged together. A second copy
+from one teacher is a duplicate. After `routing.join_timeout_s` from the first copy: train_present trains the
+teachers present, weights renormalised (`partial_joins`); dead_letter sends every held copy to the dead letters
+with the missing teachers named, counts the trajectory once as dead-lettered (the other copies as joined copies)
+and records its id in `ledger/learner.join_dead_lettered`, so a late copy is a duplicate, across resumes too.
+So: messages consumed = trained + dead_lettered + duplicates_skipped + dropped_stale + joined_copies (+ copies
+still held), and each trajectory id ends as exactly one of trained, dead-lettered or dropped as stale (a copy
+refused on its own, a foreign or contradicting one, is a dead-lettered message beside its trajectory's outcome).
 """
 
 from __future__ import annotations
@@ -26,16 +39,22 @@ from pathlib import Path
 from typing import TypeVar
 
 from broker import Broker
+from learner.join import Copy, Held, Joiner, combine, foreign_teacher, is_joined, is_mixture
 from learner.losses import teacher_term
 from opd.config import Config, LearnerConfig
-from opd.protocol import ProtocolError, Streams, Trajectory, decode
-from opd.runtime.lifecycle import Reporter, log
+from opd.config.teachers import RoutingConfig
+from opd.protocol import ProtocolError, Streams, Trajectory, dead_letter_record, decode, encode
+from opd.runtime.lifecycle import REPLAYABLE_BYTES, Reporter, log
 
 TEMPERATURE_TOLERANCE = 1e-6
 UNUSABLE = ("too stale", "duplicate", "dead-lettered")  # what a message that is not trained can be
 STALE_WINDOW = 256  # recent scored messages judged for the too-stale and at-the-limit warnings
 STALE_WARN_SHARE = 0.5  # warn when at least this share of them was too stale (or at the staleness limit)
 STALE_WARN_EVERY_S = 60.0
+POLL_S, MIN_POLL_S = 1.0, 0.01  # the longest and shortest wait of one poll of `scored`
+JOIN_LEDGER = (
+    "learner.join_dead_lettered"  # beside the stale ledger: mixtures dead-lettered at their join timeout
+)
 _B = TypeVar("_B")  # what the learner's collate makes of a batch (learner.batching.Batch)
 
 
@@ -43,13 +62,24 @@ class TemperatureMismatch(ProtocolError):
     """A trajectory's stamped temperature is not the one this learner is configured with (counted apart)."""
 
 
-def _timeout_message(timeout_s: float, unusable: dict[str, int]) -> str:
+def _timeout_message(timeout_s: float, unusable: dict[str, int], waiting_for: dict[str, int]) -> str:
     """Why the learner gives up waiting, with what arrived meanwhile and its usual cause."""
+    held = (
+        f"; {sum(waiting_for.values())} mixture copies held waiting for teacher(s) "
+        + ", ".join(f"{n} ({k} trajectories)" for n, k in sorted(waiting_for.items()))
+        + ": is that pool running, and has `scored` room for their copies (broker.max_depth)?"
+        if waiting_for
+        else ""
+    )
     if not any(unusable.values()):
-        return f"no scored trajectories for {timeout_s:.0f}s (learner.batch_timeout_s)"
+        return f"no scored trajectories for {timeout_s:.0f}s (learner.batch_timeout_s){held}"
     got = ", ".join(f"{n} {kind}" for kind, n in unusable.items() if n)
     hint = " (too stale: actors are not receiving weights?)" if unusable["too stale"] else ""
-    return f"no usable scored trajectory for {timeout_s:.0f}s (learner.batch_timeout_s): received {got}{hint}"
+    return f"no usable scored trajectory for {timeout_s:.0f}s (learner.batch_timeout_s): received {got}{hint}{held}"
+
+
+def _read_ledger(path: Path) -> set[str]:
+    return set(path.read_text().split()) if path.exists() else set()
 
 
 def lag(t: Trajectory, version: int) -> int:
@@ -129,14 +159,16 @@ class Contract:
             raise ProtocolError(
                 f"reward missing: learner.loss {self.reward_needed_by} needs a verifier reward"
             )
-        if self.topk_needed_by and t.teacher_topk_ids is None:
+        # a joined mixture (a dead letter replayed) carries its teachers' top-k on a teacher axis
+        topk = t.teacher_topk_ids if t.mixture_topk_ids is None else t.mixture_topk_ids[0]
+        if self.topk_needed_by and topk is None:
             raise ProtocolError(
                 f"teacher top-k missing: learner.loss {self.topk_needed_by} needs scorer.topk > 0"
             )
-        if self.topk_needed_by and t.teacher_topk_ids.shape[1] != self.topk_width:
+        if self.topk_needed_by and topk.shape[1] != self.topk_width:
             # one batch's top-k are stacked into one (B, T, k) tensor: another width cannot be collated
             raise ProtocolError(
-                f"teacher top-k width {t.teacher_topk_ids.shape[1]} but scorer.topk {self.topk} "
+                f"teacher top-k width {topk.shape[1]} but scorer.topk {self.topk} "
                 f"(width {self.topk_width} with this vocabulary): a scorer ran with another config"
             )
         return t
@@ -150,23 +182,34 @@ class Contract:
 @dataclass
 class IntakeBatch:
     """Trajectories taken for one step, their broker ids (acknowledged after the step) and raw payloads (the
-    replay log keeps these, so a resume re-trains exactly what was trained)."""
+    replay log keeps these, so a resume re-trains exactly what was trained).
+
+    A joined mixture is one entry: one trajectory and one payload (the joined message, learner/join.py) over the
+    broker entries of all its copies (`copies`); `partial` marks one joined after its timeout without every
+    teacher."""
 
     trajectories: list[Trajectory] = field(default_factory=list)
-    message_ids: list[str] = field(default_factory=list)
+    copies: list[tuple[str, ...]] = field(default_factory=list)  # per entry: its broker message ids
     payloads: list[bytes] = field(default_factory=list)
+    partial: list[bool] = field(default_factory=list)
     _ids: set[str] = field(default_factory=set)  # trajectory ids
     _message_ids: set[str] = field(default_factory=set)
 
     def __len__(self) -> int:
         return len(self.trajectories)
 
-    def add(self, t: Trajectory, message_id: str, payload: bytes) -> None:
+    @property
+    def message_ids(self) -> list[str]:
+        return [m for ids in self.copies for m in ids]
+
+    def add(self, t: Trajectory, message_ids: str | tuple[str, ...], payload: bytes, partial=False) -> None:
+        ids = (message_ids,) if isinstance(message_ids, str) else tuple(message_ids)
         self.trajectories.append(t)
-        self.message_ids.append(message_id)
+        self.copies.append(ids)
         self.payloads.append(payload)
+        self.partial.append(partial)
         self._ids.add(t.id)
-        self._message_ids.add(message_id)
+        self._message_ids.update(ids)
 
     def holds(self, trajectory_id: str) -> bool:
         return trajectory_id in self._ids
@@ -174,14 +217,15 @@ class IntakeBatch:
     def holds_message(self, message_id: str) -> bool:
         return message_id in self._message_ids
 
-    def drop(self, positions: Container[int]) -> list[tuple[Trajectory, str, bytes]]:
-        """Remove the entries at `positions`; return them (trajectory, message id, payload)."""
-        rows = list(zip(self.trajectories, self.message_ids, self.payloads, strict=True))
-        gone = [r for i, r in enumerate(rows) if i in positions]
+    def drop(self, positions: Container[int]) -> list[tuple[Trajectory, tuple[str, ...], bytes]]:
+        """Remove the entries at `positions`; return them (trajectory, message ids, payload)."""
+        rows = list(zip(self.trajectories, self.copies, self.payloads, self.partial, strict=True))
+        gone = [r[:3] for i, r in enumerate(rows) if i in positions]
         kept = [r for i, r in enumerate(rows) if i not in positions]
         self.trajectories = [r[0] for r in kept]
-        self.message_ids = [r[1] for r in kept]
+        self.copies = [r[1] for r in kept]
         self.payloads = [r[2] for r in kept]
+        self.partial = [r[3] for r in kept]
         self._ids = {t.id for t in self.trajectories}
         self._message_ids = set(self.message_ids)
         return gone
@@ -223,21 +267,25 @@ class Intake:
         trained: Container[str],
         stale_ledger: Path,
         stop: Callable[[], bool],
+        routing: RoutingConfig | None = None,
     ):
         self.broker, self.reporter, self.contract, self.cfg = broker, reporter, contract, cfg
         self.stream = streams.scored
         self.trained, self.stale_ledger, self.stop = trained, stale_ledger, stop
         stale_ledger.parent.mkdir(parents=True, exist_ok=True)
         # ids dropped as stale: the ledger (a resumed run's included) is the record, so the count is its size
-        self.dropped_stale: set[str] = (
-            set(stale_ledger.read_text().split()) if stale_ledger.exists() else set()
-        )
+        self.dropped_stale: set[str] = _read_ledger(stale_ledger)
         if self.dropped_stale:
             reporter.counters["dropped_stale"] = len(self.dropped_stale)
+        routing = routing or RoutingConfig()
+        self.joiner, self.on_join_timeout = Joiner(routing.join_timeout_s), routing.on_join_timeout
+        # mixtures dead-lettered after their join timed out (a resumed run's included): a late copy is a duplicate
+        self.join_ledger = stale_ledger.parent / JOIN_LEDGER
+        self.dead_joins: set[str] = _read_ledger(self.join_ledger)
         self._settled_copies: set[str] = set()  # message ids acknowledged as a duplicate or as stale
         # per recent message: "too stale" (dropped), "at limit" (trained at lag max_staleness) or None (neither)
         self._recent: deque[str | None] = deque(maxlen=STALE_WINDOW)
-        self._at_limit = False  # set by _take: the message it just added was at lag max_staleness
+        self._at_limit = False  # set by _admit: the trajectory it just added was at lag max_staleness
         self._stale_warned = -STALE_WARN_EVERY_S
 
     def next_batch(self, version: int, while_waiting: Callable[[], None] = lambda: None) -> IntakeBatch:
@@ -246,34 +294,56 @@ class Intake:
 
         learner.batch_timeout_s counts time without a *usable* trajectory: messages that are all too stale,
         duplicates or dead letters keep a stuck run just as stuck (actors that never receive weights produce
-        nothing but stale samples), so they do not reset the clock, and the error says what did arrive."""
+        nothing but stale samples), so they do not reset the clock, and the error says what did arrive. A copy
+        held for a mixture's join is not usable until the join completes (or times out under train_present)."""
         want, batch = self.cfg.batch_size, IntakeBatch()
-        last_usable, unusable = time.monotonic(), dict.fromkeys(UNUSABLE, 0)
+        self._last_usable, self._unusable = time.monotonic(), dict.fromkeys(UNUSABLE, 0)
         while len(batch) < want and not self.stop():
             while_waiting()
-            if time.monotonic() - last_usable > self.cfg.batch_timeout_s:
-                raise RuntimeError(_timeout_message(self.cfg.batch_timeout_s, unusable))
-            msgs = self.broker.consume(
-                self.stream, Streams.LEARNER_GROUP, Streams.LEARNER_GROUP, want - len(batch), 1.0
-            )
-            settled = []  # dead-lettered, duplicate or too stale: accounted for, so acknowledged now
-            for m in msgs:
-                if batch.holds_message(m.id):
-                    continue  # the same entry again while held here: acknowledged after the step, not a copy
-                outcome = (
-                    "duplicate" if m.id in self._settled_copies else self._take(m.id, m.data, version, batch)
+            if time.monotonic() - self._last_usable > self.cfg.batch_timeout_s:
+                raise RuntimeError(
+                    _timeout_message(self.cfg.batch_timeout_s, self._unusable, self.joiner.waiting_for())
                 )
-                at_limit = outcome is None and self._at_limit
-                self._recent.append("at limit" if at_limit else outcome if outcome == "too stale" else None)
-                if outcome is None:
-                    last_usable, unusable = time.monotonic(), dict.fromkeys(UNUSABLE, 0)
+            # dead-lettered, duplicate or too stale: accounted for, so acknowledged now
+            settled: list[str] = []
+            for outcome in self._expire(version, batch, settled):
+                self._note(outcome)
+            room = want - len(batch)  # joins that timed out may have filled it
+            msgs = (
+                self.broker.consume(
+                    self.stream, Streams.LEARNER_GROUP, Streams.LEARNER_GROUP, room, self._poll_s()
+                )
+                if room
+                else []
+            )
+            for m in msgs:
+                if batch.holds_message(m.id) or self.joiner.holds_message(m.id):
+                    continue  # the same entry again while held here: acknowledged after the step, not a copy
+                if m.id in self._settled_copies:
+                    settled.append(m.id)  # an entry settled before, delivered again: acknowledged again
+                    self._note("duplicate")
                 else:
-                    unusable[outcome] += 1
-                    settled.append(m.id)  # (an entry settled before, delivered again: acknowledged again)
+                    self._note(self._take(m.id, m.data, version, batch, settled))
             if settled:
                 self.broker.ack(self.stream, Streams.LEARNER_GROUP, settled)
             self._warn_if_mostly_stale()
         return batch
+
+    def _poll_s(self) -> float:
+        """How long one poll may wait: POLL_S, or less so that a held mixture's join times out on time."""
+        due = self.joiner.next_expiry_s()
+        return POLL_S if due is None else min(POLL_S, max(due, MIN_POLL_S))
+
+    def _note(self, outcome: str | None) -> None:
+        """One message's (or expired join's) outcome into the batch timeout's clock and the staleness window."""
+        if outcome == "held":
+            return
+        at_limit = outcome is None and self._at_limit
+        self._recent.append("at limit" if at_limit else outcome if outcome == "too stale" else None)
+        if outcome is None:
+            self._last_usable, self._unusable = time.monotonic(), dict.fromkeys(UNUSABLE, 0)
+        else:
+            self._unusable[outcome] += 1
 
     def _warn_if_mostly_stale(self) -> None:
         """Warn (at most every STALE_WARN_EVERY_S) when most recent samples were dropped as too stale, or were
@@ -324,36 +394,137 @@ class Intake:
         culprits.update(dropped)
         culprits = dict(sorted(culprits.items()))
         gone = batch.drop(culprits)
-        for (_t, message_id, payload), reason in zip(gone, culprits.values(), strict=True):
-            self.reporter.dead_letter(self.stream, message_id, payload, reason)
-        self.broker.ack(self.stream, Streams.LEARNER_GROUP, [g[1] for g in gone])
+        for (_t, message_ids, payload), reason in zip(gone, culprits.values(), strict=True):
+            self.reporter.dead_letter(self.stream, message_ids[0], payload, reason)  # a joined one: once
+            self._count_joined(len(message_ids) - 1)
+        self.broker.ack(self.stream, Streams.LEARNER_GROUP, [m for g in gone for m in g[1]])
         return collate(batch.trajectories) if len(batch) else None
 
     def ack(self, batch: IntakeBatch) -> None:
-        """After the optimiser step (and the replay log): the broker may forget these now."""
+        """After the optimiser step (and the replay log): the broker may forget these now. A joined mixture's
+        copies beyond the first count as joined copies, one joined without every teacher as a partial join."""
         self.broker.ack(self.stream, Streams.LEARNER_GROUP, batch.message_ids)
+        self._count_joined(len(batch.message_ids) - len(batch), partial_joins=sum(batch.partial))
 
-    def _take(self, message_id: str, data: bytes, version: int, batch: IntakeBatch) -> str | None:
-        """Add the message to `batch` (None) or account for it at once (which of UNUSABLE it was)."""
+    def _count_joined(self, copies: int, partial_joins: int = 0) -> None:
+        deltas = {"joined_copies": copies, "partial_joins": partial_joins}
+        if any(deltas.values()):
+            self.reporter.add(**{k: v for k, v in deltas.items() if v})
+
+    def _take(
+        self, message_id: str, data: bytes, version: int, batch: IntakeBatch, settled: list[str]
+    ) -> str | None:
+        """Add the message to `batch` (None), hold it for a join ("held") or account for it at once (which of
+        UNUSABLE it was; its id, with any copies it settles, into `settled`)."""
         try:
             t = self.contract.check(data)
+            if not is_joined(t) and (foreign := foreign_teacher(t)) is not None:
+                raise ProtocolError(foreign)
         except Exception as exc:  # any failure on one message is that message's fault, never the learner's
             if isinstance(exc, TemperatureMismatch):
                 self.reporter.add(temperature_mismatch=1)
             reason = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
             self.reporter.dead_letter(self.stream, message_id, data, reason)
+            settled.append(message_id)
             return "dead-lettered"
-        if t.id in self.trained or batch.holds(t.id) or t.id in self.dropped_stale:
-            self.reporter.add(duplicates_skipped=1)  # another copy of a settled trajectory: never trained
-            self._settled_copies.add(message_id)
-            return "duplicate"
+        if t.id in self.trained or batch.holds(t.id) or t.id in self.dropped_stale or t.id in self.dead_joins:
+            return self._duplicate(message_id, settled)  # another copy of a settled trajectory: never trained
+        if is_mixture(t) and not is_joined(t):
+            return self._join(Copy(message_id, data, t), version, batch, settled)
+        return self._admit(t, (message_id,), data, version, batch, settled)
+
+    def _duplicate(self, message_id: str, settled: list[str]) -> str:
+        self.reporter.add(duplicates_skipped=1)
+        self._settled_copies.add(message_id)
+        settled.append(message_id)
+        return "duplicate"
+
+    def _admit(
+        self,
+        t: Trajectory,
+        message_ids: tuple[str, ...],
+        payload: bytes,
+        version: int,
+        batch: IntakeBatch,
+        settled: list[str],
+        partial: bool = False,
+    ) -> str | None:
+        """A trajectory (a joined mixture: the broker entries of all its copies) into `batch`, or dropped as too
+        stale: lag by its oldest token, the same for every copy of one rollout."""
         if lag(t, version) > self.cfg.max_staleness:
             self.dropped_stale.add(t.id)
             self.reporter.add(dropped_stale=1)
             with open(self.stale_ledger, "a") as fh:
                 fh.write(f"{t.id}\n")
-            self._settled_copies.add(message_id)
+            self._settled_copies.update(message_ids)
+            settled.extend(message_ids)
+            self._count_joined(len(message_ids) - 1)
             return "too stale"
         self._at_limit = lag(t, version) == self.cfg.max_staleness
-        batch.add(t, message_id, data)
+        batch.add(t, message_ids, payload, partial)
         return None
+
+    # -------------------------------------------------------------------------------- several teachers
+    def _join(self, copy: Copy, version: int, batch: IntakeBatch, settled: list[str]) -> str | None:
+        """One copy of a mixture into the join (learner/join.py); the joined trajectory into `batch` once every
+        teacher of its route has sent its copy."""
+        offer = self.joiner.offer(copy)
+        if offer.outcome == "held":
+            return "held"
+        if offer.outcome == "duplicate":
+            return self._duplicate(copy.message_id, settled)
+        if offer.outcome == "dead-lettered":
+            self.reporter.dead_letter(self.stream, copy.message_id, copy.payload, offer.reason)
+            settled.append(copy.message_id)
+            return "dead-lettered"
+        return self._admit_joined(offer.held, version, batch, settled, partial=False)
+
+    def _admit_joined(
+        self, held: Held, version: int, batch: IntakeBatch, settled: list[str], partial: bool
+    ) -> str | None:
+        joined = combine({n: c.trajectory for n, c in held.copies.items()}, held.route)
+        return self._admit(joined, tuple(held.message_ids), encode(joined), version, batch, settled, partial)
+
+    def _expire(self, version: int, batch: IntakeBatch, settled: list[str]) -> list[str | None]:
+        """Mixtures held for routing.join_timeout_s: trained on the teachers present (weights renormalised; at
+        most as many as the batch has room for, the rest wait for the next batch) or dead-lettered, by
+        routing.on_join_timeout. Their outcomes, as `_take`'s."""
+        train = self.on_join_timeout == "train_present"
+        outcomes: list[str | None] = []
+        for held in self.joiner.expired(self.cfg.batch_size - len(batch) if train else None):
+            what = (
+                f"no copy from teacher(s) {held.missing} of its route {held.route} within "
+                f"{self.joiner.timeout_s:g}s (routing.join_timeout_s); copies from {sorted(held.copies)}"
+            )
+            if train:
+                log.warning("training mixture %s on the teachers present: %s", held.id, what)
+                outcomes.append(self._admit_joined(held, version, batch, settled, partial=True))
+            else:
+                self._dead_letter_join(held, f"join timed out: {what}")
+                settled.extend(held.message_ids)
+                outcomes.append("dead-lettered")
+        return outcomes
+
+    def _dead_letter_join(self, held: Held, reason: str) -> None:
+        """Every held copy onto the dead-letter stream (each replayable), the trajectory counted once as
+        dead-lettered and its other copies as joined copies; its id into the join ledger, so a late copy (this
+        incarnation or a resumed one) is a duplicate."""
+        first, *rest = [held.copies[n] for n in sorted(held.copies)]
+        self.reporter.dead_letter(self.stream, first.message_id, first.payload, reason)
+        for c in rest:  # the records without the counter: the trajectory is one dead letter
+            record = dead_letter_record(
+                self.reporter.component,
+                reason,
+                stream=self.stream,
+                message_id=c.message_id,
+                size=len(c.payload),
+                head=c.payload[:256],
+                trajectory_id=held.id,
+                data=c.payload if len(c.payload) <= REPLAYABLE_BYTES else None,
+            )
+            self.broker.publish(self.reporter.dead_stream, [record])
+        self._count_joined(len(rest))
+        self.dead_joins.add(held.id)
+        with open(self.join_ledger, "a") as fh:
+            fh.write(f"{held.id}\n")
+        self._settled_copies.update(held.message_ids)

@@ -27,12 +27,13 @@ from learner.commands import Follower, LeaderEngine, step_report
 from learner.engines import build_engine, engine_class
 from learner.evaluation import Evaluator
 from learner.intake import Contract, Intake, lag
+from learner.join import joined_copies
 from learner.publishing import WeightPublisher, record_layout
 from learner.ranks import RankGroup, rendezvous
 from learner.state import Progress, RunFiles, Student, summary
 from opd import tasks
 from opd.config import Config
-from opd.models.builds import ensure_assets, load_asset
+from opd.models.builds import Assets, ensure_assets, load_asset
 from opd.models.vocab import real_vocab
 from opd.protocol import Streams, Trajectory, decode, stop_record
 from opd.runtime.broker import open_broker
@@ -50,6 +51,15 @@ from opd.runtime.tracking import StepTracker
 from weight_sync import WeightBroadcaster
 
 
+def student_assets(cfg: Config) -> Assets:
+    """The run's models as its first teacher pool sees them (`Config.for_teacher`). The learner uses the student
+    only, but `ensure_assets` finds or builds a teacher too: with `teachers:` the teacher section is unused, and
+    its default recipe (shipped nowhere) would be built for nothing, for minutes, before the first step. Without
+    `teachers:` the one pool is the teacher section itself, so nothing changes."""
+    first = next(iter(cfg.teacher_pools()))
+    return ensure_assets(cfg.for_teacher(first), log=log.info)
+
+
 def load_student(
     cfg: Config, files: RunFiles, checkpoint: Path | None, group: RankGroup | None = None
 ) -> tuple[Student, WeightBroadcaster]:
@@ -57,7 +67,7 @@ def load_student(
     dtype (what the actors hold); then the checkpointed weights, into fp32 parameters when the student is bf16 or
     fp16 (the checkpoint holds the fp32 master weights: loaded into bf16 they would be rounded once per resume);
     then the engine (which upcasts to fp32 masters anyway, and may shard them: ZeRO-3)."""
-    assets = ensure_assets(cfg, log=log.info)
+    assets = student_assets(cfg)
     model, tokenizer = load_asset(assets.student, cfg.learner.device)
     layout = record_layout(model, cfg.weight_sync)
     if checkpoint is not None:
@@ -76,7 +86,7 @@ def agreed_checkpoint(cfg: Config, files: RunFiles, group: RankGroup, resume: bo
         name = group.broadcast_bytes(None).decode()
         return files.checkpoints.root / name if name else None
     if group.size > 1:
-        ensure_assets(cfg, log=log.info)
+        student_assets(cfg)
     checkpoint = files.latest() if resume else None
     if checkpoint is not None:
         files.reshard(checkpoint, engine_class(cfg))
@@ -123,6 +133,7 @@ class Learner:
             trained=self.progress.trained,
             stale_ledger=self.files.ledger / "learner.dropped_stale",
             stop=stop,
+            routing=cfg.routing,
         )
         s = self.student
         self.evaluator = Evaluator(cfg, s.model, s.tokenizer, s.engine.gathered, tasks.eval_set(cfg.task))
@@ -152,6 +163,10 @@ class Learner:
             record = (
                 {**self._train_step(batch, payloads, 0.0), "replayed": True} if batch else {"replayed": True}
             )
+            # the books, as Intake.ack counted them the first time (a partial join's partial_joins is not
+            # recounted: the joined message does not say how many teachers its route had)
+            if copies := sum(joined_copies(t) for t in batch):
+                self.reporter.add(joined_copies=copies)
             p.step = step
             if p.step % self.cfg.weight_sync.every == 0:
                 p.version += 1  # the same numbering as the first run, so pending samples' lag stays true

@@ -396,6 +396,8 @@ class TokenInputs:
     topk_ids: torch.Tensor | None = None  # (B, T, k)
     topk_logprobs: torch.Tensor | None = None  # (B, T, k)
     teacher_tail: torch.Tensor | None = None  # (B, T) log tail mass from the scorer, when it sent one
+    # (B, T, M) with a teacher axis (a joined mixture in the batch): top-k (B, T, M, k), tail (B, T, M)
+    topk_weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -454,8 +456,34 @@ def divergence_per_token(fn: Callable[[TokenInputs, LossSettings], torch.Tensor]
     return per_token
 
 
-def _topk_args(x: TokenInputs, cfg: LossSettings) -> tuple:
-    return x.logits, x.topk_ids, x.topk_logprobs, cfg.teacher_temperature
+TopkDivergence = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def over_teachers(x: TokenInputs, divergence: TopkDivergence) -> torch.Tensor:
+    """`divergence(topk_ids, topk_logprobs, tail)` per token over the teacher's top-k; with a teacher axis (a
+    joined mixture, learner/join.py) the weighted sum over the teachers, sum_i w_i D(teacher_i, student), each
+    over its own top-k + tail: the teachers never saw each other's top-k, so the mixture over the union of their
+    ids is unknown. For forward KL its student gradient is that of KL(mixture || student) exactly; for reverse KL
+    it is KL(student || G) - log Z, G the normalised geometric mixture (see learner/join.py). A weight-0 slot
+    (padding) holds finite values, so it adds exactly 0 to the loss and its gradient."""
+    if x.topk_weights is None:
+        return divergence(x.topk_ids, x.topk_logprobs, x.teacher_tail)
+    total = torch.zeros_like(x.s)
+    for m in range(x.topk_weights.shape[-1]):
+        tail = None if x.teacher_tail is None else x.teacher_tail[..., m]
+        total = total + x.topk_weights[..., m] * divergence(
+            x.topk_ids[..., m, :], x.topk_logprobs[..., m, :], tail
+        )
+    return total
+
+
+def _topk_loss(fn: Callable[..., torch.Tensor]) -> PerToken:
+    """A registered top-k divergence `fn(logits, ids, logprobs, temperature, tail)` as a per-token loss."""
+    return divergence_per_token(
+        lambda x, cfg: over_teachers(
+            x, lambda ids, lp, tail: fn(x.logits, ids, lp, cfg.teacher_temperature, tail)
+        )
+    )
 
 
 def _hybrid(x: TokenInputs, cfg: LossSettings) -> list[Part]:
@@ -492,14 +520,14 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec(
             "topk_forward_kl",
             "KL(teacher || student) over the teacher's top-k plus a tail bucket (mode-covering)",
-            divergence_per_token(lambda x, cfg: topk_forward_kl(*_topk_args(x, cfg), x.teacher_tail)),
+            _topk_loss(topk_forward_kl),
             needs_topk=True,
             distill_term=True,
         ),
         LossSpec(
             "topk_reverse_kl",
             "KL(student || teacher) over the teacher's top-k plus a tail bucket (mode-seeking)",
-            divergence_per_token(lambda x, cfg: topk_reverse_kl(*_topk_args(x, cfg), x.teacher_tail)),
+            _topk_loss(topk_reverse_kl),
             needs_topk=True,
             distill_term=True,
         ),
@@ -507,13 +535,11 @@ LOSSES: dict[str, LossSpec] = {
             "gkd_jsd",
             "generalised Jensen-Shannon divergence (jsd_beta) over the teacher's top-k plus a tail bucket",
             divergence_per_token(
-                lambda x, cfg: gkd_jsd(
-                    x.logits,
-                    x.topk_ids,
-                    x.topk_logprobs,
-                    cfg.jsd_beta,
-                    cfg.teacher_temperature,
-                    x.teacher_tail,
+                lambda x, cfg: over_teachers(
+                    x,
+                    lambda ids, lp, tail: gkd_jsd(
+                        x.logits, ids, lp, cfg.jsd_beta, cfg.teacher_temperature, tail
+                    ),
                 )
             ),
             needs_topk=True,

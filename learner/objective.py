@@ -88,6 +88,7 @@ class Objective:
             topk_ids=mb.topk_ids,
             topk_logprobs=cast(mb.topk_logprobs),
             teacher_tail=cast(mb.teacher_tail),
+            topk_weights=cast(mb.topk_weights),
         )
 
     def micro_loss(
@@ -116,18 +117,27 @@ class Objective:
         return out
 
     def _topk_sums(self, rows, mb: Batch, m) -> dict[str, float]:
-        """How much of the teacher's mass its top-k holds, how much the student puts there, and their overlap."""
-        k = mb.topk_ids.shape[-1]
+        """How much of the teacher's mass its top-k holds, how much the student puts there, and their overlap;
+        with a teacher axis (a joined mixture) the route-weighted means over the teachers."""
         logp = torch.log_softmax(rows.float() / self.teacher_temperature, dim=-1)
-        student_on = logp.gather(-1, mb.topk_ids).exp().sum(-1)
-        teacher_mass = mb.topk_logprobs.float().exp().sum(-1)
+        if mb.topk_weights is None:
+            slabs = [(mb.topk_ids, mb.topk_logprobs, 1.0)]
+        else:
+            w = mb.topk_weights.float()
+            slabs = [
+                (mb.topk_ids[..., j, :], mb.topk_logprobs[..., j, :], w[..., j]) for j in range(w.shape[-1])
+            ]
+        k = mb.topk_ids.shape[-1]
         own = logp.topk(k, dim=-1).indices
-        overlap = (own.unsqueeze(-1) == mb.topk_ids.unsqueeze(-2)).any(-1).float().sum(-1) / k
-        return {
-            "teacher_topk_mass": float(teacher_mass[m].sum()),
-            "student_topk_mass": float(student_on[m].sum()),
-            "topk_overlap": float(overlap[m].sum()),
-        }
+        out = dict.fromkeys(("teacher_topk_mass", "student_topk_mass", "topk_overlap"), 0.0)
+        for ids, lps, weight in slabs:
+            student_on = logp.gather(-1, ids).exp().sum(-1)
+            teacher_mass = lps.float().exp().sum(-1)
+            overlap = (own.unsqueeze(-1) == ids.unsqueeze(-2)).any(-1).float().sum(-1) / k
+            out["teacher_topk_mass"] += float((weight * teacher_mass)[m].sum())
+            out["student_topk_mass"] += float((weight * student_on)[m].sum())
+            out["topk_overlap"] += float((weight * overlap)[m].sum())
+        return out
 
 
 def _correction_sums(parts: list[L.Part], m: torch.Tensor) -> dict[str, float]:

@@ -32,6 +32,8 @@ COUNTERS_KEPT = (
     "temperature_mismatch",
     "trajectories_trained",
     "tokens_trained",
+    "joined_copies",  # a mixture's scored copies beyond the first (learner/join.py)
+    "partial_joins",  # mixtures trained after their join timed out, on the teachers present
 )
 
 
@@ -245,5 +247,8 @@ def summary(
         "learner_ranks": cfg.num_ranks,
         "dead_lettered": int(counters.get("dead_lettered", 0)),
         "temperature_mismatch": int(counters.get("temperature_mismatch", 0)),
+        "duplicates_skipped": int(counters.get("duplicates_skipped", 0)),
+        "joined_copies": int(counters.get("joined_copies", 0)),
+        "partial_joins": int(counters.get("partial_joins", 0)),
         "stopped_by": stopped_by,
     }

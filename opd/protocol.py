@@ -73,6 +73,13 @@ class Trajectory:
     # summing to 1. None = the run's one teacher. Several = a mixture, joined by id in the learner.
     teacher_weights: dict[str, float] | None = None
     teacher_name: str | None = None  # set by the scorer: the pool (teacher name) that scored this copy
+    # A joined mixture (learner/join.py), one slab per teacher in sorted(teacher_weights) order: each teacher's own
+    # top-k and tail, int32/float32 (M, T, k) and float32 (M, T). The teachers score in parallel without seeing
+    # each other's top-k, so the mixture over the union of their ids is unknown and the learner keeps them apart.
+    # Exclusive with teacher_topk_*; teacher_logprobs then holds the mixture log sum_i w_i exp(q_i).
+    mixture_topk_ids: np.ndarray | None = None
+    mixture_topk_logprobs: np.ndarray | None = None
+    mixture_tail_logprobs: np.ndarray | None = None
     reward: float | None = None
     task: dict[str, str] = field(default_factory=dict)
     timestamps: dict[str, float] = field(default_factory=lambda: {"generated": time.time()})
@@ -93,6 +100,9 @@ _ARRAYS = (
     ("teacher_topk_ids", np.int32, 2, False),
     ("teacher_topk_logprobs", np.float32, 2, False),
     ("teacher_tail_logprobs", np.float32, 1, False),
+    ("mixture_topk_ids", np.int32, 3, False),
+    ("mixture_topk_logprobs", np.float32, 3, False),
+    ("mixture_tail_logprobs", np.float32, 2, False),
 )
 _SCALARS: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "id": (str, True),
@@ -271,17 +281,45 @@ def _check_shapes(t: Trajectory) -> None:
         )
     if t.teacher_tail_logprobs is not None and t.teacher_topk_ids is None:
         raise ProtocolError("teacher_tail_logprobs needs teacher_topk_ids and teacher_topk_logprobs")
+    _check_mixture_shapes(t, n)
+
+
+def _check_mixture_shapes(t: Trajectory, n: int) -> None:
+    """A joined mixture's per-teacher top-k: one (T, k) slab per teacher of its route, nothing beside it."""
+    ids, lps, tail = t.mixture_topk_ids, t.mixture_topk_logprobs, t.mixture_tail_logprobs
+    if ids is None and lps is None and tail is None:
+        return
+    if ids is None or lps is None:
+        raise ProtocolError("mixture_topk_ids and mixture_topk_logprobs must come together")
+    if t.teacher_topk_ids is not None:
+        raise ProtocolError("a mixture carries its top-k in mixture_topk_*, not teacher_topk_*")
+    m = len(t.teacher_weights or {})
+    if m < 2:
+        raise ProtocolError("mixture_topk_* need teacher_weights naming the mixture's teachers (2 or more)")
+    if ids.shape != lps.shape or ids.shape[:2] != (m, n):
+        raise ProtocolError(
+            f"mixture top-k shapes {ids.shape} and {lps.shape} do not match ({m} teachers, {n}, k)"
+        )
+    if tail is not None and tail.shape != (m, n):
+        raise ProtocolError(f"mixture_tail_logprobs shape {tail.shape}, expected ({m}, {n})")
 
 
 def _check_values(t: Trajectory, vocab_size: int | None) -> None:
-    for name in ("behaviour_logprobs", "teacher_logprobs", "teacher_topk_logprobs", "teacher_tail_logprobs"):
+    for name in (
+        "behaviour_logprobs",
+        "teacher_logprobs",
+        "teacher_topk_logprobs",
+        "teacher_tail_logprobs",
+        "mixture_topk_logprobs",
+        "mixture_tail_logprobs",
+    ):
         a = getattr(t, name)
         if a is not None and a.size:
             if not np.isfinite(a).all():
                 raise ProtocolError(f"{name} holds NaN or inf")
             if a.max() > _MAX_LOGPROB:
                 raise ProtocolError(f"{name} holds a positive log-probability ({a.max():.4g})")
-    for name in ("prompt_token_ids", "response_token_ids", "teacher_topk_ids"):
+    for name in ("prompt_token_ids", "response_token_ids", "teacher_topk_ids", "mixture_topk_ids"):
         a = getattr(t, name)
         if a is not None and a.size:
             lo, hi = int(a.min()), int(a.max())
