@@ -126,7 +126,8 @@ class Config(Strict):
         versions old when trained, inside the default learner.max_staleness of 4; a fixed 256 with a 64-sample
         batch had 95% of samples trained at the limit and many dropped."""
         if self.broker.max_depth is None:
-            self.broker.max_depth = self.learner.batch_size * DEPTH_PER_BATCH
+            # x the widest route: a mixture's copies wait together in `scored` until joined
+            self.broker.max_depth = self.learner.batch_size * DEPTH_PER_BATCH * self.routing.widest_route()
         return self
 
     @model_validator(mode="after")
@@ -209,6 +210,7 @@ class Config(Strict):
     def _combinations(self) -> Config:
         self._models_fit_task()
         self._topk_fits_learner()
+        self._depth_fits_joins()
         self._ray_fits()
         self._sync_pipeline()
         self._devices_fit_weight_sync()
@@ -252,17 +254,34 @@ class Config(Strict):
                 )
 
     def _topk_fits_learner(self) -> None:
-        """The learner reads the run's top-k width (its contract and the top-k losses' check) from the scorer
-        section, so named teachers' pools must attach exactly that width (they already agree with each other)."""
+        """The learner reads the run's top-k width (its contract and the top-k losses' check) and the teachers'
+        temperature (every scored copy is checked against it) from the scorer section, so named teachers' pools
+        must attach exactly that width and score at that temperature."""
         if self.teachers is None:
             return
         for name, pool in self._pools.items():
-            if pool.scorer.topk != self.scorer.topk:
-                raise ValueError(
-                    f"teachers.{name}.scorer.topk={pool.scorer.topk} but scorer.topk={self.scorer.topk}: the learner "
-                    f"reads scorer.topk; set scorer.topk: {pool.scorer.topk} (every teacher attaches the same top-k) "
-                    "and drop the per-teacher value"
-                )
+            for key in ("topk", "temperature"):
+                mine, run = getattr(pool.scorer, key), getattr(self.scorer, key)
+                if mine != run:
+                    raise ValueError(
+                        f"teachers.{name}.scorer.{key}={mine} but scorer.{key}={run}: the learner reads "
+                        f"scorer.{key}; set scorer.{key}: {mine} (every teacher uses the same {key}) and drop the "
+                        "per-teacher value"
+                    )
+
+    def _depth_fits_joins(self) -> None:
+        """A mixture's scored copies wait, unacknowledged, in `scored` until every teacher's copy is there, and
+        the broker counts them against broker.max_depth: a batch of B mixtures of M teachers needs M x B entries
+        at once, so a smaller depth could never fill a batch (the learner would stop at batch_timeout_s)."""
+        widest = self.routing.widest_route()
+        need = self.learner.batch_size * widest
+        if widest > 1 and self.broker.max_depth < need:
+            raise ValueError(
+                f"broker.max_depth={self.broker.max_depth} is less than learner.batch_size x the widest route's "
+                f"teachers ({self.learner.batch_size} x {widest} = {need}): a batch of mixtures could never be "
+                f"joined (their copies wait in the scored stream); set broker.max_depth: {need} or more, or leave "
+                "it unset"
+            )
 
     def _devices_fit_weight_sync(self) -> None:
         """NCCL runs only between CUDA devices; refuse it at load time rather than at the first broadcast."""

@@ -109,6 +109,14 @@ class RoutingConfig(Strict):
         total = math.fsum(kept.values())
         return {name: w / total for name, w in kept.items()}
 
+    def widest_route(self) -> int:
+        """The most teachers one prompt can be scored by (positive weights in a route or the default); 1 without
+        routes."""
+        routes = list(self.routes.values())
+        if isinstance(self.default, dict):
+            routes.append(self.default)
+        return max((sum(1 for w in weights.values() if w > 0) for weights in routes), default=1) or 1
+
     def named(self) -> set[str]:
         """Every teacher a route or the default names (weight 0 included: it was named on purpose)."""
         names = {name for weights in self.routes.values() for name in weights}

@@ -113,3 +113,18 @@ def test_a_pool_sees_the_config_with_its_own_teacher_and_scorer():
     assert list(view.teacher_pools()) == ["adder", "speller"]
     with pytest.raises(ValueError, match="no teacher named 'nobody'"):
         cfg.for_teacher("nobody")
+
+
+def test_the_scored_depth_holds_a_batch_of_mixtures():
+    mix = [*TWO, "routing.default={adder: 1, speller: 1}", "learner.batch_size=8"]
+    assert load_config(None, mix).broker.max_depth == 16  # 8 trajectories x 2 copies wait to be joined
+    assert load_config(None, [*TWO, "routing.default=adder", "learner.batch_size=8"]).broker.max_depth == 8
+    with pytest.raises(ConfigError, match=r"broker.max_depth=8 is less than .* \(8 x 2 = 16\)"):
+        load_config(None, [*mix, "broker.max_depth=8"])
+
+
+def test_every_teacher_scores_at_the_runs_temperature():
+    with pytest.raises(
+        ConfigError, match=r"teachers.adder.scorer.temperature=2.0 but scorer.temperature=1.0"
+    ):
+        load_config(None, [*TWO, "routing.default=adder", "teachers.adder.scorer.temperature=2"])
