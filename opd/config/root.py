@@ -26,7 +26,7 @@ from opd.config.sampling import SamplingConfig
 from opd.config.scaling import ScalingConfig
 from opd.config.scorer import ScorerConfig
 from opd.config.supervision import SupervisionConfig
-from opd.config.task import AdditionTask, TaskConfig
+from opd.config.task import AdditionTask, TaskConfig, sft_task_problem, tiny_fits
 from opd.config.teachers import DEFAULT_TEACHER, MAX_TEACHERS, RoutingConfig, TeacherSpec, check_teacher_name
 from opd.config.weight_sync import WeightSyncConfig
 
@@ -222,20 +222,27 @@ class Config(Strict):
         return self
 
     def _models_fit_task(self) -> None:
-        """Tiny models know only the built-in task's characters, and the two models must share one tokenizer."""
-        for role in ("student", "teacher"):
-            model = getattr(self, role)
-            if model.kind == "tiny" and self.task.kind != "addition":
+        """Tiny models know only the built-in digit tasks' characters, and the models must share one tokenizer."""
+        teachers = [
+            ("teacher" if self.teachers is None else f"teachers.{p.name}.model", p.model)
+            for p in self._pools.values()
+        ]
+        for role, model in [("student", self.student), *teachers]:
+            if model.kind == "tiny" and not tiny_fits(self.task):
                 raise ValueError(
-                    f"{role}.kind: tiny models are built for the built-in task only; with task.kind: "
-                    f"{self.task.kind} set {role}: {{kind: pretrained, name_or_path: ...}}"
+                    f"{role}.kind: tiny models are built for the built-in task only (addition or reversal, or "
+                    f"a mixture of them); with task.kind: {self.task.kind} set {role}: "
+                    "{kind: pretrained, name_or_path: ...}"
                 )
-        if (self.student.kind == "tiny") != (self.teacher.kind == "tiny"):
-            tiny = "student" if self.student.kind == "tiny" else "teacher"
-            raise ValueError(
-                f"{tiny}.kind: tiny while the other model is pretrained; student and teacher must share a "
-                "tokenizer: use kind: tiny for both (built-in tokenizer) or kind: pretrained for both"
-            )
+            if model.kind == "tiny" and (problem := sft_task_problem(model.sft_task, self.task)):
+                raise ValueError(f"{role}.sft_task: {problem}")
+        for role, model in teachers:
+            if (self.student.kind == "tiny") != (model.kind == "tiny"):
+                tiny = "student" if self.student.kind == "tiny" else role
+                raise ValueError(
+                    f"{tiny}.kind: tiny while the other model is pretrained; student and teacher must share a "
+                    "tokenizer: use kind: tiny for both (built-in tokenizer) or kind: pretrained for both"
+                )
 
     def _devices_fit_weight_sync(self) -> None:
         """NCCL runs only between CUDA devices; refuse it at load time rather than at the first broadcast."""
