@@ -162,6 +162,24 @@ def _row_prompt(row: object, where: str) -> tuple[str, tuple[tuple[str, str], ..
     return turns[-1][1], turns
 
 
+ROW_FIELDS = ("prompt", "messages", "answer", "id")
+MAX_ROW_METADATA = 32  # extra fields kept per row: they travel in every trajectory (Trajectory.task)
+MAX_METADATA_CHARS = 1024
+
+
+def _row_metadata(row: dict) -> dict[str, str]:
+    """A JSONL row's other scalar fields as strings (a `topic` column, say: what `routing.field` can route by);
+    the first MAX_ROW_METADATA of them no longer than MAX_METADATA_CHARS, since each one travels with every
+    trajectory of the prompt."""
+    found = {
+        k: json.dumps(v) if isinstance(v, bool) else str(v)
+        for k, v in row.items()
+        if k not in ROW_FIELDS and isinstance(v, str | int | float | bool)
+    }
+    kept = {k: v for k, v in found.items() if len(k) <= 64 and len(v) <= MAX_METADATA_CHARS}
+    return dict(list(kept.items())[:MAX_ROW_METADATA])
+
+
 def read_jsonl_problems(path: Path) -> list[Problem]:
     problems: list[Problem] = []
     with open(path, encoding="utf-8") as fh:
@@ -187,6 +205,7 @@ def read_jsonl_problems(path: Path) -> list[Problem]:
                     prompt_id=prompt_id,
                     prompt=prompt,
                     answer=None if answer is None else str(answer),
+                    metadata=_row_metadata(row),
                     messages=messages,
                 )
             )

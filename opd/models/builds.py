@@ -426,13 +426,17 @@ def ship(cfg: Config, log=print, rebuild: bool = True) -> None:
     """Copy `cfg`'s tiny models (rebuilt from their recipes; `rebuild=False`: as cached) into `opd/demo_models/`
     and record them in its manifest: each one's recipe, the recipe's sha256 and its files' sha256. For
     maintainers, via `opd prepare --rebuild --ship`. Every teacher of a `teachers` section ships."""
-    student = ensure_assets(cfg, log=log, rebuild=rebuild).student
     teachers = ensure_teacher_assets(cfg, log=log, rebuild=rebuild)
+    student = (
+        _tiny_asset("student", cfg.student, _tok_dir(cfg), cfg, log, rebuild)
+        if cfg.student.kind == "tiny"
+        else None
+    )
     models = [("teacher", cfg.for_teacher(n).teacher, a) for n, a in teachers.items()]
     manifest = shipped_manifest()
     SHIPPED.mkdir(exist_ok=True)
     for role, spec, asset in [*models, ("student", cfg.student, student)]:
-        if spec.kind != "tiny":
+        if spec.kind != "tiny" or asset is None:
             continue
         src = Path(asset.path)
         rec = recipe(role, spec, cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -166,8 +167,44 @@ def test_demo_config_routes_each_task_to_its_expert():
 def test_expert_recipe_differs_by_sft_task_and_unset_keeps_the_old_names():
     cfg = load_config(DEMO)
     adder, reverser = (cfg.for_teacher(n) for n in ("adder", "reverser"))
-    assert recipe("teacher", adder.teacher, adder) != recipe("teacher", reverser.teacher, reverser)
-    same = reverser.teacher.model_copy(update={"sft_task": "addition"})
+    other = adder.teacher.model_copy(update={"sft_task": "reversal"})  # only sft_task differs
+    assert recipe("teacher", adder.teacher, adder) != recipe("teacher", other, adder)
+    same = reverser.teacher.model_copy(update={"sft_task": "addition", "sft_steps": adder.teacher.sft_steps})
     assert recipe("teacher", adder.teacher, adder) == recipe("teacher", same, reverser)
     plain = load_config(None)
     assert "sft_task" not in recipe("teacher", plain.teacher, plain)[2]  # shipped models keep their names
+
+
+def test_a_mixtures_jsonl_files_are_checked_by_their_task_name(tmp_path):
+    good = tmp_path / "train.jsonl"
+    good.write_text('{"prompt": "2+2=", "answer": "4", "topic": "sums"}\n')
+    task = MixtureTask.model_validate(
+        {
+            "tasks": {
+                "mine": {"kind": "jsonl", "train_path": str(good), "eval_path": str(tmp_path / "nope.jsonl")},
+                "addition": {"kind": "addition"},
+            }
+        }
+    )
+    ((field, message),) = tasks.task_problems(task)
+    assert field == "task.tasks.mine.eval_path" and "does not exist" in message
+    mine = task.tasks["mine"].model_copy(update={"eval_path": None})
+    only_mine = task.model_copy(
+        update={"tasks": {**task.tasks, "mine": mine}, "weights": {"mine": 1, "addition": 0}}
+    )
+    p = next(tasks.training_stream(only_mine, 0))
+    # the mixture's tag, and the row's own fields (what routing.field can name)
+    assert p.metadata == {"topic": "sums", "task": "mine"} and p.prompt == "2+2="
+
+
+def test_jsonl_rows_other_scalar_fields_are_prompt_metadata(tmp_path):
+    path = tmp_path / "t.jsonl"
+    many = {f"f{i}": i for i in range(40)}
+    rows = [
+        {"prompt": "a", "answer": "1", "id": "x", "topic": "sums", "hard": True, "level": 3, "tags": ["no"]},
+        {"prompt": "b", "long": "y" * 2000, **many},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, second = tasks.read_jsonl_problems(path)
+    assert first.metadata == {"topic": "sums", "hard": "true", "level": "3"}  # lists are not metadata
+    assert "long" not in second.metadata and len(second.metadata) == 32
