@@ -384,6 +384,14 @@ def ensure_assets(cfg: Config, log=print, rebuild: bool = False) -> Assets:
     return Assets(student=student, teacher=teacher)
 
 
+def ensure_student_asset(cfg: Config, log=print, rebuild: bool = False) -> ModelAsset:
+    """The student alone (`ensure_assets(cfg).student` without finding or building any teacher)."""
+    if cfg.student.kind != "tiny":
+        return _pretrained_asset("student", cfg, log)
+    Path(cfg.run.cache_dir).mkdir(parents=True, exist_ok=True)
+    return _tiny_asset("student", cfg.student, _tok_dir(cfg), cfg, log, rebuild)
+
+
 def ensure_teacher_assets(cfg: Config, log=print, rebuild: bool = False) -> dict[str, ModelAsset]:
     """Every teacher pool's model by teacher name (`ensure_assets(cfg.for_teacher(name)).teacher`), each built
     at most once: pools with the same model share it (`rebuild` rebuilds it once)."""
@@ -427,11 +435,7 @@ def ship(cfg: Config, log=print, rebuild: bool = True) -> None:
     and record them in its manifest: each one's recipe, the recipe's sha256 and its files' sha256. For
     maintainers, via `opd prepare --rebuild --ship`. Every teacher of a `teachers` section ships."""
     teachers = ensure_teacher_assets(cfg, log=log, rebuild=rebuild)
-    student = (
-        _tiny_asset("student", cfg.student, _tok_dir(cfg), cfg, log, rebuild)
-        if cfg.student.kind == "tiny"
-        else None
-    )
+    student = ensure_student_asset(cfg, log=log, rebuild=rebuild) if cfg.student.kind == "tiny" else None
     models = [("teacher", cfg.for_teacher(n).teacher, a) for n, a in teachers.items()]
     manifest = shipped_manifest()
     SHIPPED.mkdir(exist_ok=True)
