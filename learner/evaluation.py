@@ -20,6 +20,9 @@ be a later step's), or the step's own record inline:
   eval_seconds           how long the evaluation took
   eval_finished_time     when it ended (unix time)
   eval_mode              inline | background
+and, with a task mixture (task.kind: mixture), per task of it:
+  eval_accuracy/<task>   correct / that task's problems evaluated
+  eval_problems/<task>   that task's held-out problems evaluated
 """
 
 from __future__ import annotations
@@ -131,7 +134,10 @@ class Evaluator:
 
     @staticmethod
     def _fields(result: EvalResult, step: int, version: int, mode: str) -> dict:
+        per_task = {f"eval_accuracy/{name}": acc for name, acc in result.by_task.items()}
+        per_task.update({f"eval_problems/{name}": n for name, n in result.problems_by_task.items()})
         return {
+            **per_task,
             "eval_accuracy": result.accuracy,
             "eval_step": step,
             "eval_weight_version": version,

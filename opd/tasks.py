@@ -3,8 +3,10 @@
 Actors draw training prompts from here, and the learner and launcher draw the held-out set and the verifier, so
 every process agrees on what a problem is and what counts as correct.
 
-Task kinds: `addition` (the tiny demo's `a+b=`), `jsonl` (your files), and two generated for real instruct models
-with no download: `capitals` and `word_problems`, each with a seeded held-out split that training never draws from.
+Task kinds: `addition` (the tiny demo's `a+b=`) and `reversal` (`1234=` -> `4321`, in the same characters, so the
+tiny models can learn both), `jsonl` (your files), two generated for real instruct models with no download:
+`capitals` and `word_problems`, each with a seeded held-out split that training never draws from, and `mixture`:
+prompts drawn from several of those by weight, each tagged with its task's name (`Problem.metadata["task"]`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd import verifiers
-from opd.config.task import AdditionTask, AnyTask, CapitalsTask, JsonlTask, WordProblemsTask
+from opd.config.task import (
+    AdditionTask,
+    AnyTask,
+    CapitalsTask,
+    JsonlTask,
+    MixtureTask,
+    ReversalTask,
+    WordProblemsTask,
+    verifier_of,
+)
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -80,6 +91,34 @@ def addition_stream(task: AdditionTask, seed: int) -> Iterator[Problem]:
             yield p
 
 
+# ----------------------------------------------------------------------------------------- reversal
+def _reversal_problem(rng: random.Random, task: ReversalTask) -> Problem:
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(task.min_digits, task.max_digits)))
+    return Problem(prompt_id=f"rev:{digits}", prompt=f"{digits}=", answer=digits[::-1])
+
+
+def reversal_eval_set(task: ReversalTask) -> list[Problem]:
+    rng = random.Random(task.eval_seed)
+    distinct = sum(10**n for n in range(task.min_digits, task.max_digits + 1))
+    # at most half of all strings: training keeps the other half (short strings alone would all be held out)
+    want = min(task.eval_size, distinct // 2)
+    seen: dict[str, Problem] = {}
+    while len(seen) < want:
+        p = _reversal_problem(rng, task)
+        seen.setdefault(p.prompt_id, p)
+    return list(seen.values())
+
+
+def reversal_stream(task: ReversalTask, seed: int) -> Iterator[Problem]:
+    """Endless training strings; held-out ones are skipped so accuracy measures generalisation."""
+    held_out = {p.prompt_id for p in reversal_eval_set(task)}
+    rng = random.Random(seed)
+    while True:
+        p = _reversal_problem(rng, task)
+        if p.prompt_id not in held_out:
+            yield p
+
+
 # -------------------------------------------------------------------------------------------- jsonl
 def _messages(value: object, where: str) -> tuple[tuple[str, str], ...]:
     """A JSONL row's `messages` as (role, content) pairs, or ValueError saying what is wrong and how to fix it."""
@@ -123,6 +162,24 @@ def _row_prompt(row: object, where: str) -> tuple[str, tuple[tuple[str, str], ..
     return turns[-1][1], turns
 
 
+ROW_FIELDS = ("prompt", "messages", "answer", "id")
+MAX_ROW_METADATA = 32  # extra fields kept per row: they travel in every trajectory (Trajectory.task)
+MAX_METADATA_CHARS = 1024
+
+
+def _row_metadata(row: dict) -> dict[str, str]:
+    """A JSONL row's other scalar fields as strings (a `topic` column, say: what `routing.field` can route by);
+    the first MAX_ROW_METADATA of them no longer than MAX_METADATA_CHARS, since each one travels with every
+    trajectory of the prompt."""
+    found = {
+        k: json.dumps(v) if isinstance(v, bool) else str(v)
+        for k, v in row.items()
+        if k not in ROW_FIELDS and isinstance(v, str | int | float | bool)
+    }
+    kept = {k: v for k, v in found.items() if len(k) <= 64 and len(v) <= MAX_METADATA_CHARS}
+    return dict(list(kept.items())[:MAX_ROW_METADATA])
+
+
 def read_jsonl_problems(path: Path) -> list[Problem]:
     problems: list[Problem] = []
     with open(path, encoding="utf-8") as fh:
@@ -148,6 +205,7 @@ def read_jsonl_problems(path: Path) -> list[Problem]:
                     prompt_id=prompt_id,
                     prompt=prompt,
                     answer=None if answer is None else str(answer),
+                    metadata=_row_metadata(row),
                     messages=messages,
                 )
             )
@@ -214,6 +272,12 @@ def task_problems(task: AnyTask) -> list[tuple[str, str]]:
     """Every problem of the task's files, as (config field, message) pairs, read now rather than by a component
     minutes later: a missing file, a line that is not JSON or has no prompt (named by file and line), held-out
     prompts without an answer. `opd run` and `opd prepare` refuse the config with them before starting anything."""
+    if task.kind == "mixture":
+        return [
+            (f"task.tasks.{name}.{key.removeprefix('task.')}", msg)
+            for name, sub in task.tasks.items()
+            for key, msg in task_problems(sub)
+        ]
     if task.kind != "jsonl":
         return []
     found = _jsonl_file_problems("task.train_path", task.train_path, task, needs_answer=False)
@@ -402,6 +466,52 @@ def word_problems_stream(task: WordProblemsTask, seed: int) -> Iterator[Problem]
         yield _word_problem(op, rng.choice(split.train_templates[op]), rng.choice(WORD_PROBLEM_NAMES), a, b)
 
 
+# ------------------------------------------------------------------------------------------ mixture
+def _tagged(name: str, p: Problem) -> Problem:
+    return dataclasses.replace(p, metadata={**p.metadata, "task": name})
+
+
+def mixture_eval_set(task: MixtureTask) -> list[Problem]:
+    """Every task's held-out set, each problem tagged with its task's name, interleaved one task after another
+    (an evaluation cut short by its budget still covers every task); a prompt held out by two tasks once."""
+    sets = [[_tagged(name, p) for p in eval_set(sub)] for name, sub in task.tasks.items()]
+    seen: dict[str, Problem] = {}
+    for i in range(max(map(len, sets), default=0)):
+        for problems in sets:
+            if i < len(problems):
+                seen.setdefault(problems[i].prompt_id, problems[i])
+    return list(seen.values())
+
+
+def mixture_stream(task: MixtureTask, seed: int) -> Iterator[Problem]:
+    """Endless training problems: a task drawn by its share, then that task's next problem, tagged with its name.
+    A prompt held out by any task of the mixture is skipped (two tasks may make the same prompt)."""
+    held_out = {p.prompt_id for p in mixture_eval_set(task)}
+    shares = task.shares()
+    names = [n for n in task.tasks if shares[n] > 0]
+    weights = [shares[n] for n in names]
+    streams = {n: training_stream(task.tasks[n], seed * 1009 + i) for i, n in enumerate(task.tasks)}
+    rng = random.Random(seed)
+    while True:
+        name = rng.choices(names, weights)[0]
+        p = next(streams[name])
+        if p.prompt_id not in held_out:
+            yield _tagged(name, p)
+
+
+def subtask(task: AnyTask, name: str) -> AnyTask:
+    """The task named `name` of a mixture (ValueError naming the choices otherwise)."""
+    if task.kind != "mixture" or name not in task.tasks:
+        choices = sorted(task.tasks) if task.kind == "mixture" else []
+        raise ValueError(f"no task named {name!r} in the task section (its tasks: {choices})")
+    return task.tasks[name]
+
+
+def task_names(task: AnyTask) -> list[str]:
+    """The tags a task's problems carry (`metadata["task"]`): a mixture's task names, else none."""
+    return list(task.tasks) if task.kind == "mixture" else []
+
+
 # ------------------------------------------------------------------------------------------- facade
 def _styled(task: AnyTask, p: Problem) -> Problem:
     """The task's prompt format, carried by each problem so whoever renders it needs only the tokenizer."""
@@ -413,6 +523,8 @@ def _styled(task: AnyTask, p: Problem) -> Problem:
 def _stream(task: AnyTask, seed: int) -> Iterator[Problem]:
     if task.kind == "addition":
         return addition_stream(task, seed)
+    if task.kind == "reversal":
+        return reversal_stream(task, seed)
     if task.kind == "capitals":
         return capitals_stream(task, seed)
     if task.kind == "word_problems":
@@ -421,12 +533,18 @@ def _stream(task: AnyTask, seed: int) -> Iterator[Problem]:
 
 
 def training_stream(task: AnyTask, seed: int) -> Iterator[Problem]:
+    if task.kind == "mixture":
+        return mixture_stream(task, seed)  # each task styles its own problems
     return (_styled(task, p) for p in _stream(task, seed))
 
 
 def eval_set(task: AnyTask) -> list[Problem]:
+    if task.kind == "mixture":
+        return mixture_eval_set(task)
     if task.kind == "addition":
         problems = addition_eval_set(task)
+    elif task.kind == "reversal":
+        problems = reversal_eval_set(task)
     elif task.kind == "capitals":
         problems = capitals_eval_set(task)
     elif task.kind == "word_problems":
@@ -439,5 +557,6 @@ def eval_set(task: AnyTask) -> list[Problem]:
 
 
 def verifier_mode(task: AnyTask) -> str:
-    """The verifier name of the task (a built-in name or `module:function`; see opd/verifiers.py)."""
-    return "exact" if task.kind == "addition" else task.verifier
+    """The verifier name of the task (a built-in name or `module:function`; see opd/verifiers.py); a mixture's
+    tasks share one."""
+    return task.verifier if task.kind == "mixture" else verifier_of(task)

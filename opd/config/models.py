@@ -76,6 +76,17 @@ class TinyModel(Strict):
         description="Share of SFT targets given a spurious trailing '=' before EOS: a habit for OPD to remove.",
     )
     seed: int = Field(0, description="Initialisation and SFT data seed.")
+    sft_task: str | None = Field(
+        None,
+        min_length=1,
+        description="With task.kind: mixture, the name of the one task of task.tasks this model's SFT draws from "
+        "(an expert teacher); none = the whole task section. Part of the model's recipe.",
+    )
+
+    def recipe_fields(self) -> dict[str, Any]:
+        """The fields that name a built model (its recipe): every field, less `sft_task` when unset, so the models
+        built before the field existed keep their names (and the shipped ones their bytes)."""
+        return self.model_dump(exclude=set() if self.sft_task is not None else {"sft_task"})
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModel:

@@ -26,7 +26,7 @@ from opd.config.sampling import SamplingConfig
 from opd.config.scaling import ScalingConfig
 from opd.config.scorer import ScorerConfig
 from opd.config.supervision import SupervisionConfig
-from opd.config.task import AdditionTask, TaskConfig
+from opd.config.task import AdditionTask, TaskConfig, sft_task_problem, tiny_fits
 from opd.config.teachers import DEFAULT_TEACHER, MAX_TEACHERS, RoutingConfig, TeacherSpec, check_teacher_name
 from opd.config.weight_sync import WeightSyncConfig
 
@@ -233,15 +233,18 @@ class Config(Strict):
         return [(f"teachers.{name}.model", pool) for name, pool in self._pools.items()]
 
     def _models_fit_task(self) -> None:
-        """Tiny models know only the built-in task's characters, and the student must share one tokenizer with
-        every teacher."""
+        """Tiny models know only the built-in digit tasks' characters, and the student must share one tokenizer
+        with every teacher."""
         models = [("student", self.student), *((role, pool.model) for role, pool in self._teacher_roles())]
         for role, model in models:
-            if model.kind == "tiny" and self.task.kind != "addition":
+            if model.kind == "tiny" and not tiny_fits(self.task):
                 raise ValueError(
-                    f"{role}.kind: tiny models are built for the built-in task only; with task.kind: "
-                    f"{self.task.kind} set {role}: {{kind: pretrained, name_or_path: ...}}"
+                    f"{role}.kind: tiny models are built for the built-in task only (addition or reversal, or "
+                    f"a mixture of them); with task.kind: {self.task.kind} set {role}: "
+                    "{kind: pretrained, name_or_path: ...}"
                 )
+            if model.kind == "tiny" and (problem := sft_task_problem(model.sft_task, self.task)):
+                raise ValueError(f"{role}.sft_task: {problem}")
         for role, model in models[1:]:
             if (self.student.kind == "tiny") != (model.kind == "tiny"):
                 tiny = "student" if self.student.kind == "tiny" else role

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 
 from opd import verifiers
 from opd.config.base import Strict
@@ -120,8 +121,145 @@ class WordProblemsTask(Strict):
     system_prompt: SystemPrompt = None
 
 
+class ReversalTask(Strict):
+    """Built-in task: a digit string followed by `=`, answered with its digits in reverse order (`1234=` gives
+    `4321`; leading zeros count: `120=` gives `021`). It uses the addition task's characters, so the tiny models
+    share one tokenizer across both tasks (a mixture of the two trains one student on both). A verifier checks the
+    digits exactly; a seeded held-out set is never a training prompt."""
+
+    kind: Literal["reversal"] = "reversal"
+    min_digits: int = Field(2, ge=1, le=8, description="Strings have min_digits..max_digits digits.")
+    max_digits: int = Field(4, ge=1, le=8, description="Strings have min_digits..max_digits digits.")
+    eval_size: int = Field(200, ge=1, description="Held-out problems used for accuracy.")
+    eval_seed: int = Field(12345, description="Seed of the held-out set (kept out of training prompts).")
+
+    @model_validator(mode="after")
+    def _digits_range(self) -> ReversalTask:
+        if self.min_digits > self.max_digits:
+            raise ValueError(
+                f"task.min_digits {self.min_digits} is above task.max_digits {self.max_digits}; "
+                "make min_digits <= max_digits"
+            )
+        return self
+
+    @property
+    def chat_template(self) -> Literal["auto", "none"]:
+        return "auto"
+
+    @property
+    def system_prompt(self) -> str | None:
+        return None
+
+
+# The tasks a mixture draws from (a mixture of mixtures is not one of them).
+BuiltinTask = Annotated[
+    AdditionTask | ReversalTask | JsonlTask | CapitalsTask | WordProblemsTask, Field(discriminator="kind")
+]
+# Tasks the tiny models' character tokenizer can write (opd.tasks.ADDITION_ALPHABET).
+TINY_TASKS = ("addition", "reversal")
+MIXTURE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def verifier_of(task) -> str:
+    """The verifier name of a task that is not a mixture: `exact` for the built-in digit tasks (no verifier
+    field: the tiny models are named by a hash of their section), else its `verifier`."""
+    return "exact" if task.kind in TINY_TASKS else task.verifier
+
+
+class MixtureTask(Strict):
+    """Prompts drawn from several tasks, each by its weight: `tasks` names each one (the name is the prompt's
+    metadata `task`, what `routing.field: task` routes by, and what per-task accuracy is reported under). Each
+    task keeps its own held-out set, never a training prompt of any of them; held-out accuracy is reported per task
+    and over all. The tasks must share one verifier and one prompt format (chat_template, system_prompt), which
+    every actor, scorer and the learner apply to the whole run."""
+
+    kind: Literal["mixture"] = "mixture"
+    tasks: dict[str, BuiltinTask] = Field(
+        min_length=1,
+        description="Task name -> task section (kind: addition | reversal | jsonl | capitals | word_problems). "
+        "The name tags each prompt (metadata `task`) and names its accuracy.",
+    )
+    weights: dict[str, float] | None = Field(
+        None,
+        description="Task name -> share of training prompts (normalised; 0 = evaluated only). None: equal shares.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MixtureTask:
+        for name in self.tasks:
+            if not MIXTURE_NAME.fullmatch(name):
+                raise ValueError(
+                    f"task.tasks: name {name[:40]!r} must be 1 to 32 characters of a-z, 0-9 and _, starting with a "
+                    "letter (it tags prompts and names metrics)"
+                )
+        if self.weights is not None:
+            if set(self.weights) != set(self.tasks):
+                raise ValueError(
+                    f"task.weights names {sorted(self.weights)} but task.tasks names {sorted(self.tasks)}; "
+                    "give one weight per task (or drop task.weights for equal shares)"
+                )
+            bad = {k: w for k, w in self.weights.items() if not w >= 0 or w == float("inf")}
+            if bad or not sum(self.weights.values()) > 0:
+                raise ValueError(
+                    f"task.weights {self.weights}: each weight must be finite and >= 0, and at least one > 0"
+                )
+        for what, of in (
+            ("verifier", verifier_of),
+            ("chat_template", lambda t: t.chat_template),
+            ("system_prompt", lambda t: t.system_prompt),
+        ):
+            seen = {name: of(t) for name, t in self.tasks.items()}
+            if len(set(seen.values())) > 1:
+                raise ValueError(
+                    f"task.tasks: the tasks' {what} differ ({seen}); the tasks of a mixture share one {what} "
+                    "(every component applies it to the whole run): make them the same"
+                )
+        return self
+
+    def shares(self) -> dict[str, float]:
+        """Each task's share of training prompts (summing to 1)."""
+        raw = self.weights or dict.fromkeys(self.tasks, 1.0)
+        total = sum(raw.values())
+        return {name: raw[name] / total for name in self.tasks}
+
+    @property
+    def verifier(self) -> str:
+        return verifier_of(next(iter(self.tasks.values())))
+
+    @property
+    def chat_template(self) -> Literal["auto", "none"]:
+        return next(iter(self.tasks.values())).chat_template
+
+    @property
+    def system_prompt(self) -> str | None:
+        return next(iter(self.tasks.values())).system_prompt
+
+
+def tiny_fits(task) -> bool:
+    """Whether the tiny models' character tokenizer can write every prompt and answer of `task`."""
+    if task.kind == "mixture":
+        return all(t.kind in TINY_TASKS for t in task.tasks.values())
+    return task.kind in TINY_TASKS
+
+
 TaskConfig = Annotated[
-    AdditionTask | JsonlTask | CapitalsTask | WordProblemsTask, Field(discriminator="kind")
+    AdditionTask | ReversalTask | JsonlTask | CapitalsTask | WordProblemsTask | MixtureTask,
+    Field(discriminator="kind"),
 ]
 # Every task kind, for code that takes any of them.
-AnyTask = AdditionTask | JsonlTask | CapitalsTask | WordProblemsTask
+AnyTask = AdditionTask | ReversalTask | JsonlTask | CapitalsTask | WordProblemsTask | MixtureTask
+
+
+def sft_task_problem(sft_task: str | None, task) -> str | None:
+    """Why a tiny model's `sft_task` cannot name a task of the run's `task` section, or None when it can (or is
+    unset: SFT on the whole task)."""
+    if sft_task is None:
+        return None
+    if task.kind != "mixture":
+        return (
+            f"{sft_task!r} names a task of a mixture, but task.kind is {task.kind}; drop sft_task (SFT uses the "
+            "task section) or make the task a mixture (task.kind: mixture, task.tasks: {name: {...}})"
+        )
+    if sft_task not in task.tasks:
+        return f"{sft_task!r} is not a task of the mixture; name one of {sorted(task.tasks)}"
+    return None

@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,6 +51,8 @@ class ModelAsset:
     tokenizer: str
     dtype: str
     eval_accuracy: float | None = None  # measured when the asset was built
+    # per task of a mixture (`Problem.metadata["task"]`), measured with eval_accuracy; None for a single task
+    eval_accuracy_by_task: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,12 +79,15 @@ def _atomic_dir(final: Path, build) -> None:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """One held-out evaluation: the accuracy over the problems it reached before its budget ran out."""
+    """One held-out evaluation: the accuracy over the problems it reached before its budget ran out, overall and
+    per task of a mixture (problems tagged `metadata["task"]`; empty for a single task's untagged problems)."""
 
     accuracy: float  # correct / problems (nan when none were evaluated)
     problems: int  # problems evaluated
     total: int  # problems in the held-out set
     seconds: float
+    by_task: dict[str, float] = field(default_factory=dict)  # task name -> correct / its problems evaluated
+    problems_by_task: dict[str, int] = field(default_factory=dict)  # task name -> its problems evaluated
 
     @property
     def complete(self) -> bool:
@@ -143,16 +148,27 @@ def evaluate_within(
     with progress(
         f"evaluating {what}", len(problems), "problems", log or _log.info, quiet_under_s=quiet
     ) as bar:
-        correct, done = _greedy_correct(model, tokenizer, problems, max_new_tokens, mode, batch, bar, more)
-    return EvalResult(correct / done, done, len(problems), time.perf_counter() - t0)
+        verdicts = _greedy_correct(model, tokenizer, problems, max_new_tokens, mode, batch, bar, more)
+    by_task: dict[str, list[bool]] = {}
+    for p, ok in zip(problems, verdicts, strict=False):  # the problems reached
+        if "task" in p.metadata:
+            by_task.setdefault(p.metadata["task"], []).append(ok)
+    return EvalResult(
+        sum(verdicts) / len(verdicts),
+        len(verdicts),
+        len(problems),
+        time.perf_counter() - t0,
+        by_task={name: sum(v) / len(v) for name, v in by_task.items()},
+        problems_by_task={name: len(v) for name, v in by_task.items()},
+    )
 
 
 def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, batch: int, bar, more):
-    """(correct, evaluated) over the first problems, one batch at a time while `more(slowest batch's seconds)`
+    """Whether each of the first problems was solved, one batch at a time while `more(slowest batch's seconds)`
     (the first batch always)."""
     was_training = model.training
     model.eval()
-    correct = done = 0
+    verdicts: list[bool] = []
     slowest = 0.0
     for i in range(0, len(problems), batch):
         if i and not more(slowest):
@@ -169,17 +185,18 @@ def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, 
         )
         for p, o in zip(chunk, outs, strict=True):
             text = tokenizer.decode(o.response_ids, skip_special_tokens=True)
-            correct += tasks.verify(p.answer, text, mode)
-        done += len(chunk)
+            verdicts.append(bool(tasks.verify(p.answer, text, mode)))
         slowest = max(slowest, time.perf_counter() - t0)
         bar.advance(len(chunk))
     model.train(was_training)
-    return correct, done
+    return verdicts
 
 
 def _sft(model, tokenizer, spec: TinyModel, cfg: Config, bar) -> None:
-    """Teacher-forced cross-entropy on the answer tokens of fresh training problems; `bar` advances per step."""
-    stream = tasks.training_stream(cfg.task, seed=spec.seed + 1)
+    """Teacher-forced cross-entropy on the answer tokens of fresh training problems (of `spec.sft_task` alone when
+    set: an expert of one task of the mixture); `bar` advances per step."""
+    task = cfg.task if spec.sft_task is None else tasks.subtask(cfg.task, spec.sft_task)
+    stream = tasks.training_stream(task, seed=spec.seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / max(1, spec.sft_steps))
@@ -232,7 +249,7 @@ def _build_tiny(final: Path, role: str, spec: TinyModel, tok_dir: Path, cfg: Con
         t0 = time.time()
         with progress(f"building the {role} (SFT)", spec.sft_steps, "steps", log) as bar:
             _sft(model, tokenizer, spec, cfg, bar)
-        acc = evaluate(
+        result = evaluate_within(
             model,
             tokenizer,
             tasks.eval_set(cfg.task),
@@ -241,12 +258,17 @@ def _build_tiny(final: Path, role: str, spec: TinyModel, tok_dir: Path, cfg: Con
             log=log,
             what=f"the {role}",
         )
+        acc, per_task = result.accuracy, "".join(f", {k} {v:.3f}" for k, v in result.by_task.items())
         log(
-            f"  built {final.name}: {spec.sft_steps} SFT steps in {time.time() - t0:.0f}s, held-out accuracy {acc:.3f}"
+            f"  built {final.name}: {spec.sft_steps} SFT steps in {time.time() - t0:.0f}s, held-out accuracy "
+            f"{acc:.3f}{per_task}"
         )
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "opd_asset.json").write_text(json.dumps({"eval_accuracy": acc, "spec": spec.model_dump()}))
+        meta = {"eval_accuracy": acc, "spec": spec.recipe_fields()}
+        if result.by_task:  # only a mixture's: a single task's record keeps its bytes
+            meta["eval_accuracy_by_task"] = result.by_task
+        (tmp / "opd_asset.json").write_text(json.dumps(meta))
 
     with _deterministic():
         _atomic_dir(final, build)
@@ -267,7 +289,7 @@ def _deterministic():
 
 def recipe(role: str, spec: TinyModel, cfg: Config) -> list:
     """Everything that shapes a built model; its digest names the model in the cache and in `opd/demo_models/`."""
-    return [ASSET_FORMAT, role, spec.model_dump(), cfg.task.model_dump(), cfg.sampling.max_new_tokens]
+    return [ASSET_FORMAT, role, spec.recipe_fields(), cfg.task.model_dump(), cfg.sampling.max_new_tokens]
 
 
 def _tiny_asset(role: str, spec: TinyModel, tok_dir, cfg: Config, log, rebuild: bool) -> ModelAsset:
@@ -286,7 +308,11 @@ def _tiny_asset(role: str, spec: TinyModel, tok_dir, cfg: Config, log, rebuild: 
         _build_tiny(final, role, spec, tok_dir(), cfg, log)
     meta = json.loads((final / "opd_asset.json").read_text())
     return ModelAsset(
-        path=str(final), tokenizer=str(final), dtype="float32", eval_accuracy=meta["eval_accuracy"]
+        path=str(final),
+        tokenizer=str(final),
+        dtype="float32",
+        eval_accuracy=meta["eval_accuracy"],
+        eval_accuracy_by_task=meta.get("eval_accuracy_by_task"),
     )
 
 
@@ -320,24 +346,66 @@ def _pretrained_asset(role: str, cfg: Config, log) -> ModelAsset:
     return ModelAsset(path=path, tokenizer=tokenizer, dtype=spec.dtype)
 
 
-def ensure_assets(cfg: Config, log=print, rebuild: bool = False) -> Assets:
-    """Return where student and teacher live: shipped, cached, or built and cached on first use (`rebuild`:
-    built again from their recipes into the cache, shipped or not)."""
-    if cfg.student.kind != "tiny" and cfg.teacher.kind != "tiny":
-        teacher = _pretrained_asset("teacher", cfg, log)
-        return Assets(student=_pretrained_asset("student", cfg, log), teacher=teacher)
+def _tok_dir(cfg: Config):
+    """A callable giving the tiny models' tokenizer directory, made on first call: only a build needs it (a
+    shipped model carries its tokenizer)."""
     cache = Path(cfg.run.cache_dir)
 
-    def tok_dir() -> Path:  # only a build needs it: a shipped model carries its tokenizer
+    def tok_dir() -> Path:
         path = cache / f"tokenizer-{_digest([ASSET_FORMAT, tasks.ADDITION_ALPHABET])}"
         if not (path / "tokenizer.json").is_file():
             _atomic_dir(path, lambda tmp: build_char_tokenizer().save_pretrained(tmp))
         return path
 
-    cache.mkdir(parents=True, exist_ok=True)
-    teacher = _tiny_asset("teacher", cfg.teacher, tok_dir, cfg, log, rebuild)
-    student = _tiny_asset("student", cfg.student, tok_dir, cfg, log, rebuild)
+    return tok_dir
+
+
+def _teacher_asset(cfg: Config, log, rebuild: bool) -> ModelAsset:
+    if cfg.teacher.kind != "tiny":
+        return _pretrained_asset("teacher", cfg, log)
+    Path(cfg.run.cache_dir).mkdir(parents=True, exist_ok=True)
+    return _tiny_asset("teacher", cfg.teacher, _tok_dir(cfg), cfg, log, rebuild)
+
+
+def ensure_assets(cfg: Config, log=print, rebuild: bool = False) -> Assets:
+    """Return where student and teacher live: shipped, cached, or built and cached on first use (`rebuild`:
+    built again from their recipes into the cache, shipped or not). The teacher is `cfg.teacher`: pass
+    `cfg.for_teacher(name)` for one of several teachers (or see `ensure_teacher_assets`); the run's config with
+    a `teachers` section gives its first teacher (never the unused `teacher` section's default model)."""
+    pools = cfg.teacher_pools()
+    if cfg.teachers is not None and all(cfg.teacher != p.model for p in pools.values()):
+        cfg = cfg.for_teacher(next(iter(pools)))
+    if cfg.student.kind != "tiny" and cfg.teacher.kind != "tiny":
+        teacher = _pretrained_asset("teacher", cfg, log)
+        return Assets(student=_pretrained_asset("student", cfg, log), teacher=teacher)
+    Path(cfg.run.cache_dir).mkdir(parents=True, exist_ok=True)
+    teacher = _tiny_asset("teacher", cfg.teacher, _tok_dir(cfg), cfg, log, rebuild)
+    student = _tiny_asset("student", cfg.student, _tok_dir(cfg), cfg, log, rebuild)
     return Assets(student=student, teacher=teacher)
+
+
+def ensure_student_asset(cfg: Config, log=print, rebuild: bool = False) -> ModelAsset:
+    """The student alone (`ensure_assets(cfg).student` without finding or building any teacher)."""
+    if cfg.student.kind != "tiny":
+        return _pretrained_asset("student", cfg, log)
+    Path(cfg.run.cache_dir).mkdir(parents=True, exist_ok=True)
+    return _tiny_asset("student", cfg.student, _tok_dir(cfg), cfg, log, rebuild)
+
+
+def ensure_teacher_assets(cfg: Config, log=print, rebuild: bool = False) -> dict[str, ModelAsset]:
+    """Every teacher pool's model by teacher name (`ensure_assets(cfg.for_teacher(name)).teacher`), each built
+    at most once: pools with the same model share it (`rebuild` rebuilds it once)."""
+    out: dict[str, ModelAsset] = {}
+    done: dict[str, ModelAsset] = {}  # the model section's json -> its asset
+    for name in cfg.teacher_pools():
+        view = cfg.for_teacher(name)
+        key = json.dumps(
+            [view.teacher.model_dump(), view.scorer.teacher_is_local], sort_keys=True, default=str
+        )
+        if key not in done:
+            done[key] = _teacher_asset(view, log, rebuild)
+        out[name] = done[key]
+    return out
 
 
 def file_digests(model_dir: Path) -> dict[str, str]:
@@ -365,15 +433,17 @@ def compare_with_shipped(asset: ModelAsset) -> str | None:
 def ship(cfg: Config, log=print, rebuild: bool = True) -> None:
     """Copy `cfg`'s tiny models (rebuilt from their recipes; `rebuild=False`: as cached) into `opd/demo_models/`
     and record them in its manifest: each one's recipe, the recipe's sha256 and its files' sha256. For
-    maintainers, via `opd prepare --rebuild --ship`."""
-    assets = ensure_assets(cfg, log=log, rebuild=rebuild)
+    maintainers, via `opd prepare --rebuild --ship`. Every teacher of a `teachers` section ships."""
+    teachers = ensure_teacher_assets(cfg, log=log, rebuild=rebuild)
+    student = ensure_student_asset(cfg, log=log, rebuild=rebuild) if cfg.student.kind == "tiny" else None
+    models = [("teacher", cfg.for_teacher(n).teacher, a) for n, a in teachers.items()]
     manifest = shipped_manifest()
     SHIPPED.mkdir(exist_ok=True)
-    for role, asset in (("teacher", assets.teacher), ("student", assets.student)):
-        if getattr(cfg, role).kind != "tiny":
+    for role, spec, asset in [*models, ("student", cfg.student, student)]:
+        if spec.kind != "tiny" or asset is None:
             continue
         src = Path(asset.path)
-        rec = recipe(role, getattr(cfg, role), cfg)
+        rec = recipe(role, spec, cfg)
         digests = file_digests(src)
         previous = manifest.get(src.name, {}).get("files")
         change = "new" if previous is None else "unchanged" if previous == digests else "CHANGED"

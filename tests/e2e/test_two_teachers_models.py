@@ -1,0 +1,35 @@
+"""The models of issue 18's demo (configs/two_teachers.yaml), rebuilt from their recipes through the production
+build: the same bytes as the shipped ones, and each expert teacher, trained on one task of the mixture only, is
+clearly better at its own task than the student (which saw a little of both) and better at its own task than
+at the other; so routing each task to its expert gives the student something to learn on both. Three builds take
+5 to 15 minutes on 2 cores, hence the slow tier."""
+
+from __future__ import annotations
+
+import pytest
+
+from opd.config import load_config
+from opd.models.builds import compare_with_shipped, ensure_student_asset, ensure_teacher_assets
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+DEMO = REPO / "configs" / "two_teachers.yaml"
+EXPERTS = {"adder": "addition", "reverser": "reversal"}
+MARGIN = 0.3  # held-out accuracy an expert is above the student on its own task, at least
+
+
+def test_each_expert_beats_the_student_on_its_own_task(tmp_path):
+    cfg = load_config(DEMO, [f"run.cache_dir={tmp_path}"])
+    teachers = ensure_teacher_assets(cfg, rebuild=True)
+    student = ensure_student_asset(cfg, rebuild=True)
+    assert all(a.path.startswith(str(tmp_path)) for a in (*teachers.values(), student))
+    for asset in (*teachers.values(), student):
+        assert compare_with_shipped(asset) == "identical to", asset.path
+    student_acc = student.eval_accuracy_by_task
+    assert set(student_acc) == {"addition", "reversal"}
+    for name, own in EXPERTS.items():
+        acc = teachers[name].eval_accuracy_by_task
+        other = next(t for t in acc if t != own)
+        assert acc[own] >= student_acc[own] + MARGIN, (name, acc, student_acc)
+        assert acc[own] > acc[other], (name, acc)
