@@ -29,6 +29,7 @@ def _config(tmp_path: Path, teachers: dict, routing: dict) -> Path:
     data = yaml.safe_load(Path(TINY).read_text())
     data.pop("teacher")
     data.update(teachers=teachers, routing=routing)
+    data.get("broker", {}).pop("max_depth", None)  # derived: a batch of mixtures' copies must fit in `scored`
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
