@@ -59,7 +59,7 @@ RANK_PHASES = {"rank_step_seconds": "step", "rank_comm_seconds": "comm", "rank_a
 
 
 def metrics_port(cfg: Config, component: str) -> int | None:
-    """The port of `component` ("learner", "actor-3", "scorer-1"), or None when metrics are off.
+    """The port of `component` ("learner", "actor-3", "scorer-1", "scorer-<teacher>-1"), or None when metrics are off.
 
     One base port for every process on a host: learner +0, actor i +1+i, scorer j +1+A+j (A = actor.num_actors), so
     scorers added later (`opd scale`, `--index`) stay clear of the actors. An actor started by hand beyond A would
@@ -68,7 +68,8 @@ def metrics_port(cfg: Config, component: str) -> int | None:
     base = cfg.metrics.port
     if not base:
         return None
-    role, _, index = component.partition("-")
+    role, _, rest = component.partition("-")
+    pool, _, index = rest.rpartition("-")  # "scorer-<teacher>-<i>": a named teacher's pool
     i = int(index or 0)
     actors = cfg.actor.num_actors
     if cfg.metrics.port_layout == "fixed":  # one component per container/host: all serve the same port
@@ -78,7 +79,7 @@ def metrics_port(cfg: Config, component: str) -> int | None:
     elif role == "actor":
         port = base + 1 + i if i < actors else base - 1 - (i - actors)
     elif role == "scorer":
-        port = base + 1 + actors + i
+        port = base + 1 + actors + _pool_offset(cfg, pool) + i
     else:
         return None
     if not 1024 <= port <= 65535:
@@ -88,11 +89,27 @@ def metrics_port(cfg: Config, component: str) -> int | None:
     return port
 
 
+POOL_STRIDE = 100  # ports per named teacher's pool: room for `opd scale` to add scorers without collisions
+
+
+def _pool_offset(cfg: Config, pool: str) -> int:
+    """Scorers of the default teacher start right after the actors, as before; named teachers' pools follow one
+    block of POOL_STRIDE ports each, in config order."""
+    if not pool:
+        return 0
+    names = list(cfg.teacher_pools())
+    if pool not in names:
+        raise ValueError(f"no teacher named {pool!r} for metrics; the run's teachers: {names}")
+    return names.index(pool) * POOL_STRIDE
+
+
 def port_map(cfg: Config) -> dict[str, int]:
     """name -> port of the components `opd run` starts, in launch order."""
     names = ["learner"]
     names += [f"actor-{i}" for i in range(cfg.actor.num_actors)]
-    names += [f"scorer-{j}" for j in range(cfg.scorer.num_scorers)]
+    for teacher, pool in cfg.teacher_pools().items():
+        prefix = "scorer" if cfg.teachers is None else f"scorer-{teacher}"
+        names += [f"{prefix}-{j}" for j in range(pool.scorer.num_scorers)]
     if cfg.metrics.port and cfg.metrics.port_layout == "fixed" and len(names) > 1:
         raise ValueError(
             "metrics.port_layout: fixed gives every component the same port, so they cannot share this host; "

@@ -54,7 +54,10 @@ def _config(tmp_path: Path, cache: Path, broker: dict) -> Path:
     raw["actor"] = {"num_actors": 1, "prompts_per_batch": 4}
     raw["sampling"]["n"] = 2
     raw["scorer"]["batch_size"] = 16
-    raw["learner"] = {**raw.get("learner", {}), "batch_size": 16}  # the brokers' depth 32 holds 16 mixtures' copies
+    raw["learner"] = {
+        **raw.get("learner", {}),
+        "batch_size": 16,
+    }  # the brokers' depth 32 holds 16 mixtures' copies
     raw["weight_sync"] = {"every": 1, "port": free_port(), "host": "127.0.0.1"}
     raw["supervision"] = {"learner_silence_s": 0}  # no learner process: this test plays its part
     raw["broker"] = broker
