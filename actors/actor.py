@@ -80,7 +80,9 @@ class Actor:
         self.broker = open_broker(cfg.broker, stopping=stop)
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.actor.metrics_every_s)
         streams = Streams(cfg.run.run_id)
-        self.scored, self.control = streams.scored, streams.control
+        # every pool's scored stream (one per teacher): what waits for the learner
+        self.scored = [streams.scored_for(name) for name in cfg.teacher_pools()]
+        self.control = streams.control
         # teachers: one rollouts stream per teacher, each trajectory copied to those of its route
         self.router = Router(cfg)
         self.copies_published, self.trajectories_published = 0, 0  # their ratio: the mean fan-out
@@ -177,7 +179,7 @@ class Actor:
         several teachers a mixture trajectory waits as one copy per teacher: the queued copies are divided by
         this actor's mean fan-out (copies per trajectory published), 1 with one teacher."""
         lc = self.cfg.learner
-        copies = sum(self.broker.depth(s) for s in self.router.all_streams()) + self.broker.depth(self.scored)
+        copies = sum(self.broker.depth(s) for s in [*self.router.all_streams(), *self.scored])
         fan_out = self.copies_published / self.trajectories_published if self.trajectories_published else 1.0
         return copies / fan_out / (lc.batch_size * self.cfg.weight_sync.every)
 

@@ -19,18 +19,20 @@ from typing import Any, ClassVar, Protocol
 
 WORK_STREAMS = ("rollouts", "scored")
 LOG_STREAMS = ("control", "metrics", "dead_letter")
-# A teacher's own rollouts stream, `<run>:rollouts:<teacher>` (opd.protocol.Streams.rollouts_for; the name rule is
-# opd.protocol.TEACHER_NAME, repeated here because the broker imports nothing of the project).
-_TEACHER_ROLLOUTS = re.compile(r"(?P<run>.+):rollouts:[a-z][a-z0-9_]{0,31}")
+# A teacher's own work stream, `<run>:rollouts:<teacher>` or `<run>:scored:<teacher>` (opd.protocol.Streams
+# rollouts_for / scored_for; the name rule is opd.protocol.TEACHER_NAME, repeated here because the broker imports
+# nothing of the project).
+_TEACHER_ROLLOUTS = re.compile(r"(?P<run>.+):(?:rollouts|scored):[a-z][a-z0-9_]{0,31}")
 
 
 def is_work_stream(stream: str) -> bool:
-    """A bounded, redelivered work stream: `<run>:rollouts`, `<run>:scored`, or a teacher's `<run>:rollouts:<t>`."""
+    """A bounded, redelivered work stream: `<run>:rollouts`, `<run>:scored`, or a teacher's `<run>:rollouts:<t>` or
+    `<run>:scored:<t>`."""
     return stream.rsplit(":", 1)[-1] in WORK_STREAMS or _TEACHER_ROLLOUTS.fullmatch(stream) is not None
 
 
 def dead_letter_stream(stream: str) -> str:
-    """The run's `dead_letter` stream for an entry of `stream` (a teacher's rollouts too: one per run)."""
+    """The run's `dead_letter` stream for an entry of `stream` (a teacher's rollouts or scored too: one per run)."""
     teacher = _TEACHER_ROLLOUTS.fullmatch(stream)
     return (teacher["run"] if teacher else stream.rsplit(":", 1)[0]) + ":dead_letter"
 

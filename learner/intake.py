@@ -1,4 +1,11 @@
-"""Intake: what turns the `scored` stream into a batch the learner may train on.
+"""Intake: what turns the scored streams into a batch the learner may train on.
+
+One scored stream per teacher (`Streams.scored_for`: just `scored` without a teachers section), read round-robin
+under the learner group; every message is acknowledged (or dead-lettered) on the stream it came from, so a batch
+keeps its broker entries as (stream, message id) (`learner.join.Entry`: ids are unique only within one stream).
+Why not one stream for all teachers: a mixture's copies are held unacknowledged until every teacher's is in, and
+brokers count held entries against broker.max_depth, so a fast teacher's held copies could fill a shared stream
+and block the slow teacher's scorers, whose copies those joins wait for: a deadlock until the join timeout.
 
 A message is decoded and validated (`opd.protocol.decode`, then this learner's contract: temperatures, rewards,
 top-k), deduplicated by trajectory id, and judged by its lag; a bad one is dead-lettered with its reason, a
@@ -39,11 +46,19 @@ from pathlib import Path
 from typing import TypeVar
 
 from broker import Broker
-from learner.join import Copy, Held, Joiner, combine, foreign_teacher, is_joined, is_mixture
+from learner.join import Copy, Entry, Held, Joiner, combine, foreign_teacher, is_joined, is_mixture
 from learner.losses import teacher_term
 from opd.config import Config, LearnerConfig
 from opd.config.teachers import RoutingConfig
-from opd.protocol import ProtocolError, Streams, Trajectory, dead_letter_record, decode, encode
+from opd.protocol import (
+    DEFAULT_TEACHER,
+    ProtocolError,
+    Streams,
+    Trajectory,
+    dead_letter_record,
+    decode,
+    encode,
+)
 from opd.runtime.lifecycle import REPLAYABLE_BYTES, Reporter, log
 
 TEMPERATURE_TOLERANCE = 1e-6
@@ -51,7 +66,8 @@ UNUSABLE = ("too stale", "duplicate", "dead-lettered")  # what a message that is
 STALE_WINDOW = 256  # recent scored messages judged for the too-stale and at-the-limit warnings
 STALE_WARN_SHARE = 0.5  # warn when at least this share of them was too stale (or at the staleness limit)
 STALE_WARN_EVERY_S = 60.0
-POLL_S, MIN_POLL_S = 1.0, 0.01  # the longest and shortest wait of one poll of `scored`
+POLL_S, MIN_POLL_S = 1.0, 0.01  # the longest and shortest wait of one poll of the scored stream(s)
+SWEEP_POLL_S = 0.05  # with several scored streams: the wait on one of them after a sweep of all found nothing
 JOIN_LEDGER = (
     "learner.join_dead_lettered"  # beside the stale ledger: mixtures dead-lettered at their join timeout
 )
@@ -67,7 +83,7 @@ def _timeout_message(timeout_s: float, unusable: dict[str, int], waiting_for: di
     held = (
         f"; {sum(waiting_for.values())} mixture copies held waiting for teacher(s) "
         + ", ".join(f"{n} ({k} trajectories)" for n, k in sorted(waiting_for.items()))
-        + ": is that pool running, and has `scored` room for their copies (broker.max_depth)?"
+        + ": is that pool running, and has its scored stream room for their copies (broker.max_depth)?"
         if waiting_for
         else ""
     )
@@ -189,21 +205,22 @@ class IntakeBatch:
     teacher."""
 
     trajectories: list[Trajectory] = field(default_factory=list)
-    copies: list[tuple[str, ...]] = field(default_factory=list)  # per entry: its broker message ids
+    copies: list[tuple[Entry, ...]] = field(default_factory=list)  # per entry: its broker entries
     payloads: list[bytes] = field(default_factory=list)
     partial: list[bool] = field(default_factory=list)
     _ids: set[str] = field(default_factory=set)  # trajectory ids
-    _message_ids: set[str] = field(default_factory=set)
+    _message_ids: set[Entry] = field(default_factory=set)
 
     def __len__(self) -> int:
         return len(self.trajectories)
 
     @property
-    def message_ids(self) -> list[str]:
+    def message_ids(self) -> list[Entry]:
+        """Every broker entry of the batch, (stream, message id)."""
         return [m for ids in self.copies for m in ids]
 
-    def add(self, t: Trajectory, message_ids: str | tuple[str, ...], payload: bytes, partial=False) -> None:
-        ids = (message_ids,) if isinstance(message_ids, str) else tuple(message_ids)
+    def add(self, t: Trajectory, message_ids: tuple[Entry, ...], payload: bytes, partial=False) -> None:
+        ids = tuple(message_ids)
         self.trajectories.append(t)
         self.copies.append(ids)
         self.payloads.append(payload)
@@ -214,10 +231,10 @@ class IntakeBatch:
     def holds(self, trajectory_id: str) -> bool:
         return trajectory_id in self._ids
 
-    def holds_message(self, message_id: str) -> bool:
+    def holds_message(self, message_id: Entry) -> bool:
         return message_id in self._message_ids
 
-    def drop(self, positions: Container[int]) -> list[tuple[Trajectory, tuple[str, ...], bytes]]:
+    def drop(self, positions: Container[int]) -> list[tuple[Trajectory, tuple[Entry, ...], bytes]]:
         """Remove the entries at `positions`; return them (trajectory, message ids, payload)."""
         rows = list(zip(self.trajectories, self.copies, self.payloads, self.partial, strict=True))
         gone = [r[:3] for i, r in enumerate(rows) if i in positions]
@@ -255,7 +272,8 @@ def _greedy(
 
 
 class Intake:
-    """Consumes `scored` for the learner; see the module docstring for what happens to each message."""
+    """Consumes the scored streams for the learner; see the module docstring for what happens to each message.
+    `teachers`: the run's pools (`Config.teacher_pools()`), one scored stream each."""
 
     def __init__(
         self,
@@ -268,9 +286,11 @@ class Intake:
         stale_ledger: Path,
         stop: Callable[[], bool],
         routing: RoutingConfig | None = None,
+        teachers: list[str] | None = None,
     ):
         self.broker, self.reporter, self.contract, self.cfg = broker, reporter, contract, cfg
-        self.stream = streams.scored
+        self.streams = [streams.scored_for(n) for n in teachers or [DEFAULT_TEACHER]]
+        self._turn = 0  # which scored stream a sweep starts at: each goes first in turn
         self.trained, self.stale_ledger, self.stop = trained, stale_ledger, stop
         stale_ledger.parent.mkdir(parents=True, exist_ok=True)
         # ids dropped as stale: the ledger (a resumed run's included) is the record, so the count is its size
@@ -282,7 +302,7 @@ class Intake:
         # mixtures dead-lettered after their join timed out (a resumed run's included): a late copy is a duplicate
         self.join_ledger = stale_ledger.parent / JOIN_LEDGER
         self.dead_joins: set[str] = _read_ledger(self.join_ledger)
-        self._settled_copies: set[str] = set()  # message ids acknowledged as a duplicate or as stale
+        self._settled_copies: set[Entry] = set()  # entries acknowledged as a duplicate or as stale
         # per recent message: "too stale" (dropped), "at limit" (trained at lag max_staleness) or None (neither)
         self._recent: deque[str | None] = deque(maxlen=STALE_WINDOW)
         self._at_limit = False  # set by _admit: the trajectory it just added was at lag max_staleness
@@ -305,29 +325,58 @@ class Intake:
                     _timeout_message(self.cfg.batch_timeout_s, self._unusable, self.joiner.waiting_for())
                 )
             # dead-lettered, duplicate or too stale: accounted for, so acknowledged now
-            settled: list[str] = []
+            settled: list[Entry] = []
             for outcome in self._expire(version, batch, settled):
                 self._note(outcome)
-            room = want - len(batch)  # joins that timed out may have filled it
-            msgs = (
-                self.broker.consume(
-                    self.stream, Streams.LEARNER_GROUP, Streams.LEARNER_GROUP, room, self._poll_s()
-                )
-                if room
-                else []
-            )
-            for m in msgs:
-                if batch.holds_message(m.id) or self.joiner.holds_message(m.id):
-                    continue  # the same entry again while held here: acknowledged after the step, not a copy
-                if m.id in self._settled_copies:
-                    settled.append(m.id)  # an entry settled before, delivered again: acknowledged again
-                    self._note("duplicate")
-                else:
-                    self._note(self._take(m.id, m.data, version, batch, settled))
-            if settled:
-                self.broker.ack(self.stream, Streams.LEARNER_GROUP, settled)
+            self._poll(version, want, batch, settled)
+            self._ack(settled)
             self._warn_if_mostly_stale()
         return batch
+
+    def _poll(self, version: int, want: int, batch: IntakeBatch, settled: list[Entry]) -> None:
+        """One round over the scored streams, each first in turn. One stream: a blocking read, as before
+        teachers. Several: a read without waiting on each (a stream that has entries never waits behind an
+        empty one), then, if none had any, a short blocking read on the one whose turn it is."""
+        order = self.streams[self._turn :] + self.streams[: self._turn]
+        self._turn = (self._turn + 1) % len(self.streams)
+        if len(order) == 1:
+            self._read(order[0], version, want, batch, settled, self._poll_s())
+            return
+        got = False
+        for stream in order:
+            got = self._read(stream, version, want, batch, settled, 0.0) or got
+        if not got:
+            self._read(order[0], version, want, batch, settled, min(self._poll_s(), SWEEP_POLL_S))
+
+    def _read(
+        self, stream: str, version: int, want: int, batch: IntakeBatch, settled: list[Entry], wait_s: float
+    ) -> bool:
+        """Consume up to the batch's room from `stream` and take each message; whether any came."""
+        room = want - len(batch)  # joins that timed out, or another stream's messages, may have filled it
+        if not room:
+            return False
+        msgs = self.broker.consume(stream, Streams.LEARNER_GROUP, Streams.LEARNER_GROUP, room, wait_s)
+        for m in msgs:
+            entry = (stream, m.id)
+            if batch.holds_message(entry) or self.joiner.holds_message(entry):
+                continue  # the same entry again while held here: acknowledged after the step, not a copy
+            if entry in self._settled_copies:
+                settled.append(entry)  # an entry settled before, delivered again: acknowledged again
+                self._note("duplicate")
+            else:
+                self._note(self._take(entry, m.data, version, batch, settled))
+        return bool(msgs)
+
+    def _ack(self, entries: list[Entry]) -> None:
+        """Acknowledge `entries`, each on the stream it came from."""
+        by_stream: dict[str, list[str]] = {}
+        for stream, message_id in entries:
+            by_stream.setdefault(stream, []).append(message_id)
+        for stream, ids in by_stream.items():
+            self.broker.ack(stream, Streams.LEARNER_GROUP, ids)
+
+    def _dead_letter(self, entry: Entry, payload: bytes, reason: str) -> None:
+        self.reporter.dead_letter(entry[0], entry[1], payload, reason)
 
     def _poll_s(self) -> float:
         """How long one poll may wait: POLL_S, or less so that a held mixture's join times out on time."""
@@ -395,15 +444,15 @@ class Intake:
         culprits = dict(sorted(culprits.items()))
         gone = batch.drop(culprits)
         for (_t, message_ids, payload), reason in zip(gone, culprits.values(), strict=True):
-            self.reporter.dead_letter(self.stream, message_ids[0], payload, reason)  # a joined one: once
+            self._dead_letter(message_ids[0], payload, reason)  # a joined one: once
             self._count_joined(len(message_ids) - 1)
-        self.broker.ack(self.stream, Streams.LEARNER_GROUP, [m for g in gone for m in g[1]])
+        self._ack([m for g in gone for m in g[1]])
         return collate(batch.trajectories) if len(batch) else None
 
     def ack(self, batch: IntakeBatch) -> None:
         """After the optimiser step (and the replay log): the broker may forget these now. A joined mixture's
         copies beyond the first count as joined copies, one joined without every teacher as a partial join."""
-        self.broker.ack(self.stream, Streams.LEARNER_GROUP, batch.message_ids)
+        self._ack(batch.message_ids)
         self._count_joined(len(batch.message_ids) - len(batch), partial_joins=sum(batch.partial))
 
     def _count_joined(self, copies: int, partial_joins: int = 0) -> None:
@@ -412,7 +461,7 @@ class Intake:
             self.reporter.add(**{k: v for k, v in deltas.items() if v})
 
     def _take(
-        self, message_id: str, data: bytes, version: int, batch: IntakeBatch, settled: list[str]
+        self, message_id: Entry, data: bytes, version: int, batch: IntakeBatch, settled: list[Entry]
     ) -> str | None:
         """Add the message to `batch` (None), hold it for a join ("held") or account for it at once (which of
         UNUSABLE it was; its id, with any copies it settles, into `settled`)."""
@@ -424,7 +473,7 @@ class Intake:
             if isinstance(exc, TemperatureMismatch):
                 self.reporter.add(temperature_mismatch=1)
             reason = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
-            self.reporter.dead_letter(self.stream, message_id, data, reason)
+            self._dead_letter(message_id, data, reason)
             settled.append(message_id)
             return "dead-lettered"
         if t.id in self.trained or batch.holds(t.id) or t.id in self.dropped_stale or t.id in self.dead_joins:
@@ -433,7 +482,7 @@ class Intake:
             return self._join(Copy(message_id, data, t), version, batch, settled)
         return self._admit(t, (message_id,), data, version, batch, settled)
 
-    def _duplicate(self, message_id: str, settled: list[str]) -> str:
+    def _duplicate(self, message_id: Entry, settled: list[Entry]) -> str:
         self.reporter.add(duplicates_skipped=1)
         self._settled_copies.add(message_id)
         settled.append(message_id)
@@ -442,11 +491,11 @@ class Intake:
     def _admit(
         self,
         t: Trajectory,
-        message_ids: tuple[str, ...],
+        message_ids: tuple[Entry, ...],
         payload: bytes,
         version: int,
         batch: IntakeBatch,
-        settled: list[str],
+        settled: list[Entry],
         partial: bool = False,
     ) -> str | None:
         """A trajectory (a joined mixture: the broker entries of all its copies) into `batch`, or dropped as too
@@ -465,7 +514,7 @@ class Intake:
         return None
 
     # -------------------------------------------------------------------------------- several teachers
-    def _join(self, copy: Copy, version: int, batch: IntakeBatch, settled: list[str]) -> str | None:
+    def _join(self, copy: Copy, version: int, batch: IntakeBatch, settled: list[Entry]) -> str | None:
         """One copy of a mixture into the join (learner/join.py); the joined trajectory into `batch` once every
         teacher of its route has sent its copy."""
         offer = self.joiner.offer(copy)
@@ -474,18 +523,18 @@ class Intake:
         if offer.outcome == "duplicate":
             return self._duplicate(copy.message_id, settled)
         if offer.outcome == "dead-lettered":
-            self.reporter.dead_letter(self.stream, copy.message_id, copy.payload, offer.reason)
+            self._dead_letter(copy.message_id, copy.payload, offer.reason)
             settled.append(copy.message_id)
             return "dead-lettered"
         return self._admit_joined(offer.held, version, batch, settled, partial=False)
 
     def _admit_joined(
-        self, held: Held, version: int, batch: IntakeBatch, settled: list[str], partial: bool
+        self, held: Held, version: int, batch: IntakeBatch, settled: list[Entry], partial: bool
     ) -> str | None:
         joined = combine({n: c.trajectory for n, c in held.copies.items()}, held.route)
         return self._admit(joined, tuple(held.message_ids), encode(joined), version, batch, settled, partial)
 
-    def _expire(self, version: int, batch: IntakeBatch, settled: list[str]) -> list[str | None]:
+    def _expire(self, version: int, batch: IntakeBatch, settled: list[Entry]) -> list[str | None]:
         """Mixtures held for routing.join_timeout_s: trained on the teachers present (weights renormalised; at
         most as many as the batch has room for, the rest wait for the next batch) or dead-lettered, by
         routing.on_join_timeout. Their outcomes, as `_take`'s."""
@@ -510,13 +559,13 @@ class Intake:
         dead-lettered and its other copies as joined copies; its id into the join ledger, so a late copy (this
         incarnation or a resumed one) is a duplicate."""
         first, *rest = [held.copies[n] for n in sorted(held.copies)]
-        self.reporter.dead_letter(self.stream, first.message_id, first.payload, reason)
+        self._dead_letter(first.message_id, first.payload, reason)
         for c in rest:  # the records without the counter: the trajectory is one dead letter
             record = dead_letter_record(
                 self.reporter.component,
                 reason,
-                stream=self.stream,
-                message_id=c.message_id,
+                stream=c.message_id[0],
+                message_id=c.message_id[1],
                 size=len(c.payload),
                 head=c.payload[:256],
                 trajectory_id=held.id,

@@ -1,8 +1,8 @@
 """Several teachers: a mixture trajectory's scored copies joined by trajectory id into one trajectory to train.
 
 An actor stamps each trajectory with its route (`teacher_weights`: teacher -> weight, summing to 1) and sends it to
-every routed teacher's pool; each pool's scorer stamps its copy with `teacher_name` and publishes it on the one
-`scored` stream. A route of one teacher is trained as before. A route of several is a mixture: the learner holds
+every routed teacher's pool; each pool's scorer stamps its copy with `teacher_name` and publishes it on its
+teacher's own scored stream (`Streams.scored_for`), which the learner reads round-robin. A route of one teacher is trained as before. A route of several is a mixture: the learner holds
 its copies, unacknowledged, until one from every teacher of the route is here (`Joiner`), then trains the
 combination (`combine`) as ONE trajectory and acknowledges every copy after the optimiser step.
 
@@ -41,13 +41,16 @@ import numpy as np
 from opd.protocol import MAX_TEACHER_ID_LEN, Trajectory
 
 JOIN_TIMEOUT_POLICIES = ("train_present", "dead_letter")
+# a broker entry: (stream, message id). Each teacher's copies come on its own scored stream, and a broker's message
+# ids are unique only within one stream (the zmq broker counts from 1 in each), so an entry needs both.
+Entry = tuple[str, str]
 
 
 @dataclass(frozen=True)
 class Copy:
     """One teacher's scored copy as it arrived: its broker entry, raw bytes and decoded trajectory."""
 
-    message_id: str
+    message_id: Entry  # opaque here: the join only keys on it
     payload: bytes
     trajectory: Trajectory
 
@@ -69,7 +72,7 @@ class Held:
         return sorted(set(self.route) - set(self.copies))
 
     @property
-    def message_ids(self) -> list[str]:
+    def message_ids(self) -> list[Entry]:
         return [self.copies[n].message_id for n in sorted(self.copies)]
 
 
@@ -175,12 +178,12 @@ class Joiner:
     def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic):
         self.timeout_s, self.clock = timeout_s, clock
         self.held: dict[str, Held] = {}  # trajectory id -> its copies so far
-        self._message_ids: set[str] = set()
+        self._message_ids: set[Entry] = set()
 
     def __len__(self) -> int:
         return len(self.held)
 
-    def holds_message(self, message_id: str) -> bool:
+    def holds_message(self, message_id: Entry) -> bool:
         """The entry is held here: delivered again (a broker's redelivery), it is the same copy, not another."""
         return message_id in self._message_ids
 

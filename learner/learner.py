@@ -134,6 +134,7 @@ class Learner:
             stale_ledger=self.files.ledger / "learner.dropped_stale",
             stop=stop,
             routing=cfg.routing,
+            teachers=list(cfg.teacher_pools()),
         )
         s = self.student
         self.evaluator = Evaluator(cfg, s.model, s.tokenizer, s.engine.gathered, tasks.eval_set(cfg.task))

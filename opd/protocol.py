@@ -11,6 +11,7 @@ import math
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -433,6 +434,19 @@ class Streams:
     @property
     def scored(self) -> str:
         return self.name("scored")
+
+    def scored_for(self, teacher: str) -> str:
+        """The stream a teacher's pool publishes its scored copies on: `scored` for the one teacher of a run
+        without a teachers section, `scored:<teacher>` for a named one. One per teacher, each bounded on its own:
+        the learner holds a mixture's copies unacknowledged until every teacher's is in, so on one shared stream
+        a fast teacher's held copies could fill it and block the slow teacher's scorers, whose copies the joins
+        wait for (a deadlock until routing.join_timeout_s)."""
+        return self.scored if teacher == DEFAULT_TEACHER else self.name(f"scored:{teacher}")
+
+    def for_teachers(self, kind: str, teachers: Iterable[str]) -> list[str]:
+        """Each teacher's stream of work `kind` ("rollouts" or "scored"): what a queue's depth sums over."""
+        per_teacher = {"rollouts": self.rollouts_for, "scored": self.scored_for}[kind]
+        return [per_teacher(t) for t in teachers]
 
     @property
     def control(self) -> str:

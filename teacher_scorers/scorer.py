@@ -185,7 +185,7 @@ class Scorer:
         streams = Streams(cfg.run.run_id)
         self.rollouts, self.scored, self.control = (
             streams.rollouts_for(teacher),
-            streams.scored,
+            streams.scored_for(teacher),
             streams.control,
         )
         self.max_bytes = int(cfg.broker.max_message_mb * (1 << 20))

@@ -126,8 +126,9 @@ class Config(Strict):
         versions old when trained, inside the default learner.max_staleness of 4; a fixed 256 with a 64-sample
         batch had 95% of samples trained at the limit and many dropped."""
         if self.broker.max_depth is None:
-            # x the widest route: a mixture's copies wait together in `scored` until joined
-            self.broker.max_depth = self.learner.batch_size * DEPTH_PER_BATCH * self.routing.widest_route()
+            # per stream: with several teachers each has its own scored stream, where a batch's mixtures hold
+            # one copy each (Streams.scored_for), so one batch per stream suffices there too
+            self.broker.max_depth = self.learner.batch_size * DEPTH_PER_BATCH
         return self
 
     @model_validator(mode="after")
@@ -273,17 +274,19 @@ class Config(Strict):
                     )
 
     def _depth_fits_joins(self) -> None:
-        """A mixture's scored copies wait, unacknowledged, in `scored` until every teacher's copy is there, and
-        the broker counts them against broker.max_depth: a batch of B mixtures of M teachers needs M x B entries
-        at once, so a smaller depth could never fill a batch (the learner would stop at batch_timeout_s)."""
-        widest = self.routing.widest_route()
-        need = self.learner.batch_size * widest
-        if widest > 1 and self.broker.max_depth < need:
+        """A mixture's scored copies wait, unacknowledged, until every teacher's copy is there, and the broker
+        counts them against broker.max_depth. Each teacher publishes on its own scored stream
+        (Streams.scored_for), so a batch of B mixtures holds B copies in each teacher's stream: a depth below B
+        could never fill a batch (the learner would stop at batch_timeout_s). B suffices: a fast teacher fills
+        only its own stream, and the learner keeps reading the others, whose copies complete the joins (with one
+        stream for all teachers, M x B was needed and still not enough: a fast teacher's held copies could fill
+        it and block the partners' scorers, a deadlock until routing.join_timeout_s)."""
+        need = self.learner.batch_size
+        if self.routing.widest_route() > 1 and self.broker.max_depth < need:
             raise ValueError(
-                f"broker.max_depth={self.broker.max_depth} is less than learner.batch_size x the widest route's "
-                f"teachers ({self.learner.batch_size} x {widest} = {need}): a batch of mixtures could never be "
-                f"joined (their copies wait in the scored stream); set broker.max_depth: {need} or more, or leave "
-                "it unset"
+                f"broker.max_depth={self.broker.max_depth} is less than learner.batch_size={need}: a batch of "
+                "mixtures could never be joined (each teacher's scored stream holds one copy of every mixture "
+                f"of the batch until it is trained); set broker.max_depth: {need} or more, or leave it unset"
             )
 
     def _devices_fit_weight_sync(self) -> None:

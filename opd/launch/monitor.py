@@ -248,9 +248,12 @@ class Monitor:
         rates = {k: rate(before.get(k, {}), v, now - (then or self.started)) for k, v in counts.items()}
         self.state.last_status = (now, counts)
         try:
-            depth = (
-                f"queue {self.broker.depth(self.streams.rollouts)}/{self.broker.depth(self.streams.scored)}"
+            teachers = list(self.cfg.teacher_pools())  # each queue: the sum over its teachers' streams
+            rollouts, scored = (
+                sum(self.broker.depth(x) for x in self.streams.for_teachers(kind, teachers))
+                for kind in ("rollouts", "scored")
             )
+            depth = f"queue {rollouts}/{scored}"
         except BrokerUnavailable:  # the status line is for the eye: a broker outage must not end the launcher
             depth = "queue ?/? (broker unavailable)"
         acc = f" acc {self.state.eval_accuracy:.3f}" if self.state.eval_accuracy is not None else ""

@@ -260,6 +260,7 @@ class StreamReader:
         quick = cfg.broker.model_copy(update={"request_timeout_s": CONNECT_TIMEOUT_S})
         self.broker = open_broker(quick)
         self.run_id = cfg.run.run_id
+        self.teachers = list(cfg.teacher_pools())  # a queue's depth: the sum over its teachers' streams
         self.stream = Streams(self.run_id).metrics
         self.group = f"top-{socket.gethostname()}-{os.getpid()}"
 
@@ -275,7 +276,10 @@ class StreamReader:
                 self.broker.ack(self.stream, self.group, [m.id for m in msgs])
             if len(msgs) < READ_BATCH:
                 break
-        state.depths = {s: self.broker.depth(Streams(self.run_id).name(s)) for s in WORK_STREAMS}
+        streams = Streams(self.run_id)
+        state.depths = {
+            s: sum(self.broker.depth(x) for x in streams.for_teachers(s, self.teachers)) for s in WORK_STREAMS
+        }
 
     def close(self) -> None:
         try:  # a broker keeps a group until told (Redis): leave no trace per viewer

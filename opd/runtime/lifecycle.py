@@ -19,7 +19,14 @@ from broker import Broker
 from broker.base import WORK_STREAMS
 from opd.config import Config
 from opd.config.redact import redact_text
-from opd.protocol import Streams, dead_letter_record, metrics_record, trajectory_id, unpack_control
+from opd.protocol import (
+    DEFAULT_TEACHER,
+    Streams,
+    dead_letter_record,
+    metrics_record,
+    trajectory_id,
+    unpack_control,
+)
 from opd.runtime.broker import open_broker
 from opd.runtime.prometheus import exporter_for
 
@@ -105,6 +112,7 @@ class Reporter:
         self.started = time.time()
         self._last = 0.0
         self.run_id = cfg.run.run_id
+        self.teachers = list(cfg.teacher_pools())  # one rollouts and one scored stream each
         self.identity = {
             "incarnation": secrets.token_hex(8),
             "pid": os.getpid(),
@@ -128,13 +136,24 @@ class Reporter:
 
     def queue_depths(self) -> dict[str, int]:
         """The work queues' depths now, by stream kind: the learner writes them into each step record, so the
-        run's report can plot queue depth against the step (not only Prometheus, which a small run may not have)."""
-        return {s: self.broker.depth(self.streams.name(s)) for s in WORK_STREAMS}
+        run's report can plot queue depth against the step (not only Prometheus, which a small run may not have).
+        With several teachers each kind is the sum over the teachers' streams, and each teacher's own depth is
+        there too, as `<kind>:<teacher>` (a pool falling behind shows as its own queue growing)."""
+        per = {
+            (kind, t): self.broker.depth(stream)
+            for kind in WORK_STREAMS
+            for t, stream in zip(self.teachers, self.streams.for_teachers(kind, self.teachers), strict=True)
+        }
+        depths = {kind: sum(d for (k, _), d in per.items() if k == kind) for kind in WORK_STREAMS}
+        if self.teachers != [DEFAULT_TEACHER]:
+            depths.update({f"{kind}:{t}": d for (kind, t), d in per.items()})
+        return depths
 
     def export_step(self, record: dict[str, Any]) -> None:
         """The learner's per-step record for Prometheus, with the queue depths it carries (`queue_<kind>`)."""
         if self.exporter is not None:
-            depths = {s: record[f"queue_{s}"] for s in WORK_STREAMS if f"queue_{s}" in record}
+            kinds = [*WORK_STREAMS, *(f"{k}:{t}" for k in WORK_STREAMS for t in self.teachers)]
+            depths = {s: record[f"queue_{s}"] for s in kinds if f"queue_{s}" in record}
             self.exporter.step(record, depths)
 
     def maybe_send(self, force: bool = False, **extra: Any) -> None:

@@ -144,17 +144,20 @@ class _Learner:
 
         self.broker = open_broker(cfg.broker)
         self.streams = Streams(cfg.run.run_id)
+        self.scored = self.streams.for_teachers("scored", cfg.teacher_pools())  # one per teacher
         self.publisher = _publisher(cfg, self.broker)
         self.copies: dict[str, list] = defaultdict(list)
 
     def drain(self) -> None:
         from opd.protocol import Streams, decode
 
-        msgs = self.broker.consume(self.streams.scored, Streams.LEARNER_GROUP, "learner", 64, 0.2)
-        for m in msgs:
-            t = decode(m.data, require_scored=True)
-            self.copies[t.id].append(t)
-        self.broker.ack(self.streams.scored, Streams.LEARNER_GROUP, [m.id for m in msgs])
+        for stream in self.scored:
+            msgs = self.broker.consume(stream, Streams.LEARNER_GROUP, "learner", 64, 0.1)
+            for m in msgs:
+                t = decode(m.data, require_scored=True)
+                assert stream == self.streams.scored_for(t.teacher_name)  # each pool on its own stream
+                self.copies[t.id].append(t)
+            self.broker.ack(stream, Streams.LEARNER_GROUP, [m.id for m in msgs])
         self.publisher.catch_up(0)  # what the learner's loop does: keeps the store's records repaired
 
     def complete(self) -> set[str]:
@@ -223,6 +226,7 @@ def test_each_trajectory_is_scored_by_the_teachers_of_its_route(tmp_path, asset_
     _check_routes(cfg, copies, paths)
     for name in ("adder", "speller"):  # a teacher's stream is a work stream: what was scored is gone from it
         assert learner.broker.depth(learner.streams.rollouts_for(name)) == 0
+        assert learner.broker.depth(learner.streams.scored_for(name)) == 0
     _check_dead_letter(cfg, foreign)
     final = _final_actor_record(cfg)  # the actor's counters: each trajectory once, each copy once
     assert final["trajectories_generated"] == len(generated)

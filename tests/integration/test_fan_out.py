@@ -41,7 +41,18 @@ def test_a_full_stream_waits_alone_and_a_stop_reports_what_each_stream_took(zmq_
 def test_a_teachers_rollouts_stream_is_a_work_stream_of_its_run():
     """Bounded, deleted when acknowledged, redelivered (Redis), its poison records in the run's dead_letter."""
     streams = Streams("run-1")
-    for stream in (streams.rollouts, streams.rollouts_for("adder"), streams.scored):
+    for stream in (
+        streams.rollouts,
+        streams.rollouts_for("adder"),
+        streams.scored,
+        streams.scored_for("adder"),
+    ):
         assert is_work_stream(stream) and dead_letter_stream(stream) == streams.dead_letter
-    for stream in (streams.control, streams.metrics, streams.dead_letter, "run-1:rollouts:Not-A-Teacher"):
+    for stream in (
+        streams.control,
+        streams.metrics,
+        streams.dead_letter,
+        "run-1:rollouts:Not-A-Teacher",
+        "run-1:scored:X",
+    ):
         assert not is_work_stream(stream)

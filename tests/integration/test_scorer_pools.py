@@ -1,6 +1,7 @@
 """A scorer of one teacher's pool (teacher_scorers/scorer.py Scorer(cfg, i, stop, teacher=NAME)) through its real
 handling path, a real tiny teacher and a real zmq broker process: it consumes its teacher's own rollouts stream,
-scores what is routed to it (a mixture included) and stamps its name on the copy, and dead-letters a rollout routed
+scores what is routed to it (a mixture included), stamps its name on the copy and publishes it on its teacher's own
+scored stream, and dead-letters a rollout routed
 elsewhere or not routed at all, with the reason; the other teacher's stream is left alone."""
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def test_a_pools_scorer_scores_its_routes_and_dead_letters_the_rest(quick_models
     assert scorer.name == "scorer-speller-1" and scorer.cfg.scorer.batch_size == 8  # the pool's own settings
     streams, broker = Streams("pools"), scorer.broker
     assert scorer.rollouts == streams.rollouts_for("speller")
+    assert scorer.scored == streams.scored_for("speller") == "pools:scored:speller"  # its teacher's own
     mine, mixed = _rollout({"speller": 1.0}), _rollout({"adder": 0.25, "speller": 0.75})
     theirs, unrouted = _rollout({"adder": 1.0}), _rollout(None)
     broker.publish(scorer.rollouts, [encode(t) for t in (mine, theirs, mixed, unrouted)])
@@ -45,8 +47,10 @@ def test_a_pools_scorer_scores_its_routes_and_dead_letters_the_rest(quick_models
     msgs = broker.consume(scorer.rollouts, Streams.SCORERS_GROUP, scorer.name, 8, 1.0)
     assert len(msgs) == 4 and scorer.handle(msgs)
     scored = [
-        decode(m.data, require_scored=True) for m in broker.consume(streams.scored, "learner", "l", 8, 1.0)
+        decode(m.data, require_scored=True)
+        for m in broker.consume(streams.scored_for("speller"), "learner", "l", 8, 1.0)
     ]
+    assert broker.depth(streams.scored) == 0 and broker.depth(streams.scored_for("adder")) == 0
     assert sorted(t.id for t in scored) == sorted([mine.id, mixed.id])
     assert {t.teacher_name for t in scored} == {"speller"} and mixed.id in {t.id for t in scored}
     assert broker.depth(scorer.rollouts) == 0 and broker.depth(streams.rollouts_for("adder")) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from broker.base import dead_letter_stream, is_work_stream
 from opd.config import ConfigError, load_config
 from opd.config import teachers as config_teachers
 from opd.protocol import TEACHER_NAME, ProtocolError, Streams, Trajectory, decode, encode
@@ -115,12 +116,18 @@ def test_a_pool_sees_the_config_with_its_own_teacher_and_scorer():
         cfg.for_teacher("nobody")
 
 
-def test_the_scored_depth_holds_a_batch_of_mixtures():
+def test_each_teachers_scored_stream_holds_a_batch_of_mixtures():
+    # one scored stream per teacher: a batch of 8 mixtures holds 8 copies in each, so the derived depth is one
+    # batch whatever the route's width, and a depth below the batch is refused
     mix = [*TWO, "routing.default={adder: 1, speller: 1}", "learner.batch_size=8"]
-    assert load_config(None, mix).broker.max_depth == 16  # 8 trajectories x 2 copies wait to be joined
+    assert load_config(None, mix).broker.max_depth == 8
     assert load_config(None, [*TWO, "routing.default=adder", "learner.batch_size=8"]).broker.max_depth == 8
-    with pytest.raises(ConfigError, match=r"broker.max_depth=8 is less than .* \(8 x 2 = 16\)"):
-        load_config(None, [*mix, "broker.max_depth=8"])
+    assert load_config(None, [*mix, "broker.max_depth=8"]).broker.max_depth == 8
+    with pytest.raises(ConfigError, match=r"broker.max_depth=7 is less than learner.batch_size=8"):
+        load_config(None, [*mix, "broker.max_depth=7"])
+    streams = Streams("run")
+    assert streams.scored_for("default") == "run:scored" and streams.scored_for("adder") == "run:scored:adder"
+    assert is_work_stream("run:scored:adder") and dead_letter_stream("run:scored:adder") == "run:dead_letter"
 
 
 def test_every_teacher_scores_at_the_runs_temperature():

@@ -1,0 +1,117 @@
+"""One scored stream per teacher, on real brokers (zmq and Redis): a fast teacher cannot block the copies that
+the learner's held mixtures wait for.
+
+The learner holds a mixture's copies unacknowledged until every teacher's is in, and a broker counts held entries
+against broker.max_depth. Here one teacher's copies of a whole batch all arrive before any of the other's, and the
+batch's copies (2 x 20) are more than max_depth (32): on one shared scored stream the second teacher's scorer
+would block in publish_with_backpressure once the first teacher's held copies and 12 of its own filled it, and the
+batch would never fill (the intake gives up at learner.batch_timeout_s). With a stream per teacher each holds 20.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from broker.base import publish_with_backpressure
+from broker.redis import RedisBroker
+from broker.zmq import ZmqBroker
+from learner.intake import Contract, Intake
+from learner.state import TrainedLedger
+from opd.config import load_config
+from opd.protocol import Streams, encode
+from opd.runtime.lifecycle import Reporter, StopFlag
+from tests.unit.test_join import copies_of
+
+RUN_ID = "scored-streams"
+VOCAB = 16
+MAX_DEPTH = 32  # the zmq_broker fixture's
+BATCH = 20  # each teacher's copies of the batch fit in its own stream; both together (40) exceed MAX_DEPTH
+TEACHERS = ("alpha", "beta")
+
+
+@pytest.fixture(params=["zmq", "redis"])
+def connect(request):
+    """A factory of clients of one real broker (one client per thread, as the components have)."""
+    made = []
+    if request.param == "zmq":
+        address = request.getfixturevalue("zmq_broker")
+
+        def new():
+            made.append(ZmqBroker(address, request_timeout_s=10.0))
+            return made[-1]
+    else:
+        url = request.getfixturevalue("redis_server").url
+
+        def new():
+            made.append(RedisBroker(url, max_depth=MAX_DEPTH, request_timeout_s=10.0))
+            return made[-1]
+
+    yield new
+    for client in made:
+        client.close()
+
+
+def _scorer(connect, teacher: str, copies: list, after: threading.Event | None, done: threading.Event, stop):
+    """A teacher's scorer publishing its copies as a scorer does (backpressure while its stream is full), once
+    `after` is set: the other teacher's copies all went first."""
+
+    def run():
+        client = connect()
+        if after is not None:
+            after.wait()
+        stream = Streams(RUN_ID).scored_for(teacher)
+        publish_with_backpressure(client, stream, [encode(t) for t in copies], should_stop=stop)
+        done.set()
+
+    thread = threading.Thread(target=run, name=f"scorer-{teacher}", daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_fast_teachers_copies_do_not_block_the_joins_of_a_batch(connect, tmp_path):
+    cfg = load_config(
+        None,
+        [f"run.run_id={RUN_ID}", f"learner.batch_size={BATCH}", "learner.batch_timeout_s=10"]
+        + ["routing.join_timeout_s=300", "routing.on_join_timeout=dead_letter"],
+    )
+    client = connect()
+    reporter = Reporter(client, cfg, "learner", 0.0)
+    trained = TrainedLedger()
+    intake = Intake(
+        client,
+        reporter,
+        Streams(RUN_ID),
+        Contract.of(cfg, VOCAB, needs_rewards=False, needs_topk=False),
+        cfg.learner,
+        trained,
+        tmp_path / "ledger" / "learner.dropped_stale",
+        StopFlag(),
+        routing=cfg.routing,
+        teachers=list(TEACHERS),
+    )
+    mixtures = [copies_of({"alpha": 0.5, "beta": 0.5}) for _ in range(BATCH)]
+    stopped = threading.Event()
+    alpha_done, beta_done = threading.Event(), threading.Event()
+    threads = [
+        _scorer(connect, "alpha", [m["alpha"] for m in mixtures], None, alpha_done, stopped.is_set),
+        _scorer(connect, "beta", [m["beta"] for m in mixtures], alpha_done, beta_done, stopped.is_set),
+    ]
+    try:
+        batch = intake.next_batch(version=3)
+    finally:
+        stopped.set()
+        for t in threads:
+            t.join(timeout=10)
+
+    assert alpha_done.is_set() and beta_done.is_set()
+    assert sorted(t.id for t in batch.trajectories) == sorted(m["alpha"].id for m in mixtures)
+    assert all(t.teacher_weights == {"alpha": 0.5, "beta": 0.5} for t in batch.trajectories)
+    streams = [Streams(RUN_ID).scored_for(n) for n in TEACHERS]
+    assert {s for s, _ in batch.message_ids} == set(streams) and len(batch.message_ids) == 2 * BATCH
+    assert [client.depth(s) for s in streams] == [BATCH, BATCH]  # held until the step
+    trained.extend(t.id for t in batch.trajectories)
+    intake.ack(batch)  # each copy acknowledged on its own teacher's stream
+    assert [client.depth(s) for s in streams] == [0, 0]
+    assert reporter.counters["joined_copies"] == BATCH
