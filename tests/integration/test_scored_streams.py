@@ -115,3 +115,25 @@ def test_a_fast_teachers_copies_do_not_block_the_joins_of_a_batch(connect, tmp_p
     intake.ack(batch)  # each copy acknowledged on its own teacher's stream
     assert [client.depth(s) for s in streams] == [0, 0]
     assert reporter.counters["joined_copies"] == BATCH
+
+
+def test_the_learners_queue_depths_sum_the_teachers_streams_and_name_each(zmq_broker):
+    """What the learner writes into each step record (`queue_<kind>`, opd_queue_depth): the sum over the teachers'
+    streams, and each teacher's own (`<kind>:<teacher>`), so a pool falling behind shows as its own queue."""
+    teachers = "teachers={adder: {model: {sft_steps: 0}}, speller: {model: {sft_steps: 0}}}"
+    cfg = load_config(None, [f"run.run_id={RUN_ID}", teachers, "routing.default={adder: 1, speller: 1}"])
+    client = ZmqBroker(zmq_broker, request_timeout_s=10.0)
+    streams = Streams(RUN_ID)
+    client.publish(streams.scored_for("adder"), [b"a"] * 3)
+    client.publish(streams.scored_for("speller"), [b"s"])
+    client.publish(streams.rollouts_for("speller"), [b"r"] * 2)
+    depths = Reporter(client, cfg, "learner", 0.0).queue_depths()
+    assert depths == {
+        "rollouts": 2, "scored": 4, "rollouts:adder": 0, "rollouts:speller": 2, "scored:adder": 3,
+        "scored:speller": 1,
+    }  # fmt: skip
+    assert Reporter(client, load_config(None, [f"run.run_id={RUN_ID}"]), "learner", 0.0).queue_depths() == {
+        "rollouts": 0,
+        "scored": 0,
+    }  # fmt: skip  (without teachers: the one teacher's `rollouts` and `scored`, as before)
+    client.close()
