@@ -11,6 +11,7 @@ batch would never fill (the intake gives up at learner.batch_timeout_s). With a 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -136,4 +137,37 @@ def test_the_learners_queue_depths_sum_the_teachers_streams_and_name_each(zmq_br
         "rollouts": 0,
         "scored": 0,
     }  # fmt: skip  (without teachers: the one teacher's `rollouts` and `scored`, as before)
+    client.close()
+
+
+def test_a_dead_lettered_copy_is_replayed_to_its_teachers_own_stream(redis_server, tmp_path):
+    """`opd dead-letter replay` re-publishes a record to the stream it came from: a copy the learner refused on
+    teacher beta's stream goes back there, where the learner reads it again (not to a `scored` nobody reads)."""
+    import io
+
+    from opd.launch.deadletter import replay_dead_letters
+
+    cfg = load_config(
+        None,
+        [f"run.run_id={RUN_ID}", "broker.type=redis", f"broker.url={redis_server.url}"]
+        + ["learner.batch_size=1", "learner.batch_timeout_s=10"],
+    )
+    client = RedisBroker(redis_server.url, max_depth=MAX_DEPTH, request_timeout_s=10.0)
+    reporter = Reporter(client, cfg, "learner", 0.0)
+    intake = Intake(
+        client, reporter, Streams(RUN_ID), Contract.of(cfg, VOCAB, needs_rewards=False, needs_topk=False),
+        cfg.learner, TrainedLedger(), tmp_path / "ledger" / "learner.dropped_stale", StopFlag(),
+        routing=cfg.routing, teachers=list(TEACHERS),
+    )  # fmt: skip
+    beta = Streams(RUN_ID).scored_for("beta")
+    # routed to alpha, scored by beta: refused on beta's stream
+    stray = replace(copies_of({"alpha": 1.0})["alpha"], teacher_name="beta")
+    client.publish(beta, [encode(stray)])
+    intake.stop = lambda: reporter.counters.get("dead_lettered", 0) >= 1
+    assert len(intake.next_batch(version=3)) == 0
+    assert client.depth(beta) == 0  # dead-lettered, so acknowledged on beta's stream
+    assert replay_dead_letters(cfg, None, out=io.StringIO()) == 1
+    assert client.depth(beta) == 1 and client.depth(Streams(RUN_ID).scored) == 0
+    [(_, data)] = client.entries(beta)
+    assert data == encode(stray)
     client.close()
