@@ -67,7 +67,8 @@ STALE_WINDOW = 256  # recent scored messages judged for the too-stale and at-the
 STALE_WARN_SHARE = 0.5  # warn when at least this share of them was too stale (or at the staleness limit)
 STALE_WARN_EVERY_S = 60.0
 POLL_S, MIN_POLL_S = 1.0, 0.01  # the longest and shortest wait of one poll of the scored stream(s)
-SWEEP_POLL_S = 0.05  # with several scored streams: the wait on one of them after a sweep of all found nothing
+SWEEP_POLL_S = 0.1  # several scored streams: the wait on one after a sweep of all found nothing (each read
+# of a Redis work stream also scans for idle entries to reclaim: a shorter wait would mostly add broker load)
 JOIN_LEDGER = (
     "learner.join_dead_lettered"  # beside the stale ledger: mixtures dead-lettered at their join timeout
 )
