@@ -198,9 +198,11 @@ class Learner:
                 p.version += 1
                 record.update(self.publisher.send(p.version))
             self._evaluate(record)
-            if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
-                record["checkpoint"] = self.save_checkpoint().name
+            # Logged before the checkpoint: a crash while it is written (or after) then resumes from the previous
+            # checkpoint and replays this step, or from this one, whose step is already in metrics.jsonl.
             self._log(record)
+            if cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
         self.finish()
 
     def _while_waiting(self, version: int) -> None:

@@ -3,8 +3,8 @@
 `python tests/rank_probe.py CONFIG [overrides]` reads the rank from the environment (RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT, LOCAL_RANK: torchrun's and Slurm scripts' names), joins the learner group through the
 production code (learner.ranks.rendezvous, RankGroup.join), receives rank 0's bytes, gathers every rank's, and
-prints one JSON line. tests/integration/test_deploy_ranks.py runs it under torchrun with the docker-compose
-learner service's flags.
+prints one JSON line (and writes it to $OPD_PROBE_OUT/rank-N.json when that is set). tests/e2e/test_compose_ranks.py
+runs it under torchrun with the docker-compose learner service's flags.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ def main() -> None:
         line = {"rank": rv.rank, "world": rv.world, "local_rank": rv.local_rank, "addr": rv.addr,
                 "port": rv.port, "got": got, "ranks": ranks, "agent_store": os.environ.get("TORCHELASTIC_USE_AGENT_STORE")}  # fmt: skip
         print(json.dumps(line), flush=True)
+        out_dir = os.environ.get("OPD_PROBE_OUT")
+        if out_dir:  # ranks that share one stdout (torchrun's) can interleave their lines there
+            (Path(out_dir) / f"rank-{rv.rank}.json").write_text(json.dumps(line))
     finally:
         group.close()
 

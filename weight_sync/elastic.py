@@ -493,10 +493,22 @@ class ElasticReceiver:
         return stats
 
     def _learner_int(self, key: str, last: int) -> int:
-        """A signed number the learner writes; the last good one while the key holds something unsigned."""
-        value = _signed_int(self.store, self.signer, key)
-        if value is None and self.store.check([key]):
-            self.warn(key, f"ignored {key} not signed with the run's secret")
+        """A signed number the learner writes; the last good one while the key holds something unsigned, or
+        while the learner (the store's host) is gone: the actor then goes on until the learner's silence stops it
+        (supervision.learner_silence_s) or the launcher restarts it with a new learner, rather than dying here of
+        a connection error that names neither."""
+        try:
+            value = _signed_int(self.store, self.signer, key)
+            if value is None and self.store.check([key]):
+                self.warn(key, f"ignored {key} not signed with the run's secret")
+        except (dist.DistError, OSError) as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            self.warn(
+                "store",
+                f"weight-sync store unreachable ({first}); keeping {key}={last} "
+                "(the learner is judged gone after supervision.learner_silence_s)",
+            )
+            return last
         return last if value is None else value
 
     def learner_version(self) -> int:

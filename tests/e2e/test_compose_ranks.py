@@ -99,15 +99,13 @@ def test_torchrun_with_the_service_flags_forms_the_learner_group(tmp_path):
     flags = [a for a in learner["entrypoint"][1:] if a not in ("-m", "opd")]
     cmd = [sys.executable, "-m", "torch.distributed.run", *flags, str(REPO / "tests" / "rank_probe.py"),
            str(REPO / "configs" / "tiny.yaml"), "learner.num_ranks=2", "learner.collective_timeout_s=60"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "OPD_PROBE_OUT": str(tmp_path)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    lines = sorted(
-        (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")),
-        key=lambda r: r["rank"],
-    )
+    # one file per rank: the two ranks share torchrun's stdout, where their lines can run together
+    lines = sorted((json.loads(f.read_text()) for f in tmp_path.glob("rank-*.json")), key=lambda r: r["rank"])
     assert [r["rank"] for r in lines] == [0, 1] and [r["local_rank"] for r in lines] == [0, 1]
     assert all(r["world"] == 2 and r["got"] == "from rank 0" and r["ranks"] == [0, 1] for r in lines), lines
     assert all(r["agent_store"] == "True" for r in lines), "torchrun's own store was not the one joined"

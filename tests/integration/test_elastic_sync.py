@@ -215,3 +215,48 @@ def test_a_version_given_up_is_visible_to_actors(tmp_path):
         assert hung.given_up_version() == 1 and hung.version < 1
     finally:
         hung.close()
+
+
+def _host_store(port: int, version: int, ready) -> None:
+    """The learner's side of the store, in a process of its own so that the test can kill it as a crash would."""
+    torch.set_num_threads(1)
+    store = make_store("127.0.0.1", port, 0, None, 30)
+    tx = WeightBroadcaster(None, list(_model(0).named_parameters()), 0.05)
+    ElasticBroadcaster(
+        store, "t/weights", "gloo", tx, announce=lambda *a: None, liveness_s=2.0, join_timeout_s=1.0,
+        secret=SECRET, version=version,
+    )  # fmt: skip
+    ready.set()
+    time.sleep(600)
+
+
+def test_a_follower_outlives_the_learners_store(tmp_path):
+    """The learner (the store's host) dies: the actor's reads of the learner's version keep the last one they
+    had, with one warning naming the learner-silence rule, instead of raising a connection error that kills the
+    actor before its learner watch can stop it with that rule's message (the CI failure of issue 17's stop)."""
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    host = ctx.Process(target=_host_store, args=(port, 3, ready))
+    host.start()
+    lines: list[str] = []
+    follower = None
+    try:
+        assert ready.wait(60), "the store's host did not start"
+        follower = ElasticReceiver(
+            "127.0.0.1", port, "actor-0", "t/weights", "gloo",
+            WeightReceiver(None, list(_model(1).named_parameters()), 0.05),
+            timeout_s=5, join_timeout_s=1.0, heartbeat_s=0.1, secret=SECRET, log=lines.append,
+        )  # fmt: skip
+        assert follower.learner_version() == 3
+        os.kill(host.pid, signal.SIGKILL)
+        host.join(10)
+        for _ in range(3):
+            assert follower.learner_version() == 3 and follower.given_up_version() == -1
+        warned = [x for x in lines if "weight-sync store unreachable" in x and "keeping weights/version" in x]
+        assert len(warned) == 1 and "supervision.learner_silence_s" in warned[0], lines
+    finally:
+        if follower is not None:
+            follower.close()
+        if host.is_alive():
+            host.kill()
