@@ -14,7 +14,7 @@ from broker.zmq import ZmqBroker
 from learner.publishing import WeightPublisher, record_layout
 from opd.protocol import Streams, unpack_control
 from tests.conftest import free_port, wait_for
-from tests.integration.test_learner_publishing import RUN_ID, _config
+from tests.e2e.test_learner_publishing import RUN_ID, _config
 from weight_sync import make_store
 from weight_sync.elastic import Heartbeat, mark_seen, register
 
