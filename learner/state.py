@@ -35,6 +35,7 @@ COUNTERS_KEPT = (
     "joined_copies",  # a mixture's scored copies beyond the first (learner/join.py)
     "partial_joins",  # mixtures trained after their join timed out, on the teachers present
 )
+PER_TEACHER = "trajectories_trained:"  # and each teacher's share of them (learner/learner.py teacher_shares)
 
 
 @dataclass
@@ -104,7 +105,9 @@ class Progress:
             "kl_history": self.kl_history,
             "lag_histogram": self.lag_histogram,
             "max_policy_version": self.max_policy_version,
-            "counters": {k: v for k, v in counters.items() if k in COUNTERS_KEPT},
+            "counters": {
+                k: v for k, v in counters.items() if k in COUNTERS_KEPT or k.startswith(PER_TEACHER)
+            },
         }
 
     @classmethod
