@@ -147,7 +147,11 @@ def _draw_accuracy(ax, f: RunFiles) -> str | None:
     if after is not None:
         ax.plot([s.get("learner_steps") or (steps[-1] if steps else 0)], [after], "s", color="C1",
                 label="saved student (after)")  # fmt: skip
-    if s.get("teacher_accuracy") is not None:
+    several = s.get("teacher_accuracies") if isinstance(s.get("teacher_accuracies"), dict) else {}
+    for i, (name, acc) in enumerate(several.items()):  # several teachers: each one's over the whole set
+        if isinstance(acc, int | float):
+            ax.axhline(acc, color=f"C{i + 2}", linestyle="--", label=f"teacher {name}")
+    if s.get("teacher_accuracy") is not None and not several:
         ax.axhline(s["teacher_accuracy"], color="gray", linestyle="--", label="teacher")
     ax.set(xlabel="learner step", ylabel="held-out accuracy", ylim=(-0.02, 1.02))
     ax.legend()
@@ -523,6 +527,14 @@ TEACHER_COLUMNS = (
 )
 
 
+COUNTED = {"scorers", "trajectories_scored", "tokens_scored", "score_failures", "dead_lettered"}
+
+
+def _whole(value: Any) -> Any:
+    """A count summed as a float (counters travel as numbers) shown as the integer it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def teacher_table(summary: dict | None) -> str:
     """Several teachers: one row per teacher's pool (summary.json `teachers`, opd/launch/teacher_stats.py):
     what its scorers did, tokens per second of scoring, and its share of the trajectories trained."""
@@ -537,7 +549,8 @@ def teacher_table(summary: dict | None) -> str:
         busy = r.get("score_seconds") or 0
         tok_s = r.get("tokens_scored", 0) / busy if busy else ""
         share = f"{r['share']:.1%}" if isinstance(r.get("share"), int | float) else ""
-        rows.append(_row((name, *(r.get(k, "") for k, _ in TEACHER_COLUMNS), tok_s, share)))
+        cells = (_whole(r.get(k, "")) if k in COUNTED else r.get(k, "") for k, _ in TEACHER_COLUMNS)
+        rows.append(_row((name, *cells, tok_s, share)))
     note = (
         "<p>share: of the trajectories trained, a mixture counted by its route's weights; scored tokens/s: per "
         "second of scoring (the pool's busy time)</p>"

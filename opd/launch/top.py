@@ -95,7 +95,9 @@ class TopState:
         if (
             name == "learner"
         ):  # running totals (restored from the checkpoint on resume): the newest is the run's
-            self.trained.update({k: float(v) for k, v in rec.items() if k.startswith(TRAINED)})
+            self.trained.update(
+                {k[len(TRAINED) :]: float(v) for k, v in rec.items() if k.startswith(TRAINED)}
+            )
 
     def _note_kl(self, rec: dict[str, Any]) -> None:
         step, kl = rec.get("step"), rec.get("reverse_kl")
@@ -186,7 +188,7 @@ def _table(title: str, columns: tuple[str, ...], caption: str | None = None) -> 
     """Headers never wrap or shorten: every header and value of our tables fits 80 columns as written."""
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for col in columns:
-        table.add_column(col, justify="left" if col == "component" else "right", no_wrap=True)
+        table.add_column(col, justify="left" if col in ("component", "teacher") else "right", no_wrap=True)
     return table
 
 
