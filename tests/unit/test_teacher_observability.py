@@ -47,6 +47,14 @@ def test_teacher_shares_count_each_trajectory_once_by_its_routes_weights():
     assert sum(teacher_shares([partial]).values()) == pytest.approx(1)
 
 
+def test_a_checkpoint_keeps_each_teachers_trained_count_so_shares_survive_a_resume():
+    from learner.state import Progress
+
+    counters = {"trajectories_trained": 4.0, "trajectories_trained:adder": 2.5, "weight_syncs": 9.0}
+    kept = Progress.from_json(Progress(2).to_json(counters), 2, "step-1").counters
+    assert kept == {"trajectories_trained": 4.0, "trajectories_trained:adder": 2.5}
+
+
 # ------------------------------------------------------------------------------------------- exporter
 def _value(exporter: Exporter, name: str, **labels: str) -> float | None:
     return exporter.registry.get_sample_value(name, labels)
@@ -188,3 +196,29 @@ def test_done_line_names_each_tasks_accuracy_and_its_best_teacher():
         == "; per task: addition 0.070 -> 0.340 (best teacher 0.970), reversal 0.410 -> 1.000 (best teacher 1.000)"
     )
     assert _tasks_part({}) == ""
+
+
+# ---------------------------------------------------------------------------------------------- Grafana
+def test_the_dashboards_teacher_panels_split_by_teacher():
+    import json
+    import re
+
+    from opd.runtime.prometheus import exported_series
+    from tests.conftest import REPO
+
+    dash = json.loads((REPO / "deploy" / "grafana" / "dashboards" / "opd-stream.json").read_text())
+    panels = [p for p in dash["panels"] if p["title"].lower().startswith("teachers:")]
+    topics = " | ".join(p["title"].lower() for p in panels)
+    for topic in (
+        "scored tokens/s",
+        "queue depth",
+        "latency",
+        "failures",
+        "share of trajectories",
+        "scorers up",
+    ):
+        assert topic in topics, topic
+    for p in panels:
+        for t in p["targets"]:
+            assert "{{teacher}}" in t["legendFormat"] and re.search(r"by \(teacher\b", t["expr"]), t
+            assert set(re.findall(r"\bopd_[a-z0-9_]+", t["expr"])) <= exported_series(), t["expr"]
