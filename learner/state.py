@@ -35,7 +35,8 @@ COUNTERS_KEPT = (
     "joined_copies",  # a mixture's scored copies beyond the first (learner/join.py)
     "partial_joins",  # mixtures trained after their join timed out, on the teachers present
 )
-PER_TEACHER = "trajectories_trained:"  # and each teacher's share of them (learner/learner.py teacher_shares)
+# per-teacher counters: trained (learner/learner.py teacher_shares) and join timeouts (learner/intake.py)
+PER_TEACHER = ("trajectories_trained:", "join_timeouts:")
 
 
 @dataclass

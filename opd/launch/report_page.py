@@ -523,11 +523,19 @@ TEACHER_COLUMNS = (
     ("batch_seconds", "seconds per batch"),
     ("score_failures", "teacher failures"),
     ("dead_lettered", "dead-lettered"),
+    ("join_timeouts", "join timeouts (its copy missing)"),
     ("trajectories_trained", "trajectories trained"),
 )
 
 
-COUNTED = {"scorers", "trajectories_scored", "tokens_scored", "score_failures", "dead_lettered"}
+COUNTED = {
+    "scorers",
+    "trajectories_scored",
+    "tokens_scored",
+    "score_failures",
+    "dead_lettered",
+    "join_timeouts",
+}
 
 
 def _whole(value: Any) -> Any:

@@ -14,7 +14,8 @@ from typing import Any
 
 from opd.launch.supervisor import teacher_of
 
-TRAINED = "trajectories_trained:"  # the learner's per-teacher counter prefix
+TRAINED = "trajectories_trained:"  # the learner's per-teacher counter prefixes
+JOIN_TIMEOUTS = "join_timeouts:"  # mixtures whose join timed out without this teacher's copy
 SUMMED = (
     "trajectories_scored",
     "tokens_scored",
@@ -47,7 +48,8 @@ def per_teacher(
 ) -> dict[str, dict[str, Any]]:
     """teacher -> totals of its pool (`components`: name -> record with counters summed over incarnations, as the
     launcher's RunState.latest and summary.json's `components` hold them), in the order of `teachers`:
-    scorers, the SUMMED counters, failures (teacher failures + dead letters), mean batch seconds
+    scorers, the SUMMED counters, the learner's join timeouts missing its copy, failures (teacher failures +
+    dead letters + join timeouts), mean batch seconds
     (score_seconds / score_batches), the learner's trajectories trained for it and their share."""
     teachers = list(teachers)
     shares = trained_shares(teachers, learner)
@@ -57,7 +59,8 @@ def per_teacher(
         row: dict[str, Any] = {"scorers": len(members)}
         for key in SUMMED:
             row[key] = sum(_num(components[n], key) for n in members)
-        row["failures"] = row["score_failures"] + row["dead_lettered"]
+        row["join_timeouts"] = _num(learner or {}, JOIN_TIMEOUTS + t)
+        row["failures"] = row["score_failures"] + row["dead_lettered"] + row["join_timeouts"]
         row["batch_seconds"] = row["score_seconds"] / row["score_batches"] if row["score_batches"] else None
         row["trajectories_trained"] = _num(learner or {}, TRAINED + t)
         row["share"] = shares[t]

@@ -31,7 +31,7 @@ from rich.table import Table
 from broker import BrokerUnavailable
 from broker.base import WORK_STREAMS
 from opd.config import Config
-from opd.launch.teacher_stats import TRAINED, per_teacher, pool_members
+from opd.launch.teacher_stats import JOIN_TIMEOUTS, TRAINED, per_teacher, pool_members
 from opd.protocol import ProtocolError, Streams, unpack_control
 from opd.runtime.broker import open_broker
 
@@ -63,7 +63,8 @@ class TopState:
     finished: bool = False
     source: str = ""
     teacher_depths: dict[str, dict[str, int]] = field(default_factory=dict)  # teacher -> kind -> entries
-    trained: dict[str, float] = field(default_factory=dict)  # the learner's `trajectories_trained:<teacher>`
+    # the learner's per-teacher running totals (`trajectories_trained:<teacher>`, `join_timeouts:<teacher>`)
+    per_teacher: dict[str, float] = field(default_factory=dict)
 
     def ingest(self, rec: dict[str, Any]) -> None:
         name, inc = str(rec.get("component", "?")), str(rec.get("incarnation", ""))
@@ -95,9 +96,8 @@ class TopState:
         if (
             name == "learner"
         ):  # running totals (restored from the checkpoint on resume): the newest is the run's
-            self.trained.update(
-                {k[len(TRAINED) :]: float(v) for k, v in rec.items() if k.startswith(TRAINED)}
-            )
+            keys = (TRAINED, JOIN_TIMEOUTS)
+            self.per_teacher.update({k: float(v) for k, v in rec.items() if k.startswith(keys)})
 
     def _note_kl(self, rec: dict[str, Any]) -> None:
         step, kl = rec.get("step"), rec.get("reverse_kl")
@@ -275,11 +275,12 @@ def teacher_table(state: TopState, teachers: list[str]) -> Table:
         "teachers",
         ("teacher", "scorers", "tok/s", "rollouts", "scored", "batch s", "failed", "share"),
         "scorers: live members of its pool; tok/s: scored; rollouts, scored: its own queues (entries); "
-        "batch s: mean seconds per scored batch; failed: teacher failures + dead letters; share: of the "
+        "batch s: mean seconds per scored batch; failed: teacher failures + dead letters + joins timed out "
+        "without its copy; share: of the "
         "trajectories trained (a mixture by its route's weights)",
     )
     totals = {n: state.counts_of(n) for n in state.history}
-    rows = per_teacher(teachers, totals, {TRAINED + t: v for t, v in state.trained.items()})
+    rows = per_teacher(teachers, totals, state.per_teacher)
     for t, row in rows.items():
         members = pool_members(t, state.history)
         alive = sum(1 for n in members if not state.latest(n).get("final"))
@@ -395,10 +396,10 @@ def _ingest_summary(state: TopState, s: dict[str, Any]) -> None:
     total per role."""
     state.finished = True
     teachers = s.get("teachers") if isinstance(s.get("teachers"), dict) else {}
-    state.trained.update(
-        {t: float(r["trajectories_trained"]) for t, r in teachers.items() if isinstance(r, dict) and
-         isinstance(r.get("trajectories_trained"), int | float)}
-    )  # fmt: skip
+    for t, row in teachers.items():  # the learner's per-teacher totals, as the launcher kept them
+        for prefix, key in ((TRAINED, "trajectories_trained"), (JOIN_TIMEOUTS, "join_timeouts")):
+            if isinstance(row, dict) and isinstance(row.get(key), int | float):
+                state.per_teacher[prefix + t] = float(row[key])
     components = {n: r for n, r in (s.get("components") or {}).items() if isinstance(r, dict)}
     for name, rec in components.items():
         state.ingest({**rec, "component": name, "incarnation": "summary"})

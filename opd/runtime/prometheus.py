@@ -69,6 +69,8 @@ RANK_PHASES = {"rank_step_seconds": "step", "rank_comm_seconds": "comm", "rank_a
 TEACHER_LABELLED = {"trajectories", "tokens", "busy_seconds", "dead_letters", "errors"}
 # Reporter counter prefix of the learner's trajectories trained per teacher (learner/learner.py teacher_shares).
 TRAINED_BY_TEACHER = "trajectories_trained:"
+# ... and of mixtures whose join timed out without this teacher's copy (learner/intake.py): its failures too.
+JOIN_TIMEOUTS = "join_timeouts:"
 SCORE_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 OTHER_TEACHER = "other"  # a teacher name not of this run's config (bounded label values)
 
@@ -295,10 +297,8 @@ class Exporter:
         observation of the scoring latency; the learner's `trajectories_trained:<teacher>` feed the per-teacher
         share."""
         for key, value in deltas.items():
-            if key.startswith(TRAINED_BY_TEACHER) and value > 0:
-                name = key[len(TRAINED_BY_TEACHER) :]
-                name = name if name in self.teachers else OTHER_TEACHER
-                self.teacher_trained.labels(self.component, name).inc(value)
+            if key.startswith((TRAINED_BY_TEACHER, JOIN_TIMEOUTS)):
+                self._per_teacher(key, value)
                 continue
             if key == "score_seconds" and value >= 0:
                 self.score_seconds.labels(self.component, self.teacher).observe(value)
@@ -307,6 +307,18 @@ class Exporter:
                 continue
             attr, labels = target
             self.labels(attr, **labels).inc(value)
+
+    def _per_teacher(self, key: str, value: float) -> None:
+        """The learner's per-teacher counters (`<prefix><teacher>`), labelled with that teacher, never a name
+        outside the run's config."""
+        prefix, _, name = key.partition(":")
+        name = name if name in self.teachers else OTHER_TEACHER
+        if value <= 0:
+            return
+        if prefix + ":" == TRAINED_BY_TEACHER:
+            self.teacher_trained.labels(self.component, name).inc(value)
+        else:
+            self.errors.labels(component=self.component, teacher=name, kind="join_timeout").inc(value)
 
     def observe(self, fields: dict[str, Any]) -> None:
         """Reporter.maybe_send's extra fields (weight version and the like)."""

@@ -431,7 +431,8 @@ def _prometheus_query(port: int, expr: str) -> dict:
 
 def _feed(exporter, step: int) -> None:
     exporter.add({"trajectories_trained": 64, "tokens_trained": 320, "dead_lettered": 1, "dropped_stale": 1,
-                  "trajectories_trained:adder": 40, "trajectories_trained:reverser": 24})  # fmt: skip
+                  "trajectories_trained:adder": 40, "trajectories_trained:reverser": 24,
+                  "join_timeouts:reverser": 1})  # fmt: skip
     exporter.step(
         {"step": step, "weight_version": step, "reverse_kl": 1.0 / step, "loss": 0.2, "eval_accuracy": 0.5,
          "step_seconds": 0.05, "wait_seconds": 0.02, "lag_histogram": [40, 20, 4], "weight_sync_seconds": 0.01,

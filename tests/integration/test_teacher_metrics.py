@@ -106,3 +106,25 @@ def test_two_pools_report_per_teacher_to_prometheus_and_opd_top(zmq_broker, tmp_
     assert rows["adder"][0] == "1" and rows["adder"][2:] == ["3", "0", "0.300", "1", "75.0%"]
     assert rows["reverser"][0] == "1" and rows["reverser"][2:] == ["0", "2", "0.300", "2", "25.0%"]
     broker.close()
+
+
+def test_a_join_timed_out_without_a_teachers_copy_counts_as_that_teachers_failure(zmq_broker, tmp_path):
+    """The learner's real intake: a mixture whose join timed out names the teacher whose copy never came
+    (`join_timeouts:<teacher>`, Prometheus' opd_errors_total{kind="join_timeout"}); counted before the
+    routing.on_join_timeout branch, so one mode covers both."""
+    from broker.zmq import ZmqBroker
+    from tests.integration.test_learner_join import _intake, _publish
+    from tests.unit.test_join import copies_of
+
+    client = ZmqBroker(zmq_broker, request_timeout_s=10.0)
+    try:
+        intake, reporter, _ = _intake(
+            client, tmp_path, "routing.join_timeout_s=0.2", "routing.on_join_timeout=train_present"
+        )
+        scored = copies_of({"alpha": 0.2, "beta": 0.3, "gamma": 0.5})
+        _publish(client, scored["alpha"], scored["gamma"])
+        intake.ack(intake.next_batch(version=3))
+        per_teacher = {k: v for k, v in reporter.counters.items() if k.startswith("join_timeouts:")}
+        assert per_teacher == {"join_timeouts:beta": 1}
+    finally:
+        client.close()

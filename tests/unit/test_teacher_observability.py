@@ -50,9 +50,10 @@ def test_teacher_shares_count_each_trajectory_once_by_its_routes_weights():
 def test_a_checkpoint_keeps_each_teachers_trained_count_so_shares_survive_a_resume():
     from learner.state import Progress
 
-    counters = {"trajectories_trained": 4.0, "trajectories_trained:adder": 2.5, "weight_syncs": 9.0}
+    counters = {"trajectories_trained": 4.0, "trajectories_trained:adder": 2.5, "join_timeouts:adder": 1.0,
+                "weight_syncs": 9.0}  # fmt: skip
     kept = Progress.from_json(Progress(2).to_json(counters), 2, "step-1").counters
-    assert kept == {"trajectories_trained": 4.0, "trajectories_trained:adder": 2.5}
+    assert kept == {k: v for k, v in counters.items() if k != "weight_syncs"}
 
 
 # ------------------------------------------------------------------------------------------- exporter
@@ -93,10 +94,13 @@ def test_the_learner_exports_each_pools_depths_and_trained_share_with_bounded_la
     assert _value(e, q, component="learner", teacher="reverser", kind="scored") == 2
     assert _value(e, q, component="learner", teacher="other", kind="scored") == 9  # not a pool: not a label
     e.add(
-        {"trajectories_trained:adder": 1.5, "trajectories_trained:reverser": 2.5, "trajectories_trained:x": 1}
-    )
+        {"trajectories_trained:adder": 1.5, "trajectories_trained:reverser": 2.5, "trajectories_trained:x": 1,
+         "join_timeouts:reverser": 2}
+    )  # fmt: skip
     t = "opd_teacher_trajectories_trained_total"
     assert _value(e, t, component="learner", teacher="adder") == 1.5
+    # a mixture's join timed out without reverser's copy: reverser's failure, counted by the learner
+    assert _value(e, "opd_errors_total", component="learner", teacher="reverser", kind="join_timeout") == 2
     assert _value(e, t, component="learner", teacher="other") == 1
     one = Exporter("learner")  # one teacher: its whole streams are the default teacher's
     one.step({"step": 1}, {"rollouts": 4, "scored": 1})
@@ -112,13 +116,18 @@ COMPONENTS = {
     "scorer-reverser-0": {"trajectories_scored": 90, "tokens_scored": 450, "score_seconds": 3.0,
                           "score_batches": 3},
 }  # fmt: skip
-LEARNER = {"trajectories_trained:adder": 150.0, "trajectories_trained:reverser": 50.0}
+LEARNER = {
+    "trajectories_trained:adder": 150.0,
+    "trajectories_trained:reverser": 50.0,
+    "join_timeouts:reverser": 1,
+}
 
 
 def test_per_teacher_sums_each_pool_and_shares_what_was_trained():
     rows = per_teacher(["adder", "reverser"], COMPONENTS, LEARNER)
     a, r = rows["adder"], rows["reverser"]
     assert a["scorers"] == 2 and a["tokens_scored"] == 640 and a["failures"] == 3
+    assert r["join_timeouts"] == 1 and r["failures"] == 1  # the learner's join timeout is reverser's failure
     assert a["batch_seconds"] == pytest.approx(0.5) and r["batch_seconds"] == pytest.approx(1.0)
     assert a["share"] == pytest.approx(0.75) and r["share"] == pytest.approx(0.25)
     assert per_teacher(["adder"], {}, None)["adder"]["share"] is None  # nothing trained yet
@@ -151,7 +160,7 @@ def test_top_shows_a_teachers_table_for_several_teachers_only():
     adder, reverser = rows["adder"].split("│")[2:10], rows["reverser"].split("│")[2:10]
     # scorers, tok/s ((400 + 240) / 2 / 2 s), rollouts, scored, batch s (1.5 s / 3 batches), failed, share
     assert [c.strip() for c in adder][:7] == ["2", "160", "12", "3", "0.500", "3", "75.0%"]
-    assert [c.strip() for c in reverser][:7] == ["1", "112", "0", "1", "1.000", "0", "25.0%"]
+    assert [c.strip() for c in reverser][:7] == ["1", "112", "0", "1", "1.000", "1", "25.0%"]
     assert "teachers" not in _render(load_config(None, ["run.run_id=obs"]), state)  # one teacher: unchanged
 
 
