@@ -180,7 +180,10 @@ class Exporter:
             "opd_dead_letters", "Messages this component dead-lettered.", ct, registry=r
         )
         self.errors = Counter(
-            "opd_errors", "Failures by kind (teacher_failure, skipped_step).", [*ct, "kind"], registry=r
+            "opd_errors",
+            "Failures by kind (teacher_failure, skipped_step, weight_sync_failed, join_timeout).",
+            [*ct, "kind"],
+            registry=r,
         )
         self.score_seconds = Histogram(
             "opd_score_seconds",
