@@ -546,6 +546,8 @@ class Intake:
                 f"no copy from teacher(s) {held.missing} of its route {held.route} within "
                 f"{self.joiner.timeout_s:g}s (routing.join_timeout_s); copies from {sorted(held.copies)}"
             )
+            # each missing teacher's failure to deliver, for the per-teacher view (top, report, Prometheus)
+            self.reporter.add(**{f"join_timeouts:{name}": 1 for name in held.missing})
             if train:
                 log.warning("training mixture %s on the teachers present: %s", held.id, what)
                 outcomes.append(self._admit_joined(held, version, batch, settled, partial=True))

@@ -35,7 +35,7 @@ from opd import tasks
 from opd.config import Config
 from opd.models.builds import Assets, ensure_assets, load_asset
 from opd.models.vocab import real_vocab
-from opd.protocol import Streams, Trajectory, decode, stop_record
+from opd.protocol import DEFAULT_TEACHER, Streams, Trajectory, decode, stop_record
 from opd.runtime.broker import open_broker
 from opd.runtime.lifecycle import (
     Reporter,
@@ -49,6 +49,21 @@ from opd.runtime.lifecycle import (
 from opd.runtime.service_time import pad_to_service_time
 from opd.runtime.tracking import StepTracker
 from weight_sync import WeightBroadcaster
+
+
+def teacher_shares(batch: list[Trajectory]) -> dict[str, float]:
+    """`trajectories_trained:<teacher>` increments for a trained batch: each trajectory counts for the teachers of
+    its route by their weights (a joined mixture's, renormalised over the teachers present), else for the pool
+    that scored it, so the counters sum to `trajectories_trained` and each over the sum is that teacher's share
+    (opd top, the report, Prometheus' opd_teacher_trajectories_trained)."""
+    out: dict[str, float] = {}
+    for t in batch:
+        route = t.teacher_weights or {t.teacher_name or DEFAULT_TEACHER: 1.0}
+        total = sum(route.values()) or 1.0
+        for name, w in route.items():
+            key = f"trajectories_trained:{name}"
+            out[key] = out.get(key, 0.0) + w / total
+    return out
 
 
 def student_assets(cfg: Config) -> Assets:
@@ -234,7 +249,7 @@ class Learner:
         self.progress.record(
             [t.id for t in batch], lags, [t.policy_version for t in batch], metrics["reverse_kl"]
         )
-        self.reporter.add(trajectories_trained=len(batch), tokens_trained=tokens)
+        self.reporter.add(trajectories_trained=len(batch), tokens_trained=tokens, **teacher_shares(batch))
         return {
             **metrics,
             "staleness_mean": sum(lags) / len(lags),

@@ -35,6 +35,8 @@ COUNTERS_KEPT = (
     "joined_copies",  # a mixture's scored copies beyond the first (learner/join.py)
     "partial_joins",  # mixtures trained after their join timed out, on the teachers present
 )
+# per-teacher counters: trained (learner/learner.py teacher_shares) and join timeouts (learner/intake.py)
+PER_TEACHER = ("trajectories_trained:", "join_timeouts:")
 
 
 @dataclass
@@ -104,7 +106,9 @@ class Progress:
             "kl_history": self.kl_history,
             "lag_histogram": self.lag_histogram,
             "max_policy_version": self.max_policy_version,
-            "counters": {k: v for k, v in counters.items() if k in COUNTERS_KEPT},
+            "counters": {
+                k: v for k, v in counters.items() if k in COUNTERS_KEPT or k.startswith(PER_TEACHER)
+            },
         }
 
     @classmethod

@@ -295,7 +295,8 @@ class Scorer:
         self.reporter.add(
             trajectories_scored=len(payloads),
             tokens_scored=tokens,
-            score_seconds=seconds,
+            score_seconds=seconds,  # one per batch: Prometheus' opd_score_seconds observes each
+            score_batches=1,  # so a reader takes the mean batch latency (opd top, the report)
             service_pad_seconds=pad_s,
         )
         return True

@@ -16,8 +16,9 @@ from opd import tasks
 from opd.config import Config
 from opd.launch.monitor import RunState
 from opd.launch.rundir import LEGS_DIR, read_legs
+from opd.launch.teacher_stats import per_teacher
 from opd.models import builds
-from opd.models.builds import Assets, evaluate, load_asset
+from opd.models.builds import Assets, evaluate_within, load_asset
 from opd.models.loading import load_causal_lm, load_tokenizer
 from opd.runtime.threads import pin_threads
 
@@ -70,44 +71,73 @@ def _how_found(path, cached_before: set, rebuild: bool) -> str:
 
 def accuracy_before(cfg: Config, log: Callable[..., None]) -> dict:
     """Each teacher's and the student's accuracy on the task's held-out set, from the build's record or measured
-    here: {"teacher": the first teacher's, "student": ..., "teachers": {name: accuracy}}. Each teacher is found
-    or built and measured as its own pool sees it (its model, its scorer.context, local or remote)."""
+    here: {"teacher": the first teacher's, "student": ..., "teachers": {name: accuracy}}, and with a task
+    mixture, per task too: "teachers_by_task" {name: {task: accuracy}}, "student_by_task" {task: accuracy} (an
+    expert teacher is judged on its own task: over the whole mixture it scores about its task's share). Each
+    teacher is found or built and measured as its own pool sees it (its model, its scorer.context, local or
+    remote)."""
     pin_threads(cfg.run.torch_threads)  # chosen, not torch's all-cores default (opd.runtime.threads says why)
     problems = tasks.eval_set(cfg.task)
-    teachers: dict[str, float | None] = {}
-    student = None
+    teachers: dict[str, Accuracy] = {}
+    student: Accuracy | None = None
     for name, view in _teacher_views(cfg).items():
         assets = builds.ensure_assets(view, log=log)
         what = "the teacher" if len(teachers) == 0 and len(cfg.teacher_pools()) == 1 else f"teacher {name}"
         teachers[name] = _model_accuracy(view, "teacher", assets.teacher, problems, log, what)
         if student is None:
             student = _model_accuracy(view, "student", assets.student, problems, log, "the student")
+    student = student or Accuracy(None)
     first = next(iter(teachers.values()))
     if len(teachers) == 1:
-        log(f"teacher held-out accuracy {fmt(first)}; student before {fmt(student)}")
+        log(f"teacher held-out accuracy {first}; student before {student}")
     else:
-        each = ", ".join(f"{name} {fmt(acc)}" for name, acc in teachers.items())
-        log(f"teachers' held-out accuracy: {each}; student before {fmt(student)}")
-    return {"teacher": first, "student": student, "teachers": teachers}
+        each = ", ".join(f"{name} {acc}" for name, acc in teachers.items())
+        log(f"teachers' held-out accuracy: {each}; student before {student}")
+    out = {
+        "teacher": first.overall,
+        "student": student.overall,
+        "teachers": {n: a.overall for n, a in teachers.items()},
+    }
+    if any(a.by_task for a in (*teachers.values(), student)):
+        out["teachers_by_task"] = {n: a.by_task for n, a in teachers.items() if a.by_task}
+        out["student_by_task"] = student.by_task
+    return out
 
 
-def _model_accuracy(view: Config, role: str, asset, problems, log, what: str) -> float | None:
+@dataclasses.dataclass(frozen=True)
+class Accuracy:
+    """One model's held-out accuracy, overall and per task of a mixture (empty for a single task)."""
+
+    overall: float | None
+    by_task: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        tasks_part = ", ".join(f"{k} {fmt(v)}" for k, v in self.by_task.items())
+        return fmt(self.overall) + (f" ({tasks_part})" if tasks_part else "")
+
+
+def _model_accuracy(view: Config, role: str, asset, problems, log, what: str) -> Accuracy:
     """One model's held-out accuracy: the build's record, else measured (a teacher with scorer.context is always
     measured, with the context; a remote teacher is not measured: it may name nothing loadable here)."""
     context = view.scorer.context
     with_context = role == "teacher" and context is not None  # a recorded accuracy is without it
-    if asset.eval_accuracy is not None and not with_context:
-        return asset.eval_accuracy
+    recorded_by_task = asset.eval_accuracy_by_task is not None or not _is_mixture(problems)
+    if asset.eval_accuracy is not None and not with_context and recorded_by_task:
+        return Accuracy(asset.eval_accuracy, dict(asset.eval_accuracy_by_task or {}))
     if role == "teacher" and not view.scorer.teacher_is_local:
-        return None
+        return Accuracy(None)
     if not problems:
-        return None
+        return Accuracy(None)
     model, tok = load_asset(asset)
     seen = teacher_view(problems, context) if with_context and tok.chat_template else problems
     what += " with scorer.context" if seen is not problems else ""
-    return evaluate(
-        model, tok, seen, view.sampling.max_new_tokens, tasks.verifier_mode(view.task), log=log, what=what
-    )
+    mode = tasks.verifier_mode(view.task)
+    result = evaluate_within(model, tok, seen, view.sampling.max_new_tokens, mode, log=log, what=what)
+    return Accuracy(result.accuracy, dict(result.by_task))
+
+
+def _is_mixture(problems: list[tasks.Problem]) -> bool:
+    return any("task" in p.metadata for p in problems)
 
 
 def teacher_view(problems: list[tasks.Problem], context) -> list[tasks.Problem]:
@@ -128,18 +158,19 @@ def teacher_view(problems: list[tasks.Problem], context) -> list[tasks.Problem]:
     return seen
 
 
-def final_accuracy(cfg: Config, out_dir: Path, log: Callable[..., None] = print) -> float | None:
+def final_accuracy(cfg: Config, out_dir: Path, log: Callable[..., None] = print) -> Accuracy:
     """Evaluate the saved checkpoint as a user would load it: `from_pretrained` on the run directory (progress
-    through `log`: a bar on the launcher's terminal, else one line)."""
+    through `log`: a bar on the launcher's terminal, else one line); per task too for a mixture."""
     final = out_dir / "student"
     problems = tasks.eval_set(cfg.task)
     if not final.is_dir() or not problems:
-        return None
+        return Accuracy(None)
     model, tok = load_causal_lm(final), load_tokenizer(final)
     mode = tasks.verifier_mode(cfg.task)
-    return evaluate(
+    result = evaluate_within(
         model, tok, problems, cfg.sampling.max_new_tokens, mode, log=log, what="the final student"
     )
+    return Accuracy(result.accuracy, dict(result.by_task))
 
 
 def write_summary(
@@ -157,6 +188,9 @@ def write_summary(
     what a process did after its last metrics record before it was killed is not in them (at most
     actor/scorer.metrics_every_s of work per kill; the actors' ledgers hold every id)."""
     learner = json.loads((out_dir / "learner_summary.json").read_text())
+    after = final_accuracy(cfg, out_dir)
+    teachers = list(cfg.teacher_pools())
+    latest = state.latest
     summary = {
         "run_id": cfg.run.run_id,
         **learner,
@@ -174,13 +208,29 @@ def write_summary(
         # with several teachers, each one's (the first is `teacher_accuracy`)
         **({"teacher_accuracies": before["teachers"]} if len(before.get("teachers") or ()) > 1 else {}),
         "student_accuracy_before": before["student"],
-        "student_accuracy_after": final_accuracy(cfg, out_dir),
+        "student_accuracy_after": after.overall,
+        # a task mixture's accuracies per task: {task: accuracy}, the teachers' {teacher: {task: accuracy}}
+        **_by_task(before, after),
+        # several teachers: each pool's scoring totals and share of what was trained (opd/launch/teacher_stats)
+        **({"teachers": per_teacher(teachers, latest, latest.get("learner"))} if len(teachers) > 1 else {}),
         "wall_seconds": time.time() - started,
         "interrupted": interrupted,
     }
     summary = across_legs(summary, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _by_task(before: dict, after: Accuracy) -> dict:
+    """summary.json's per-task fields of a task mixture (none for a single task)."""
+    out = {}
+    if before.get("teachers_by_task"):
+        out["teacher_accuracies_by_task"] = before["teachers_by_task"]
+    if before.get("student_by_task"):
+        out["student_accuracy_before_by_task"] = before["student_by_task"]
+    if after.by_task:
+        out["student_accuracy_after_by_task"] = after.by_task
+    return out
 
 
 SUMMED_OVER_LEGS = ("trajectories_generated", "trajectories_scored", "dead_lettered", "wall_seconds")
@@ -221,8 +271,23 @@ def done_line(summary: dict, out_dir: Path) -> str:
         f"[bold]done[/] in {s['wall_seconds']:.0f}s: {s['learner_steps']} steps, weight version "
         f"{s['weight_version']}, reverse KL {fmt(s['reverse_kl_first'])} -> {fmt(s['reverse_kl_last'])}, "
         f"student accuracy {fmt(s['student_accuracy_before'])} -> {fmt(s['student_accuracy_after'])} "
-        f"(teacher {fmt(s['teacher_accuracy'])}); summary in {out_dir / 'summary.json'}"
+        f"(teacher {fmt(s['teacher_accuracy'])}){_tasks_part(s)}; summary in {out_dir / 'summary.json'}"
     )
+
+
+def _tasks_part(s: dict) -> str:
+    """`; per task: addition 0.070 -> 0.340 (best teacher 0.970), ...` for a task mixture, else ""."""
+    before, after = (
+        s.get("student_accuracy_before_by_task") or {},
+        s.get("student_accuracy_after_by_task") or {},
+    )
+    teachers = s.get("teacher_accuracies_by_task") or {}
+    parts = []
+    for task in dict.fromkeys([*before, *after]):
+        best = [a[task] for a in teachers.values() if isinstance(a.get(task), int | float)]
+        ref = f" (best teacher {fmt(max(best))})" if best else ""
+        parts.append(f"{task} {fmt(before.get(task))} -> {fmt(after.get(task))}{ref}")
+    return "; per task: " + ", ".join(parts) if parts else ""
 
 
 def fmt(x: float | None) -> str:

@@ -7,6 +7,11 @@ missing or unreadable is named on the page instead of failing the report: an int
 whose page a person wants. The page is one self-contained file (images as base64 data URIs, inline CSS, no
 script), so it can be mailed or attached to an issue; the config on it is redacted like every file a run writes.
 
+A task mixture adds one accuracy plot per task (the learner's `eval_accuracy/<task>`, with the accuracy on that
+task of each teacher its prompts are routed to as a dashed line) and a per-task table; several teachers add a
+table per teacher (summary.json `teachers`: scoring totals, failures, share of what was trained) and their own
+queue and throughput lines.
+
 matplotlib is imported only here, with the Agg backend (no display needed), and only when a report is built.
 """
 
@@ -18,6 +23,7 @@ import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +147,11 @@ def _draw_accuracy(ax, f: RunFiles) -> str | None:
     if after is not None:
         ax.plot([s.get("learner_steps") or (steps[-1] if steps else 0)], [after], "s", color="C1",
                 label="saved student (after)")  # fmt: skip
-    if s.get("teacher_accuracy") is not None:
+    several = s.get("teacher_accuracies") if isinstance(s.get("teacher_accuracies"), dict) else {}
+    for i, (name, acc) in enumerate(several.items()):  # several teachers: each one's over the whole set
+        if isinstance(acc, int | float):
+            ax.axhline(acc, color=f"C{i + 2}", linestyle="--", label=f"teacher {name}")
+    if s.get("teacher_accuracy") is not None and not several:
         ax.axhline(s["teacher_accuracy"], color="gray", linestyle="--", label="teacher")
     ax.set(xlabel="learner step", ylabel="held-out accuracy", ylim=(-0.02, 1.02))
     ax.legend()
@@ -178,6 +188,10 @@ def _draw_throughput(ax, f: RunFiles) -> str | None:
     ):
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", color=f"C{i}", label=label)
+    for i, (teacher, pts) in enumerate(_teacher_scored(f, t0).items()):
+        ax.plot(
+            [p[0] for p in pts], [p[1] for p in pts], ":", color=f"C{i + 3}", label=f"scored by {teacher}"
+        )
     s = f.summary or {}
     wall = s.get("wall_seconds") or 0
     if wall > 0 and isinstance(s.get("trajectories_generated"), int | float):
@@ -194,15 +208,45 @@ def _draw_throughput(ax, f: RunFiles) -> str | None:
     )
 
 
+def _teacher_scored(f: RunFiles, t0: float | None) -> dict[str, list[tuple[float, float]]]:
+    """teacher -> (seconds since the start, trajectories scored per second by its pool) from the launcher's
+    interval records of a run of several teachers (`teachers.<name>.scored_total`)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in f.scaling:
+        if r.get("event") != "interval" or not r.get("seconds") or not isinstance(r.get("teachers"), dict):
+            continue
+        for teacher, pool in r["teachers"].items():
+            if isinstance(pool, dict) and isinstance(pool.get("scored_total"), int | float):
+                out.setdefault(teacher, []).append(
+                    (r["time"] - (t0 or 0), pool["scored_total"] / r["seconds"])
+                )
+    return out
+
+
+def _teacher_streams(records: list[dict]) -> list[str]:
+    """The per-teacher queue keys of the step records (`queue_<kind>:<teacher>`, several teachers only)."""
+    keys = {k for r in records for k in r if k.startswith("queue_") and ":" in k}
+    return sorted(k.removeprefix("queue_") for k in keys)
+
+
 def _draw_queues(ax, f: RunFiles) -> str | None:
     for i, stream in enumerate(WORK_STREAMS):  # per-step depths, where the step record carries them
         steps, depth = _series(f.records, f"queue_{stream}")
         if steps:
-            ax.plot(steps, depth, label=stream, color=f"C{i}")
+            ax.plot(
+                steps,
+                depth,
+                label=f"{stream} (all)" if _teacher_streams(f.records) else stream,
+                color=f"C{i}",
+            )
+    for i, stream in enumerate(_teacher_streams(f.records)):  # several teachers: each one's own streams
+        steps, depth = _series(f.records, f"queue_{stream}")
+        style = "--" if stream.startswith("rollouts") else ":"
+        ax.plot(steps, depth, style, label=stream, color=f"C{i + 2}")
     if ax.lines:
         ax.set(xlabel="learner step", ylabel="entries")
-        ax.legend()
-        return "work queue depths at each learner step"
+        ax.legend(fontsize="small")
+        return "work queue depths at each learner step (with several teachers, each teacher's own too)"
     pts = [(r["time"], r["rollouts_depth"]) for r in f.scaling if "rollouts_depth" in r and "time" in r]
     if not pts:
         return None
@@ -275,6 +319,69 @@ def _draw_ranks(ax, f: RunFiles) -> str | None:
     )
 
 
+TASK_KEY = "eval_accuracy/"  # the learner's per-task accuracy of a task mixture (learner/evaluation.py)
+
+
+def task_names(f: RunFiles) -> list[str]:
+    """The tasks of a mixture whose accuracy the run recorded (step records or summary.json), in first-seen order."""
+    names = [k[len(TASK_KEY) :] for r in f.records for k in r if k.startswith(TASK_KEY)]
+    s = f.summary or {}
+    for key in ("student_accuracy_before_by_task", "student_accuracy_after_by_task"):
+        names += list(s.get(key) or {})
+    return list(dict.fromkeys(names))
+
+
+def routed_teachers(f: RunFiles, task: str) -> list[str] | None:
+    """The teachers the run's routing sends `task`'s prompts to (routing on `task`: its route, else the default);
+    None when the routing does not go by task (then every teacher is a reference)."""
+    routing = (f.config or {}).get("routing") or {}
+    if routing.get("field") != "task":
+        return None
+    route = (routing.get("routes") or {}).get(task) or routing.get("default")
+    if isinstance(route, dict):
+        return list(route)
+    return [route] if isinstance(route, str) else None
+
+
+def _draw_task_accuracy(task: str, ax, f: RunFiles) -> str | None:
+    key, s = TASK_KEY + task, f.summary or {}
+    evals = sorted(
+        ({"step": r.get("eval_step", r["step"]), "acc": float(r[key])} for r in f.records
+         if isinstance(r.get(key), int | float)),
+        key=lambda e: e["step"],
+    )  # fmt: skip
+    steps, acc = [e["step"] for e in evals], [e["acc"] for e in evals]
+    before = (s.get("student_accuracy_before_by_task") or {}).get(task)
+    if isinstance(before, int | float):
+        steps, acc = [0, *steps], [before, *acc]
+    after = (s.get("student_accuracy_after_by_task") or {}).get(task)
+    if not steps and after is None:
+        return None
+    ax.plot(steps, acc, marker="o", label="student")
+    if isinstance(after, int | float):
+        ax.plot([s.get("learner_steps") or (steps[-1] if steps else 0)], [after], "s", color="C1",
+                label="saved student (after)")  # fmt: skip
+    routed = routed_teachers(f, task)
+    for i, (teacher, by_task) in enumerate((s.get("teacher_accuracies_by_task") or {}).items()):
+        if isinstance(by_task, dict) and isinstance(by_task.get(task), int | float):
+            if routed is None or teacher in routed:
+                ax.axhline(by_task[task], color=f"C{i + 2}", linestyle="--", label=f"teacher {teacher}")
+    ax.set(xlabel="learner step", ylabel=f"held-out accuracy on {task}", ylim=(-0.02, 1.02))
+    ax.legend(fontsize="small")
+    return (
+        f"student accuracy on the {task} problems of the held-out set (step 0: before training); dashed: the "
+        f"accuracy on {task} of each teacher its prompts are routed to"
+    )
+
+
+def task_plots(f: RunFiles) -> tuple[Plot, ...]:
+    """One accuracy plot per task of a mixture (none for a single task)."""
+    return tuple(
+        Plot(f"accuracy_{name}", f"Held-out accuracy: {name}", partial(_draw_task_accuracy, name))
+        for name in task_names(f)
+    )
+
+
 PLOTS = (
     Plot("reverse_kl", "Reverse KL", _draw_kl),
     Plot("accuracy", "Held-out accuracy", _draw_accuracy),
@@ -289,9 +396,10 @@ RANK_PLOT = Plot("learner_ranks", "Learner ranks", _draw_ranks)  # only for a ru
 
 
 def plots_for(files: RunFiles) -> tuple[Plot, ...]:
-    """The plots of this run: PLOTS, and the learner ranks' when its records have them (a one-rank run's page
-    carries no empty ranks plot)."""
-    return (*PLOTS, RANK_PLOT) if _rank_records(files.records) else PLOTS
+    """The plots of this run: PLOTS, one per task of a mixture, and the learner ranks' when its records have them
+    (a one-rank run's page carries no empty ranks plot)."""
+    ranks = (RANK_PLOT,) if _rank_records(files.records) else ()
+    return (*PLOTS, *task_plots(files), *ranks)
 
 
 def render_plots(files: RunFiles) -> list[tuple[Plot, bytes | None, str]]:
@@ -376,6 +484,88 @@ def _evaluation_table(records: list[dict]) -> str:
     return f'<table id="evaluations">{header}{"".join(rows)}</table>{note}'
 
 
+def _row(cells) -> str:
+    return "<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in cells) + "</tr>"
+
+
+def _header(head) -> str:
+    return "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+
+
+def task_table(files: RunFiles) -> str:
+    """A task mixture's held-out accuracy per task: the student before, at its last evaluation and after (the
+    saved checkpoint), and each teacher (summary.json's *_by_task, metrics.jsonl's `eval_accuracy/<task>`)."""
+    names = task_names(files)
+    if not names:
+        return ""
+    s = files.summary or {}
+    teachers = {t: a for t, a in (s.get("teacher_accuracies_by_task") or {}).items() if isinstance(a, dict)}
+    head = ("task", "student before", "last evaluation", "student after", *(f"teacher {t}" for t in teachers))
+    rows = []
+    for task in names:
+        last = [r for r in files.records if isinstance(r.get(TASK_KEY + task), int | float)]
+        cells = (
+            task,
+            (s.get("student_accuracy_before_by_task") or {}).get(task, ""),
+            last[-1][TASK_KEY + task] if last else "",
+            (s.get("student_accuracy_after_by_task") or {}).get(task, ""),
+            *(a.get(task, "") for a in teachers.values()),
+        )
+        rows.append(_row(cells))
+    return f'<h2>Accuracy per task</h2><table id="tasks">{_header(head)}{"".join(rows)}</table>'
+
+
+TEACHER_COLUMNS = (
+    ("scorers", "scorers"),
+    ("trajectories_scored", "trajectories scored"),
+    ("tokens_scored", "tokens scored"),
+    ("score_seconds", "scoring seconds"),
+    ("batch_seconds", "seconds per batch"),
+    ("score_failures", "teacher failures"),
+    ("dead_lettered", "dead-lettered"),
+    ("join_timeouts", "join timeouts (its copy missing)"),
+    ("trajectories_trained", "trajectories trained"),
+)
+
+
+COUNTED = {
+    "scorers",
+    "trajectories_scored",
+    "tokens_scored",
+    "score_failures",
+    "dead_lettered",
+    "join_timeouts",
+}
+
+
+def _whole(value: Any) -> Any:
+    """A count summed as a float (counters travel as numbers) shown as the integer it is."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def teacher_table(summary: dict | None) -> str:
+    """Several teachers: one row per teacher's pool (summary.json `teachers`, opd/launch/teacher_stats.py):
+    what its scorers did, tokens per second of scoring, and its share of the trajectories trained."""
+    teachers = (summary or {}).get("teachers")
+    if not isinstance(teachers, dict) or not teachers:
+        return ""
+    head = ("teacher", *(h for _, h in TEACHER_COLUMNS), "scored tokens/s (busy)", "share of trained")
+    rows = []
+    for name, r in teachers.items():
+        if not isinstance(r, dict):
+            continue
+        busy = r.get("score_seconds") or 0
+        tok_s = r.get("tokens_scored", 0) / busy if busy else ""
+        share = f"{r['share']:.1%}" if isinstance(r.get("share"), int | float) else ""
+        cells = (_whole(r.get(k, "")) if k in COUNTED else r.get(k, "") for k, _ in TEACHER_COLUMNS)
+        rows.append(_row((name, *cells, tok_s, share)))
+    note = (
+        "<p>share: of the trajectories trained, a mixture counted by its route's weights; scored tokens/s: per "
+        "second of scoring (the pool's busy time)</p>"
+    )
+    return f'<h2>Teachers</h2><table id="teachers">{_header(head)}{"".join(rows)}</table>{note}'
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
@@ -449,6 +639,8 @@ def page_html(files: RunFiles, plots: list[tuple[Plot, bytes | None, str]], plot
     parts.append("<h2>Plots</h2>" + "".join(_figure(*p) for p in plots))
     parts.append("<h2>Summary</h2>")
     parts.append(_summary_table(files.summary) if files.summary else "<p>no summary.json</p>")
+    parts.append(teacher_table(files.summary))
+    parts.append(task_table(files))
     parts.append("<h2>Held-out evaluations</h2>" + _evaluation_table(files.records))
     parts.append(rank_table(files.records))
     parts.append("<h2>Config (secrets redacted)</h2>")

@@ -8,6 +8,9 @@ Rates come from the records themselves (counter deltas over the component's own 
 a restarted component starts from 0 under a new one), so they are true for a finished run too and never negative;
 totals are sums over a component's incarnations. A finished zmq run has no broker left; then the view is rebuilt from runs/<id>/metrics.jsonl and
 summary.json.
+With several teachers (`teachers:`) a table per teacher follows: its pool's live scorers, scored tokens/s, its own
+queues' depths, mean seconds per scored batch, failures (teacher failures + dead letters) and its share of the
+trajectories trained (opd/launch/teacher_stats.py); a run of one teacher shows no such table.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from rich.table import Table
 from broker import BrokerUnavailable
 from broker.base import WORK_STREAMS
 from opd.config import Config
+from opd.launch.teacher_stats import JOIN_TIMEOUTS, TRAINED, per_teacher, pool_members
 from opd.protocol import ProtocolError, Streams, unpack_control
 from opd.runtime.broker import open_broker
 
@@ -58,6 +62,9 @@ class TopState:
     kl_last_step: int = -1
     finished: bool = False
     source: str = ""
+    teacher_depths: dict[str, dict[str, int]] = field(default_factory=dict)  # teacher -> kind -> entries
+    # the learner's per-teacher running totals (`trajectories_trained:<teacher>`, `join_timeouts:<teacher>`)
+    per_teacher: dict[str, float] = field(default_factory=dict)
 
     def ingest(self, rec: dict[str, Any]) -> None:
         name, inc = str(rec.get("component", "?")), str(rec.get("incarnation", ""))
@@ -86,6 +93,11 @@ class TopState:
             self.eval_accuracy = float(rec["eval_accuracy"])
         if name == "learner" and rec.get("final"):
             self.finished = True
+        if (
+            name == "learner"
+        ):  # running totals (restored from the checkpoint on resume): the newest is the run's
+            keys = (TRAINED, JOIN_TIMEOUTS)
+            self.per_teacher.update({k: float(v) for k, v in rec.items() if k.startswith(keys)})
 
     def _note_kl(self, rec: dict[str, Any]) -> None:
         step, kl = rec.get("step"), rec.get("reverse_kl")
@@ -103,6 +115,16 @@ class TopState:
 
     def latest(self, name: str) -> dict[str, Any]:
         return self.history[name][-1]
+
+    def counts_of(self, name: str) -> dict[str, float]:
+        """Every counter of component `name` summed over its incarnations."""
+        out: dict[str, float] = {}
+        for (n, _), rec in self.counts.items():
+            if n == name:
+                for k, v in rec.items():
+                    if isinstance(v, int | float) and not isinstance(v, bool):
+                        out[k] = out.get(k, 0.0) + float(v)
+        return out
 
     def total(self, name: str, key: str) -> float | None:
         """Counter `key` of component `name` summed over its incarnations (None if none reported it)."""
@@ -166,7 +188,7 @@ def _table(title: str, columns: tuple[str, ...], caption: str | None = None) -> 
     """Headers never wrap or shorten: every header and value of our tables fits 80 columns as written."""
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for col in columns:
-        table.add_column(col, justify="left" if col == "component" else "right", no_wrap=True)
+        table.add_column(col, justify="left" if col in ("component", "teacher") else "right", no_wrap=True)
     return table
 
 
@@ -241,6 +263,43 @@ def queue_table(state: TopState) -> Table:
     return table
 
 
+def _pool_rate(state: TopState, members: list[str], key: str) -> float | None:
+    rates = [state.rate(n, key) for n in members]
+    known = [r for r in rates if r is not None]
+    return sum(known) if known else None
+
+
+def teacher_table(state: TopState, teachers: list[str]) -> Table:
+    """One row per teacher of a run of several (render shows it only then)."""
+    table = _table(
+        "teachers",
+        ("teacher", "scorers", "tok/s", "rollouts", "scored", "batch s", "failed", "share"),
+        "scorers: live members of its pool; tok/s: scored; rollouts, scored: its own queues (entries); "
+        "batch s: mean seconds per scored batch; failed: teacher failures + dead letters + joins timed out "
+        "without its copy; share: of the "
+        "trajectories trained (a mixture by its route's weights)",
+    )
+    totals = {n: state.counts_of(n) for n in state.history}
+    rows = per_teacher(teachers, totals, state.per_teacher)
+    for t, row in rows.items():
+        members = pool_members(t, state.history)
+        alive = sum(1 for n in members if not state.latest(n).get("final"))
+        seconds, batches = (_pool_rate(state, members, k) for k in ("score_seconds", "score_batches"))
+        latency = seconds / batches if seconds is not None and batches else row["batch_seconds"]
+        depths = state.teacher_depths.get(t, {})
+        table.add_row(
+            t,
+            str(alive),
+            _count(_pool_rate(state, members, "tokens_scored")),
+            _count(depths.get("rollouts")),
+            _count(depths.get("scored")),
+            _short(latency),
+            _count(row["failures"]),
+            "-" if row["share"] is None else f"{row['share']:.1%}",
+        )
+    return table
+
+
 def render(state: TopState, cfg: Config) -> Group:
     status = "finished" if state.finished else "running"
     head = f"opd top | run {cfg.run.run_id} | {status} | {state.source}"
@@ -250,6 +309,9 @@ def render(state: TopState, cfg: Config) -> Group:
         tables.append(ranks)
     if state.depths:  # a finished run read from its files has no queues to show
         tables.append(queue_table(state))
+    teachers = list(cfg.teacher_pools())
+    if len(teachers) > 1:
+        tables.append(teacher_table(state, teachers))
     return Group(head, *tables)
 
 
@@ -277,9 +339,16 @@ class StreamReader:
             if len(msgs) < READ_BATCH:
                 break
         streams = Streams(self.run_id)
-        state.depths = {
-            s: sum(self.broker.depth(x) for x in streams.for_teachers(s, self.teachers)) for s in WORK_STREAMS
+        per = {
+            s: dict(
+                zip(
+                    self.teachers, map(self.broker.depth, streams.for_teachers(s, self.teachers)), strict=True
+                )
+            )
+            for s in WORK_STREAMS
         }
+        state.depths = {s: sum(d.values()) for s, d in per.items()}
+        state.teacher_depths = {t: {s: per[s][t] for s in WORK_STREAMS} for t in self.teachers}
 
     def close(self) -> None:
         try:  # a broker keeps a group until told (Redis): leave no trace per viewer
@@ -310,6 +379,11 @@ def state_from_files(cfg: Config) -> TopState | None:
             {**r, "component": "learner", "uptime": r["time"] - start, "tokens_trained": tokens,
              "trajectories_trained": trajs}
         )  # fmt: skip
+    if records:  # each teacher's queues at the last step (`queue_<kind>:<teacher>`, several teachers only)
+        for key, depth in records[-1].items():
+            kind, _, teacher = key.removeprefix("queue_").partition(":")
+            if key.startswith("queue_") and teacher and kind in WORK_STREAMS:
+                state.teacher_depths.setdefault(teacher, {})[kind] = depth
     summary = out / "summary.json"
     if summary.exists():
         _ingest_summary(state, json.loads(summary.read_text()))
@@ -321,6 +395,11 @@ def _ingest_summary(state: TopState, s: dict[str, Any]) -> None:
     incarnations, uptime) as the launcher kept it in summary.json; runs written before it kept them give one
     total per role."""
     state.finished = True
+    teachers = s.get("teachers") if isinstance(s.get("teachers"), dict) else {}
+    for t, row in teachers.items():  # the learner's per-teacher totals, as the launcher kept them
+        for prefix, key in ((TRAINED, "trajectories_trained"), (JOIN_TIMEOUTS, "join_timeouts")):
+            if isinstance(row, dict) and isinstance(row.get(key), int | float):
+                state.per_teacher[prefix + t] = float(row[key])
     components = {n: r for n, r in (s.get("components") or {}).items() if isinstance(r, dict)}
     for name, rec in components.items():
         state.ingest({**rec, "component": name, "incarnation": "summary"})

@@ -4,6 +4,14 @@ The exporter is fed from the same places that feed the broker's `metrics` stream
 the learner's per-step record), so Prometheus, `opd top` and metrics.jsonl cannot disagree about what happened.
 Counters stay cumulative per process (dashboards take rate()); a restarted process starts its counters at 0,
 which rate() treats as a counter reset.
+
+Several teachers (`teachers:`): the stage families (trajectories, tokens, busy seconds, dead letters, errors) and
+the scoring latency carry a `teacher` label, the pool of the scorer that exports them (`default` for the one
+teacher of a run without `teachers:`, empty for actors and the learner, which Prometheus stores as no label), so
+`sum by (teacher)` splits scoring per pool and every query without it sums as before. The learner exports each
+pool's queue depths (`opd_teacher_queue_depth{teacher, kind}`) and the trajectories it trained per teacher
+(`opd_teacher_trajectories_trained`, a mixture's shared by its route's weights). Label values are pool names from
+the run's config (anything else is counted as `other`), so their number is bounded by the config.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from opd.config import Config
+from opd.protocol import DEFAULT_TEACHER
 
 log = logging.getLogger("opd")
 
@@ -56,6 +65,24 @@ SYNC_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 OWN_STAGE = {"actor": "generated", "scorer": "scored", "learner": "trained"}
 # Step-record list (one value per learner rank) -> the `phase` of opd_learner_rank_seconds (learner.num_ranks > 1).
 RANK_PHASES = {"rank_step_seconds": "step", "rank_comm_seconds": "comm", "rank_apply_seconds": "apply"}
+# Stage families that carry the `teacher` label (a scorer's pool; empty elsewhere).
+TEACHER_LABELLED = {"trajectories", "tokens", "busy_seconds", "dead_letters", "errors"}
+# Reporter counter prefix of the learner's trajectories trained per teacher (learner/learner.py teacher_shares).
+TRAINED_BY_TEACHER = "trajectories_trained:"
+# ... and of mixtures whose join timed out without this teacher's copy (learner/intake.py): its failures too.
+JOIN_TIMEOUTS = "join_timeouts:"
+SCORE_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+OTHER_TEACHER = "other"  # a teacher name not of this run's config (bounded label values)
+
+
+def component_teacher(component: str) -> str:
+    """The teacher whose pool a component serves: `scorer-<i>` -> `default`, `scorer-<teacher>-<i>` -> teacher;
+    "" for actors and the learner (they serve every teacher)."""
+    role, _, rest = component.partition("-")
+    if role != "scorer":
+        return ""
+    pool, _, _index = rest.rpartition("-")
+    return pool or DEFAULT_TEACHER
 
 
 def metrics_port(cfg: Config, component: str) -> int | None:
@@ -131,22 +158,53 @@ def write_port_map(cfg: Config, out_dir: Path) -> dict[str, int]:
 class Exporter:
     """One component's metric families in a private registry (so tests can build several in one process)."""
 
-    def __init__(self, component: str, max_staleness: int = 4):
+    def __init__(
+        self,
+        component: str,
+        max_staleness: int = 4,
+        teachers: tuple[str, ...] = (DEFAULT_TEACHER,),
+    ):
         self.component = component
+        self.teacher = component_teacher(component)  # the `teacher` label of the stage families
+        self.teachers = set(teachers)  # the run's pools: the only values the learner's teacher labels take
         self.registry = r = CollectorRegistry()
-        c, g = ["component"], ["component"]
+        c, g, ct = ["component"], ["component"], ["component", "teacher"]
         self.trajectories = Counter(
-            "opd_trajectories", "Trajectories per pipeline stage.", [*c, "stage"], registry=r
+            "opd_trajectories", "Trajectories per pipeline stage.", [*ct, "stage"], registry=r
         )
-        self.tokens = Counter("opd_tokens", "Response tokens per pipeline stage.", [*c, "stage"], registry=r)
+        self.tokens = Counter("opd_tokens", "Response tokens per pipeline stage.", [*ct, "stage"], registry=r)
         self.busy_seconds = Counter(
-            "opd_busy_seconds", "Seconds spent generating or scoring.", [*c, "stage"], registry=r
+            "opd_busy_seconds", "Seconds spent generating or scoring.", [*ct, "stage"], registry=r
         )
         self.dead_letters = Counter(
-            "opd_dead_letters", "Messages this component dead-lettered.", c, registry=r
+            "opd_dead_letters", "Messages this component dead-lettered.", ct, registry=r
         )
         self.errors = Counter(
-            "opd_errors", "Failures by kind (teacher_failure, skipped_step).", [*c, "kind"], registry=r
+            "opd_errors",
+            "Failures by kind (teacher_failure, skipped_step, weight_sync_failed, join_timeout).",
+            [*ct, "kind"],
+            registry=r,
+        )
+        self.score_seconds = Histogram(
+            "opd_score_seconds",
+            "Seconds a scorer took to score one batch of rollouts (its teacher's latency).",
+            ct,
+            buckets=SCORE_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.teacher_queue_depth = Gauge(
+            "opd_teacher_queue_depth",
+            "Entries held in one teacher's work stream (kind: rollouts waiting for its pool, scored waiting for "
+            "the learner).",
+            [*ct, "kind"],
+            registry=r,
+        )
+        self.teacher_trained = Counter(
+            "opd_teacher_trajectories_trained",
+            "Trajectories the learner trained per teacher, a mixture's shared by its route's weights (rate over "
+            "the sum: each teacher's share).",
+            ct,
+            registry=r,
         )
         self.dropped_stale = Counter("opd_dropped_stale", "Samples dropped as too stale.", c, registry=r)
         self.duplicates = Counter("opd_duplicates", "Redelivered samples skipped as trained.", c, registry=r)
@@ -223,20 +281,47 @@ class Exporter:
             registry=r,
         )
         self.learner_ranks = Gauge("opd_learner_ranks", "Learner ranks training together.", g, registry=r)
-        self.up = Gauge("opd_component_up", "1 while the component runs.", g, registry=r)
-        self.up.labels(component).set(1)
+        self.up = Gauge(
+            "opd_component_up", "1 while the component runs (a scorer: with its teacher).", ct, registry=r
+        )
+        self.up.labels(component, self.teacher).set(1)
         self._last_step_end: float | None = None
         self._skipped_seen = 0.0
 
     # ----------------------------------------------------------------------------- feeds
+    def labels(self, attr: str, **labels: str):
+        """Family `attr`'s child for this component (and its teacher, on the families that carry one)."""
+        if attr in TEACHER_LABELLED:
+            labels = {"teacher": self.teacher, **labels}
+        return getattr(self, attr).labels(component=self.component, **labels)
+
     def add(self, deltas: dict[str, float]) -> None:
-        """Reporter.add's increments."""
+        """Reporter.add's increments. A scorer adds `score_seconds` once per batch it scored, so each is also one
+        observation of the scoring latency; the learner's `trajectories_trained:<teacher>` feed the per-teacher
+        share."""
         for key, value in deltas.items():
+            if key.startswith((TRAINED_BY_TEACHER, JOIN_TIMEOUTS)):
+                self._per_teacher(key, value)
+                continue
+            if key == "score_seconds" and value >= 0:
+                self.score_seconds.labels(self.component, self.teacher).observe(value)
             target = COUNTER_MAP.get(key)
             if target is None or value <= 0:
                 continue
             attr, labels = target
-            getattr(self, attr).labels(component=self.component, **labels).inc(value)
+            self.labels(attr, **labels).inc(value)
+
+    def _per_teacher(self, key: str, value: float) -> None:
+        """The learner's per-teacher counters (`<prefix><teacher>`), labelled with that teacher, never a name
+        outside the run's config."""
+        prefix, _, name = key.partition(":")
+        name = name if name in self.teachers else OTHER_TEACHER
+        if value <= 0:
+            return
+        if prefix + ":" == TRAINED_BY_TEACHER:
+            self.teacher_trained.labels(self.component, name).inc(value)
+        else:
+            self.errors.labels(component=self.component, teacher=name, kind="join_timeout").inc(value)
 
     def observe(self, fields: dict[str, Any]) -> None:
         """Reporter.maybe_send's extra fields (weight version and the like)."""
@@ -269,15 +354,24 @@ class Exporter:
                 lag.observe(value)
         skipped = record.get("skipped_steps")
         if isinstance(skipped, int | float) and skipped > self._skipped_seen:  # a running total in the record
-            self.errors.labels(component=self.component, kind="skipped_step").inc(
-                skipped - self._skipped_seen
-            )
+            self.labels("errors", kind="skipped_step").inc(skipped - self._skipped_seen)
             self._skipped_seen = skipped
         if record.get("weight_sync_failed"):
-            self.errors.labels(component=self.component, kind="weight_sync_failed").inc()
+            self.labels("errors", kind="weight_sync_failed").inc()
         for stream, depth in depths.items():
             self.queue_depth.labels(self.component, stream).set(depth)
+        self._teacher_depths(depths)
         self._ranks(record)
+
+    def _teacher_depths(self, depths: dict[str, int]) -> None:
+        """Each teacher's own queues: `<kind>:<teacher>` with several teachers; with one, the kind's whole stream
+        is the default teacher's."""
+        named = {s: d for s, d in depths.items() if ":" in s}
+        per = named or {f"{s}:{DEFAULT_TEACHER}": d for s, d in depths.items()}
+        for stream, depth in per.items():
+            kind, _, teacher = stream.partition(":")
+            teacher = teacher if teacher in self.teachers else OTHER_TEACHER
+            self.teacher_queue_depth.labels(self.component, teacher, kind).set(depth)
 
     def _ranks(self, record: dict[str, Any]) -> None:
         """The per-rank lists of a learner of several ranks (absent with one rank: no series then)."""
@@ -317,11 +411,13 @@ def exporter_for(cfg: Config, component: str) -> Exporter | None:
         return None
     if port is None:
         return None
-    exporter = Exporter(component, cfg.learner.max_staleness)
+    exporter = Exporter(component, cfg.learner.max_staleness, tuple(cfg.teacher_pools()))
     stage = OWN_STAGE.get(component.partition("-")[0])
     if stage is not None:  # its own stage's counters exist from the start, so rate() has a first point at 0
-        exporter.trajectories.labels(component=component, stage=stage)
-        exporter.tokens.labels(component=component, stage=stage)
+        exporter.labels("trajectories", stage=stage)
+        exporter.labels("tokens", stage=stage)
+    if exporter.teacher:  # a scorer's latency series exists (empty) from the start, like its stage counters
+        exporter.score_seconds.labels(component, exporter.teacher)
     exporter.serve(cfg.metrics.host, port)
     return exporter
 

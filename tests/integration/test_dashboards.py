@@ -210,6 +210,8 @@ def test_dashboard_covers_the_issue_panels_and_its_datasource_is_provisioned():
         "kl",
         "accuracy",
         "dead letters",
+        "per teacher",
+        "share of trajectories",
     ):
         assert topic in titles, topic
     ids = [p["id"] for p in dash["panels"]]
@@ -428,14 +430,17 @@ def _prometheus_query(port: int, expr: str) -> dict:
 
 
 def _feed(exporter, step: int) -> None:
-    exporter.add({"trajectories_trained": 64, "tokens_trained": 320, "dead_lettered": 1, "dropped_stale": 1})
+    exporter.add({"trajectories_trained": 64, "tokens_trained": 320, "dead_lettered": 1, "dropped_stale": 1,
+                  "trajectories_trained:adder": 40, "trajectories_trained:reverser": 24,
+                  "join_timeouts:reverser": 1})  # fmt: skip
     exporter.step(
         {"step": step, "weight_version": step, "reverse_kl": 1.0 / step, "loss": 0.2, "eval_accuracy": 0.5,
          "step_seconds": 0.05, "wait_seconds": 0.02, "lag_histogram": [40, 20, 4], "weight_sync_seconds": 0.01,
          "weight_sync_gbps": 2.0, "weight_sync_members": 1, "skipped_steps": step, "importance_weight": 1.0,
          "staleness_mean": 0.4, "learner_ranks": 2, "rank_step_seconds": [0.05, 0.04], "rank_tokens": [320, 300],
          "rank_token_imbalance": 1.03, "rank_comm_seconds": [0.01, 0.008], "rank_apply_seconds": [0.002, 0.002]},
-        {"rollouts": 7, "scored": 3},
+        {"rollouts": 7, "scored": 3, "rollouts:adder": 5, "rollouts:reverser": 2, "scored:adder": 1,
+         "scored:reverser": 2},
     )  # fmt: skip
 
 
@@ -447,16 +452,18 @@ def test_every_dashboard_query_runs_on_a_real_prometheus_scraping_our_exporter(t
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("no prometheus binary: apt-get install --no-install-recommends prometheus")
-    exporter = Exporter("learner", max_staleness=2)
-    for name in (
-        "actor-0",
-        "scorer-0",
-    ):  # the other components' series, as their own endpoints would show them
-        exporter.trajectories.labels(component=name, stage="generated" if "actor" in name else "scored").inc(
-            64
-        )
+    exporter = Exporter("learner", max_staleness=2, teachers=("adder", "reverser"))
+    # the other components' series, as their own endpoints would show them: an actor and two teachers' scorers
+    exporter.trajectories.labels(component="actor-0", teacher="", stage="generated").inc(64)
+    exporter.weight_version.labels("actor-0").set(1)
+    for name, teacher in (("scorer-adder-0", "adder"), ("scorer-reverser-0", "reverser")):
+        for family in (exporter.trajectories, exporter.tokens):
+            family.labels(component=name, teacher=teacher, stage="scored").inc(64)
         exporter.weight_version.labels(name).set(1)
-    exporter.errors.labels(component="scorer-0", kind="teacher_failure").inc()
+        exporter.errors.labels(component=name, teacher=teacher, kind="teacher_failure").inc()
+        exporter.dead_letters.labels(component=name, teacher=teacher).inc()
+        exporter.score_seconds.labels(name, teacher).observe(0.2)
+        exporter.up.labels(name, teacher).set(1)
     target = free_port()
     assert exporter.serve("127.0.0.1", target)
     prom_port = free_port()
