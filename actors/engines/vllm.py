@@ -11,6 +11,13 @@ moved, those tensors are handed to vLLM's worker through `collective_rpc` (in pr
 loaded with the model's `load_weights`; the prefix cache is then reset unless `actor.keep_kv_cache`. Weights
 therefore change only between generation batches, so `policy_version` describes every token and
 `token_versions` stays unset.
+
+Padded vocabularies: a checkpoint may have more output rows than its tokenizer has ids (Qwen's 151,936 rows for
+151,665 ids). vLLM samples over every row it does not count as its own tensor-parallel padding, so after building
+the engine its logits are cut to the tokenizer's real vocabulary (`opd.models.vocab.limit_vllm_vocab`, the cut
+the vLLM teacher makes): padding is never sampled and the processed behaviour logprobs are renormalised over the
+real ids, like the HF sampler's and the learner's. The cut lives in vLLM's logits processor, which a weight push
+does not rebuild.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from opd.models.builds import Assets, load_asset
 from opd.models.prompts import stop_token_ids
 from opd.models.sampler import Sample
 from opd.models.vllm_support import WORKER_EXTENSION, make_llm
+from opd.models.vocab import limit_vllm_vocab, real_vocab
 from opd.runtime.lifecycle import log
 
 
@@ -56,7 +64,10 @@ class VLLMEngine:
             worker_extension_cls=WORKER_EXTENSION,
             enable_prefix_caching=True,
         )
-        log.info("vLLM student engine up in %.1fs", time.perf_counter() - t0)
+        # sample over the tokenizer's ids only (padding rows beyond it are never produced by any tokenizer)
+        self.vocab = real_vocab(self.model)
+        self.llm.collective_rpc(limit_vllm_vocab, args=(self.vocab,))
+        log.info("vLLM student engine up in %.1fs (vocab %d)", time.perf_counter() - t0, self.vocab)
         self.version = 0  # the asset's weights are version 0, as for the HF engine
         self.pushes = 0
 

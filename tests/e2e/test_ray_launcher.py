@@ -133,3 +133,52 @@ def test_ray_scale_up_and_down(prepared, tmp_path):
     ]
     assert json.loads((out_dir / "summary.json").read_text())["learner_steps"] > 0
     _nothing_left(out_dir, ray_before)
+
+
+def test_ray_two_teacher_run_joins_every_mixture(prepared, tmp_path):
+    """Two teachers' pools under Ray, every prompt a 1:1 mixture of both. Ray places the pools one after the other
+    (seconds apart), so the first pool scores for a while alone: with one `scored` stream its held copies filled
+    the stream and blocked the second pool's scorers until routing.join_timeout_s dead-lettered every mixture
+    (the "second pool never scores under Ray" report of issue 18). Each pool's own scored stream keeps both moving:
+    every trained trajectory is a full join, nothing dead-lettered."""
+    import yaml
+
+    data = yaml.safe_load(Path(TINY).read_text())
+    teacher = data.pop("teacher")
+    data["teachers"] = {
+        "adder": {"model": teacher},
+        "speller": {"model": teacher, "scorer": {"num_scorers": 2}},
+    }
+    data["routing"] = {"default": {"adder": 1, "speller": 1}, "join_timeout_s": 120}
+    data.get("broker", {}).pop("max_depth", None)
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    out_dir, steps, batch = tmp_path / "run", 4, 16
+    ray_before = _processes(*RAY_PROCESS_MARKS)
+    args = _args(
+        prepared, out_dir, "ray.num_cpus=3", f"learner.max_steps={steps}", f"learner.batch_size={batch}"
+    )
+    args[1] = str(config)
+    proc = opd(*args, "scorer.batch_size=8")
+    try:
+        log, _ = proc.communicate(timeout=800)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, log
+    for name in ("scorer-adder-0", "scorer-speller-0", "scorer-speller-1"):
+        assert f"ray: {name} placed" in log, log
+    learner = json.loads((out_dir / "learner_summary.json").read_text())
+    assert learner["learner_steps"] == steps and learner["trajectories_trained"] == steps * batch, learner
+    assert (learner["dead_lettered"], learner["partial_joins"], learner["duplicates_skipped"]) == (0, 0, 0)
+    scored = {
+        name: c.get("trajectories_scored", 0)
+        for name, c in json.loads((out_dir / "summary.json").read_text())["components"].items()
+        if name.startswith("scorer-")
+    }
+    assert scored["scorer-adder-0"] >= steps * batch, (
+        scored
+    )  # one copy of every trained trajectory from each pool
+    assert scored["scorer-speller-0"] + scored["scorer-speller-1"] >= steps * batch, scored
+    _nothing_left(out_dir, ray_before)

@@ -227,7 +227,7 @@ def test_dashboard_covers_the_issue_panels_and_its_datasource_is_provisioned():
 def test_prometheus_scrapes_every_replica_of_the_compose_services():
     cfg = yaml.safe_load(PROMETHEUS_YML.read_text())
     jobs = {j["job_name"]: j["dns_sd_configs"][0] for j in cfg["scrape_configs"]}
-    assert set(jobs) == {"learner", "actor", "teacher-scorer"}
+    assert set(jobs) == {"learner", "actor", "teacher-scorer", "teacher-scorer-2"}
     for name, sd in jobs.items():
         assert sd == {**sd, "names": [name], "type": "A", "port": 9400}
     promtool = shutil.which("promtool")
