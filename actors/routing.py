@@ -76,9 +76,8 @@ class Router:
         by_stream: dict[str, list[int]] = {s: [] for s in self.streams.values()}
         where: list[list[Copy]] = []
         for i, t in enumerate(trajs):
-            names = list(t.teacher_weights) if t.teacher_weights else [DEFAULT_TEACHER]
             mine = []
-            for name in names:
+            for name in targets(t):
                 stream = self.streams[name]
                 mine.append(Copy(stream, len(by_stream[stream])))
                 by_stream[stream].append(i)
@@ -124,6 +123,11 @@ class Router:
         return picked, skipped
 
 
+def targets(t: Trajectory) -> list[str]:
+    """The teachers a trajectory's copies go to: its stamped route ([DEFAULT_TEACHER] without one)."""
+    return list(t.teacher_weights) if t.teacher_weights else [DEFAULT_TEACHER]
+
+
 @dataclass
 class _Waiting:
     """A stream's copies not yet appended, oldest first, and since when it has taken none of them."""
@@ -147,7 +151,7 @@ class Outbox:
         now = time.monotonic()
         for t, payload in zip(trajs, payloads, strict=True):
             self.unsent[t.id] = t
-            for name in self.router.route_names(t.task):
+            for name in targets(t):
                 self.waiting.setdefault(name, _Waiting(stuck_since=now)).copies.append((t.id, payload))
 
     def flush(self) -> tuple[list[Trajectory], int]:
