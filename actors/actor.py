@@ -291,9 +291,10 @@ class Actor:
     def _loop(self) -> None:
         while not self.stop():
             self.service_control()
+            down = self.wait_for_pools()  # the last batch's copies out first, as a blocking publish had them
             self.wait_for_current_weights()
             self.wait_while_ahead()
-            problems = self.draw(self.wait_for_pools())
+            problems = self.draw(down)
             if self.stop():
                 break
             if not problems:  # every route names a down teacher: wait for one to take copies again

@@ -115,9 +115,8 @@ def test_a_killed_pool_leaves_the_other_training_and_its_work_is_redelivered(
         )
         os.kill(victim, signal.SIGKILL)
         killed_at = time.time()
-        time.sleep(
-            0.5
-        )  # the stream as the dead scorer left it (its pending entries), plus what queued behind
+        # the stream as the dead scorer left it (its pending entries), plus what queued behind them
+        time.sleep(0.5)
         held, queued = _stream_ids(client, stream)
         wait_for(lambda: _pool_scorers(proc.pid, "reverser"), DOWN_S + 60, "the restarted reverser scorer")
         back_at = time.time()
