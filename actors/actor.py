@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from actors.engines import build_engine
-from actors.routing import Router, publish_fan_out, published
+from actors.routing import Outbox, Router
 from opd import tasks
 from opd.config import Config
 from opd.models.builds import ensure_assets
@@ -20,9 +20,13 @@ from opd.runtime import run_secret
 from opd.runtime.broker import open_broker
 from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
 from opd.runtime.service_time import pad_to_service_time
+from opd.tasks import Problem
 from weight_sync import ElasticReceiver, WeightReceiver, resolve_backend
 from weight_sync.snapshot import SnapshotStore
 from weight_sync.verify import DigestLog
+
+POLL_S = 0.05  # while copies wait for room, or every route names a down teacher
+MAX_DRAWS = 8  # prompts drawn per batch, at most, x actor.prompts_per_batch, while a teacher is down
 
 
 def weight_follower(cfg: Config, name: str, model: torch.nn.Module) -> ElasticReceiver:
@@ -86,6 +90,10 @@ class Actor:
         # teachers: one rollouts stream per teacher, each trajectory copied to those of its route
         self.router = Router(cfg)
         self.copies_published, self.trajectories_published = 0, 0  # their ratio: the mean fan-out
+        # copies not yet appended; a teacher whose stream takes none for liveness_s is down (actors/routing.py)
+        self.outbox = Outbox(self.broker, self.router, cfg.supervision.liveness_s)
+        self.down: set[str] = set()  # teachers down at the last look (for the log lines)
+        self.skipped_while_down = 0
         self.broker.skip_to_end(self.control, self.name)  # before joining: the learner speaks once all joined
         self.follower = weight_follower(cfg, self.name, self.model)
         self.problems = tasks.training_stream(cfg.task, seed=cfg.run.seed * 1000 + index)
@@ -118,9 +126,21 @@ class Actor:
                 self.stop.set("stop message from the learner")
             self.broker.ack(self.control, self.name, [msg.id])
 
-    def generate_batch(self) -> list[Trajectory]:
+    def draw(self, down: set[str]) -> list[Problem]:
+        """This batch's prompts: the next actor.prompts_per_batch, or, while a teacher is down, the next ones
+        whose route avoids it (others skipped and counted); none when every route names a down teacher."""
+        cfg = self.cfg
+        if not self.router.reachable(down):
+            return []
+        n = cfg.actor.prompts_per_batch
+        problems, skipped = self.router.pick(self.problems, n, down, MAX_DRAWS * n)
+        if skipped:
+            self.skipped_while_down += skipped
+            self.reporter.add(prompts_skipped=skipped)
+        return problems
+
+    def generate_batch(self, problems: list[Problem]) -> list[Trajectory]:
         cfg, s = self.cfg, self.cfg.sampling
-        problems = [next(self.problems) for _ in range(cfg.actor.prompts_per_batch)]
         prompt_ids = [render_prompt(self.tokenizer, p) for p in problems]
         batch_no = next(self.batches)
         self.engine.sync_weights(self.follower.version)  # the version stamped below is what samples
@@ -149,23 +169,52 @@ class Actor:
             self.router.stamp(out[-1])
         return out
 
-    def publish(self, trajs: list[Trajectory]) -> list[Trajectory]:
-        """Send each trajectory to the rollouts stream of every teacher in its route (the one `rollouts` stream
-        without teachers), waiting while a stream is full, and write the ledger. Returns the trajectories that went
-        out: all, or on a stop those with at least one copy appended (each counted once, however many copies)."""
-        by_stream, where = self.router.copies(trajs)
-        encoded = [encode(t) for t in trajs]
-        payloads = {stream: [encoded[i] for i in idx] for stream, idx in by_stream.items() if idx}
-        sent = publish_fan_out(
-            self.broker, payloads, should_stop=self.stop, while_waiting=self.service_control
-        )
-        done = [trajs[i] for i in published(where, {s: sent.get(s, 0) for s in by_stream})]
-        self._record(done)
-        self.trajectories_published += len(done)
-        self.copies_published += sum(sent.values())
-        if self.router.enabled:
-            self.reporter.add(rollout_copies_published=sum(sent.values()))
-        return done
+    def publish(self, trajs: list[Trajectory]) -> None:
+        """Queue one copy of each trajectory for the rollouts stream of every teacher in its route (the one
+        `rollouts` stream without teachers) and append what fits now; the rest waits in the outbox."""
+        self.outbox.add(trajs, [encode(t) for t in trajs])
+        self.flush()
+
+    def flush(self) -> None:
+        """Offer the outbox's copies; ledger and count the trajectories that entered the run by it (their first
+        copy appended): the ledger and `trajectories_generated` always agree."""
+        entered, copies = self.outbox.flush()
+        self.copies_published += copies
+        if copies and self.router.enabled:
+            self.reporter.add(rollout_copies_published=copies)
+        if entered:
+            self._record(entered)
+            self.trajectories_published += len(entered)
+            self.reporter.add(
+                trajectories_generated=len(entered),
+                tokens_generated=sum(len(t.response_token_ids) for t in entered),
+            )
+
+    def wait_for_pools(self) -> set[str]:
+        """Offer the waiting copies and wait (serving control) while some wait for a teacher not yet down: the
+        actor's backpressure, so a slower pool keeps its share of the prompts. Returns the teachers down now,
+        whose prompts the next batch skips (actors/routing.py)."""
+        self.flush()
+        while not self.stop() and self.outbox.blocking():
+            self.service_control()
+            time.sleep(POLL_S)
+            self.flush()
+        down = self.outbox.down()
+        for name in sorted(down - self.down):
+            log.warning(
+                "teacher %s: its rollouts stream has taken no copy for %.0fs (supervision.liveness_s): its pool "
+                "is treated as down; generating only prompts routed elsewhere until it takes copies again",
+                name,
+                self.outbox.stall_s,
+            )
+        for name in sorted(self.down - down):
+            log.info(
+                "teacher %s takes copies again (%d prompts skipped meanwhile)", name, self.skipped_while_down
+            )
+        if not down:
+            self.skipped_while_down = 0
+        self.down = down
+        return down
 
     def _record(self, trajs: list[Trajectory]) -> None:
         """`id<TAB>unix time` of what this actor published: the `generated` side of the run's accounting."""
@@ -177,9 +226,12 @@ class Actor:
         """How many weight versions old a batch generated now would be when the learner reaches it: the
         trajectories still in flight (rollouts + scored, unacknowledged) over what one version consumes. With
         several teachers a mixture trajectory waits as one copy per teacher: the queued copies are divided by
-        this actor's mean fan-out (copies per trajectory published), 1 with one teacher."""
+        this actor's mean fan-out (copies per trajectory published), 1 with one teacher. A down teacher's stream
+        is left out: the next batch is not routed there."""
         lc = self.cfg.learner
-        copies = sum(self.broker.depth(s) for s in [*self.router.all_streams(), *self.scored])
+        down = self.outbox.down()  # a down pool's full stream holds back nothing a new batch is routed to
+        rollouts = [s for name, s in self.router.streams.items() if name not in down]
+        copies = sum(self.broker.depth(s) for s in [*rollouts, *self.scored])
         fan_out = self.copies_published / self.trajectories_published if self.trajectories_published else 1.0
         return copies / fan_out / (lc.batch_size * self.cfg.weight_sync.every)
 
@@ -239,30 +291,37 @@ class Actor:
     def _loop(self) -> None:
         while not self.stop():
             self.service_control()
+            down = self.wait_for_pools()  # the last batch's copies out first, as a blocking publish had them
             self.wait_for_current_weights()
             self.wait_while_ahead()
+            problems = self.draw(down)
             if self.stop():
                 break
+            if not problems:  # every route names a down teacher: wait for one to take copies again
+                self.service_control()
+                self.stop.wait(POLL_S)
+                continue
             sampled_with = self.follower.version
             t0 = time.perf_counter()
-            trajs = self.generate_batch()
+            trajs = self.generate_batch(problems)
             tokens = sum(len(t.response_token_ids) for t in trajs)
             pad_s = pad_to_service_time(
                 t0, tokens, self.cfg.pipeline.service_time.actor_ms_per_token, self.stop.wait
             )
-            gen_s = time.perf_counter() - t0
-            done = self.publish(trajs)
-            self.reporter.add(
-                trajectories_generated=len(done),
-                tokens_generated=sum(len(t.response_token_ids) for t in done),
-                generate_seconds=gen_s,
-                service_pad_seconds=pad_s,
-            )
-            if len(done) < len(trajs):  # a stop came when only part of the batch went out
-                break
+            self.reporter.add(generate_seconds=time.perf_counter() - t0, service_pad_seconds=pad_s)
+            self.publish(trajs)
             self.reporter.maybe_send(weight_version=self.follower.version)
             if self.cfg.pipeline.mode == "sync":
+                self.wait_for_pools()
                 self.wait_for_trained_weights(sampled_with)
+        self.flush()
+        if self.outbox.held():
+            log.info(
+                "stopping with %d copies not appended (teachers %s): a trajectory with no copy out never entered "
+                "the run; a mixture with one out is the learner's join timeout",
+                self.outbox.held(),
+                ", ".join(sorted(self.outbox.waiting)),
+            )
         self.reporter.maybe_send(force=True, weight_version=self.follower.version, final=True)
         log.info("stopping (%s) at weight version %d", self.stop.reason or "done", self.follower.version)
 

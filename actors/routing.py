@@ -5,13 +5,25 @@ A run with a `teachers` section routes each trajectory by its prompt's metadata 
 and publishes one copy to the rollouts stream of every teacher in the route: each pool consumes only its own
 stream, so a pool scales and fails on its own. A run without the section is exactly as before: no route, one
 `rollouts` stream, the same message fields.
+
+A pool that is down (every scorer killed, or stuck) must not stop the others. Its stream fills to
+`broker.max_depth`; the copies that do not fit wait in the actor's `Outbox`. While they have waited less than
+`stall_s` that is ordinary backpressure: the actor waits, as it always did, so a pool that is merely slower keeps
+its share of the prompts. Once a stream has taken none of them for `stall_s` (the actor uses
+`supervision.liveness_s`, the time after which the launcher too counts a silent component as gone) its teacher
+is *down*: the actor draws its next batches only from prompts whose route avoids every down teacher
+(`Router.pick`), skipping the others (counted as `prompts_skipped`; a prompt is not work until a trajectory of
+it is published, so nothing accepted is lost, only the task mix shifts while the pool is down), and keeps
+offering the waiting copies. As soon as the stream takes one, the teacher is up again and its prompts are drawn
+as before. A mixture route that names a down teacher is skipped likewise: it can only train once every teacher
+of it scores it (copies already out are the learner's join, `routing.join_timeout_s`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from broker import Broker
 from opd.config import Config
@@ -64,9 +76,8 @@ class Router:
         by_stream: dict[str, list[int]] = {s: [] for s in self.streams.values()}
         where: list[list[Copy]] = []
         for i, t in enumerate(trajs):
-            names = list(t.teacher_weights) if t.teacher_weights else [DEFAULT_TEACHER]
             mine = []
-            for name in names:
+            for name in targets(t):
                 stream = self.streams[name]
                 mine.append(Copy(stream, len(by_stream[stream])))
                 by_stream[stream].append(i)
@@ -76,38 +87,101 @@ class Router:
     def all_streams(self) -> list[str]:
         return list(self.streams.values())
 
+    def route_names(self, task: dict) -> list[str]:
+        """The teachers whose pools score a trajectory with this `task` map ([DEFAULT_TEACHER] without teachers)."""
+        return list(self.routing.route(task, self.names)) if self.enabled else [DEFAULT_TEACHER]
 
-def publish_fan_out(
-    broker: Broker,
-    payloads: dict[str, list[bytes]],
-    *,
-    should_stop: Callable[[], bool] = lambda: False,
-    while_waiting: Callable[[], None] = lambda: None,
-    poll_s: float = 0.05,
-) -> dict[str, int]:
-    """Publish each stream's payloads in order, with backpressure per stream (broker.max_depth holds for each):
-    a full stream is waited on without holding back the streams that have room, so one slow pool delays only
-    its own copies of this batch. Returns how many of each stream's payloads were appended: all of them, or,
-    when `should_stop` turned true while some stream was still full, the prefix already sent."""
-    sent = dict.fromkeys(payloads, 0)
-    while any(sent[s] < len(p) for s, p in payloads.items()):
-        progressed = False
-        for stream, items in payloads.items():
-            if sent[stream] < len(items):
-                got = broker.publish(stream, items[sent[stream] :])
-                if got:
-                    sent[stream] += len(got)
-                    progressed = True
-        if progressed:
-            continue  # room for part of it: try the rest at once, it may have freed up meanwhile
-        if should_stop():
-            return sent
-        while_waiting()
-        time.sleep(poll_s)
-    return sent
+    def routes(self) -> list[dict[str, float]]:
+        """Every route a prompt can take: the listed ones and the default."""
+        return (
+            [
+                self.routing.route({}, self.names),
+                *(self.routing.route({self.routing.field: v}, self.names) for v in self.routing.routes),
+            ]
+            if self.enabled
+            else [{}]
+        )
+
+    def reachable(self, down: set[str]) -> bool:
+        """Whether some route avoids every down teacher: else drawing prompts would only skip them."""
+        return any(not down & set(r) for r in self.routes()) if self.enabled else not down
+
+    def pick(
+        self, problems: Iterator[Problem], n: int, down: set[str], max_draws: int
+    ) -> tuple[list[Problem], int]:
+        """Up to `n` prompts from `problems` whose route names no down teacher, drawing at most `max_draws`;
+        and how many were skipped. With nothing down this is simply the next `n` prompts."""
+        picked, skipped = [], 0
+        for _ in range(max_draws):
+            if len(picked) == n:
+                break
+            p = next(problems)
+            if down and down & set(self.route_names(self.metadata(p))):
+                skipped += 1
+            else:
+                picked.append(p)
+        return picked, skipped
 
 
-def published(where: list[list[Copy]], sent: dict[str, int]) -> list[int]:
-    """Positions of the trajectories with at least one copy appended: they entered the run and must be
-    accounted for (a mixture missing a copy is the learner's join timeout to resolve, never silent)."""
-    return [i for i, copies in enumerate(where) if any(c.position < sent[c.stream] for c in copies)]
+def targets(t: Trajectory) -> list[str]:
+    """The teachers a trajectory's copies go to: its stamped route ([DEFAULT_TEACHER] without one)."""
+    return list(t.teacher_weights) if t.teacher_weights else [DEFAULT_TEACHER]
+
+
+@dataclass
+class _Waiting:
+    """A stream's copies not yet appended, oldest first, and since when it has taken none of them."""
+
+    copies: list[tuple[str, bytes]] = field(default_factory=list)  # (trajectory id, payload)
+    stuck_since: float = 0.0
+
+
+class Outbox:
+    """Copies generated but not yet appended, per teacher, and which teachers are down (see the module
+    docstring). A trajectory *enters* the run when its first copy is appended: `flush` returns those, for the
+    actor's ledger and counters (each once, however many copies; one still wholly in the outbox when the actor
+    stops never entered, so the books do not expect it). Copies of one stream go out in the order made."""
+
+    def __init__(self, broker: Broker, router: Router, stall_s: float):
+        self.broker, self.router, self.stall_s = broker, router, stall_s
+        self.waiting: dict[str, _Waiting] = {}  # teacher -> its stream's waiting copies (none: no key)
+        self.unsent: dict[str, Trajectory] = {}  # id -> trajectory none of whose copies is out yet
+
+    def add(self, trajs: list[Trajectory], payloads: list[bytes]) -> None:
+        now = time.monotonic()
+        for t, payload in zip(trajs, payloads, strict=True):
+            self.unsent[t.id] = t
+            for name in targets(t):
+                self.waiting.setdefault(name, _Waiting(stuck_since=now)).copies.append((t.id, payload))
+
+    def flush(self) -> tuple[list[Trajectory], int]:
+        """Append what each stream has room for, never waiting: the trajectories that entered the run by it,
+        and how many copies went out."""
+        entered, copies = [], 0
+        for name, w in list(self.waiting.items()):
+            got = len(
+                self.broker.publish(self.router.streams.get(name, name), [p for _, p in w.copies]) or []
+            )
+            if not got:
+                continue
+            for tid, _ in w.copies[:got]:
+                if tid in self.unsent:
+                    entered.append(self.unsent.pop(tid))
+            del w.copies[:got]
+            copies += got
+            w.stuck_since = time.monotonic()
+            if not w.copies:
+                del self.waiting[name]
+        return entered, copies
+
+    def down(self) -> set[str]:
+        """Teachers whose stream has taken none of the waiting copies for stall_s."""
+        now = time.monotonic()
+        return {name for name, w in self.waiting.items() if now - w.stuck_since >= self.stall_s}
+
+    def blocking(self) -> set[str]:
+        """Teachers with copies waiting that are not (yet) down: ordinary backpressure, the actor waits."""
+        return set(self.waiting) - self.down()
+
+    def held(self) -> int:
+        return sum(len(w.copies) for w in self.waiting.values())

@@ -13,6 +13,7 @@ from pathlib import Path
 import redis
 import yaml
 
+from broker.base import is_work_stream
 from opd.protocol import decode
 from tests.conftest import CHAOS_BOOKS, children_of
 
@@ -25,13 +26,20 @@ def _queued(client: redis.Redis, run_id: str) -> tuple[set[str], int]:
     """Ids of the trajectories still in the work streams, and how many entries there could not be decoded (a
     malformed message a test injected and nobody consumed yet: still queued, but it has no id to book)."""
     queued, undecodable = set(), 0
-    for stream in ("rollouts", "scored"):
-        for _, fields in client.xrange(f"{run_id}:{stream}"):
+    # rollouts and scored, and with several teachers each teacher's pair (rollouts:<t>, scored:<t>)
+    streams = {k.decode() for k in client.scan_iter(match=f"{run_id}:*", _type="stream")}
+    for stream in sorted(s for s in streams if is_work_stream(s) and s.startswith(f"{run_id}:")):
+        for _, fields in client.xrange(stream):
             try:
                 queued.add(decode(fields[b"d"]).id)
             except Exception:  # whatever a malformed entry raises, it is not a trajectory of the books
                 undecodable += 1
     return queued, undecodable
+
+
+def _is_scored(stream: str) -> bool:
+    """`<run>:scored`, or a teacher's `<run>:scored:<t>`."""
+    return is_work_stream(stream) and (stream.endswith(":scored") or ":scored:" in stream)
 
 
 def run_id_of(out_dir: Path) -> str:
@@ -65,7 +73,7 @@ def accounting(out_dir: Path, url: str, *, label: str = "") -> dict:
     dead_scored = {
         r["trajectory_id"]
         for r in dead_records
-        if r.get("trajectory_id") and str(r.get("stream", "")).endswith(":scored")
+        if r.get("trajectory_id") and _is_scored(str(r.get("stream", "")))
     }
     queued, undecodable = _queued(redis.Redis.from_url(url), run_id)
     counts = Counter(trained)

@@ -54,7 +54,9 @@ class SupervisionConfig(Strict):
         gt=0,
         description=(
             "A component the launcher did not start counts as alive while its newest metrics record or "
-            "heartbeat is younger than this."
+            "heartbeat is younger than this. With several teachers an actor also treats a teacher's pool as down "
+            "(and generates only prompts routed elsewhere) once its rollouts stream has taken none of the actor's "
+            "waiting copies for this long."
         ),
     )
 

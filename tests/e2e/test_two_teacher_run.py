@@ -1,7 +1,8 @@
 """Several teachers through `opd prepare` and `opd run` (issue 18): every teacher's model is found or built and
 its accuracy measured on its own; a run starts a scorer pool per teacher under its own names, warns about a
-teacher no route reaches, scales one pool with `opd scale scorers.<teacher>=N` (and refuses `scorers=N`), and
-its summary names every pool's scorers and each teacher's accuracy."""
+teacher no route reaches, scales one pool from 1 to 3 scorers and back to 2 with `opd scale scorers.<teacher>=N`
+while it trains (refusing `scorers=N`), the new scorers score, the other pool stays as it was, and its summary
+names every pool's scorers and each teacher's accuracy."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _config(tmp_path: Path, teachers: dict, routing: dict) -> Path:
     data = yaml.safe_load(Path(TINY).read_text())
     data.pop("teacher")
     data.update(teachers=teachers, routing=routing)
-    data.get("broker", {}).pop("max_depth", None)  # derived: a batch of mixtures' copies must fit in `scored`
+    data.get("broker", {}).pop("max_depth", None)  # derived: one learner batch per teacher's stream
     path = tmp_path / "two.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -101,6 +102,10 @@ def _records(out_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+def _contributed(out_dir: Path, name: str) -> bool:
+    return any(r.get("scored", {}).get(name, 0) > 0 for r in _records(out_dir) if r["event"] == "interval")
+
+
 @pytest.mark.skipif(
     _scorer_pools_unmerged(),
     reason="needs branch i18-route (the scorer's --teacher: teacher_scorers.scorer.main(cfg, index, teacher=...), "
@@ -112,7 +117,7 @@ def test_two_teachers_run_with_a_pool_each_scaled_on_its_own(prepared, tmp_path)
         tmp_path,
         {
             "adder": {"model": teacher},
-            "speller": {"model": teacher, "scorer": {"num_scorers": 2}},
+            "speller": {"model": teacher},
             "idle": {"model": teacher},
         },
         {"default": {"adder": 1, "speller": 1, "idle": 0}},
@@ -133,14 +138,23 @@ def test_two_teachers_run_with_a_pool_each_scaled_on_its_own(prepared, tmp_path)
     )
     try:
         wait_for(lambda: (out_dir / "metrics.jsonl").exists(), 400, "the first learner steps")
-        pools = {"scorer-adder-0", "scorer-speller-0", "scorer-speller-1", "scorer-idle-0"}
-        assert set(_scorers(proc.pid)) == pools
+        first = {"scorer-adder-0", "scorer-speller-0", "scorer-idle-0"}
+        assert set(_scorers(proc.pid)) == first
 
         refused = _scale(out_dir / "config.yaml", "scorers=2")
         assert refused.returncode == 2 and "several teachers (adder, speller, idle)" in refused.stderr
-        asked = _scale(out_dir / "config.yaml", "scorers.speller=1")
+        grown = _scale(out_dir / "config.yaml", "scorers.speller=3")  # 1 -> 3 while it trains
+        assert grown.returncode == 0, grown.stderr
+        pools = first | {"scorer-speller-1", "scorer-speller-2"}
+        wait_for(lambda: set(_scorers(proc.pid)) == pools, 60, "scorer-speller-1 and -2 processes")
+        wait_for(
+            lambda: _contributed(out_dir, "scorer-speller-1") and _contributed(out_dir, "scorer-speller-2"),
+            300,
+            "both new speller scorers to score",
+        )
+        asked = _scale(out_dir / "config.yaml", "scorers.speller=2")
         assert asked.returncode == 0, asked.stderr
-        wait_for(lambda: "scorer-speller-1" not in _scorers(proc.pid), 60, "scorer-speller-1 to stop")
+        wait_for(lambda: "scorer-speller-2" not in _scorers(proc.pid), 60, "scorer-speller-2 to stop")
         wait_for(
             lambda: any(r["event"] == "stopped" for r in _records(out_dir)), 30, "the launcher to see it stop"
         )
@@ -153,17 +167,27 @@ def test_two_teachers_run_with_a_pool_each_scaled_on_its_own(prepared, tmp_path)
             proc.communicate()
     assert proc.returncode == 130, log
     assert "warning: teacher idle is reached by no route" in log
-    assert "scale scorers.speller 2 -> 1" in log and "exited with code" not in log
+    assert "scale scorers.speller 1 -> 3" in log and "scale scorers.speller 3 -> 2" in log
+    assert "exited with code" not in log
     events = [
-        (r["event"], r.get("teacher"), r.get("name")) for r in _records(out_dir) if r["event"] != "interval"
+        (r["event"], r.get("teacher"), r.get("name"))
+        for r in _records(out_dir)
+        if r["event"] in ("started", "retired", "stopped")
     ]
-    assert events[1:] == [
-        ("retired", "speller", "scorer-speller-1"),
-        ("stopped", "speller", "scorer-speller-1"),
+    assert events == [
+        ("started", "speller", "scorer-speller-1"),
+        ("started", "speller", "scorer-speller-2"),
+        ("retired", "speller", "scorer-speller-2"),
+        ("stopped", "speller", "scorer-speller-2"),
     ]
     intervals = [r for r in _records(out_dir) if r["event"] == "interval"]
     assert intervals and set(intervals[-1]["teachers"]) == {"adder", "speller", "idle"}
-    assert intervals[-1]["teachers"]["speller"]["active"] == ["scorer-speller-0"]
+    assert intervals[-1]["teachers"]["speller"]["active"] == ["scorer-speller-0", "scorer-speller-1"]
+    assert any(len(r["teachers"]["speller"]["active"]) == 3 for r in intervals)
+    # the other pool as it was throughout: its one scorer, scoring before and after the change
+    assert all(r["teachers"]["adder"]["active"] == ["scorer-adder-0"] for r in intervals)
+    grown_at = next(r["time"] for r in _records(out_dir) if r["event"] == "started")
+    assert any(r["scored"].get("scorer-adder-0", 0) > 0 for r in intervals if r["time"] > grown_at)
 
     summary = json.loads((out_dir / "summary.json").read_text())
     assert pools <= set(summary["components"])

@@ -13,7 +13,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from actors.routing import Copy, Router, published
+from actors.routing import Copy, Router
 from opd import tasks
 from opd.config import load_config
 from opd.protocol import Trajectory, decode, encode
@@ -91,10 +91,39 @@ def test_each_trajectory_is_copied_to_the_stream_of_every_teacher_in_its_route()
     assert by_stream == {"rt:rollouts:adder": [0, 1, 3], "rt:rollouts:speller": [1, 2, 3]}
     assert where[1] == [Copy("rt:rollouts:adder", 1), Copy("rt:rollouts:speller", 0)]
     assert router.all_streams() == ["rt:rollouts:adder", "rt:rollouts:speller"]
-    # a stop with the speller stream full: what has any copy out is accounted for, each once
-    assert published(where, {"rt:rollouts:adder": 3, "rt:rollouts:speller": 0}) == [0, 1, 3]
-    assert published(where, {"rt:rollouts:adder": 1, "rt:rollouts:speller": 0}) == [0]
-    assert published(where, {"rt:rollouts:adder": 0, "rt:rollouts:speller": 2}) == [1, 2]
+    assert [router.route_names(t.task) for t in trajs] == [["adder"], ["adder", "speller"], ["speller"]] + [
+        ["adder", "speller"]
+    ]
+
+
+def test_while_a_teacher_is_down_the_prompts_routed_to_it_are_skipped_mixtures_included():
+    """Router.pick, what Actor.draw asks for a batch while a pool is down (actors/routing.py docstring)."""
+    router = Router(load_config(None, TWO))
+    tagged = [
+        "capitals",
+        "addition",
+        "both",
+        "spelling",
+        "addition",
+        "addition",
+    ]  # spelling: the default, speller
+
+    def stream():
+        return iter(dataclasses.replace(PROBLEM, prompt_id=f"p{i}", metadata={"task": t}) for i, t in
+                    enumerate(tagged))  # fmt: skip
+
+    picked, skipped = router.pick(stream(), 2, {"speller"}, 8)
+    assert [p.prompt_id for p in picked] == ["p1", "p4"] and skipped == 3  # the mixture needs speller too
+    picked, skipped = router.pick(stream(), 2, {"speller"}, 3)  # at most max_draws drawn
+    assert [p.prompt_id for p in picked] == ["p1"] and skipped == 2
+    picked, skipped = router.pick(stream(), 3, set(), 24)  # nothing down: simply the next n
+    assert [p.prompt_id for p in picked] == ["p0", "p1", "p2"] and skipped == 0
+    assert router.reachable({"speller"}) and router.reachable(
+        {"adder"}
+    )  # capitals and the default avoid adder
+    assert not router.reachable({"adder", "speller"})
+    one = Router(load_config(None, ["run.run_id=rt"]))
+    assert one.reachable(set()) and not one.reachable({"default"})  # one teacher down: wait, as always
 
 
 def test_a_scorer_refuses_rollouts_not_routed_to_its_teacher():
