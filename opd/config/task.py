@@ -12,7 +12,20 @@ from opd import verifiers
 from opd.config.base import Strict
 
 
-class AdditionTask(Strict):
+class _CharacterTask:
+    """The tiny models' built-in tasks: bare prompts in the tiny tokenizer's characters, no system prompt (a chat
+    template applies only if the model has one)."""
+
+    @property
+    def chat_template(self) -> Literal["auto", "none"]:
+        return "auto"
+
+    @property
+    def system_prompt(self) -> str | None:
+        return None
+
+
+class AdditionTask(_CharacterTask, Strict):
     """Built-in task: `a+b=` answered with the sum; a verifier checks the digits exactly.
 
     Its prompts are rendered with the student's chat template when the tokenizer has one (the demo's character
@@ -23,14 +36,6 @@ class AdditionTask(Strict):
     max_digits: int = Field(3, ge=1, le=6, description="Operands have 1..max_digits digits.")
     eval_size: int = Field(200, ge=1, description="Held-out problems used for accuracy.")
     eval_seed: int = Field(12345, description="Seed of the held-out set (kept out of training prompts).")
-
-    @property
-    def chat_template(self) -> Literal["auto", "none"]:
-        return "auto"
-
-    @property
-    def system_prompt(self) -> str | None:
-        return None
 
 
 def _not_blank(v: str | None) -> str | None:
@@ -121,7 +126,7 @@ class WordProblemsTask(Strict):
     system_prompt: SystemPrompt = None
 
 
-class ReversalTask(Strict):
+class ReversalTask(_CharacterTask, Strict):
     """Built-in task: a digit string followed by `=`, answered with its digits in reverse order (`1234=` gives
     `4321`; leading zeros count: `120=` gives `021`). It uses the addition task's characters, so the tiny models
     share one tokenizer across both tasks (a mixture of the two trains one student on both). A verifier checks the
@@ -141,14 +146,6 @@ class ReversalTask(Strict):
                 "make min_digits <= max_digits"
             )
         return self
-
-    @property
-    def chat_template(self) -> Literal["auto", "none"]:
-        return "auto"
-
-    @property
-    def system_prompt(self) -> str | None:
-        return None
 
 
 # The tasks a mixture draws from (a mixture of mixtures is not one of them).
