@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", type=int, default=5, help="warm-up steps left out of every measurement")
     p.add_argument("--multiple", type=float, default=5.0, help="service time = this x the stage's real cost")
     p.add_argument(
-        "--smoke", action="store_true", help="6 steps per run: checks the script, measures nothing"
+        "--smoke",
+        action="store_true",
+        help="6 steps per run, --multiple 2: checks the script, measures nothing",
     )
     p.add_argument("--keep-runs", action="store_true", help="keep the run directories (printed)")
     p.add_argument(
@@ -181,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         help="config override for every run, e.g. --set learner.device=cuda (repeatable)",
     )
     args = p.parse_args(argv)
+    # --smoke: every path of the script at the least cost (a small multiple keeps the calibrated runs short)
     if args.smoke:
         args.plain_steps = args.calibrated_steps = 6
-        args.skip = 2
+        args.skip, args.multiple = 2, 2.0
     common = [
         f"run.cache_dir={args.cache_dir}",
         "run.progress=false",

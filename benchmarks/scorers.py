@@ -264,12 +264,15 @@ def main(argv: list[str] | None = None) -> int:
         "--multiple", type=float, default=10.0, help="service time = this x one scorer's real cost"
     )
     p.add_argument(
-        "--smoke", action="store_true", help="1 and 2 scorers, 256 rollouts: checks the script only"
+        "--smoke",
+        action="store_true",
+        help="1 and 2 scorers, 128 rollouts, --multiple 2: checks the script only",
     )
     args = p.parse_args(argv)
     counts = [int(x) for x in args.scorers.split(",")]
+    # --smoke: every path once at the least cost (a small multiple keeps the calibrated rounds short)
     if args.smoke:
-        counts, args.plain_rollouts, args.calibrated_rollouts = [1, 2], 256, 256
+        counts, args.plain_rollouts, args.calibrated_rollouts, args.multiple = [1, 2], 128, 128, 2.0
     work = Path(tempfile.mkdtemp(prefix="opd-bench-scorers-"))
     base = load_config(
         CONFIG, [f"run.cache_dir={args.cache_dir}", f"broker.port={free_port()}", "broker.max_depth=100000"]

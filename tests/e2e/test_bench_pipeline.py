@@ -59,7 +59,7 @@ def test_scorers_benchmark_smoke(prepared, tmp_path):
     for setting in ("plain", "calibrated"):
         rows = res["settings"][setting]
         assert [r["scorers"] for r in rows] == [1, 2]
-        assert all(r["scored_tokens_per_s"] > 0 and r["trajectories"] == 256 for r in rows)
+        assert all(r["scored_tokens_per_s"] > 0 and r["trajectories"] == 128 for r in rows)
         assert rows[0]["ratio_to_ideal"] == pytest.approx(1.0)
     assert res["service_time_ms_per_token"] == pytest.approx(res["multiple"] * res["real_ms_per_token"])
     assert "| calibrated | 2 |" in stdout
