@@ -54,11 +54,22 @@ GIVEN_UP_KEY = "weights/given_up"
 SCAN_WINDOW = 64  # registrations the learner reads per look: a stranger bumping the counter costs it no more
 POLL_S = 0.2
 WARN_EVERY_S = 10.0
+STORE_RETRY_S = 1.0  # a follower that lost the store probes it (a plain TCP connect) at most this often
 _log = logging.getLogger(__name__)
 
 
 def _client(host: str, port: int, timeout_s: float) -> dist.TCPStore:
     return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+
+
+def _reachable(host: str, port: int, timeout_s: float) -> bool:
+    """Whether anything listens at the store's address: a plain connect, so a store that is gone costs no torch
+    error (each failed store call prints a C++ warning with a stack trace)."""
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 class _Warnings:
@@ -149,16 +160,9 @@ class Heartbeat:
         self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self.thread.start()
 
-    def _reachable(self) -> bool:
-        try:
-            socket.create_connection((self.host, self.port), timeout=min(self.every_s, 1.0) or 1.0).close()
-            return True
-        except OSError:
-            return False
-
     def _beat(self) -> None:
         if self.store is None:
-            if not self._reachable():
+            if not _reachable(self.host, self.port, min(self.every_s, 1.0) or 1.0):
                 return
             self.store = _client(self.host, self.port, min(self.timeout_s, 5.0))
         self.count += 1
@@ -409,7 +413,9 @@ class ElasticReceiver:
         self.rx, self.join_timeout_s = receiver, join_timeout_s
         self.snapshots, self.on_weights, self.fallback_after = snapshots, on_weights, fallback_after
         self.warn = _Warnings(log or _log.warning)
+        self.host, self.port, self.timeout_s = host, port, timeout_s
         self.store = _client(host, port, timeout_s)
+        self.store_lost_at: float | None = None  # when a read of the learner's numbers last failed
         self.signer = read_session(self.store, secret, timeout_s, self.warn)
         self.rx.check_manifest(self.store, self.signer, timeout_s)
         self.bind = local_address(
@@ -496,12 +502,16 @@ class ElasticReceiver:
         """A signed number the learner writes; the last good one while the key holds something unsigned, or
         while the learner (the store's host) is gone: the actor then goes on until the learner's silence stops it
         (supervision.learner_silence_s) or the launcher restarts it with a new learner, rather than dying here of
-        a connection error that names neither."""
+        a connection error that names neither. A lost store is probed by a plain connect at most every
+        STORE_RETRY_S and reconnected once something listens again."""
+        if self.store_lost_at is not None and not self._store_back():
+            return last
         try:
             value = _signed_int(self.store, self.signer, key)
             if value is None and self.store.check([key]):
                 self.warn(key, f"ignored {key} not signed with the run's secret")
         except (dist.DistError, OSError) as exc:
+            self.store_lost_at = time.monotonic()
             first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
             self.warn(
                 "store",
@@ -510,6 +520,20 @@ class ElasticReceiver:
             )
             return last
         return last if value is None else value
+
+    def _store_back(self) -> bool:
+        """After a failed read: a new connection to the store once it listens again, probed quietly."""
+        if time.monotonic() - self.store_lost_at < STORE_RETRY_S:
+            return False
+        self.store_lost_at = time.monotonic()
+        if not _reachable(self.host, self.port, 1.0):
+            return False
+        try:
+            self.store = _client(self.host, self.port, min(self.timeout_s, 5.0))
+        except (dist.DistError, OSError):
+            return False
+        self.store_lost_at = None
+        return True
 
     def learner_version(self) -> int:
         self._learner_version = self._learner_int(VERSION_KEY, self._learner_version)
