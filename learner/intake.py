@@ -3,9 +3,8 @@
 One scored stream per teacher (`Streams.scored_for`: just `scored` without a teachers section), read round-robin
 under the learner group; every message is acknowledged (or dead-lettered) on the stream it came from, so a batch
 keeps its broker entries as (stream, message id) (`learner.join.Entry`: ids are unique only within one stream).
-Why not one stream for all teachers: a mixture's copies are held unacknowledged until every teacher's is in, and
-brokers count held entries against broker.max_depth, so a fast teacher's held copies could fill a shared stream
-and block the slow teacher's scorers, whose copies those joins wait for: a deadlock until the join timeout.
+Why one stream per teacher: the learner reads each in turn, so one pool's backlog never waits behind another's,
+and each pool's depth and backpressure are its own.
 
 A message is decoded and validated (`opd.protocol.decode`, then this learner's contract: temperatures, rewards,
 top-k), deduplicated by trajectory id, and judged by its lag; a bad one is dead-lettered with its reason, a
@@ -24,9 +23,12 @@ every scored message consumed is exactly one of trained, dead-lettered, a duplic
 
 Several teachers (learner/join.py): a copy whose route names one teacher passes as above, once its teacher_name
 is checked against the route (a copy from a teacher outside its route is dead-lettered naming both). A mixture's
-copies are held, unacknowledged, until every teacher of the route has sent one; the joined trajectory then counts
+copies are held until every teacher of the route has sent one, each written to the join spool and acknowledged
+at once (learner/spool.py: left pending, they count against broker.max_depth and deadlock pools that finish out
+of order), and read back by a resumed learner; the joined trajectory then counts
 as ONE message of the books above (trained, dead-lettered at collate, or dropped as stale: lag by its oldest
-token, judged when joined) and its other copies as `joined_copies`, all acknowledged together. A second copy
+token, judged when joined) and its other copies as `joined_copies`; its completing copy is acknowledged as a
+batch's are, and the spool marks the trajectory settled. A second copy
 from one teacher is a duplicate. After `routing.join_timeout_s` from the first copy: train_present trains the
 teachers present, weights renormalised (`partial_joins`); dead_letter sends every held copy to the dead letters
 with the missing teachers named, counts the trajectory once as dead-lettered (the other copies as joined copies)
@@ -48,6 +50,7 @@ from typing import TypeVar
 from broker import Broker
 from learner.join import Copy, Entry, Held, Joiner, combine, foreign_teacher, is_joined, is_mixture
 from learner.losses import teacher_term
+from learner.spool import SPOOL_FILE, JoinSpool
 from opd.config import Config, LearnerConfig
 from opd.config.teachers import RoutingConfig
 from opd.protocol import (
@@ -84,7 +87,7 @@ def _timeout_message(timeout_s: float, unusable: dict[str, int], waiting_for: di
     held = (
         f"; {sum(waiting_for.values())} mixture copies held waiting for teacher(s) "
         + ", ".join(f"{n} ({k} trajectories)" for n, k in sorted(waiting_for.items()))
-        + ": is that pool running, and has its scored stream room for their copies (broker.max_depth)?"
+        + ": are those pools running (their scorers, and actors routing to them)?"
         if waiting_for
         else ""
     )
@@ -202,11 +205,15 @@ class IntakeBatch:
     replay log keeps these, so a resume re-trains exactly what was trained).
 
     A joined mixture is one entry: one trajectory and one payload (the joined message, learner/join.py) over the
-    broker entries of all its copies (`copies`); `partial` marks one joined after its timeout without every
-    teacher."""
+    broker entries of all its copies (`copies`: for the records and the books), of which only those not in the
+    join spool are still the broker's to acknowledge (`acks`); `partial` marks one joined after its timeout
+    without every teacher."""
 
     trajectories: list[Trajectory] = field(default_factory=list)
-    copies: list[tuple[Entry, ...]] = field(default_factory=list)  # per entry: its broker entries
+    copies: list[tuple[Entry, ...]] = field(default_factory=list)  # per entry: every copy's broker entry
+    acks: list[tuple[Entry, ...]] = field(
+        default_factory=list
+    )  # per entry: those still pending in the broker
     payloads: list[bytes] = field(default_factory=list)
     partial: list[bool] = field(default_factory=list)
     _ids: set[str] = field(default_factory=set)  # trajectory ids
@@ -217,17 +224,29 @@ class IntakeBatch:
 
     @property
     def message_ids(self) -> list[Entry]:
-        """Every broker entry of the batch, (stream, message id)."""
-        return [m for ids in self.copies for m in ids]
+        """Every broker entry the batch holds pending, (stream, message id): acknowledged after the step."""
+        return [m for ids in self.acks for m in ids]
 
-    def add(self, t: Trajectory, message_ids: tuple[Entry, ...], payload: bytes, partial=False) -> None:
-        ids = tuple(message_ids)
+    @property
+    def joined_copies(self) -> int:
+        """Copies beyond the first of each entry (a mixture's other teachers)."""
+        return sum(len(c) for c in self.copies) - len(self.copies)
+
+    def add(
+        self,
+        t: Trajectory,
+        copies: tuple[Entry, ...],
+        payload: bytes,
+        partial=False,
+        acks: tuple[Entry, ...] | None = None,
+    ) -> None:
         self.trajectories.append(t)
-        self.copies.append(ids)
+        self.copies.append(tuple(copies))
+        self.acks.append(tuple(copies if acks is None else acks))
         self.payloads.append(payload)
         self.partial.append(partial)
         self._ids.add(t.id)
-        self._message_ids.update(ids)
+        self._message_ids.update(self.acks[-1])
 
     def holds(self, trajectory_id: str) -> bool:
         return trajectory_id in self._ids
@@ -235,15 +254,18 @@ class IntakeBatch:
     def holds_message(self, message_id: Entry) -> bool:
         return message_id in self._message_ids
 
-    def drop(self, positions: Container[int]) -> list[tuple[Trajectory, tuple[Entry, ...], bytes]]:
-        """Remove the entries at `positions`; return them (trajectory, message ids, payload)."""
-        rows = list(zip(self.trajectories, self.copies, self.payloads, self.partial, strict=True))
-        gone = [r[:3] for i, r in enumerate(rows) if i in positions]
+    def drop(
+        self, positions: Container[int]
+    ) -> list[tuple[Trajectory, tuple[Entry, ...], tuple[Entry, ...], bytes]]:
+        """Remove the entries at `positions`; return them (trajectory, copies, acks, payload)."""
+        rows = list(zip(self.trajectories, self.copies, self.acks, self.payloads, self.partial, strict=True))
+        gone = [r[:4] for i, r in enumerate(rows) if i in positions]
         kept = [r for i, r in enumerate(rows) if i not in positions]
         self.trajectories = [r[0] for r in kept]
         self.copies = [r[1] for r in kept]
-        self.payloads = [r[2] for r in kept]
-        self.partial = [r[3] for r in kept]
+        self.acks = [r[2] for r in kept]
+        self.payloads = [r[3] for r in kept]
+        self.partial = [r[4] for r in kept]
         self._ids = {t.id for t in self.trajectories}
         self._message_ids = set(self.message_ids)
         return gone
@@ -303,6 +325,10 @@ class Intake:
         # mixtures dead-lettered after their join timed out (a resumed run's included): a late copy is a duplicate
         self.join_ledger = stale_ledger.parent / JOIN_LEDGER
         self.dead_joins: set[str] = _read_ledger(self.join_ledger)
+        # copies held for a join, on disk and acknowledged; read back by the first next_batch (after a resume's
+        # replay, so that the trajectories it re-trained are known as trained)
+        self.spool = JoinSpool(stale_ledger.parent / SPOOL_FILE)
+        self._spool_read = False
         self._settled_copies: set[Entry] = set()  # entries acknowledged as a duplicate or as stale
         # per recent message: "too stale" (dropped), "at limit" (trained at lag max_staleness) or None (neither)
         self._recent: deque[str | None] = deque(maxlen=STALE_WINDOW)
@@ -319,6 +345,9 @@ class Intake:
         held for a mixture's join is not usable until the join completes (or times out under train_present)."""
         want, batch = self.cfg.batch_size, IntakeBatch()
         self._last_usable, self._unusable = time.monotonic(), dict.fromkeys(UNUSABLE, 0)
+        if not self._spool_read:
+            self._spool_read = True
+            self._read_spool(version, batch)
         while len(batch) < want and not self.stop():
             while_waiting()
             if time.monotonic() - self._last_usable > self.cfg.batch_timeout_s:
@@ -330,6 +359,7 @@ class Intake:
             for outcome in self._expire(version, batch, settled):
                 self._note(outcome)
             self._poll(version, want, batch, settled)
+            self.spool.sync()  # the copies held for a join are on disk before the broker forgets them
             self._ack(settled)
             self._warn_if_mostly_stale()
         return batch
@@ -444,17 +474,19 @@ class Intake:
         culprits.update(dropped)
         culprits = dict(sorted(culprits.items()))
         gone = batch.drop(culprits)
-        for (_t, message_ids, payload), reason in zip(gone, culprits.values(), strict=True):
-            self._dead_letter(message_ids[0], payload, reason)  # a joined one: once
-            self._count_joined(len(message_ids) - 1)
-        self._ack([m for g in gone for m in g[1]])
+        for (_t, copies, _acks, payload), reason in zip(gone, culprits.values(), strict=True):
+            self._dead_letter(copies[0], payload, reason)  # a joined one: once
+            self._count_joined(len(copies) - 1)
+        self._ack([m for g in gone for m in g[2]])
+        self.spool.settle([g[0].id for g in gone])
         return collate(batch.trajectories) if len(batch) else None
 
     def ack(self, batch: IntakeBatch) -> None:
         """After the optimiser step (and the replay log): the broker may forget these now. A joined mixture's
         copies beyond the first count as joined copies, one joined without every teacher as a partial join."""
         self._ack(batch.message_ids)
-        self._count_joined(len(batch.message_ids) - len(batch), partial_joins=sum(batch.partial))
+        self._count_joined(batch.joined_copies, partial_joins=sum(batch.partial))
+        self.spool.settle([t.id for t in batch.trajectories])
 
     def _count_joined(self, copies: int, partial_joins: int = 0) -> None:
         deltas = {"joined_copies": copies, "partial_joins": partial_joins}
@@ -498,20 +530,24 @@ class Intake:
         batch: IntakeBatch,
         settled: list[Entry],
         partial: bool = False,
+        acks: tuple[Entry, ...] | None = None,
     ) -> str | None:
-        """A trajectory (a joined mixture: the broker entries of all its copies) into `batch`, or dropped as too
-        stale: lag by its oldest token, the same for every copy of one rollout."""
+        """A trajectory (a joined mixture: the broker entries of all its copies, of which `acks` are still
+        pending in the broker) into `batch`, or dropped as too stale: lag by its oldest token, the same for every
+        copy of one rollout."""
+        acks = message_ids if acks is None else acks
         if lag(t, version) > self.cfg.max_staleness:
             self.dropped_stale.add(t.id)
             self.reporter.add(dropped_stale=1)
             with open(self.stale_ledger, "a") as fh:
                 fh.write(f"{t.id}\n")
-            self._settled_copies.update(message_ids)
-            settled.extend(message_ids)
+            self._settled_copies.update(acks)
+            settled.extend(acks)
             self._count_joined(len(message_ids) - 1)
+            self.spool.settle([t.id])
             return "too stale"
         self._at_limit = lag(t, version) == self.cfg.max_staleness
-        batch.add(t, message_ids, payload, partial)
+        batch.add(t, message_ids, payload, partial, acks=acks)
         return None
 
     # -------------------------------------------------------------------------------- several teachers
@@ -520,6 +556,11 @@ class Intake:
         teacher of its route has sent its copy."""
         offer = self.joiner.offer(copy)
         if offer.outcome == "held":
+            # on disk, then acknowledged with this poll's settled entries (next_batch syncs the spool first)
+            stream, message_id = copy.message_id
+            self.spool.add(stream, message_id, copy.trajectory.id, copy.payload)
+            self.joiner.spooled(copy)
+            settled.append(copy.message_id)
             return "held"
         if offer.outcome == "duplicate":
             return self._duplicate(copy.message_id, settled)
@@ -533,7 +574,16 @@ class Intake:
         self, held: Held, version: int, batch: IntakeBatch, settled: list[Entry], partial: bool
     ) -> str | None:
         joined = combine({n: c.trajectory for n, c in held.copies.items()}, held.route)
-        return self._admit(joined, tuple(held.message_ids), encode(joined), version, batch, settled, partial)
+        return self._admit(
+            joined,
+            tuple(held.message_ids),
+            encode(joined),
+            version,
+            batch,
+            settled,
+            partial,
+            tuple(held.to_ack),
+        )
 
     def _expire(self, version: int, batch: IntakeBatch, settled: list[Entry]) -> list[str | None]:
         """Mixtures held for routing.join_timeout_s: trained on the teachers present (weights renormalised; at
@@ -553,7 +603,7 @@ class Intake:
                 outcomes.append(self._admit_joined(held, version, batch, settled, partial=True))
             else:
                 self._dead_letter_join(held, f"join timed out: {what}")
-                settled.extend(held.message_ids)
+                settled.extend(held.to_ack)
                 outcomes.append("dead-lettered")
         return outcomes
 
@@ -579,4 +629,47 @@ class Intake:
         self.dead_joins.add(held.id)
         with open(self.join_ledger, "a") as fh:
             fh.write(f"{held.id}\n")
-        self._settled_copies.update(held.message_ids)
+        self._settled_copies.update(held.to_ack)
+        self.spool.settle([held.id])
+
+    def _read_spool(self, version: int, batch: IntakeBatch) -> None:
+        """The copies an earlier incarnation held for a join (learner/spool.py), back into the join; those of
+        trajectories settled since (re-trained by the replay, dead-lettered or dropped as stale) are marked settled.
+        Each came through the contract once; one that fails it now (another config) cannot join any more, so its
+        trajectory is dead-lettered as a join that cannot complete, every copy with the reason."""
+        spooled = self.spool.load()
+        if not spooled:
+            return
+        checked: dict[str, list[tuple[Entry, bytes, Trajectory | None]]] = {}
+        failures: dict[str, str] = {}
+        for s in spooled:
+            entry: Entry = (s.stream, s.message_id)
+            try:
+                checked.setdefault(s.trajectory_id, []).append(
+                    (entry, s.payload, self.contract.check(s.payload))
+                )
+            except Exception as exc:  # the copy's fault (a changed contract), never the learner's
+                checked.setdefault(s.trajectory_id, []).append((entry, s.payload, None))
+                failures.setdefault(s.trajectory_id, f"read back from the join spool: {exc}")
+        settled, kept = [], 0
+        for tid, copies in checked.items():
+            if tid in self.trained or tid in self.dropped_stale or tid in self.dead_joins:
+                settled.append(tid)
+            elif tid in failures:
+                for entry, payload, _t in copies:
+                    self._dead_letter(entry, payload, failures[tid])
+                self.dead_joins.add(tid)
+                with open(self.join_ledger, "a") as fh:
+                    fh.write(f"{tid}\n")
+                settled.append(tid)
+            else:
+                for entry, payload, t in copies:
+                    offer = self.joiner.offer(Copy(entry, payload, t, spooled=True))
+                    if offer.outcome == "complete":  # not written so, but joined if it were
+                        self._note(self._admit_joined(offer.held, version, batch, [], partial=False))
+                kept += len(copies)
+        self.spool.settle(settled)
+        log.info(
+            "read back %d held mixture copies from the join spool (%s); %d trajectories settled since",
+            kept, self.spool.path, len(settled),
+        )  # fmt: skip

@@ -3,8 +3,10 @@
 An actor stamps each trajectory with its route (`teacher_weights`: teacher -> weight, summing to 1) and sends it to
 every routed teacher's pool; each pool's scorer stamps its copy with `teacher_name` and publishes it on its
 teacher's own scored stream (`Streams.scored_for`), which the learner reads round-robin. A route of one teacher is trained as before. A route of several is a mixture: the learner holds
-its copies, unacknowledged, until one from every teacher of the route is here (`Joiner`), then trains the
-combination (`combine`) as ONE trajectory and acknowledges every copy after the optimiser step.
+its copies until one from every teacher of the route is here (`Joiner`), then trains the combination
+(`combine`) as ONE trajectory. A copy that waits is written to the join spool and acknowledged at once
+(learner/spool.py: held copies counted against broker.max_depth deadlock pools that finish out of order); the
+copy that completes a join is acknowledged after the optimiser step, as any trajectory of a batch.
 
 The mixture, per response token t with weights w_i over the teachers i of the route:
   * the sampled-token teacher logprob (reverse_kl_pg, opd_penalty, the hybrid's sampled term) is the mixture's
@@ -23,10 +25,11 @@ The mixture, per response token t with weights w_i over the teachers i of the ro
 
 The joined trajectory is one protocol message (`opd.protocol.encode` of `combine`'s result). That message, not
 the copies, is what a step's replay log keeps and what learner rank 0 sends the other ranks, so replay and the
-ranks decode and train it exactly as they do a single-teacher one, with no join state to restore. A crash before
-the step leaves the copies pending in the broker; the next incarnation joins them again, and `combine` is a
-function of the set of copies alone (sorted by teacher name, never by arrival order), so it makes the same
-trajectory. The join timeout counts from the first copy's arrival at this incarnation.
+ranks decode and train it exactly as they do a single-teacher one. A crash before the step leaves the waiting
+copies in the spool and the completing one pending in the broker; the next incarnation reads the spool back and
+joins them again, and `combine` is a function of the set of copies alone (sorted by teacher name, never by arrival
+order), so it makes the same trajectory. The join timeout counts from the first copy's arrival at this
+incarnation (or its reading back from the spool).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class Copy:
     message_id: Entry  # opaque here: the join only keys on it
     payload: bytes
     trajectory: Trajectory
+    # in the join spool (learner/spool.py) and acknowledged: the broker has forgotten it, so it is never
+    # acknowledged again, and its entry (perhaps an earlier incarnation's) is not this broker's to match
+    spooled: bool = False
 
 
 @dataclass
@@ -73,7 +79,13 @@ class Held:
 
     @property
     def message_ids(self) -> list[Entry]:
+        """Every copy's broker entry, spooled ones included (for the records and the books)."""
         return [self.copies[n].message_id for n in sorted(self.copies)]
+
+    @property
+    def to_ack(self) -> list[Entry]:
+        """The entries the broker still holds: those of copies not spooled."""
+        return [self.copies[n].message_id for n in sorted(self.copies) if not self.copies[n].spooled]
 
 
 def is_mixture(t: Trajectory) -> bool:
@@ -202,7 +214,8 @@ class Joiner:
             if (part := _differs(t, sibling)) is not None:
                 return Offer("dead-lettered", reason=self._conflict(t, sibling, part))
         held.copies[t.teacher_name] = copy
-        self._message_ids.add(copy.message_id)
+        if not copy.spooled:
+            self._message_ids.add(copy.message_id)
         if held.missing:
             return Offer("held")
         return Offer("complete", self._take(t.id))
@@ -231,9 +244,14 @@ class Joiner:
         oldest = min(h.first_seen for h in self.held.values())
         return max(0.0, oldest + self.timeout_s - self.clock())
 
+    def spooled(self, copy: Copy) -> None:
+        """`copy`, held here, is now in the join spool and acknowledged: the broker will not deliver it again."""
+        self.held[copy.trajectory.id].copies[copy.trajectory.teacher_name] = replace(copy, spooled=True)
+        self._message_ids.discard(copy.message_id)
+
     def _take(self, trajectory_id: str) -> Held:
         held = self.held.pop(trajectory_id)
-        self._message_ids.difference_update(held.message_ids)
+        self._message_ids.difference_update(held.to_ack)
         return held
 
     def waiting_for(self) -> dict[str, int]:

@@ -25,7 +25,7 @@ class _BrokerCommon(Strict):
         None,
         ge=1,
         description="A work stream never holds more than this many unfinished entries; producers wait for room. "
-        "Unset: learner.batch_size (one batch queued per stream keeps samples within the default "
+        "At least learner.batch_size (a batch stays pending until its step). Unset: learner.batch_size (one batch queued per stream keeps samples within the default "
         "learner.max_staleness; several batches would have most trained at the limit).",
     )
     control_maxlen: int = Field(

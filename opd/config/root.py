@@ -211,7 +211,7 @@ class Config(Strict):
     def _combinations(self) -> Config:
         self._models_fit_task()
         self._topk_fits_learner()
-        self._depth_fits_joins()
+        self._depth_fits_batch()
         self._ray_fits()
         self._sync_pipeline()
         self._devices_fit_weight_sync()
@@ -273,20 +273,18 @@ class Config(Strict):
                         "per-teacher value"
                     )
 
-    def _depth_fits_joins(self) -> None:
-        """A mixture's scored copies wait, unacknowledged, until every teacher's copy is there, and the broker
-        counts them against broker.max_depth. Each teacher publishes on its own scored stream
-        (Streams.scored_for), so a batch of B mixtures holds B copies in each teacher's stream: a depth below B
-        could never fill a batch (the learner would stop at batch_timeout_s). B suffices: a fast teacher fills
-        only its own stream, and the learner keeps reading the others, whose copies complete the joins (with one
-        stream for all teachers, M x B was needed and still not enough: a fast teacher's held copies could fill
-        it and block the partners' scorers, a deadlock until routing.join_timeout_s)."""
+    def _depth_fits_batch(self) -> None:
+        """A batch's scored entries stay pending (unacknowledged, so counted against broker.max_depth) until its
+        optimiser step: a depth below learner.batch_size could never fill a batch, and the learner would stop at
+        batch_timeout_s while every scorer waited for room. Mixtures need no more: the copies held for a join are
+        spooled and acknowledged at once (learner/spool.py), and the copies that complete a batch's joins are at
+        most one per trajectory of the batch, whichever teachers' streams they come on."""
         need = self.learner.batch_size
-        if self.routing.widest_route() > 1 and self.broker.max_depth < need:
+        if self.broker.max_depth < need:
             raise ValueError(
-                f"broker.max_depth={self.broker.max_depth} is less than learner.batch_size={need}: a batch of "
-                "mixtures could never be joined (each teacher's scored stream holds one copy of every mixture "
-                f"of the batch until it is trained); set broker.max_depth: {need} or more, or leave it unset"
+                f"broker.max_depth={self.broker.max_depth} is less than learner.batch_size={need}: a batch could "
+                "never be filled (a scored stream holds every entry of the batch until it is trained); set "
+                f"broker.max_depth: {need} or more, or leave it unset"
             )
 
     def _devices_fit_weight_sync(self) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
 from broker.base import publish_with_backpressure
 from broker.zmq import ZmqBroker
 from learner.intake import Contract, Intake
@@ -41,9 +39,6 @@ def _publish(address: str, teacher: str, copies: list, stop) -> threading.Thread
     return thread
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the join deadlock of out-of-order pools: held copies count against max_depth"
-)
 def test_pools_that_finish_out_of_order_still_fill_a_batch(zmq_broker, tmp_path):
     cfg = load_config(
         None,

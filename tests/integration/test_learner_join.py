@@ -91,7 +91,9 @@ def test_a_mixture_is_held_until_every_teacher_then_trained_once_and_replayable(
         2,
     )
     assert reporter.counters["duplicates_skipped"] == 1  # the second copy from alpha
-    assert len(batch.message_ids) == 3 and client.depth(STREAM) == 3  # pending until the step
+    # alpha's copy waited for beta's: spooled and acknowledged at once; the other two are pending until the step
+    assert len(batch.message_ids) == 2 and client.depth(STREAM) == 2 and batch.joined_copies == 1
+    assert intake.spool.holds(joined.id)
     # what the replay log keeps and rank 0 sends the other ranks: one message per trajectory, the joined one
     log = CheckpointStore(tmp_path, 2)
     log.log_step(1, batch.payloads)
@@ -104,6 +106,7 @@ def test_a_mixture_is_held_until_every_teacher_then_trained_once_and_replayable(
         assert torch.equal(getattr(want, name), getattr(got, name)), name
     _train(intake, trained, batch)
     assert client.depth(STREAM) == 0 and reporter.counters["joined_copies"] == 1
+    assert not intake.spool.holds(joined.id) and intake.spool.load() == []  # settled: never read back
     _publish(client, scored["beta"])  # a late re-score of a trained mixture
     intake.stop = lambda: client.depth(STREAM) == 0
     assert len(intake.next_batch(version=3)) == 0
@@ -140,7 +143,8 @@ def test_a_timed_out_join_trains_on_the_teachers_present_renormalised(client, tm
 
     [t] = batch.trajectories
     assert t.teacher_weights == pytest.approx({"alpha": 0.2 / 0.7, "gamma": 0.5 / 0.7})
-    assert batch.partial == [True] and len(batch.message_ids) == 2
+    # both copies waited, so both are in the spool and acknowledged: nothing left for the step to acknowledge
+    assert batch.partial == [True] and batch.message_ids == [] and batch.joined_copies == 1
     _train(intake, trained, batch)
     assert reporter.counters["partial_joins"] == 1 and reporter.counters["joined_copies"] == 1
     assert client.depth(STREAM) == 0
@@ -204,7 +208,7 @@ def test_the_books_balance_every_scored_message(client, tmp_path):
     _publish(client, *msgs)
     batch = intake.next_batch(version=5)
     _train(intake, trained, batch)
-    intake.stop = lambda: client.depth(STREAM) == 0
+    intake.stop = lambda: client.depth(STREAM) == 0 and len(intake.joiner) == 0
     assert len(intake.next_batch(version=5)) == 0  # the rest, down to the timed-out join
     c = reporter.counters
     assert c["trajectories_trained"] == 3 and c["dead_lettered"] == 3 and c["duplicates_skipped"] == 1
@@ -242,18 +246,42 @@ def test_a_route_with_a_zero_weight_trains_as_that_teacher_alone(client, tmp_pat
         assert torch.equal(got, want)
 
 
-def test_a_held_mixture_survives_a_learner_restart_on_redis(redis_server, tmp_path):
-    """The first incarnation holds alpha's copy unacknowledged and dies; the next gets it back from the broker,
-    joins it with beta's copy and trains the mixture once."""
+@pytest.fixture(params=["zmq", "redis"])
+def connect(request):
+    """A factory of clients of one real broker, zmq (which never redelivers) or Redis."""
+    made = []
+    if request.param == "zmq":
+        address = request.getfixturevalue("zmq_broker")
+
+        def new():
+            made.append(ZmqBroker(address, request_timeout_s=10.0))
+            return made[-1]
+    else:
+        url = request.getfixturevalue("redis_server").url
+
+        def new():
+            made.append(RedisBroker(url))
+            return made[-1]
+
+    yield new
+    for c in made:
+        c.close()
+
+
+def test_a_held_mixture_survives_a_learner_restart(connect, tmp_path):
+    """The first incarnation holds alpha's copy (spooled and acknowledged: the broker forgets it) and dies; the next
+    reads it back from the join spool, joins it with beta's copy and trains the mixture once. On zmq, which never
+    redelivers, only the spool can bring it back."""
     scored = copies_of()
-    first = RedisBroker(redis_server.url)
+    first = connect()
     intake, _, _ = _intake(first, tmp_path)
     _publish(first, scored["alpha"])
     intake.stop = lambda: intake.joiner.held != {}  # "dies" once the copy is held
     assert len(intake.next_batch(version=3)) == 0 and len(intake.joiner) == 1
+    assert first.depth(STREAM) == 0  # acknowledged once on disk
     first.close()
 
-    second = RedisBroker(redis_server.url)
+    second = connect()
     resumed, reporter, trained = _intake(second, tmp_path)
     _publish(second, scored["beta"])
     batch = resumed.next_batch(version=3)
@@ -263,7 +291,40 @@ def test_a_held_mixture_survives_a_learner_restart_on_redis(redis_server, tmp_pa
     )
     _train(resumed, trained, batch)
     assert reporter.counters["joined_copies"] == 1 and second.depth(STREAM) == 0
-    second.close()
+    third, _, _ = _intake(second, tmp_path)  # settled: a later incarnation reads nothing back
+    assert third.spool.load() == []
+
+
+def test_a_copy_spooled_but_not_acknowledged_before_a_crash_is_a_duplicate_when_delivered_again(
+    client, tmp_path
+):
+    """A crash between the spool's write and the acknowledgement: the copy is in the spool and the broker delivers
+    it again. The copy read back joins; the delivered one is a duplicate, acknowledged, never trained twice."""
+    scored = copies_of()
+    crashed, _, _ = _intake(client, tmp_path)
+    crashed.spool.add(STREAM, "41", scored["alpha"].id, encode(scored["alpha"]))
+    crashed.spool.sync()
+    _publish(client, scored["alpha"], scored["beta"])  # the unacknowledged copy, delivered again; then beta's
+    resumed, reporter, trained = _intake(client, tmp_path)
+    batch = resumed.next_batch(version=3)
+    assert [t.id for t in batch.trajectories] == [scored["alpha"].id] and batch.joined_copies == 1
+    assert reporter.counters["duplicates_skipped"] == 1
+    _train(resumed, trained, batch)
+    assert client.depth(STREAM) == 0 and resumed.spool.load() == []
+
+
+def test_a_spooled_copy_of_a_trajectory_trained_since_is_not_joined_again(client, tmp_path):
+    """A resume re-trains a joined mixture from the replay log (its id is trained) while its waiting copy is still
+    in the spool: read back, it is settled, not held and not joined into a second trajectory."""
+    scored = copies_of()
+    first, _, _ = _intake(client, tmp_path)
+    first.spool.add(STREAM, "7", scored["alpha"].id, encode(scored["alpha"]))
+    first.spool.sync()
+    resumed, _, trained = _intake(client, tmp_path)
+    trained.extend([scored["alpha"].id])  # what the replay re-trained
+    resumed.stop = lambda: True
+    resumed.next_batch(version=3)
+    assert len(resumed.joiner) == 0 and resumed.spool.load() == []
 
 
 def test_a_joined_mixture_replayed_from_the_dead_letters_is_trained_as_it_is(client, tmp_path):

@@ -27,7 +27,9 @@ def test_sync_mode_refuses_a_batch_size_no_round_makes():
     assert "actor.num_actors x actor.prompts_per_batch x sampling.n" in msg
     assert "(2 x 16 x 4 = 128)" in msg and "learner.batch_size (64)" in msg
     assert "set learner.batch_size=128" in msg
-    load_config(TINY, ["pipeline.mode=sync", "actor.num_actors=2", "learner.batch_size=128"])
+    load_config(
+        TINY, ["pipeline.mode=sync", "actor.num_actors=2", "learner.batch_size=128", "broker.max_depth=128"]
+    )
     load_config(TINY, ["actor.num_actors=2"])  # async does not care
 
 

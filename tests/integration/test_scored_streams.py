@@ -1,11 +1,10 @@
 """One scored stream per teacher, on real brokers (zmq and Redis): a fast teacher cannot block the copies that
 the learner's held mixtures wait for.
 
-The learner holds a mixture's copies unacknowledged until every teacher's is in, and a broker counts held entries
-against broker.max_depth. Here one teacher's copies of a whole batch all arrive before any of the other's, and the
-batch's copies (2 x 20) are more than max_depth (32): on one shared scored stream the second teacher's scorer
-would block in publish_with_backpressure once the first teacher's held copies and 12 of its own filled it, and the
-batch would never fill (the intake gives up at learner.batch_timeout_s). With a stream per teacher each holds 20.
+Here one teacher's copies of a whole batch all arrive before any of the other's, and the batch's copies (2 x 20)
+are more than max_depth (32). The learner holds each early copy for its join in the join spool and acknowledges
+it, so the first teacher's stream empties while the second's fills with the copies that complete the joins,
+pending until the step; each copy is acknowledged on its own teacher's stream.
 """
 
 from __future__ import annotations
@@ -110,8 +109,9 @@ def test_a_fast_teachers_copies_do_not_block_the_joins_of_a_batch(connect, tmp_p
     assert sorted(t.id for t in batch.trajectories) == sorted(m["alpha"].id for m in mixtures)
     assert all(t.teacher_weights == {"alpha": 0.5, "beta": 0.5} for t in batch.trajectories)
     streams = [Streams(RUN_ID).scored_for(n) for n in TEACHERS]
-    assert {s for s, _ in batch.message_ids} == set(streams) and len(batch.message_ids) == 2 * BATCH
-    assert [client.depth(s) for s in streams] == [BATCH, BATCH]  # held until the step
+    # alpha's copies waited (spooled, acknowledged); beta's completed the joins and are pending until the step
+    assert {s for s, _ in batch.message_ids} == {streams[1]} and len(batch.message_ids) == BATCH
+    assert [client.depth(s) for s in streams] == [0, BATCH] and batch.joined_copies == BATCH
     trained.extend(t.id for t in batch.trajectories)
     intake.ack(batch)  # each copy acknowledged on its own teacher's stream
     assert [client.depth(s) for s in streams] == [0, 0]

@@ -124,6 +124,7 @@ def test_redis_from_config_maps_the_section(tmp_path):
         "broker.type=redis",
         "broker.url=rediss://user:pw@10.0.0.1:6380/2",
         "broker.max_depth=9",
+        "learner.batch_size=9",
         "broker.control_maxlen=99",
         "broker.claim_idle_s=1.5",
         "broker.max_deliveries=4",

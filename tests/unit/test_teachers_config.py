@@ -117,14 +117,17 @@ def test_a_pool_sees_the_config_with_its_own_teacher_and_scorer():
 
 
 def test_each_teachers_scored_stream_holds_a_batch_of_mixtures():
-    # one scored stream per teacher: a batch of 8 mixtures holds 8 copies in each, so the derived depth is one
-    # batch whatever the route's width, and a depth below the batch is refused
+    # held copies are spooled, so a batch of 8 mixtures holds at most 8 completing copies pending in a stream:
+    # the derived depth is one batch whatever the route's width, and a depth below the batch is refused, as for
+    # a single teacher (a batch is pending until its step)
     mix = [*TWO, "routing.default={adder: 1, speller: 1}", "learner.batch_size=8"]
     assert load_config(None, mix).broker.max_depth == 8
     assert load_config(None, [*TWO, "routing.default=adder", "learner.batch_size=8"]).broker.max_depth == 8
     assert load_config(None, [*mix, "broker.max_depth=8"]).broker.max_depth == 8
     with pytest.raises(ConfigError, match=r"broker.max_depth=7 is less than learner.batch_size=8"):
         load_config(None, [*mix, "broker.max_depth=7"])
+    with pytest.raises(ConfigError, match=r"broker.max_depth=7 is less than learner.batch_size=8"):
+        load_config(None, ["learner.batch_size=8", "broker.max_depth=7"])
     streams = Streams("run")
     assert streams.scored_for("default") == "run:scored" and streams.scored_for("adder") == "run:scored:adder"
     assert is_work_stream("run:scored:adder") and dead_letter_stream("run:scored:adder") == "run:dead_letter"
