@@ -227,7 +227,9 @@ class Actor:
         trajectories still in flight (rollouts + scored, unacknowledged) over what one version consumes. With
         several teachers a mixture trajectory waits as one copy per teacher: the queued copies are divided by
         this actor's mean fan-out (copies per trajectory published), 1 with one teacher. A down teacher's stream
-        is left out: the next batch is not routed there."""
+        is left out: the next batch is not routed there. Copies the learner holds in its join spool are
+        acknowledged, so not counted: a mixture waiting there counts by the copies it still waits for (an
+        underestimate by at most the spooled share; the learner's lag check is the bound that holds)."""
         lc = self.cfg.learner
         down = self.outbox.down()  # a down pool's full stream holds back nothing a new batch is routed to
         rollouts = [s for name, s in self.router.streams.items() if name not in down]

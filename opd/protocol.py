@@ -437,10 +437,8 @@ class Streams:
 
     def scored_for(self, teacher: str) -> str:
         """The stream a teacher's pool publishes its scored copies on: `scored` for the one teacher of a run
-        without a teachers section, `scored:<teacher>` for a named one. One per teacher, each bounded on its own:
-        the learner holds a mixture's copies unacknowledged until every teacher's is in, so on one shared stream
-        a fast teacher's held copies could fill it and block the slow teacher's scorers, whose copies the joins
-        wait for (a deadlock until routing.join_timeout_s)."""
+        without a teachers section, `scored:<teacher>` for a named one. One per teacher, each bounded on its own,
+        so one pool's backlog never waits behind another's and each pool's depth is its own to watch."""
         return self.scored if teacher == DEFAULT_TEACHER else self.name(f"scored:{teacher}")
 
     def for_teachers(self, kind: str, teachers: Iterable[str]) -> list[str]:
