@@ -21,13 +21,15 @@ of it scores it (copies already out are the learner's join, `routing.join_timeou
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from broker import Broker
 from opd.config import Config
-from opd.protocol import DEFAULT_TEACHER, Streams, Trajectory
+from opd.models.prompts import conversation
+from opd.protocol import CONVERSATION_KEY, DEFAULT_TEACHER, Streams, Trajectory
 from opd.tasks import Problem
 
 TASK_KEY = "task"  # Trajectory.task's key for the task's name (routing.field's default)
@@ -49,14 +51,19 @@ class Router:
         self.routing = cfg.routing
         self.task_name = cfg.task.kind
         self.names = list(cfg.teacher_pools())
+        # a teacher of another tokenizer renders the prompt's conversation itself (its own chat template)
+        self.stamp_conversation = any(p.scorer.tokenizer == "different" for p in cfg.teacher_pools().values())
         streams = Streams(cfg.run.run_id)
         self.streams = {name: streams.rollouts_for(name) for name in self.names}
 
     def metadata(self, problem: Problem) -> dict[str, str]:
         """Trajectory.task for `problem`: the reference answer (what the verifier reads) and, with teachers, the
         task's name and the routing field's value, so the route (and whoever reads the trajectory later) sees
-        what picked it. A problem's own metadata (a JSONL row's field) wins over the task's name."""
+        what picked it. A problem's own metadata (a JSONL row's field) wins over the task's name. With a teacher
+        of another tokenizer, the conversation too (CONVERSATION_KEY), which that teacher renders itself."""
         task = {"answer": problem.answer or ""}
+        if self.stamp_conversation:
+            task[CONVERSATION_KEY] = json.dumps(conversation(problem), ensure_ascii=False)
         if not self.enabled:
             return task
         task[TASK_KEY] = problem.metadata.get(TASK_KEY, self.task_name)

@@ -33,6 +33,9 @@ MAX_TEACHER_ID_LEN = 4096  # a model path or server description: spaces allowed,
 MAX_FINISH_REASON_LEN = 64
 # A teacher pool's name (opd.config.teachers.TEACHER_NAME: the core's two modules do not import each other).
 TEACHER_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+# Trajectory.task key of the prompt's conversation (JSON list of {role, content}), stamped by actors of a run with a
+# teacher of another tokenizer, which renders the same conversation with its own chat template
+CONVERSATION_KEY = "_conversation"
 DEFAULT_TEACHER = "default"  # the one teacher of a run without a teachers section
 MAX_TEACHERS = 16
 MAX_TEMPERATURE = 1e4

@@ -161,7 +161,15 @@ class Config(Strict):
             if raw.get("kind", "tiny") == "tiny":
                 raw = {"kind": "tiny", **TEACHER_DEFAULTS, **raw}
             model = _validated(_MODEL, raw, f"teachers.{name}.model")
-            scorer = _validated(ScorerConfig, _merged(base, spec.scorer), f"teachers.{name}.scorer")
+            overrides = dict(spec.scorer)
+            if spec.tokenizer is not None:
+                if overrides.get("tokenizer", spec.tokenizer) != spec.tokenizer:
+                    raise ValueError(
+                        f"teachers.{name}.tokenizer={spec.tokenizer} but teachers.{name}.scorer.tokenizer="
+                        f"{overrides['tokenizer']}; set one of them"
+                    )
+                overrides["tokenizer"] = spec.tokenizer
+            scorer = _validated(ScorerConfig, _merged(base, overrides), f"teachers.{name}.scorer")
             pools[name] = TeacherPool(name, model, scorer)
         topks = {p.scorer.topk for p in pools.values()}
         if len(topks) > 1:

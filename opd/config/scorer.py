@@ -91,6 +91,12 @@ class ScorerConfig(Strict):
         description="Teacher backend: hf (in process), vllm (in-process vLLM, see vllm) or remote (an "
         "SGLang/vLLM server, see remote).",
     )
+    tokenizer: Literal["same", "different"] = Field(
+        "same",
+        description="same: the teacher shares the student's tokenizer (checked at start). different: a teacher of "
+        "another tokenizer, scored on its own tokens of the student's text and mapped back by aligned chunks "
+        "(README: Teachers with another tokenizer). Per teacher: teachers.<name>.tokenizer.",
+    )
     num_scorers: int = Field(1, ge=1, description="Teacher scorer processes sharing the rollouts stream.")
     topk: int = Field(0, ge=0, description="Teacher top-k logprobs attached per token (0 = off).")
     temperature: float = Field(1.0, gt=0, description="Temperature of the teacher's logprobs.")
@@ -125,6 +131,16 @@ class ScorerConfig(Strict):
     def teacher_is_local(self) -> bool:
         """Whether the run's own processes load the teacher's weights (not for a teacher behind a server)."""
         return self.engine != "remote"
+
+    @model_validator(mode="after")
+    def _cross_tokenizer_fits(self) -> ScorerConfig:
+        if self.tokenizer == "different" and self.context is not None:
+            raise ValueError(
+                "scorer.context with tokenizer: different is not built yet: the context is spliced into the "
+                "teacher's prompt as the student's token ids; drop scorer.context or use a teacher of the "
+                "student's tokenizer"
+            )
+        return self
 
     @model_validator(mode="after")
     def _remote_needs(self) -> ScorerConfig:

@@ -46,6 +46,12 @@ class TeacherSpec(Strict):
         description="Overrides of the `scorer` section for this teacher's pool (num_scorers, engine, topk, "
         "temperature, context, device, remote, vllm, ...); keys not given come from `scorer`.",
     )
+    tokenizer: Literal["same", "different"] | None = Field(
+        None,
+        description="same: the student's tokenizer (checked); different: another tokenizer family, scored by "
+        "aligned text (README: Teachers with another tokenizer). Unset: scorer.tokenizer (same by default). "
+        "The pool's scorer.tokenizer.",
+    )
 
 
 Weights = dict[str, float]

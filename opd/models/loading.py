@@ -85,13 +85,18 @@ def check_same_vocabulary(
             f"tokenizers differ {between}, so token ids would mean different text: "
             f"{len(sv)} vs {len(tv)} entries; only in student {only_s}, only in teacher {only_t}, "
             f"different ids for {moved}. Use a teacher from the student's tokenizer family (embedding sizes may "
-            "differ; the tokenizers may not): cross-tokenizer distillation is not supported yet (issue 19)."
+            "differ), or declare the teacher `tokenizer: different` (teachers.<name>.tokenizer, or "
+            "scorer.tokenizer) to score it by aligned text (README: Teachers with another tokenizer)."
         )
     for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
         if getattr(student_tok, name) != getattr(teacher_tok, name):
             raise ValueError(
                 f"the tokenizers of {who} disagree on {name}: "
-                f"{getattr(student_tok, name)} vs {getattr(teacher_tok, name)}; use one model family"
+                f"{getattr(student_tok, name)} vs {getattr(teacher_tok, name)}; use one model family, or declare "
+                "the teacher `tokenizer: different`"
             )
     if getattr(student_tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
-        raise ValueError(f"the tokenizers of {who} have different chat templates; use one model family")
+        raise ValueError(
+            f"the tokenizers of {who} have different chat templates; use one model family, or declare the "
+            "teacher `tokenizer: different`"
+        )

@@ -38,7 +38,13 @@ def backend_name(sc: ScorerConfig) -> str:
 
 def build_teacher(cfg: Config, assets: Assets) -> TeacherBackend:
     """The teacher backend the config names. It checks, where it can, that the teacher shares the student's
-    tokenizer: token ids are only meaningful if it does."""
+    tokenizer (token ids are only meaningful if it does), unless the teacher is declared `tokenizer: different`:
+    then it scores in its own vocabulary behind the cross-tokenizer alignment."""
     name = backend_name(cfg.scorer)
     unknown = f"scorer.engine: {cfg.scorer.engine} has no teacher backend {name!r}; known: {sorted(BACKENDS)}"
-    return registry.load(BACKENDS, name, unknown)(cfg, assets)
+    backend = registry.load(BACKENDS, name, unknown)(cfg, assets)
+    if cfg.scorer.tokenizer == "different":  # the teacher scores its own tokens of the student's text
+        from teacher_scorers.backends.cross_tokenizer import CrossTokenizerTeacher
+
+        return CrossTokenizerTeacher(cfg, assets, backend)
+    return backend

@@ -39,9 +39,13 @@ def length_buckets(
     return buckets
 
 
-def check_teacher_tokenizer(assets: Assets, teacher_tokenizer) -> None:
+def check_teacher_tokenizer(cfg: Config, assets: Assets, teacher_tokenizer) -> None:
     """Token ids are only meaningful if student and teacher share a tokenizer: refuse at start-up otherwise,
-    naming both models. Their embedding sizes may differ (padded vocabularies: opd.models.vocab)."""
+    naming both models. Their embedding sizes may differ (padded vocabularies: opd.models.vocab). A teacher
+    declared `tokenizer: different` scores its own tokens of the student's text
+    (teacher_scorers/backends/cross_tokenizer.py): nothing to check here."""
+    if cfg.scorer.tokenizer == "different":
+        return
     names = (assets.student.path, assets.teacher.path)
     check_same_vocabulary(load_tokenizer(assets.student.tokenizer), teacher_tokenizer, names)
 

@@ -134,7 +134,7 @@ class HFTeacher:
         self.cfg = cfg
         self.model, self.tokenizer = load_asset(assets.teacher, cfg.scorer.device)
         self.model.eval()
-        check_teacher_tokenizer(assets, self.tokenizer)
+        check_teacher_tokenizer(cfg, assets, self.tokenizer)
         # the tokenizer's ids, not the embedding's rows: the scorer refuses a padding id on decode
         self.vocab_size = real_vocab(self.model)
         self.teacher_id = assets.teacher.path

@@ -75,7 +75,7 @@ class VLLMTeacher:
         self.cfg = cfg
         sc = cfg.scorer
         self.tokenizer = load_tokenizer(assets.teacher.tokenizer)
-        check_teacher_tokenizer(assets, self.tokenizer)
+        check_teacher_tokenizer(cfg, assets, self.tokenizer)
         self.prompts = teacher_prompts(cfg, self.tokenizer)  # with scorer.context: the context's ids in front
         t0 = time.perf_counter()
         self.llm = make_llm(

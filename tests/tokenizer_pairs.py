@@ -1,0 +1,48 @@
+"""Hand-made pairs of tokenizers for the cross-tokenizer tests, built locally with `tokenizers` (no download):
+the demo's character tokenizer, a BPE over the same alphabet whose merges make multi-character tokens, a
+character tokenizer over any alphabet, and a byte-level BPE whose tokens can end inside a UTF-8 character."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from opd.models.loading import SPECIAL_TOKENS, build_char_tokenizer
+
+SPECIALS = list(SPECIAL_TOKENS.values())
+
+
+def char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
+    return build_char_tokenizer() if alphabet is None else build_char_tokenizer(alphabet)
+
+
+def bpe_tokenizer(corpus: list[str], vocab_size: int, alphabet: str) -> PreTrainedTokenizerFast:
+    """A BPE with every character of `alphabet` in its base vocabulary (no unk over it), tokens concatenated on
+    decode."""
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=list(alphabet), show_progress=False
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    fast.add_bos_token = True
+    return fast
+
+
+def byte_level_bpe(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE: a character outside its merges is several byte tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+ADDITION_CORPUS = [f"{a}+{b}={a + b}" for a in range(0, 200, 7) for b in range(0, 150, 11)]
