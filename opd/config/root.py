@@ -220,6 +220,7 @@ class Config(Strict):
         self._models_fit_task()
         self._topk_fits_learner()
         self._depth_fits_batch()
+        self._cross_tokenizer_teachers_fit()
         self._ray_fits()
         self._sync_pipeline()
         self._devices_fit_weight_sync()
@@ -254,7 +255,10 @@ class Config(Strict):
                 )
             if model.kind == "tiny" and (problem := sft_task_problem(model.sft_task, self.task)):
                 raise ValueError(f"{role}.sft_task: {problem}")
-        for role, model in models[1:]:
+        for role, pool in self._teacher_roles():
+            model = pool.model
+            if pool.scorer.tokenizer == "different":
+                continue  # a teacher of another tokenizer by declaration: any pair of models
             if (self.student.kind == "tiny") != (model.kind == "tiny"):
                 tiny = "student" if self.student.kind == "tiny" else role
                 other = (
@@ -280,6 +284,22 @@ class Config(Strict):
                         f"scorer.{key}; set scorer.{key}: {mine} (every teacher uses the same {key}) and drop the "
                         "per-teacher value"
                     )
+
+    def _cross_tokenizer_teachers_fit(self) -> None:
+        """A teacher of another tokenizer behind a server (`engine: remote`) is sent its own token ids, so this
+        run must have its tokenizer locally: the teacher section names it (kind: pretrained, with
+        `tokenizer` or `name_or_path` the server's model's tokenizer; nothing is loaded but the tokenizer)."""
+        for role, pool in self._teacher_roles():
+            if (
+                pool.scorer.tokenizer == "different"
+                and pool.scorer.engine == "remote"
+                and pool.model.kind != "pretrained"
+            ):
+                raise ValueError(
+                    f"{role}: a remote teacher declared tokenizer: different needs its tokenizer here: set "
+                    f"{role}.kind: pretrained and {role}.name_or_path (or .tokenizer) to the server model's "
+                    "tokenizer (a directory, hub id or .gguf)"
+                )
 
     def _depth_fits_batch(self) -> None:
         """A batch's scored entries stay pending (unacknowledged, so counted against broker.max_depth) until its

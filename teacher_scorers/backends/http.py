@@ -162,10 +162,17 @@ class HttpTeacher:
         self.cfg, self.rc = cfg, cfg.scorer.remote
         self.topk = cfg.scorer.topk
         # Ids are checked against the student's real vocabulary: the student produced them, and the teacher is
-        # required to share its tokenizer. Its tokenizer's ids, capped by the student's (maybe padded) rows.
-        student_tok = load_tokenizer(assets.student.tokenizer)
-        rows = int(AutoConfig.from_pretrained(assets.student.path).vocab_size)
-        self.vocab_size = min(tokenizer_vocab(student_tok), rows)
+        # required to share its tokenizer. Its tokenizer's ids, capped by the student's (maybe padded) rows. A
+        # teacher of another tokenizer (`tokenizer: different`) is sent its own ids (the cross-tokenizer wrapper
+        # re-tokenises the text), so its replies are checked against its own tokenizer, named by the teacher
+        # section (teacher.tokenizer or teacher.name_or_path: the server's model's tokenizer, kept locally).
+        if cfg.scorer.tokenizer == "different":
+            student_tok = load_tokenizer(assets.teacher.tokenizer)
+            self.vocab_size = tokenizer_vocab(student_tok)
+        else:
+            student_tok = load_tokenizer(assets.student.tokenizer)
+            rows = int(AutoConfig.from_pretrained(assets.student.path).vocab_size)
+            self.vocab_size = min(tokenizer_vocab(student_tok), rows)
         self.max_len: int | None = None  # the server's context length, where its API tells it
         # with scorer.context the server gets the context's ids in front of the student's turns (its own prefix
         # cache reuses them); the student's tokenizer renders them, the teacher being required to share it

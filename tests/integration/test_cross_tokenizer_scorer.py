@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from opd.config import load_config
+from opd.config import ConfigError, load_config
 from opd.models.builds import ensure_assets
 from opd.models.loading import encode_prompt
 from opd.protocol import Trajectory
@@ -22,6 +22,7 @@ from teacher_scorers.backends import build_teacher
 from teacher_scorers.backends.cross_tokenizer import CrossTokenizerTeacher
 from teacher_scorers.scorer import RetryPolicy, score_with_retries
 from tests.conftest import TINY
+from tests.fake_sglang import FakeSGLang
 from tests.tokenizer_pairs import ADDITION_CORPUS, bpe_tokenizer, char_tokenizer
 
 TOPK = 4
@@ -162,3 +163,46 @@ def test_a_text_the_teacher_cannot_reproduce_is_refused_for_good(bpe_pair):
     assert list(failures) == [1] and "does not reproduce" in failures[1] and not tries  # not retried
     assert good.teacher_logprobs is not None and bad.teacher_logprobs is None
     assert backend.take_counters()["alignment_failures"] == 1
+
+
+def test_a_remote_teacher_of_another_tokenizer_scores_as_the_in_process_one(bpe_pair):
+    """The SGLang-format server holds the BPE teacher; it is sent the teacher's own ids and its replies are
+    checked against the teacher's tokenizer. Same chunks, same sums as the in-process teacher (no tail: a server
+    returns only the top-k)."""
+    cfg, student_tok, _, _ = bpe_pair
+    assets = ensure_assets(cfg)
+    srv = FakeSGLang(assets.teacher.path).start()
+    try:
+        remote_cfg = load_config(
+            TINY,
+            [
+                "student.kind=pretrained",
+                f"student.name_or_path={cfg.student.name_or_path}",
+                "teacher.kind=pretrained",
+                f"teacher.name_or_path={cfg.teacher.name_or_path}",
+                f"scorer.topk={TOPK}",
+                "scorer.tokenizer=different",
+                "scorer.engine=remote",
+                f"scorer.remote.url={srv.url}",
+            ],
+        )
+        remote = build_teacher(remote_cfg, ensure_assets(remote_cfg))
+        local = build_teacher(cfg, assets)
+        a = [_traj(i, student_tok, p, r) for i, (p, r) in enumerate(PROBLEMS)]
+        b = copy.deepcopy(a)
+        remote.score(a)
+        local.score(b)
+    finally:
+        srv.stop()
+    for x, y in zip(a, b, strict=True):
+        assert np.allclose(x.teacher_logprobs, y.teacher_logprobs, atol=1e-4)
+        assert np.array_equal(x.teacher_topk_ids, y.teacher_topk_ids)
+        assert x.teacher_tail_logprobs is None and y.teacher_tail_logprobs is not None
+
+
+def test_a_remote_teacher_of_another_tokenizer_must_name_its_tokenizer():
+    with pytest.raises(ConfigError, match=r"teacher.kind: pretrained and teacher.name_or_path"):
+        load_config(
+            TINY,
+            ["scorer.tokenizer=different", "scorer.engine=remote", "scorer.remote.url=http://127.0.0.1:1"],
+        )
