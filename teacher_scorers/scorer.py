@@ -275,6 +275,8 @@ class Scorer:
         self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, bad)
         t0 = time.perf_counter()
         trajs, ids = self.score_isolating(trajs, ids)
+        if (take := getattr(self.teacher, "take_counters", None)) is not None and (counts := take()):
+            self.reporter.add(**counts)  # a cross-tokenizer teacher's alignment figures
         payloads, ids = self._encode(trajs, ids, {m.id: m.data for m in msgs})
         tokens = sum(len(t.response_token_ids) for t in trajs)
         pad_s = pad_to_service_time(

@@ -211,8 +211,14 @@ def write_summary(
         "student_accuracy_after": after.overall,
         # a task mixture's accuracies per task: {task: accuracy}, the teachers' {teacher: {task: accuracy}}
         **_by_task(before, after),
-        # several teachers: each pool's scoring totals and share of what was trained (opd/launch/teacher_stats)
-        **({"teachers": per_teacher(teachers, latest, latest.get("learner"))} if len(teachers) > 1 else {}),
+        # several teachers, or a teacher of another tokenizer: each pool's scoring totals, alignment figures and
+        # share of what was trained (opd/launch/teacher_stats)
+        **(
+            {"teachers": per_teacher(teachers, latest, latest.get("learner"))}
+            if len(teachers) > 1
+            or any(p.scorer.tokenizer == "different" for p in cfg.teacher_pools().values())
+            else {}
+        ),
         "wall_seconds": time.time() - started,
         "interrupted": interrupted,
     }

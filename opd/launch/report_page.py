@@ -526,6 +526,12 @@ TEACHER_COLUMNS = (
     ("join_timeouts", "join timeouts (its copy missing)"),
     ("trajectories_trained", "trajectories trained"),
 )
+# shown when a teacher of another tokenizer scored (its pool counts alignment_responses)
+ALIGNMENT_COLUMNS = (
+    ("chunks_per_response", "chunks per response"),
+    ("topk_matched_share", "top-k mass matched"),
+    ("alignment_failures", "alignment failures"),
+)
 
 
 COUNTED = {
@@ -535,6 +541,7 @@ COUNTED = {
     "score_failures",
     "dead_lettered",
     "join_timeouts",
+    "alignment_failures",
 }
 
 
@@ -549,7 +556,9 @@ def teacher_table(summary: dict | None) -> str:
     teachers = (summary or {}).get("teachers")
     if not isinstance(teachers, dict) or not teachers:
         return ""
-    head = ("teacher", *(h for _, h in TEACHER_COLUMNS), "scored tokens/s (busy)", "share of trained")
+    aligned = any(isinstance(r, dict) and r.get("alignment_responses") for r in teachers.values())
+    columns = TEACHER_COLUMNS + (ALIGNMENT_COLUMNS if aligned else ())
+    head = ("teacher", *(h for _, h in columns), "scored tokens/s (busy)", "share of trained")
     rows = []
     for name, r in teachers.items():
         if not isinstance(r, dict):
@@ -557,7 +566,9 @@ def teacher_table(summary: dict | None) -> str:
         busy = r.get("score_seconds") or 0
         tok_s = r.get("tokens_scored", 0) / busy if busy else ""
         share = f"{r['share']:.1%}" if isinstance(r.get("share"), int | float) else ""
-        cells = (_whole(r.get(k, "")) if k in COUNTED else r.get(k, "") for k, _ in TEACHER_COLUMNS)
+        cells = (
+            _whole(r.get(k, "")) if k in COUNTED else ("" if r.get(k) is None else r[k]) for k, _ in columns
+        )
         rows.append(_row((name, *cells, tok_s, share)))
     note = (
         "<p>share: of the trajectories trained, a mixture counted by its route's weights; scored tokens/s: per "

@@ -23,6 +23,13 @@ SUMMED = (
     "score_batches",
     "score_failures",
     "dead_lettered",
+    # a teacher of another tokenizer (teacher_scorers/backends/cross_tokenizer.py)
+    "alignment_responses",
+    "alignment_chunks",
+    "alignment_student_tokens",
+    "alignment_topk_positions",
+    "alignment_topk_matched_mass",
+    "alignment_failures",
 )
 
 
@@ -50,7 +57,8 @@ def per_teacher(
     launcher's RunState.latest and summary.json's `components` hold them), in the order of `teachers`:
     scorers, the SUMMED counters, the learner's join timeouts missing its copy, failures (teacher failures +
     dead letters + join timeouts), mean batch seconds
-    (score_seconds / score_batches), the learner's trajectories trained for it and their share."""
+    (score_seconds / score_batches), the learner's trajectories trained for it and their share; for a teacher of
+    another tokenizer, chunks per response and the share of its top-k mass matched to student ids."""
     teachers = list(teachers)
     shares = trained_shares(teachers, learner)
     out: dict[str, dict[str, Any]] = {}
@@ -62,6 +70,9 @@ def per_teacher(
         row["join_timeouts"] = _num(learner or {}, JOIN_TIMEOUTS + t)
         row["failures"] = row["score_failures"] + row["dead_lettered"] + row["join_timeouts"]
         row["batch_seconds"] = row["score_seconds"] / row["score_batches"] if row["score_batches"] else None
+        aligned, positions = row["alignment_responses"], row["alignment_topk_positions"]
+        row["chunks_per_response"] = row["alignment_chunks"] / aligned if aligned else None
+        row["topk_matched_share"] = row["alignment_topk_matched_mass"] / positions if positions else None
         row["trajectories_trained"] = _num(learner or {}, TRAINED + t)
         row["share"] = shares[t]
         out[t] = row

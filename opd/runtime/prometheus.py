@@ -48,6 +48,13 @@ COUNTER_MAP: dict[str, tuple[str, dict[str, str]]] = {
     "generate_seconds": ("busy_seconds", {"stage": "generate"}),
     "score_seconds": ("busy_seconds", {"stage": "score"}),
     "staleness_pause_seconds": ("staleness_pause_seconds", {}),
+    # a teacher of another tokenizer (teacher_scorers/backends/cross_tokenizer.py)
+    "alignment_failures": ("errors", {"kind": "alignment_failure"}),
+    "alignment_responses": ("alignment", {"quantity": "responses"}),
+    "alignment_chunks": ("alignment", {"quantity": "chunks"}),
+    "alignment_student_tokens": ("alignment", {"quantity": "student_tokens"}),
+    "alignment_topk_positions": ("alignment", {"quantity": "topk_positions"}),
+    "alignment_topk_matched_mass": ("alignment", {"quantity": "topk_matched_mass"}),
 }
 # Learner step-record key -> gauge attribute.
 STEP_GAUGES = {
@@ -66,7 +73,7 @@ OWN_STAGE = {"actor": "generated", "scorer": "scored", "learner": "trained"}
 # Step-record list (one value per learner rank) -> the `phase` of opd_learner_rank_seconds (learner.num_ranks > 1).
 RANK_PHASES = {"rank_step_seconds": "step", "rank_comm_seconds": "comm", "rank_apply_seconds": "apply"}
 # Stage families that carry the `teacher` label (a scorer's pool; empty elsewhere).
-TEACHER_LABELLED = {"trajectories", "tokens", "busy_seconds", "dead_letters", "errors"}
+TEACHER_LABELLED = {"trajectories", "tokens", "busy_seconds", "dead_letters", "errors", "alignment"}
 # Reporter counter prefix of the learner's trajectories trained per teacher (learner/learner.py teacher_shares).
 TRAINED_BY_TEACHER = "trajectories_trained:"
 # ... and of mixtures whose join timed out without this teacher's copy (learner/intake.py): its failures too.
@@ -181,8 +188,17 @@ class Exporter:
         )
         self.errors = Counter(
             "opd_errors",
-            "Failures by kind (teacher_failure, skipped_step, weight_sync_failed, join_timeout).",
+            "Failures by kind (teacher_failure, skipped_step, weight_sync_failed, join_timeout, alignment_failure).",
             [*ct, "kind"],
+            registry=r,
+        )
+        self.alignment = Counter(
+            "opd_alignment",
+            "A teacher of another tokenizer: responses aligned, their chunks and student tokens, top-k positions "
+            "mapped and their matched mass (rate(chunks) / rate(responses): chunks per response; "
+            "rate(topk_matched_mass) / rate(topk_positions): the share of the teacher's top-k mass the student's "
+            "vocabulary holds).",
+            [*ct, "quantity"],
             registry=r,
         )
         self.score_seconds = Histogram(
