@@ -66,6 +66,24 @@ def teacher_shares(batch: list[Trajectory]) -> dict[str, float]:
     return out
 
 
+def alignment_figures(batch: list[Trajectory]) -> dict[str, float]:
+    """A teacher of another tokenizer's figures for a step record, over the batch's trajectories it scored
+    (`teacher_chunks` set): chunks per response, student tokens per chunk, and the mean share of the teacher's
+    top-k mass matched to student ids. Empty when no trajectory of the batch carries them."""
+    aligned = [t for t in batch if t.teacher_chunks is not None]
+    if not aligned:
+        return {}
+    chunks = sum(t.teacher_chunks for t in aligned)
+    out = {
+        "alignment_chunks_per_response": chunks / len(aligned),
+        "alignment_tokens_per_chunk": sum(len(t.response_token_ids) for t in aligned) / chunks,
+    }
+    matched = [t.teacher_topk_matched for t in aligned if t.teacher_topk_matched is not None]
+    if matched:
+        out["topk_matched_mass"] = sum(matched) / len(matched)
+    return out
+
+
 def student_assets(cfg: Config) -> Assets:
     """The run's models as its first teacher pool sees them (`Config.for_teacher`). The learner uses the student
     only, but `ensure_assets` finds or builds a teacher too: with `teachers:` the teacher section is unused, and
@@ -261,6 +279,7 @@ class Learner:
             "service_pad_seconds": pad_s,
             "wait_seconds": wait_s,
             "trained_tokens_per_s": tokens / max(step_s + wait_s, 1e-9),
+            **alignment_figures(batch),
         }
 
     def _log(self, record: dict) -> None:

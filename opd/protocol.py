@@ -85,6 +85,11 @@ class Trajectory:
     mixture_topk_logprobs: np.ndarray | None = None
     mixture_tail_logprobs: np.ndarray | None = None
     reward: float | None = None
+    # Set by a teacher of another tokenizer (teacher_scorers/backends/cross_tokenizer.py): the response's aligned
+    # chunks (1..T) and the share of the teacher's top-k mass matched to student ids, mean over the chunks' starts
+    # (in [0, 1]; None without a top-k). The learner's step record averages them.
+    teacher_chunks: int | None = None
+    teacher_topk_matched: float | None = None
     task: dict[str, str] = field(default_factory=dict)
     timestamps: dict[str, float] = field(default_factory=lambda: {"generated": time.time()})
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -121,6 +126,8 @@ _SCALARS: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "teacher_name": (str, False),
     "teacher_temperature": ((int, float), False),
     "reward": ((int, float), False),
+    "teacher_chunks": (int, False),
+    "teacher_topk_matched": ((int, float), False),
 }
 
 
@@ -209,6 +216,17 @@ def _check_ranges(msg: dict[str, Any]) -> None:
             )
     if "reward" in msg and not math.isfinite(msg["reward"]):
         raise ProtocolError(f"reward {msg['reward']!r} is not finite")
+    _check_alignment(msg)
+
+
+def _check_alignment(msg: dict[str, Any]) -> None:
+    """A cross-tokenizer teacher's figures: a chunk count (bounded by the response's length in _check_shapes)
+    and a share."""
+    if "teacher_chunks" in msg and not 1 <= msg["teacher_chunks"] <= MAX_DIM:
+        raise ProtocolError(f"teacher_chunks {msg['teacher_chunks']!r}: expected 1 to the response's length")
+    matched = msg.get("teacher_topk_matched")
+    if matched is not None and not (math.isfinite(matched) and 0.0 <= matched <= 1.0 + 1e-6):
+        raise ProtocolError(f"teacher_topk_matched {matched!r}: expected a share in [0, 1]")
 
 
 def _check_map(name: str, value: Any, kinds: tuple[type, ...]) -> None:
@@ -271,6 +289,10 @@ def _check_shapes(t: Trajectory) -> None:
         raise ProtocolError("response_token_ids is empty")
     if len(t.prompt_token_ids) == 0:
         raise ProtocolError("prompt_token_ids is empty")
+    if t.teacher_chunks is not None and t.teacher_chunks > n:
+        raise ProtocolError(
+            f"teacher_chunks {t.teacher_chunks} for {n} response tokens: a chunk holds at least one"
+        )
     for name in ("behaviour_logprobs", "token_versions", "teacher_logprobs", "teacher_tail_logprobs"):
         a = getattr(t, name)
         if a is not None and len(a) != n:

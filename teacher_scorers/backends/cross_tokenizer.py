@@ -164,13 +164,15 @@ class CrossTokenizerTeacher:
 
     # ----------------------------------------------------------------------------------------- back to the student
     def _topk(self, t: Trajectory, v: TeacherView, q: np.ndarray):
-        """The student's top-k rows (ids, logprobs, tail or None) from the teacher's, chunk by chunk."""
+        """The student's top-k rows (ids, logprobs, tail or None) from the teacher's, chunk by chunk; stamps the
+        mean matched share on `t`."""
         s = v.surrogate
         T, k = len(t.response_token_ids), self.width
         ids = np.zeros((T, k), dtype=np.int32)
         lps = np.full((T, k), LOGPROB_FLOOR, dtype=np.float32)
         has_tail = s.teacher_tail_logprobs is not None
         tails = np.full(T, -np.inf, dtype=np.float64)
+        shares = []
         for c in v.chunks:
             tail = float(s.teacher_tail_logprobs[c.t0]) if has_tail else None
             row_ids, row_lp, row_tail, share = self.vocab.map_topk(
@@ -178,13 +180,15 @@ class CrossTokenizerTeacher:
             )
             ids[c.s0], lps[c.s0] = row_ids, row_lp
             tails[c.s0] = -np.inf if row_tail is None else row_tail
-            self.counters.topk_positions += 1
-            self.counters.topk_matched_mass += share
+            shares.append(share)
             for j in range(c.s0 + 1, c.s1):  # inside the chunk: the sampled token at its share
                 sampled = int(t.response_token_ids[j])
                 ids[j] = [sampled, *(i for i in range(k) if i != sampled)][:k]
                 lps[j, 0] = q[j]
                 tails[j] = _log1mexp(float(q[j]))
+        self.counters.topk_positions += len(shares)
+        self.counters.topk_matched_mass += float(np.sum(shares))
+        t.teacher_topk_matched = min(float(np.mean(shares)), 1.0)
         return ids, lps, (tails if has_tail else None)
 
     def _attach(self, t: Trajectory, v: TeacherView) -> None:
@@ -192,6 +196,7 @@ class CrossTokenizerTeacher:
         q = spread(t.behaviour_logprobs, chunk_sums(s.teacher_logprobs, v.chunks, "t"), v.chunks)
         topk = self._topk(t, v, q) if s.teacher_topk_ids is not None and self.width else (None, None, None)
         attach(t, q, *topk[:2], self.teacher_id, s.teacher_temperature, topk[2])
+        t.teacher_chunks = len(v.chunks)
         self.counters.responses += 1
         self.counters.chunks += len(v.chunks)
         self.counters.student_tokens += len(t.response_token_ids)
