@@ -167,3 +167,19 @@ def test_a_mapped_top_k_moves_unmatched_mass_to_the_tail_float64(pair):
     assert r_tail == tail and r_share == pytest.approx(1.0)
     # no tail from the backend: the unmatched entries just leave the row (the learner's 1 - sum counts them)
     assert vmap.map_topk(ids, lp.astype(np.float32), None, 4)[2] is None
+
+
+def test_the_step_record_averages_the_alignment_figures_of_the_aligned_trajectories():
+    from learner.learner import alignment_figures
+    from tests.scored import scored_trajectories
+
+    trajs = scored_trajectories(3, topk=0)
+    assert alignment_figures(trajs) == {}  # a teacher of the student's tokenizer: no figures
+    for t, chunks, matched in zip(trajs[:2], (1, 2), (0.5, None), strict=True):
+        t.teacher_chunks, t.teacher_topk_matched = chunks, matched
+    tokens = len(trajs[0].response_token_ids) + len(trajs[1].response_token_ids)
+    assert alignment_figures(trajs) == {
+        "alignment_chunks_per_response": 1.5,
+        "alignment_tokens_per_chunk": tokens / 3,
+        "topk_matched_mass": 0.5,
+    }

@@ -118,6 +118,9 @@ BAD = {
         "empty",
     ),
     "unknown field": (lambda m: m.update(pickle=b"x"), "unknown fields"),
+    "more chunks than tokens": (lambda m: m.update(teacher_chunks=4), "teacher_chunks 4 for 3"),
+    "no chunk": (lambda m: m.update(teacher_chunks=0), "teacher_chunks 0"),
+    "matched share": (lambda m: m.update(teacher_topk_matched=1.5), "teacher_topk_matched"),
 }
 
 
