@@ -11,6 +11,7 @@ elsewhere (BENCHMARKS.md).
 What is the product's code here (nothing is re-implemented):
 - sampling: `actors.engines.hf.HFEngine.sample` (the HF actor's sampler, behaviour logprobs at the sampling T),
 - scoring: `teacher_scorers.backends.hf.HFTeacher.score` (teacher logprob of each sampled token, and top-k),
+  behind the scorer's cross-tokenizer wrapper (`build_teacher`) for a teacher declared `tokenizer: different`,
 - batching: `learner.batching.collate`,
 - update: `learner.engines.torch.build_engine(model, cfg)` then `engine.step(batch)` (the learner's objective,
   correction, AdamW, lr schedule, grad clip),
@@ -42,6 +43,7 @@ from opd.models.builds import Assets, evaluate, load_asset
 from opd.models.prompts import prompt_ids, stop_token_id
 from opd.models.sampler import sample
 from opd.protocol import Trajectory
+from teacher_scorers.backends import build_teacher
 from teacher_scorers.backends.hf import HFTeacher
 
 # What a method needs from the teacher, and who generates the trained responses.
@@ -91,7 +93,15 @@ class Harness:
         self.sampler = HFEngine(
             cfg, assets
         )  # the actor's engine: its module samples with the ring's old weights
-        self.teacher = HFTeacher(cfg, assets) if kind != RL_ONLY else None
+        crossed = cfg.scorer.tokenizer == "different"
+        if kind == OFF_POLICY_KD and crossed:
+            raise ValueError(
+                "off-policy KD samples from the teacher in the student's ids: one tokenizer only"
+            )
+        # a teacher of another tokenizer: the scorer's own wrapper around the HF teacher
+        self.teacher = (
+            None if kind == RL_ONLY else build_teacher(cfg, assets) if crossed else HFTeacher(cfg, assets)
+        )
         self.model, self.tokenizer = load_asset(assets.student, cfg.learner.device)
         self.engine = build_engine(self.model, cfg)
         self.version = 0
