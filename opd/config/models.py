@@ -82,11 +82,28 @@ class TinyModel(Strict):
         description="With task.kind: mixture, the name of the one task of task.tasks this model's SFT draws from "
         "(an expert teacher); none = the whole task section. Part of the model's recipe.",
     )
+    tokenizer: Literal["char", "bpe"] = Field(
+        "char",
+        description="char: one token per character of the task's alphabet (every tiny model before issue 19). bpe: "
+        "a byte-pair tokenizer trained once on the task's training text (multi-digit numbers become one token), "
+        "for a teacher whose tokenizer differs from a char student's (cross-tokenizer distillation).",
+    )
+    bpe_vocab_size: int = Field(
+        64,
+        ge=32,
+        le=4096,
+        description="With tokenizer: bpe, the tokenizer's size: 4 special tokens, the 12 characters of the "
+        "alphabet, and merges learnt from the task's text for the rest (fewer if the text has no more pairs).",
+    )
 
     def recipe_fields(self) -> dict[str, Any]:
-        """The fields that name a built model (its recipe): every field, less `sft_task` when unset, so the models
-        built before the field existed keep their names (and the shipped ones their bytes)."""
-        return self.model_dump(exclude=set() if self.sft_task is not None else {"sft_task"})
+        """The fields that name a built model (its recipe): every field, less `sft_task` when unset and the
+        tokenizer's fields for the character tokenizer, so the models built before those fields existed keep their
+        names (and the shipped ones their bytes)."""
+        unset = set() if self.sft_task is not None else {"sft_task"}
+        if self.tokenizer == "char":
+            unset |= {"tokenizer", "bpe_vocab_size"}
+        return self.model_dump(exclude=unset)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModel:

@@ -30,7 +30,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from opd import tasks
 from opd.config import Config, TinyModel
 from opd.models import gguf, prune
-from opd.models.loading import build_char_tokenizer, encode_prompt, load_model, load_tokenizer
+from opd.models.loading import (
+    build_bpe_tokenizer,
+    build_char_tokenizer,
+    encode_prompt,
+    load_model,
+    load_tokenizer,
+)
 from opd.models.prompts import prompt_ids, stop_token_ids
 from opd.models.sampler import sample
 from opd.runtime.progress import progress
@@ -39,6 +45,9 @@ from opd.runtime.threads import BUILD_THREADS, threads
 ASSET_FORMAT = 2  # bump when the build recipe changes, so stale caches are rebuilt
 SHIPPED = Path(__file__).resolve().parents[1] / "demo_models"  # the built-in configs' models, committed
 MANIFEST = "manifest.json"
+# The text a BPE tokenizer learns its merges from: this many training problems (prompt + answer) of the run's task,
+# drawn with this seed. Part of a BPE model's recipe and its tokenizer's name, so a change rebuilds both.
+BPE_CORPUS = {"seed": 0, "problems": 20_000}
 HABIT = "="  # the spurious trailing token of `sft_suffix_noise`: one token, so greedy decoding picks it up
 # An evaluation with no `log` of its own is reported (to this module's logger) only if it is slower than this.
 QUIET_EVAL_S = 2.0
@@ -288,24 +297,29 @@ def _deterministic():
 
 
 def recipe(role: str, spec: TinyModel, cfg: Config) -> list:
-    """Everything that shapes a built model; its digest names the model in the cache and in `opd/demo_models/`."""
-    return [ASSET_FORMAT, role, spec.recipe_fields(), cfg.task.model_dump(), cfg.sampling.max_new_tokens]
+    """Everything that shapes a built model; its digest names the model in the cache and in `opd/demo_models/`.
+    A BPE model's adds its tokenizer's corpus (its size and merges are in the fields, its text is the task's): a
+    character model's recipe is as it was before BPE existed, so its name and the shipped bytes stay."""
+    out = [ASSET_FORMAT, role, spec.recipe_fields(), cfg.task.model_dump(), cfg.sampling.max_new_tokens]
+    return [*out, {"bpe_corpus": BPE_CORPUS}] if spec.tokenizer == "bpe" else out
 
 
-def _tiny_asset(role: str, spec: TinyModel, tok_dir, cfg: Config, log, rebuild: bool) -> ModelAsset:
-    """The shipped model of this recipe if there is one, else the cached one, built first if missing.
-    `rebuild`: build it again into the cache from its recipe, whatever exists."""
+def _tiny_asset(role: str, spec: TinyModel, cfg: Config, log, rebuild: bool) -> ModelAsset:
+    """The shipped model of this recipe if there is one, else the cached one, built first (with the tokenizer
+    `spec` names, `_tok_dir`) if missing. `rebuild`: build it again into the cache from its recipe, whatever
+    exists."""
     name = f"{role}-{_digest(recipe(role, spec, cfg))}"
     final = Path(cfg.run.cache_dir) / name
     if not rebuild and (SHIPPED / name / "opd_asset.json").is_file():
         final = SHIPPED / name
     elif rebuild or not (final / "opd_asset.json").is_file():
+        bpe = f", BPE tokenizer of {spec.bpe_vocab_size}" if spec.tokenizer == "bpe" else ""
         log(
             f"building the {role} ({spec.num_layers} layers, hidden {spec.hidden_size}, {spec.sft_steps} SFT "
-            f"steps, {BUILD_THREADS} thread); cached for later runs"
+            f"steps{bpe}, {BUILD_THREADS} thread); cached for later runs"
         )
         shutil.rmtree(final, ignore_errors=True)
-        _build_tiny(final, role, spec, tok_dir(), cfg, log)
+        _build_tiny(final, role, spec, _tok_dir(cfg, spec), cfg, log)
     meta = json.loads((final / "opd_asset.json").read_text())
     return ModelAsset(
         path=str(final),
@@ -346,25 +360,54 @@ def _pretrained_asset(role: str, cfg: Config, log) -> ModelAsset:
     return ModelAsset(path=path, tokenizer=tokenizer, dtype=spec.dtype)
 
 
-def _tok_dir(cfg: Config):
-    """A callable giving the tiny models' tokenizer directory, made on first call: only a build needs it (a
-    shipped model carries its tokenizer)."""
-    cache = Path(cfg.run.cache_dir)
+def tokenizer_recipe(spec: TinyModel, cfg: Config) -> list:
+    """What shapes a tiny model's tokenizer; its digest names the tokenizer's directory in the cache. Every
+    character model shares one (the alphabet's); BPE models of one run share one per size, trained on the run's
+    whole task section (not `sft_task`'s part), so a BPE student and a BPE teacher of one size agree on every id."""
+    if spec.tokenizer == "char":
+        return [
+            ASSET_FORMAT,
+            tasks.ADDITION_ALPHABET,
+        ]  # as before BPE existed: the cached ones keep their names
+    return [
+        ASSET_FORMAT,
+        tasks.ADDITION_ALPHABET,
+        "bpe",
+        spec.bpe_vocab_size,
+        BPE_CORPUS,
+        cfg.task.model_dump(),
+    ]
 
-    def tok_dir() -> Path:
-        path = cache / f"tokenizer-{_digest([ASSET_FORMAT, tasks.ADDITION_ALPHABET])}"
-        if not (path / "tokenizer.json").is_file():
-            _atomic_dir(path, lambda tmp: build_char_tokenizer().save_pretrained(tmp))
-        return path
 
-    return tok_dir
+def bpe_corpus(cfg: Config) -> list[str]:
+    """The text a BPE tokenizer is trained on: BPE_CORPUS's training problems of the task, prompt then answer as
+    the model reads them, so the merges are the numbers the model sees and writes."""
+    stream = tasks.training_stream(cfg.task, seed=BPE_CORPUS["seed"])
+    return [p.prompt + (p.answer or "") for p, _ in zip(stream, range(BPE_CORPUS["problems"]), strict=False)]
+
+
+def build_tokenizer(spec: TinyModel, cfg: Config):
+    """The tokenizer a tiny model of `spec` is built with (not cached: see `_tok_dir`)."""
+    if spec.tokenizer == "char":
+        return build_char_tokenizer()
+    return build_bpe_tokenizer(bpe_corpus(cfg), spec.bpe_vocab_size, tasks.ADDITION_ALPHABET)
+
+
+def _tok_dir(cfg: Config, spec: TinyModel) -> Path:
+    """The cache directory of the tokenizer `spec` names (`tokenizer_recipe`), made on first call; called only by a
+    build (a shipped model carries its tokenizer)."""
+    kind = "" if spec.tokenizer == "char" else f"{spec.tokenizer}-"
+    path = Path(cfg.run.cache_dir) / f"tokenizer-{kind}{_digest(tokenizer_recipe(spec, cfg))}"
+    if not (path / "tokenizer.json").is_file():
+        _atomic_dir(path, lambda tmp: build_tokenizer(spec, cfg).save_pretrained(tmp))
+    return path
 
 
 def _teacher_asset(cfg: Config, log, rebuild: bool) -> ModelAsset:
     if cfg.teacher.kind != "tiny":
         return _pretrained_asset("teacher", cfg, log)
     Path(cfg.run.cache_dir).mkdir(parents=True, exist_ok=True)
-    return _tiny_asset("teacher", cfg.teacher, _tok_dir(cfg), cfg, log, rebuild)
+    return _tiny_asset("teacher", cfg.teacher, cfg, log, rebuild)
 
 
 def ensure_assets(cfg: Config, log=print, rebuild: bool = False) -> Assets:
@@ -379,8 +422,8 @@ def ensure_assets(cfg: Config, log=print, rebuild: bool = False) -> Assets:
         teacher = _pretrained_asset("teacher", cfg, log)
         return Assets(student=_pretrained_asset("student", cfg, log), teacher=teacher)
     Path(cfg.run.cache_dir).mkdir(parents=True, exist_ok=True)
-    teacher = _tiny_asset("teacher", cfg.teacher, _tok_dir(cfg), cfg, log, rebuild)
-    student = _tiny_asset("student", cfg.student, _tok_dir(cfg), cfg, log, rebuild)
+    teacher = _tiny_asset("teacher", cfg.teacher, cfg, log, rebuild)
+    student = _tiny_asset("student", cfg.student, cfg, log, rebuild)
     return Assets(student=student, teacher=teacher)
 
 
@@ -389,7 +432,7 @@ def ensure_student_asset(cfg: Config, log=print, rebuild: bool = False) -> Model
     if cfg.student.kind != "tiny":
         return _pretrained_asset("student", cfg, log)
     Path(cfg.run.cache_dir).mkdir(parents=True, exist_ok=True)
-    return _tiny_asset("student", cfg.student, _tok_dir(cfg), cfg, log, rebuild)
+    return _tiny_asset("student", cfg.student, cfg, log, rebuild)
 
 
 def ensure_teacher_assets(cfg: Config, log=print, rebuild: bool = False) -> dict[str, ModelAsset]:

@@ -6,10 +6,11 @@ through the standard Hugging Face calls, so a real checkpoint works the same as 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
@@ -27,6 +28,39 @@ def build_char_tokenizer(alphabet: str = ADDITION_ALPHABET) -> PreTrainedTokeniz
     vocab = {tok: i for i, tok in enumerate(specials + list(alphabet))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    return _tiny_fast(tok)
+
+
+def build_bpe_tokenizer(
+    corpus: Iterable[str], vocab_size: int, alphabet: str = ADDITION_ALPHABET
+) -> PreTrainedTokenizerFast:
+    """A byte-pair tokenizer trained locally on `corpus`: the tiny teacher of another tokenizer than the character
+    student's (issue 19), with the char tokenizer's special tokens and roles so only the splitting differs.
+
+    Every character of `alphabet` is in the initial vocabulary whether the corpus has it or not, so any text the
+    character student can write encodes with no unknown token, and tokens are pieces of the text itself (no
+    word-boundary marks) joined back with nothing between them: decode(encode(text)) == text. Digit runs are split
+    from the other characters before merging, so merges are numbers or parts of them (`12`, `10`) and never glue
+    an operator to a digit: the habit token `=` stays one token. Training is deterministic (ties between equally
+    frequent pairs go by id, not by thread timing), so a corpus and a size give the same tokenizer.json anywhere.
+    Fewer than `vocab_size` tokens come out when the corpus has no more pairs to merge."""
+    specials = list(SPECIAL_TOKENS.values())
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Digits(individual_digits=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,  # ids 0-3 in the char tokenizer's order
+        initial_alphabet=sorted(set(alphabet)),
+        min_frequency=0,
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return _tiny_fast(tok)
+
+
+def _tiny_fast(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """A tiny model's tokenizer as transformers uses it: tokens concatenated with nothing between them (the text's
+    own characters, no spaces added), the special tokens by role, BOS added by the usual call like a real model's."""
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     fast.add_bos_token = True
