@@ -418,13 +418,9 @@ def ensure_assets(cfg: Config, log=print, rebuild: bool = False) -> Assets:
     pools = cfg.teacher_pools()
     if cfg.teachers is not None and all(cfg.teacher != p.model for p in pools.values()):
         cfg = cfg.for_teacher(next(iter(pools)))
-    if cfg.student.kind != "tiny" and cfg.teacher.kind != "tiny":
-        teacher = _pretrained_asset("teacher", cfg, log)
-        return Assets(student=_pretrained_asset("student", cfg, log), teacher=teacher)
-    Path(cfg.run.cache_dir).mkdir(parents=True, exist_ok=True)
-    teacher = _tiny_asset("teacher", cfg.teacher, cfg, log, rebuild)
-    student = _tiny_asset("student", cfg.student, cfg, log, rebuild)
-    return Assets(student=student, teacher=teacher)
+    # each model by its own kind: a tiny student may learn from a pretrained teacher of another tokenizer
+    teacher = _teacher_asset(cfg, log, rebuild)
+    return Assets(student=ensure_student_asset(cfg, log, rebuild), teacher=teacher)
 
 
 def ensure_student_asset(cfg: Config, log=print, rebuild: bool = False) -> ModelAsset:
