@@ -89,11 +89,12 @@ class TinyModel(Strict):
         "for a teacher whose tokenizer differs from a char student's (cross-tokenizer distillation).",
     )
     bpe_vocab_size: int = Field(
-        64,
-        ge=32,
+        32,
+        ge=17,
         le=4096,
         description="With tokenizer: bpe, the tokenizer's size: 4 special tokens, the 12 characters of the "
-        "alphabet, and merges learnt from the task's text for the rest (fewer if the text has no more pairs).",
+        "alphabet, and merges learnt from the task's text for the rest (fewer if the text has no more pairs). "
+        "More merges make addition harder to learn: tiny.yaml's teacher reaches 0.93 with 32, 0.38 with 64.",
     )
 
     def recipe_fields(self) -> dict[str, Any]:
@@ -104,6 +105,13 @@ class TinyModel(Strict):
         if self.tokenizer == "char":
             unset |= {"tokenizer", "bpe_vocab_size"}
         return self.model_dump(exclude=unset)
+
+    def tokenizer_id(self) -> str:
+        """Which tokenizer this model is built with, as far as one run's config says (`char`, `bpe-64`): two tiny
+        models of one run with the same id have the same tokenizer (a BPE one is trained on the run's task
+        section, opd.models.builds.tokenizer_recipe), with different ids they do not, and their ids mean
+        different text."""
+        return "char" if self.tokenizer == "char" else f"bpe-{self.bpe_vocab_size}"
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyModel:
