@@ -77,5 +77,5 @@ def test_a_bpe_teacher_behind_an_sglang_server_on_redis(asset_cache, redis_serve
         srv.stop()
     _check(out_dir, s)
     student_vocab = 16  # the character tokenizer's ids; the BPE's go beyond
-    sent = [i for r in srv.requests for i in r["input_ids"]]
+    sent = [i for r in srv.requests for i in r["body"].get("input_ids", [])]
     assert len(srv.requests) >= s["trajectories_scored"] and max(sent) >= student_vocab
