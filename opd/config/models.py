@@ -84,9 +84,9 @@ class TinyModel(Strict):
     )
     tokenizer: Literal["char", "bpe"] = Field(
         "char",
-        description="char: one token per character of the task's alphabet (every tiny model before issue 19). bpe: "
-        "a byte-pair tokenizer trained once on the task's training text (multi-digit numbers become one token), "
-        "for a teacher whose tokenizer differs from a char student's (cross-tokenizer distillation).",
+        description="char: one token per character of the task's alphabet (the built-in configs' models). bpe: a "
+        "byte-pair tokenizer trained once on the task's training text (frequent digit pairs such as 14 become one "
+        "token), for a teacher whose tokenizer differs from a char student's (scorer.tokenizer: different).",
     )
     bpe_vocab_size: int = Field(
         32,
