@@ -259,6 +259,15 @@ class Config(Strict):
             model = pool.model
             if pool.scorer.tokenizer == "different":
                 continue  # a teacher of another tokenizer by declaration: any pair of models
+            if (
+                self.student.kind == model.kind == "tiny"
+                and self.student.tokenizer_id() != model.tokenizer_id()
+            ):
+                raise ValueError(
+                    f"{role}.tokenizer: {model.tokenizer_id()} but student.tokenizer: {self.student.tokenizer_id()}; "
+                    "a teacher of another tokenizer must be declared: set tokenizer: different on it "
+                    "(teachers.<name>.tokenizer, or scorer.tokenizer)"
+                )
             if (self.student.kind == "tiny") != (model.kind == "tiny"):
                 tiny = "student" if self.student.kind == "tiny" else role
                 other = (
