@@ -24,7 +24,7 @@ top-k positions and their matched mass, and alignment failures.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -58,25 +58,21 @@ class TeacherView:
 
 @dataclass
 class Counters:
+    """What the alignment did since the scorer last took the counts (Reporter counter names: `alignment_<field>`)."""
+
     responses: int = 0
     chunks: int = 0
     student_tokens: int = 0
     topk_positions: int = 0
     topk_matched_mass: float = 0.0
     failures: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
     def take(self) -> dict[str, float]:
-        out = {
-            "alignment_responses": self.responses,
-            "alignment_chunks": self.chunks,
-            "alignment_student_tokens": self.student_tokens,
-            "alignment_topk_positions": self.topk_positions,
-            "alignment_topk_matched_mass": self.topk_matched_mass,
-            "alignment_failures": self.failures,
-        }
-        self.__init__()
-        return {k: v for k, v in out.items() if v}
+        """The non-zero counts as Reporter increments, and back to zero."""
+        out = {f"alignment_{k}": v for k, v in asdict(self).items() if v}
+        for f in fields(self):
+            setattr(self, f.name, f.default)
+        return out
 
 
 def _first_difference(a: str, b: str) -> str:
