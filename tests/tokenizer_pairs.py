@@ -46,3 +46,42 @@ def byte_level_bpe(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 
 ADDITION_CORPUS = [f"{a}+{b}={a + b}" for a in range(0, 200, 7) for b in range(0, 150, 11)]
+
+
+# A Llama-3-like template: header tokens around each role, every turn closed by <|eot_id|>
+LLAMA3ISH = (
+    "{{ '<|begin_of_text|>' }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+LLAMA3ISH_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+
+
+def llama3ish_tokenizer(corpus: list[str], vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with a Llama-3-like chat template: another family than tests/chat_models.py's ChatML one
+    (other specials, other template, other merges), for cross-tokenizer chat tests."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=LLAMA3ISH_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        pad_token="<|end_of_text|>",
+    )
+    fast.add_special_tokens({"additional_special_tokens": LLAMA3ISH_SPECIALS[2:]})
+    fast.chat_template = LLAMA3ISH
+    return fast

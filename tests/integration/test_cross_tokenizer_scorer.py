@@ -206,3 +206,66 @@ def test_a_remote_teacher_of_another_tokenizer_must_name_its_tokenizer():
             TINY,
             ["scorer.tokenizer=different", "scorer.engine=remote", "scorer.remote.url=http://127.0.0.1:1"],
         )
+
+
+@torch.no_grad()
+def test_a_chat_teacher_renders_the_stamped_conversation_with_its_own_template(tmp_path):
+    """Student: ChatML over characters (tests/chat_models.py); teacher: a byte-level BPE with a Llama-3-like
+    template. The teacher's prompt is the same conversation in its own template, and the student's <|im_end|>
+    is scored as the teacher's <|eot_id|>; a trajectory without the stamped conversation is refused."""
+    import json
+
+    from opd.models.prompts import conversation, prompt_ids
+    from opd.protocol import CONVERSATION_KEY
+    from opd.tasks import Problem
+    from tests.chat_models import chatml_model_dir, chatml_tokenizer
+    from tests.tokenizer_pairs import llama3ish_tokenizer
+
+    student_tok = chatml_tokenizer()
+    teacher_tok = llama3ish_tokenizer(["What is the capital of France? Paris.", "Be brief. 12+30=42"] * 20)
+    chatml_model_dir(tmp_path / "student")
+    _save_model(tmp_path / "teacher", teacher_tok, 2)
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"prompt": "What is the capital of France?", "answer": "Paris"}) + "\n")
+    cfg = load_config(
+        None,
+        [
+            "task.kind=jsonl",
+            f"task.train_path={train}",
+            "student.kind=pretrained",
+            f"student.name_or_path={tmp_path / 'student'}",
+            "teacher.kind=pretrained",
+            f"teacher.name_or_path={tmp_path / 'teacher'}",
+            "scorer.tokenizer=different",
+        ],
+    )
+    backend = build_teacher(cfg, ensure_assets(cfg))
+    problem = Problem("p0", "What is the capital of France?", answer="Paris")
+    response = student_tok("Paris.", add_special_tokens=False)["input_ids"] + [
+        student_tok.convert_tokens_to_ids("<|im_end|>")
+    ]
+    t = Trajectory(
+        run_id="x",
+        prompt_id="p0",
+        group_id="g0",
+        sample_index=0,
+        prompt_token_ids=np.asarray(prompt_ids(student_tok, problem), dtype=np.int32),
+        response_token_ids=np.asarray(response, dtype=np.int32),
+        behaviour_logprobs=np.full(len(response), -0.5, dtype=np.float32),
+        policy_version=0,
+        task={CONVERSATION_KEY: json.dumps(conversation(problem))},
+    )
+    unstamped = copy.deepcopy(t)
+    unstamped.task = {}
+    view = backend.view(t)
+    want_prompt = prompt_ids(teacher_tok, problem)
+    assert view.surrogate.prompt_token_ids.tolist() == want_prompt
+    assert teacher_tok.decode(want_prompt).startswith("<|begin_of_text|><|start_header_id|>user")
+    eot = teacher_tok.convert_tokens_to_ids("<|eot_id|>")
+    assert view.surrogate.response_token_ids.tolist()[-1] == eot
+    failures = score_with_retries(backend.score, [t, unstamped], RetryPolicy(retries=0, backoff_s=0.01))
+    assert list(failures) == [1] and "no conversation stamped" in failures[1]
+    teacher64 = LlamaForCausalLM.from_pretrained(tmp_path / "teacher").double().eval()
+    seq = [*want_prompt, *view.surrogate.response_token_ids.tolist()]
+    rows = torch.log_softmax(teacher64(input_ids=torch.tensor([seq])).logits[0], -1)
+    assert float(t.teacher_logprobs[-1]) == pytest.approx(rows[len(seq) - 2, eot].item(), abs=1e-4)
