@@ -41,19 +41,54 @@ class AlignmentError(ValueError):
 
 
 def decode(tokenizer, ids: list[int]) -> str:
-    """The text of `ids` exactly as written: special tokens kept, no clean-up of spaces (both change offsets)."""
+    """The text of `ids` exactly as written: special tokens kept, no clean-up of spaces (both change offsets).
+    A fast tokenizer's Rust decoder directly (what its `decode` calls, less the per-call conversions)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode(list(ids), skip_special_tokens=False)
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+WINDOW = (
+    16  # tokens back to the anchor of an incremental decode (a longer run without a boundary decodes in full)
+)
+
+
+def _prefix_end(tokenizer, ids: list[int], i: int, text: str) -> int | None:
+    """Where token i ends by the definition: the length of decode(ids[:i+1]) if that is a prefix of `text` and
+    does not end inside a character; None otherwise."""
+    prefix = decode(tokenizer, ids[: i + 1])
+    return len(prefix) if text.startswith(prefix) and REPLACEMENT not in prefix[-1:] else None
 
 
 def token_ends(tokenizer, ids: list[int]) -> tuple[str, list[int | None]]:
     """The text of `ids` and, per token, the character offset where it ends, or None where it ends inside a
-    character (its prefix does not decode to a prefix of the text). Quadratic in len(ids) decodes: a response of
-    a few thousand tokens costs milliseconds with a Rust tokenizer, in the scorer, which scales out."""
+    character (its prefix does not decode to a prefix of the text).
+
+    Incremental, so linear in the response: token i's text is decode(ids[a:i+1]) minus decode(ids[a:a+1]), with
+    anchor a the nearest earlier token that ends on a boundary (at most WINDOW back); decoding from an anchor
+    token and subtracting its own text keeps what a decoder does at the start of a sequence (SentencePiece drops
+    the first space) out of the difference. The piece must sit in the text right after the anchor's end, or the
+    token falls back to the definition (a full prefix decode)."""
     text = decode(tokenizer, ids)
     ends: list[int | None] = []
+    last: int | None = None  # the latest token with a boundary
     for i in range(len(ids)):
-        prefix = decode(tokenizer, ids[: i + 1])
-        ends.append(len(prefix) if text.startswith(prefix) and REPLACEMENT not in prefix[-1:] else None)
+        end, known = None, False
+        if last is not None and i - last <= WINDOW:
+            anchor = decode(tokenizer, ids[last : last + 1])
+            piece = decode(tokenizer, ids[last : i + 1])
+            if piece.startswith(anchor):
+                piece, start = piece[len(anchor) :], ends[last]
+                if REPLACEMENT in piece[-1:]:
+                    known = True  # ends inside a character: no boundary
+                elif text.startswith(piece, start):
+                    end, known = start + len(piece), True
+        if not known:
+            end = _prefix_end(tokenizer, ids, i, text)
+        ends.append(end)
+        if end is not None:
+            last = i
     if ends and ends[-1] is None:
         ends[-1] = len(text)  # the whole sequence ends where its text does
     return text, ends

@@ -183,3 +183,22 @@ def test_the_step_record_averages_the_alignment_figures_of_the_aligned_trajector
         "alignment_tokens_per_chunk": tokens / 3,
         "topk_matched_mass": 0.5,
     }
+
+
+def test_the_incremental_boundaries_equal_the_definition_on_random_text():
+    """token_ends decodes from a nearby anchor (linear time); each end must be what the definition gives: the
+    length of decode(ids[:i+1]) when that is a prefix of the text and ends on a whole character."""
+    from teacher_scorers.alignment import _prefix_end, decode
+
+    rng = np.random.default_rng(3)
+    words = ["the", "quick", "12", "+", "=", "é", "中文", "\n\n", " ", "brown"]
+    text = "".join(rng.choice(words) for _ in range(400))
+    for tok in (
+        byte_level_bpe([text[:300], "the quick brown"], 300),
+        char_tokenizer("".join(sorted(set(text)))),
+    ):
+        ids = _ids(tok, text)
+        got_text, ends = token_ends(tok, ids)
+        want = [_prefix_end(tok, ids, i, got_text) for i in range(len(ids))]
+        want[-1] = len(got_text) if want[-1] is None else want[-1]
+        assert got_text == decode(tok, ids) == text and ends == want
