@@ -41,7 +41,11 @@ def chatml_tokenizer(eos: str = "<|im_end|>") -> PreTrainedTokenizerFast:
 
 def chatml_model_dir(path: Path, eos: str = "<|im_end|>", seed: int = 0) -> Path:
     """A random 2-layer Llama (grouped-query attention, as SmolLM2) and its ChatML tokenizer, saved to `path`."""
-    tok = chatml_tokenizer(eos)
+    return llama_dir(path, chatml_tokenizer(eos), seed)
+
+
+def llama_dir(path: Path, tok: PreTrainedTokenizerFast, seed: int = 0) -> Path:
+    """A random 2-layer Llama (grouped-query attention) over `tok`'s vocabulary, saved with `tok` to `path`."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok),

@@ -30,19 +30,25 @@ def bpe_tokenizer(corpus: list[str], vocab_size: int, alphabet: str) -> PreTrain
     return fast
 
 
-def byte_level_bpe(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A GPT-2 style byte-level BPE: a character outside its merges is several byte tokens."""
+def _byte_level(corpus: list[str], vocab_size: int, specials: list[str]) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIALS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    return tok
+
+
+def byte_level_bpe(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE: a character outside its merges is several byte tokens."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_byte_level(corpus, vocab_size, SPECIALS), **SPECIAL_TOKENS
+    )
 
 
 ADDITION_CORPUS = [f"{a}+{b}={a + b}" for a in range(0, 200, 7) for b in range(0, 150, 11)]
@@ -66,18 +72,8 @@ LLAMA3ISH_SPECIALS = [
 def llama3ish_tokenizer(corpus: list[str], vocab_size: int = 300) -> PreTrainedTokenizerFast:
     """A byte-level BPE with a Llama-3-like chat template: another family than tests/chat_models.py's ChatML one
     (other specials, other template, other merges), for cross-tokenizer chat tests."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=LLAMA3ISH_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=_byte_level(corpus, vocab_size, LLAMA3ISH_SPECIALS),
         bos_token="<|begin_of_text|>",
         eos_token="<|end_of_text|>",
         pad_token="<|end_of_text|>",

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from opd.config import ConfigError, load_config
 from opd.models.builds import ensure_assets
@@ -21,6 +21,7 @@ from teacher_scorers.alignment import align, token_ends
 from teacher_scorers.backends import build_teacher
 from teacher_scorers.backends.cross_tokenizer import CrossTokenizerTeacher
 from teacher_scorers.scorer import RetryPolicy, score_with_retries
+from tests.chat_models import llama_dir
 from tests.conftest import TINY
 from tests.fake_sglang import FakeSGLang
 from tests.tokenizer_pairs import ADDITION_CORPUS, bpe_tokenizer, char_tokenizer
@@ -72,21 +73,7 @@ def test_the_same_tokenizer_declared_different_scores_exactly_as_the_plain_teach
 
 
 def _save_model(path, tok, seed: int) -> None:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    llama_dir(path, tok, seed)
 
 
 @pytest.fixture(scope="module")
