@@ -1,4 +1,4 @@
-.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-quality-real bench-staleness bench-broker bench-pipeline bench-scorers bench-learner-scaling bench-first-run
+.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-quality-real bench-staleness bench-cross-tokenizer bench-broker bench-pipeline bench-scorers bench-learner-scaling bench-first-run
 setup:  ## install opd-stream and its test tools (torch pinned to 2.13.0)
 	python3 -m pip install -e ".[dev]"
 test:   ## the README's test command: unit + integration tiers (under 5 minutes on 2 cores)
@@ -21,6 +21,8 @@ bench-quality-real:  ## benchmarks/quality_real.py: the same on SmolLM2 (opd mod
 	python3 benchmarks/quality_real.py
 bench-staleness:  ## benchmarks/staleness.py: exact lag s x correction mode, reverse_kl_pg
 	python3 benchmarks/staleness.py
+bench-cross-tokenizer:  ## benchmarks/cross_tokenizer.py: OPD from a BPE teacher vs a char teacher; the alignment's cost
+	python3 benchmarks/cross_tokenizer.py --seeds 3
 bench-broker:  ## benchmarks/broker.py: zmq vs redis (AOF off/on) traj/s and MB/s at 1k/8k/32k tokens (BENCHMARKS.md)
 	python3 benchmarks/broker.py
 bench-pipeline:  ## benchmarks/pipeline.py: async vs sync trained tokens/s and learner wait, plain and calibrated (BENCHMARKS.md)
