@@ -27,7 +27,7 @@ from tests.conftest import TINY
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config(TINY, ["teacher.tokenizer=bpe"])
+    return load_config(TINY, ["teacher.tokenizer=bpe", "scorer.tokenizer=different"])
 
 
 @pytest.fixture(scope="module")

@@ -270,14 +270,15 @@ def test_the_learner_loss_and_gradient_are_over_the_real_vocabulary(assets, scor
 
 def test_the_tokenizer_check_accepts_one_tokenizer_of_two_sizes_and_refuses_another(assets, tmp_path):
     """Student (24 rows) and teacher (32 rows) of one tokenizer pass; a teacher of another tokenizer is refused,
-    naming both models and the cross-tokenizer issue."""
+    naming both models and the key that declares a teacher of another tokenizer."""
     _, teacher_tok = load_asset(assets.teacher)
-    check_teacher_tokenizer(assets, teacher_tok)  # no error
+    check_teacher_tokenizer(load_config(None, OVERRIDES), assets, teacher_tok)  # no error
     other = padded_tokenizer("0123456789xy")
     path = save_padded(tmp_path / "other", other, 2, TEACHER_ROWS, resize=True)
     with pytest.raises(ValueError, match="tokenizers differ") as err:
         HFTeacher(load_config(None, OVERRIDES), Assets(assets.student, ModelAsset(path, path, "float32")))
-    assert assets.student.path in str(err.value) and path in str(err.value) and "issue 19" in str(err.value)
+    assert assets.student.path in str(err.value) and path in str(err.value)
+    assert "tokenizer: different" in str(err.value)
 
 
 def test_servers_padding_ids_are_refused_saying_so():
