@@ -202,3 +202,28 @@ def test_the_incremental_boundaries_equal_the_definition_on_random_text():
         want = [_prefix_end(tok, ids, i, got_text) for i in range(len(ids))]
         want[-1] = len(got_text) if want[-1] is None else want[-1]
         assert got_text == decode(tok, ids) == text and ends == want
+
+
+def test_byte_fallback_tokens_of_one_character_are_one_chunk():
+    """A SentencePiece-style byte fallback: a character outside the vocabulary is written as its UTF-8 bytes
+    (<0xC3> <0xA9> for é); the first byte token ends inside the character, so it has no boundary."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    base = ["<pad>", "<s>", "</s>", "<unk>", *"abc "]
+    vocab = {t: i for i, t in enumerate(base + [f"<0x{b:02X}>" for b in range(256)])}
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    raw.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    teacher = PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
+    )
+    student = char_tokenizer("abcé ")
+    text = "ab é c"
+    t_ids = _ids(teacher, text)
+    assert [teacher.convert_ids_to_tokens(i) for i in t_ids][3:5] == ["<0xC3>", "<0xA9>"]
+    t_text, t_ends = token_ends(teacher, t_ids)
+    assert t_text == text and t_ends[3] is None and t_ends[4] == 4
+    s_text, s_ends = token_ends(student, _ids(student, text))
+    chunks = align(s_ends, t_ends, len(text))
+    e = next(c for c in chunks if text[c.c0 : c.c1] == "é")
+    assert (e.s1 - e.s0, e.t1 - e.t0) == (1, 2)
