@@ -161,6 +161,35 @@ def redis_server(tmp_path):
     server.stop()
 
 
+ZMQ_FIXTURE_DEPTH = 32  # the zmq_broker fixture's max_depth (its server is started with it)
+
+
+@pytest.fixture(params=["zmq", "redis"])
+def broker_clients(request):
+    """A factory of clients of one real broker, zmq (which never redelivers) or Redis, both with max_depth 32
+    (one client per thread, as the components have); each test runs once per broker."""
+    from broker.redis import RedisBroker
+    from broker.zmq import ZmqBroker
+
+    made = []
+    if request.param == "zmq":
+        address = request.getfixturevalue("zmq_broker")
+
+        def new():
+            made.append(ZmqBroker(address, request_timeout_s=10.0))
+            return made[-1]
+    else:
+        url = request.getfixturevalue("redis_server").url
+
+        def new():
+            made.append(RedisBroker(url, max_depth=ZMQ_FIXTURE_DEPTH, request_timeout_s=10.0))
+            return made[-1]
+
+    yield new
+    for client in made:
+        client.close()
+
+
 # ------------------------------------------------------------------ end-to-end helpers (real processes)
 def opd(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(

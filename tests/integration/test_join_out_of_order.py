@@ -1,11 +1,11 @@
-"""The join deadlock found in the last CI of issue 18 (not fixed yet: xfail, strict, so the fix must remove it).
+"""The join deadlock found in the fresh-clone CI of issue 18, reproduced deterministically (it failed, as an
+xfail(strict), until the join spool: learner/spool.py).
 
-A pool of several scorers finishes its batches out of order. Here teacher alpha's copies of mixtures 0..31 fill its
-scored stream (broker.max_depth 32) while teacher beta's copies of mixtures 16..47 fill beta's. The learner holds
-every copy unacknowledged for its join, and the broker counts held entries against the depth, so only mixtures
-16..31 join (16, fewer than the batch of 32); alpha's copies of 32..47 and beta's of 0..15 wait for room that only
-a step would make. Backpressure should count what the learner has not read, not what it holds for a join (those
-are bounded by the actors' backpressure on the rollouts streams); see /work/notes/state-after-18.md.
+A pool of several scorers finishes its batches out of order. Here teacher alpha's copies of mixtures 0..31 and
+teacher beta's of 16..47 arrive first (broker.max_depth 32 each). Had the learner kept every copy that waits for
+its join unacknowledged, the broker would count them against the depth: only 16..31 would join (fewer than the
+batch of 32), alpha's 32..47 and beta's 0..15 would wait for room only a step could make, and nothing would train.
+With the spool, each waiting copy is on disk and acknowledged, the streams drain and the batch fills.
 """
 
 from __future__ import annotations
@@ -14,11 +14,8 @@ import threading
 
 from broker.base import publish_with_backpressure
 from broker.zmq import ZmqBroker
-from learner.intake import Contract, Intake
-from learner.state import TrainedLedger
-from opd.config import load_config
 from opd.protocol import Streams, encode
-from opd.runtime.lifecycle import Reporter, StopFlag
+from tests.integration.test_scored_streams import mixture_intake
 from tests.unit.test_join import copies_of
 
 RUN_ID = "join-out-of-order"
@@ -40,24 +37,8 @@ def _publish(address: str, teacher: str, copies: list, stop) -> threading.Thread
 
 
 def test_pools_that_finish_out_of_order_still_fill_a_batch(zmq_broker, tmp_path):
-    cfg = load_config(
-        None,
-        [f"run.run_id={RUN_ID}", f"learner.batch_size={BATCH}", "learner.batch_timeout_s=8"]
-        + ["routing.join_timeout_s=300", "routing.on_join_timeout=dead_letter"],
-    )
     client = ZmqBroker(zmq_broker, request_timeout_s=10.0)
-    intake = Intake(
-        client,
-        Reporter(client, cfg, "learner", 0.0),
-        Streams(RUN_ID),
-        Contract.of(cfg, VOCAB, needs_rewards=False, needs_topk=False),
-        cfg.learner,
-        TrainedLedger(),
-        tmp_path / "ledger" / "learner.dropped_stale",
-        StopFlag(),
-        routing=cfg.routing,
-        teachers=["alpha", "beta"],
-    )
+    intake = mixture_intake(client, tmp_path, RUN_ID, BATCH, ["alpha", "beta"], batch_timeout_s=8)
     mixtures = [copies_of({"alpha": 0.5, "beta": 0.5}) for _ in range(48)]
     stopped = threading.Event()
     alpha = [m["alpha"] for m in mixtures]  # in order

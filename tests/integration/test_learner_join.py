@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from broker.redis import RedisBroker
 from broker.zmq import ZmqBroker
 from learner.batching import collate
 from learner.checkpoint import CheckpointStore
@@ -246,34 +245,12 @@ def test_a_route_with_a_zero_weight_trains_as_that_teacher_alone(client, tmp_pat
         assert torch.equal(got, want)
 
 
-@pytest.fixture(params=["zmq", "redis"])
-def connect(request):
-    """A factory of clients of one real broker, zmq (which never redelivers) or Redis."""
-    made = []
-    if request.param == "zmq":
-        address = request.getfixturevalue("zmq_broker")
-
-        def new():
-            made.append(ZmqBroker(address, request_timeout_s=10.0))
-            return made[-1]
-    else:
-        url = request.getfixturevalue("redis_server").url
-
-        def new():
-            made.append(RedisBroker(url))
-            return made[-1]
-
-    yield new
-    for c in made:
-        c.close()
-
-
-def test_a_held_mixture_survives_a_learner_restart(connect, tmp_path):
+def test_a_held_mixture_survives_a_learner_restart(broker_clients, tmp_path):
     """The first incarnation holds alpha's copy (spooled and acknowledged: the broker forgets it) and dies; the next
     reads it back from the join spool, joins it with beta's copy and trains the mixture once. On zmq, which never
     redelivers, only the spool can bring it back."""
     scored = copies_of()
-    first = connect()
+    first = broker_clients()
     intake, _, _ = _intake(first, tmp_path)
     _publish(first, scored["alpha"])
     intake.stop = lambda: intake.joiner.held != {}  # "dies" once the copy is held
@@ -281,7 +258,7 @@ def test_a_held_mixture_survives_a_learner_restart(connect, tmp_path):
     assert first.depth(STREAM) == 0  # acknowledged once on disk
     first.close()
 
-    second = connect()
+    second = broker_clients()
     resumed, reporter, trained = _intake(second, tmp_path)
     _publish(second, scored["beta"])
     batch = resumed.next_batch(version=3)

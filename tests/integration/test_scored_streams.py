@@ -12,8 +12,6 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 
-import pytest
-
 from broker.base import publish_with_backpressure
 from broker.redis import RedisBroker
 from broker.zmq import ZmqBroker
@@ -31,26 +29,26 @@ BATCH = 20  # each teacher's copies of the batch fit in its own stream; both tog
 TEACHERS = ("alpha", "beta")
 
 
-@pytest.fixture(params=["zmq", "redis"])
-def connect(request):
-    """A factory of clients of one real broker (one client per thread, as the components have)."""
-    made = []
-    if request.param == "zmq":
-        address = request.getfixturevalue("zmq_broker")
-
-        def new():
-            made.append(ZmqBroker(address, request_timeout_s=10.0))
-            return made[-1]
-    else:
-        url = request.getfixturevalue("redis_server").url
-
-        def new():
-            made.append(RedisBroker(url, max_depth=MAX_DEPTH, request_timeout_s=10.0))
-            return made[-1]
-
-    yield new
-    for client in made:
-        client.close()
+def mixture_intake(client, tmp_path, run_id: str, batch: int, teachers, batch_timeout_s: float) -> Intake:
+    """The learner's intake over the scored streams of `teachers`, for batches of `batch` mixtures, joining
+    without a timeout in sight (routing.join_timeout_s 300, dead_letter)."""
+    cfg = load_config(
+        None,
+        [f"run.run_id={run_id}", f"learner.batch_size={batch}", f"learner.batch_timeout_s={batch_timeout_s}"]
+        + ["routing.join_timeout_s=300", "routing.on_join_timeout=dead_letter"],
+    )
+    return Intake(
+        client,
+        Reporter(client, cfg, "learner", 0.0),
+        Streams(run_id),
+        Contract.of(cfg, VOCAB, needs_rewards=False, needs_topk=False),
+        cfg.learner,
+        TrainedLedger(),
+        tmp_path / "ledger" / "learner.dropped_stale",
+        StopFlag(),
+        routing=cfg.routing,
+        teachers=list(teachers),
+    )
 
 
 def _scorer(connect, teacher: str, copies: list, after: threading.Event | None, done: threading.Event, stop):
@@ -70,27 +68,11 @@ def _scorer(connect, teacher: str, copies: list, after: threading.Event | None, 
     return thread
 
 
-def test_a_fast_teachers_copies_do_not_block_the_joins_of_a_batch(connect, tmp_path):
-    cfg = load_config(
-        None,
-        [f"run.run_id={RUN_ID}", f"learner.batch_size={BATCH}", "learner.batch_timeout_s=10"]
-        + ["routing.join_timeout_s=300", "routing.on_join_timeout=dead_letter"],
-    )
+def test_a_fast_teachers_copies_do_not_block_the_joins_of_a_batch(broker_clients, tmp_path):
+    connect = broker_clients
     client = connect()
-    reporter = Reporter(client, cfg, "learner", 0.0)
-    trained = TrainedLedger()
-    intake = Intake(
-        client,
-        reporter,
-        Streams(RUN_ID),
-        Contract.of(cfg, VOCAB, needs_rewards=False, needs_topk=False),
-        cfg.learner,
-        trained,
-        tmp_path / "ledger" / "learner.dropped_stale",
-        StopFlag(),
-        routing=cfg.routing,
-        teachers=list(TEACHERS),
-    )
+    intake = mixture_intake(client, tmp_path, RUN_ID, BATCH, TEACHERS, batch_timeout_s=10)
+    reporter, trained = intake.reporter, intake.trained
     mixtures = [copies_of({"alpha": 0.5, "beta": 0.5}) for _ in range(BATCH)]
     stopped = threading.Event()
     alpha_done, beta_done = threading.Event(), threading.Event()
