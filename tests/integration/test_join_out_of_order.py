@@ -12,28 +12,13 @@ from __future__ import annotations
 
 import threading
 
-from broker.base import publish_with_backpressure
 from broker.zmq import ZmqBroker
-from opd.protocol import Streams, encode
-from tests.integration.test_scored_streams import mixture_intake
+from tests.integration.test_scored_streams import mixture_intake, scorer_thread
 from tests.unit.test_join import copies_of
 
 RUN_ID = "join-out-of-order"
 VOCAB = 16
 BATCH = 32  # = the zmq_broker fixture's max_depth
-
-
-def _publish(address: str, teacher: str, copies: list, stop) -> threading.Thread:
-    def run():
-        client = ZmqBroker(address, request_timeout_s=10.0)
-        publish_with_backpressure(
-            client, Streams(RUN_ID).scored_for(teacher), [encode(t) for t in copies], should_stop=stop
-        )
-        client.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 def test_pools_that_finish_out_of_order_still_fill_a_batch(zmq_broker, tmp_path):
@@ -43,9 +28,13 @@ def test_pools_that_finish_out_of_order_still_fill_a_batch(zmq_broker, tmp_path)
     stopped = threading.Event()
     alpha = [m["alpha"] for m in mixtures]  # in order
     beta = [m["beta"] for m in mixtures[16:] + mixtures[:16]]  # its later scorers finished first
+
+    def connect():
+        return ZmqBroker(zmq_broker, request_timeout_s=10.0)
+
     threads = [
-        _publish(zmq_broker, "alpha", alpha, stopped.is_set),
-        _publish(zmq_broker, "beta", beta, stopped.is_set),
+        scorer_thread(connect, name, copies, None, threading.Event(), stopped.is_set, run_id=RUN_ID)
+        for name, copies in (("alpha", alpha), ("beta", beta))
     ]
     try:
         batch = intake.next_batch(version=3)

@@ -51,15 +51,23 @@ def mixture_intake(client, tmp_path, run_id: str, batch: int, teachers, batch_ti
     )
 
 
-def _scorer(connect, teacher: str, copies: list, after: threading.Event | None, done: threading.Event, stop):
+def scorer_thread(
+    connect,
+    teacher: str,
+    copies: list,
+    after: threading.Event | None,
+    done: threading.Event,
+    stop,
+    run_id=RUN_ID,
+) -> threading.Thread:
     """A teacher's scorer publishing its copies as a scorer does (backpressure while its stream is full), once
-    `after` is set: the other teacher's copies all went first."""
+    `after` is set (None: at once)."""
 
     def run():
         client = connect()
         if after is not None:
             after.wait()
-        stream = Streams(RUN_ID).scored_for(teacher)
+        stream = Streams(run_id).scored_for(teacher)
         publish_with_backpressure(client, stream, [encode(t) for t in copies], should_stop=stop)
         done.set()
 
@@ -77,8 +85,8 @@ def test_a_fast_teachers_copies_do_not_block_the_joins_of_a_batch(broker_clients
     stopped = threading.Event()
     alpha_done, beta_done = threading.Event(), threading.Event()
     threads = [
-        _scorer(connect, "alpha", [m["alpha"] for m in mixtures], None, alpha_done, stopped.is_set),
-        _scorer(connect, "beta", [m["beta"] for m in mixtures], alpha_done, beta_done, stopped.is_set),
+        scorer_thread(connect, "alpha", [m["alpha"] for m in mixtures], None, alpha_done, stopped.is_set),
+        scorer_thread(connect, "beta", [m["beta"] for m in mixtures], alpha_done, beta_done, stopped.is_set),
     ]
     try:
         batch = intake.next_batch(version=3)
