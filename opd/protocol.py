@@ -7,6 +7,7 @@ never a crashed consumer or a poisoned gradient.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
@@ -17,6 +18,9 @@ from typing import Any
 
 import msgpack
 import numpy as np
+
+from opd.images import FORMATS as IMAGE_FORMATS
+from opd.images import ImageBlob
 
 SCHEMA_VERSION = 1
 KIND = "trajectory"
@@ -42,6 +46,7 @@ MAX_TEMPERATURE = 1e4
 MAX_DIM = 1 << 31  # any one array dimension; the element count is bounded by the message size as well
 MAX_MAP_ENTRIES = 64  # task and timestamps
 MAX_MAP_STR_LEN = 1 << 16  # a task value (a reference answer) or key
+MAX_IMAGES = 64  # images of one prompt
 _IDS = ("id", "run_id")  # ours: no whitespace at all
 _PROMPT_IDS = ("prompt_id", "group_id")  # may come from a user's JSONL: printable, spaces allowed
 
@@ -90,6 +95,9 @@ class Trajectory:
     # (in [0, 1]; None without a top-k). The learner's step record averages them.
     teacher_chunks: int | None = None
     teacher_topk_matched: float | None = None
+    # The prompt's images, in the order of their placeholders: encoded bytes with their sha256 (opd/images.py),
+    # checked for structure and hash here; their pixels are checked by whoever decodes them (check_blob).
+    images: list[ImageBlob] | None = None
     task: dict[str, str] = field(default_factory=dict)
     timestamps: dict[str, float] = field(default_factory=lambda: {"generated": time.time()})
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -144,6 +152,8 @@ def encode(traj: Trajectory) -> bytes:
             msg[name] = value
     msg["task"] = dict(traj.task)
     msg["timestamps"] = dict(traj.timestamps)
+    if traj.images is not None:
+        msg["images"] = [{"format": i.format, "sha256": i.sha256, "data": i.data} for i in traj.images]
     if traj.teacher_weights is not None:
         msg["teacher_weights"] = dict(traj.teacher_weights)
     for name, dtype, _, _ in _ARRAYS:
@@ -393,6 +403,7 @@ def _decode(data: bytes, vocab_size: int | None, require_scored: bool, max_bytes
         "task",
         "timestamps",
         "teacher_weights",
+        "images",
         *_SCALARS,
         *(a[0] for a in _ARRAYS),
     }
@@ -413,12 +424,30 @@ def _decode(data: bytes, vocab_size: int | None, require_scored: bool, max_bytes
         task=msg.get("task", {}),
         timestamps=msg.get("timestamps", {}),
         teacher_weights=msg.get("teacher_weights"),
+        images=_unpack_images(msg["images"]) if "images" in msg else None,
     )
     _check_shapes(t)
     _check_values(t, vocab_size)
     if require_scored and not t.is_scored:
         raise ProtocolError("trajectory has no teacher_logprobs; it must pass a teacher scorer first")
     return t
+
+
+def _unpack_images(raw: Any) -> list[ImageBlob]:
+    """The images' structure and hashes (their pixels are the decoder's to check: opd.images.check_blob)."""
+    if not isinstance(raw, list) or len(raw) > MAX_IMAGES:
+        raise ProtocolError(f"images: expected a list of at most {MAX_IMAGES} image maps")
+    out = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict) or set(entry) != {"format", "sha256", "data"}:
+            raise ProtocolError(f"images[{i}]: expected a map {{format, sha256, data}}")
+        fmt, digest, data = entry["format"], entry["sha256"], entry["data"]
+        if fmt not in IMAGE_FORMATS or not isinstance(data, bytes) or not isinstance(digest, str):
+            raise ProtocolError(f"images[{i}]: format must be one of {sorted(IMAGE_FORMATS)} with bytes data")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ProtocolError(f"images[{i}]: sha256 does not match its bytes")
+        out.append(ImageBlob(fmt, digest, data))
+    return out
 
 
 def trajectory_id(data: bytes) -> str | None:

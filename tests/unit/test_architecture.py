@@ -15,7 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TOP = ("opd", "actors", "learner", "teacher_scorers", "broker", "weight_sync")
-CORE_MODULES = ("opd.config", "opd.protocol", "opd.tasks", "opd.verifiers", "opd.registry")
+# opd.images: the wire format of images (what opd.protocol carries), so core like the protocol
+CORE_MODULES = ("opd.config", "opd.protocol", "opd.images", "opd.tasks", "opd.verifiers", "opd.registry")
 TRANSPORT = ("broker", "weight_sync")
 MIDDLE = ("opd.models", "opd.runtime")
 COMPONENTS = ("actors", "teacher_scorers", "learner")
