@@ -144,6 +144,17 @@ def model_inputs(processor, problems: list[tasks.Problem], padding_side: str = "
     )
 
 
+def prompt_ids(processor, problem: tasks.Problem) -> list[int]:
+    """The prompt's token ids as the model reads them: BOS, then the text with each IMAGE_TOKEN expanded to one
+    image id per patch (what a trajectory's prompt ids should be, so the learner and teachers need no expansion)."""
+    return model_inputs(processor, [problem])["input_ids"][0].tolist()
+
+
+def pixel_values(processor, problem: tasks.Problem) -> torch.Tensor:
+    """The problem's images as the vision tower takes them: (images, 3, image_size, image_size) float32."""
+    return processor.image_processor(decode_images(problem), return_tensors="pt")["pixel_values"]
+
+
 def _sft_batch(processor, problems: list[tasks.Problem], targets: list[str]):
     """(input_ids, attention_mask, labels, pixel_values): each prompt then its target and EOS, loss on the target."""
     enc = model_inputs(processor, problems)

@@ -44,6 +44,8 @@ def test_built_vlm_loads_back_with_its_processor_and_sees_the_image(tmp_path):
     assert (enc["input_ids"] == image_id).sum(-1).tolist() == [16, 16]
     assert enc["input_ids"][0, 0] == processor.tokenizer.bos_token_id
     assert tuple(enc["pixel_values"].shape) == (2, 3, 32, 32)
+    assert vlm.prompt_ids(processor, problems[1]) == enc["input_ids"][1].tolist()
+    assert torch.equal(vlm.pixel_values(processor, problems[1]), enc["pixel_values"][1:])
     with torch.no_grad():
         logits = model(**enc).logits
         swapped = model(**{**enc, "pixel_values": enc["pixel_values"].flip(0)}).logits
