@@ -252,10 +252,10 @@ class Config(Strict):
         models = [("student", self.student), *((role, pool.model) for role, pool in self._teacher_roles())]
         for role, model in models:
             if model.kind == "tiny" and not tiny_fits(self.task):
+                other = "{kind: tiny_vlm}" if vlm_fits(self.task) else "{kind: pretrained, name_or_path: ...}"
                 raise ValueError(
                     f"{role}.kind: tiny models are built for the built-in task only (addition or reversal, or "
-                    f"a mixture of them); with task.kind: {self.task.kind} set {role}: "
-                    "{kind: pretrained, name_or_path: ...}"
+                    f"a mixture of them); with task.kind: {self.task.kind} set {role}: {other}"
                 )
             if model.kind == "tiny" and (problem := sft_task_problem(model.sft_task, self.task)):
                 raise ValueError(f"{role}.sft_task: {problem}")
