@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from opd import tasks
 from opd.config import Config
 from opd.models import builds, vlm
 
@@ -30,8 +31,6 @@ def test_default_teacher_learns_the_visual_task_and_the_student_is_weaker(tmp_pa
     assert assets.student.eval_accuracy <= assets.teacher.eval_accuracy - 0.2, assets.student.eval_accuracy
     # the saved accuracy is what the loaded model scores
     model, processor = vlm.load_vlm(assets.teacher.path)
-    from opd import tasks
-
     again = vlm.accuracy(model, processor, tasks.eval_set(cfg.task), cfg.sampling.max_new_tokens)
     assert again == assets.teacher.eval_accuracy
 
