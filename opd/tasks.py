@@ -5,13 +5,15 @@ every process agrees on what a problem is and what counts as correct.
 
 Task kinds: `addition` (the tiny demo's `a+b=`) and `reversal` (`1234=` -> `4321`, in the same characters, so the
 tiny models can learn both), `jsonl` (your files), two generated for real instruct models with no download:
-`capitals` and `word_problems`, each with a seeded held-out split that training never draws from, and `mixture`:
-prompts drawn from several of those by weight, each tagged with its task's name (`Problem.metadata["task"]`).
+`capitals` and `word_problems`, each with a seeded held-out split that training never draws from, `visual_digits`
+(a PNG of a number, `<image>What number?`, for the tiny vision-language models), and `mixture`: prompts drawn from
+several of those by weight, each tagged with its task's name (`Problem.metadata["task"]`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import random
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ from opd.config.task import (
     JsonlTask,
     MixtureTask,
     ReversalTask,
+    VisualDigitsTask,
     WordProblemsTask,
     verifier_of,
 )
@@ -47,6 +50,8 @@ class Problem:
     messages: tuple[tuple[str, str], ...] = ()
     system_prompt: str | None = None
     chat_template: bool = True
+    # Encoded images (PNG or JPEG bytes, never decoded arrays), one per IMAGE_TOKEN of the prompt, in order.
+    images: tuple[bytes, ...] = ()
 
 
 def verify(answer: str | None, completion: str, mode: str = "exact") -> bool:
@@ -466,6 +471,115 @@ def word_problems_stream(task: WordProblemsTask, seed: int) -> Iterator[Problem]
         yield _word_problem(op, rng.choice(split.train_templates[op]), rng.choice(WORD_PROBLEM_NAMES), a, b)
 
 
+# ------------------------------------------------------------------------------------ visual digits
+IMAGE_TOKEN = (
+    "<image>"  # an image's place in a prompt's text (one per image; a processor expands it to many ids)
+)
+VISUAL_QUESTION = "What number?"
+# A 5x7 dot font for the digits, as rows of 5 bits: drawn by code, so no font file (whose glyphs vary with the
+# Pillow build) decides the pixels.
+DIGIT_FONT: dict[str, tuple[str, ...]] = {
+    "0": ("01110", "10001", "10011", "10101", "11001", "10001", "01110"),
+    "1": ("00100", "01100", "00100", "00100", "00100", "00100", "01110"),
+    "2": ("01110", "10001", "00001", "00010", "00100", "01000", "11111"),
+    "3": ("11111", "00010", "00100", "00010", "00001", "10001", "01110"),
+    "4": ("00010", "00110", "01010", "10010", "11111", "00010", "00010"),
+    "5": ("11111", "10000", "11110", "00001", "00001", "10001", "01110"),
+    "6": ("00110", "01000", "10000", "11110", "10001", "10001", "01110"),
+    "7": ("11111", "00001", "00010", "00100", "01000", "01000", "01000"),
+    "8": ("01110", "10001", "10001", "01110", "10001", "10001", "01110"),
+    "9": ("01110", "10001", "10001", "01111", "00001", "00010", "01100"),
+}
+VISUAL_ALPHABET = "".join(
+    sorted(set(ADDITION_ALPHABET + VISUAL_QUESTION))
+)  # every character of prompts/answers
+
+
+@dataclass(frozen=True)
+class DigitImage:
+    """What decides one image of the visual task: the number, its top-left corner, ink and background levels."""
+
+    number: str
+    x: int
+    y: int
+    ink: int
+    background: int
+
+    @property
+    def prompt_id(self) -> str:
+        return f"vd:{self.number}:{self.x}:{self.y}:{self.ink}:{self.background}"
+
+
+def _near_centre(rng: random.Random, room: int, jitter: int) -> int:
+    """A corner coordinate within `jitter` pixels of centring the number in `room` spare pixels (kept inside)."""
+    centre = room // 2
+    return rng.randint(max(0, centre - jitter), min(room, centre + jitter))
+
+
+def _digit_image(rng: random.Random, task: VisualDigitsTask) -> DigitImage:
+    n = rng.randint(1, task.max_digits)
+    number = str(rng.randint(0 if n == 1 else 10 ** (n - 1), 10**n - 1))
+    width, height = len(number) * 6 * task.scale - task.scale, 7 * task.scale
+    return DigitImage(
+        number=number,
+        x=_near_centre(rng, task.image_size - width, task.jitter),
+        y=_near_centre(rng, task.image_size - height, task.jitter),
+        ink=rng.randint(160, 255),
+        background=rng.randint(0, 80),
+    )
+
+
+def draw_digits(spec: DigitImage, task: VisualDigitsTask) -> bytes:
+    """The image of `spec` as PNG bytes: grayscale, image_size square, each font dot a scale x scale square."""
+    from PIL import Image, ImageDraw  # only the visual task needs Pillow
+
+    img = Image.new("L", (task.image_size, task.image_size), spec.background)
+    draw = ImageDraw.Draw(img)
+    s = task.scale
+    for k, digit in enumerate(spec.number):
+        left = spec.x + k * 6 * s
+        for row, bits in enumerate(DIGIT_FONT[digit]):
+            for col, bit in enumerate(bits):
+                if bit == "1":
+                    x0, y0 = left + col * s, spec.y + row * s
+                    draw.rectangle((x0, y0, x0 + s - 1, y0 + s - 1), fill=spec.ink)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _visual_problem(spec: DigitImage, task: VisualDigitsTask) -> Problem:
+    return Problem(
+        prompt_id=spec.prompt_id,
+        prompt=IMAGE_TOKEN + VISUAL_QUESTION,
+        answer=spec.number,
+        images=(draw_digits(spec, task),),
+    )
+
+
+def _visual_eval_specs(task: VisualDigitsTask) -> list[DigitImage]:
+    rng = random.Random(task.eval_seed)
+    seen: dict[str, DigitImage] = {}
+    while len(seen) < task.eval_size:  # millions of distinct images: the loop ends
+        spec = _digit_image(rng, task)
+        seen.setdefault(spec.prompt_id, spec)
+    return list(seen.values())
+
+
+def visual_digits_eval_set(task: VisualDigitsTask) -> list[Problem]:
+    return [_visual_problem(spec, task) for spec in _visual_eval_specs(task)]
+
+
+def visual_digits_stream(task: VisualDigitsTask, seed: int) -> Iterator[Problem]:
+    """Endless training images; held-out ones (the same number, place and levels) are skipped."""
+    held_out = {spec.prompt_id for spec in _visual_eval_specs(task)}
+    rng = random.Random(seed)
+    while True:
+        spec = _digit_image(rng, task)
+        if spec.prompt_id not in held_out:
+            yield _visual_problem(spec, task)
+
+
 # ------------------------------------------------------------------------------------------ mixture
 def _tagged(name: str, p: Problem) -> Problem:
     return dataclasses.replace(p, metadata={**p.metadata, "task": name})
@@ -529,6 +643,8 @@ def _stream(task: AnyTask, seed: int) -> Iterator[Problem]:
         return capitals_stream(task, seed)
     if task.kind == "word_problems":
         return word_problems_stream(task, seed)
+    if task.kind == "visual_digits":
+        return visual_digits_stream(task, seed)
     return jsonl_stream(task, seed)
 
 
@@ -549,6 +665,8 @@ def eval_set(task: AnyTask) -> list[Problem]:
         problems = capitals_eval_set(task)
     elif task.kind == "word_problems":
         problems = word_problems_eval_set(task)
+    elif task.kind == "visual_digits":
+        problems = visual_digits_eval_set(task)
     elif task.eval_path is None:
         return []
     else:

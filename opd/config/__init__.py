@@ -16,7 +16,7 @@ from opd.config.broker import BROKER_SECTIONS, BrokerConfig, RedisBrokerConfig, 
 from opd.config.learner import CorrectionConfig, DeepSpeedConfig, HybridConfig, LearnerConfig
 from opd.config.loading import Check, ConfigError, apply_overrides, describe_fields, dump_config, load_config
 from opd.config.metrics import MetricsConfig, TensorBoardConfig, WandbConfig
-from opd.config.models import ModelConfig, PretrainedModel, PrunedModel, TinyModel
+from opd.config.models import ModelConfig, PretrainedModel, PrunedModel, TinyModel, TinyVlmModel
 from opd.config.pipeline import PipelineConfig, ServiceTimeConfig
 from opd.config.ray import (
     RayBrokerResources,
@@ -31,7 +31,14 @@ from opd.config.sampling import SamplingConfig
 from opd.config.scaling import ScalingConfig
 from opd.config.scorer import RemoteTeacherConfig, ScorerConfig
 from opd.config.supervision import SupervisionConfig
-from opd.config.task import AdditionTask, CapitalsTask, JsonlTask, TaskConfig, WordProblemsTask
+from opd.config.task import (
+    AdditionTask,
+    CapitalsTask,
+    JsonlTask,
+    TaskConfig,
+    VisualDigitsTask,
+    WordProblemsTask,
+)
 from opd.config.vllm_engine import VLLMEngineConfig
 from opd.config.weight_sync import WeightSyncConfig
 
@@ -71,7 +78,9 @@ __all__ = [
     "TaskConfig",
     "TensorBoardConfig",
     "TinyModel",
+    "TinyVlmModel",
     "VLLMEngineConfig",
+    "VisualDigitsTask",
     "WandbConfig",
     "WeightSyncConfig",
     "WordProblemsTask",

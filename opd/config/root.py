@@ -17,7 +17,7 @@ from opd.config.base import Strict, variant_tag
 from opd.config.broker import DEFAULT_BROKER, BrokerConfig
 from opd.config.learner import LearnerConfig
 from opd.config.metrics import MetricsConfig
-from opd.config.models import TEACHER_DEFAULTS, ModelConfig, TinyModel
+from opd.config.models import TEACHER_DEFAULTS, VLM_TEACHER_DEFAULTS, ModelConfig, TinyModel
 from opd.config.pipeline import PipelineConfig
 from opd.config.precision import check_cpu_bf16
 from opd.config.ray import RayConfig
@@ -26,7 +26,7 @@ from opd.config.sampling import SamplingConfig
 from opd.config.scaling import ScalingConfig
 from opd.config.scorer import ScorerConfig
 from opd.config.supervision import SupervisionConfig
-from opd.config.task import AdditionTask, TaskConfig, sft_task_problem, tiny_fits
+from opd.config.task import AdditionTask, TaskConfig, sft_task_problem, tiny_fits, vlm_fits
 from opd.config.teachers import DEFAULT_TEACHER, MAX_TEACHERS, RoutingConfig, TeacherSpec, check_teacher_name
 from opd.config.weight_sync import WeightSyncConfig
 
@@ -117,6 +117,8 @@ class Config(Strict):
         teacher = data.get("teacher")
         if isinstance(teacher, dict) and teacher.get("kind") == "tiny":
             data["teacher"] = {**TEACHER_DEFAULTS, **teacher}
+        if isinstance(teacher, dict) and teacher.get("kind") == "tiny_vlm":
+            data["teacher"] = {**VLM_TEACHER_DEFAULTS, **teacher}
         return data
 
     @model_validator(mode="after")
@@ -160,6 +162,8 @@ class Config(Strict):
             raw = dict(spec.model)
             if raw.get("kind", "tiny") == "tiny":
                 raw = {"kind": "tiny", **TEACHER_DEFAULTS, **raw}
+            elif raw.get("kind") == "tiny_vlm":
+                raw = {**VLM_TEACHER_DEFAULTS, **raw}
             model = _validated(_MODEL, raw, f"teachers.{name}.model")
             overrides = dict(spec.scorer)
             if spec.tokenizer is not None:
@@ -248,13 +252,14 @@ class Config(Strict):
         models = [("student", self.student), *((role, pool.model) for role, pool in self._teacher_roles())]
         for role, model in models:
             if model.kind == "tiny" and not tiny_fits(self.task):
+                other = "{kind: tiny_vlm}" if vlm_fits(self.task) else "{kind: pretrained, name_or_path: ...}"
                 raise ValueError(
                     f"{role}.kind: tiny models are built for the built-in task only (addition or reversal, or "
-                    f"a mixture of them); with task.kind: {self.task.kind} set {role}: "
-                    "{kind: pretrained, name_or_path: ...}"
+                    f"a mixture of them); with task.kind: {self.task.kind} set {role}: {other}"
                 )
             if model.kind == "tiny" and (problem := sft_task_problem(model.sft_task, self.task)):
                 raise ValueError(f"{role}.sft_task: {problem}")
+            self._vlm_fits_task(role, model)
         for role, pool in self._teacher_roles():
             model = pool.model
             if pool.scorer.tokenizer == "different":
@@ -277,6 +282,21 @@ class Config(Strict):
                     f"{tiny}.kind: tiny while {other} is pretrained; student and teacher must share a "
                     "tokenizer: use kind: tiny for both (built-in tokenizer) or kind: pretrained for both"
                 )
+
+    def _vlm_fits_task(self, role: str, model: ModelConfig) -> None:
+        """A tiny vision-language model is built for the visual task alone, with patches that tile its images."""
+        if model.kind != "tiny_vlm":
+            return
+        if not vlm_fits(self.task):
+            raise ValueError(
+                f"{role}.kind: tiny_vlm models are built for task.kind: visual_digits only; with task.kind: "
+                f"{self.task.kind} use kind: tiny or kind: pretrained"
+            )
+        if self.task.image_size % model.patch_size:
+            raise ValueError(
+                f"{role}.patch_size {model.patch_size} does not divide task.image_size {self.task.image_size}; "
+                "pick a patch_size that divides it"
+            )
 
     def _topk_fits_learner(self) -> None:
         """The learner reads the run's top-k width (its contract and the top-k losses' check) and the teachers'

@@ -28,8 +28,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd import tasks
-from opd.config import Config, TinyModel
-from opd.models import gguf, prune
+from opd.config import Config, TinyModel, TinyVlmModel
+from opd.models import gguf, prune, vlm
 from opd.models.loading import (
     build_bpe_tokenizer,
     build_char_tokenizer,
@@ -330,6 +330,26 @@ def _tiny_asset(role: str, spec: TinyModel, cfg: Config, log, rebuild: bool) -> 
     )
 
 
+def _vlm_asset(role: str, spec: TinyVlmModel, cfg: Config, log, rebuild: bool) -> ModelAsset:
+    """The cached tiny vision-language model of this recipe (opd.models.vlm), built first if missing (`rebuild`:
+    built again whatever exists). Its directory holds the model, the processor and the tokenizer."""
+    Path(cfg.run.cache_dir).mkdir(parents=True, exist_ok=True)
+    final = Path(cfg.run.cache_dir) / f"{role}-vlm-{_digest(vlm.recipe(role, spec, cfg))}"
+    if rebuild or not (final / "opd_asset.json").is_file():
+        log(
+            f"building the {role} VLM (text {spec.num_layers} layers, hidden {spec.hidden_size}; vision "
+            f"{spec.vision_layers} layers, hidden {spec.vision_hidden_size}; {spec.sft_steps} SFT steps, "
+            f"{BUILD_THREADS} thread); cached for later runs"
+        )
+        shutil.rmtree(final, ignore_errors=True)
+        with _deterministic():
+            _atomic_dir(final, lambda tmp: vlm.build_into(tmp, role, spec, cfg, log))
+    meta = json.loads((final / "opd_asset.json").read_text())
+    return ModelAsset(
+        path=str(final), tokenizer=str(final), dtype="float32", eval_accuracy=meta["eval_accuracy"]
+    )
+
+
 def _pretrained_asset(role: str, cfg: Config, log) -> ModelAsset:
     """A pretrained model's directory: as named, a catalog name's, a GGUF's conversion, or a pruned model's cut,
     made once in the cache (opd.models.gguf, opd.models.prune). A teacher behind a server is passed as named."""
@@ -404,6 +424,8 @@ def _tok_dir(cfg: Config, spec: TinyModel) -> Path:
 
 
 def _teacher_asset(cfg: Config, log, rebuild: bool) -> ModelAsset:
+    if cfg.teacher.kind == "tiny_vlm":
+        return _vlm_asset("teacher", cfg.teacher, cfg, log, rebuild)
     if cfg.teacher.kind != "tiny":
         return _pretrained_asset("teacher", cfg, log)
     Path(cfg.run.cache_dir).mkdir(parents=True, exist_ok=True)
@@ -425,6 +447,8 @@ def ensure_assets(cfg: Config, log=print, rebuild: bool = False) -> Assets:
 
 def ensure_student_asset(cfg: Config, log=print, rebuild: bool = False) -> ModelAsset:
     """The student alone (`ensure_assets(cfg).student` without finding or building any teacher)."""
+    if cfg.student.kind == "tiny_vlm":
+        return _vlm_asset("student", cfg.student, cfg, log, rebuild)
     if cfg.student.kind != "tiny":
         return _pretrained_asset("student", cfg, log)
     Path(cfg.run.cache_dir).mkdir(parents=True, exist_ok=True)
@@ -503,5 +527,9 @@ def ship(cfg: Config, log=print, rebuild: bool = True) -> None:
 
 
 def load_asset(asset: ModelAsset, device: str = "cpu"):
-    """The model and tokenizer, the model's real vocabulary kept on it (opd.models.loading.load_model)."""
+    """The model and tokenizer, the model's real vocabulary kept on it (opd.models.loading.load_model). A tiny
+    VLM's directory gives its LLaVA and its processor's tokenizer (the processor: opd.models.vlm.load_vlm)."""
+    if vlm.is_vlm_dir(asset.path):
+        model, processor = vlm.load_vlm(asset.path, device=device)
+        return model, processor.tokenizer
     return load_model(asset.path, asset.tokenizer, asset.dtype, device)
