@@ -62,11 +62,14 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    pixel_values: torch.Tensor | None = None,
 ) -> list[Sample]:
     """Sample one continuation per prompt; temperature 0 means greedy. Returns behaviour logprobs per token.
 
     `eos_id` is the token a response ends with, or several (a chat model's end of turn and its EOS): the response
-    stops at, and keeps, the first of them it samples."""
+    stops at, and keeps, the first of them it samples. `pixel_values`: a vision-language model's images, in prompt
+    order (opd.models.vlm.pixel_values), for prompts whose ids hold the expanded image ids; given to the prefill
+    only (decode steps read the image through the KV cache)."""
     device = next(model.parameters()).device
     stop = torch.tensor(
         [eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device
@@ -82,8 +85,14 @@ def sample(
     cache_kw = _cache_keyword(model)
     vocab = real_vocab(model)
     for t in range(max_new_tokens):
+        images = {"pixel_values": pixel_values} if t == 0 and pixel_values is not None else {}
         out = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_kw: past}
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_pos,
+            use_cache=True,
+            **{cache_kw: past},
+            **images,
         )
         past = out.cache if cache_kw == "cache" else out.past_key_values
         logits = real_logits(out.logits[:, -1, :], vocab).float()  # (B, V) raw, before any processing
@@ -128,6 +137,7 @@ def response_logprobs(
     pad_id: int,
     temperature: float = 1.0,
     topk: int = 0,
+    pixel_values: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor] | None]:
     """Log-probs of each response token given its prompt, from one right-padded forward.
 
@@ -142,7 +152,10 @@ def response_logprobs(
     for i, s in enumerate(full):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
-    logits = real_logits(model(input_ids=ids, attention_mask=mask).logits, real_vocab(model))  # (B, L, V)
+    images = {} if pixel_values is None else {"pixel_values": pixel_values}
+    logits = real_logits(
+        model(input_ids=ids, attention_mask=mask, **images).logits, real_vocab(model)
+    )  # (B, L, V)
     sampled, tk_ids, tk_lp = [], [], []
     for i, (p, r) in enumerate(sequences):
         # Position j predicts token j+1. Only response rows are normalised: prompt rows would cost B*P*V for nothing.

@@ -67,3 +67,31 @@ def test_processor_keeps_the_task_images_pixels():
     expected = (raw / 255 - 0.5) / 0.5
     for channel in range(3):
         assert torch.allclose(enc["pixel_values"][0, channel], expected, atol=1e-6)
+
+
+def test_behaviour_logprobs_with_images_equal_the_learners_recomputation(tmp_path):
+    """The sampler (the HF actor's) records behaviour logprobs with the images given to the prefill only; one
+    right-padded forward of prompt + response with the same images (what the learner recomputes) gives the same
+    values. Prompts of two lengths, so padding is exercised; and other images give other values."""
+    from opd.models.sampler import response_logprobs, sample
+
+    cfg = _cfg(tmp_path)
+    asset = builds.ensure_student_asset(cfg, log=lambda *_: None)
+    processor = AutoProcessor.from_pretrained(asset.path)
+    model = AutoModelForImageTextToText.from_pretrained(asset.path).eval()
+    problems = tasks.eval_set(cfg.task)[:2]
+    prompts = [vlm.prompt_ids(processor, p) for p in problems]
+    prompts[1] = prompts[1] + prompts[1][-2:]  # another length
+    pixels = torch.cat([vlm.pixel_values(processor, p) for p in problems])
+    tok = processor.tokenizer
+    out = sample(
+        model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=4,
+        generator=torch.Generator().manual_seed(0), pixel_values=pixels,
+    )  # fmt: skip
+    with torch.no_grad():
+        seqs = [(p, o.response_ids) for p, o in zip(prompts, out, strict=True)]
+        again, _, _ = response_logprobs(model, seqs, pad_id=tok.pad_token_id, pixel_values=pixels)
+        other, _, _ = response_logprobs(model, seqs, pad_id=tok.pad_token_id, pixel_values=pixels.flip(0))
+    for o, lp in zip(out, again, strict=True):
+        np.testing.assert_allclose(np.asarray(o.behaviour_logprobs), lp.numpy(), atol=1e-5)
+    assert not all(torch.allclose(a, b, atol=1e-3) for a, b in zip(again, other, strict=True))
