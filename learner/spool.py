@@ -52,6 +52,9 @@ class JoinSpool:
         self._live: dict[str, list[bytes]] = {}  # trajectory id -> its copies' packed records
         self._live_bytes = 0
         self._file = None
+        self._unsynced = (
+            False  # appended since the last fsync: the intake syncs every poll, mostly with nothing new
+        )
 
     def load(self) -> list[Spooled]:
         """The copies not settled, in the order they were spooled; drops a record cut short at the end."""
@@ -105,6 +108,7 @@ class JoinSpool:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "ab")
         self._file.write(packed)
+        self._unsynced = True
 
     def add(self, stream: str, message_id: str, trajectory_id: str, payload: bytes) -> None:
         """Append one held copy (buffered: `sync` before acknowledging it)."""
@@ -129,9 +133,10 @@ class JoinSpool:
 
     def sync(self) -> None:
         """Flush and fsync what was appended: after this the copies may be acknowledged."""
-        if self._file is not None:
+        if self._file is not None and self._unsynced:
             self._file.flush()
             os.fsync(self._file.fileno())
+            self._unsynced = False
 
     def _compact(self) -> None:
         """Rewrite the file with the live copies only (a new file renamed over the old: a crash keeps either)."""
