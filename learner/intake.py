@@ -626,11 +626,15 @@ class Intake:
             )
             self.broker.publish(self.reporter.dead_stream, [record])
         self._count_joined(len(rest))
-        self.dead_joins.add(held.id)
-        with open(self.join_ledger, "a") as fh:
-            fh.write(f"{held.id}\n")
+        self._record_dead_join(held.id)
         self._settled_copies.update(held.to_ack)
         self.spool.settle([held.id])
+
+    def _record_dead_join(self, trajectory_id: str) -> None:
+        """A mixture that will never be joined, into the join ledger: a late copy is a duplicate, across resumes."""
+        self.dead_joins.add(trajectory_id)
+        with open(self.join_ledger, "a") as fh:
+            fh.write(f"{trajectory_id}\n")
 
     def _read_spool(self, version: int, batch: IntakeBatch) -> None:
         """The copies an earlier incarnation held for a join (learner/spool.py), back into the join; those of
@@ -658,9 +662,7 @@ class Intake:
             elif tid in failures:
                 for entry, payload, _t in copies:
                     self._dead_letter(entry, payload, failures[tid])
-                self.dead_joins.add(tid)
-                with open(self.join_ledger, "a") as fh:
-                    fh.write(f"{tid}\n")
+                self._record_dead_join(tid)
                 settled.append(tid)
             else:
                 for entry, payload, t in copies:

@@ -14,7 +14,8 @@ The file (`ledger/learner.join_spool`, beside the other ledgers) is a sequence o
 `{"settled": [ids]}` once those trajectories are trained, dead-lettered or dropped as stale. A resumed learner
 reads back the copies not settled and joins them again (their broker entries were acknowledged: a copy the broker
 delivers again, when the crash came between the write and the acknowledgement, is a duplicate). A record cut
-short by a crash is dropped (its copy was not acknowledged yet). The file is rewritten with the live copies only
+short by a crash is dropped (its copy was not acknowledged yet); any unreadable or foreign bytes end the read
+there, with a warning naming the file and what was dropped. The file is rewritten with the live copies only
 once the settled ones outweigh them, so it stays within about twice what is held.
 """
 
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
+
+from opd.runtime.lifecycle import log
 
 SPOOL_FILE = "learner.join_spool"
 COMPACT_MIN_BYTES = 1 << 20  # below this the file is left to grow: rewriting it would cost more than it saves
@@ -40,6 +43,21 @@ class Spooled:
     payload: bytes
 
 
+def _well_formed(record: object) -> bool:
+    """A record this module wrote: a copy with its four fields, or a list of settled trajectory ids."""
+    if not isinstance(record, dict):
+        return False
+    if "copy" in record:
+        c = record["copy"]
+        return (
+            isinstance(c, dict)
+            and all(isinstance(c.get(k), str) for k in ("stream", "message_id", "trajectory_id"))
+            and isinstance(c.get("data"), bytes)
+        )
+    settled = record.get("settled")
+    return isinstance(settled, list) and all(isinstance(i, str) for i in settled)
+
+
 def _pack(record: dict) -> bytes:
     return msgpack.packb(record, use_bin_type=True)
 
@@ -52,19 +70,35 @@ class JoinSpool:
         self._live: dict[str, list[bytes]] = {}  # trajectory id -> its copies' packed records
         self._live_bytes = 0
         self._file = None
+        self._unsynced = (
+            False  # appended since the last fsync: the intake syncs every poll, mostly with nothing new
+        )
 
     def load(self) -> list[Spooled]:
         """The copies not settled, in the order they were spooled; drops a record cut short at the end."""
         self._live, self._live_bytes = {}, 0
         if not self.path.exists():
             return []
+        records, end = [], 0
         with open(self.path, "rb") as fh:
             unpacker = msgpack.Unpacker(fh, raw=False)
-            records, end = [], 0
-            for record in unpacker:
-                records.append(record)
-                end = unpacker.tell()
-        if end != self.path.stat().st_size:
+            try:
+                for record in unpacker:
+                    if not _well_formed(record):
+                        break
+                    records.append(record)
+                    end = unpacker.tell()
+            except (
+                Exception
+            ):  # msgpack raises several unrelated types for corrupt bytes: the end of what is usable
+                pass
+        size = self.path.stat().st_size
+        if end != size:
+            log.warning(
+                "join spool %s: %d bytes from offset %d are unreadable and dropped (a record cut short by a crash: "
+                "its copy was never acknowledged and comes back from the broker; anything else: those copies are "
+                "lost and their mixtures end by routing.on_join_timeout)", self.path, size - end, end,
+            )  # fmt: skip
             with open(self.path, "r+b") as fh:
                 fh.truncate(end)
         copies: dict[str, list[Spooled]] = {}
@@ -105,6 +139,7 @@ class JoinSpool:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "ab")
         self._file.write(packed)
+        self._unsynced = True
 
     def add(self, stream: str, message_id: str, trajectory_id: str, payload: bytes) -> None:
         """Append one held copy (buffered: `sync` before acknowledging it)."""
@@ -129,9 +164,10 @@ class JoinSpool:
 
     def sync(self) -> None:
         """Flush and fsync what was appended: after this the copies may be acknowledged."""
-        if self._file is not None:
+        if self._file is not None and self._unsynced:
             self._file.flush()
             os.fsync(self._file.fileno())
+            self._unsynced = False
 
     def _compact(self) -> None:
         """Rewrite the file with the live copies only (a new file renamed over the old: a crash keeps either)."""

@@ -177,8 +177,8 @@ def test_ray_two_teacher_run_joins_every_mixture(prepared, tmp_path):
         for name, c in json.loads((out_dir / "summary.json").read_text())["components"].items()
         if name.startswith("scorer-")
     }
-    assert scored["scorer-adder-0"] >= steps * batch, (
-        scored
-    )  # one copy of every trained trajectory from each pool
-    assert scored["scorer-speller-0"] + scored["scorer-speller-1"] >= steps * batch, scored
+    # one copy of every trained trajectory from each pool. A scorer Ray placed last may still be loading its
+    # teacher when the short run ends: it never reports, so it has no entry (it scored nothing), not a failure
+    assert scored.get("scorer-adder-0", 0) >= steps * batch, scored
+    assert scored.get("scorer-speller-0", 0) + scored.get("scorer-speller-1", 0) >= steps * batch, scored
     _nothing_left(out_dir, ray_before)

@@ -49,3 +49,26 @@ def test_the_file_is_rewritten_with_the_live_copies_once_settled_ones_outweigh_t
     spool.add("s", "99", "later", b"y")
     spool.sync()
     assert [s.trajectory_id for s in JoinSpool(spool.path).load()] == ["live", "later"]
+
+
+def test_bytes_that_are_no_spool_record_end_the_read_with_a_warning_and_the_file_stays_appendable(
+    tmp_path, caplog
+):
+    spool = JoinSpool(tmp_path / "spool")
+    spool.add("s", "1", "t1", b"kept")
+    spool.sync()
+    spool.close()
+    with open(spool.path, "ab") as fh:
+        fh.write(b"\xc1\xc1 not msgpack at all")  # 0xc1 is never used by msgpack
+    again = JoinSpool(spool.path)
+    with caplog.at_level("WARNING", logger="opd"):
+        assert [s.trajectory_id for s in again.load()] == ["t1"]
+    assert "unreadable and dropped" in caplog.text and str(spool.path) in caplog.text
+    again.add("s", "2", "t2", b"after")
+    again.sync()
+    assert [s.trajectory_id for s in JoinSpool(spool.path).load()] == ["t1", "t2"]
+    import msgpack
+
+    with open(spool.path, "ab") as fh:
+        fh.write(msgpack.packb({"copy": {"stream": 1}}))  # msgpack, but not a record this module wrote
+    assert [s.trajectory_id for s in JoinSpool(spool.path).load()] == ["t1", "t2"]
