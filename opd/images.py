@@ -69,14 +69,14 @@ def check_blob(blob: ImageBlob, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[i
             if width * height > max_pixels:
                 raise ImageError(
                     f"image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
-                    "(task.max_image_pixels): refused before decoding"
+                    "(images.max_pixels): refused before decoding"
                 )
             img.load()  # every pixel: a truncated or corrupt file fails here
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's own header check
         raise ImageError(
-            f"image exceeds the limit of {max_pixels} pixels (task.max_image_pixels; {str(exc)[:60]}): refused "
+            f"image exceeds the limit of {max_pixels} pixels (images.max_pixels; {str(exc)[:60]}): refused "
             "before decoding"
         ) from None
     except Exception as exc:  # PIL raises several unrelated types for corrupt input

@@ -4,7 +4,7 @@ Every component reads the same resolved file, so a mistake is caught once, at lo
 names the field and the fix, instead of surfacing minutes later inside one of four processes.
 
 One module per section (run, task, models, sampling, actor, scorer, learner, weight_sync, broker, scaling,
-supervision, ray, metrics, pipeline), each with its own cross-field checks; `root` holds the `Config` tree and the
+supervision, ray, metrics, pipeline, images), each with its own cross-field checks; `root` holds the `Config` tree and the
 checks that span sections; `loading` reads files and overrides and formats errors; `sources` says, for `opd run`
 and `opd prepare`, whether each pretrained model the config names can be found. This package imports nothing else of the
 project: rules that need other code (the loss registry) are passed to `load_config(checks=...)`.
@@ -13,6 +13,7 @@ project: rules that need other code (the loss registry) are passed to `load_conf
 from opd.config.actor import ActorConfig
 from opd.config.base import Strict
 from opd.config.broker import BROKER_SECTIONS, BrokerConfig, RedisBrokerConfig, ZmqBrokerConfig
+from opd.config.images import ImagesConfig
 from opd.config.learner import CorrectionConfig, DeepSpeedConfig, HybridConfig, LearnerConfig
 from opd.config.loading import Check, ConfigError, apply_overrides, describe_fields, dump_config, load_config
 from opd.config.metrics import MetricsConfig, TensorBoardConfig, WandbConfig
@@ -54,6 +55,7 @@ __all__ = [
     "CorrectionConfig",
     "DeepSpeedConfig",
     "HybridConfig",
+    "ImagesConfig",
     "JsonlTask",
     "LearnerConfig",
     "MetricsConfig",

@@ -166,10 +166,15 @@ class TinyVlmModel(Strict):
         description="Share of SFT targets given a spurious trailing '=' before EOS: a habit for OPD to remove.",
     )
     seed: int = Field(0, description="Initialisation and SFT data seed.")
+    freeze_vision: bool = Field(
+        False,
+        description="Student only: train and broadcast the language model's weights alone; the vision tower and "
+        "projector stay as built (the weight manifest says so). Not part of the build recipe.",
+    )
 
     def recipe_fields(self) -> dict[str, Any]:
-        """The fields that name a built model: all of them."""
-        return self.model_dump()
+        """The fields that name a built model: all but how the run trains it."""
+        return self.model_dump(exclude={"freeze_vision"})
 
     def tokenizer_id(self) -> str:
         """Every tiny VLM has the one character tokenizer of the visual task's alphabet plus `<image>`."""
@@ -214,6 +219,11 @@ class PretrainedModel(Strict):
     )
     tokenizer: str | None = Field(
         None, description="Tokenizer id/path (a .gguf too); defaults to name_or_path."
+    )
+    freeze_vision: bool = Field(
+        False,
+        description="Student only, for a vision-language model: train and broadcast the language model's weights "
+        "alone (the vision tower and projector stay as loaded; the weight manifest says so).",
     )
     dtype: _DTYPE = Field(
         "float32",

@@ -15,6 +15,7 @@ from pydantic import Field, PrivateAttr, TypeAdapter, ValidationError, model_val
 from opd.config.actor import ActorConfig
 from opd.config.base import Strict, variant_tag
 from opd.config.broker import DEFAULT_BROKER, BrokerConfig
+from opd.config.images import ImagesConfig
 from opd.config.learner import LearnerConfig
 from opd.config.metrics import MetricsConfig
 from opd.config.models import TEACHER_DEFAULTS, VLM_TEACHER_DEFAULTS, ModelConfig, TinyModel
@@ -94,6 +95,7 @@ class Config(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
     teachers: dict[str, TeacherSpec] | None = Field(
         None,
         description="Several named teachers, each {model: <as the teacher section>, scorer: <overrides of the "
