@@ -48,6 +48,8 @@ class Student:
     tokenizer: Any
     engine: Any  # learner.engines.base.Engine
     vocab_size: int
+    # a vision-language student's processor (opd.models.vision.Vision): its images' pixel values; None: text
+    vision: Any = None
 
 
 class TrainedLedger:
