@@ -17,7 +17,7 @@ from opd.config import Config
 from opd.launch.monitor import RunState
 from opd.launch.rundir import LEGS_DIR, read_legs
 from opd.launch.teacher_stats import per_teacher
-from opd.models import builds
+from opd.models import builds, vlm
 from opd.models.builds import Assets, evaluate_within, load_asset
 from opd.models.loading import load_model
 from opd.runtime.threads import pin_threads
@@ -165,7 +165,11 @@ def final_accuracy(cfg: Config, out_dir: Path, log: Callable[..., None] = print)
     problems = tasks.eval_set(cfg.task)
     if not final.is_dir() or not problems:
         return Accuracy(None)
-    model, tok = load_model(final, final)  # with the real vocabulary: padding rows are never generated
+    if vlm.is_vlm_dir(final):  # a vision-language student: with its processor (kept on the model)
+        model, processor = vlm.load_vlm(final)
+        tok = processor.tokenizer
+    else:
+        model, tok = load_model(final, final)  # with the real vocabulary: padding rows are never generated
     mode = tasks.verifier_mode(cfg.task)
     result = evaluate_within(
         model, tok, problems, cfg.sampling.max_new_tokens, mode, log=log, what="the final student"

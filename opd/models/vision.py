@@ -13,6 +13,7 @@ nobody after the actor expands anything: the count check is all that ties ids an
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from opd.images import DEFAULT_MAX_PIXELS, ImageBlob, ImageError, open_rgb
 from opd.tasks import IMAGE_TOKEN
 
+_ATTR = "_opd_vision"  # a loaded VLM keeps its Vision, as it keeps its real vocabulary (opd.models.vocab)
 RECENT_PROMPTS = (
     64  # prompts' pixel values kept (a prompt's n samples and the learner's check + collate share them)
 )
@@ -113,10 +115,11 @@ class Vision:
 
 def load_vision(path: str | Path) -> Vision | None:
     """The Vision of a saved vision-language model directory, or None for a text-only model."""
-    from opd.models import vlm  # noqa: PLC0415 (transformers' LLaVA classes: only for VLMs)
-
-    if not vlm.is_vlm_dir(path):
-        return None
+    config = Path(path) / "config.json"
+    if not config.is_file() or "vision_config" not in json.loads(config.read_text()):
+        return (
+            None  # a vision-language model's config nests its vision tower's (LLaVA, Qwen2-VL, Gemma 3, ...)
+        )
     from transformers import AutoConfig, AutoProcessor  # noqa: PLC0415
 
     config = AutoConfig.from_pretrained(str(path))
@@ -249,3 +252,13 @@ def freeze_vision(model: torch.nn.Module) -> int:
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen
+
+
+def attach_vision(model: torch.nn.Module, vision: Vision) -> None:
+    """Keep `vision` on the loaded model, so code that holds only the model and tokenizer (the greedy
+    evaluations) can read its images."""
+    setattr(model, _ATTR, vision)
+
+
+def vision_of(model: torch.nn.Module) -> Vision | None:
+    return getattr(model, _ATTR, None)

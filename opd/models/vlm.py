@@ -34,6 +34,7 @@ from transformers import (
 from opd import tasks
 from opd.config import Config, TinyVlmModel
 from opd.models.loading import build_char_tokenizer
+from opd.models.vision import Vision, attach_vision
 from opd.models.vocab import set_real_vocab
 from opd.runtime.progress import progress
 
@@ -277,4 +278,5 @@ def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32, device: str =
     processor = AutoProcessor.from_pretrained(str(path))
     model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype).to(device)
     set_real_vocab(model, processor.tokenizer)
+    attach_vision(model, Vision(processor, int(model.config.image_token_id)))
     return model, processor

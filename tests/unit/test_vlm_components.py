@@ -132,5 +132,6 @@ def test_hf_teacher_logprobs_with_images_equal_a_direct_forward(vlm_run):
     ]  # each with another prompt's image
     teacher.score(blind)
     assert not all(
-        np.allclose(a.teacher_logprobs, b.teacher_logprobs, atol=1e-3) for a, b in zip(trajs, blind, strict=True)
+        np.allclose(a.teacher_logprobs, b.teacher_logprobs, atol=1e-3)
+        for a, b in zip(trajs, blind, strict=True)
     )
