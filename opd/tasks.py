@@ -178,7 +178,9 @@ class JsonlImages:
     def read(self, ref: ImageRef, where: str) -> ImageBlob:
         src = ref.source
         if not isinstance(src, str) or not src:
-            raise ValueError(f"{where}: {ref.what} must be a non-empty string: {IMAGE_SOURCES}")
+            raise ValueError(
+                f"{where}: {ref.what} must be a non-empty string (got {type(src).__name__}): {IMAGE_SOURCES}"
+            )
         label = _source_label(src)
         try:
             if src.startswith("data:"):
@@ -287,33 +289,42 @@ def _with_fix(reason: str) -> str:
     return reason
 
 
-def _content_parts(value: list, where: str) -> tuple[str, list[ImageRef]]:
+def _image_url_ref(value: object, where: str, at: str) -> ImageRef:
+    """The image of an OpenAI-style `image_url` part: {"url": <image>} (an optional "detail" is the API's hint
+    for its own resizing; ignored: the image goes on as given), or the bare string."""
+    if isinstance(value, str):
+        return ImageRef(value, f"{at}.image_url")
+    if isinstance(value, dict) and "url" in value and set(value) <= {"url", "detail"}:
+        return ImageRef(value["url"], f"{at}.image_url.url")
+    raise ValueError(
+        f'{where}: {at}.image_url must be {{"url": <image>}} (an optional "detail" aside), where <image> is '
+        + IMAGE_SOURCES
+    )
+
+
+def _content_parts(value: list, where: str, field: str) -> tuple[str, list[ImageRef]]:
     """A turn's content given as parts (OpenAI/HF style): the text with IMAGE_TOKEN where each image was, and the
     images in order. Parts are joined as written, with no separator added."""
     text, refs = [], []
     for j, part in enumerate(value):
-        at = f"{where}[{j}]"
+        at = f"{field}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and set(part) == {"type", "text"} and isinstance(part["text"], str):
             if IMAGE_TOKEN in part["text"]:
                 raise ValueError(
-                    f"{at}.text holds {IMAGE_TOKEN!r}, which marks an image's place; give the image as its own "
-                    '{"type": "image", "image": ...} part, or drop the placeholder from the text'
+                    f"{where}: {at}.text holds {IMAGE_TOKEN!r}, which marks an image's place; give the image as "
+                    'its own {"type": "image", "image": ...} part, or drop the placeholder from the text'
                 )
             text.append(part["text"])
         elif kind == "image" and len(keys := [k for k in _IMAGE_KEYS if k in part]) == 1 and len(part) == 2:
             refs.append(ImageRef(part[keys[0]], f"{at}.{keys[0]}"))
             text.append(IMAGE_TOKEN)
         elif kind == "image_url" and set(part) == {"type", "image_url"}:
-            url = part["image_url"]
-            if isinstance(url, dict) and "url" in url and set(url) <= {"url", "detail"}:
-                refs.append(ImageRef(url["url"], f"{at}.image_url.url"))
-            else:
-                refs.append(ImageRef(url, f"{at}.image_url"))
+            refs.append(_image_url_ref(part["image_url"], where, at))
             text.append(IMAGE_TOKEN)
         else:
             raise ValueError(
-                f"{at} must be one of "
+                f"{where}: {at} must be one of "
                 '{"type": "text", "text": "..."}, {"type": "image", "image": <image>} or '
                 '{"type": "image_url", "image_url": {"url": <image>}}, where <image> is ' + IMAGE_SOURCES
             )
@@ -335,7 +346,7 @@ def _messages(value: object, where: str) -> tuple[tuple[tuple[str, str], ...], l
         if role not in CHAT_ROLES:
             raise ValueError(f"{where}: messages[{i}].role is {role!r}; use one of {', '.join(CHAT_ROLES)}")
         if isinstance(content, list) and content:
-            content, found = _content_parts(content, f"{where}: messages[{i}].content")
+            content, found = _content_parts(content, where, f"messages[{i}].content")
             refs += found
         elif not isinstance(content, str):
             raise ValueError(

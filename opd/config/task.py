@@ -278,6 +278,17 @@ def vlm_fits(task) -> bool:
     return task.kind in VISUAL_TASKS
 
 
+def vlm_build_task(task) -> VisualDigitsTask | None:
+    """The visual task a tiny VLM of a run with `task` is built on (SFT'd, evaluated and named by): the task itself
+    for visual_digits; for a JSONL task the built-in visual_digits task with its defaults, so a JSONL of digit
+    images (scripts/make_visual_jsonl.py writes one) is distilled between the same models a visual_digits run
+    builds (as a tiny text model's `sft_task` picks the task its SFT draws from); None where no tiny VLM fits (its
+    tokenizer writes only the visual task's characters: a JSONL of other text is for pretrained models)."""
+    if task.kind in VISUAL_TASKS:
+        return task
+    return VisualDigitsTask() if task.kind == "jsonl" else None
+
+
 def tiny_fits(task) -> bool:
     """Whether the tiny models' character tokenizer can write every prompt and answer of `task`."""
     if task.kind == "mixture":
