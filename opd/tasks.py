@@ -510,8 +510,31 @@ def _turns(p: Problem) -> int:
     return sum(role != "system" for role, _ in p.messages)
 
 
+def _unwritable(problems: list[Problem], alphabet: str) -> str | None:
+    """Why a tiny model cannot take one of `problems`: a character its tokenizer lacks (it would read an unknown
+    token, silently), or a conversation (it has no chat template: only one user turn renders); None when it can."""
+    for p in problems:
+        if p.messages and len(p.messages) > 1:
+            return (
+                f"prompt {p.prompt_id} is a conversation of {len(p.messages)} turns, and the tiny models have no "
+                "chat template to render one; give one user turn (or a plain 'prompt')"
+            )
+        bad = set(p.prompt.replace(IMAGE_TOKEN, "") + (p.answer or "")) - set(alphabet)
+        if bad:
+            return (
+                f"prompt {p.prompt_id} has characters {''.join(sorted(bad))!r} the tiny models' tokenizer cannot "
+                f"write (it writes {alphabet!r}); use those characters only, or pretrained models"
+            )
+    return None
+
+
 def _jsonl_file_problems(
-    field: str, path: Path, task: JsonlTask, needs_answer: bool, images: ImagesConfig | None
+    field: str,
+    path: Path,
+    task: JsonlTask,
+    needs_answer: bool,
+    images: ImagesConfig | None,
+    alphabet: str | None = None,
 ) -> list[tuple[str, str]]:
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
@@ -539,6 +562,8 @@ def _jsonl_file_problems(
                 "can render; set task.chat_template: auto (with a model that has a template) or give single turns",
             )
         ]
+    if alphabet is not None and (why := _unwritable(problems, alphabet)):
+        return [(field, f"{path}: {why}")]
     missing = [p.prompt_id for p in problems if p.answer is None]
     if needs_answer and missing:
         return [
@@ -551,22 +576,26 @@ def _jsonl_file_problems(
     return []
 
 
-def task_problems(task: AnyTask, images: ImagesConfig | None = None) -> list[tuple[str, str]]:
+def task_problems(
+    task: AnyTask, images: ImagesConfig | None = None, alphabet: str | None = None
+) -> list[tuple[str, str]]:
     """Every problem of the task's files, as (config field, message) pairs, read now rather than by a component
     minutes later: a missing file, a line that is not JSON or has no prompt (named by file and line), an image
     that is missing, not PNG/JPEG, corrupt or over the `images` limits (the config's images section), held-out
-    prompts without an answer. `opd run` and `opd prepare` refuse the config with them before starting anything."""
+    prompts without an answer, and with `alphabet` (a tiny model's characters: VISUAL_ALPHABET for the tiny VLMs)
+    a prompt or answer it cannot write or a conversation it cannot render. `opd run` and `opd prepare` refuse the
+    config with them before starting anything."""
     if task.kind == "mixture":
         return [
             (f"task.tasks.{name}.{key.removeprefix('task.')}", msg)
             for name, sub in task.tasks.items()
-            for key, msg in task_problems(sub, images)
+            for key, msg in task_problems(sub, images, alphabet)
         ]
     if task.kind != "jsonl":
         return []
-    found = _jsonl_file_problems("task.train_path", task.train_path, task, False, images)
+    found = _jsonl_file_problems("task.train_path", task.train_path, task, False, images, alphabet)
     if task.eval_path is not None:
-        found += _jsonl_file_problems("task.eval_path", task.eval_path, task, True, images)
+        found += _jsonl_file_problems("task.eval_path", task.eval_path, task, True, images, alphabet)
     return found
 
 

@@ -324,3 +324,29 @@ def test_tiny_vlms_take_a_jsonl_task_but_no_other_text_task(tmp_path):
                 "teacher": {"kind": "tiny_vlm"},
             }
         )
+
+
+def test_with_the_tiny_vlms_alphabet_text_they_cannot_write_is_refused(tmp_path):
+    img = _uri(_png())
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"prompt": Q, "images": [img], "answer": "7"}) + "\n")
+    ok = JsonlTask(train_path=tmp_path / "ok.jsonl")
+    assert tasks.task_problems(ok, alphabet=tasks.VISUAL_ALPHABET) == []
+    for row, expected in (
+        (
+            {"prompt": tasks.IMAGE_TOKEN + "Which digit?", "images": [img]},
+            "has characters 'cdgi' the tiny models",
+        ),
+        ({"prompt": Q, "images": [img], "answer": "seven"}, "characters 'sv'"),
+        (
+            {
+                "messages": [{"role": "system", "content": "Read."}, {"role": "user", "content": Q}],
+                "images": [img],
+            },
+            "is a conversation of 2 turns, and the tiny models have no chat template",
+        ),
+    ):
+        (tmp_path / "bad.jsonl").write_text(json.dumps(row) + "\n")
+        bad = JsonlTask(train_path=tmp_path / "bad.jsonl")
+        assert tasks.task_problems(bad) == []  # any text goes for other models
+        ((field, msg),) = tasks.task_problems(bad, alphabet=tasks.VISUAL_ALPHABET)
+        assert field == "task.train_path" and expected in msg, msg
