@@ -243,8 +243,9 @@ def _source_label(src: str) -> str:
 
 
 def _b64(text: str) -> bytes | None:
+    """The bytes of base64 text (line breaks and spaces allowed: some writers wrap at 76), or None."""
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         return None
 

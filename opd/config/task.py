@@ -74,10 +74,16 @@ def _verifier_field(default: str) -> object:
 
 class JsonlTask(Strict):
     """Prompts from a JSONL file: one object per line with `prompt` (raw text) or `messages` (a chat, OpenAI-style
-    roles, ending with a user turn), and optionally `answer` and `id`."""
+    roles, ending with a user turn), and optionally `answer` and `id`. Images: an `images` list beside `prompt`
+    (one `<image>` in the text per image, in order), or content parts of a message (`{"type": "image", "image":
+    ...}`, `{"type": "image_url", "image_url": {"url": ...}}`); each a path relative to the file, a
+    `data:image/png;base64,...` URI or base64 of PNG/JPEG bytes (no http URLs), checked at load against the images
+    section. A row with images has `#img:` and 16 hex digits of their sha256 appended to its prompt id."""
 
     kind: Literal["jsonl"] = "jsonl"
-    train_path: Path = Field(description="JSONL of training prompts.")
+    train_path: Path = Field(
+        description="JSONL of training prompts (image paths in it are relative to its directory)."
+    )
     eval_path: Path | None = Field(
         None, description="JSONL of held-out prompts with `answer`; none = no accuracy."
     )

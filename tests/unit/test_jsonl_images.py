@@ -71,7 +71,7 @@ def test_data_uris_and_bare_base64_of_png_and_jpeg(tmp_path):
         {"prompt": Q, "images": [_uri(png)]},
         {"prompt": Q, "images": [_uri(jpg, "image/jpeg")]},
         {"prompt": Q, "images": [base64.b64encode(png).decode()]},
-        {"prompt": Q, "images": [base64.b64encode(jpg).decode()]},
+        {"prompt": Q, "images": [base64.encodebytes(jpg).decode()]},  # wrapped at 76 characters
     ]
     assert [p.images for p in _load(tmp_path, *rows)] == [(png,), (jpg,), (png,), (jpg,)]
 
