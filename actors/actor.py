@@ -100,7 +100,7 @@ class Actor:
         self.skipped_while_down = 0
         self.broker.skip_to_end(self.control, self.name)  # before joining: the learner speaks once all joined
         self.follower = weight_follower(cfg, self.name, self.model)
-        self.problems = tasks.training_stream(cfg.task, seed=cfg.run.seed * 1000 + index)
+        self.problems = tasks.training_stream(cfg.task, seed=cfg.run.seed * 1000 + index, images=cfg.images)
         self.generator = torch.Generator(device=cfg.actor.device).manual_seed(cfg.run.seed * 1000 + index)
         self.batches = itertools.count()
         self.ledger = Path(cfg.run.output_dir or ".") / "ledger" / f"{self.name}.generated"

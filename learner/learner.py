@@ -185,7 +185,9 @@ class Learner:
             teachers=list(cfg.teacher_pools()),
         )
         s = self.student
-        self.evaluator = Evaluator(cfg, s.model, s.tokenizer, s.engine.gathered, tasks.eval_set(cfg.task))
+        self.evaluator = Evaluator(
+            cfg, s.model, s.tokenizer, s.engine.gathered, tasks.eval_set(cfg.task, cfg.images)
+        )
         if resume:
             self._replay()
 

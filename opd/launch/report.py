@@ -77,7 +77,7 @@ def accuracy_before(cfg: Config, log: Callable[..., None]) -> dict:
     teacher is found or built and measured as its own pool sees it (its model, its scorer.context, local or
     remote)."""
     pin_threads(cfg.run.torch_threads)  # chosen, not torch's all-cores default (opd.runtime.threads says why)
-    problems = tasks.eval_set(cfg.task)
+    problems = tasks.eval_set(cfg.task, cfg.images)
     teachers: dict[str, Accuracy] = {}
     student: Accuracy | None = None
     for name, view in _teacher_views(cfg).items():
@@ -162,7 +162,7 @@ def final_accuracy(cfg: Config, out_dir: Path, log: Callable[..., None] = print)
     """Evaluate the saved checkpoint as a user would load it: `from_pretrained` on the run directory (progress
     through `log`: a bar on the launcher's terminal, else one line); per task too for a mixture."""
     final = out_dir / "student"
-    problems = tasks.eval_set(cfg.task)
+    problems = tasks.eval_set(cfg.task, cfg.images)
     if not final.is_dir() or not problems:
         return Accuracy(None)
     if vlm.is_vlm_dir(final):  # a vision-language student: with its processor (kept on the model)
