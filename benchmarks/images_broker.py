@@ -39,8 +39,10 @@ image for both variants when a consumer caches decoded pixels by sha256, and n t
 Definitions (1 MB = 10^6 bytes): traj/s from the consumer's ack of message `warm-up` to its last ack (steady
 state, producer and consumer overlapping); msg bytes = the encoded trajectory message (measured on the consumer,
 mean); store bytes/traj = image bytes the store carried per trajectory (put once, fetched once: image size / n);
-bytes/traj = msg + store share; MB/s = bytes/traj x traj/s; images/s = traj/s / n. Inline/store ratios are of
-two cells measured back to back in one run on the same broker process.
+bytes/traj = msg + store share; MB/s = bytes/traj x traj/s; images/s = traj/s / n. Each (broker, image, n) runs
+inline then store, `--repeats` times (default 2), on the same broker process; each variant's fastest repeat is
+reported (a shared machine only slows a run down) and the inline/store ratios are of those two.
+Writes JSON to --out (every cell, every repeat's traj/s, the images, machine and load average).
 """
 
 from __future__ import annotations
@@ -538,14 +540,30 @@ def run_cells(args, images: dict, loads: list[float]) -> list[dict]:
                 try:
                     for image in images.values():
                         for n in args.sample_list:
-                            for variant in VARIANTS:  # the pair back to back: their ratio shares the load
-                                cells.append(bench_cell(workers, server, image, n, variant, args))
+                            # the pair back to back, `--repeats` times: their ratio shares the load
+                            runs = [
+                                bench_cell(workers, server, image, n, variant, args)
+                                for _ in range(args.repeats)
+                                for variant in VARIANTS
+                            ]
+                            cells += best_of(runs)
                             loads.append(os.getloadavg()[0])
                 finally:
                     server.stop()
     finally:
         workers.close()
     return cells
+
+
+def best_of(runs: list[dict]) -> list[dict]:
+    """Each variant's fastest repeat (another process on a shared machine only ever slows a run down), with the
+    traj/s of every repeat beside it."""
+    out = []
+    for variant in VARIANTS:
+        mine = [c for c in runs if c["variant"] == variant]
+        best = max(mine, key=lambda c: c["traj_per_s"])
+        out.append({**best, "traj_per_s_repeats": [c["traj_per_s"] for c in mine]})
+    return out
 
 
 def add_ratios(cells: list[dict]) -> None:
@@ -614,9 +632,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="broker.max_depth (the default, learner.batch_size 32, is below one publish of 8 prompts x 16: the "
         "producer would then time 50 ms backpressure polls, not the broker)",
     )
-    ap.add_argument("--target-mb", type=float, default=300, help="inline payload per cell (then clamped)")
+    ap.add_argument("--target-mb", type=float, default=200, help="inline payload per cell (then clamped)")
     ap.add_argument("--min-count", type=int, default=96, help="fewest trajectories per cell")
     ap.add_argument("--max-count", type=int, default=4000, help="most trajectories per cell")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each pair; the fastest is reported")
     ap.add_argument("--cache-mb", type=int, default=256, help="the consumer's image cache (store variant)")
     ap.add_argument("--smoke", action="store_true", help="256 px, n 1 and 4, few messages: a quick check")
     ap.add_argument(
@@ -625,7 +644,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "images_broker.json")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.sizes, args.samples, args.min_count, args.max_count = "256", "1,4", 48, 48
+        args.sizes, args.samples, args.formats, args.min_count, args.max_count = "256", "1,4", "png", 48, 48
+        args.repeats = 1
     args.broker_list = [b.strip() for b in args.brokers.split(",")]
     args.size_list = [int(s) for s in args.sizes.split(",")]
     args.format_list = [f.strip() for f in args.formats.split(",")]
