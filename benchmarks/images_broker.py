@@ -476,8 +476,10 @@ def bench_cell(workers: Workers, server, image: dict, n: int, variant: str, args
     blob = ImageBlob.of(numbered(image["base"], 0))
     inline_msg = len(encode(sample(base, 0, 0, blob, "inline")))
     msg = len(encode(sample(base, 0, 0, blob, variant)))
-    # the same number of trajectories for both variants of (image, n): sized by the inline message
-    prompts = max(args.min_count // n, min(args.max_count, int(args.target_mb * 1e6 / inline_msg)) // n, 2)
+    # the same number of trajectories for both variants of (image, n), sized by the inline message, and at least
+    # `--min-batches` publishes, so that the steady state spans the producer's encoding as well as the transport
+    count = max(args.min_count, min(args.max_count, int(args.target_mb * 1e6 / inline_msg)))
+    prompts = max(-(-count // n), args.min_batches * args.batch)
     run = f"bench-{uuid.uuid4().hex[:8]}"
     spec = {
         "config_path": str(server.config_path),
@@ -634,6 +636,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--target-mb", type=float, default=200, help="inline payload per cell (then clamped)")
     ap.add_argument("--min-count", type=int, default=96, help="fewest trajectories per cell")
+    ap.add_argument(
+        "--min-batches", type=int, default=3, help="fewest publishes (of --batch prompts) per cell"
+    )
     ap.add_argument("--max-count", type=int, default=4000, help="most trajectories per cell")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each pair; the fastest is reported")
     ap.add_argument("--cache-mb", type=int, default=256, help="the consumer's image cache (store variant)")
@@ -645,7 +650,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.smoke:
         args.sizes, args.samples, args.formats, args.min_count, args.max_count = "256", "1,4", "png", 48, 48
-        args.repeats = 1
+        args.repeats, args.min_batches = 1, 1
     args.broker_list = [b.strip() for b in args.brokers.split(",")]
     args.size_list = [int(s) for s in args.sizes.split(",")]
     args.format_list = [f.strip() for f in args.formats.split(",")]
