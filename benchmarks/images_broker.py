@@ -601,6 +601,27 @@ def table(cells: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def compact(cells: list[dict]) -> str:
+    """One row per (image, n): bytes per trajectory and traj/s of both variants on each broker, and their ratio."""
+    by = {(c["broker"], c["variant"], c["format"], c["size"], c["n"]): c for c in cells}
+    brokers = [b for b in BROKERS if any(c["broker"] == b for c in cells)]
+    head = "| image | n | kB/traj inline | kB/traj store |" + "".join(
+        f" {b} traj/s inline | {b} traj/s store | {b} inline/store |" for b in brokers
+    )
+    rows = [head, "| --- | ---: |" + " ---: |" * (2 + 3 * len(brokers))]
+    for fmt, size, n in dict.fromkeys((c["format"], c["size"], c["n"]) for c in cells):
+        cell = lambda b, v: by.get((b, v, fmt, size, n))  # noqa: B023, E731
+        first = cell(brokers[0], "inline"), cell(brokers[0], "store")
+        if None in first:
+            continue
+        row = f"| {fmt} {size}² | {n} | {first[0]['bytes_per_traj'] / 1e3:.1f} | {first[1]['bytes_per_traj'] / 1e3:.1f} |"
+        for b in brokers:
+            i, st = cell(b, "inline"), cell(b, "store")
+            row += f" {i['traj_per_s']:.0f} | {st['traj_per_s']:.0f} | {i['traj_per_s'] / st['traj_per_s']:.2f} |"
+        rows.append(row)
+    return "\n".join(rows)
+
+
 def image_rows(images: dict) -> str:
     rows = [
         "| image | encoded kB | bits/pixel | sha256 ms | check_blob ms (full decode) |",
@@ -683,6 +704,8 @@ def main() -> int:
     args.out.write_text(json.dumps(result, indent=2))
     print()
     print(table(cells))
+    print()
+    print(compact(cells))
     print(
         f"\n{result['machine']['cores']} cores ({result['machine']['cpu']}); load average (1 min) "
         f"{min(loads):.2f}-{max(loads):.2f}; wall {result['wall_seconds']:.0f} s; JSON {args.out}"
