@@ -6,15 +6,15 @@
 
 Why: a prompt's n samples share its images. Inline (what opd.protocol does today: `Trajectory.images` holds the
 encoded bytes and their sha256) sends each image n times per hop; a store sends it once per prompt and the n
-trajectories carry only `format:sha256`. The store saves bytes but needs a lifetime for each image (see the notes
-file and BENCHMARKS.md: deletion after the last referencing trajectory, redelivery, resume, several teachers).
+trajectories carry only `format:sha256`. The store saves bytes but needs a lifetime for each image (see
+BENCHMARKS.md: deletion after the last referencing trajectory, redelivery, resume, several teachers).
 This measures what inline costs next to the cheapest store each broker allows, on the real brokers.
 
 Images: photo-like pictures made in code (smooth colour gradients and a low-frequency wave per channel, 40 random
 filled ellipses, rectangles and triangles, a Gaussian blur of size/512 px, band-limited texture (noise at 1/8
 resolution, upsampled) and sensor noise of sigma 2 grey levels), saved as PNG (PIL default level 6: about 12
 bits/pixel, as photographs in PNG are; pure noise would be 24 and flat synthetic images under 1) or JPEG quality 90
-(about 1.2-2.2 bits/pixel). Every prompt gets a unique image (a numbered PNG tEXt chunk or JPEG comment segment
+(about 1.2-2.4 bits/pixel). Every prompt gets a unique image (a numbered PNG tEXt chunk or JPEG comment segment
 added to the size's one picture), so no sha256 repeats, nothing is cached across prompts, and every message of a
 cell has the same size (the brokers compress nothing, so the pixels' variety would not change what they carry).
 
