@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from opd.config import VLLMEngineConfig
+from opd.images import ImageError
 
 WORKER_EXTENSION = "opd.models.vllm_support.WeightUpdateExtension"
 
@@ -52,7 +53,7 @@ class WeightUpdateExtension:
         """Multiply the model's final logits by `scale` (1/temperature) inside vLLM's LogitsProcessor, so prompt
         logprobs, which vLLM takes from the raw logits, come out at the teacher's temperature. Returns the old."""
         model = self.model_runner.get_model()
-        proc = model.logits_processor
+        proc = getattr(model, "logits_processor", None) or model.get_language_model().logits_processor
         old = float(proc.scale)
         proc.scale = float(scale)
         return old
@@ -87,6 +88,39 @@ def image_limit(model_path: str, max_per_prompt: int) -> dict[str, Any]:
     """vLLM engine arguments for a LLaVA: how many images a prompt may carry (vLLM refuses more, and sizes its
     encoder cache by it); none for a text model."""
     return {"limit_mm_per_prompt": {"image": max_per_prompt}} if is_llava(model_path) else {}
+
+
+def mm_prompt(
+    vision, ids: list[int], blobs: list | None, max_pixels: int, tail: list[int] | None = None
+) -> dict[str, Any]:
+    """vLLM's prompt for expanded `ids` (+ `tail`, a response to score) and their images: one image id per
+    image, the images as RGB PIL images in `multi_modal_data` (vLLM's processor expands each placeholder again,
+    so an expanded prompt would be expanded twice, silently: 16 ids become 31). ImageError when the ids and
+    images disagree or an image is bad."""
+    from opd.images import open_rgb  # noqa: PLC0415
+    from opd.models.image_prompts import collapsed_prompt  # noqa: PLC0415
+
+    tail = tail or []
+    if not blobs:
+        if vision is not None and vision.image_token_id in ids:
+            raise ImageError("the prompt holds image ids but the trajectory no images")
+        return {"prompt_token_ids": ids + tail}
+    if vision is None:
+        raise ImageError(f"the prompt has {len(blobs)} image(s) but the model is text-only")
+    one_each = collapsed_prompt(vision, ids, blobs, max_pixels)
+    images = [open_rgb(b, max_pixels) for b in blobs]
+    return {"prompt_token_ids": one_each + tail, "multi_modal_data": {"image": images}}
+
+
+def check_expanded(out, expected: list[int], what: str) -> None:
+    """vLLM's own expansion of a prompt must be the ids we hold (the learner and the teacher read those):
+    RuntimeError naming both lengths otherwise."""
+    got = list(out.prompt_token_ids or [])
+    if got != expected:
+        raise RuntimeError(
+            f"{what}: vLLM expanded the prompt's images into {len(got)} ids where ours hold {len(expected)}; "
+            "its processor and the model directory's disagree"
+        )
 
 
 def make_llm(
