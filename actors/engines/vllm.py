@@ -17,7 +17,8 @@ read for their encoded `blobs`) and hands vLLM the prompt with one image id per 
 `multi_modal_data`; vLLM expands the placeholders itself, and its expansion must equal the prompt's expanded ids
 (what the trajectory carries and the learner reads), which is checked. Weight pushes send the in-memory names;
 vLLM's LLaVA maps them onto its own (opd.models.vllm_support); with `student.freeze_vision` only the language
-model's tensors are sent, the vision tower and projector never changing.
+model's tensors are sent, the vision tower and projector never changing. After every push vLLM's encoder cache
+(image embeddings) is reset: they were computed by the old vision tower.
 
 Padded vocabularies: a checkpoint may have more output rows than its tokenizer has ids (Qwen's 151,936 rows for
 151,665 ids). vLLM samples over every row it does not count as its own tensor-parallel padding, so after building
@@ -94,6 +95,10 @@ class VLLMEngine:
         self.llm.collective_rpc("opd_load_weights", args=(named,))
         if not self.cfg.actor.keep_kv_cache:
             self.llm.reset_prefix_cache()
+        if self.vision is not None:
+            # cached image embeddings were computed by the old vision tower; and a reload leaves vLLM's scheduler
+            # believing in encoder outputs its worker no longer holds ("Encoder cache miss"), whatever the setting
+            self.llm.llm_engine.reset_encoder_cache()
         self.pushes += 1
 
     def sync_weights(self, version: int) -> None:
