@@ -17,7 +17,12 @@ read for their encoded `blobs`) and hands vLLM the prompt with one image id per 
 `multi_modal_data`; vLLM expands the placeholders itself, and its expansion must equal the prompt's expanded ids
 (what the trajectory carries and the learner reads), which is checked. Weight pushes send the in-memory names;
 vLLM's LLaVA maps them onto its own (opd.models.vllm_support); with `student.freeze_vision` only the language
-model's tensors are sent, the vision tower and projector never changing. After every push vLLM's encoder cache
+model's tensors are sent, the vision tower and projector never changing.
+The image placeholder id is never sampled (in a response it would be read as a slot for image features), as in the
+HF engine; vLLM applies the ban (a logit bias of -100, its largest) before its processed logprobs, so behaviour
+logprobs here are renormalised over the other ids, where the HF sampler's are the model's unbanned ones: they
+differ by -log(1 - p(image id)), nothing for a trained model (which gives it ~0 mass), ~0.03 nats for an
+untrained tiny one. After every push vLLM's encoder cache
 (image embeddings) is reset: they were computed by the old vision tower.
 
 Padded vocabularies: a checkpoint may have more output rows than its tokenizer has ids (Qwen's 151,936 rows for
@@ -82,6 +87,8 @@ class VLLMEngine:
             **image_limit(assets.student.path, cfg.images.max_per_prompt),
         )
         self.vision = load_vision(assets.student.path)  # None for a text-only student
+        # the image placeholder is never sampled (module docstring): vLLM's largest bias, exp(-100) of its mass
+        self.logit_bias = {self.vision.image_token_id: -100.0} if self.vision is not None else None
         # sample over the tokenizer's ids only (padding rows beyond it are never produced by any tokenizer)
         self.vocab = real_vocab(self.model)
         self.llm.collective_rpc(limit_vllm_vocab, args=(self.vocab,))
@@ -125,6 +132,7 @@ class VLLMEngine:
                 seed=base + i,  # repeated prompts (sampling.n) must not share a seed
                 stop_token_ids=list(self.stop_ids),
                 detokenize=False,
+                logit_bias=self.logit_bias,
             )
             for i in range(len(prompts))
         ]
