@@ -8,6 +8,13 @@ for the part a scorer uses, with the logprobs computed by a real Hugging Face mo
   it: no position in the request predicts that token), `input_top_logprobs` the same with k triples per entry
   (null first), logprobs at temperature 1 of the raw logits as SGLang computes them.
 - Errors as SGLang's HTTP server sends them: {"error": {"message": ...}} with the status code.
+- A vision-language model (a saved LLaVA) also takes `image_data`: a list of data URIs
+  ("data:image/png;base64,..." or image/jpeg), one per image placeholder id in `input_ids`, in order. As SGLang
+  does, the server expands each placeholder itself with the model's processor (into 16 ids for the tiny VLM,
+  keeping the request's other ids as they are: SGLang with SGLANG_MM_AVOID_RETOKENIZE=1) and runs the model with
+  the images' pixel values; `logprob_start_len` and the returned positions count the EXPANDED prompt. Placeholders
+  and images that differ in number get HTTP 400 with SGLang's message, as does an image that is not a data URI
+  of a PNG/JPEG or does not decode. A request without `image_data` is scored as text (as SGLang does).
 
 Tests inject faults through `FakeSGLang.faults` (a queue of actions, one per request). Also runnable by hand:
 `python -m tests.fake_sglang --model DIR --port 30000`.
@@ -16,6 +23,8 @@ Tests inject faults through `FakeSGLang.faults` (a queue of actions, one per req
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import json
 import math
 import threading
@@ -26,13 +35,23 @@ from typing import Any
 
 import torch
 
+from opd.images import ImageBlob, ImageError
+from opd.models import vlm
+from opd.models.vision import load_vision
+
+_DATA_URI_PREFIXES = ("data:image/png;base64,", "data:image/jpeg;base64,")
+
 
 class FakeSGLang:
     def __init__(self, model_dir: str, port: int = 0):
         from transformers import AutoModelForCausalLM
 
         self.model_dir = model_dir
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.vision = load_vision(model_dir)  # None for a text-only model
+        if self.vision is not None:
+            self.model = vlm.load_vlm(model_dir)[0].eval()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.lock = (
             threading.Lock()
         )  # one forward at a time: the torch model is shared by the handler threads
@@ -68,10 +87,13 @@ class FakeSGLang:
             raise ValueError("input_ids must be a non-empty list of ints (one request)")
         if req.get("sampling_params", {}).get("max_new_tokens", 128) != 0:
             raise ValueError("this fake only scores: sampling_params.max_new_tokens must be 0")
+        ids, pixels = self.expand_images(ids, req.get("image_data"))
         start = req.get("logprob_start_len", -1)
         k = req.get("top_logprobs_num", 0) or 0
         with self.lock:
-            logits = self.model(input_ids=torch.tensor([ids])).logits[0].float()  # (L, V)
+            logits = (
+                self.model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0].float()
+            )  # (L, V)
         logp = torch.log_softmax(
             logits, -1
         )  # temperature 1, raw logits: what SGLang returns for input tokens
@@ -97,6 +119,45 @@ class FakeSGLang:
                 meta["input_top_logprobs"] = top
                 meta["output_top_logprobs"] = []
         return {"text": "", "meta_info": meta}
+
+    def expand_images(self, ids: list[int], image_data: Any) -> tuple[list[int], torch.Tensor | None]:
+        """The request's ids with each image placeholder expanded by the processor, and the images' pixel values;
+        ValueError (HTTP 400) for images that cannot be used or do not match the placeholders."""
+        if image_data is None:
+            return ids, None
+        if isinstance(image_data, str):
+            image_data = [image_data]  # SGLang takes one image as a bare string too
+        if not isinstance(image_data, list) or not image_data:
+            raise ValueError("image_data must be a data URI or a non-empty list of them")
+        if self.vision is None:
+            raise ValueError(f"image_data given but {self.model_dir} is not a multimodal model")
+        blobs = [_decode_image(i, uri) for i, uri in enumerate(image_data)]
+        held = sum(1 for t in ids if t == self.vision.image_token_id)
+        if held != len(blobs):
+            raise ValueError(
+                f"prompt has {held} image placeholder token(s) but {len(blobs)} image(s) were provided"
+            )
+        try:
+            expanded, pixels = self.vision.expand(ids, blobs)
+        except ImageError as exc:
+            raise ValueError(f"An exception occurred while loading IMAGE data: {exc}") from None
+        return expanded, pixels
+
+
+def _decode_image(index: int, uri: Any) -> ImageBlob:
+    """One `image_data` entry: a base64 data URI of PNG or JPEG bytes (what the scorer sends), checked."""
+    if not isinstance(uri, str) or not uri.startswith(_DATA_URI_PREFIXES):
+        raise ValueError(f"image_data[{index}] is not a data:image/png or data:image/jpeg base64 URI")
+    try:
+        data = base64.b64decode(uri.split(",", 1)[1], validate=True)
+        blob = ImageBlob.of(data)
+    except (binascii.Error, ImageError) as exc:
+        raise ValueError(f"An exception occurred while loading IMAGE data at index {index}: {exc}") from None
+    if not uri.startswith(f"data:image/{blob.format};"):
+        raise ValueError(
+            f"image_data[{index}] is declared {uri.split(';', 1)[0]} but holds {blob.format} bytes"
+        )
+    return blob
 
 
 def _corrupt(reply: dict[str, Any], fault: str) -> None:

@@ -12,6 +12,19 @@ loaded with the model's `load_weights`; the prefix cache is then reset unless `a
 therefore change only between generation batches, so `policy_version` describes every token and
 `token_versions` stays unset.
 
+Images (a vision-language student, LLaVA): `sample` takes each prompt's images (the actor's `PromptImages`,
+read for their encoded `blobs`) and hands vLLM the prompt with one image id per image and the images as
+`multi_modal_data`; vLLM expands the placeholders itself, and its expansion must equal the prompt's expanded ids
+(what the trajectory carries and the learner reads), which is checked. Weight pushes send the in-memory names;
+vLLM's LLaVA maps them onto its own (opd.models.vllm_support); with `student.freeze_vision` only the language
+model's tensors are sent, the vision tower and projector never changing.
+The image placeholder id is never sampled (in a response it would be read as a slot for image features), as in the
+HF engine; vLLM applies the ban (a logit bias of -100, its largest) before its processed logprobs, so behaviour
+logprobs here are renormalised over the other ids, where the HF sampler's are the model's unbanned ones: they
+differ by -log(1 - p(image id)), nothing for a trained model (which gives it ~0 mass), ~0.03 nats for an
+untrained tiny one. After every push vLLM's encoder cache
+(image embeddings) is reset: they were computed by the old vision tower.
+
 Padded vocabularies: a checkpoint may have more output rows than its tokenizer has ids (Qwen's 151,936 rows for
 151,665 ids). vLLM samples over every row it does not count as its own tensor-parallel padding, so after building
 the engine its logits are cut to the tokenizer's real vocabulary (`opd.models.vocab.limit_vllm_vocab`, the cut
@@ -30,7 +43,15 @@ from opd.config import Config
 from opd.models.builds import Assets, load_asset
 from opd.models.prompts import stop_token_ids
 from opd.models.sampler import Sample
-from opd.models.vllm_support import WORKER_EXTENSION, make_llm
+from opd.models.vision import load_vision
+from opd.models.vllm_support import (
+    WORKER_EXTENSION,
+    check_expanded,
+    image_limit,
+    make_llm,
+    mm_prompt,
+    pushed_weights,
+)
 from opd.models.vocab import limit_vllm_vocab, real_vocab
 from opd.runtime.lifecycle import log
 
@@ -63,7 +84,11 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             worker_extension_cls=WORKER_EXTENSION,
             enable_prefix_caching=True,
+            **image_limit(assets.student.path, cfg.images.max_per_prompt),
         )
+        self.vision = load_vision(assets.student.path)  # None for a text-only student
+        # the image placeholder is never sampled (module docstring): vLLM's largest bias, exp(-100) of its mass
+        self.logit_bias = {self.vision.image_token_id: -100.0} if self.vision is not None else None
         # sample over the tokenizer's ids only (padding rows beyond it are never produced by any tokenizer)
         self.vocab = real_vocab(self.model)
         self.llm.collective_rpc(limit_vllm_vocab, args=(self.vocab,))
@@ -73,10 +98,14 @@ class VLLMEngine:
 
     def push_weights(self) -> None:
         """Load the tensors in `self.model` into vLLM; then drop KV computed by the old weights unless asked not to."""
-        named = [(name, p.detach()) for name, p in self.model.named_parameters()]
+        named = pushed_weights(self.model, getattr(self.cfg.student, "freeze_vision", False))
         self.llm.collective_rpc("opd_load_weights", args=(named,))
         if not self.cfg.actor.keep_kv_cache:
             self.llm.reset_prefix_cache()
+        if self.vision is not None:
+            # cached image embeddings were computed by the old vision tower; and a reload leaves vLLM's scheduler
+            # believing in encoder outputs its worker no longer holds ("Encoder cache miss"), whatever the setting
+            self.llm.llm_engine.reset_encoder_cache()
         self.pushes += 1
 
     def sync_weights(self, version: int) -> None:
@@ -84,7 +113,10 @@ class VLLMEngine:
             self.push_weights()
             self.version = version
 
-    def sample(self, prompts: list[list[int]], generator: torch.Generator) -> list[Sample]:
+    def sample(
+        self, prompts: list[list[int]], generator: torch.Generator, images: list | None = None
+    ) -> list[Sample]:
+        """`images[i]`: prompt i's images (anything with `.blobs`, the actor's PromptImages) or None."""
         from vllm import SamplingParams  # noqa: PLC0415 (optional dependency)
 
         s = self.cfg.sampling
@@ -100,12 +132,18 @@ class VLLMEngine:
                 seed=base + i,  # repeated prompts (sampling.n) must not share a seed
                 stop_token_ids=list(self.stop_ids),
                 detokenize=False,
+                logit_bias=self.logit_bias,
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        blobs = [im.blobs if im is not None else None for im in images or [None] * len(prompts)]
+        max_pixels = self.cfg.images.max_pixels
+        requests = [mm_prompt(self.vision, p, b, max_pixels) for p, b in zip(prompts, blobs, strict=True)]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
         samples = []
-        for out in outputs:
+        for out, prompt, b in zip(outputs, prompts, blobs, strict=True):
+            if b:
+                check_expanded(out, prompt, "vLLM student")
             comp = out.outputs[0]
             ids = list(comp.token_ids)
             samples.append(

@@ -86,7 +86,9 @@ def limit_vllm_vocab(worker, vocab: int) -> int:
     vocabulary. vLLM itself cuts only its own tensor-parallel padding (to `org_vocab_size`, which it sets to the
     checkpoint's `vocab_size`, padding rows included); lowering that bound is the same cut, one step earlier.
     Returns the old bound."""
-    proc = worker.model_runner.get_model().logits_processor
+    model = worker.model_runner.get_model()
+    # a vision-language model's logits come from its language model's processor
+    proc = getattr(model, "logits_processor", None) or model.get_language_model().logits_processor
     old = int(proc.org_vocab_size)
     proc.org_vocab_size = min(int(vocab), old)
     return old

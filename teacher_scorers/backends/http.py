@@ -13,6 +13,11 @@ Ids are bounded by the student tokenizer's real vocabulary (opd.models.vocab), n
 embedding rows. A server's logprobs are over whatever rows its model has: the padding rows' mass cannot be cut
 from here (a trained checkpoint puts next to none on them), but a top-k id in them is refused, saying so.
 
+Images (a vision-language student's trajectories): only an API that takes them sends them (`takes_images`;
+SGLang's `image_data`); the others refuse such a trajectory, not retried, rather than score it blind. The wire's
+prompt ids are expanded (one image id per image feature); a server expands each placeholder itself, so it is sent
+one image id per image (opd.models.image_prompts), and the logprob positions stay those of the expanded prompt.
+
 Nothing here retries or remembers: a failed trajectory is reported in `PartlyScored` with a `TeacherError` that
 says whether asking again may help, and the scorer's retry policy decides what happens next.
 """
@@ -29,8 +34,11 @@ import httpx
 import numpy as np
 
 from opd.config import Config, RemoteTeacherConfig
+from opd.images import ImageBlob, ImageError
 from opd.models.builds import Assets
+from opd.models.image_prompts import collapsed_prompt
 from opd.models.loading import load_tokenizer
+from opd.models.vision import load_vision
 from opd.models.vocab import padding_note, tokenizer_vocab
 from opd.protocol import Trajectory
 from teacher_scorers.backends.base import PartlyScored, TeacherError
@@ -155,6 +163,7 @@ class HttpTeacher:
     and `describe` (asks what the server serves, returns the teacher id)."""
 
     path: str
+    takes_images = False  # whether `with_images` can send a trajectory's images to this API
 
     def __init__(self, cfg: Config, assets: Assets):
         from transformers import AutoConfig  # noqa: PLC0415 (heavy; only the student's config is read)
@@ -171,8 +180,13 @@ class HttpTeacher:
             self.vocab_size = tokenizer_vocab(student_tok)
         else:
             student_tok = load_tokenizer(assets.student.tokenizer)
-            rows = int(AutoConfig.from_pretrained(assets.student.path).vocab_size)
-            self.vocab_size = min(tokenizer_vocab(student_tok), rows)
+            config = AutoConfig.from_pretrained(assets.student.path)
+            rows = int(
+                getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+            )  # a VLM's is
+            self.vocab_size = min(tokenizer_vocab(student_tok), rows)  # its text config's
+        # a vision-language student's processor: its image id and how many ids each image expands to
+        self.vision = load_vision(assets.student.path) if cfg.scorer.tokenizer != "different" else None
         self.max_len: int | None = None  # the server's context length, where its API tells it
         # with scorer.context the server gets the context's ids in front of the student's turns (its own prefix
         # cache reuses them); the student's tokenizer renders them, the teacher being required to share it
@@ -198,6 +212,34 @@ class HttpTeacher:
     def parse(self, reply: Any, prompt: list[int], response: list[int], k: int, r: Reply) -> Scores:
         raise NotImplementedError
 
+    def with_images(
+        self, body: dict[str, Any], prompt: list[int], response: list[int], images: list[ImageBlob]
+    ) -> dict[str, Any]:
+        """`body` (the request for the expanded prompt) carrying the images instead: `prompt` has one image id
+        per image, in the images' order."""
+        raise NotImplementedError
+
+    def _image_prompt(self, prompt: list[int], images: list[ImageBlob], where: str) -> list[int]:
+        """The prompt with one image id per image, for `with_images`; TeacherError (not retried) when this API
+        cannot take images or the ids and images disagree."""
+        if not self.takes_images:
+            raise TeacherError(
+                where,
+                f"the trajectory has {len(images)} image(s) but scorer.remote.api: {self.cfg.scorer.remote.api} "
+                "sends token ids only; use api: sglang (image_data), or scorer.engine: hf / vllm",
+                retryable=False,
+            )
+        if self.vision is None:
+            raise TeacherError(
+                where,
+                f"the trajectory has {len(images)} image(s) but the student is a text-only model",
+                retryable=False,
+            )
+        try:
+            return collapsed_prompt(self.vision, prompt, images, self.cfg.images.max_pixels)
+        except ImageError as exc:
+            raise TeacherError(where, f"bad images: {exc}", retryable=False) from None
+
     def score_one(self, t: Trajectory) -> Scores:
         prompt, response = t.prompt_token_ids.tolist(), t.response_token_ids.tolist()
         where = f"{self.http.url}{self.path} for trajectory {t.id}"
@@ -221,7 +263,14 @@ class HttpTeacher:
             return Scores(
                 np.zeros(0, np.float32), empty.astype(np.int32) if k else None, empty if k else None
             )
-        reply = self.http.request("POST", self.path, self.body(prompt, response, k), f"trajectory {t.id}")
+        body = self.body(prompt, response, k)
+        if t.images:
+            body = self.with_images(body, self._image_prompt(prompt, t.images, where), response, t.images)
+        elif self.vision is not None and self.vision.image_token_id in prompt:
+            raise TeacherError(
+                where, "the prompt holds image ids but the trajectory no images", retryable=False
+            )
+        reply = self.http.request("POST", self.path, body, f"trajectory {t.id}")
         return self.parse(reply, prompt, response, k, Reply(where, self.vocab_size))
 
     def score(self, trajs: list[Trajectory]) -> None:

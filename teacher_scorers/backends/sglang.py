@@ -1,12 +1,24 @@
 """A teacher behind an SGLang server (`scorer.engine: remote`, `scorer.remote.api: sglang`): its native
-`/generate`, asked to score the ids it is given without generating."""
+`/generate`, asked to score the ids it is given without generating.
+
+Images go as SGLang's `image_data`: one string per image, in placeholder order, each a data URI
+("data:image/png;base64,...") of the image's own encoded bytes, as sent (never re-encoded). SGLang expands each
+image placeholder in `input_ids` itself (its multimodal processor, from the image), so the request carries one
+image id per image (the wire's expanded ids collapsed: opd.models.image_prompts), and `logprob_start_len` counts
+positions of the expanded prompt, as the server does once it has expanded it. SGLang decodes `input_ids` to text
+and re-tokenizes it for a multimodal request unless started with SGLANG_MM_AVOID_RETOKENIZE=1 (which keeps the
+ids and expands the placeholders in place); a re-tokenization that changes the response's ids is caught by the
+token-id check in `parse`, not scored.
+"""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import numpy as np
 
+from opd.images import ImageBlob
 from opd.runtime.lifecycle import log
 from teacher_scorers.backends.http import HttpTeacher, Reply, Scores
 
@@ -18,6 +30,7 @@ class SGLangTeacher(HttpTeacher):
     of k such triples per entry (null first)."""
 
     path = "/generate"
+    takes_images = True
 
     def describe(self) -> str:
         info = self.http.request("GET", "/get_model_info", None, "the model info request")
@@ -36,6 +49,11 @@ class SGLangTeacher(HttpTeacher):
         if k:
             body["top_logprobs_num"] = k
         return body
+
+    def with_images(
+        self, body: dict[str, Any], prompt: list[int], response: list[int], images: list[ImageBlob]
+    ) -> dict[str, Any]:
+        return {**body, "input_ids": prompt + response, "image_data": [data_uri(b) for b in images]}
 
     def parse(self, reply: Any, prompt: list[int], response: list[int], k: int, r: Reply) -> Scores:
         meta = r.field(reply, "meta_info", dict, "meta_info")
@@ -69,3 +87,8 @@ class SGLangTeacher(HttpTeacher):
                 vals[t, j] = r.logprob(item[0], f"{path}[{j}][0]")
                 ids[t, j] = r.token_id(item[1], f"{path}[{j}][1]")
         return Scores(lp, ids, vals)
+
+
+def data_uri(blob: ImageBlob) -> str:
+    """The image as SGLang's `image_data` takes it: a base64 data URI of the blob's bytes, typed by its format."""
+    return f"data:image/{blob.format};base64,{base64.b64encode(blob.data).decode('ascii')}"

@@ -12,6 +12,11 @@ The checkpoint's padded embedding rows (opd.models.vocab) are cut from vLLM's lo
 (`limit_vllm_vocab`), so the logprobs are renormalised over the tokenizer's real ids and no top-k id is padding,
 as with the HF teacher; `response_rows` still refuses a padding id, should a vLLM version ignore the cut.
 
+Images (a vision-language teacher, LLaVA): each trajectory's images go to vLLM as multimodal inputs
+(`multi_modal_data: {"image": [PIL images]}`) with one image id per image in `prompt_token_ids`: vLLM's processor
+expands each placeholder itself (opd.models.vllm_support.mm_prompt), and its expansion is checked against the
+trajectory's expanded ids, so the response rows sit where ours do.
+
 vLLM returns only the top-k, not the full distribution, so `teacher_tail_logprobs` stays None: the learner then
 falls back to 1 - sum(exp(top-k)) for the tail, which is exact enough unless the teacher is very confident.
 """
@@ -23,9 +28,11 @@ import time
 import numpy as np
 
 from opd.config import Config
+from opd.images import ImageError
 from opd.models.builds import Assets
 from opd.models.loading import load_tokenizer
-from opd.models.vllm_support import WORKER_EXTENSION, make_llm
+from opd.models.vision import load_vision
+from opd.models.vllm_support import WORKER_EXTENSION, check_expanded, image_limit, make_llm, mm_prompt
 from opd.models.vocab import limit_vllm_vocab, padding_reason, tokenizer_vocab
 from opd.protocol import Trajectory
 from opd.runtime.lifecycle import log
@@ -86,7 +93,9 @@ class VLLMTeacher:
             seed=cfg.run.seed,
             max_logprobs=max(20, sc.topk),
             worker_extension_cls=WORKER_EXTENSION,
+            **image_limit(assets.teacher.path, cfg.images.max_per_prompt),
         )
+        self.vision = load_vision(assets.teacher.path)  # None for a text-only teacher
         if sc.temperature != 1.0:
             self.llm.collective_rpc("opd_set_logit_scale", args=(1.0 / sc.temperature,))
         # the tokenizer's ids, not the checkpoint's padded rows: cut in vLLM's logits (module docstring)
@@ -105,14 +114,24 @@ class VLLMTeacher:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=sc.topk, detokenize=False)
         # the full teacher input every time: a shared context is vLLM's prefix cache's to reuse
         seqs, failures = teacher_inputs(self.prompts, trajs)
-        todo = [i for i in range(len(trajs)) if i not in failures]
+        requests = {}
+        for i, t in enumerate(trajs):
+            if i in failures:
+                continue
+            try:
+                requests[i] = mm_prompt(
+                    self.vision, seqs[i][0], t.images, self.cfg.images.max_pixels, seqs[i][1]
+                )
+            except ImageError as exc:
+                failures[i] = ValueError(f"trajectory {t.id}: {exc}")
         for bucket in length_buckets(
-            todo, sc.max_tokens_per_batch, lambda i: len(seqs[i][0]) + len(seqs[i][1])
+            list(requests), sc.max_tokens_per_batch, lambda i: len(seqs[i][0]) + len(seqs[i][1])
         ):
-            prompts = [{"prompt_token_ids": seqs[i][0] + seqs[i][1]} for i in bucket]
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = self.llm.generate([requests[i] for i in bucket], params, use_tqdm=False)
             for i, out in zip(bucket, outputs, strict=True):
                 prompt, response = seqs[i]
+                if trajs[i].images:
+                    check_expanded(out, prompt + response, f"trajectory {trajs[i].id}")
                 lp, ids, vals = response_rows(
                     out.prompt_logprobs, len(prompt), response, sc.topk, self.vocab_size
                 )
