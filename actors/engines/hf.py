@@ -8,7 +8,7 @@ from opd.config import Config
 from opd.models.builds import Assets, load_asset
 from opd.models.prompts import stop_token_ids
 from opd.models.sampler import Sample, sample
-from opd.models.vision import PromptImages, batch_pixels, load_vision
+from opd.models.vision import PromptImages, batch_pixels
 
 
 class HFEngine:
@@ -21,9 +21,6 @@ class HFEngine:
         # the chat template's end-of-turn token (EOS without one), and EOS where that is another token:
         # generation stops at the first of them and keeps it
         self.stop_ids = stop_token_ids(self.tokenizer, cfg.task.chat_template == "auto")
-        # a vision-language student's image placeholder is never sampled (opd.models.sampler.sample)
-        vision = load_vision(assets.student.path)
-        self.suppress_ids = (vision.image_token_id,) if vision is not None else ()
 
     def sample(
         self,
@@ -44,7 +41,6 @@ class HFEngine:
             top_p=s.top_p,
             generator=generator,
             pixel_values=batch_pixels([i.pixel_values if i else None for i in images or ()]),
-            suppress_ids=self.suppress_ids,
         )
 
     def sync_weights(self, version: int) -> None:

@@ -26,7 +26,7 @@ from learner.batching import Batch, pack_by_length, split_minibatches
 from learner.objective import EXTREMES, Objective, finish_metrics
 from learner.ranks import RankGroup, balance_by_tokens
 from opd.config import Config, LearnerConfig
-from opd.models.vocab import real_logits, real_vocab
+from opd.models.vocab import never_sampled, real_logits, real_vocab, without_ids
 
 
 def lr_factor(step: int, cfg: LearnerConfig) -> float:
@@ -39,15 +39,16 @@ def lr_factor(step: int, cfg: LearnerConfig) -> float:
     return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def response_rows(model, mb: Batch, vocab: int | None = None) -> torch.Tensor:
+def response_rows(model, mb: Batch, vocab: int | None = None, never: tuple[int, ...] = ()) -> torch.Tensor:
     """The logit rows that predict each response token: (B, T, V), differentiable. With `vocab`, only the first
     `vocab` columns (the tokenizer's real ids: opd.models.vocab), so every log-softmax downstream is over the real
-    vocabulary, as the actor's behaviour logprobs and the teacher's are."""
+    vocabulary, as the actor's behaviour logprobs and the teacher's are; the `never` ids (a VLM's image
+    placeholder, opd.models.vocab.never_sampled) at -inf, as the actor sampled."""
     images = {} if mb.pixel_values is None else {"pixel_values": mb.pixel_values}
     logits = real_logits(
         model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, **images).logits, vocab
     )
-    return logits.gather(1, mb.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    return without_ids(logits.gather(1, mb.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])), never)
 
 
 def _merge_sums(sums: list[dict[str, float]]) -> dict[str, float] | None:
@@ -84,6 +85,9 @@ class Engine:
         self.apply_seconds = 0.0  # time in `apply` (reductions DeepSpeed runs there, the optimiser) last step
         self.hf_model = model
         self.vocab = real_vocab(model)  # read before an engine may shard the embedding (ZeRO-3)
+        self.never = never_sampled(
+            model
+        )  # ids the actors never sample: out of the recomputed distribution too
         self.objective = Objective(cfg)
         self.skipped_steps = 0
         self.optimizer_steps = 0
@@ -151,7 +155,9 @@ class Engine:
         for k in range(passes):
             g = groups[k] if k < len(groups) else [0]  # a stand-in pass: its result is not kept
             mb = batch.select(g)
-            s = self.objective.token_logprobs(response_rows(self.forward_module(), mb, self.vocab), mb)
+            s = self.objective.token_logprobs(
+                response_rows(self.forward_module(), mb, self.vocab, self.never), mb
+            )
             if k < len(groups):
                 out = out.to(s.dtype)  # in the learner's precision (fp32 or wider), not the wire's
                 out[torch.tensor(g), : s.shape[1]] = s
@@ -181,7 +187,7 @@ class Engine:
         for k in range(passes):
             real = k < len(mbs) and finite
             mb = mbs[k] if k < len(mbs) else step_rows.select([0])
-            rows = response_rows(self.forward_module(), mb, self.vocab)
+            rows = response_rows(self.forward_module(), mb, self.vocab, self.never)
             if real:
                 loss, metric_sums = self.objective.micro_loss(rows, mb, norm)
                 if torch.isfinite(loss):

@@ -212,7 +212,6 @@ def _greedy_correct(
             max_new_tokens=max_new_tokens,
             temperature=0.0,
             pixel_values=pixels,
-            suppress_ids=(vision.image_token_id,) if vision is not None else (),
         )
         for p, o in zip(chunk, outs, strict=True):
             text = tokenizer.decode(o.response_ids, skip_special_tokens=True)

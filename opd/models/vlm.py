@@ -36,7 +36,7 @@ from opd.config import Config, TinyVlmModel
 from opd.config.task import vlm_build_task
 from opd.models.loading import build_char_tokenizer
 from opd.models.vision import Vision, attach_vision
-from opd.models.vocab import set_real_vocab
+from opd.models.vocab import set_never_sampled, set_real_vocab
 from opd.runtime.progress import progress
 
 VLM_FORMAT = 1  # bump when the tiny VLM's build recipe changes, so stale caches are rebuilt
@@ -280,5 +280,6 @@ def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32, device: str =
     processor = AutoProcessor.from_pretrained(str(path))
     model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype).to(device)
     set_real_vocab(model, processor.tokenizer)
+    set_never_sampled(model, [model.config.image_token_id])  # a response never holds an image slot
     attach_vision(model, Vision(processor, int(model.config.image_token_id)))
     return model, processor

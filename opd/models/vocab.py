@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 _ATTR = "_opd_real_vocab"
+_NEVER = "_opd_never_sampled"
 
 
 def tokenizer_vocab(tokenizer) -> int:
@@ -92,3 +93,24 @@ def limit_vllm_vocab(worker, vocab: int) -> int:
     old = int(proc.org_vocab_size)
     proc.org_vocab_size = min(int(vocab), old)
     return old
+
+
+def set_never_sampled(model: torch.nn.Module, ids) -> None:
+    """Ids the student never emits in a response (a vision-language model's image placeholder, which a response
+    would turn into a slot for image features): kept on the model like its real vocabulary."""
+    setattr(model, _NEVER, tuple(int(i) for i in ids))
+
+
+def never_sampled(model: torch.nn.Module) -> tuple[int, ...]:
+    return tuple(getattr(model, _NEVER, ()))
+
+
+def without_ids(logits: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
+    """`logits` with the columns of `ids` at -inf (a copy; the input itself when there are none): a log-softmax
+    of the result is the student's distribution renormalised over the ids it may emit. The actor samples from it
+    and records its behaviour logprobs, and the learner recomputes them, on that one support (as vLLM does when it
+    bans a token), so the importance ratio compares like with like."""
+    if not ids:
+        return logits
+    index = torch.tensor(ids, dtype=torch.long, device=logits.device)
+    return logits.index_fill(-1, index, float("-inf"))

@@ -18,6 +18,7 @@ from opd.images import ImageBlob
 from opd.models import builds, vlm
 from opd.models.prompts import prompt_ids as render_prompt
 from opd.models.vision import PromptImages, load_vision, pixel_reader
+from opd.models.vocab import never_sampled, real_vocab
 from opd.protocol import Trajectory
 from teacher_scorers.backends.hf import HFTeacher
 
@@ -71,7 +72,7 @@ def _trajectories(cfg, engine, vision, problems) -> list[Trajectory]:
 
 def _learner_logprobs(model, batch) -> torch.Tensor:
     with torch.no_grad():
-        rows = response_rows(model, batch)
+        rows = response_rows(model, batch, real_vocab(model), never_sampled(model))  # as the engine calls it
     return torch.log_softmax(rows / TEMPERATURE, -1).gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
 
 
