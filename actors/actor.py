@@ -13,8 +13,10 @@ from actors.engines import build_engine
 from actors.routing import Outbox, Router
 from opd import tasks
 from opd.config import Config
+from opd.images import ImageBlob
 from opd.models.builds import ensure_assets
 from opd.models.prompts import prompt_ids as render_prompt
+from opd.models.vision import PromptImages, load_vision, synced_parameters
 from opd.protocol import MAX_POLICY_VERSION, ProtocolError, Streams, Trajectory, encode, unpack_control
 from opd.runtime import run_secret
 from opd.runtime.broker import open_broker
@@ -34,7 +36,7 @@ def weight_follower(cfg: Config, name: str, model: torch.nn.Module) -> ElasticRe
     ws = cfg.weight_sync
     backend = resolve_backend(ws.backend, cfg.learner.device, cfg.actor.device)
     run_dir = Path(cfg.run.output_dir or ".")
-    named = list(model.named_parameters())
+    named = synced_parameters(model, getattr(cfg.student, "freeze_vision", False))  # the learner's manifest
     digests = DigestLog(run_dir / "weight_digests", name) if ws.verify_digests else None
     return ElasticReceiver(
         ws.host,
@@ -81,6 +83,8 @@ class Actor:
         # actor.engine picks the sampler; engine.model is the HF module the weight broadcast writes into
         self.engine = build_engine(cfg, assets)
         self.model, self.tokenizer = self.engine.model, self.engine.tokenizer
+        # a vision-language student's processor: prompts' images become its pixel values (None: text only)
+        self.vision = load_vision(assets.student.path)
         self.broker = open_broker(cfg.broker, stopping=stop)
         self.reporter = Reporter(self.broker, cfg, self.name, cfg.actor.metrics_every_s)
         streams = Streams(cfg.run.run_id)
@@ -96,7 +100,7 @@ class Actor:
         self.skipped_while_down = 0
         self.broker.skip_to_end(self.control, self.name)  # before joining: the learner speaks once all joined
         self.follower = weight_follower(cfg, self.name, self.model)
-        self.problems = tasks.training_stream(cfg.task, seed=cfg.run.seed * 1000 + index)
+        self.problems = tasks.training_stream(cfg.task, seed=cfg.run.seed * 1000 + index, images=cfg.images)
         self.generator = torch.Generator(device=cfg.actor.device).manual_seed(cfg.run.seed * 1000 + index)
         self.batches = itertools.count()
         self.ledger = Path(cfg.run.output_dir or ".") / "ledger" / f"{self.name}.generated"
@@ -139,12 +143,32 @@ class Actor:
             self.reporter.add(prompts_skipped=skipped)
         return problems
 
+    def prompt(self, problem: Problem) -> tuple[list[int], PromptImages | None]:
+        """The problem's prompt ids as the student reads them, and its images: each image placeholder expanded to
+        one image id per image feature (what every later component takes as is), the pixels computed once."""
+        ids = render_prompt(self.tokenizer, problem)
+        if not problem.images:
+            return ids, None
+        if self.vision is None:
+            raise ValueError(
+                f"prompt {problem.prompt_id} has {len(problem.images)} image(s) but the student is a text-only "
+                "model: use a vision-language student (student.kind: tiny_vlm, or a pretrained VLM)"
+            )
+        blobs = [ImageBlob.of(b) for b in problem.images]
+        ids, pixels = self.vision.expand(ids, blobs, self.cfg.images.max_pixels)
+        return ids, PromptImages(blobs, pixels)
+
     def generate_batch(self, problems: list[Problem]) -> list[Trajectory]:
         cfg, s = self.cfg, self.cfg.sampling
-        prompt_ids = [render_prompt(self.tokenizer, p) for p in problems]
+        prompts = [self.prompt(p) for p in problems]
+        prompt_ids = [ids for ids, _ in prompts]
         batch_no = next(self.batches)
         self.engine.sync_weights(self.follower.version)  # the version stamped below is what samples
-        samples = self.engine.sample([p for p in prompt_ids for _ in range(s.n)], self.generator)
+        samples = self.engine.sample(
+            [p for p in prompt_ids for _ in range(s.n)],
+            self.generator,
+            **({"images": [i for _, i in prompts for _ in range(s.n)]} if self.vision else {}),
+        )
         out = []
         mode = tasks.verifier_mode(cfg.task)
         for j, smp in enumerate(samples):
@@ -164,6 +188,7 @@ class Actor:
                     behaviour_temperature=s.temperature,
                     task=self.router.metadata(p),
                     reward=float(tasks.verify(p.answer, text, mode)) if p.answer else None,
+                    images=prompts[j // s.n][1].blobs if prompts[j // s.n][1] else None,
                 )
             )
             self.router.stamp(out[-1])
@@ -172,7 +197,13 @@ class Actor:
     def publish(self, trajs: list[Trajectory]) -> None:
         """Queue one copy of each trajectory for the rollouts stream of every teacher in its route (the one
         `rollouts` stream without teachers) and append what fits now; the rest waits in the outbox."""
-        self.outbox.add(trajs, [encode(t) for t in trajs])
+        payloads = [encode(t) for t in trajs]
+        self.outbox.add(trajs, payloads)
+        # bytes per trajectory and images per second: what prompts with images cost the broker (one copy each)
+        self.reporter.add(
+            rollout_bytes=sum(len(b) for b in payloads),
+            images_generated=sum(len(t.images or ()) for t in trajs),
+        )
         self.flush()
 
     def flush(self) -> None:

@@ -6,6 +6,7 @@ response that happened to land in the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -39,6 +40,11 @@ class Batch:
     advantages: torch.Tensor | None = None  # (B, T) distillation PG advantage
     task_advantages: torch.Tensor | None = None  # (B,) GRPO / REINFORCE++ advantage of the reward
     proximal: torch.Tensor | None = None  # (B, T) logprobs of the parameters at the start of the update
+    # A vision-language student's images: every row's pixel_values in row order (images, C, H, W) and each row's
+    # count of them (B,). The prompt ids hold the expanded image ids, so lengths (and the token budget of
+    # micro-batches and of the ranks' shares) count image tokens with no further work. None: text only.
+    pixel_values: torch.Tensor | None = None
+    image_counts: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -54,10 +60,17 @@ class Batch:
         width = int(self.lengths[idx].max())
         resp = max(1, int(self.mask[idx].sum(-1).max()))
         out = {}
+        if self.pixel_values is not None:  # a row's images are its slice of the batch's image rows
+            starts = torch.cumsum(self.image_counts, 0) - self.image_counts
+            picked = [
+                i for r in rows for i in range(int(starts[r]), int(starts[r]) + int(self.image_counts[r]))
+            ]
+            index = torch.tensor(picked, dtype=torch.long, device=self.pixel_values.device)
+            out["pixel_values"] = self.pixel_values.index_select(0, index)
         for f in fields(self):
             v = getattr(self, f.name)
-            if v is None:
-                out[f.name] = None
+            if v is None or f.name in out:
+                out.setdefault(f.name, None)
                 continue
             v = v.index_select(0, idx)
             if f.name in ("input_ids", "attention_mask"):
@@ -113,10 +126,17 @@ def _teacher_axis(slabs: list[tuple], resp: int) -> tuple[torch.Tensor, ...]:
     return ids, lp, tail, weights
 
 
-def collate(trajs: list[Trajectory], pad_id: int, device: str = "cpu") -> Batch:
+def collate(
+    trajs: list[Trajectory],
+    pad_id: int,
+    device: str = "cpu",
+    pixels: Callable[[Trajectory], torch.Tensor | None] | None = None,
+) -> Batch:
     """Right-padded tensors of the trajectories; optional fields (rewards, top-k, teacher tail) only when every
     trajectory has them, so one batch never mixes two kinds of input to the loss. A batch holding a joined
-    mixture gets the teacher axis (Batch.topk_weights)."""
+    mixture gets the teacher axis (Batch.topk_weights). `pixels`: a vision-language student's pixel_values of a
+    trajectory's images (opd.models.vision.pixel_reader), raising on a bad image, which the intake then
+    dead-letters as the culprit of a failed collate."""
     B = len(trajs)
     width = max(len(t.prompt_token_ids) + len(t.response_token_ids) for t in trajs)
     resp = max(1, max(len(t.response_token_ids) for t in trajs))
@@ -157,6 +177,13 @@ def collate(trajs: list[Trajectory], pad_id: int, device: str = "cpu") -> Batch:
         torch.tensor([float(t.reward) for t in trajs]) if all(t.reward is not None for t in trajs) else None
     )
     batch = Batch(ids, attn, pos, tgt, mask, b, q, lengths, groups, rewards, tk_ids, tk_lp, tail, weights)
+    if pixels is not None:
+        rows = [pixels(t) for t in trajs]
+        if any(r is not None for r in rows):
+            batch.pixel_values = torch.cat([r for r in rows if r is not None])
+            batch.image_counts = torch.tensor(
+                [0 if r is None else r.shape[0] for r in rows], dtype=torch.long
+            )
     return batch.to(device)
 
 

@@ -37,6 +37,7 @@ import torch
 from opd import tasks
 from opd.config import Config
 from opd.models.builds import EvalResult, evaluate_within
+from opd.models.vision import vision_of
 from opd.runtime.lifecycle import log
 
 JOIN_ON_STOP_S = 5.0  # a stopping learner waits this long for a background evaluation's current batch
@@ -57,6 +58,7 @@ class Evaluator:
         are in place (ZeRO-3 shards them otherwise)."""
         self.lc, self.model, self.tokenizer, self.gathered = cfg.learner, model, tokenizer, gathered
         self.problems = problems
+        self.vision = vision_of(model)  # a vision-language student's processor (None: text)
         self.max_new_tokens = cfg.sampling.max_new_tokens
         self.mode = tasks.verifier_mode(cfg.task)
         self._copy: torch.nn.Module | None = None  # background: what the thread evaluates
@@ -130,6 +132,7 @@ class Evaluator:
             budget_s=budget,
             cancel=self._cancel.is_set,
             what="the student",
+            vision=self.vision,  # the background copy is a fresh module: it keeps no Vision of its own
         )
 
     @staticmethod

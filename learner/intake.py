@@ -143,10 +143,20 @@ class Contract:
     reward_needed_by: str | None = None  # the loss that needs a verifier reward, if any
     topk_needed_by: str | None = None  # the loss that needs the teacher's top-k, if any
     topk: int = 0  # scorer.topk: the width every top-k must have when the loss needs it
+    # a trajectory's images: why they cannot be used, or None (opd.models.vision.image_checker); None: no check
+    image_check: Callable[[Trajectory], str | None] | None = None
 
     @classmethod
-    def of(cls, cfg: Config, vocab_size: int, needs_rewards: bool, needs_topk: bool) -> Contract:
+    def of(
+        cls,
+        cfg: Config,
+        vocab_size: int,
+        needs_rewards: bool,
+        needs_topk: bool,
+        image_check: Callable[[Trajectory], str | None] | None = None,
+    ) -> Contract:
         return cls(
+            image_check=image_check,
             vocab_size=vocab_size,
             max_bytes=int(cfg.broker.max_message_mb * (1 << 20)),
             sampling_temperature=cfg.sampling.temperature,
@@ -175,6 +185,8 @@ class Contract:
             self.scorer_temperature,
             "a scorer",
         )
+        if (why := self.image_check(t) if self.image_check else None) is not None:
+            raise ProtocolError(why)  # a bad image, or image ids that do not match the images
         if self.reward_needed_by and t.reward is None:
             raise ProtocolError(
                 f"reward missing: learner.loss {self.reward_needed_by} needs a verifier reward"

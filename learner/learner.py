@@ -34,6 +34,7 @@ from learner.state import Progress, RunFiles, Student, summary
 from opd import tasks
 from opd.config import Config
 from opd.models.builds import Assets, ensure_assets, load_asset
+from opd.models.vision import freeze_vision, image_checker, load_vision, pixel_reader
 from opd.models.vocab import real_vocab
 from opd.protocol import DEFAULT_TEACHER, Streams, Trajectory, decode, stop_record
 from opd.runtime.broker import open_broker
@@ -102,13 +103,21 @@ def load_student(
     then the engine (which upcasts to fp32 masters anyway, and may shard them: ZeRO-3)."""
     assets = student_assets(cfg)
     model, tokenizer = load_asset(assets.student, cfg.learner.device)
-    layout = record_layout(model, cfg.weight_sync)
+    frozen = getattr(cfg.student, "freeze_vision", False)
+    layout = record_layout(model, cfg.weight_sync, frozen)
+    if frozen:
+        count = freeze_vision(model)
+        log.info(
+            "student.freeze_vision: %d image-side parameters frozen; the weight manifest lists the language "
+            "model's %d tensors only", count, len(layout.manifest),
+        )  # fmt: skip
     if checkpoint is not None:
         if any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
             model.float()  # in place: the layout keeps the same parameters and its recorded dtypes
         files.load_weights(model, checkpoint)
     vocab_size = real_vocab(model)  # the tokenizer's ids, not padded embedding rows (opd.models.vocab)
-    return Student(model, tokenizer, build_engine(model, cfg, group), vocab_size), layout
+    vision = load_vision(assets.student.path)
+    return Student(model, tokenizer, build_engine(model, cfg, group), vocab_size, vision), layout
 
 
 def agreed_checkpoint(cfg: Config, files: RunFiles, group: RankGroup, resume: bool) -> Path | None:
@@ -161,7 +170,13 @@ class Learner:
             self.broker,
             self.reporter,
             streams,
-            Contract.of(cfg, self.student.vocab_size, objective.needs_rewards, objective.logit_loss),
+            Contract.of(
+                cfg,
+                self.student.vocab_size,
+                objective.needs_rewards,
+                objective.logit_loss,
+                image_check=image_checker(self.student.vision, cfg.images),
+            ),
             cfg.learner,
             trained=self.progress.trained,
             stale_ledger=self.files.ledger / "learner.dropped_stale",
@@ -170,7 +185,9 @@ class Learner:
             teachers=list(cfg.teacher_pools()),
         )
         s = self.student
-        self.evaluator = Evaluator(cfg, s.model, s.tokenizer, s.engine.gathered, tasks.eval_set(cfg.task))
+        self.evaluator = Evaluator(
+            cfg, s.model, s.tokenizer, s.engine.gathered, tasks.eval_set(cfg.task, cfg.images)
+        )
         if resume:
             self._replay()
 
@@ -244,7 +261,8 @@ class Learner:
             self.leader.keepalive()
 
     def _collate(self, batch: list[Trajectory]) -> Batch:
-        return collate(batch, self.student.tokenizer.pad_token_id, self.cfg.learner.device)
+        pixels = pixel_reader(self.student.vision, self.cfg.images.max_pixels)
+        return collate(batch, self.student.tokenizer.pad_token_id, self.cfg.learner.device, pixels)
 
     def _train_step(
         self, batch: list[Trajectory], payloads: list[bytes], wait_s: float, collated: Batch | None = None
@@ -346,7 +364,8 @@ def follow(cfg: Config, group: RankGroup, resume: bool) -> None:
     if checkpoint is not None:
         files.restore(checkpoint, student.engine, cfg.learner.max_staleness)
     pad, device = student.tokenizer.pad_token_id, cfg.learner.device
-    Follower(group, student.engine, lambda b: collate(b, pad, device), student.vocab_size).run()
+    pixels = pixel_reader(student.vision, cfg.images.max_pixels)
+    Follower(group, student.engine, lambda b: collate(b, pad, device, pixels), student.vocab_size).run()
 
 
 def main(cfg: Config, resume: bool = False, rank: int | None = None) -> int:

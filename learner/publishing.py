@@ -22,6 +22,7 @@ import torch
 
 from broker import Broker
 from opd.config import WeightSyncConfig
+from opd.models.vision import synced_parameters
 from opd.protocol import weights_record
 from opd.runtime import run_secret
 from opd.runtime.lifecycle import log
@@ -33,9 +34,12 @@ CATCH_UP_EVERY_S = 1.0  # how often a waiting learner looks for actors that join
 CATCH_UP_MAX_S = 60.0  # the longest wait between catch-ups that keep failing for the same actors
 
 
-def record_layout(model: torch.nn.Module, ws: WeightSyncConfig) -> WeightBroadcaster:
-    """The broadcast layout of `model`'s full parameters: call before an engine may shard them."""
-    return WeightBroadcaster(None, list(model.named_parameters()), ws.bucket_mb)
+def record_layout(
+    model: torch.nn.Module, ws: WeightSyncConfig, freeze_vision: bool = False
+) -> WeightBroadcaster:
+    """The broadcast layout of `model`'s full parameters (with `student.freeze_vision`, the language model's
+    only: its manifest says so): call before an engine may shard them."""
+    return WeightBroadcaster(None, synced_parameters(model, freeze_vision), ws.bucket_mb)
 
 
 class WeightPublisher:

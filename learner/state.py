@@ -48,6 +48,14 @@ class Student:
     tokenizer: Any
     engine: Any  # learner.engines.base.Engine
     vocab_size: int
+    # a vision-language student's processor (opd.models.vision.Vision): its images' pixel values; None: text
+    vision: Any = None
+
+
+def _save_processing(student: Student, where: Path) -> None:
+    """The tokenizer, or a vision-language student's whole processor (tokenizer, image processor and its
+    placeholder settings): the saved student then loads with AutoProcessor as the built one did."""
+    (student.vision.processor if student.vision is not None else student.tokenizer).save_pretrained(where)
 
 
 class TrainedLedger:
@@ -195,7 +203,7 @@ class RunFiles:
         def write(tmp: Path) -> None:
             with student.engine.gathered():
                 student.model.save_pretrained(tmp / "model", safe_serialization=True)
-            student.tokenizer.save_pretrained(tmp / "model")
+            _save_processing(student, tmp / "model")
             student.engine.save_state(tmp / "engine")
             write_state(tmp, state)
 
@@ -218,7 +226,7 @@ class RunFiles:
         with watched_write(tmp, "the final student", weight_bytes or None, self.checkpoints.log):
             with student.engine.gathered():
                 student.model.save_pretrained(tmp, safe_serialization=True)
-            student.tokenizer.save_pretrained(tmp)
+            _save_processing(student, tmp)
         shutil.rmtree(final, ignore_errors=True)  # a resumed run replaces the earlier final student
         tmp.rename(final)
         return final

@@ -12,15 +12,20 @@ several of those by weight, each tagged with its task's name (`Problem.metadata[
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import hashlib
 import io
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd import verifiers
+from opd.config.images import ImagesConfig
 from opd.config.task import (
     AdditionTask,
     AnyTask,
@@ -32,6 +37,7 @@ from opd.config.task import (
     WordProblemsTask,
     verifier_of,
 )
+from opd.images import ImageBlob, ImageError, check_blob, sniff
 
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -125,20 +131,229 @@ def reversal_stream(task: ReversalTask, seed: int) -> Iterator[Problem]:
 
 
 # -------------------------------------------------------------------------------------------- jsonl
-def _messages(value: object, where: str) -> tuple[tuple[str, str], ...]:
-    """A JSONL row's `messages` as (role, content) pairs, or ValueError saying what is wrong and how to fix it."""
+# A JSONL row's images: each a path (relative to the JSONL file's directory, or absolute), a data URI
+# (`data:image/png;base64,...`) or bare base64 of PNG or JPEG bytes. They are read and checked when the file is
+# loaded (opd.images.check_blob, the images section's limits), so a bad one stops `opd run` before any process
+# starts, and are kept as given: never decoded into the problem, never re-encoded.
+IMAGE_FIELD_SHAPE = '{"prompt": "<image>What number?", "images": ["digits/7.png"]}'
+IMAGE_SOURCES = (
+    "a path relative to the JSONL file, a data:image/png;base64,... (or image/jpeg) URI, "
+    "or base64 of the bytes"
+)
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_DATA_URI = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*),", re.DOTALL)
+_DATA_TYPES = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg"}
+_B64_MAGIC = ("iVBORw0KGgo", "/9j/")  # the PNG and JPEG magic bytes in base64: bare base64, not a path
+_IMAGE_KEYS = ("image", "url", "path")  # where an {"type": "image"} part may hold its image (HF's styles)
+MAX_PROMPT_ID = 4096  # the wire's limit on a prompt id (opd.protocol.MAX_PROMPT_ID_LEN)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image a row names, not yet read: its source as written and where in the row it was (for errors)."""
+
+    source: object
+    what: str  # e.g. "images[0]" or "messages[1].content[0].image"
+
+
+class JsonlImages:
+    """Reads and checks the images of one JSONL file: paths resolve against the file's directory, each file and
+    each distinct image is read and checked once (a path named by many rows is one bytes object in memory)."""
+
+    def __init__(self, jsonl: Path, limits: ImagesConfig | None = None):
+        self.base = jsonl.parent
+        self.limits = limits or ImagesConfig()
+        self._by_path: dict[Path, ImageBlob] = {}
+        self._by_sha: dict[str, ImageBlob] = {}
+
+    def read_all(self, refs: list[ImageRef], where: str) -> list[ImageBlob]:
+        """The row's images, in order; ValueError naming the row, the image and why when one cannot be used."""
+        if len(refs) > self.limits.max_per_prompt:
+            raise ValueError(
+                f"{where}: the row has {len(refs)} images, more than images.max_per_prompt "
+                f"({self.limits.max_per_prompt}); split the row or raise images.max_per_prompt (at most 64)"
+            )
+        return [self.read(ref, where) for ref in refs]
+
+    def read(self, ref: ImageRef, where: str) -> ImageBlob:
+        src = ref.source
+        if not isinstance(src, str) or not src:
+            raise ValueError(
+                f"{where}: {ref.what} must be a non-empty string (got {type(src).__name__}): {IMAGE_SOURCES}"
+            )
+        label = _source_label(src)
+        try:
+            if src.startswith("data:"):
+                blob = self._checked(_data_uri_bytes(src))
+            elif _URL.match(src):
+                raise ImageError(
+                    "is a URL; nothing is downloaded at run time: download the image once and give its path "
+                    "(relative to the JSONL file) or inline it as a data:image/png;base64,... URI"
+                )
+            elif src.startswith(_B64_MAGIC) and (data := _b64(src)) is not None:
+                blob = self._checked(data)
+            else:
+                blob = self._file(src)
+        except ImageError as exc:
+            raise ValueError(f"{where}: {ref.what} ({label}) {_with_fix(str(exc))}") from None
+        return blob
+
+    def _file(self, src: str) -> ImageBlob:
+        path = Path(src) if Path(src).is_absolute() else self.base / src
+        if path in self._by_path:
+            return self._by_path[path]
+        if not _is_file(path):
+            what = "is a directory" if _is_file(path, dirs=True) else "does not exist"
+            hint = " (nor is it base64 of a PNG or JPEG)" if len(src) > 256 else ""
+            raise ImageError(
+                f"{what}: looked for {path.resolve()}{hint}; paths are relative to the JSONL file's directory "
+                f"({self.base.resolve()}): fix the path or put the image there"
+            )
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageError(f"cannot be read ({exc.strerror}); check its permissions") from None
+        self._by_path[path] = blob = self._checked(data)
+        return blob
+
+    def _checked(self, data: bytes) -> ImageBlob:
+        blob = ImageBlob.of(data)  # ImageError when the bytes are neither PNG nor JPEG
+        if blob.sha256 not in self._by_sha:
+            check_blob(blob, self.limits.max_pixels)
+            self._by_sha[blob.sha256] = blob
+        return self._by_sha[blob.sha256]
+
+
+def _is_file(path: Path, dirs: bool = False) -> bool:
+    """path.is_file() (or is_dir()), False for a name no file can have (too long, a NUL byte) rather than raising:
+    base64 of another format is taken for a path, and should be refused as a missing file."""
+    try:
+        return path.is_dir() if dirs else path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _source_label(src: str) -> str:
+    """How an error names an image source: a path as written, inline data by its kind and size."""
+    if src.startswith("data:"):
+        return f"a data URI of {len(src)} characters"
+    if src.startswith(_B64_MAGIC) and len(src) > 64:
+        return f"base64 of {len(src)} characters"
+    return repr(src if len(src) <= 200 else src[:200] + "...")
+
+
+def _b64(text: str) -> bytes | None:
+    """The bytes of base64 text (line breaks and spaces allowed: some writers wrap at 76), or None."""
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _data_uri_bytes(uri: str) -> bytes:
+    """The bytes of a `data:image/png;base64,...` (or image/jpeg) URI; ImageError saying what is wrong."""
+    m = _DATA_URI.match(uri)
+    if m is None:
+        raise ImageError("is not a data URI of the form data:image/png;base64,<base64 of the bytes>")
+    mime, params = m.group(1).strip().lower(), m.group(2).lower().split(";")
+    if mime not in _DATA_TYPES:
+        raise ImageError(
+            f"declares {mime or 'no media type'}; only PNG and JPEG images are taken (data:image/png;base64,... "
+            "or data:image/jpeg;base64,...): convert it to one of them"
+        )
+    if "base64" not in params:
+        raise ImageError("is not base64-encoded; write it as data:image/png;base64,<base64 of the bytes>")
+    data = _b64(uri[m.end() :])
+    if data is None:
+        raise ImageError("holds text that is not valid base64 after 'base64,'; re-encode the image")
+    declared, found = _DATA_TYPES[mime], _sniffed(data)
+    if found is not None and found != declared:
+        raise ImageError(f"declares {mime} but its bytes are {found}; fix the media type")
+    return data
+
+
+def _sniffed(data: bytes) -> str | None:
+    try:
+        return sniff(data)
+    except ImageError:
+        return None
+
+
+def _with_fix(reason: str) -> str:
+    """An image's ImageError reason with what the user can do about it."""
+    if "images.max_pixels" in reason:
+        return f"{reason}; shrink the image or raise images.max_pixels"
+    if reason.startswith("not a PNG or JPEG"):
+        return f"is {reason}; convert it to PNG or JPEG (images are passed on as given, never re-encoded)"
+    if reason.startswith("image does not decode"):
+        return f"{reason}; the file is truncated or corrupt: save it again as PNG or JPEG"
+    return reason
+
+
+def _image_url_ref(value: object, where: str, at: str) -> ImageRef:
+    """The image of an OpenAI-style `image_url` part: {"url": <image>} (an optional "detail" is the API's hint
+    for its own resizing; ignored: the image goes on as given), or the bare string."""
+    if isinstance(value, str):
+        return ImageRef(value, f"{at}.image_url")
+    if isinstance(value, dict) and "url" in value and set(value) <= {"url", "detail"}:
+        return ImageRef(value["url"], f"{at}.image_url.url")
+    raise ValueError(
+        f'{where}: {at}.image_url must be {{"url": <image>}} (an optional "detail" aside), where <image> is '
+        + IMAGE_SOURCES
+    )
+
+
+def _content_parts(value: list, where: str, field: str) -> tuple[str, list[ImageRef]]:
+    """A turn's content given as parts (OpenAI/HF style): the text with IMAGE_TOKEN where each image was, and the
+    images in order. Parts are joined as written, with no separator added."""
+    text, refs = [], []
+    for j, part in enumerate(value):
+        at = f"{field}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and set(part) == {"type", "text"} and isinstance(part["text"], str):
+            if IMAGE_TOKEN in part["text"]:
+                raise ValueError(
+                    f"{where}: {at}.text holds {IMAGE_TOKEN!r}, which marks an image's place; give the image as "
+                    'its own {"type": "image", "image": ...} part, or drop the placeholder from the text'
+                )
+            text.append(part["text"])
+        elif kind == "image" and len(keys := [k for k in _IMAGE_KEYS if k in part]) == 1 and len(part) == 2:
+            refs.append(ImageRef(part[keys[0]], f"{at}.{keys[0]}"))
+            text.append(IMAGE_TOKEN)
+        elif kind == "image_url" and set(part) == {"type", "image_url"}:
+            refs.append(_image_url_ref(part["image_url"], where, at))
+            text.append(IMAGE_TOKEN)
+        else:
+            raise ValueError(
+                f"{where}: {at} must be one of "
+                '{"type": "text", "text": "..."}, {"type": "image", "image": <image>} or '
+                '{"type": "image_url", "image_url": {"url": <image>}}, where <image> is ' + IMAGE_SOURCES
+            )
+    return "".join(text), refs
+
+
+def _messages(value: object, where: str) -> tuple[tuple[tuple[str, str], ...], list[ImageRef]]:
+    """A JSONL row's `messages` as (role, content) pairs, and the images its content parts name (in order), or
+    ValueError saying what is wrong and how to fix it. A content given as parts becomes its text with IMAGE_TOKEN
+    at each image's place."""
     shape = '[{"role": "user", "content": "..."}]'
     if not isinstance(value, list) or not value:
         raise ValueError(f"{where}: 'messages' must be a non-empty list like {shape}")
-    turns = []
+    turns, refs = [], []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or set(m) != {"role", "content"}:
             raise ValueError(f"{where}: messages[{i}] must be an object with exactly 'role' and 'content'")
         role, content = m["role"], m["content"]
         if role not in CHAT_ROLES:
             raise ValueError(f"{where}: messages[{i}].role is {role!r}; use one of {', '.join(CHAT_ROLES)}")
-        if not isinstance(content, str):
-            raise ValueError(f"{where}: messages[{i}].content must be a string")
+        if isinstance(content, list) and content:
+            content, found = _content_parts(content, where, f"messages[{i}].content")
+            refs += found
+        elif not isinstance(content, str):
+            raise ValueError(
+                f"{where}: messages[{i}].content must be a string or a non-empty list of content parts "
+                '({"type": "text", ...}, {"type": "image", ...}, {"type": "image_url", ...})'
+            )
         if role == "system" and i > 0:
             raise ValueError(f"{where}: messages[{i}] is a system turn; only the first turn may be one")
         turns.append((role, content))
@@ -148,12 +363,44 @@ def _messages(value: object, where: str) -> tuple[tuple[str, str], ...]:
             f"{where}: after an optional system turn the messages must start with a user turn and end with one "
             "(the student answers the last user turn)"
         )
-    return tuple(turns)
+    return tuple(turns), refs
 
 
-def _row_prompt(row: object, where: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """(prompt text, conversation) of one JSONL row: `prompt` is the raw text, `messages` a chat whose last user
-    turn is also the prompt text (what reports and logs show)."""
+def _listed_images(row: dict, where: str) -> list[ImageRef]:
+    """The row's `images` list (beside `prompt`, or `messages` whose contents are strings)."""
+    if "images" not in row:
+        return []
+    value = row["images"]
+    if not isinstance(value, list):
+        raise ValueError(
+            f"{where}: 'images' must be a list of images, each {IMAGE_SOURCES}; e.g. {IMAGE_FIELD_SHAPE}"
+        )
+    return [ImageRef(src, f"images[{k}]") for k, src in enumerate(value)]
+
+
+def _placeholders_fit(field: str, held: int, images: int, where: str) -> None:
+    """One IMAGE_TOKEN per image, in order: a processor puts each image where its placeholder is, so a missing
+    or extra one would shift every image after it (or leave a placeholder with no pixels)."""
+    if held == images:
+        return
+    if images == 0:
+        raise ValueError(
+            f"{where}: '{field}' holds {IMAGE_TOKEN!r} {held} time(s) but the row has no images; it marks an "
+            f"image's place: add the images (e.g. {IMAGE_FIELD_SHAPE}) or remove it from the text"
+        )
+    raise ValueError(
+        f"{where}: '{field}' holds {IMAGE_TOKEN!r} {held} time(s) but the row has {images} image(s); put one "
+        f"{IMAGE_TOKEN!r} in the text where each image goes, in the order of 'images' (e.g. {IMAGE_FIELD_SHAPE}), "
+        'or give them as {"type": "image", ...} parts of a message\'s content'
+    )
+
+
+def _row_prompt(
+    row: object, where: str, reader: JsonlImages
+) -> tuple[str, tuple[tuple[str, str], ...], list[ImageBlob]]:
+    """(prompt text, conversation, images) of one JSONL row: `prompt` is the raw text, `messages` a chat whose last
+    user turn is also the prompt text (what reports and logs show); images from `images` or content parts, in
+    the order of their IMAGE_TOKENs over the whole conversation."""
     if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
         raise ValueError(
             f"{where}: each line needs a string field 'prompt' or a list 'messages' of "
@@ -162,12 +409,23 @@ def _row_prompt(row: object, where: str) -> tuple[str, tuple[tuple[str, str], ..
     if "prompt" in row:
         if not isinstance(row["prompt"], str):
             raise ValueError(f"{where}: each line needs a string field 'prompt'")
-        return row["prompt"], ()
-    turns = _messages(row["messages"], where)
-    return turns[-1][1], turns
+        turns, in_parts, held = (), [], row["prompt"].count(IMAGE_TOKEN)
+    else:
+        turns, in_parts = _messages(row["messages"], where)
+        held = sum(content.count(IMAGE_TOKEN) for _, content in turns)
+    listed = _listed_images(row, where)
+    if listed and in_parts:
+        raise ValueError(
+            f"{where}: images given both in 'images' and as content parts of 'messages'; give each image once: "
+            f"as a content part, or as {IMAGE_TOKEN!r} in a string content with the image in 'images'"
+        )
+    field = "prompt" if "prompt" in row else "messages"
+    _placeholders_fit(field, held, len(listed) + len(in_parts), where)
+    images = reader.read_all(listed or in_parts, where)
+    return (row["prompt"] if "prompt" in row else turns[-1][1]), turns, images
 
 
-ROW_FIELDS = ("prompt", "messages", "answer", "id")
+ROW_FIELDS = ("prompt", "messages", "images", "answer", "id")
 MAX_ROW_METADATA = 32  # extra fields kept per row: they travel in every trajectory (Trajectory.task)
 MAX_METADATA_CHARS = 1024
 
@@ -185,7 +443,32 @@ def _row_metadata(row: dict) -> dict[str, str]:
     return dict(list(kept.items())[:MAX_ROW_METADATA])
 
 
-def read_jsonl_problems(path: Path) -> list[Problem]:
+def images_key(images: list[ImageBlob]) -> str:
+    """What a JSONL prompt id carries of its images: 16 hex digits of the sha256 over their sha256s in order, so
+    two rows of the same text (or the same `id`) with different images are different prompts."""
+    h = hashlib.sha256()
+    for blob in images:
+        h.update(bytes.fromhex(blob.sha256))
+    return h.hexdigest()[:16]
+
+
+def _prompt_id(row: dict, name: str, where: str, images: list[ImageBlob]) -> str:
+    """The row's `id` (else file:line), with `#img:<images_key>` appended when it has images."""
+    suffix = f"#img:{images_key(images)}" if images else ""
+    prompt_id = str(row.get("id", name))
+    if not prompt_id or len(prompt_id) > MAX_PROMPT_ID - len(suffix) or not prompt_id.isprintable():
+        raise ValueError(
+            f"{where}: 'id' must be 1 to {MAX_PROMPT_ID - len(suffix)} printable characters (no newline or tab)"
+            f"{' (a row with images gets ' + repr(suffix[:5]) + ' and 16 hex digits appended)' if suffix else ''}"
+            "; fix it or drop the field to use file:line"
+        )
+    return prompt_id + suffix
+
+
+def read_jsonl_problems(path: Path, images: ImagesConfig | None = None) -> list[Problem]:
+    """Every row of a JSONL file as a Problem (ValueError naming file:line, the field and the fix otherwise),
+    images read and checked against `images` (the config's images section; its defaults when None)."""
+    reader = JsonlImages(path, images)
     problems: list[Problem] = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -197,21 +480,17 @@ def read_jsonl_problems(path: Path) -> list[Problem]:
                 raise ValueError(
                     f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
                 ) from None
-            prompt, messages = _row_prompt(row, f"{path}:{lineno}")
+            where = f"{path}:{lineno}"
+            prompt, messages, blobs = _row_prompt(row, where, reader)
             answer = row.get("answer")
-            prompt_id = str(row.get("id", f"{path.name}:{lineno}"))
-            if not prompt_id or len(prompt_id) > 4096 or not prompt_id.isprintable():
-                raise ValueError(
-                    f"{path}:{lineno}: 'id' must be 1 to 4096 printable characters (no newline or tab); "
-                    "fix it or drop the field to use file:line"
-                )
             problems.append(
                 Problem(
-                    prompt_id=prompt_id,
+                    prompt_id=_prompt_id(row, f"{path.name}:{lineno}", where, blobs),
                     prompt=prompt,
                     answer=None if answer is None else str(answer),
                     metadata=_row_metadata(row),
                     messages=messages,
+                    images=tuple(b.data for b in blobs),
                 )
             )
     if not problems:
@@ -219,8 +498,8 @@ def read_jsonl_problems(path: Path) -> list[Problem]:
     return problems
 
 
-def jsonl_stream(task: JsonlTask, seed: int) -> Iterator[Problem]:
-    problems = read_jsonl_problems(task.train_path)
+def jsonl_stream(task: JsonlTask, seed: int, images: ImagesConfig | None = None) -> Iterator[Problem]:
+    problems = read_jsonl_problems(task.train_path, images)
     rng = random.Random(seed)
     while True:
         order = list(problems)
@@ -232,8 +511,31 @@ def _turns(p: Problem) -> int:
     return sum(role != "system" for role, _ in p.messages)
 
 
+def _unwritable(problems: list[Problem], alphabet: str) -> str | None:
+    """Why a tiny model cannot take one of `problems`: a character its tokenizer lacks (it would read an unknown
+    token, silently), or a conversation (it has no chat template: only one user turn renders); None when it can."""
+    for p in problems:
+        if p.messages and len(p.messages) > 1:
+            return (
+                f"prompt {p.prompt_id} is a conversation of {len(p.messages)} turns, and the tiny models have no "
+                "chat template to render one; give one user turn (or a plain 'prompt')"
+            )
+        bad = set(p.prompt.replace(IMAGE_TOKEN, "") + (p.answer or "")) - set(alphabet)
+        if bad:
+            return (
+                f"prompt {p.prompt_id} has characters {''.join(sorted(bad))!r} the tiny models' tokenizer cannot "
+                f"write (it writes {alphabet!r}); use those characters only, or pretrained models"
+            )
+    return None
+
+
 def _jsonl_file_problems(
-    field: str, path: Path, task: JsonlTask, needs_answer: bool
+    field: str,
+    path: Path,
+    task: JsonlTask,
+    needs_answer: bool,
+    images: ImagesConfig | None,
+    alphabet: str | None = None,
 ) -> list[tuple[str, str]]:
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
@@ -246,7 +548,7 @@ def _jsonl_file_problems(
             )
         ]
     try:
-        problems = read_jsonl_problems(path)
+        problems = read_jsonl_problems(path, images)
     except ValueError as exc:
         return [(field, f"{exc}; fix that line of the file")]
     except UnicodeDecodeError as exc:
@@ -261,6 +563,8 @@ def _jsonl_file_problems(
                 "can render; set task.chat_template: auto (with a model that has a template) or give single turns",
             )
         ]
+    if alphabet is not None and (why := _unwritable(problems, alphabet)):
+        return [(field, f"{path}: {why}")]
     missing = [p.prompt_id for p in problems if p.answer is None]
     if needs_answer and missing:
         return [
@@ -273,21 +577,26 @@ def _jsonl_file_problems(
     return []
 
 
-def task_problems(task: AnyTask) -> list[tuple[str, str]]:
+def task_problems(
+    task: AnyTask, images: ImagesConfig | None = None, alphabet: str | None = None
+) -> list[tuple[str, str]]:
     """Every problem of the task's files, as (config field, message) pairs, read now rather than by a component
-    minutes later: a missing file, a line that is not JSON or has no prompt (named by file and line), held-out
-    prompts without an answer. `opd run` and `opd prepare` refuse the config with them before starting anything."""
+    minutes later: a missing file, a line that is not JSON or has no prompt (named by file and line), an image
+    that is missing, not PNG/JPEG, corrupt or over the `images` limits (the config's images section), held-out
+    prompts without an answer, and with `alphabet` (a tiny model's characters: VISUAL_ALPHABET for the tiny VLMs)
+    a prompt or answer it cannot write or a conversation it cannot render. `opd run` and `opd prepare` refuse the
+    config with them before starting anything."""
     if task.kind == "mixture":
         return [
             (f"task.tasks.{name}.{key.removeprefix('task.')}", msg)
             for name, sub in task.tasks.items()
-            for key, msg in task_problems(sub)
+            for key, msg in task_problems(sub, images, alphabet)
         ]
     if task.kind != "jsonl":
         return []
-    found = _jsonl_file_problems("task.train_path", task.train_path, task, needs_answer=False)
+    found = _jsonl_file_problems("task.train_path", task.train_path, task, False, images, alphabet)
     if task.eval_path is not None:
-        found += _jsonl_file_problems("task.eval_path", task.eval_path, task, needs_answer=True)
+        found += _jsonl_file_problems("task.eval_path", task.eval_path, task, True, images, alphabet)
     return found
 
 
@@ -585,10 +894,10 @@ def _tagged(name: str, p: Problem) -> Problem:
     return dataclasses.replace(p, metadata={**p.metadata, "task": name})
 
 
-def mixture_eval_set(task: MixtureTask) -> list[Problem]:
+def mixture_eval_set(task: MixtureTask, images: ImagesConfig | None = None) -> list[Problem]:
     """Every task's held-out set, each problem tagged with its task's name, interleaved one task after another
     (an evaluation cut short by its budget still covers every task); a prompt held out by two tasks once."""
-    sets = [[_tagged(name, p) for p in eval_set(sub)] for name, sub in task.tasks.items()]
+    sets = [[_tagged(name, p) for p in eval_set(sub, images)] for name, sub in task.tasks.items()]
     seen: dict[str, Problem] = {}
     for i in range(max(map(len, sets), default=0)):
         for problems in sets:
@@ -597,14 +906,14 @@ def mixture_eval_set(task: MixtureTask) -> list[Problem]:
     return list(seen.values())
 
 
-def mixture_stream(task: MixtureTask, seed: int) -> Iterator[Problem]:
+def mixture_stream(task: MixtureTask, seed: int, images: ImagesConfig | None = None) -> Iterator[Problem]:
     """Endless training problems: a task drawn by its share, then that task's next problem, tagged with its name.
     A prompt held out by any task of the mixture is skipped (two tasks may make the same prompt)."""
-    held_out = {p.prompt_id for p in mixture_eval_set(task)}
+    held_out = {p.prompt_id for p in mixture_eval_set(task, images)}
     shares = task.shares()
     names = [n for n in task.tasks if shares[n] > 0]
     weights = [shares[n] for n in names]
-    streams = {n: training_stream(task.tasks[n], seed * 1009 + i) for i, n in enumerate(task.tasks)}
+    streams = {n: training_stream(task.tasks[n], seed * 1009 + i, images) for i, n in enumerate(task.tasks)}
     rng = random.Random(seed)
     while True:
         name = rng.choices(names, weights)[0]
@@ -634,7 +943,7 @@ def _styled(task: AnyTask, p: Problem) -> Problem:
     )
 
 
-def _stream(task: AnyTask, seed: int) -> Iterator[Problem]:
+def _stream(task: AnyTask, seed: int, images: ImagesConfig | None) -> Iterator[Problem]:
     if task.kind == "addition":
         return addition_stream(task, seed)
     if task.kind == "reversal":
@@ -645,18 +954,21 @@ def _stream(task: AnyTask, seed: int) -> Iterator[Problem]:
         return word_problems_stream(task, seed)
     if task.kind == "visual_digits":
         return visual_digits_stream(task, seed)
-    return jsonl_stream(task, seed)
+    return jsonl_stream(task, seed, images)
 
 
-def training_stream(task: AnyTask, seed: int) -> Iterator[Problem]:
+def training_stream(task: AnyTask, seed: int, images: ImagesConfig | None = None) -> Iterator[Problem]:
+    """Endless training problems of `task`; `images` (the config's images section, its defaults when None) is
+    what a JSONL file's images are checked against."""
     if task.kind == "mixture":
-        return mixture_stream(task, seed)  # each task styles its own problems
-    return (_styled(task, p) for p in _stream(task, seed))
+        return mixture_stream(task, seed, images)  # each task styles its own problems
+    return (_styled(task, p) for p in _stream(task, seed, images))
 
 
-def eval_set(task: AnyTask) -> list[Problem]:
+def eval_set(task: AnyTask, images: ImagesConfig | None = None) -> list[Problem]:
+    """The held-out problems of `task` (`images` as for training_stream)."""
     if task.kind == "mixture":
-        return mixture_eval_set(task)
+        return mixture_eval_set(task, images)
     if task.kind == "addition":
         problems = addition_eval_set(task)
     elif task.kind == "reversal":
@@ -670,7 +982,7 @@ def eval_set(task: AnyTask) -> list[Problem]:
     elif task.eval_path is None:
         return []
     else:
-        problems = read_jsonl_problems(task.eval_path)[: task.eval_size]
+        problems = read_jsonl_problems(task.eval_path, images)[: task.eval_size]
     return [_styled(task, p) for p in problems]
 
 

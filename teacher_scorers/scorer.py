@@ -19,6 +19,7 @@ from typing import TypeVar
 from broker import Message, publish_with_backpressure
 from opd.config import Config, RemoteTeacherConfig
 from opd.models.builds import ensure_assets
+from opd.models.vision import image_problem, load_vision
 from opd.protocol import DEFAULT_TEACHER, ProtocolError, Streams, Trajectory, decode, encode, unpack_control
 from opd.runtime.broker import open_broker
 from opd.runtime.lifecycle import Reporter, StopFlag, log, run_component
@@ -176,6 +177,8 @@ class Scorer:
         self.retry = RetryPolicy.from_config(cfg.scorer.remote)
         # the config picks the backend, which checks the tokenizer; a server still starting is waited for
         self.teacher = self.retry.call(lambda: build_teacher(cfg, assets))
+        # the student's processor: what the actors made of each prompt's images, checked on receipt
+        self.vision = load_vision(assets.student.path)
         self.vocab_size = self.teacher.vocab_size
         # what a learner of this run accepts (learner/intake.py Contract.topk_width): checked before publishing
         self.topk_width = min(cfg.scorer.topk, self.vocab_size)
@@ -201,7 +204,7 @@ class Scorer:
         for m in msgs:
             try:
                 t = decode(m.data, vocab_size=self.vocab_size, max_bytes=self.max_bytes)
-                reason = route_problem(t, self.teacher_name, self.routed)
+                reason = route_problem(t, self.teacher_name, self.routed) or self._image_problem(t)
             # decode raises only ProtocolError; anything else is still this message's
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
@@ -212,6 +215,12 @@ class Scorer:
             good.append(t)
             good_ids.append(m.id)
         return good, good_ids, bad_ids
+
+    def _image_problem(self, t: Trajectory) -> str | None:
+        """A bad image (or a placeholder count that does not match) dead-letters its trajectory here, before any
+        teacher, local or remote, is asked (opd.models.vision.image_problem)."""
+        im = self.cfg.images
+        return image_problem(self.vision, t, im.max_pixels, im.max_per_prompt)
 
     def score(self, trajs: list[Trajectory]) -> None:
         if self.chaos_prompt and any(t.prompt_id == self.chaos_prompt for t in trajs):
@@ -297,6 +306,7 @@ class Scorer:
         self.reporter.add(
             trajectories_scored=len(payloads),
             tokens_scored=tokens,
+            images_scored=sum(len(t.images or ()) for t in trajs),
             score_seconds=seconds,  # one per batch: Prometheus' opd_score_seconds observes each
             score_batches=1,  # so a reader takes the mean batch latency (opd top, the report)
             service_pad_seconds=pad_s,

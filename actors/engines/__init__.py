@@ -2,8 +2,10 @@
 
 The actor loop (weights, backpressure, publishing) does not care how tokens are sampled, so an engine is a
 small object: `model` (a Hugging Face module whose parameters receive the weight broadcast), `tokenizer`,
-`sample(prompts, generator)` returning `opd.models.sampler.Sample`s whose behaviour logprobs follow the learner's
-convention (log-softmax(raw logits / temperature) of the sampled token, before top-p), and
+`sample(prompts, generator, images)` returning `opd.models.sampler.Sample`s whose behaviour logprobs follow the
+learner's convention (log-softmax(raw logits / temperature) of the sampled token, before top-p); `images`, for a
+vision-language student, gives each prompt's `PromptImages` (None for a text prompt), the prompts' ids already
+holding one image id per image feature; and
 `sync_weights(version)`, called before each generation batch, which makes the sampler use the weights now in
 `model` if the version moved. Each engine is one file here and one line in `ENGINES`; engines are imported only when chosen.
 """
@@ -18,13 +20,19 @@ from opd import registry
 from opd.config import Config
 from opd.models.builds import Assets
 from opd.models.sampler import Sample
+from opd.models.vision import PromptImages
 
 
 class StudentEngine(Protocol):
     model: torch.nn.Module
     tokenizer: object
 
-    def sample(self, prompts: list[list[int]], generator: torch.Generator) -> list[Sample]: ...
+    def sample(
+        self,
+        prompts: list[list[int]],
+        generator: torch.Generator,
+        images: list[PromptImages | None] | None = None,
+    ) -> list[Sample]: ...
 
     def sync_weights(self, version: int) -> None: ...
 

@@ -8,6 +8,7 @@ from opd.config import Config
 from opd.models.builds import Assets, load_asset
 from opd.models.prompts import stop_token_ids
 from opd.models.sampler import Sample, sample
+from opd.models.vision import PromptImages, batch_pixels, load_vision
 
 
 class HFEngine:
@@ -20,8 +21,18 @@ class HFEngine:
         # the chat template's end-of-turn token (EOS without one), and EOS where that is another token:
         # generation stops at the first of them and keeps it
         self.stop_ids = stop_token_ids(self.tokenizer, cfg.task.chat_template == "auto")
+        # a vision-language student's image placeholder is never sampled (opd.models.sampler.sample)
+        vision = load_vision(assets.student.path)
+        self.suppress_ids = (vision.image_token_id,) if vision is not None else ()
 
-    def sample(self, prompts: list[list[int]], generator: torch.Generator) -> list[Sample]:
+    def sample(
+        self,
+        prompts: list[list[int]],
+        generator: torch.Generator,
+        images: list[PromptImages | None] | None = None,
+    ) -> list[Sample]:
+        """Behaviour logprobs as for text: with images, the prompts' pixel_values (in prompt order) go to the
+        prefill, where the model merges them at the image ids."""
         s = self.cfg.sampling
         return sample(
             self.model,
@@ -32,6 +43,8 @@ class HFEngine:
             temperature=s.temperature,
             top_p=s.top_p,
             generator=generator,
+            pixel_values=batch_pixels([i.pixel_values if i else None for i in images or ()]),
+            suppress_ids=self.suppress_ids,
         )
 
     def sync_weights(self, version: int) -> None:

@@ -43,7 +43,10 @@ def response_rows(model, mb: Batch, vocab: int | None = None) -> torch.Tensor:
     """The logit rows that predict each response token: (B, T, V), differentiable. With `vocab`, only the first
     `vocab` columns (the tokenizer's real ids: opd.models.vocab), so every log-softmax downstream is over the real
     vocabulary, as the actor's behaviour logprobs and the teacher's are."""
-    logits = real_logits(model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits, vocab)
+    images = {} if mb.pixel_values is None else {"pixel_values": mb.pixel_values}
+    logits = real_logits(
+        model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, **images).logits, vocab
+    )
     return logits.gather(1, mb.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
 
 

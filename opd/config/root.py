@@ -27,7 +27,14 @@ from opd.config.sampling import SamplingConfig
 from opd.config.scaling import ScalingConfig
 from opd.config.scorer import ScorerConfig
 from opd.config.supervision import SupervisionConfig
-from opd.config.task import AdditionTask, TaskConfig, sft_task_problem, tiny_fits, vlm_fits
+from opd.config.task import (
+    AdditionTask,
+    TaskConfig,
+    sft_task_problem,
+    tiny_fits,
+    vlm_build_task,
+    vlm_fits,
+)
 from opd.config.teachers import DEFAULT_TEACHER, MAX_TEACHERS, RoutingConfig, TeacherSpec, check_teacher_name
 from opd.config.weight_sync import WeightSyncConfig
 
@@ -286,17 +293,21 @@ class Config(Strict):
                 )
 
     def _vlm_fits_task(self, role: str, model: ModelConfig) -> None:
-        """A tiny vision-language model is built for the visual task alone, with patches that tile its images."""
+        """A tiny vision-language model is built on the visual task (a JSONL task's too: opd.config.task.
+        vlm_build_task), with patches that tile its images."""
         if model.kind != "tiny_vlm":
             return
-        if not vlm_fits(self.task):
+        built_on = vlm_build_task(self.task)
+        if built_on is None:
             raise ValueError(
-                f"{role}.kind: tiny_vlm models are built for task.kind: visual_digits only; with task.kind: "
-                f"{self.task.kind} use kind: tiny or kind: pretrained"
+                f"{role}.kind: tiny_vlm models are built for task.kind: visual_digits (or a jsonl task of digit "
+                f"images, as scripts/make_visual_jsonl.py writes); with task.kind: {self.task.kind} use kind: tiny "
+                "or kind: pretrained"
             )
-        if self.task.image_size % model.patch_size:
+        if built_on.image_size % model.patch_size:
+            field = "task.image_size" if built_on is self.task else "the visual_digits task's image_size"
             raise ValueError(
-                f"{role}.patch_size {model.patch_size} does not divide task.image_size {self.task.image_size}; "
+                f"{role}.patch_size {model.patch_size} does not divide {field} {built_on.image_size}; "
                 "pick a patch_size that divides it"
             )
 

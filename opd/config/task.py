@@ -74,10 +74,16 @@ def _verifier_field(default: str) -> object:
 
 class JsonlTask(Strict):
     """Prompts from a JSONL file: one object per line with `prompt` (raw text) or `messages` (a chat, OpenAI-style
-    roles, ending with a user turn), and optionally `answer` and `id`."""
+    roles, ending with a user turn), and optionally `answer` and `id`. Images: an `images` list beside `prompt`
+    (one `<image>` in the text per image, in order), or content parts of a message (`{"type": "image", "image":
+    ...}`, `{"type": "image_url", "image_url": {"url": ...}}`); each a path relative to the file, a
+    `data:image/png;base64,...` URI or base64 of PNG/JPEG bytes (no http URLs), checked at load against the images
+    section. A row with images has `#img:` and 16 hex digits of their sha256 appended to its prompt id."""
 
     kind: Literal["jsonl"] = "jsonl"
-    train_path: Path = Field(description="JSONL of training prompts.")
+    train_path: Path = Field(
+        description="JSONL of training prompts (image paths in it are relative to its directory)."
+    )
     eval_path: Path | None = Field(
         None, description="JSONL of held-out prompts with `answer`; none = no accuracy."
     )
@@ -276,6 +282,17 @@ class MixtureTask(Strict):
 def vlm_fits(task) -> bool:
     """Whether the tiny vision-language models (kind: tiny_vlm) are built for `task`: the visual task alone."""
     return task.kind in VISUAL_TASKS
+
+
+def vlm_build_task(task) -> VisualDigitsTask | None:
+    """The visual task a tiny VLM of a run with `task` is built on (SFT'd, evaluated and named by): the task itself
+    for visual_digits; for a JSONL task the built-in visual_digits task with its defaults, so a JSONL of digit
+    images (scripts/make_visual_jsonl.py writes one) is distilled between the same models a visual_digits run
+    builds (as a tiny text model's `sft_task` picks the task its SFT draws from); None where no tiny VLM fits (its
+    tokenizer writes only the visual task's characters: a JSONL of other text is for pretrained models)."""
+    if task.kind in VISUAL_TASKS:
+        return task
+    return VisualDigitsTask() if task.kind == "jsonl" else None
 
 
 def tiny_fits(task) -> bool:

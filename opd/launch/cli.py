@@ -38,7 +38,11 @@ class Verb(NamedTuple):
 def _task_files(cfg: Config) -> list[tuple[str, str]]:
     from opd import tasks
 
-    return tasks.task_problems(cfg.task)
+    # a tiny VLM's tokenizer has the visual task's characters only: JSONL text outside them is refused now
+    tiny_vlm = any(
+        m.kind == "tiny_vlm" for m in (cfg.student, *(p.model for p in cfg.teacher_pools().values()))
+    )
+    return tasks.task_problems(cfg.task, cfg.images, tasks.VISUAL_ALPHABET if tiny_vlm else None)
 
 
 def _model_sources(cfg: Config) -> list[tuple[str, str]]:

@@ -17,7 +17,7 @@ from opd.config import Config
 from opd.launch.monitor import RunState
 from opd.launch.rundir import LEGS_DIR, read_legs
 from opd.launch.teacher_stats import per_teacher
-from opd.models import builds
+from opd.models import builds, vlm
 from opd.models.builds import Assets, evaluate_within, load_asset
 from opd.models.loading import load_model
 from opd.runtime.threads import pin_threads
@@ -77,7 +77,7 @@ def accuracy_before(cfg: Config, log: Callable[..., None]) -> dict:
     teacher is found or built and measured as its own pool sees it (its model, its scorer.context, local or
     remote)."""
     pin_threads(cfg.run.torch_threads)  # chosen, not torch's all-cores default (opd.runtime.threads says why)
-    problems = tasks.eval_set(cfg.task)
+    problems = tasks.eval_set(cfg.task, cfg.images)
     teachers: dict[str, Accuracy] = {}
     student: Accuracy | None = None
     for name, view in _teacher_views(cfg).items():
@@ -162,10 +162,14 @@ def final_accuracy(cfg: Config, out_dir: Path, log: Callable[..., None] = print)
     """Evaluate the saved checkpoint as a user would load it: `from_pretrained` on the run directory (progress
     through `log`: a bar on the launcher's terminal, else one line); per task too for a mixture."""
     final = out_dir / "student"
-    problems = tasks.eval_set(cfg.task)
+    problems = tasks.eval_set(cfg.task, cfg.images)
     if not final.is_dir() or not problems:
         return Accuracy(None)
-    model, tok = load_model(final, final)  # with the real vocabulary: padding rows are never generated
+    if vlm.is_vlm_dir(final):  # a vision-language student: with its processor (kept on the model)
+        model, processor = vlm.load_vlm(final)
+        tok = processor.tokenizer
+    else:
+        model, tok = load_model(final, final)  # with the real vocabulary: padding rows are never generated
     mode = tasks.verifier_mode(cfg.task)
     result = evaluate_within(
         model, tok, problems, cfg.sampling.max_new_tokens, mode, log=log, what="the final student"

@@ -29,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd import tasks
 from opd.config import Config, TinyModel, TinyVlmModel
+from opd.images import ImageBlob
 from opd.models import gguf, prune, vlm
 from opd.models.loading import (
     build_bpe_tokenizer,
@@ -39,6 +40,7 @@ from opd.models.loading import (
 )
 from opd.models.prompts import prompt_ids, stop_token_ids
 from opd.models.sampler import sample
+from opd.models.vision import batch_pixels, vision_of
 from opd.runtime.progress import progress
 from opd.runtime.threads import BUILD_THREADS, threads
 
@@ -132,6 +134,7 @@ def evaluate_within(
     cancel=None,
     log=None,
     what: str = "the model",
+    vision=None,
 ) -> EvalResult:
     """Greedy held-out accuracy, `batch` problems per generation, with progress per batch through `log`
     (`opd.runtime.progress`). Without a `log` (the learner's periodic evaluation) it goes to this module's logger,
@@ -157,7 +160,7 @@ def evaluate_within(
     with progress(
         f"evaluating {what}", len(problems), "problems", log or _log.info, quiet_under_s=quiet
     ) as bar:
-        verdicts = _greedy_correct(model, tokenizer, problems, max_new_tokens, mode, batch, bar, more)
+        verdicts = _greedy_correct(model, tokenizer, problems, max_new_tokens, mode, batch, bar, more, vision)
     by_task: dict[str, list[bool]] = {}
     for p, ok in zip(problems, verdicts, strict=False):  # the problems reached
         if "task" in p.metadata:
@@ -172,9 +175,25 @@ def evaluate_within(
     )
 
 
-def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, batch: int, bar, more):
+def _eval_prompts(model, tokenizer, chunk: list[tasks.Problem], vision) -> tuple[list[list[int]], object]:
+    """The prompts' ids as the actors make them and, for problems with images, their pixel values (the
+    model's Vision: passed, or kept on it by opd.models.vlm.load_vlm)."""
+    if not any(p.images for p in chunk):
+        return [prompt_ids(tokenizer, p) for p in chunk], None
+    if vision is None:
+        raise ValueError(
+            "held-out problems have images but the model is text-only: use a vision-language model"
+        )
+    made = [vision.expand(prompt_ids(tokenizer, p), [ImageBlob.of(b) for b in p.images]) for p in chunk]
+    return [ids for ids, _ in made], batch_pixels([px for _, px in made])
+
+
+def _greedy_correct(
+    model, tokenizer, problems, max_new_tokens: int, mode: str, batch: int, bar, more, vision=None
+):
     """Whether each of the first problems was solved, one batch at a time while `more(slowest batch's seconds)`
     (the first batch always)."""
+    vision = vision or vision_of(model)
     was_training = model.training
     model.eval()
     verdicts: list[bool] = []
@@ -184,13 +203,16 @@ def _greedy_correct(model, tokenizer, problems, max_new_tokens: int, mode: str, 
             break
         t0 = time.perf_counter()
         chunk = problems[i : i + batch]
+        prompts, pixels = _eval_prompts(model, tokenizer, chunk, vision)
         outs = sample(
             model,
-            [prompt_ids(tokenizer, p) for p in chunk],
+            prompts,
             eos_id=stop_token_ids(tokenizer, chunk[0].chat_template),
             pad_id=tokenizer.pad_token_id,
             max_new_tokens=max_new_tokens,
             temperature=0.0,
+            pixel_values=pixels,
+            suppress_ids=(vision.image_token_id,) if vision is not None else (),
         )
         for p, o in zip(chunk, outs, strict=True):
             text = tokenizer.decode(o.response_ids, skip_special_tokens=True)

@@ -63,8 +63,13 @@ def sample(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     pixel_values: torch.Tensor | None = None,
+    suppress_ids: Sequence[int] = (),
 ) -> list[Sample]:
     """Sample one continuation per prompt; temperature 0 means greedy. Returns behaviour logprobs per token.
+
+    `suppress_ids` are never sampled (a vision-language model's image placeholder: in a response it would be read
+    as a slot for image features). Like top-p they act on sampling only: behaviour logprobs stay the model's
+    log-softmax(raw logits / temperature), which the learner recomputes; a trained model gives them ~0 mass.
 
     `eos_id` is the token a response ends with, or several (a chat model's end of turn and its EOS): the response
     stops at, and keeps, the first of them it samples. `pixel_values`: a vision-language model's images, in prompt
@@ -84,6 +89,7 @@ def sample(
     past, step_ids, step_pos = None, ids, positions
     cache_kw = _cache_keyword(model)
     vocab = real_vocab(model)
+    banned = torch.tensor([i for i in suppress_ids if i < vocab], dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         images = {"pixel_values": pixel_values} if t == 0 and pixel_values is not None else {}
         out = model(
@@ -97,11 +103,15 @@ def sample(
         past = out.cache if cache_kw == "cache" else out.past_key_values
         logits = real_logits(out.logits[:, -1, :], vocab).float()  # (B, V) raw, before any processing
         if temperature == 0:
-            token = logits.argmax(-1)
             logp = torch.log_softmax(logits, -1)
+            token = (
+                logits.index_fill(-1, banned, float("-inf")).argmax(-1) if len(banned) else logits.argmax(-1)
+            )
         else:
             logp = torch.log_softmax(logits / temperature, -1)
             probs = logp.exp()
+            if len(banned):
+                probs = probs.index_fill(-1, banned, 0.0)
             if top_p < 1.0:
                 probs = _top_p_filter(probs, top_p)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -33,7 +33,9 @@ from transformers import (
 
 from opd import tasks
 from opd.config import Config, TinyVlmModel
+from opd.config.task import vlm_build_task
 from opd.models.loading import build_char_tokenizer
+from opd.models.vision import Vision, attach_vision
 from opd.models.vocab import set_real_vocab
 from opd.runtime.progress import progress
 
@@ -232,13 +234,14 @@ def accuracy(
 
 def recipe(role: str, spec: TinyVlmModel, cfg: Config) -> list:
     """Everything that shapes a built tiny VLM; its digest names the model in the cache."""
-    return [VLM_FORMAT, role, spec.recipe_fields(), cfg.task.model_dump(), cfg.sampling.max_new_tokens]
+    task = vlm_build_task(cfg.task)  # a JSONL task's tiny VLMs are the visual_digits task's
+    return [VLM_FORMAT, role, spec.recipe_fields(), task.model_dump(), cfg.sampling.max_new_tokens]
 
 
 def build_into(tmp: Path, role: str, spec: TinyVlmModel, cfg: Config, log) -> None:
     """Build, SFT, evaluate and save a tiny VLM (model, processor and tokenizer, and `opd_asset.json` with its
     held-out accuracy and recipe) into `tmp`. The caller fixes threads and deterministic kernels."""
-    task = cfg.task
+    task = vlm_build_task(cfg.task)
     tokenizer = build_vlm_tokenizer()
     processor = build_processor(tokenizer, task.image_size, spec.patch_size)
     torch.manual_seed(spec.seed)
@@ -277,4 +280,5 @@ def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32, device: str =
     processor = AutoProcessor.from_pretrained(str(path))
     model = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype).to(device)
     set_real_vocab(model, processor.tokenizer)
+    attach_vision(model, Vision(processor, int(model.config.image_token_id)))
     return model, processor

@@ -40,6 +40,10 @@ COUNTER_MAP: dict[str, tuple[str, dict[str, str]]] = {
     "tokens_scored": ("tokens", {"stage": "scored"}),
     "tokens_trained": ("tokens", {"stage": "trained"}),
     "dead_lettered": ("dead_letters", {}),
+    # prompts with images: images sent with the trajectories, and the encoded bytes of the trajectories
+    "images_generated": ("images", {"stage": "generated"}),
+    "images_scored": ("images", {"stage": "scored"}),
+    "rollout_bytes": ("message_bytes", {"stage": "generated"}),
     "score_failures": ("errors", {"kind": "teacher_failure"}),
     "temperature_mismatch": ("errors", {"kind": "temperature_mismatch"}),
     "dropped_stale": ("dropped_stale", {}),
@@ -73,7 +77,16 @@ OWN_STAGE = {"actor": "generated", "scorer": "scored", "learner": "trained"}
 # Step-record list (one value per learner rank) -> the `phase` of opd_learner_rank_seconds (learner.num_ranks > 1).
 RANK_PHASES = {"rank_step_seconds": "step", "rank_comm_seconds": "comm", "rank_apply_seconds": "apply"}
 # Stage families that carry the `teacher` label (a scorer's pool; empty elsewhere).
-TEACHER_LABELLED = {"trajectories", "tokens", "busy_seconds", "dead_letters", "errors", "alignment"}
+TEACHER_LABELLED = {
+    "trajectories",
+    "tokens",
+    "busy_seconds",
+    "dead_letters",
+    "errors",
+    "alignment",
+    "images",
+    "message_bytes",
+}
 # Reporter counter prefix of the learner's trajectories trained per teacher (learner/learner.py teacher_shares).
 TRAINED_BY_TEACHER = "trajectories_trained:"
 # ... and of mixtures whose join timed out without this teacher's copy (learner/intake.py): its failures too.
@@ -180,6 +193,19 @@ class Exporter:
             "opd_trajectories", "Trajectories per pipeline stage.", [*ct, "stage"], registry=r
         )
         self.tokens = Counter("opd_tokens", "Response tokens per pipeline stage.", [*ct, "stage"], registry=r)
+        self.images = Counter(
+            "opd_images",
+            "Prompt images carried by trajectories per pipeline stage.",
+            [*ct, "stage"],
+            registry=r,
+        )
+        self.message_bytes = Counter(
+            "opd_message_bytes",
+            "Encoded trajectory bytes (images inline) per stage: rate over rate(opd_trajectories) is bytes per "
+            "trajectory.",
+            [*ct, "stage"],
+            registry=r,
+        )
         self.busy_seconds = Counter(
             "opd_busy_seconds", "Seconds spent generating or scoring.", [*ct, "stage"], registry=r
         )

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from opd.config import Config
 from opd.models.builds import Assets, load_asset
 from opd.models.sampler import _cache_keyword
+from opd.models.vision import batch_pixels, check_same_vision, load_vision
 from opd.models.vocab import real_logits, real_vocab
 from opd.protocol import Trajectory
 from teacher_scorers.backends.base import PartlyScored
@@ -73,12 +74,14 @@ def teacher_rows(
     pad_id: int,
     temperature: float,
     topk: int,
+    pixel_values: torch.Tensor | None = None,
 ) -> list[Rows]:
     """Per (prompt, response) sequence, `_response_rows` of one right-padded forward of prompt + response, over
-    the model's real vocabulary."""
+    the model's real vocabulary; a vision-language teacher's images as `pixel_values`, in sequence order."""
     device = next(model.parameters()).device
     ids, mask = _right_padded([p + r for p, r in sequences], pad_id, device)
-    logits = real_logits(model(input_ids=ids, attention_mask=mask).logits, real_vocab(model))  # (B, L, V)
+    images = {} if pixel_values is None else {"pixel_values": pixel_values.to(device)}
+    logits = real_logits(model(input_ids=ids, attention_mask=mask, **images).logits, real_vocab(model))
     # position j predicts token j+1
     return [_response_rows(logits[i], len(p) - 1, r, temperature, topk) for i, (p, r) in enumerate(sequences)]
 
@@ -106,6 +109,7 @@ def teacher_rows_after_prefix(
     pad_id: int,
     temperature: float,
     topk: int,
+    pixel_values: torch.Tensor | None = None,
 ) -> list[Rows]:
     """`teacher_rows` of sequences whose first P ids (P = the cached prefix's length) are the prefix `kv` was
     computed from: one right-padded forward of the rest, attending to the cached keys and values. Each prompt
@@ -120,7 +124,12 @@ def teacher_rows_after_prefix(
     # expand() is a view: the cache concatenates new keys onto a copy, so the stored prefix is never written
     cache = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv])
     kw = _cache_keyword(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{kw: cache})
+    images = (
+        {} if pixel_values is None else {"pixel_values": pixel_values.to(device)}
+    )  # image ids follow the prefix
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{kw: cache}, **images
+    )
     logits = real_logits(out.logits, real_vocab(model))
     return [
         _response_rows(logits[i], len(p) - 1 - P, r, temperature, topk) for i, (p, r) in enumerate(sequences)
@@ -135,9 +144,14 @@ class HFTeacher:
         self.model, self.tokenizer = load_asset(assets.teacher, cfg.scorer.device)
         self.model.eval()
         check_teacher_tokenizer(cfg, assets, self.tokenizer)
+        # a vision-language teacher reads the prompts' images with its own processor: it must read them as the
+        # student does (same placeholder, same image ids per image, same pixels)
+        self.vision = load_vision(assets.teacher.path)
+        check_same_vision(load_vision(assets.student.path), self.vision)
         # the tokenizer's ids, not the embedding's rows: the scorer refuses a padding id on decode
         self.vocab_size = real_vocab(self.model)
         self.teacher_id = assets.teacher.path
+        self.max_pixels = cfg.images.max_pixels
         self.prompts = teacher_prompts(cfg, self.tokenizer)
         # The shared head minus its last id: a prompt is at least the head, so the row predicting the first
         # response token (the prompt's last position) is always in the forward of the rest.
@@ -165,6 +179,15 @@ class HFTeacher:
             for bucket in length_buckets(group, sc.max_tokens_per_batch, forward_len):
                 batch = [seqs[i] for i in bucket]
                 kw = {"pad_id": self.tokenizer.pad_token_id, "temperature": sc.temperature, "topk": sc.topk}
+                if (
+                    self.vision is not None
+                ):  # images checked on receipt by the scorer; pixels by our processor
+                    kw["pixel_values"] = batch_pixels(
+                        [
+                            self.vision.prompt_pixels(seqs[i][0], trajs[i].images, self.max_pixels)
+                            for i in bucket
+                        ]
+                    )
                 if cached:
                     rows = teacher_rows_after_prefix(self.model, self.kv, batch, **kw)
                 else:
