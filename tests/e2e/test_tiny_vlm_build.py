@@ -6,6 +6,9 @@ determinism check builds a 20-step student twice (seconds). Slow tier: it loads 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from opd import tasks
@@ -17,6 +20,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 DEMO = REPO / "configs" / "tiny_vlm.yaml"
+JSONL_DEMO = REPO / "configs" / "tiny_vlm_jsonl.yaml"
 
 
 def _cfg(cache, **student) -> Config:
@@ -47,6 +51,28 @@ def test_shipped_teacher_reads_the_task_and_the_student_is_weaker(tmp_path):
             model, processor = vlm.load_vlm(asset.path)
             again = vlm.accuracy(model, processor, problems, cfg.sampling.max_new_tokens)
             assert again == asset.eval_accuracy, (asset.path, again)
+
+
+def test_the_jsonl_demo_uses_the_shipped_teacher_and_default_student(tmp_path):
+    files = tmp_path / "jsonl"
+    out = subprocess.run(
+        [sys.executable, "scripts/make_visual_jsonl.py", str(files), "--train-size", "20"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    cache = tmp_path / "cache"
+    overrides = [f"task.{s}_path={files / s}.jsonl" for s in ("train", "eval")]
+    cfg = load_config(JSONL_DEMO, [f"run.cache_dir={cache}", *overrides])
+    built = []
+    assets = builds.ensure_assets(cfg, log=built.append)
+    assert built == [] and not cache.exists()
+    demo = builds.ensure_assets(load_config(DEMO, [f"run.cache_dir={cache}"]), log=built.append)
+    assert assets.teacher.path == demo.teacher.path  # one shipped teacher for both demos
+    assert assets.student.path.startswith(str(builds.SHIPPED)) and "student-vlm-" in assets.student.path
+    assert 0.1 < assets.student.eval_accuracy <= assets.teacher.eval_accuracy - 0.2  # weaker, not useless
 
 
 def test_the_same_recipe_builds_the_same_bytes(tmp_path):

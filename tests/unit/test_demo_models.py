@@ -44,6 +44,8 @@ def test_manifest_matches_the_shipped_files():
         assert entry["recipe_sha256"] == hashlib.sha256(blob).hexdigest()
         assert file_digests(SHIPPED / name) == entry["files"], f"{name} differs from its manifest"
         assert {"model.safetensors", "config.json", "tokenizer.json", "opd_asset.json"} <= set(entry["files"])
+        if entry["recipe"][2]["kind"] == "tiny_vlm":  # a tiny VLM loads with its processor (opd.models.vlm)
+            assert "processor_config.json" in entry["files"], name
 
 
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS)
