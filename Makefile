@@ -1,4 +1,4 @@
-.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-quality-real bench-staleness bench-cross-tokenizer bench-broker bench-pipeline bench-scorers bench-learner-scaling bench-first-run
+.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-quality-real bench-staleness bench-cross-tokenizer bench-broker bench-pipeline bench-scorers bench-learner-scaling bench-first-run bench-images
 setup:  ## install opd-stream and its test tools (torch pinned to 2.13.0)
 	python3 -m pip install -e ".[dev]"
 test:   ## the README's test command: unit + integration tiers (under 5 minutes on 2 cores)
@@ -33,3 +33,5 @@ bench-learner-scaling:  ## benchmarks/learner_scaling.py: the learner's trained 
 	python3 benchmarks/learner_scaling.py
 bench-first-run:  ## benchmarks/first_run.py: first step and whole demo of opd run configs/tiny.yaml, idle and beside a busy process (targets 30 s, 2 min, 2x)
 	python3 benchmarks/first_run.py
+bench-images:  ## benchmarks/images_broker.py: images inline vs an image store, zmq and redis, traj/s, MB/s and bytes/traj (BENCHMARKS.md)
+	python3 benchmarks/images_broker.py

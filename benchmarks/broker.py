@@ -117,11 +117,14 @@ def make_trajectory(length: int, topk: int, prompt_len: int, seed: int = 0) -> T
 class BrokerServer:
     """One broker for a config: the zmq broker process as `opd run` starts it, or a redis-server in a temp dir."""
 
-    def __init__(self, kind: str, workdir: Path, redis_server: str = "redis-server"):
+    def __init__(
+        self, kind: str, workdir: Path, redis_server: str = "redis-server", overrides: tuple[str, ...] = ()
+    ):
+        """`overrides`: more config settings (`broker.max_depth=256`), for the broker process and its clients."""
         self.kind, self.workdir = kind, workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.log = open(workdir / "server.log", "ab")  # noqa: SIM115
-        overrides = ["run.run_id=bench", f"run.output_dir={workdir}"]
+        overrides = ["run.run_id=bench", f"run.output_dir={workdir}", *overrides]
         if kind == "zmq":
             overrides.append(f"broker.port={free_port()}")
         else:

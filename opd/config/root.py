@@ -269,6 +269,10 @@ class Config(Strict):
             if model.kind == "tiny" and (problem := sft_task_problem(model.sft_task, self.task)):
                 raise ValueError(f"{role}.sft_task: {problem}")
             self._vlm_fits_task(role, model)
+            if role != "student" and getattr(model, "freeze_vision", False):
+                raise ValueError(
+                    f"{role}.freeze_vision: only the student is trained; set student.freeze_vision instead"
+                )
         for role, pool in self._teacher_roles():
             model = pool.model
             if pool.scorer.tokenizer == "different":

@@ -223,12 +223,29 @@ def write_summary(
             or any(p.scorer.tokenizer == "different" for p in cfg.teacher_pools().values())
             else {}
         ),
+        **_image_figures(state, time.time() - started),
         "wall_seconds": time.time() - started,
         "interrupted": interrupted,
     }
     summary = across_legs(summary, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _image_figures(state: RunState, wall_s: float) -> dict:
+    """Prompts with images: images generated per second and the encoded bytes per trajectory (images inline),
+    what they cost the broker; nothing for a text-only run."""
+    images = state.totals("images_generated", "actor")
+    if not images:
+        return {}
+    trajectories = state.totals("trajectories_generated", "actor")
+    return {
+        "images_generated": int(images),
+        "images_per_second": images / wall_s if wall_s > 0 else None,
+        "bytes_per_trajectory": state.totals("rollout_bytes", "actor") / trajectories
+        if trajectories
+        else None,
+    }
 
 
 def _by_task(before: dict, after: Accuracy) -> dict:
