@@ -325,15 +325,32 @@ def recipe(role: str, spec: TinyModel, cfg: Config) -> list:
     return [*out, {"bpe_corpus": BPE_CORPUS}] if spec.tokenizer == "bpe" else out
 
 
+def model_recipe(role: str, spec: TinyModel | TinyVlmModel, cfg: Config) -> list:
+    """A built model's recipe, by its kind: a text model's (`recipe`) or a tiny VLM's (`opd.models.vlm.recipe`)."""
+    return vlm.recipe(role, spec, cfg) if spec.kind == "tiny_vlm" else recipe(role, spec, cfg)
+
+
+def asset_name(rec: list) -> str:
+    """The directory name of the model a recipe builds, in the cache and in `opd/demo_models/`: `<role>-<digest>`
+    for a text model, `<role>-vlm-<digest>` for a tiny VLM (its recipe's model fields say `kind: tiny_vlm`)."""
+    vision = "vlm-" if rec[2].get("kind") == "tiny_vlm" else ""
+    return f"{rec[1]}-{vision}{_digest(rec)}"
+
+
+def _find(name: str, cfg: Config, rebuild: bool) -> Path:
+    """Where the model `name` is looked for: the shipped copy when there is one (and no rebuild is asked), else
+    the cache (where a build puts it)."""
+    if not rebuild and (SHIPPED / name / "opd_asset.json").is_file():
+        return SHIPPED / name
+    return Path(cfg.run.cache_dir) / name
+
+
 def _tiny_asset(role: str, spec: TinyModel, cfg: Config, log, rebuild: bool) -> ModelAsset:
     """The shipped model of this recipe if there is one, else the cached one, built first (with the tokenizer
     `spec` names, `_tok_dir`) if missing. `rebuild`: build it again into the cache from its recipe, whatever
     exists."""
-    name = f"{role}-{_digest(recipe(role, spec, cfg))}"
-    final = Path(cfg.run.cache_dir) / name
-    if not rebuild and (SHIPPED / name / "opd_asset.json").is_file():
-        final = SHIPPED / name
-    elif rebuild or not (final / "opd_asset.json").is_file():
+    final = _find(asset_name(recipe(role, spec, cfg)), cfg, rebuild)
+    if rebuild or not (final / "opd_asset.json").is_file():
         bpe = f", BPE tokenizer of {spec.bpe_vocab_size}" if spec.tokenizer == "bpe" else ""
         log(
             f"building the {role} ({spec.num_layers} layers, hidden {spec.hidden_size}, {spec.sft_steps} SFT "
@@ -352,11 +369,12 @@ def _tiny_asset(role: str, spec: TinyModel, cfg: Config, log, rebuild: bool) -> 
 
 
 def _vlm_asset(role: str, spec: TinyVlmModel, cfg: Config, log, rebuild: bool) -> ModelAsset:
-    """The cached tiny vision-language model of this recipe (opd.models.vlm), built first if missing (`rebuild`:
-    built again whatever exists). Its directory holds the model, the processor and the tokenizer."""
-    Path(cfg.run.cache_dir).mkdir(parents=True, exist_ok=True)
-    final = Path(cfg.run.cache_dir) / f"{role}-vlm-{_digest(vlm.recipe(role, spec, cfg))}"
+    """The shipped tiny vision-language model of this recipe (opd.models.vlm) if there is one, else the cached one,
+    built first if missing (`rebuild`: built again into the cache whatever exists). Its directory holds the model,
+    the processor and the tokenizer."""
+    final = _find(asset_name(vlm.recipe(role, spec, cfg)), cfg, rebuild)
     if rebuild or not (final / "opd_asset.json").is_file():
+        Path(cfg.run.cache_dir).mkdir(parents=True, exist_ok=True)
         log(
             f"building the {role} VLM (text {spec.num_layers} layers, hidden {spec.hidden_size}; vision "
             f"{spec.vision_layers} layers, hidden {spec.vision_hidden_size}; {spec.sft_steps} SFT steps, "
@@ -517,17 +535,19 @@ def compare_with_shipped(asset: ModelAsset) -> str | None:
 def ship(cfg: Config, log=print, rebuild: bool = True) -> None:
     """Copy `cfg`'s tiny models (rebuilt from their recipes; `rebuild=False`: as cached) into `opd/demo_models/`
     and record them in its manifest: each one's recipe, the recipe's sha256 and its files' sha256. For
-    maintainers, via `opd prepare --rebuild --ship`. Every teacher of a `teachers` section ships."""
+    maintainers, via `opd prepare --rebuild --ship`. Every teacher of a `teachers` section ships, and tiny VLMs
+    (kind tiny_vlm) as the text models do."""
+    built = ("tiny", "tiny_vlm")
     teachers = ensure_teacher_assets(cfg, log=log, rebuild=rebuild)
-    student = ensure_student_asset(cfg, log=log, rebuild=rebuild) if cfg.student.kind == "tiny" else None
+    student = ensure_student_asset(cfg, log=log, rebuild=rebuild) if cfg.student.kind in built else None
     models = [("teacher", cfg.for_teacher(n).teacher, a) for n, a in teachers.items()]
     manifest = shipped_manifest()
     SHIPPED.mkdir(exist_ok=True)
     for role, spec, asset in [*models, ("student", cfg.student, student)]:
-        if spec.kind != "tiny" or asset is None:
+        if spec.kind not in built or asset is None:
             continue
         src = Path(asset.path)
-        rec = recipe(role, spec, cfg)
+        rec = model_recipe(role, spec, cfg)
         digests = file_digests(src)
         previous = manifest.get(src.name, {}).get("files")
         change = "new" if previous is None else "unchanged" if previous == digests else "CHANGED"

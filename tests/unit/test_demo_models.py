@@ -13,7 +13,7 @@ from opd.config import load_config
 from opd.models.builds import (
     SHIPPED,
     ModelAsset,
-    _digest,
+    asset_name,
     compare_with_shipped,
     ensure_assets,
     file_digests,
@@ -29,6 +29,7 @@ SHIPPED_CONFIGS = (
     "reference.yaml",
     "bench_quality.yaml",
     "bench_quality_skill.yaml",
+    "tiny_vlm.yaml",
 )
 
 
@@ -37,14 +38,14 @@ def test_manifest_matches_the_shipped_files():
     assert manifest, f"no {SHIPPED}/manifest.json"
     assert {p.name for p in SHIPPED.iterdir() if p.is_dir()} == set(manifest)
     for name, entry in manifest.items():
-        role = entry["recipe"][1]
-        assert (
-            name == f"{role}-{_digest(entry['recipe'])}"
-        )  # the recipe named in the manifest made this model
+        # the recipe named in the manifest made this model: `<role>-<digest>`, a tiny VLM's `<role>-vlm-<digest>`
+        assert name == asset_name(entry["recipe"])
         blob = json.dumps(entry["recipe"], sort_keys=True, default=str).encode()
         assert entry["recipe_sha256"] == hashlib.sha256(blob).hexdigest()
         assert file_digests(SHIPPED / name) == entry["files"], f"{name} differs from its manifest"
         assert {"model.safetensors", "config.json", "tokenizer.json", "opd_asset.json"} <= set(entry["files"])
+        if entry["recipe"][2]["kind"] == "tiny_vlm":  # a tiny VLM loads with its processor (opd.models.vlm)
+            assert "processor_config.json" in entry["files"], name
 
 
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS)
