@@ -30,6 +30,7 @@ SHIPPED_CONFIGS = (
     "bench_quality.yaml",
     "bench_quality_skill.yaml",
     "tiny_vlm.yaml",
+    "tiny_vlm_jsonl.yaml",  # its JSONL files are read at launch, not at load: the models are found without them
 )
 
 
