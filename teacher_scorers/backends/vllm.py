@@ -31,7 +31,7 @@ from opd.config import Config
 from opd.images import ImageError
 from opd.models.builds import Assets
 from opd.models.loading import load_tokenizer
-from opd.models.vision import load_vision
+from opd.models.vision import check_same_vision, load_vision
 from opd.models.vllm_support import WORKER_EXTENSION, check_expanded, image_limit, make_llm, mm_prompt
 from opd.models.vocab import limit_vllm_vocab, padding_reason, tokenizer_vocab
 from opd.protocol import Trajectory
@@ -96,6 +96,9 @@ class VLLMTeacher:
             **image_limit(assets.teacher.path, cfg.images.max_per_prompt),
         )
         self.vision = load_vision(assets.teacher.path)  # None for a text-only teacher
+        check_same_vision(
+            load_vision(assets.student.path), self.vision
+        )  # reads the images as the student does
         if sc.temperature != 1.0:
             self.llm.collective_rpc("opd_set_logit_scale", args=(1.0 / sc.temperature,))
         # the tokenizer's ids, not the checkpoint's padded rows: cut in vLLM's logits (module docstring)
