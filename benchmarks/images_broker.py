@@ -188,27 +188,9 @@ def image_table(formats: list[str], sizes: list[int]) -> dict[str, dict]:
 
 # ------------------------------------------------------------------------------------------------ messages
 def make_trajectory(length: int, topk: int, prompt_len: int) -> Trajectory:
-    """A scored trajectory with plausible values (benchmarks/broker.py's), no image yet."""
-    rng = np.random.default_rng(0)
-    lp = lambda *shape: -rng.exponential(1.0, shape).astype(np.float32)  # noqa: E731
-    t = Trajectory(
-        run_id="bench",
-        prompt_id="p000000000000",
-        group_id="g000000000000",
-        sample_index=0,
-        prompt_token_ids=rng.integers(0, VOCAB, prompt_len, dtype=np.int32),
-        response_token_ids=rng.integers(0, VOCAB, length, dtype=np.int32),
-        behaviour_logprobs=lp(length),
-        policy_version=1,
-        teacher_logprobs=lp(length),
-        teacher_id="teacher-0",
-        teacher_temperature=1.0,
-        task={"answer": "42"},
-        timestamps={"generated": 1.5e9},
-    )
-    if topk:
-        t.teacher_topk_ids = rng.integers(0, VOCAB, (length, topk), dtype=np.int32)
-        t.teacher_topk_logprobs = np.sort(lp(length, topk), axis=1)[:, ::-1].copy()
+    """A scored trajectory with plausible values (benchmarks/broker.py's), no image yet, ids of our width."""
+    t = _bench_broker().make_trajectory(length, topk, prompt_len)
+    t.prompt_id, t.group_id, t.timestamps = "p000000000000", "g000000000000", {"generated": 1.5e9}
     return t
 
 

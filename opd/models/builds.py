@@ -37,6 +37,7 @@ from opd.models.loading import (
     encode_prompt,
     load_model,
     load_tokenizer,
+    sft_optimizer,
 )
 from opd.models.prompts import prompt_ids, stop_token_ids
 from opd.models.sampler import sample
@@ -227,10 +228,7 @@ def _sft(model, tokenizer, spec: TinyModel, cfg: Config, bar) -> None:
     set: an expert of one task of the mixture); `bar` advances per step."""
     task = cfg.task if spec.sft_task is None else tasks.subtask(cfg.task, spec.sft_task)
     stream = tasks.training_stream(task, seed=spec.seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / max(1, spec.sft_steps))
-    )
+    opt, sched = sft_optimizer(model, spec.sft_lr, spec.sft_steps)
     noise = random.Random(spec.seed + 2)
     model.train()
     for _ in range(spec.sft_steps):

@@ -34,7 +34,7 @@ from transformers import (
 from opd import tasks
 from opd.config import Config, TinyVlmModel
 from opd.config.task import vlm_build_task
-from opd.models.loading import build_char_tokenizer
+from opd.models.loading import build_char_tokenizer, sft_optimizer
 from opd.models.vision import Vision, attach_vision
 from opd.models.vocab import set_never_sampled, set_real_vocab
 from opd.runtime.progress import progress
@@ -180,10 +180,7 @@ def sft(model, processor, spec: TinyVlmModel, task, bar) -> None:
     """Teacher-forced cross-entropy on the answer tokens of fresh training images (images through the processor,
     the vision tower trained too); `bar` advances per step."""
     stream = tasks.training_stream(task, seed=spec.seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / max(1, spec.sft_steps))
-    )
+    opt, sched = sft_optimizer(model, spec.sft_lr, spec.sft_steps)
     noise = random.Random(spec.seed + 2)
     model.train()
     for _ in range(spec.sft_steps):

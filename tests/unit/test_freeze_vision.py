@@ -4,23 +4,16 @@ exactly those (one function on both ends), and a text-only student is told the s
 from __future__ import annotations
 
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from opd.config import Config
 from opd.models import builds
 from opd.models.vision import freeze_vision, synced_parameters
+from tests.scored import tiny_model
+from tests.vlm_models import untrained_vlm_config
 from weight_sync.broadcast import manifest
 
 
 def test_frozen_vision_is_neither_trained_nor_sent(tmp_path):
-    cfg = Config.model_validate(
-        {
-            "run": {"cache_dir": str(tmp_path)},
-            "task": {"kind": "visual_digits", "eval_size": 4},
-            "student": {"kind": "tiny_vlm", "sft_steps": 0, "freeze_vision": True},
-            "teacher": {"kind": "tiny_vlm", "sft_steps": 0},
-        }
-    )
+    cfg = untrained_vlm_config(tmp_path, student={"freeze_vision": True})
     model, _ = builds.load_asset(builds.ensure_student_asset(cfg, log=lambda *_: None))
     everything = dict(model.named_parameters())
     sent = dict(synced_parameters(model, True))
@@ -37,16 +30,7 @@ def test_frozen_vision_is_neither_trained_nor_sent(tmp_path):
 
 
 def test_freeze_vision_on_a_text_model_is_refused():
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=16,
-            hidden_size=8,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    )
+    model = tiny_model()
     with pytest.raises(ValueError, match="student.freeze_vision: the student has no vision tower"):
         synced_parameters(model, True)
     assert len(synced_parameters(model, False)) == len(list(model.parameters()))

@@ -7,24 +7,17 @@ import pytest
 import torch
 
 from opd import tasks
-from opd.config import Config
 from opd.images import ImageBlob, ImageError
 from opd.models import builds, vlm
 from opd.models.prompts import prompt_ids as render_prompt
 from opd.models.vision import batch_pixels, load_vision
+from tests.vlm_models import untrained_vlm_config
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vlm")
-    cfg = Config.model_validate(
-        {
-            "run": {"cache_dir": str(tmp)},
-            "task": {"kind": "visual_digits", "eval_size": 4},
-            "student": {"kind": "tiny_vlm", "sft_steps": 0},
-            "teacher": {"kind": "tiny_vlm", "sft_steps": 0},
-        }
-    )
+    cfg = untrained_vlm_config(tmp)
     asset = builds.ensure_student_asset(cfg, log=lambda *_: None)
     return cfg, asset
 

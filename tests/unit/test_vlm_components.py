@@ -13,7 +13,6 @@ from actors.engines.hf import HFEngine
 from learner.batching import collate
 from learner.engines.base import response_rows
 from opd import tasks
-from opd.config import Config
 from opd.images import ImageBlob
 from opd.models import builds, vlm
 from opd.models.prompts import prompt_ids as render_prompt
@@ -21,6 +20,7 @@ from opd.models.vision import PromptImages, load_vision, pixel_reader
 from opd.models.vocab import never_sampled, real_vocab
 from opd.protocol import Trajectory
 from teacher_scorers.backends.hf import HFTeacher
+from tests.vlm_models import untrained_vlm_config
 
 TEMPERATURE = 0.8
 
@@ -29,15 +29,11 @@ TEMPERATURE = 0.8
 def vlm_run(tmp_path_factory):
     """A config and the assets of a 0-step tiny VLM student and teacher (different seeds: different models)."""
     tmp = tmp_path_factory.mktemp("vlm-run")
-    cfg = Config.model_validate(
-        {
-            "run": {"cache_dir": str(tmp)},
-            "task": {"kind": "visual_digits", "eval_size": 6},
-            "student": {"kind": "tiny_vlm", "sft_steps": 0},
-            "teacher": {"kind": "tiny_vlm", "sft_steps": 0, "seed": 1},
-            "sampling": {"temperature": TEMPERATURE, "max_new_tokens": 5},
-            "scorer": {"topk": 4},
-        }
+    cfg = untrained_vlm_config(
+        tmp,
+        teacher={"seed": 1},
+        sampling={"temperature": TEMPERATURE, "max_new_tokens": 5},
+        scorer={"topk": 4},
     )
     return cfg, builds.ensure_assets(cfg, log=lambda *_: None)
 
