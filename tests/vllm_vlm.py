@@ -8,13 +8,12 @@ transformers' Pixtral image processor, which imports torchvision: without torchv
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from opd import tasks
 from opd.config import Config
 from opd.images import ImageBlob
-from opd.protocol import Trajectory
+from tests.vlm_models import image_trajectory
 
 ATOL = 1e-4  # as tests/e2e/test_vllm.py: float32 on both sides, different kernels
 
@@ -48,15 +47,4 @@ def visual_prompts(cfg: Config, processor, count: int) -> list[tuple[list[int], 
     return [(vlm.prompt_ids(processor, p), [ImageBlob.of(b) for b in p.images]) for p in problems]
 
 
-def trajectory(i: int, prompt: list[int], response: list[int], images: list[ImageBlob] | None) -> Trajectory:
-    return Trajectory(
-        run_id="t",
-        prompt_id=f"p{i}",
-        group_id=f"g{i}",
-        sample_index=0,
-        prompt_token_ids=np.asarray(prompt, dtype=np.int32),
-        response_token_ids=np.asarray(response, dtype=np.int32),
-        behaviour_logprobs=np.zeros(len(response), dtype=np.float32),
-        policy_version=0,
-        images=images,
-    )
+trajectory = image_trajectory  # the tests' name for it

@@ -3,7 +3,11 @@ forward, processor and image ids but not a trained one."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from opd.config import Config
+from opd.images import ImageBlob
+from opd.protocol import Trajectory
 
 
 def untrained_vlm_config(
@@ -18,4 +22,21 @@ def untrained_vlm_config(
             "teacher": {"kind": "tiny_vlm", "sft_steps": 0, **(teacher or {})},
             **sections,
         }
+    )
+
+
+def image_trajectory(
+    i: int, prompt: list[int], response: list[int], images: list[ImageBlob] | None
+) -> Trajectory:
+    """An unscored trajectory of prompt ids (expanded, as actors send them), a response and its images."""
+    return Trajectory(
+        run_id="t",
+        prompt_id=f"p{i}",
+        group_id=f"g{i}",
+        sample_index=0,
+        prompt_token_ids=np.asarray(prompt, dtype=np.int32),
+        response_token_ids=np.asarray(response, dtype=np.int32),
+        behaviour_logprobs=np.zeros(len(response), dtype=np.float32),
+        policy_version=0,
+        images=images,
     )

@@ -23,6 +23,7 @@ from opd.protocol import Trajectory
 from teacher_scorers.backends import PartlyScored, TeacherError
 from teacher_scorers.backends.sglang import SGLangTeacher
 from tests.fake_sglang import FakeSGLang
+from tests.vlm_models import image_trajectory
 
 TOPK = 4
 ATOL = 1e-5  # the server runs one unpadded forward per request, as the reference below does
@@ -58,18 +59,7 @@ def built(tmp_path_factory):
     server.stop()
 
 
-def _trajectory(i: int, ids: list[int], response: list[int], blobs: list[ImageBlob] | None) -> Trajectory:
-    return Trajectory(
-        run_id="t",
-        prompt_id=f"p{i}",
-        group_id=f"g{i}",
-        sample_index=0,
-        prompt_token_ids=np.asarray(ids, dtype=np.int32),
-        response_token_ids=np.asarray(response, dtype=np.int32),
-        behaviour_logprobs=np.zeros(len(response), dtype=np.float32),
-        policy_version=0,
-        images=blobs,
-    )
+_trajectory = image_trajectory
 
 
 @pytest.fixture(scope="module")
