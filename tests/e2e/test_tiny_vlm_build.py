@@ -53,7 +53,7 @@ def test_shipped_teacher_reads_the_task_and_the_student_is_weaker(tmp_path):
             assert again == asset.eval_accuracy, (asset.path, again)
 
 
-def test_the_jsonl_demo_uses_the_shipped_teacher_and_default_student(tmp_path):
+def test_the_jsonl_demo_uses_the_demos_shipped_models_and_the_default_student_ships(tmp_path):
     files = tmp_path / "jsonl"
     out = subprocess.run(
         [sys.executable, "scripts/make_visual_jsonl.py", str(files), "--train-size", "20"],
@@ -70,9 +70,17 @@ def test_the_jsonl_demo_uses_the_shipped_teacher_and_default_student(tmp_path):
     assets = builds.ensure_assets(cfg, log=built.append)
     assert built == [] and not cache.exists()
     demo = builds.ensure_assets(load_config(DEMO, [f"run.cache_dir={cache}"]), log=built.append)
-    assert assets.teacher.path == demo.teacher.path  # one shipped teacher for both demos
+    assert (assets.teacher.path, assets.student.path) == (
+        demo.teacher.path,
+        demo.student.path,
+    )  # the same models
     assert assets.student.path.startswith(str(builds.SHIPPED)) and "student-vlm-" in assets.student.path
-    assert 0.1 < assets.student.eval_accuracy <= assets.teacher.eval_accuracy - 0.2  # weaker, not useless
+    # a user's `student: {kind: tiny_vlm}` (the defaults) is shipped too: weaker than the teacher, not useless
+    default = builds.ensure_assets(
+        load_config(DEMO, [f"run.cache_dir={cache}", "student={kind: tiny_vlm}"]), log=built.append
+    )
+    assert built == [] and default.student.path.startswith(str(builds.SHIPPED))
+    assert 0.1 < default.student.eval_accuracy <= default.teacher.eval_accuracy - 0.2
 
 
 def test_the_same_recipe_builds_the_same_bytes(tmp_path):
