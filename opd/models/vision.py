@@ -13,6 +13,7 @@ nobody after the actor expands anything: the count check is all that ties ids an
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,14 @@ class Vision:
 
 
 def load_vision(path: str | Path) -> Vision | None:
-    """The Vision of a saved vision-language model directory, or None for a text-only model."""
+    """The Vision of a saved vision-language model directory, or None for a text-only model. One per directory
+    in a process: a scorer's receipt check and its teacher share one cache of pixel values (`Vision.inputs`),
+    so each prompt's images are decoded once there."""
+    return _load_vision(str(Path(path).resolve()))
+
+
+@functools.cache
+def _load_vision(path: str) -> Vision | None:
     config = Path(path) / "config.json"
     if not config.is_file() or "vision_config" not in json.loads(config.read_text()):
         return (

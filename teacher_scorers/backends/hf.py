@@ -147,7 +147,10 @@ class HFTeacher:
         # a vision-language teacher reads the prompts' images with its own processor: it must read them as the
         # student does (same placeholder, same image ids per image, same pixels)
         self.vision = load_vision(assets.teacher.path)
-        check_same_vision(load_vision(assets.student.path), self.vision)
+        student = load_vision(assets.student.path)
+        check_same_vision(student, self.vision)
+        # the pixels are then the student's: the scorer's receipt check made them already (one decode per prompt)
+        self.pixels = student or self.vision
         # the tokenizer's ids, not the embedding's rows: the scorer refuses a padding id on decode
         self.vocab_size = real_vocab(self.model)
         self.teacher_id = assets.teacher.path
@@ -179,12 +182,10 @@ class HFTeacher:
             for bucket in length_buckets(group, sc.max_tokens_per_batch, forward_len):
                 batch = [seqs[i] for i in bucket]
                 kw = {"pad_id": self.tokenizer.pad_token_id, "temperature": sc.temperature, "topk": sc.topk}
-                if (
-                    self.vision is not None
-                ):  # images checked on receipt by the scorer; pixels by our processor
+                if self.vision is not None:  # images checked on receipt; their pixels cached there
                     kw["pixel_values"] = batch_pixels(
                         [
-                            self.vision.prompt_pixels(seqs[i][0], trajs[i].images, self.max_pixels)
+                            self.pixels.prompt_pixels(seqs[i][0], trajs[i].images, self.max_pixels)
                             for i in bucket
                         ]
                     )
