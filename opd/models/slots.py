@@ -192,7 +192,9 @@ class SlotSampler:
                 probs = top_p_filter(probs, self.top_p)
             cdf = probs.double().cumsum(-1)
             u = torch.stack([torch.rand((), generator=s.generator, dtype=torch.float64) for s in seqs])
-            token = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+            token = torch.searchsorted(
+                cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1), right=True
+            ).squeeze(-1)
             # a draw that rounds onto the total lands past the end: the last token with mass
             last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
             token = torch.minimum(token, last)

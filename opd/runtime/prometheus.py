@@ -52,6 +52,12 @@ COUNTER_MAP: dict[str, tuple[str, dict[str, str]]] = {
     "generate_seconds": ("busy_seconds", {"stage": "generate"}),
     "score_seconds": ("busy_seconds", {"stage": "score"}),
     "staleness_pause_seconds": ("staleness_pause_seconds", {}),
+    # stream generation (actors/streaming.py)
+    "slot_steps": ("slot_steps", {"kind": "total"}),
+    "slot_busy_steps": ("slot_steps", {"kind": "busy"}),
+    "publish_delay_seconds": ("publish_delay_seconds", {}),
+    "trajectory_versions": ("trajectory_versions", {}),
+    "sequences_dropped_at_stop": ("sequences_dropped", {}),
     # a teacher of another tokenizer (teacher_scorers/backends/cross_tokenizer.py)
     "alignment_failures": ("errors", {"kind": "alignment_failure"}),
     "alignment_responses": ("alignment", {"quantity": "responses"}),
@@ -256,6 +262,36 @@ class Exporter:
         self.staleness_pause_seconds = Counter(
             "opd_staleness_pause_seconds", "Seconds an actor paused to bound staleness.", c, registry=r
         )
+        # Stream generation (actors/streaming.py): slot occupancy, the wait from a trajectory's end to its
+        # publication, weight versions per trajectory, sequences in flight.
+        self.slot_steps = Counter(
+            "opd_actor_slot_steps",
+            "Decode steps x slots (kind: total) and the slots busy in them (kind: busy): rate(busy) / rate(total) "
+            "is the share of decode steps where a slot was busy.",
+            [*c, "kind"],
+            registry=r,
+        )
+        self.publish_delay_seconds = Counter(
+            "opd_actor_publish_delay_seconds",
+            "Seconds from a trajectory's last token to its publication, summed (a group waits for its last "
+            "member): over rate(opd_trajectories{stage='generated'}), the mean delay.",
+            c,
+            registry=r,
+        )
+        self.trajectory_versions = Counter(
+            "opd_actor_trajectory_versions",
+            "Distinct weight versions among the tokens of each published trajectory, summed: "
+            "rate(opd_tokens{stage='generated'}) over it is the tokens per version per trajectory.",
+            c,
+            registry=r,
+        )
+        self.sequences_dropped = Counter(
+            "opd_actor_sequences_dropped",
+            "Sequences in flight dropped at stop (actor.on_stop: drop), never published.",
+            c,
+            registry=r,
+        )
+        self.inflight = Gauge("opd_actor_inflight", "Sequences an actor has generating now.", g, registry=r)
         # Learner-only families carry the component label too: a labelled family shows no sample until it is
         # set, so an actor exports no fake zeros and accuracy is absent (not 0) before the first evaluation.
         self.wait_seconds = Counter(
@@ -369,6 +405,8 @@ class Exporter:
         """Reporter.maybe_send's extra fields (weight version and the like)."""
         if isinstance(fields.get("weight_version"), int | float):
             self.weight_version.labels(self.component).set(fields["weight_version"])
+        if isinstance(fields.get("inflight"), int | float):
+            self.inflight.labels(self.component).set(fields["inflight"])
 
     def step(self, record: dict[str, Any], depths: dict[str, int]) -> None:
         """The learner's per-step record (the one written to metrics.jsonl) and the queue depths at that moment."""

@@ -80,7 +80,10 @@ def test_continuous_batching_samples_what_batch_generation_samples(model, max_in
     for key, s in whole.items():
         assert refilled[key].response_ids == s.response_ids
         torch.testing.assert_close(
-            torch.tensor(refilled[key].behaviour_logprobs), torch.tensor(s.behaviour_logprobs), atol=1e-5, rtol=0
+            torch.tensor(refilled[key].behaviour_logprobs),
+            torch.tensor(s.behaviour_logprobs),
+            atol=1e-5,
+            rtol=0,
         )
         assert s.token_versions == [0] * len(s.response_ids)
 
