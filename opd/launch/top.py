@@ -236,6 +236,31 @@ def learner_table(state: TopState, max_steps: int) -> Table:
     return table
 
 
+def stream_table(state: TopState) -> Table | None:
+    """Streaming actors (actor.generation: stream): sequences in flight now, the share of decode steps where a
+    slot was busy, the mean wait from a trajectory's end to its publication, weight versions per trajectory.
+    None when no actor streams."""
+    actors = [n for n in sorted(state.history) if _role(n) == "actor" and state.total(n, "slot_steps")]
+    if not actors:
+        return None
+    table = _table(
+        "streaming actors",
+        ("component", "in flight", "busy", "publish s", "versions/traj"),
+        "busy: share of decode steps where a slot was busy; publish s: mean seconds from a trajectory's end to "
+        "its publication; versions/traj: weight versions that sampled one trajectory's tokens",
+    )
+    for name in actors:
+        published = state.total(name, "trajectories_generated") or 0
+        table.add_row(
+            name,
+            _num(state.latest(name).get("inflight"), "d"),
+            _num((state.total(name, "slot_busy_steps") or 0) / state.total(name, "slot_steps"), ".2f"),
+            _num((state.total(name, "publish_delay_seconds") or 0) / published if published else None, ".3f"),
+            _num((state.total(name, "trajectory_versions") or 0) / published if published else None, ".2f"),
+        )
+    return table
+
+
 def ranks_table(state: TopState) -> Table | None:
     """The learner's ranks (learner.num_ranks > 1): their number and the last step's token imbalance (both on the
     metrics stream), and per rank step/comm seconds and tokens where the record has them (metrics.jsonl: a
@@ -304,6 +329,8 @@ def render(state: TopState, cfg: Config) -> Group:
     status = "finished" if state.finished else "running"
     head = f"opd top | run {cfg.run.run_id} | {status} | {state.source}"
     tables = [component_table(state), learner_table(state, cfg.learner.max_steps)]
+    if (stream := stream_table(state)) is not None:
+        tables.append(stream)
     ranks = ranks_table(state)
     if ranks is not None:
         tables.append(ranks)
