@@ -189,13 +189,15 @@ class StreamLoop:
         a = self.actor
         if self.paused_since is not None:
             a.reporter.add(staleness_pause_seconds=time.perf_counter() - self.paused_since)
-        if a.cfg.actor.on_stop == "finish":
-            for _ in range(
-                a.cfg.sampling.max_new_tokens + 1
-            ):  # every sequence ends within max_new_tokens steps
+        if a.cfg.actor.on_stop == "finish" and a.engine.inflight():
+            inflight = a.engine.inflight()
+            # every sequence ends within max_new_tokens steps
+            for _ in range(a.cfg.sampling.max_new_tokens + 1):
                 if not a.engine.inflight():
                     break
                 self.step()
+            a.reporter.add(sequences_finished_at_stop=inflight)
+            log.info("stopping: finished the %d sequences in flight (actor.on_stop: finish)", inflight)
         partial = sum(len(g.ended) for g in self.groups.values())
         dropped = a.engine.abort() + partial
         if dropped:
