@@ -31,6 +31,7 @@ from rich.table import Table
 from broker import BrokerUnavailable
 from broker.base import WORK_STREAMS
 from opd.config import Config
+from opd.launch.report_page import trajectories_of
 from opd.launch.teacher_stats import JOIN_TIMEOUTS, TRAINED, per_teacher, pool_members
 from opd.protocol import ProtocolError, Streams, unpack_control
 from opd.runtime.broker import open_broker
@@ -220,7 +221,7 @@ def learner_table(state: TopState, max_steps: int) -> Table:
         "learner",
         ("step", "loss", "rev KL", "lag", "accuracy", "wait", "sync s"),
         f"rev KL: mean of the last steps (up to {KL_WINDOW}), as summary.json's reverse_kl_last; "
-        "lag: mean/max weight versions behind; wait: fraction of time waiting for data",
+        "lag: mean/max weight versions behind, over the trained tokens; wait: fraction of time waiting for data",
     )
     rec = state.last_step
     step = f"{rec['step']}/{max_steps}" if isinstance(rec.get("step"), int) else "-"
@@ -401,7 +402,7 @@ def state_from_files(cfg: Config) -> TopState | None:
     tokens = trajs = 0
     for r in records:
         tokens += r.get("tokens", 0)
-        trajs += sum(r.get("lag_histogram") or [])
+        trajs += trajectories_of(r)
         state.ingest(
             {**r, "component": "learner", "uptime": r["time"] - start, "tokens_trained": tokens,
              "trajectories_trained": trajs}
