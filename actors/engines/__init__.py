@@ -12,6 +12,7 @@ holding one image id per image feature; and
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -21,6 +22,17 @@ from opd.config import Config
 from opd.models.builds import Assets
 from opd.models.sampler import Sample
 from opd.models.vision import PromptImages
+
+
+@dataclass
+class Request:
+    """One sequence for a streaming engine (`actor.generation: stream`): its own seed, so what it samples does not
+    depend on which other sequences share its decode steps."""
+
+    key: str
+    prompt_ids: list[int]
+    images: PromptImages | None
+    seed: int
 
 
 class StudentEngine(Protocol):

@@ -22,6 +22,18 @@ class ActorConfig(Strict):
         default_factory=VLLMEngineConfig,
         description="The vLLM engine used when engine: vllm (ignored otherwise).",
     )
+    generation: Literal["batch", "stream"] = Field(
+        "batch", description="batch: generate a whole batch, then publish; stream: continuous batching."
+    )
+    max_inflight: int | None = Field(
+        None, ge=1, description="stream: sequences generating at once; null = prompts_per_batch * sampling.n."
+    )
+    on_new_weights: Literal["continue", "recompute", "restart"] = Field(
+        "continue",
+        description="stream: what in-flight sequences do when a weight version lands (keep their KV, "
+        "re-prefill it with the new weights, or start again from the prompt).",
+    )
+    on_stop: Literal["drop", "finish"] = Field("drop", description="stream: in-flight sequences at stop.")
     keep_kv_cache: bool = Field(
         False,
         description="vllm: keep the prefix/KV cache across weight updates (reuses KV computed by old weights); "

@@ -23,6 +23,7 @@ class Sample:
     response_ids: list[int]
     behaviour_logprobs: list[float]
     finish_reason: str  # "stop" (EOS emitted) or "length"
+    token_versions: list[int] | None = None  # stream mode: the weight version that sampled each token
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
