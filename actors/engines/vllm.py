@@ -8,14 +8,44 @@ sampled token. `raw_logprobs` would be taken before the temperature (right only 
 Weights: the broadcast lands in `self.model`, a CPU (or `actor.device`) Hugging Face copy of the student whose
 parameter names, shapes and dtypes match the learner's manifest. Before each generation batch, if the version
 moved, those tensors are handed to vLLM's worker through `collective_rpc` (in process, no copy on the way) and
-loaded with the model's `load_weights`; the prefix cache is then reset unless `actor.keep_kv_cache`. Weights
-therefore change only between generation batches, so `policy_version` describes every token and
+loaded with the model's `load_weights`; the prefix cache is then reset unless `actor.keep_kv_cache`. In batch
+generation weights therefore change only between batches, so `policy_version` describes every token and
 `token_versions` stays unset.
+
+Streaming (`actor.generation: stream`): `start` adds a request to vLLM's own scheduler
+(`llm_engine.add_request`, the sequence's own `SamplingParams(seed=Request.seed)`, delta outputs), each `step` is
+one `llm_engine.step()` (admit, prefill, one decode over everything running) and returns the sequences that
+finished in it. The engine is built without vLLM's asynchronous scheduling there, so a step's forward runs
+inside its `step()` call and no step scheduled ahead survives a weight push: the tokens a step returns were
+sampled by the weights vLLM held during it, and are stamped with that version. `sync_weights(version)` between
+steps applies `actor.on_new_weights` to the sequences in flight:
+- continue: the weights are loaded under the running requests; their KV cache, computed by the older weights
+  for the prompt and the tokens so far, is kept, so their next tokens come from the new weights reading
+  old-weight keys and values (cheap, not exactly any one version's distribution: the behaviour logprob is
+  still the one vLLM sampled with, so the importance ratio stays correct). vLLM cannot reset its prefix cache
+  under running requests (the reset refuses; with `reset_running_requests` it would preempt and recompute
+  them all, which is `recompute`), so the reset waits until vLLM next holds no request, and sequences started
+  meanwhile do not read the cache (`skip_reading_prefix_cache`): no new sequence starts from old-weight blocks.
+  Requests queued but not yet admitted at the update may still read them (only when vLLM's max_num_seqs or KV
+  space is full).
+- recompute: every sequence in flight is aborted and re-added with prompt + its tokens as the prompt and the
+  tokens it has left as max_tokens: the new weights re-prefill it, its tokens, behaviour logprobs and versions
+  so far are kept, and each token's behaviour logprob is exactly its version's. The re-added request samples
+  with a seed derived from the sequence's seed and length (`_continued_seed`): vLLM's per-request generator
+  cannot be carried over, and the plain seed would restart its stream and replay the draws of the first
+  tokens at later positions. A sequence is thus reproducible given its seed and the steps its updates landed
+  at, but it is not the sequence it would have been without the update.
+- restart: every sequence in flight is aborted and re-added from its prompt with its own seed, its tokens
+  dropped: all of its tokens carry the new version.
+With recompute and restart the abort comes before the push, so nothing runs and the prefix cache resets at once.
+`abort` drops everything in flight (actor.on_stop: drop).
 
 Images (a vision-language student, LLaVA): `sample` takes each prompt's images (the actor's `PromptImages`,
 read for their encoded `blobs`) and hands vLLM the prompt with one image id per image and the images as
 `multi_modal_data`; vLLM expands the placeholders itself, and its expansion must equal the prompt's expanded ids
-(what the trajectory carries and the learner reads), which is checked. Weight pushes send the in-memory names;
+(what the trajectory carries and the learner reads), which is checked (streaming: a `Request`'s images the same
+way, checked at each attempt's first output; a recomputed sequence is re-added with its images, its tokens after
+them). Weight pushes send the in-memory names;
 vLLM's LLaVA maps them onto its own (opd.models.vllm_support); with `student.freeze_vision` only the language
 model's tensors are sent, the vision tower and projector never changing.
 The image placeholder id is never sampled (in a response it would be read as a slot for image features), as in the

@@ -23,6 +23,7 @@ pytest.importorskip("vllm", reason="vllm not installed: run scripts/setup_vllm_e
 pytestmark = pytest.mark.vllm
 
 ATOL = 1e-4
+BLOCK = 32  # vLLM's KV block: a prompt caches a prefix block only once it fills one
 UPDATES = (2, 4)  # steps before which a new weight version lands (versions 1, 2, ... in this order)
 
 
@@ -31,6 +32,9 @@ def engine(prepared):
     from actors.engines.vllm import VLLMEngine
 
     cfg = load_config(TINY, [f"run.cache_dir={prepared}", "actor.engine=vllm", "actor.generation=stream"])
+    cfg.actor.vllm.engine_kwargs = {
+        "block_size": BLOCK
+    }  # CPU default 128: longer than the tiny model's context
     eng = VLLMEngine(cfg, ensure_assets(cfg))
     yield eng
     eng.close()
@@ -42,9 +46,9 @@ def _request(key: str, prompt: list[int], seed: int):
     return Request(key=key, prompt_ids=prompt, images=None, seed=seed)
 
 
-def _random_prompts(tok, count: int, seed: int) -> list[list[int]]:
+def _random_prompts(tok, count: int, seed: int, length: int = 11) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    return [[tok.bos_token_id, *rng.integers(3, len(tok), size=10).tolist()] for _ in range(count)]
+    return [[tok.bos_token_id, *rng.integers(3, len(tok), size=length - 1).tolist()] for _ in range(count)]
 
 
 def _new_weights(engine, seed: int) -> torch.nn.Module:
@@ -201,3 +205,43 @@ def test_abort_drops_everything_in_flight(engine):
             assert key not in done
             done[key] = smp
     assert sorted(done) == [str(i) for i in range(len(prompts))]
+
+
+def _run(engine, key: str, prompt: list[int], seed: int):
+    engine.start(_request(key, prompt, seed))
+    while True:
+        for k, smp in engine.step():
+            if k == key:
+                return smp
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_continue_update_keeps_new_sequences_off_stale_prefix_blocks(engine, keep):
+    """on_new_weights: continue lands an update while sequences run, when vLLM cannot reset its prefix cache.
+    A sequence started after it on a prompt whose prefix block the old weights cached must not read that block
+    (actor.keep_kv_cache: false): its logprobs are the new weights'. With keep_kv_cache it reads it, which shows
+    the block really was there to be read."""
+    engine.cfg.actor.on_new_weights = "continue"
+    engine.cfg.actor.keep_kv_cache = keep
+    engine.cfg.sampling.max_new_tokens = 10
+    engine.cfg.sampling.temperature = 1.0
+    tok = engine.tokenizer
+    (cached,) = _random_prompts(tok, 1, seed=4, length=BLOCK + 8)
+    try:
+        _run(engine, "warm", cached, seed=0)  # its first block is now cached, computed by the current weights
+        for i, p in enumerate(_random_prompts(tok, 4, seed=5)):
+            engine.start(_request(f"run{i}", p, seed=i))
+        engine.step()
+        _new_weights(engine, seed=7)
+        engine.sync_weights(engine.version + 1)
+        assert engine.inflight() > 0, "nothing in flight at the update: vLLM would simply reset its cache"
+        smp = _run(engine, "after", cached, seed=1)
+        (ref,), _, _ = response_logprobs(engine.model, [(cached, smp.response_ids)], pad_id=tok.pad_token_id)
+        gap = float(np.abs(np.asarray(smp.behaviour_logprobs) - ref.numpy()).max())
+        if keep:
+            assert gap > 1e-3, "the prefix block was not reused: this test would not see a stale read"
+        else:
+            assert gap < ATOL
+    finally:
+        engine.abort()
+        engine.cfg.actor.keep_kv_cache = False
