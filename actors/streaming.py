@@ -62,6 +62,7 @@ class StreamLoop:
         self.admitted = 0
         self.paused_since: float | None = None  # the staleness pause, while it holds back admission
         self.tokens_restarted_seen = 0
+        self.caught_up = False  # holds the learner's weights (or fresh enough ones) since it started
 
     def run(self) -> None:
         a = self.actor
@@ -90,8 +91,11 @@ class StreamLoop:
         a = self.actor
         if self.max_inflight - a.engine.inflight() < self.n or a.outbox.blocking():
             return False
-        if a.follower.version < a.follower.learner_version() and not a._snapshot_weights_fresh():
-            return False  # a restarted actor: its samples at old weights would be dropped as stale
+        if not self.caught_up:  # a (re)started actor: its samples at old weights would be dropped as stale
+            if a.follower.version < a.follower.learner_version() and not a._snapshot_weights_fresh():
+                return False
+            # from here on the staleness pause bounds the lag (and each step saves a store read)
+            self.caught_up = True
         ahead = a.versions_ahead() >= a.cfg.learner.max_staleness + 1
         now = time.perf_counter()
         if ahead and self.paused_since is None:
