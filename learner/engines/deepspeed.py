@@ -145,6 +145,23 @@ def ds_config(cfg: Config) -> dict:
     }
 
 
+def _partition_float64(deepspeed, model: torch.nn.Module, cfg: Config) -> None:
+    """Partition a float64 model for ZeRO-3 here, naming float32 as the dtype, as DeepSpeed would have done itself.
+
+    ZeRO-3 turns the model's parameters into partitioned ones with `deepspeed.zero.Init(module=...)`, handing it
+    the dtype of the model's first parameter, and Init refuses any but half, bfloat16 and float32. Whether float64
+    passed depended on the CPU: DeepSpeed (0.19.8) honours the dtype given to Init only where its accelerator
+    reports float16 support (on CPU, oneDNN float16: AVX512-FP16 or AMX-FP16); elsewhere it silently takes
+    bfloat16. With a module that dtype casts nothing (it applies to tensors created inside `with Init()`), so
+    where the assertion did not stop it the model trained as float64 weights over ZeRO's float32 master weights.
+    Named float32, Init accepts it on every CPU and GPU, and DeepSpeed's own call then finds the parameters
+    already partitioned. Only float64 models (the rank-equivalence tests) take this path: their forward stays
+    float64, so one rank and two agree to float64 precision before the first update."""
+    if not any(p.dtype == torch.float64 for p in model.parameters()):
+        return
+    deepspeed.zero.Init(module=model, config_dict_or_path=ds_config(cfg), dtype=torch.float32)
+
+
 class DeepSpeedEngine(Engine):
     per_rank_state = True  # each rank writes and reads its own ZeRO shards
     reshards = True  # through DeepSpeed's universal checkpoint (module docstring)
@@ -158,6 +175,8 @@ class DeepSpeedEngine(Engine):
         self._zero = deepspeed.zero
         _ensure_default_group(self.lc.device)
         lc = self.lc
+        if lc.deepspeed.zero_stage == 3:
+            _partition_float64(deepspeed, model, cfg)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay
         )
