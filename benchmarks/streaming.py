@@ -48,7 +48,11 @@ Assumptions (each one is a choice; BENCHMARKS.md "Streaming actors" repeats them
    within a group). Prompts have `--prompt-tokens` tokens. All three policies see the same prompts and lengths in
    the same order (one seeded stream per run).
 8. One actor, one scorer, one learner; no broker latency, no failures; the actor's publication, the scorer's
-   appends and the learner's intake take no time.
+   appends and the learner's intake take no time. Events at the same instant run in the order they were
+   scheduled; in particular a scorer that has just appended reads the rollouts stream before the actor's next
+   step boundary moves its outbox in (the real scorer's read returns at once; the actor flushes once per decode
+   step). Letting the actor flush first changes which fragments the scorer takes, not the result (checked:
+   (c)'s trained tokens/s within 6%, once, with costs close to the stored ones).
 9. Service times: calibrated from a real plain `opd run configs/tiny.yaml` with `pipeline.mode=sync` (each stage
    alone on the CPU, as pipeline.py calibrates): decode_step_s = actor generate_seconds / (batches x
    sampling.max_new_tokens) (the real sampler's forward passes per batch, the first of which is the prefill, so
@@ -79,6 +83,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -91,6 +96,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.pipeline import CONFIG, REPO, run_opd, steady  # noqa: E402
 
+RESULTS = REPO / "benchmarks" / "results"
 Z99 = 2.3263  # the standard normal's 99th percentile: p99/p50 of a log-normal = exp(sigma * Z99)
 
 
@@ -106,15 +112,15 @@ class Costs:
     actor_apply_s: float  # the actor loading a received version into its engine
 
 
-# Calibrated from a plain sync run of configs/tiny.yaml on this project's 2-core CPU (`--calibrate-only` prints a
-# fresh set; BENCHMARKS.md gives the run): what --no-calibrate and --smoke use.
+# The costs calibrated for BENCHMARKS.md's table (a plain sync run of configs/tiny.yaml, 50 steps, on this project's
+# 2-core CPU; `--calibrate-only` measures a fresh set): what --no-calibrate and --smoke use.
 DEFAULT_COSTS = Costs(
-    decode_step_s=0.0166,
-    prefill_s_per_token=0.0166 / 64,
-    scorer_s_per_token=0.00047,
-    learner_s_per_token=0.00057,
-    learner_sync_s=0.0075,
-    actor_apply_s=0.0045,
+    decode_step_s=0.009281,
+    prefill_s_per_token=0.009281 / 64,
+    scorer_s_per_token=0.0003452,
+    learner_s_per_token=0.0003654,
+    learner_sync_s=0.00764,
+    actor_apply_s=0.006986,
 )
 
 
@@ -491,6 +497,9 @@ def measure(pipe: Pipeline) -> dict:
         "versions_per_trajectory_mean": sum(versions) / len(versions),
         "dropped_stale_trajectories": len(dropped),
         "dropped_stale_tokens": sum(q.length for q in dropped),
+        # which ones: the oldest-token rule drops sequences that decoded across many versions, the long ones
+        "dropped_mean_length": sum(q.length for q in dropped) / len(dropped) if dropped else 0.0,
+        "trained_mean_length": tokens / sum(len(r["trajectory_lags"]) for r in steps),
         "slot_occupancy": busy_steps / slot_steps if slot_steps else 0.0,
         "actor_decoding_fraction": decoding / seconds,
         "actor_applying_fraction": applying / seconds,
@@ -569,6 +578,8 @@ def sweep(setup: Setup, costs: Costs, steps: int) -> list[dict]:
                     "token_lag_mean",
                     "token_lag_max",
                     "dropped_stale_tokens",
+                    "dropped_mean_length",
+                    "trained_mean_length",
                     "slot_occupancy",
                 )
             }
@@ -584,16 +595,17 @@ def sweep(setup: Setup, costs: Costs, steps: int) -> list[dict]:
 
 def print_sweep(rows: list[dict]) -> None:
     print("\n| change (seed 0) | trained tok/s (a) / (b) / (c) | (c)/(a) | token lag mean (a) / (b) / (c) "
-          "| token lag max (a) / (b) / (c) | learner wait (a) / (b) / (c) | dropped tokens (c) |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| token lag max (a) / (b) / (c) | learner wait (a) / (b) / (c) | dropped tokens (c) "
+          "| mean length dropped / trained (c) |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        ms = [r[n] for n in POLICIES]
+        ms, c = [r[n] for n in POLICIES], r["stream_inflight"]
         change = ", ".join(f"{k} {v:g}" for k, v in r["change"].items())
         print(
             f"| {change} | {slash(ms, 'trained_tokens_per_s', '.0f')} | {r['c_over_a']:.2f} "
             f"| {slash(ms, 'token_lag_mean', '.2f')} | {slash(ms, 'token_lag_max', 'd')} "
             f"| {slash(ms, 'learner_wait_fraction', '.2f')} "
-            f"| {100 * r['stream_inflight']['dropped_token_share']:.1f}% |"
+            f"| {100 * c['dropped_token_share']:.1f}% | {c['dropped_mean_length']:.0f} / {c['trained_mean_length']:.0f} |"
         )
 
 
@@ -867,7 +879,12 @@ def length_facts(setup: Setup, seed: int, count: int = 20000) -> dict:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "streaming.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default benchmarks/results/streaming.json (--real: streaming_real.json)",
+    )
     p.add_argument("--p50", type=float, default=Setup.p50, help="median response length (tokens)")
     p.add_argument("--p99-over-p50", type=float, default=Setup.p99_over_p50, help="the tail: p99 / p50")
     p.add_argument("--max-new-tokens", type=int, default=Setup.max_new_tokens, help="lengths clipped here")
@@ -880,7 +897,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip", type=int, default=Setup.skip, help="warm-up steps left out")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per policy")
     p.add_argument("--no-calibrate", action="store_true", help="use the stored DEFAULT_COSTS")
-    p.add_argument("--calibration-steps", type=int, default=30, help="learner steps of the calibration run")
+    p.add_argument("--calibrate-only", action="store_true", help="print the calibrated costs and stop")
+    p.add_argument("--calibration-steps", type=int, default=50, help="learner steps of the calibration run")
     p.add_argument("--cache-dir", default=".cache/opd", help="run.cache_dir for real runs")
     p.add_argument("--smoke", action="store_true", help="stored costs, 30 steps, 1 seed: checks the script")
     p.add_argument("--real", action="store_true", help="real opd runs: actor.generation batch vs stream")
@@ -893,8 +911,48 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def simulation(args: argparse.Namespace, res: dict, work: Path) -> bool:
+    """The simulated benchmark into `res`; False when only calibrating."""
+    setup = Setup(
+        max_inflight=args.max_inflight,
+        max_depth=args.max_depth,
+        max_staleness=args.max_staleness,
+        sync_every=args.sync_every,
+        prompt_tokens=args.prompt_tokens,
+        p50=args.p50,
+        p99_over_p50=args.p99_over_p50,
+        max_new_tokens=args.max_new_tokens,
+        steps=args.steps,
+        skip=args.skip,
+    )
+    if args.no_calibrate:  # prefill follows max_inflight (assumption 9)
+        costs = replace(DEFAULT_COSTS, prefill_s_per_token=DEFAULT_COSTS.decode_step_s / setup.slots)
+        res["costs_source"] = "stored defaults"
+    else:
+        print(
+            f"calibrating: a plain sync run of {CONFIG.name}, {args.calibration_steps} steps ...", flush=True
+        )
+        costs, res["calibration"] = calibrate(args.cache_dir, args.calibration_steps, 5, work, setup)
+        print(costs, f"(load 1 min {res['calibration']['load_1min_mean']:.1f})", flush=True)
+        if args.calibrate_only:
+            return False
+        res["costs_source"] = "calibrated from a plain sync run of configs/tiny.yaml"
+    seeds = list(range(args.seeds))
+    res.update(setup=asdict(setup), slots=setup.slots, depth=setup.depth, costs=asdict(costs), seeds=seeds)
+    res["lengths"] = length_facts(setup, 0)
+    res["modes"] = simulate(setup, costs, seeds)
+    res["ratios"] = ratios(res["modes"])
+    res["sweep_steps"] = min(args.steps, 80)
+    res["sweep"] = sweep(setup, costs, res["sweep_steps"])
+    res["load_after"] = list(os.getloadavg())
+    print_tables(res)
+    print_sweep(res["sweep"])
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    out = args.out or RESULTS / ("streaming_real.json" if args.real else "streaming.json")
     started, work = time.time(), Path(tempfile.mkdtemp(prefix="opd-bench-streaming-"))
     res: dict = {
         "benchmark": "streaming_real" if args.real else "streaming",
@@ -903,59 +961,24 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": list(os.getloadavg()),
         "smoke": args.smoke,
     }
-    if args.real:
-        res["skip"] = args.skip
-        res["runs"] = real_runs(args, work)
-        res["load_after"] = list(os.getloadavg())
-        print_real(res["runs"])
-    else:
-        setup = Setup(
-            max_inflight=args.max_inflight,
-            max_depth=args.max_depth,
-            max_staleness=args.max_staleness,
-            sync_every=args.sync_every,
-            prompt_tokens=args.prompt_tokens,
-            p50=args.p50,
-            p99_over_p50=args.p99_over_p50,
-            max_new_tokens=args.max_new_tokens,
-            steps=args.steps,
-            skip=args.skip,
-        )
-        if args.no_calibrate:
-            costs, res["costs_source"] = replace(DEFAULT_COSTS), "stored defaults"
-        else:
-            print(
-                f"calibrating: a plain sync run of {CONFIG.name}, {args.calibration_steps} steps ...",
-                flush=True,
-            )
-            costs, res["calibration"] = calibrate(args.cache_dir, args.calibration_steps, 5, work, setup)
-            res["costs_source"] = "calibrated from a plain sync run of configs/tiny.yaml"
-        if costs.prefill_s_per_token == DEFAULT_COSTS.prefill_s_per_token and setup.slots != 64:
-            costs = replace(costs, prefill_s_per_token=costs.decode_step_s / setup.slots)
-        seeds = list(range(args.seeds))
-        res.update(
-            setup=asdict(setup), slots=setup.slots, depth=setup.depth, costs=asdict(costs), seeds=seeds
-        )
-        res["lengths"] = length_facts(setup, 0)
-        res["modes"] = simulate(setup, costs, seeds)
-        res["ratios"] = ratios(res["modes"])
-        res["sweep_steps"] = min(args.steps, 80)
-        res["sweep"] = sweep(setup, costs, res["sweep_steps"])
-        res["load_after"] = list(os.getloadavg())
-        print_tables(res)
-        print_sweep(res["sweep"])
+    try:
+        if args.real:
+            res["skip"] = args.skip
+            res["runs"] = real_runs(args, work)
+            res["load_after"] = list(os.getloadavg())
+            print_real(res["runs"])
+        elif not simulation(args, res, work):
+            return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     res["wall_seconds"] = time.time() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
-    print(f"\nwrote {args.out}", end="")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"\nwrote {out}", end="")
     if not args.real:
-        png = args.out.with_suffix(".png")
-        plot(res, png)
-        print(f" and {png}", end="")
+        plot(res, out.with_suffix(".png"))
+        print(f" and {out.with_suffix('.png')}", end="")
     print(f" in {res['wall_seconds']:.0f}s")
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
