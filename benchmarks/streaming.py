@@ -200,7 +200,7 @@ class Seq:
 
 
 class Sim:
-    """The event loop: a heap of (time, order, action); `wake` runs a component's action at the current time."""
+    """The event loop: a heap of (time, order, action); ties run in the order they were scheduled."""
 
     def __init__(self) -> None:
         self.now, self._order, self._heap = 0.0, 0, []
@@ -224,6 +224,8 @@ class Pipeline:
                 "broker.max_depth must hold a learner batch and max_inflight a group (opd/config)"
             )
         self.s, self.c, self.p = setup, costs, policy
+        # slots a decode step has: the batch actor's batch, or max_inflight
+        self.width = setup.prompts_per_batch * setup.n if policy.admit == "batch" else setup.slots
         self.sim = Sim()
         self.lengths = random.Random(seed)
         self.sigma = math.log(setup.p99_over_p50) / Z99
@@ -474,7 +476,7 @@ def measure(pipe: Pipeline) -> dict:
         share = overlap(start, end, t0, t1) / (end - start)
         generated += busy * share
         busy_steps += busy * share
-        slot_steps += s.slots * share
+        slot_steps += pipe.width * share
     decoding = sum(overlap(a, b, t0, t1) for a, b, _ in pipe.decode_log)
     applying = sum(overlap(a, b, t0, t1) for a, b, _ in pipe.actor_log)
     wait = sum(r["wait_s"] for r in steps)
@@ -523,7 +525,7 @@ def timeline(pipe: Pipeline, t0: float, t1: float, bins: int = 200) -> list[list
         while k < len(logs) and logs[k][0] < hi:
             acc += overlap(logs[k][0], logs[k][1], lo, hi) * logs[k][2]
             k += 1
-        out.append([round(lo - t0, 3), round(acc / (width * pipe.s.slots), 4)])
+        out.append([round(lo - t0, 3), round(acc / (width * pipe.width), 4)])
     return out
 
 
@@ -727,6 +729,29 @@ def lag_figures(records: list[dict], skip: int) -> dict:
     }
     if out["lag_counts_tokens"]:
         out["versions_per_trajectory"] = sum(r["versions_per_trajectory"] for r in steps) / len(steps)
+    return out
+
+
+def real_summary(real: dict) -> dict:
+    """Per actor the mean over seeds, and stream over batch."""
+
+    def mean(runs: list[dict], key: str) -> float:
+        return sum(r[key] for r in runs) / len(runs)
+
+    out = {
+        mode: {
+            "student_accuracy_after": mean(runs, "student_accuracy_after"),
+            "student_accuracy_after_per_seed": [r["student_accuracy_after"] for r in runs],
+            "trained_tokens_per_s": mean(runs, "trained_tokens_per_s"),
+            "wait_fraction": mean(runs, "wait_fraction"),
+            "lag_mean": mean(runs, "lag_mean"),
+            "lag_max": max(r["lag_max"] for r in runs),
+        }
+        for mode, runs in real.items()
+    }
+    out["stream_over_batch_trained_tokens_per_s"] = (
+        out["stream"]["trained_tokens_per_s"] / out["batch"]["trained_tokens_per_s"]
+    )
     return out
 
 
@@ -965,8 +990,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.real:
             res["skip"] = args.skip
             res["runs"] = real_runs(args, work)
+            res["summary"] = real_summary(res["runs"])
             res["load_after"] = list(os.getloadavg())
             print_real(res["runs"])
+            print(json.dumps(res["summary"], indent=1))
         elif not simulation(args, res, work):
             return 0
     finally:
