@@ -1,4 +1,7 @@
-"""Student actor: sample trajectories with behaviour logprobs, publish them, take new weights between batches."""
+"""Student actor: sample trajectories with behaviour logprobs, publish them, take new weights.
+
+Batch generation (the default) takes new weights between batches; stream generation (actors/streaming.py) between
+decode steps."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 
 from actors.engines import build_engine
 from actors.routing import Outbox, Router
+from actors.streaming import StreamLoop
 from opd import tasks
 from opd.config import Config
 from opd.images import ImageBlob
@@ -100,6 +104,7 @@ class Actor:
         self.skipped_while_down = 0
         self.broker.skip_to_end(self.control, self.name)  # before joining: the learner speaks once all joined
         self.follower = weight_follower(cfg, self.name, self.model)
+        self.max_draws = MAX_DRAWS  # prompts drawn per prompt wanted, at most, while a teacher is down
         self.problems = tasks.training_stream(cfg.task, seed=cfg.run.seed * 1000 + index, images=cfg.images)
         self.generator = torch.Generator(device=cfg.actor.device).manual_seed(cfg.run.seed * 1000 + index)
         self.batches = itertools.count()
@@ -230,6 +235,11 @@ class Actor:
             self.service_control()
             time.sleep(POLL_S)
             self.flush()
+        return self.track_down()
+
+    def track_down(self) -> set[str]:
+        """The teachers down now (their streams took no copy for supervision.liveness_s), saying which went
+        down or came back since the last look."""
         down = self.outbox.down()
         for name in sorted(down - self.down):
             log.warning(
@@ -248,10 +258,11 @@ class Actor:
         return down
 
     def _record(self, trajs: list[Trajectory]) -> None:
-        """`id<TAB>unix time` of what this actor published: the `generated` side of the run's accounting."""
+        """`id<TAB>unix time<TAB>group id` of what this actor published: the `generated` side of the run's
+        accounting (the group id shows a GRPO group entered the run whole)."""
         now = time.time()
         with open(self.ledger, "a") as fh:
-            fh.write("".join(f"{t.id}\t{now:.3f}\n" for t in trajs))
+            fh.write("".join(f"{t.id}\t{now:.3f}\t{t.group_id}\n" for t in trajs))
 
     def versions_ahead(self) -> float:
         """How many weight versions old a batch generated now would be when the learner reaches it: the
@@ -322,6 +333,22 @@ class Actor:
         return lag + self.versions_ahead() < self.cfg.learner.max_staleness
 
     def _loop(self) -> None:
+        if self.cfg.actor.generation == "stream":
+            StreamLoop(self).run()
+        else:
+            self._batch_loop()
+        self.flush()
+        if self.outbox.held():
+            log.info(
+                "stopping with %d copies not appended (teachers %s): a trajectory with no copy out never entered "
+                "the run; a mixture with one out is the learner's join timeout",
+                self.outbox.held(),
+                ", ".join(sorted(self.outbox.waiting)),
+            )
+        self.reporter.maybe_send(force=True, weight_version=self.follower.version, final=True)
+        log.info("stopping (%s) at weight version %d", self.stop.reason or "done", self.follower.version)
+
+    def _batch_loop(self) -> None:
         while not self.stop():
             self.service_control()
             down = self.wait_for_pools()  # the last batch's copies out first, as a blocking publish had them
@@ -347,16 +374,6 @@ class Actor:
             if self.cfg.pipeline.mode == "sync":
                 self.wait_for_pools()
                 self.wait_for_trained_weights(sampled_with)
-        self.flush()
-        if self.outbox.held():
-            log.info(
-                "stopping with %d copies not appended (teachers %s): a trajectory with no copy out never entered "
-                "the run; a mixture with one out is the learner's join timeout",
-                self.outbox.held(),
-                ", ".join(sorted(self.outbox.waiting)),
-            )
-        self.reporter.maybe_send(force=True, weight_version=self.follower.version, final=True)
-        log.info("stopping (%s) at weight version %d", self.stop.reason or "done", self.follower.version)
 
 
 def main(cfg: Config, index: int) -> int:

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
 from broker import Broker
 from learner.join import Copy, Entry, Held, Joiner, combine, foreign_teacher, is_joined, is_mixture
 from learner.losses import teacher_term
@@ -103,13 +105,24 @@ def _read_ledger(path: Path) -> set[str]:
 
 
 def lag(t: Trajectory, version: int) -> int:
-    """Versions between the learner's `version` and the oldest weights that produced any token of t."""
+    """Versions between the learner's `version` and the oldest weights that produced any token of t: what
+    `max_staleness` judges. A streaming actor's trajectory may mix versions (`token_versions`, non-decreasing from
+    policy_version, checked by the protocol); its oldest token decides, however fresh the rest."""
     oldest = (
         int(t.token_versions.min())
         if t.token_versions is not None and len(t.token_versions)
         else t.policy_version
     )
     return version - min(oldest, t.policy_version)
+
+
+def token_lags(t: Trajectory, version: int) -> np.ndarray:
+    """Each response token's lag, int64 (T,): the learner's `version` minus the version that sampled the token
+    (`token_versions`; policy_version for every token of a trajectory without them). The step's lag metrics
+    count these, so a sequence that crossed weight updates counts each of its tokens at its own lag."""
+    if t.token_versions is None:
+        return np.full(len(t.response_token_ids), version - t.policy_version, dtype=np.int64)
+    return version - t.token_versions.astype(np.int64)
 
 
 def _check_temperature(name: str, stamped: float | None, setting: str, configured: float, who: str) -> None:

@@ -19,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from broker import BrokerUnavailable
@@ -26,7 +27,7 @@ from learner.batching import Batch, collate
 from learner.commands import Follower, LeaderEngine, step_report
 from learner.engines import build_engine, engine_class
 from learner.evaluation import Evaluator
-from learner.intake import Contract, Intake, lag
+from learner.intake import Contract, Intake, token_lags
 from learner.join import joined_copies
 from learner.publishing import WeightPublisher, record_layout
 from learner.ranks import RankGroup, rendezvous
@@ -83,6 +84,27 @@ def alignment_figures(batch: list[Trajectory]) -> dict[str, float]:
     if matched:
         out["topk_matched_mass"] = sum(matched) / len(matched)
     return out
+
+
+def staleness_figures(
+    batch: list[Trajectory], version: int, max_staleness: int
+) -> dict[str, float | list[int]]:
+    """A step record's lag figures, counted in response tokens: a streaming actor's trajectory may mix weight
+    versions, so one trajectory's tokens can sit at several lags (learner/intake.py `token_lags`).
+
+    staleness_mean/_max: the mean and largest token lag; lag_histogram: tokens per lag 0, 1, ... (a negative lag,
+    weights newer than the learner's after a resume, counts as 0); versions_per_trajectory: the mean number of
+    distinct versions among a trajectory's tokens; mixed_version_trajectories: trajectories with more than one."""
+    lags = [token_lags(t, version) for t in batch]  # (T_i,) each
+    flat = np.concatenate(lags)
+    distinct = [len(np.unique(x)) for x in lags]
+    return {
+        "staleness_mean": float(flat.mean()),
+        "staleness_max": int(flat.max()),
+        "lag_histogram": np.bincount(np.maximum(flat, 0), minlength=max_staleness + 1).tolist(),
+        "versions_per_trajectory": sum(distinct) / len(distinct),
+        "mixed_version_trajectories": sum(n > 1 for n in distinct),
+    }
 
 
 def student_assets(cfg: Config) -> Assets:
@@ -281,17 +303,19 @@ class Learner:
         service_ms = self.cfg.pipeline.service_time.learner_ms_per_token
         pad_s = pad_to_service_time(t0, tokens, service_ms, self.stop.wait)
         step_s = time.perf_counter() - t0  # the update's whole duration, emulated service time included
-        lags = [lag(t, self.progress.version) for t in batch]
+        staleness = staleness_figures(batch, self.progress.version, lc.max_staleness)
         self.progress.record(
-            [t.id for t in batch], lags, [t.policy_version for t in batch], metrics["reverse_kl"]
+            [t.id for t in batch],
+            staleness["lag_histogram"],
+            [t.policy_version for t in batch],
+            metrics["reverse_kl"],
         )
         self.reporter.add(trajectories_trained=len(batch), tokens_trained=tokens, **teacher_shares(batch))
         return {
             **metrics,
-            "staleness_mean": sum(lags) / len(lags),
-            "staleness_max": max(lags),
-            "lag_histogram": [sum(max(g, 0) == i for g in lags) for i in range(lc.max_staleness + 1)],
+            **staleness,
             "dropped_stale": int(self.reporter.counters.get("dropped_stale", 0)),
+            "trajectories": len(batch),
             "tokens": tokens,
             "step_seconds": step_s,
             "service_pad_seconds": pad_s,

@@ -87,7 +87,7 @@ class Progress:
     version: int = 0
     trained: TrainedLedger = field(default_factory=TrainedLedger)
     kl_history: list[float] = field(default_factory=list)
-    lag_histogram: list[int] = field(default_factory=list)
+    lag_histogram: list[int] = field(default_factory=list)  # response tokens trained per lag 0, 1, ...
     max_policy_version: int = -1
     counters: dict[str, float] = field(
         default_factory=dict
@@ -98,10 +98,15 @@ class Progress:
         if not self.lag_histogram:
             self.lag_histogram = [0] * (self.max_staleness + 1)
 
-    def record(self, ids: list[str], lags: list[int], policy_versions: list[int], reverse_kl: float) -> None:
-        """Account for one trained batch."""
-        for lag in lags:
-            self.lag_histogram[max(lag, 0)] += 1
+    def record(
+        self, ids: list[str], lag_counts: list[int], policy_versions: list[int], reverse_kl: float
+    ) -> None:
+        """Account for one trained batch; `lag_counts`: its response tokens per lag 0, 1, ... (the step record's
+        lag_histogram), summed over the run for summary.json."""
+        if len(lag_counts) > len(self.lag_histogram):  # resumed with a larger max_staleness
+            self.lag_histogram.extend([0] * (len(lag_counts) - len(self.lag_histogram)))
+        for i, n in enumerate(lag_counts):
+            self.lag_histogram[i] += n
         self.max_policy_version = max(self.max_policy_version, *policy_versions)
         self.trained.extend(ids)
         self.kl_history.append(reverse_kl)
@@ -121,6 +126,8 @@ class Progress:
 
     @classmethod
     def from_json(cls, st: dict, max_staleness: int, resumed_from: str) -> Progress:
+        """A state.json's progress. One written before lag was counted per token holds trajectories per lag in
+        lag_histogram; it loads the same (a list per lag), and the steps after the resume add tokens to it."""
         return cls(
             max_staleness=max_staleness,
             step=st["step"],

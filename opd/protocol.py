@@ -69,7 +69,9 @@ class Trajectory:
     policy_version: int
     finish_reason: str = "length"
     behaviour_temperature: float = 1.0
-    token_versions: np.ndarray | None = None  # int32 (T,) when weights changed mid-generation
+    # int32 (T,): the weight version that sampled each response token (a streaming actor takes new weights while
+    # a sequence is in flight). Non-decreasing, and token_versions[0] == policy_version: the oldest token's version.
+    token_versions: np.ndarray | None = None
     teacher_logprobs: np.ndarray | None = None  # float32 (T,)
     teacher_topk_ids: np.ndarray | None = None  # int32 (T, k)
     teacher_topk_logprobs: np.ndarray | None = None  # float32 (T, k)
@@ -365,6 +367,28 @@ def _check_values(t: Trajectory, vocab_size: int | None) -> None:
                 )
 
 
+def _check_token_versions(t: Trajectory) -> None:
+    """Versions only grow while a sequence is generated, and policy_version names the one it started under: the
+    learner judges staleness by the oldest token (learner/intake.py `lag`), so a message whose first token is not
+    the oldest, or whose policy_version disagrees with it, would be judged by a version that sampled none of it."""
+    v = t.token_versions
+    if v is None:
+        return
+    lo, hi = int(v.min()), int(v.max())
+    if lo < 0 or hi >= MAX_POLICY_VERSION:
+        raise ProtocolError(f"token_versions has versions in [{lo}, {hi}] outside [0, 2**62)")
+    if len(v) > 1 and (np.diff(v.astype(np.int64)) < 0).any():
+        at = int(np.argmax(np.diff(v.astype(np.int64)) < 0)) + 1
+        raise ProtocolError(
+            f"token_versions decreases at token {at} ({int(v[at - 1])} -> {int(v[at])}): versions only grow"
+        )
+    if int(v[0]) != t.policy_version:
+        raise ProtocolError(
+            f"token_versions[0] {int(v[0])} != policy_version {t.policy_version}: policy_version is the version "
+            "of the oldest (first) token"
+        )
+
+
 def decode(
     data: bytes, *, vocab_size: int | None = None, require_scored: bool = False, max_bytes: int = 64 << 20
 ) -> Trajectory:
@@ -428,6 +452,7 @@ def _decode(data: bytes, vocab_size: int | None, require_scored: bool, max_bytes
     )
     _check_shapes(t)
     _check_values(t, vocab_size)
+    _check_token_versions(t)
     if require_scored and not t.is_scored:
         raise ProtocolError("trajectory has no teacher_logprobs; it must pass a teacher scorer first")
     return t

@@ -57,7 +57,7 @@ def accounting(out_dir: Path, url: str, *, label: str = "") -> dict:
     generated: dict[str, float] = {}
     for f in (out_dir / "ledger").glob("actor-*.generated"):
         for line in f.read_text().splitlines():
-            tid, when = line.split("\t")
+            tid, when = line.split("\t")[:2]
             generated[tid] = float(when)
     trained = lines(out_dir / "trained_ids.txt")
     stale_lines = lines(out_dir / "ledger" / "learner.dropped_stale")

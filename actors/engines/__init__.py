@@ -8,6 +8,12 @@ vision-language student, gives each prompt's `PromptImages` (None for a text pro
 holding one image id per image feature; and
 `sync_weights(version)`, called before each generation batch, which makes the sampler use the weights now in
 `model` if the version moved. Each engine is one file here and one line in `ENGINES`; engines are imported only when chosen.
+
+Stream generation (`actor.generation: stream`, actors/streaming.py) uses four more: `start(Request)` queues one
+sequence with its own seed; `step()` runs one decode step over every sequence in flight (prefilling those queued)
+and returns the ones that ended, their `Sample.token_versions` holding the version that sampled each token;
+`inflight()`; `abort()` drops everything in flight. `sync_weights` is then called between steps as well, and
+applies `actor.on_new_weights` to the sequences in flight.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Protocol
 
 import torch
 
+from actors.engines.request import Request
 from opd import registry
 from opd.config import Config
 from opd.models.builds import Assets
@@ -35,6 +42,14 @@ class StudentEngine(Protocol):
     ) -> list[Sample]: ...
 
     def sync_weights(self, version: int) -> None: ...
+
+    def start(self, request: Request) -> None: ...
+
+    def step(self) -> list[tuple[str, Sample]]: ...
+
+    def inflight(self) -> int: ...
+
+    def abort(self) -> int: ...
 
     def close(self) -> None: ...
 

@@ -236,6 +236,7 @@ class Config(Strict):
         self._cross_tokenizer_teachers_fit()
         self._ray_fits()
         self._sync_pipeline()
+        self._stream_fits()
         self._devices_fit_weight_sync()
         self._bf16_fits_cpu()
         if self.actor.engine == "vllm" and self.sampling.top_p < 1.0:
@@ -405,6 +406,27 @@ class Config(Strict):
             raise ValueError(
                 f"ray.num_cpus={r.num_cpus} is less than the components reserve at start ({detail}); "
                 "raise ray.num_cpus or lower ray.<role>.num_cpus"
+            )
+
+    def inflight(self) -> int:
+        """Sequences an actor keeps generating at once: actor.max_inflight in stream generation (its default,
+        and batch generation's batch, prompts_per_batch x sampling.n)."""
+        return self.actor.max_inflight or self.actor.prompts_per_batch * self.sampling.n
+
+    def _stream_fits(self) -> None:
+        """Stream generation admits a GRPO group whole (group rewards need all n), and has no batch for
+        lockstep to wait on."""
+        if self.actor.generation != "stream":
+            return
+        if self.inflight() < self.sampling.n:
+            raise ValueError(
+                f"actor.max_inflight {self.inflight()} is less than sampling.n {self.sampling.n}: a group of n is "
+                f"admitted whole; set actor.max_inflight >= {self.sampling.n}"
+            )
+        if self.pipeline.mode == "sync":
+            raise ValueError(
+                "pipeline.mode: sync needs actor.generation: batch (lockstep waits for the weights trained on "
+                "each batch; a streaming actor has no batch); set actor.generation: batch or pipeline.mode: async"
             )
 
     def _sync_pipeline(self) -> None:

@@ -224,6 +224,7 @@ def write_summary(
             else {}
         ),
         **_image_figures(state, time.time() - started),
+        **_stream_figures(state),
         "wall_seconds": time.time() - started,
         "interrupted": interrupted,
     }
@@ -245,6 +246,31 @@ def _image_figures(state: RunState, wall_s: float) -> dict:
         "bytes_per_trajectory": state.totals("rollout_bytes", "actor") / trajectories
         if trajectories
         else None,
+    }
+
+
+def _stream_figures(state: RunState) -> dict:
+    """Streaming actors (actors/streaming.py): the share of decode steps where a slot was busy, the mean wait
+    from a trajectory's last token to its publication (a group waits for its last member), and tokens per weight
+    version per trajectory (a trajectory's response tokens over the distinct versions that sampled them); nothing
+    for batch generation."""
+    slot_steps = state.totals("slot_steps", "actor")
+    if not slot_steps:
+        return {}
+    published = state.totals("trajectories_generated", "actor")
+    versions = state.totals("trajectory_versions", "actor")
+    return {
+        "stream": {
+            "slot_occupancy": state.totals("slot_busy_steps", "actor") / slot_steps,
+            "decode_steps": int(state.totals("decode_steps", "actor")),
+            "publish_delay_mean_s": state.totals("publish_delay_seconds", "actor") / published
+            if published
+            else None,
+            "versions_per_trajectory": versions / published if published else None,
+            "tokens_per_version": state.totals("tokens_generated", "actor") / versions if versions else None,
+            "sequences_dropped_at_stop": int(state.totals("sequences_dropped_at_stop", "actor")),
+            "tokens_restarted": int(state.totals("tokens_restarted", "actor")),
+        }
     }
 
 

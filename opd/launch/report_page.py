@@ -168,15 +168,23 @@ def _t0(f: RunFiles) -> float | None:
     return min(starts) if starts else None
 
 
+def trajectories_of(record: dict) -> int:
+    """Trajectories a learner step record trained. Records written before lag was counted per token lack
+    `trajectories`; their lag_histogram counted trajectories then."""
+    if "trajectories" in record:
+        return record["trajectories"]
+    return sum(record.get("lag_histogram") or [])
+
+
 def _draw_throughput(ax, f: RunFiles) -> str | None:
     t0 = _t0(f)
     trained = [
         (
             r["time"] - t0,
-            sum(r["lag_histogram"]) / max(r.get("step_seconds", 0) + r.get("wait_seconds", 0), 1e-9),
+            trajectories_of(r) / max(r.get("step_seconds", 0) + r.get("wait_seconds", 0), 1e-9),
         )
         for r in f.records
-        if "lag_histogram" in r and "time" in r
+        if ("trajectories" in r or "lag_histogram" in r) and "time" in r
     ]
     scored = [
         (r["time"] - t0, r["scored_total"] / r["seconds"])
@@ -274,8 +282,8 @@ def _draw_lag(ax, f: RunFiles) -> str | None:
     if not hist:
         return None
     ax.bar(range(len(hist)), hist)
-    ax.set(xlabel="lag (weight versions behind the learner)", ylabel="trajectories trained")
-    return "how stale the trained trajectories were"
+    ax.set(xlabel="lag (weight versions behind the learner)", ylabel="response tokens trained")
+    return "how stale the trained tokens were (each at the version that sampled it)"
 
 
 def _draw_wait(ax, f: RunFiles) -> str | None:

@@ -31,6 +31,7 @@ from rich.table import Table
 from broker import BrokerUnavailable
 from broker.base import WORK_STREAMS
 from opd.config import Config
+from opd.launch.report_page import trajectories_of
 from opd.launch.teacher_stats import JOIN_TIMEOUTS, TRAINED, per_teacher, pool_members
 from opd.protocol import ProtocolError, Streams, unpack_control
 from opd.runtime.broker import open_broker
@@ -220,7 +221,7 @@ def learner_table(state: TopState, max_steps: int) -> Table:
         "learner",
         ("step", "loss", "rev KL", "lag", "accuracy", "wait", "sync s"),
         f"rev KL: mean of the last steps (up to {KL_WINDOW}), as summary.json's reverse_kl_last; "
-        "lag: mean/max weight versions behind; wait: fraction of time waiting for data",
+        "lag: mean/max weight versions behind, over the trained tokens; wait: fraction of time waiting for data",
     )
     rec = state.last_step
     step = f"{rec['step']}/{max_steps}" if isinstance(rec.get("step"), int) else "-"
@@ -233,6 +234,31 @@ def learner_table(state: TopState, max_steps: int) -> Table:
         _num(state.wait_fraction(), ".2f"),
         _num(state.last_sync_s, ".3f"),
     )
+    return table
+
+
+def stream_table(state: TopState) -> Table | None:
+    """Streaming actors (actor.generation: stream): sequences in flight now, the share of decode steps where a
+    slot was busy, the mean wait from a trajectory's end to its publication, weight versions per trajectory.
+    None when no actor streams."""
+    actors = [n for n in sorted(state.history) if _role(n) == "actor" and state.total(n, "slot_steps")]
+    if not actors:
+        return None
+    table = _table(
+        "streaming actors",
+        ("component", "in flight", "busy", "publish s", "versions/traj"),
+        "busy: share of decode steps where a slot was busy; publish s: mean seconds from a trajectory's end to "
+        "its publication; versions/traj: weight versions that sampled one trajectory's tokens",
+    )
+    for name in actors:
+        published = state.total(name, "trajectories_generated") or 0
+        table.add_row(
+            name,
+            _num(state.latest(name).get("inflight"), "d"),
+            _num((state.total(name, "slot_busy_steps") or 0) / state.total(name, "slot_steps"), ".2f"),
+            _num((state.total(name, "publish_delay_seconds") or 0) / published if published else None, ".3f"),
+            _num((state.total(name, "trajectory_versions") or 0) / published if published else None, ".2f"),
+        )
     return table
 
 
@@ -304,6 +330,8 @@ def render(state: TopState, cfg: Config) -> Group:
     status = "finished" if state.finished else "running"
     head = f"opd top | run {cfg.run.run_id} | {status} | {state.source}"
     tables = [component_table(state), learner_table(state, cfg.learner.max_steps)]
+    if (stream := stream_table(state)) is not None:
+        tables.append(stream)
     ranks = ranks_table(state)
     if ranks is not None:
         tables.append(ranks)
@@ -374,7 +402,7 @@ def state_from_files(cfg: Config) -> TopState | None:
     tokens = trajs = 0
     for r in records:
         tokens += r.get("tokens", 0)
-        trajs += sum(r.get("lag_histogram") or [])
+        trajs += trajectories_of(r)
         state.ingest(
             {**r, "component": "learner", "uptime": r["time"] - start, "tokens_trained": tokens,
              "trajectories_trained": trajs}

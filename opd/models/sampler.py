@@ -23,6 +23,9 @@ class Sample:
     response_ids: list[int]
     behaviour_logprobs: list[float]
     finish_reason: str  # "stop" (EOS emitted) or "length"
+    # the weight version that sampled each token: set by streaming generation (opd.models.slots), where weights
+    # may change between two tokens of one sequence; None when one version sampled them all
+    token_versions: list[int] | None = None
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +38,7 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: str) -> tuple[torch
     return ids, mask
 
 
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero the tail outside the smallest set whose mass reaches top_p (renormalised by multinomial)."""
     sorted_p, order = probs.sort(dim=-1, descending=True)
     before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
@@ -43,7 +46,7 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, order, sorted_p)
 
 
-def _cache_keyword(model: torch.nn.Module) -> str:
+def cache_keyword(model: torch.nn.Module) -> str:
     """The name this model's forward takes its KV cache by: transformers 5.x renames `past_key_values` to `cache`
     model by model, and the old name raises a FutureWarning, which in a crashed actor's log was the whole tail the
     launcher showed instead of the error. Models not yet renamed (or wrapped behind `**kwargs`) keep the old name."""
@@ -85,7 +88,7 @@ def sample(
     out_lp = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     past, step_ids, step_pos = None, ids, positions
-    cache_kw = _cache_keyword(model)
+    cache_kw = cache_keyword(model)
     vocab = real_vocab(model)
     never = never_sampled(model)
     for t in range(max_new_tokens):
@@ -107,7 +110,7 @@ def sample(
             logp = torch.log_softmax(logits / temperature, -1)
             probs = logp.exp()
             if top_p < 1.0:
-                probs = _top_p_filter(probs, top_p)
+                probs = top_p_filter(probs, top_p)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         out_ids[:, t] = token

@@ -31,7 +31,8 @@ from opd.runtime.broker import open_broker
 from opd.runtime.prometheus import exporter_for
 
 log = logging.getLogger("opd")
-HEARTBEAT_GAUGES = ("weight_version",)  # gauges a heartbeat repeats, so the newest record always carries them
+# gauges a heartbeat repeats, so the newest record always carries them
+HEARTBEAT_GAUGES = ("weight_version", "inflight")
 # Set by `opd run` for the processes it starts: a file that exists once the run's models have been found or built
 # (see wait_for_models). A component started by hand has no such variable and loads its models at once.
 MODELS_READY_ENV = "OPD_MODELS_READY"

@@ -16,6 +16,7 @@ the run's config (anything else is counted as `other`), so their number is bound
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from opd.config import Config
 from opd.protocol import DEFAULT_TEACHER
@@ -52,6 +55,12 @@ COUNTER_MAP: dict[str, tuple[str, dict[str, str]]] = {
     "generate_seconds": ("busy_seconds", {"stage": "generate"}),
     "score_seconds": ("busy_seconds", {"stage": "score"}),
     "staleness_pause_seconds": ("staleness_pause_seconds", {}),
+    # stream generation (actors/streaming.py)
+    "slot_steps": ("slot_steps", {"kind": "total"}),
+    "slot_busy_steps": ("slot_steps", {"kind": "busy"}),
+    "publish_delay_seconds": ("publish_delay_seconds", {}),
+    "trajectory_versions": ("trajectory_versions", {}),
+    "sequences_dropped_at_stop": ("sequences_dropped", {}),
     # a teacher of another tokenizer (teacher_scorers/backends/cross_tokenizer.py)
     "alignment_failures": ("errors", {"kind": "alignment_failure"}),
     "alignment_responses": ("alignment", {"quantity": "responses"}),
@@ -175,6 +184,52 @@ def write_port_map(cfg: Config, out_dir: Path) -> dict[str, int]:
     return ports
 
 
+class LagHistogram:
+    """opd_lag_versions: response tokens trained per lag (weight versions behind the learner), as a histogram.
+
+    A step's lag_histogram holds one count per token (hundreds of thousands with long responses), and
+    Histogram.observe takes one sample at a time, so the cumulative counts are kept here and exposed as a
+    histogram family: adding a step costs one pass over its max_staleness + 1 counts. The series appears with the
+    first step, as a labelled Histogram's would."""
+
+    NAME = "opd_lag_versions"
+    HELP = "Staleness of trained response tokens in weight versions (each at the version that sampled it)."
+
+    def __init__(self, component: str, max_staleness: int, registry: CollectorRegistry):
+        self.component = component
+        self.counts = [0] * (max_staleness + 1)  # tokens at lag 0..max_staleness; a larger lag counts in +Inf
+        self.beyond = 0
+        self.sum = 0.0
+        self.stepped = False
+        registry.register(self)
+
+    def add(self, counts: list[int]) -> None:
+        """One step record's lag_histogram: tokens per lag 0, 1, ..."""
+        self.stepped = True
+        for lag, n in enumerate(counts):
+            if lag < len(self.counts):
+                self.counts[lag] += int(n)
+            else:
+                self.beyond += int(n)
+            self.sum += lag * int(n)
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.NAME, self.HELP, labels=["component"])
+
+    def describe(self):
+        yield self._family()
+
+    def collect(self):
+        family = self._family()
+        if self.stepped:
+            cumulative = list(itertools.accumulate(self.counts))
+            buckets = [(floatToGoString(float(le)), n) for le, n in enumerate(cumulative)]
+            family.add_metric(
+                [self.component], [*buckets, ("+Inf", cumulative[-1] + self.beyond)], sum_value=self.sum
+            )
+        yield family
+
+
 class Exporter:
     """One component's metric families in a private registry (so tests can build several in one process)."""
 
@@ -256,6 +311,36 @@ class Exporter:
         self.staleness_pause_seconds = Counter(
             "opd_staleness_pause_seconds", "Seconds an actor paused to bound staleness.", c, registry=r
         )
+        # Stream generation (actors/streaming.py): slot occupancy, the wait from a trajectory's end to its
+        # publication, weight versions per trajectory, sequences in flight.
+        self.slot_steps = Counter(
+            "opd_actor_slot_steps",
+            "Decode steps x slots (kind: total) and the slots busy in them (kind: busy): rate(busy) / rate(total) "
+            "is the share of decode steps where a slot was busy.",
+            [*c, "kind"],
+            registry=r,
+        )
+        self.publish_delay_seconds = Counter(
+            "opd_actor_publish_delay_seconds",
+            "Seconds from a trajectory's last token to its publication, summed (a group waits for its last "
+            "member): over rate(opd_trajectories{stage='generated'}), the mean delay.",
+            c,
+            registry=r,
+        )
+        self.trajectory_versions = Counter(
+            "opd_actor_trajectory_versions",
+            "Distinct weight versions among the tokens of each published trajectory, summed: "
+            "rate(opd_tokens{stage='generated'}) over it is the tokens per version per trajectory.",
+            c,
+            registry=r,
+        )
+        self.sequences_dropped = Counter(
+            "opd_actor_sequences_dropped",
+            "Sequences in flight dropped at stop (actor.on_stop: drop), never published.",
+            c,
+            registry=r,
+        )
+        self.inflight = Gauge("opd_actor_inflight", "Sequences an actor has generating now.", g, registry=r)
         # Learner-only families carry the component label too: a labelled family shows no sample until it is
         # set, so an actor exports no fake zeros and accuracy is absent (not 0) before the first evaluation.
         self.wait_seconds = Counter(
@@ -281,13 +366,7 @@ class Exporter:
             buckets=SYNC_SECONDS_BUCKETS,
             registry=r,
         )
-        self.lag = Histogram(
-            "opd_lag_versions",
-            "Staleness of trained samples in weight versions.",
-            c,
-            buckets=tuple(float(i) for i in range(max_staleness + 1)),
-            registry=r,
-        )
+        self.lag = LagHistogram(component, max_staleness, r)
         self.queue_depth = Gauge(
             "opd_queue_depth", "Entries held in a broker stream.", [*g, "stream"], registry=r
         )
@@ -369,6 +448,8 @@ class Exporter:
         """Reporter.maybe_send's extra fields (weight version and the like)."""
         if isinstance(fields.get("weight_version"), int | float):
             self.weight_version.labels(self.component).set(fields["weight_version"])
+        if isinstance(fields.get("inflight"), int | float):
+            self.inflight.labels(self.component).set(fields["inflight"])
 
     def step(self, record: dict[str, Any], depths: dict[str, int]) -> None:
         """The learner's per-step record (the one written to metrics.jsonl) and the queue depths at that moment."""
@@ -390,10 +471,8 @@ class Exporter:
         self._last_step_end = now
         if isinstance(record.get("weight_sync_seconds"), int | float):
             self.weight_sync_seconds.labels(self.component).observe(record["weight_sync_seconds"])
-        lag = self.lag.labels(self.component)
-        for value, count in enumerate(record.get("lag_histogram") or []):
-            for _ in range(int(count)):
-                lag.observe(value)
+        if isinstance(record.get("lag_histogram"), list):
+            self.lag.add(record["lag_histogram"])
         skipped = record.get("skipped_steps")
         if isinstance(skipped, int | float) and skipped > self._skipped_seen:  # a running total in the record
             self.labels("errors", kind="skipped_step").inc(skipped - self._skipped_seen)

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from opd.config import Config
 from opd.models.builds import Assets, load_asset
-from opd.models.sampler import _cache_keyword
+from opd.models.sampler import cache_keyword
 from opd.models.vision import batch_pixels, check_same_vision, load_vision
 from opd.models.vocab import real_logits, real_vocab
 from opd.protocol import Trajectory
@@ -91,7 +91,7 @@ def prefix_kv(model: torch.nn.Module, prefix: list[int]) -> KV | None:
     """Keys and values of one forward of `prefix`, per layer; None when the model's cache is not a plain one
     (sliding-window or other layers that could not simply be repeated for a batch)."""
     device = next(model.parameters()).device
-    kw = _cache_keyword(model)
+    kw = cache_keyword(model)
     out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{kw: DynamicCache()})
     cache = out.cache if kw == "cache" else out.past_key_values
     layers = getattr(cache, "layers", None)
@@ -123,7 +123,7 @@ def teacher_rows_after_prefix(
     positions = torch.arange(P, P + L, device=device).expand(B, L)  # right padding: real tokens start at P
     # expand() is a view: the cache concatenates new keys onto a copy, so the stored prefix is never written
     cache = DynamicCache([(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv])
-    kw = _cache_keyword(model)
+    kw = cache_keyword(model)
     images = (
         {} if pixel_values is None else {"pixel_values": pixel_values.to(device)}
     )  # image ids follow the prefix

@@ -254,7 +254,8 @@ def test_each_loss_and_correction_runs(prepared, tmp_path, overrides):
         assert all(r[k] == r[k] for k in ("loss", "grad_norm", "importance_weight", "reverse_kl"))  # not NaN
         assert 0.0 <= r["clip_fraction"] <= 1.0 and 0.0 <= r["masked_fraction"] <= 1.0
         assert 0.0 <= r["topk_overlap"] <= 1.0 and r["teacher_topk_mass"] <= 1.0 + 1e-4
-        assert r["staleness_max"] <= cfg["max_staleness"] and sum(r["lag_histogram"]) == 32
+        assert r["staleness_max"] <= cfg["max_staleness"] and r["trajectories"] == 32
+        assert sum(r["lag_histogram"]) == r["tokens"]  # response tokens per lag
         if cfg["loss"] == "hybrid":  # each term's correction metrics under its own name (issue 13, defect 4)
             assert 0.0 <= r["rl_clip_fraction"] <= 1.0 and r["distill_clip_fraction"] == 0.0
     from transformers import AutoModelForCausalLM
@@ -278,8 +279,9 @@ def test_staleness_bound_drops_and_counts(prepared, tmp_path):
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
     s = json.loads((out_dir / "summary.json").read_text())
-    assert s["learner_steps"] == 6 and s["lag_histogram"] == [6 * 32]
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert s["learner_steps"] == 6 and s["lag_histogram"] == [sum(r["tokens"] for r in records)]
+    assert [r["trajectories"] for r in records] == [32] * 6
     assert all(r["staleness_max"] == 0 for r in records)
     assert s["max_policy_version_trained"] >= 1  # trained on samples of updated weights, not only version 0
     assert s["trajectories_generated"] >= s["trajectories_trained"] + s["dropped_stale"]

@@ -1,6 +1,6 @@
 """Random faults, seeded, on one `opd run` over a durable Redis (AOF, appendfsync everysec), then the books by id.
 
-Two actors and two scorers train while a seeded random schedule (random order, random gaps) SIGKILLs or SIGTERMs
+Two streaming actors (`actor.generation: stream`: kills land mid-sequence and mid-group) and two scorers train while a seeded random schedule (random order, random gaps) SIGKILLs or SIGTERMs
 a worker and starts it again as a user would (`opd actor|scorer --index i`, unless the launcher replaced it
 itself), SIGSTOPs a worker for a few seconds, SIGKILLs the learner and resumes the run (`opd run ... --resume`),
 SIGKILLs Redis and restarts it on the same port and data directory, and SIGSTOPs Redis for a few seconds. After
@@ -280,6 +280,8 @@ def _overrides(quick_models: list[str], out_dir: Path, url: str) -> list[str]:
         "actor.num_actors=2",
         "scorer.num_scorers=2",
         "actor.prompts_per_batch=4",
+        # streaming actors (actors/streaming.py): kills land mid-sequence and mid-group; the books hold by id
+        "actor.generation=stream",
         "scorer.batch_size=16",
         "learner.batch_size=16",
         "learner.max_steps=100000",  # ended by ^C once the schedule is done

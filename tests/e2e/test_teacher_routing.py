@@ -112,7 +112,7 @@ def _ledger(run_dir: Path) -> list[tuple[str, str]]:
     path = run_dir / "ledger" / "actor-0.generated"
     if not path.exists():
         return []
-    return [tuple(line.split("\t")) for line in path.read_text().splitlines() if line]
+    return [tuple(line.split("\t")[:2]) for line in path.read_text().splitlines() if line]
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 60) -> int:

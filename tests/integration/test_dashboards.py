@@ -139,7 +139,7 @@ def test_reporter_feeds_prometheus_counters_gauges_histograms(zmq_broker, tmp_pa
             "loss": 0.1,
             "step_seconds": 0.2,
             "wait_seconds": 0.6,
-            "lag_histogram": [5, 2, 1],
+            "lag_histogram": [50_000, 20_000, 10_000],  # response tokens per lag
             "weight_sync_seconds": 0.01,
             "weight_sync_gbps": 1.5,
             "skipped_steps": 2,
@@ -157,10 +157,11 @@ def test_reporter_feeds_prometheus_counters_gauges_histograms(zmq_broker, tmp_pa
     assert value(s, "opd_weight_version", component="learner") == 1
     assert value(s, "opd_learner_wait_fraction") == pytest.approx(0.75)
     assert value(s, "opd_errors_total", kind="skipped_step") == 2
-    # lag histogram: 5 samples at lag 0, 2 at 1, 1 at 2 (cumulative buckets)
-    assert value(s, "opd_lag_versions_bucket", le="0.0") == 5
-    assert value(s, "opd_lag_versions_bucket", le="1.0") == 7
-    assert value(s, "opd_lag_versions_count") == 8 and value(s, "opd_lag_versions_sum") == 4
+    # lag histogram: 50k tokens at lag 0, 20k at 1, 10k at 2 (cumulative buckets)
+    assert value(s, "opd_lag_versions_bucket", le="0.0") == 50_000
+    assert value(s, "opd_lag_versions_bucket", le="1.0") == 70_000
+    assert value(s, "opd_lag_versions_bucket", le="+Inf") == 80_000
+    assert value(s, "opd_lag_versions_count") == 80_000 and value(s, "opd_lag_versions_sum") == 40_000
     assert value(s, "opd_weight_sync_seconds_count") == 1
     # an actor's endpoint (base + 1) carries its own stage, and no learner-only series
     actor = Reporter(broker, cfg, "actor-0", 10.0)
@@ -303,7 +304,7 @@ def test_opd_top_once_reads_the_stream_without_taking_the_launchers_records(run_
 
 def test_opd_top_on_a_finished_run_whose_broker_is_gone(tmp_path):
     records = [
-        {"step": i, "weight_version": i, "time": 10.0 + i, "tokens": 320, "lag_histogram": [60, 4],
+        {"step": i, "weight_version": i, "time": 10.0 + i, "tokens": 320, "trajectories": 64, "lag_histogram": [300, 20],
          "reverse_kl": 1.0 / i, "loss": 0.1, "wait_seconds": 0.5, "step_seconds": 0.5, "staleness_mean": 0.1}
         for i in range(1, 4)
     ]  # fmt: skip

@@ -46,10 +46,15 @@ def _bases(rng: random.Random, scored_: bool) -> list[bytes]:
             teacher_topk_ids=np.array([[rng.randrange(VOCAB) for _ in range(k)] for _ in range(n)], np.int32),
             teacher_topk_logprobs=-np.random.default_rng(i + 2).random((n, k), dtype=np.float32),
             reward=float(i % 2) if i % 3 else None,
-            token_versions=np.zeros(n, np.int32) if i % 4 == 0 else None,
+            # a streaming actor's: started under policy_version, later tokens by newer weights
+            token_versions=np.sort(np.random.default_rng(i).integers(0, 3, n)).astype(np.int32)
+            if i % 4 == 0
+            else None,
             teacher_tail_logprobs=np.full(n, -5.0, np.float32) if i % 5 == 0 else None,
             group_id=f"g{i % 3}",
         )
+        if kw["token_versions"] is not None:
+            kw["policy_version"] = int(kw["token_versions"][0])
         if not scored_:
             kw.update(teacher_logprobs=None, teacher_topk_ids=None, teacher_topk_logprobs=None,
                       teacher_tail_logprobs=None, teacher_temperature=None)  # fmt: skip

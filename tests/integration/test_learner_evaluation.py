@@ -112,6 +112,10 @@ def test_background_evaluation_lets_steps_go_on_and_records_the_weights_it_evalu
     records = _train(cfg, zmq_broker, steps)
 
     assert [r["step"] for r in records] == list(range(1, steps + 1))
+    # the step record's lag figures count response tokens (every token of version 0 here), trajectories apart
+    for r in records:
+        assert r["trajectories"] == cfg.learner.batch_size and r["mixed_version_trajectories"] == 0
+        assert sum(r["lag_histogram"]) == r["tokens"] and r["versions_per_trajectory"] == 1.0
     evals = [r for r in records if "eval_accuracy" in r]
     assert evals and all(r["eval_mode"] == "background" for r in evals)
     first = evals[0]

@@ -111,21 +111,24 @@ def test_duplicates_are_skipped_within_the_batch_and_against_everything_trained(
 
 
 def test_too_stale_trajectories_are_dropped_counted_and_ledgered(client, tmp_path):
-    intake, reporter = _intake(client, tmp_path, "learner.batch_size=2", "learner.max_staleness=1")
+    intake, reporter = _intake(client, tmp_path, "learner.batch_size=3", "learner.max_staleness=1")
     old = scored(policy_version=1)  # lag 2 at version 3
-    mixed = scored(
-        policy_version=3, token_versions=np.array([3, 1, 3], dtype=np.int32)
-    )  # oldest token: lag 2
-    fresh = [scored(policy_version=2), scored(policy_version=3)]
+    # started under version 1, its later tokens sampled by 3 (a streaming actor took new weights in flight): judged
+    # by its oldest token, lag 2, though most of it is fresh
+    mixed = scored(policy_version=1, token_versions=np.array([1, 3, 3], dtype=np.int32))
+    # started under 2 and finished under 3: oldest token lag 1, kept
+    crossed = scored(policy_version=2, token_versions=np.array([2, 2, 3], dtype=np.int32))
+    fresh = [scored(policy_version=2), crossed, scored(policy_version=3)]
     _publish(client, [old, mixed, *fresh])
 
     batch = intake.next_batch(version=3)
 
     assert [t.id for t in batch.trajectories] == [t.id for t in fresh]
-    assert [lag(t, 3) for t in batch.trajectories] == [1, 0]
+    assert [lag(t, 3) for t in batch.trajectories] == [1, 1, 0]
+    assert lag(mixed, 3) == 2
     assert reporter.counters["dropped_stale"] == 2
     assert (tmp_path / "ledger" / "learner.dropped_stale").read_text().split() == [old.id, mixed.id]
-    assert client.depth(Streams(RUN_ID).scored) == 2
+    assert client.depth(Streams(RUN_ID).scored) == 3
 
 
 def test_malformed_or_incomplete_messages_are_dead_lettered_with_the_reason(client, tmp_path):

@@ -24,7 +24,7 @@ def _trained_progress(student) -> tuple[Progress, dict[str, float]]:
     batch = scored_trajectories(4, seed=1)
     metrics = student.engine.step(collate(batch, student.tokenizer.pad_token_id, "cpu"))
     progress = Progress(max_staleness=2, step=1, version=1)
-    progress.record([t.id for t in batch], [0, 1, 2, 1], [1, 0, 0, 0], metrics["reverse_kl"])
+    progress.record([t.id for t in batch], [1, 2, 1], [1, 0, 0, 0], metrics["reverse_kl"])  # tokens per lag
     counters = {"dropped_stale": 3.0, "temperature_mismatch": 1.0, "weight_syncs": 5.0}
     return progress, counters
 

@@ -28,8 +28,8 @@ def _step_record(step: int) -> dict:
     rec = {
         "step": step, "weight_version": step - 1, "time": 1000.0 + step, "loss": -1.4 + 0.1 * step,
         "reverse_kl": 4.0 / step, "reverse_kl_seq_min": 0.1, "reverse_kl_seq_max": 9.0,
-        "staleness_mean": 0.5, "staleness_max": 2, "lag_histogram": [40, 20, 4], "dropped_stale": 0,
-        "tokens": 640, "step_seconds": 0.6, "service_pad_seconds": 0.0, "wait_seconds": 0.4,
+        "staleness_mean": 0.5, "staleness_max": 2, "lag_histogram": [400, 200, 40], "dropped_stale": 0,
+        "trajectories": 64, "tokens": 640, "step_seconds": 0.6, "service_pad_seconds": 0.0, "wait_seconds": 0.4,
         "trained_tokens_per_s": 640.0,
     }  # fmt: skip
     if step % 4 == 0:
@@ -48,7 +48,7 @@ def _finished_run(out) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     summary = {
         "run_id": "rep1", "learner_steps": STEPS, "weight_version": STEPS - 1, "trajectories_trained": 768,
-        "reverse_kl_first": 2.1, "reverse_kl_last": 0.4, "lag_histogram": [480, 240, 48],
+        "reverse_kl_first": 2.1, "reverse_kl_last": 0.4, "lag_histogram": [4800, 2400, 480],
         "trajectories_generated": 900, "trajectories_scored": 800, "dead_lettered": 0, "teacher_accuracy": 0.97,
         "student_accuracy_before": 0.0, "student_accuracy_after": 0.75, "wall_seconds": 20.0, "interrupted": False,
     }  # fmt: skip

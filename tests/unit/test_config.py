@@ -67,6 +67,19 @@ def test_override_of_union_keeps_section_defaults():
         (["task.kind=jsonl", "task.train_path=x.jsonl"], "student.kind", "kind: pretrained"),
         (["student.kind=pretrained", "student.name_or_path=x"], "student and teacher", "share a tokenizer"),
         (["run.run_id=a/b"], "run.run_id", "without '/'"),
+        (["actor.max_inflight=8"], "actor", "set actor.generation: stream"),
+        (["actor.generation=stream", "actor.max_inflight=2", "sampling.n=4"], "actor.max_inflight", ">= 4"),
+        (["actor.generation=stream", "actor.on_new_weights=pause"], "actor.on_new_weights", "'recompute'"),
+        (
+            [
+                "actor.generation=stream",
+                "pipeline.mode=sync",
+                "learner.batch_size=32",
+                "actor.prompts_per_batch=8",
+            ],
+            "pipeline.mode: sync needs actor.generation: batch",
+            "set actor.generation: batch",
+        ),
     ],
 )
 def test_invalid_configs_are_rejected_with_field_and_fix(overrides, field, hint):

@@ -121,6 +121,33 @@ BAD = {
     "more chunks than tokens": (lambda m: m.update(teacher_chunks=4), "teacher_chunks 4 for 3"),
     "no chunk": (lambda m: m.update(teacher_chunks=0), "teacher_chunks 0"),
     "matched share": (lambda m: m.update(teacher_topk_matched=1.5), "teacher_topk_matched"),
+    # make() has policy_version 3: the sequence started under version 3, so its first token carries 3
+    "token versions decrease": (
+        lambda m: _set_array(m, "token_versions", np.array([3, 4, 3], dtype=np.int32)),
+        r"token_versions decreases at token 2 \(4 -> 3\)",
+    ),
+    "first token is not policy_version": (
+        lambda m: _set_array(m, "token_versions", np.array([2, 3, 3], dtype=np.int32)),
+        r"token_versions\[0\] 2 != policy_version 3",
+    ),
+    "policy_version is not the first token": (
+        lambda m: (
+            m.update(policy_version=4),
+            _set_array(m, "token_versions", np.array([3, 4, 4], np.int32)),
+        ),
+        r"token_versions\[0\] 3 != policy_version 4",
+    ),
+    "negative token version": (
+        lambda m: (
+            m.update(policy_version=0),
+            _set_array(m, "token_versions", np.array([-1, 0, 0], np.int32)),
+        ),
+        r"token_versions has versions in \[-1, 0\]",
+    ),
+    "token versions length": (
+        lambda m: _set_array(m, "token_versions", np.array([3, 3], dtype=np.int32)),
+        "token_versions has 2 entries for 3",
+    ),
 }
 
 
@@ -139,6 +166,14 @@ def test_each_kind_of_bad_message_is_rejected_with_reason(case):
 def test_garbage_is_a_protocol_error_not_a_crash(data):
     with pytest.raises(ProtocolError):
         decode(data, vocab_size=VOCAB)
+
+
+def test_token_versions_that_grow_from_policy_version_are_accepted():
+    """A sequence that crossed two weight updates (3 -> 5 -> 6), one that crossed none, and one without versions."""
+    for versions in ([3, 5, 6], [3, 3, 3], None):
+        tv = None if versions is None else np.array(versions, dtype=np.int32)
+        got = decode(encode(make(token_versions=tv)), vocab_size=VOCAB)
+        assert got.policy_version == 3 and (versions is None) == (got.token_versions is None)
 
 
 def test_unscored_trajectory_refused_where_scores_are_required():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from opd.models.sampler import _top_p_filter, response_logprobs, sample
+from opd.models.sampler import response_logprobs, sample, top_p_filter
 from opd.protocol import Trajectory
 from teacher_scorers.scorer import length_buckets
 
@@ -57,9 +57,9 @@ def test_behaviour_logprobs_are_raw_logits_at_the_sampling_temperature(model, te
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    kept = _top_p_filter(probs, 0.7)
+    kept = top_p_filter(probs, 0.7)
     assert torch.equal(kept > 0, torch.tensor([[True, True, False, False]]))
-    assert torch.equal(_top_p_filter(probs, 1.0) > 0, probs > 0)
+    assert torch.equal(top_p_filter(probs, 1.0) > 0, probs > 0)
 
 
 def test_greedy_is_deterministic_and_sampling_is_seeded(model):

@@ -60,8 +60,13 @@ def test_reverse_kl_is_the_summarys_window_mean():
 
 
 def test_a_finished_run_shows_each_components_weight_version(tmp_path):
-    records = [{"step": i, "weight_version": i, "time": 10.0 + i, "tokens": 32, "lag_histogram": [8],
-                "reverse_kl": 0.5, "wait_seconds": 0.1, "step_seconds": 0.9} for i in range(1, 5)]  # fmt: skip
+    # 8 trajectories, 32 tokens a step (lag_histogram counts tokens); the last record is from before
+    # `trajectories` was recorded, when lag_histogram counted trajectories
+    records = [{"step": i, "weight_version": i, "time": 10.0 + i, "tokens": 32, "trajectories": 8,
+                "lag_histogram": [32], "reverse_kl": 0.5, "wait_seconds": 0.1, "step_seconds": 0.9}
+               for i in range(1, 5)]  # fmt: skip
+    del records[-1]["trajectories"]
+    records[-1]["lag_histogram"] = [8]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = {
         "wall_seconds": 9.0,
@@ -75,7 +80,10 @@ def test_a_finished_run_shows_each_components_weight_version(tmp_path):
     }
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     cfg = load_config(None, ["run.run_id=done", f"run.output_dir={tmp_path}", "learner.max_steps=4"])
-    text = _render(state_from_files(cfg), cfg)
+    state = state_from_files(cfg)
+    assert state.total("learner", "trajectories_trained") == 32
+    assert state.total("learner", "tokens_trained") == 128
+    text = _render(state, cfg)
     rows = {line.split()[1]: line.split() for line in text.splitlines() if line.startswith("│ ")}
     assert rows["actor-0"][3] == "3" and rows["actor-1"][3] == "4", text
     assert "48" in rows["actor-0"] and "40" in rows["scorer-0"], text
