@@ -1,4 +1,4 @@
-.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-quality-real bench-staleness bench-cross-tokenizer bench-broker bench-pipeline bench-scorers bench-learner-scaling bench-first-run bench-images
+.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-quality-real bench-staleness bench-cross-tokenizer bench-broker bench-pipeline bench-scorers bench-learner-scaling bench-first-run bench-images bench-streaming
 setup:  ## install opd-stream and its test tools (torch pinned to 2.13.0)
 	python3 -m pip install -e ".[dev]"
 test:   ## the README's test command: unit + integration tiers (under 5 minutes on 2 cores)
@@ -35,3 +35,5 @@ bench-first-run:  ## benchmarks/first_run.py: first step and whole demo of opd r
 	python3 benchmarks/first_run.py
 bench-images:  ## benchmarks/images_broker.py: images inline vs an image store, zmq and redis, traj/s, MB/s and bytes/traj (BENCHMARKS.md)
 	python3 benchmarks/images_broker.py
+bench-streaming:  ## benchmarks/streaming.py: batch vs streaming actors (updates between batches / in flight), simulated with calibrated service times (BENCHMARKS.md); --real: opd runs
+	python3 benchmarks/streaming.py
