@@ -1,4 +1,4 @@
-.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-quality-real bench-staleness bench-cross-tokenizer bench-broker bench-pipeline bench-scorers bench-learner-scaling bench-first-run bench-images bench-streaming
+.PHONY: setup test test-e2e test-all test-vllm lint demo bench bench-quality bench-quality-real bench-staleness bench-cross-tokenizer bench-broker bench-pipeline bench-scorers bench-learner-scaling bench-first-run bench-images bench-streaming bench-new-weights
 setup:  ## install opd-stream and its test tools (torch pinned to 2.13.0)
 	python3 -m pip install -e ".[dev]"
 test:   ## the README's test command: unit + integration tiers (under 5 minutes on 2 cores)
@@ -37,3 +37,5 @@ bench-images:  ## benchmarks/images_broker.py: images inline vs an image store, 
 	python3 benchmarks/images_broker.py
 bench-streaming:  ## benchmarks/streaming.py: batch vs streaming actors (updates between batches / in flight), simulated with calibrated service times (BENCHMARKS.md); --real: opd runs
 	python3 benchmarks/streaming.py
+bench-new-weights:  ## benchmarks/new_weights.py: actor.on_new_weights continue's logprob gap vs recompute's cost (BENCHMARKS.md)
+	python3 benchmarks/new_weights.py

@@ -93,3 +93,22 @@ def test_streaming_simulation_is_deterministic_and_keeps_the_books():
         for _, q in p.published:
             assert sum(c for _, c in q.runs) == q.length
             assert [v for v, _ in q.runs] == sorted({v for v, _ in q.runs})
+
+
+def test_new_weights_benchmark_smoke(tmp_path):
+    """benchmarks/new_weights.py --smoke: real harness updates through the slot sampler; recompute is exact (its gap
+    is float noise) and continue's gap is what it reports."""
+    out = tmp_path / "new_weights.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/new_weights.py", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    (update,) = res["updates"]
+    assert update["recompute_gap_max_nats"] < 1e-4 and update["max_weight_change"] > 0
+    assert update["gap_mean_nats"] <= update["gap_max_nats"] == res["gap_max_nats"]
+    assert update["recompute_s"] > 0 and update["decode_step_s"] > 0
