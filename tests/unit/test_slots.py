@@ -6,35 +6,18 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd.models.sampler import response_logprobs, sample
 from opd.models.slots import SlotSampler
+from tests.scored import VOCAB, tiny_model
 
-PAD, EOS, VOCAB = 0, 2, 24
+PAD, EOS = 0, 2  # tests.scored's tiny Llama
 PROMPTS = [[1, 5, 6, 7], [1, 9], [1, 4, 4, 4, 4, 8], [1, 3], [1, 7, 7, 7, 7, 7, 7, 7, 3], [1, 6, 5]]
-
-
-def tiny_llama(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=1,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(0)
+    return tiny_model(0).eval()
 
 
 def sampler(model, **kw) -> SlotSampler:
