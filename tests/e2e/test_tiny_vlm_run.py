@@ -86,6 +86,7 @@ def test_jsonl_images_to_an_sglang_teacher_on_redis_with_the_vision_frozen(
             f"teacher={{kind: pretrained, name_or_path: {assets.teacher.path}}}",
             f"scorer={{engine: remote, remote: {{url: {srv.url}}}}}",
             "student.freeze_vision=true",
+            "actor.generation=stream",  # newcomers prefilled with their images while others decode
             f"learner.max_steps={steps}",
             f"learner.batch_size={batch}",
             "learner.eval_every=0",
