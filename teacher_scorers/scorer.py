@@ -29,9 +29,21 @@ from teacher_scorers.backends.common import length_buckets
 
 # length_buckets is re-exported for tests/test_sampling.py
 __all__ = ["RetryPolicy", "Scorer", "component_name", "length_buckets", "main", "score_with_retries"]
+POLL_S = 0.05  # holding scored copies the scored stream has no room for: the wait before offering them again
 # Chaos hook for the test suite and drills: the teacher raises on trajectories with this prompt_id.
 CHAOS_RAISE_ENV = "OPD_CHAOS_TEACHER_RAISE"
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Held:
+    """A scored copy waiting for room in the scored stream, with its rollout's id (acknowledged once it is
+    appended) and what it counts for."""
+
+    payload: bytes
+    rollout_id: str
+    tokens: int
+    images: int
 
 
 @dataclass(frozen=True)
@@ -276,23 +288,37 @@ class Scorer:
             self.drain_deadline = time.monotonic() + 0.75 * self.cfg.run.shutdown_grace_s
         return time.monotonic() > self.drain_deadline
 
-    def handle(self, msgs: list[Message]) -> bool:
-        """Validate, score, publish and acknowledge one batch of rollouts; False when asked to stop with the
-        scored batch still in hand (left pending). A message that fails any stage is dead-lettered (or, on a
-        redelivering broker, a teacher failure is left for redelivery), never a reason to stop the scorer."""
+    def prepare(self, msgs: list[Message]) -> list[Held]:
+        """Validate and score a batch of rollouts: their scored copies, ready to append. A message that fails any
+        stage is dead-lettered (or, on a redelivering broker, a teacher failure is left for redelivery), never a
+        reason to stop the scorer."""
         trajs, ids, bad = self._validate(msgs)
         self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, bad)
         t0 = time.perf_counter()
         trajs, ids = self.score_isolating(trajs, ids)
         if (take := getattr(self.teacher, "take_counters", None)) is not None and (counts := take()):
             self.reporter.add(**counts)  # a cross-tokenizer teacher's alignment figures
-        payloads, ids = self._encode(trajs, ids, {m.id: m.data for m in msgs})
-        tokens = sum(len(t.response_token_ids) for t in trajs)
+        held = self._encode(trajs, ids, {m.id: m.data for m in msgs})
         pad_s = pad_to_service_time(
-            t0, tokens, self.cfg.pipeline.service_time.scorer_ms_per_token, self.stop.wait
+            t0,
+            sum(len(t.response_token_ids) for t in trajs),
+            self.cfg.pipeline.service_time.scorer_ms_per_token,
+            self.stop.wait,
         )
-        seconds = time.perf_counter() - t0
-        if payloads:
+        self.reporter.add(
+            score_seconds=time.perf_counter()
+            - t0,  # one per batch: Prometheus' opd_score_seconds observes each
+            score_batches=1,  # so a reader takes the mean batch latency (opd top, the report)
+            service_pad_seconds=pad_s,
+        )
+        return held
+
+    def hand_on(self, held: list[Held], wait: bool) -> list[Held]:
+        """Append scored copies to the scored stream, in order, and acknowledge their rollouts: as many as it has
+        room for now, or (`wait`) all of them, waiting for room unless asked to stop (`_abandon_batch`). Returns
+        the ones not appended, whose rollouts stay pending in the broker."""
+        payloads = [h.payload for h in held]
+        if wait:
             sent = publish_with_backpressure(
                 self.broker,
                 self.scored,
@@ -300,51 +326,69 @@ class Scorer:
                 should_stop=self._abandon_batch,
                 while_waiting=self._check_stop,
             )
-            if sent is None or len(sent) < len(payloads):
-                return False  # stopped with part of it unsent: the rollouts stay pending (copies sent are deduped)
-        self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, ids)
-        self.reporter.add(
-            trajectories_scored=len(payloads),
-            tokens_scored=tokens,
-            images_scored=sum(len(t.images or ()) for t in trajs),
-            score_seconds=seconds,  # one per batch: Prometheus' opd_score_seconds observes each
-            score_batches=1,  # so a reader takes the mean batch latency (opd top, the report)
-            service_pad_seconds=pad_s,
-        )
-        return True
+        else:
+            sent = self.broker.publish(self.scored, payloads)
+        out, rest = held[: len(sent or ())], held[len(sent or ()) :]
+        if out:
+            self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, [h.rollout_id for h in out])
+            self.reporter.add(
+                trajectories_scored=len(out),
+                tokens_scored=sum(h.tokens for h in out),
+                images_scored=sum(h.images for h in out),
+            )
+        return rest
 
-    def _encode(
-        self, trajs: list[Trajectory], ids: list[str], rollouts: dict[str, bytes]
-    ) -> tuple[list[bytes], list[str]]:
-        """The scored copies' bytes and their rollouts' ids; one that cannot be encoded is dead-lettered."""
-        payloads, kept = [], []
+    def handle(self, msgs: list[Message]) -> bool:
+        """Validate, score, publish and acknowledge one batch of rollouts; False when asked to stop with part of
+        it unsent (left pending: copies sent are deduplicated by the learner)."""
+        return not self.hand_on(self.prepare(msgs), wait=True)
+
+    def _encode(self, trajs: list[Trajectory], ids: list[str], rollouts: dict[str, bytes]) -> list[Held]:
+        """The scored copies with their rollouts' ids; one that cannot be encoded is dead-lettered."""
+        held = []
         for t, mid in zip(trajs, ids, strict=True):
             try:
-                payloads.append(encode(t))
-                kept.append(mid)
+                held.append(Held(encode(t), mid, len(t.response_token_ids), len(t.images or ())))
             except Exception as exc:  # a teacher's output we cannot send is that trajectory's failure
                 self.reporter.dead_letter(
                     self.rollouts, mid, rollouts[mid], f"scored copy not encodable: {exc}"
                 )
                 self.broker.ack(self.rollouts, Streams.SCORERS_GROUP, [mid])
-        return payloads, kept
+        return held
 
     def run(self) -> None:
+        """Score ahead: while the scored stream is full, go on taking and scoring rollouts until a whole
+        `scorer.batch_size` of scored copies is held, so when the learner acknowledges its batch a whole batch
+        is appended at once, rather than a fragment the learner would then wait on while the rest is scored (a
+        streaming actor publishes a group at a time: benchmarks/streaming.py measured the turn-taking). A held
+        copy's rollout is acknowledged only once the copy is appended, so it still counts in the rollouts stream's
+        depth, the actors' backpressure."""
         log.info(
             "ready: teacher %s (%s), top-k %d, consuming %s",
             self.teacher_name, self.teacher_id, self.cfg.scorer.topk, self.rollouts,
         )  # fmt: skip
+        held: list[Held] = []
         while not self.stop():
-            msgs = self.broker.consume(
-                self.rollouts, Streams.SCORERS_GROUP, self.name, self.cfg.scorer.batch_size, 0.5
+            room = self.cfg.scorer.batch_size - len(held)
+            # holding copies: take only what is there now, then offer them again
+            msgs = (
+                self.broker.consume(
+                    self.rollouts, Streams.SCORERS_GROUP, self.name, room, 0.0 if held else 0.5
+                )
+                if room > 0
+                else []
             )
             self._check_stop()
-            if not msgs:
-                self.reporter.maybe_send()
-                continue
-            if not self.handle(msgs):
-                break  # stopping with work in hand: leave it pending (unacknowledged) in the broker
+            if msgs:
+                held += self.prepare(msgs)
+            before = len(held)
+            if held:
+                held = self.hand_on(held, wait=False)
+            if held and not msgs and len(held) == before:  # nothing taken, nothing appended: wait for room
+                self.stop.wait(POLL_S)
             self.reporter.maybe_send()
+        if held and (rest := self.hand_on(held, wait=True)):
+            log.info("stopping with %d scored copies not appended: their rollouts stay pending", len(rest))
         self.reporter.maybe_send(force=True, final=True)
         log.info("stopping (%s)", self.stop.reason or "done")
 
