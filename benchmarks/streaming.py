@@ -28,8 +28,15 @@ Assumptions (each one is a choice; BENCHMARKS.md "Streaming actors" repeats them
 2. Prefill: a sequence's prompt is prefilled in the step that admits it, which then costs
    `prefill_s_per_token` x its prompt tokens more. Every policy prefills each sequence exactly once (on_new_weights
    continue: no recompute), so prefill costs the same total work in all three.
-3. Scorer: one scorer takes up to scorer.batch_size trajectories from the rollouts stream and scores them in
-   `scorer_s_per_token` x their response tokens, then appends them to the scored stream (waiting while it is full).
+3. Scorer (scores ahead, as teacher_scorers/scorer.py's loop does): one scorer holds at most scorer.batch_size scored
+   copies not yet appended to the scored stream. Its loop: while it holds fewer, it takes up to (batch_size -
+   held) trajectories the rollouts stream has now (waiting for one only when it holds none), scores them in
+   `scorer_s_per_token` x their response tokens and adds them to what it holds; then it appends as many held
+   copies as the scored stream has room for, in order, acknowledging their rollouts (a held copy's rollout is
+   unacknowledged, so it counts in the rollouts stream's depth, which the actor's backpressure sees); when it can
+   neither take nor append it waits. So while the scored stream is full it scores on until it holds a batch, and
+   the learner's acknowledgement of its batch lets a whole batch in at once. Its poll interval is taken as zero
+   (like broker latency, assumption 8): it moves the instant either stream does.
 4. Learner: waits for learner.batch_size trajectories it may train (intake order; one whose OLDEST token's lag
    exceeds learner.max_staleness is dropped, as learner/intake.py `lag` does), trains them in
    `learner_s_per_token` x their response tokens, acknowledges them, and every weight_sync.every steps broadcasts
@@ -51,8 +58,8 @@ Assumptions (each one is a choice; BENCHMARKS.md "Streaming actors" repeats them
    appends and the learner's intake take no time. Events at the same instant run in the order they were
    scheduled; in particular a scorer that has just appended reads the rollouts stream before the actor's next
    step boundary moves its outbox in (the real scorer's read returns at once; the actor flushes once per decode
-   step). Letting the actor flush first changes which fragments the scorer takes, not the result (checked:
-   (c)'s trained tokens/s within 6%, once, with costs close to the stored ones).
+   step). Letting the actor flush first changes which fragments the scorer takes, not the result (checked once
+   with the stored costs, 3 seeds: (a) and (c) the same trained tokens/s, (b) +0.8%).
 9. Service times: calibrated from a real plain `opd run configs/tiny.yaml` with `pipeline.mode=sync` (each stage
    alone on the CPU, as pipeline.py calibrates): decode_step_s = actor generate_seconds / (batches x
    sampling.max_new_tokens) (the real sampler's forward passes per batch, the first of which is the prefill, so
@@ -231,7 +238,9 @@ class Pipeline:
         self.sigma = math.log(setup.p99_over_p50) / Z99
         # work streams: trajectories queued, and those read but not acknowledged (they count in the depth too)
         self.rollouts: deque[Seq] = deque()
-        self.scoring: list[Seq] = []
+        self.scoring: list[Seq] = []  # read by the scorer, being scored
+        self.holding: list[Seq] = []  # scored, not yet appended to the scored stream (score-ahead)
+        self.max_holding = 0
         self.scored: deque[Seq] = deque()
         self.training: list[Seq] = []
         # actor
@@ -257,8 +266,12 @@ class Pipeline:
 
     # ---- the actor --------------------------------------------------------------------------------------------
     def versions_ahead(self) -> float:
-        depth = len(self.rollouts) + len(self.scoring) + len(self.scored) + len(self.training)
+        depth = self.rollouts_depth() + len(self.scored) + len(self.training)
         return depth / (self.s.batch_size * self.s.sync_every)
+
+    def rollouts_depth(self) -> int:
+        """Unacknowledged rollouts: queued, being scored, or scored and held by the scorer."""
+        return len(self.rollouts) + len(self.scoring) + len(self.holding)
 
     def blocked(self) -> bool:
         """Admission stops: the outbox waits for room, or new samples would be too stale (actors/actor.py)."""
@@ -355,33 +368,48 @@ class Pipeline:
     def flush(self) -> None:
         """The outbox into the rollouts stream, as far as broker.max_depth lets it."""
         moved = False
-        while self.outbox and len(self.rollouts) + len(self.scoring) < self.s.depth:
+        while self.outbox and self.rollouts_depth() < self.s.depth:
             self.rollouts.append(self.outbox.popleft())
             moved = True
         if moved:
             self.wake("scorer")
 
     # ---- the scorer and the learner ---------------------------------------------------------------------------
-    def scorer_take(self) -> None:
+    def scorer_loop(self) -> None:
+        """One turn of the scorer's loop (assumption 3): take and score what is there while it holds less than a
+        batch, else append what the scored stream has room for; idle when it can do neither."""
         self.scorer_busy = True
-        if self.scoring:  # scored, waiting for room in the scored stream
-            moved = 0
-            while self.scoring and len(self.scored) + len(self.training) < self.s.depth:
-                self.scored.append(self.scoring.pop(0))
-                moved += 1
-            if moved:
-                self.wake("learner")
-                self.wake("actor")  # the rollouts stream's depth fell
-            if self.scoring:
+        while True:
+            room = self.s.scorer_batch - len(self.holding)
+            if room > 0 and self.rollouts:  # what is there now: no waiting for more
+                while self.rollouts and len(self.scoring) < room:
+                    self.scoring.append(self.rollouts.popleft())
+                tokens = sum(q.length for q in self.scoring)
+                self.sim.at(self.sim.now + tokens * self.c.scorer_s_per_token, self.scorer_scored)
+                return
+            if not self.scorer_append():
+                # it polls: a flush into the rollouts stream or room in the scored stream wakes it (wake)
                 self.scorer_busy = False
                 return
-        if not self.rollouts:
-            self.scorer_busy = False
-            return
-        while self.rollouts and len(self.scoring) < self.s.scorer_batch:
-            self.scoring.append(self.rollouts.popleft())
-        tokens = sum(q.length for q in self.scoring)
-        self.sim.at(self.sim.now + tokens * self.c.scorer_s_per_token, self.scorer_take)
+
+    def scorer_scored(self) -> None:
+        self.holding += self.scoring
+        self.scoring = []
+        self.max_holding = max(self.max_holding, len(self.holding))
+        self.scorer_append()
+        self.scorer_loop()
+
+    def scorer_append(self) -> int:
+        """Held copies into the scored stream, in order, as far as broker.max_depth lets them; each one appended
+        acknowledges its rollout (until then it counts in the rollouts stream's depth)."""
+        moved = 0
+        while self.holding and len(self.scored) + len(self.training) < self.s.depth:
+            self.scored.append(self.holding.pop(0))
+            moved += 1
+        if moved:
+            self.wake("learner")
+            self.wake("actor")  # the rollouts stream's depth fell
+        return moved
 
     def learner_take(self) -> None:
         self.learner_busy = True
@@ -440,7 +468,7 @@ class Pipeline:
         """Run an idle component at the current time (after whatever runs now: no re-entry)."""
         busy, action = {
             "actor": (self.actor_busy, self.actor_boundary),
-            "scorer": (self.scorer_busy, self.scorer_take),
+            "scorer": (self.scorer_busy, self.scorer_loop),
             "learner": (self.learner_busy, self.learner_take),
         }[who]
         if not busy:
@@ -549,6 +577,7 @@ def simulate(setup: Setup, costs: Costs, seeds: list[int]) -> dict:
 
 
 SWEEP = (  # one change each from the headline setup
+    {},  # none: the headline setup at the sweep's seed and steps, what the other rows compare with
     {"p99_over_p50": 1.0},  # no tail: every response p50 tokens long
     {"p99_over_p50": 4.0},
     {"p99_over_p50": 16.0},
@@ -602,7 +631,7 @@ def print_sweep(rows: list[dict]) -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         ms, c = [r[n] for n in POLICIES], r["stream_inflight"]
-        change = ", ".join(f"{k} {v:g}" for k, v in r["change"].items())
+        change = ", ".join(f"{k} {v:g}" for k, v in r["change"].items()) or "none"
         print(
             f"| {change} | {slash(ms, 'trained_tokens_per_s', '.0f')} | {r['c_over_a']:.2f} "
             f"| {slash(ms, 'token_lag_mean', '.2f')} | {slash(ms, 'token_lag_max', 'd')} "

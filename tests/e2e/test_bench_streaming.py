@@ -74,7 +74,8 @@ def test_streaming_benchmark_smoke(tmp_path):
 
 def test_streaming_simulation_is_deterministic_and_keeps_the_books():
     """Seeded and simulated: the same seed gives the same numbers, another seed other lengths; and every
-    trajectory published is trained, dropped as too stale, or still in a stream at the end, exactly once."""
+    trajectory published is trained, dropped as too stale, or still in a stream or held by the scorer at the end,
+    exactly once."""
     from benchmarks.streaming import DEFAULT_COSTS, POLICIES, Pipeline, Setup, measure
 
     setup = Setup(steps=15, skip=3)
@@ -86,9 +87,11 @@ def test_streaming_simulation_is_deterministic_and_keeps_the_books():
         p = pipes[0]
         trained = sum(len(r["trajectory_lags"]) for r in p.steps)
         assert trained == setup.steps * setup.batch_size
-        waiting = len(p.outbox) + len(p.rollouts) + len(p.scoring) + len(p.scored) + len(p.training)
+        waiting = len(p.outbox) + p.rollouts_depth() + len(p.scored) + len(p.training)
         assert len(p.published) == trained + len(p.dropped) + waiting, name
         assert len({id(q) for _, q in p.published}) == len(p.published)  # none published twice
+        # the scorer scores ahead up to a whole batch while the scored stream is full, never beyond one
+        assert p.max_holding == setup.scorer_batch, name
         # each published trajectory's token versions cover its length and never go down
         for _, q in p.published:
             assert sum(c for _, c in q.runs) == q.length
