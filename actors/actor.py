@@ -20,6 +20,7 @@ from opd.config import Config
 from opd.images import ImageBlob
 from opd.models.builds import ensure_assets
 from opd.models.prompts import prompt_ids as render_prompt
+from opd.models.sampler import Sample
 from opd.models.vision import PromptImages, load_vision, synced_parameters
 from opd.protocol import MAX_POLICY_VERSION, ProtocolError, Streams, Trajectory, encode, unpack_control
 from opd.runtime import run_secret
@@ -164,7 +165,7 @@ class Actor:
         return ids, PromptImages(blobs, pixels)
 
     def generate_batch(self, problems: list[Problem]) -> list[Trajectory]:
-        cfg, s = self.cfg, self.cfg.sampling
+        s = self.cfg.sampling
         prompts = [self.prompt(p) for p in problems]
         prompt_ids = [ids for ids, _ in prompts]
         batch_no = next(self.batches)
@@ -174,30 +175,57 @@ class Actor:
             self.generator,
             **({"images": [i for _, i in prompts for _ in range(s.n)]} if self.vision else {}),
         )
-        out = []
-        mode = tasks.verifier_mode(cfg.task)
-        for j, smp in enumerate(samples):
-            p = problems[j // s.n]
-            text = self.tokenizer.decode(smp.response_ids, skip_special_tokens=True)
-            out.append(
-                Trajectory(
-                    run_id=cfg.run.run_id,
-                    prompt_id=p.prompt_id,
-                    group_id=f"{self.name}-{batch_no}-{j // s.n}",
-                    sample_index=j % s.n,
-                    prompt_token_ids=np.asarray(prompt_ids[j // s.n], dtype=np.int32),
-                    response_token_ids=np.asarray(smp.response_ids, dtype=np.int32),
-                    behaviour_logprobs=np.asarray(smp.behaviour_logprobs, dtype=np.float32),
-                    policy_version=self.follower.version,
-                    finish_reason=smp.finish_reason,
-                    behaviour_temperature=s.temperature,
-                    task=self.router.metadata(p),
-                    reward=float(tasks.verify(p.answer, text, mode)) if p.answer else None,
-                    images=prompts[j // s.n][1].blobs if prompts[j // s.n][1] else None,
-                )
+        return [
+            self.trajectory(
+                problems[j // s.n],
+                f"{self.name}-{batch_no}-{j // s.n}",
+                j % s.n,
+                *prompts[j // s.n],
+                smp,
+                self.follower.version,
             )
-            self.router.stamp(out[-1])
-        return out
+            for j, smp in enumerate(samples)
+        ]
+
+    def trajectory(
+        self,
+        problem: Problem,
+        group_id: str,
+        index: int,
+        prompt_ids: list[int],
+        images: PromptImages | None,
+        sample: Sample,
+        policy_version: int,
+        ended: float | None = None,
+    ) -> Trajectory:
+        """One sample as the trajectory it enters the run as: rewarded by the task's verifier and stamped with its
+        route. A streamed sample carries its token versions (then `policy_version` is its first token's) and the
+        time it ended; a batch's, one version for every token."""
+        cfg = self.cfg
+        text = self.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
+        mode = tasks.verifier_mode(cfg.task)
+        versions = (
+            None if sample.token_versions is None else np.asarray(sample.token_versions, dtype=np.int32)
+        )
+        traj = Trajectory(
+            run_id=cfg.run.run_id,
+            prompt_id=problem.prompt_id,
+            group_id=group_id,
+            sample_index=index,
+            prompt_token_ids=np.asarray(prompt_ids, dtype=np.int32),
+            response_token_ids=np.asarray(sample.response_ids, dtype=np.int32),
+            behaviour_logprobs=np.asarray(sample.behaviour_logprobs, dtype=np.float32),
+            policy_version=policy_version,
+            token_versions=versions,
+            finish_reason=sample.finish_reason,
+            behaviour_temperature=cfg.sampling.temperature,
+            task=self.router.metadata(problem),
+            reward=float(tasks.verify(problem.answer, text, mode)) if problem.answer else None,
+            images=images.blobs if images else None,
+            **({"timestamps": {"generated": ended}} if ended is not None else {}),
+        )
+        self.router.stamp(traj)
+        return traj
 
     def publish(self, trajs: list[Trajectory]) -> None:
         """Queue one copy of each trajectory for the rollouts stream of every teacher in its route (the one

@@ -23,11 +23,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from actors.engines.request import Request
-from opd import tasks
 from opd.models.sampler import Sample
 from opd.models.vision import PromptImages
 from opd.protocol import Trajectory
@@ -163,29 +161,17 @@ class StreamLoop:
         )
 
     def trajectory(self, group: Group, index: int, sample: Sample, ended: float) -> Trajectory:
-        a, cfg = self.actor, self.actor.cfg
-        p = group.problem
-        versions = np.asarray(sample.token_versions, dtype=np.int32)
-        text = a.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
-        traj = Trajectory(
-            run_id=cfg.run.run_id,
-            prompt_id=p.prompt_id,
-            group_id=group.group_id,
-            sample_index=index,
-            prompt_token_ids=np.asarray(group.prompt_ids, dtype=np.int32),
-            response_token_ids=np.asarray(sample.response_ids, dtype=np.int32),
-            behaviour_logprobs=np.asarray(sample.behaviour_logprobs, dtype=np.float32),
-            policy_version=int(versions[0]),  # the oldest: the version the sequence started under
-            token_versions=versions,
-            finish_reason=sample.finish_reason,
-            behaviour_temperature=cfg.sampling.temperature,
-            task=a.router.metadata(p),
-            reward=float(tasks.verify(p.answer, text, tasks.verifier_mode(cfg.task))) if p.answer else None,
-            images=group.images.blobs if group.images else None,
-            timestamps={"generated": ended},
+        # policy_version: the first token's, the oldest (the version the sequence started under)
+        return self.actor.trajectory(
+            group.problem,
+            group.group_id,
+            index,
+            group.prompt_ids,
+            group.images,
+            sample,
+            sample.token_versions[0],
+            ended,
         )
-        a.router.stamp(traj)
-        return traj
 
     def at_stop(self) -> None:
         """actor.on_stop: finish the sequences in flight (no new prompts) and publish them, or drop them. A group

@@ -168,6 +168,7 @@ class VLLMEngine:
         self._live: dict[str, _Sequence] = {}  # stream: by Request.key, started and not yet returned
         self._by_vllm_id: dict[str, _Sequence] = {}
         self._stale_prefix = False  # prefix cache holds blocks of older weights that could not be reset yet
+        self.tokens_dropped = 0  # tokens thrown away by on_new_weights: restart (the actor counts them)
 
     def push_weights(self) -> None:
         """Load the tensors in `self.model` into vLLM; then drop KV computed by the old weights unless asked not to."""
@@ -208,6 +209,7 @@ class VLLMEngine:
         self.version = version
         for seq in redo:
             if mode == "restart":
+                self.tokens_dropped += len(seq.ids)
                 seq.ids, seq.logprobs, seq.versions = [], [], []
             self._submit(seq)
 
